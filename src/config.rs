@@ -1,0 +1,526 @@
+//! The `essd` configuration file: TOML schema, defaults, validation and the
+//! embedded demo configuration.
+//!
+//! Loading is pure: [`Config::load`] parses and validates without touching
+//! the disk, so a bad file is refused before anything is created.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::units::ByteSize;
+use crate::volume::id::{Serial, VolumeId, LSS_MAX, LSS_MIN};
+
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/essd";
+/// Default management API socket; `essctl` looks here first.
+pub const DEFAULT_API_SOCKET: &str = "/run/essd/api.sock";
+/// Default NBD TCP listener (the IANA NBD port).
+pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
+
+/// A configuration problem, naming the file, the field and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The config file (or `<demo>` for the embedded one).
+    pub file: PathBuf,
+    /// Dotted path of the offending field, e.g. `volume[1].size`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.field, self.message)
+        }
+    }
+}
+
+/// Which I/O engine serves backing stores.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IoEngineChoice {
+    /// io_uring when the kernel allows it, else the thread pool.
+    #[default]
+    Auto,
+    /// io_uring; start-up fails if it is unavailable.
+    Uring,
+    /// The portable blocking thread pool (pread/pwrite).
+    Threads,
+}
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[server]`: identity and global settings.
+    pub server: ServerConfig,
+    /// `[nbd]`: NBD listeners.
+    #[serde(default)]
+    pub nbd: NbdConfig,
+    /// `[api]`: management API listeners.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// `[[lss]]`: logical subsystems.
+    #[serde(default)]
+    pub lss: Vec<LssConfig>,
+    /// `[[volume]]`: exported volumes.
+    #[serde(default)]
+    pub volume: Vec<VolumeConfig>,
+}
+
+/// `[server]` section.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// 5 characters `[0-9A-Z]`; the storage server's identity. Required.
+    pub serial: String,
+    /// Optional display name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Where relationships, bitmaps, users and the log live. Default `/var/lib/essd`.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Unit of every copy-services bitmap: power of two, 4KiB..1MiB. Default 64KiB.
+    #[serde(default = "default_track_size")]
+    pub track_size: ByteSize,
+    /// `auto` (default), `uring` or `threads`.
+    #[serde(default)]
+    pub io_engine: IoEngineChoice,
+}
+
+/// `[nbd]` section.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdConfig {
+    /// TCP listeners, IPv4 or IPv6 `addr:port`. Default `["127.0.0.1:10809"]`;
+    /// `[]` for none. Port 0 picks a free port (shown by `essctl server`).
+    #[serde(default = "default_nbd_listen")]
+    pub listen: Vec<String>,
+    /// Optional Unix socket listener.
+    #[serde(default)]
+    pub unix: Option<PathBuf>,
+}
+
+impl Default for NbdConfig {
+    fn default() -> Self {
+        NbdConfig {
+            listen: default_nbd_listen(),
+            unix: None,
+        }
+    }
+}
+
+/// `[api]` section.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Management API Unix socket (mode 0600). Default `/run/essd/api.sock`.
+    #[serde(default = "default_api_socket")]
+    pub unix: PathBuf,
+    /// Optional TCP listener; requires at least one user to exist.
+    #[serde(default)]
+    pub listen: Option<String>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            unix: default_api_socket(),
+            listen: None,
+        }
+    }
+}
+
+/// `[[lss]]` entry.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LssConfig {
+    /// 0x10..0x1F.
+    pub id: u32,
+}
+
+/// `[[volume]]` entry.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    /// The LSS that holds the volume; must be defined in `[[lss]]`.
+    pub lss: u32,
+    /// 0..255 within the LSS.
+    pub number: u32,
+    /// Absolute path of a regular file (created sparse if missing) or block device.
+    pub path: PathBuf,
+    /// Required for files; for block devices optional and at most the device size.
+    #[serde(default)]
+    pub size: Option<ByteSize>,
+    /// Export read-only. Default false.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Open with O_DIRECT. Default false.
+    #[serde(default)]
+    pub direct_io: bool,
+    /// Sent as the NBD export description.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Optional second export name.
+    #[serde(default)]
+    pub alias: Option<String>,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
+}
+fn default_track_size() -> ByteSize {
+    ByteSize(64 << 10)
+}
+fn default_nbd_listen() -> Vec<String> {
+    vec![DEFAULT_NBD_LISTEN.to_string()]
+}
+fn default_api_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_API_SOCKET)
+}
+
+/// A validated volume entry with its resolved identity.
+#[derive(Clone, Debug)]
+pub struct VolumeSpec {
+    /// Index in the file's `[[volume]]` list, for messages.
+    pub index: usize,
+    /// The volume ID (export name).
+    pub id: VolumeId,
+    /// The raw entry.
+    pub config: VolumeConfig,
+}
+
+/// A configuration that passed validation, with typed fields resolved.
+#[derive(Clone, Debug)]
+pub struct ValidConfig {
+    /// Where the configuration came from.
+    pub source: PathBuf,
+    /// The parsed file.
+    pub raw: Config,
+    /// Validated serial.
+    pub serial: Serial,
+    /// Track size in bytes.
+    pub track_size: u64,
+    /// Parsed NBD TCP listeners.
+    pub nbd_listen: Vec<SocketAddr>,
+    /// Parsed API TCP listener.
+    pub api_listen: Option<SocketAddr>,
+    /// LSS ids, sorted.
+    pub lss: Vec<u8>,
+    /// Volumes in file order.
+    pub volumes: Vec<VolumeSpec>,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<ValidConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            field: String::new(),
+            message: format!("cannot read config file: {e}"),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `source` names it in errors.
+    pub fn parse(text: &str, source: &Path) -> Result<ValidConfig, ConfigError> {
+        let raw: Config = toml::from_str(text).map_err(|e| ConfigError {
+            file: source.to_path_buf(),
+            field: String::new(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        raw.validate(source)
+    }
+
+    /// Checks every field, returning the first problem found.
+    pub fn validate(self, source: &Path) -> Result<ValidConfig, ConfigError> {
+        let fail = |field: String, message: String| ConfigError {
+            file: source.to_path_buf(),
+            field,
+            message,
+        };
+        let serial =
+            Serial::new(&self.server.serial).map_err(|e| fail("server.serial".into(), e.to_string()))?;
+        let track = self.server.track_size.0;
+        if !track.is_power_of_two() || !(4096..=1 << 20).contains(&track) {
+            return Err(fail(
+                "server.track_size".into(),
+                format!("{} must be a power of two between 4KiB and 1MiB", self.server.track_size),
+            ));
+        }
+        if !self.server.state_dir.is_absolute() {
+            return Err(fail("server.state_dir".into(), "must be an absolute path".into()));
+        }
+        let mut nbd_listen = Vec::new();
+        for (i, addr) in self.nbd.listen.iter().enumerate() {
+            let parsed: SocketAddr = addr.parse().map_err(|_| {
+                fail(
+                    format!("nbd.listen[{i}]"),
+                    format!("{addr:?} is not an address:port such as \"127.0.0.1:10809\" or \"[::1]:10809\""),
+                )
+            })?;
+            nbd_listen.push(parsed);
+        }
+        if nbd_listen.is_empty() && self.nbd.unix.is_none() {
+            return Err(fail(
+                "nbd".into(),
+                "no listener: set nbd.listen or nbd.unix".into(),
+            ));
+        }
+        if let Some(path) = &self.nbd.unix {
+            if !path.is_absolute() {
+                return Err(fail("nbd.unix".into(), "must be an absolute path".into()));
+            }
+        }
+        if !self.api.unix.is_absolute() {
+            return Err(fail("api.unix".into(), "must be an absolute path".into()));
+        }
+        let api_listen = match &self.api.listen {
+            None => None,
+            Some(addr) => Some(addr.parse::<SocketAddr>().map_err(|_| {
+                fail(
+                    "api.listen".into(),
+                    format!("{addr:?} is not an address:port such as \"127.0.0.1:8350\""),
+                )
+            })?),
+        };
+
+        let mut lss_ids = Vec::new();
+        for (i, lss) in self.lss.iter().enumerate() {
+            if !(u32::from(LSS_MIN)..=u32::from(LSS_MAX)).contains(&lss.id) {
+                return Err(fail(
+                    format!("lss[{i}].id"),
+                    format!("0x{:X} is outside 0x10..0x1F", lss.id),
+                ));
+            }
+            let id = lss.id as u8;
+            if lss_ids.contains(&id) {
+                return Err(fail(format!("lss[{i}].id"), format!("duplicate LSS 0x{id:02X}")));
+            }
+            lss_ids.push(id);
+        }
+        lss_ids.sort_unstable();
+
+        let mut volumes = Vec::new();
+        let mut ids: BTreeMap<String, usize> = BTreeMap::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut paths: HashMap<PathBuf, usize> = HashMap::new();
+        for (i, vol) in self.volume.iter().enumerate() {
+            let at = |f: &str| format!("volume[{i}].{f}");
+            let lss = u8::try_from(vol.lss)
+                .ok()
+                .filter(|l| lss_ids.contains(l))
+                .ok_or_else(|| {
+                    fail(at("lss"), format!("LSS 0x{:X} is not defined in [[lss]]", vol.lss))
+                })?;
+            let number = u8::try_from(vol.number)
+                .map_err(|_| fail(at("number"), format!("{} is outside 0..255", vol.number)))?;
+            let id = VolumeId::new(lss, number, serial.clone())
+                .map_err(|e| fail(at("lss"), e.to_string()))?;
+            let id_text = id.to_string();
+            if let Some(other) = ids.insert(id_text.clone(), i) {
+                return Err(fail(
+                    at("number"),
+                    format!("duplicate volume ID {id_text} (also volume[{other}])"),
+                ));
+            }
+            if !vol.path.is_absolute() {
+                return Err(fail(at("path"), format!("{} must be an absolute path", vol.path.display())));
+            }
+            let normal = normalize(&vol.path);
+            if let Some(other) = paths.insert(normal, i) {
+                return Err(fail(
+                    at("path"),
+                    format!("{} is already the backing of volume[{other}]", vol.path.display()),
+                ));
+            }
+            if let Some(size) = vol.size {
+                if size.0 == 0 {
+                    return Err(fail(at("size"), "must be greater than zero".into()));
+                }
+            }
+            if let Some(desc) = &vol.description {
+                if desc.len() > 4096 || desc.contains('\0') {
+                    return Err(fail(at("description"), "must be at most 4096 bytes without NUL".into()));
+                }
+            }
+            if let Some(alias) = &vol.alias {
+                if alias.is_empty() || alias.len() > 4096 || alias.contains('\0') {
+                    return Err(fail(at("alias"), "must be 1..4096 bytes without NUL".into()));
+                }
+                if alias.parse::<VolumeId>().is_ok() {
+                    return Err(fail(at("alias"), format!("{alias:?} looks like a volume ID; choose another name")));
+                }
+                if let Some(other) = names.insert(alias.clone(), i) {
+                    return Err(fail(at("alias"), format!("alias {alias:?} is also used by volume[{other}]")));
+                }
+            }
+            volumes.push(VolumeSpec {
+                index: i,
+                id,
+                config: vol.clone(),
+            });
+        }
+        Ok(ValidConfig {
+            source: source.to_path_buf(),
+            serial,
+            track_size: track,
+            nbd_listen,
+            api_listen,
+            lss: lss_ids,
+            volumes,
+            raw: self,
+        })
+    }
+}
+
+/// Lexically normalizes a path (removes `.` and resolves `..`) so two
+/// spellings of the same backing path compare equal before the files exist.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// The embedded demo configuration rooted at `dir`: serial FCA31, LSS 0x10
+/// and 0x11, two 256 MiB volumes and one 64 MiB read-only volume, NBD on
+/// 127.0.0.1:10809 and on `dir/nbd.sock`.
+pub fn demo_config_text(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"# essd demo configuration (generated by `essd --demo`)
+[server]
+serial = "FCA31"
+name = "ess-demo"
+state_dir = "{d}/state"
+track_size = "64KiB"
+
+[nbd]
+listen = ["127.0.0.1:10809"]
+unix = "{d}/nbd.sock"
+
+[api]
+unix = "{d}/api.sock"
+
+[[lss]]
+id = 0x10
+
+[[lss]]
+id = 0x11
+
+[[volume]]
+lss = 0x10
+number = 0
+path = "{d}/vol/000.img"
+size = "256MiB"
+description = "demo volume 0"
+alias = "demo0"
+
+[[volume]]
+lss = 0x10
+number = 1
+path = "{d}/vol/001.img"
+size = "256MiB"
+description = "demo volume 1"
+
+[[volume]]
+lss = 0x11
+number = 0
+path = "{d}/vol/100.img"
+size = "64MiB"
+read_only = true
+description = "demo read-only volume"
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+serial = "FCA31"
+state_dir = "/var/lib/essd"
+[[lss]]
+id = 0x10
+[[volume]]
+lss = 0x10
+number = 0
+path = "/srv/a.img"
+size = "1GiB"
+"#;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new("t.toml")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn accepts_minimal_and_fills_defaults() {
+        let cfg = Config::parse(GOOD, Path::new("t.toml")).unwrap();
+        assert_eq!(cfg.track_size, 65536);
+        assert_eq!(cfg.nbd_listen, vec!["127.0.0.1:10809".parse().unwrap()]);
+        assert_eq!(cfg.volumes[0].id.to_string(), "000FCA31");
+        assert_eq!(cfg.raw.api.unix, PathBuf::from(DEFAULT_API_SOCKET));
+        assert_eq!(cfg.raw.server.io_engine, IoEngineChoice::Auto);
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let cfg = Config::parse(GOOD, Path::new("t.toml")).unwrap();
+        let text = toml::to_string(&cfg.raw).unwrap();
+        let again = Config::parse(&text, Path::new("t.toml")).unwrap();
+        assert_eq!(again.volumes[0].id, cfg.volumes[0].id);
+        assert_eq!(again.track_size, cfg.track_size);
+    }
+
+    #[test]
+    fn names_field_and_problem() {
+        assert_eq!(
+            err(&GOOD.replace("FCA31", "fca31")),
+            "t.toml: server.serial: serial \"fca31\" must be exactly 5 characters from 0-9 and A-Z"
+        );
+        assert_eq!(
+            err(&GOOD.replace("state_dir = \"/var/lib/essd\"", "track_size = \"3KiB\"")),
+            "t.toml: server.track_size: 3KiB must be a power of two between 4KiB and 1MiB"
+        );
+        assert_eq!(
+            err(&format!("{GOOD}[[volume]]\nlss = 0x10\nnumber = 0\npath = \"/srv/b.img\"\nsize = 1\n")),
+            "t.toml: volume[1].number: duplicate volume ID 000FCA31 (also volume[0])"
+        );
+        assert_eq!(
+            err(&format!("{GOOD}[[volume]]\nlss = 0x10\nnumber = 1\npath = \"/srv/./a.img\"\nsize = 1\n")),
+            "t.toml: volume[1].path: /srv/./a.img is already the backing of volume[0]"
+        );
+        assert_eq!(
+            err(&GOOD.replace("lss = 0x10", "lss = 0x12")),
+            "t.toml: volume[0].lss: LSS 0x12 is not defined in [[lss]]"
+        );
+        assert!(err(&GOOD.replace("size = \"1GiB\"", "size = \"lots\"")).contains("invalid size \"lots\""));
+        assert!(err(&GOOD.replace("serial = \"FCA31\"", "")).contains("missing field `serial`"));
+        assert!(err(&format!("{GOOD}bogus = 1\n")).contains("unknown field `bogus`"));
+    }
+
+    #[test]
+    fn demo_config_is_valid() {
+        let cfg = Config::parse(&demo_config_text(Path::new("/tmp/x")), Path::new("<demo>")).unwrap();
+        assert_eq!(cfg.volumes.len(), 3);
+        assert!(cfg.volumes[2].config.read_only);
+        assert_eq!(cfg.volumes[2].id.to_string(), "100FCA31");
+    }
+}

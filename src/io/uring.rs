@@ -1,0 +1,317 @@
+//! The io_uring engine.
+//!
+//! One ring per engine, shared by all volumes. A tokio task pushes its
+//! operation's SQE under a short mutex and enters the kernel; operations the
+//! kernel finishes during submission (page-cache hits) are reaped right
+//! there and returned without any thread hop. Everything else completes
+//! later: the ring signals a registered eventfd, a reaper task watching it
+//! through `AsyncFd` reaps the CQEs and wakes the waiting tasks.
+//!
+//! The ring owns in-flight operations: each op (with its buffer and file
+//! handle) sits in a slab under its `user_data` key until its CQE arrives,
+//! even if the waiting task was cancelled, so the kernel never writes freed
+//! memory. Dropping the engine waits for outstanding completions, or leaks
+//! the buffers if it cannot.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use io_uring::{opcode, squeue, types, IoUring};
+use slab::Slab;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::oneshot;
+
+use super::{Completion, EngineError, Op};
+
+/// Submission queue entries.
+const SQ_ENTRIES: u32 = 256;
+/// Completion queue entries (twice the SQ so bursts never overflow).
+const CQ_ENTRIES: u32 = 1024;
+
+/// An operation the kernel owns until its CQE arrives.
+struct InFlight {
+    /// Keeps buffers and the file alive while the kernel uses them.
+    op: Op,
+    /// Where the completion goes when it is reaped by someone else.
+    waiter: Option<oneshot::Sender<Completion>>,
+}
+
+struct RingState {
+    ring: IoUring,
+    /// Invariant: exactly the operations submitted and not yet reaped.
+    in_flight: Slab<InFlight>,
+}
+
+/// io_uring engine. See the module docs.
+pub struct UringEngine {
+    state: Arc<Mutex<RingState>>,
+    reaper: tokio::task::JoinHandle<()>,
+}
+
+/// Why io_uring is unusable here, or `None` if it looks usable.
+fn disabled_by_sysctl() -> Option<String> {
+    match std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
+        Ok(v) if v.trim() == "2" => Some("kernel.io_uring_disabled = 2".into()),
+        _ => None,
+    }
+}
+
+impl UringEngine {
+    /// Creates the ring and its reaper task. Must be called inside a tokio
+    /// runtime.
+    pub fn new() -> Result<Self, EngineError> {
+        if let Some(why) = disabled_by_sysctl() {
+            return Err(EngineError::UringUnavailable(why));
+        }
+        let ring = IoUring::builder()
+            .setup_cqsize(CQ_ENTRIES)
+            .build(SQ_ENTRIES)
+            .map_err(|e| EngineError::UringUnavailable(format!("io_uring_setup: {e}")))?;
+        if !ring.params().is_feature_nodrop() {
+            return Err(EngineError::UringUnavailable(
+                "kernel lacks IORING_FEAT_NODROP (needs Linux 5.5 or later)".into(),
+            ));
+        }
+        // SAFETY: eventfd has no memory-safety preconditions.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(EngineError::Setup(io::Error::last_os_error()));
+        }
+        // SAFETY: raw is a fresh descriptor that nothing else owns.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
+        ring.submitter()
+            .register_eventfd(eventfd.as_raw_fd())
+            .map_err(|e| EngineError::UringUnavailable(format!("register eventfd: {e}")))?;
+        // SAFETY: `eventfd` is an OwnedFd moved into the AsyncFd, so the
+        // descriptor stays open and unchanged for the AsyncFd's lifetime.
+        let watcher = unsafe { AsyncFd::register_with_interest(eventfd, tokio::io::Interest::READABLE) }
+            .map_err(|e| EngineError::Setup(io::Error::other(e.to_string())))?;
+        let state = Arc::new(Mutex::new(RingState {
+            ring,
+            in_flight: Slab::with_capacity(SQ_ENTRIES as usize),
+        }));
+        let reaper = tokio::spawn(reap_forever(Arc::downgrade(&state), watcher));
+        tracing::debug!(sq = SQ_ENTRIES, cq = CQ_ENTRIES, "io_uring engine started");
+        Ok(UringEngine { state, reaper })
+    }
+
+    /// Submits `op` and waits for its completion.
+    pub async fn run(&self, op: Op) -> Completion {
+        let (tx, rx) = oneshot::channel();
+        let inline = {
+            let mut st = lock(&self.state);
+            match st.submit(op, tx) {
+                Ok(done) => done,
+                Err(failed) => return failed,
+            }
+        };
+        if let Some(done) = inline {
+            return done;
+        }
+        match rx.await {
+            Ok(done) => done,
+            Err(_) => unreachable!("io_uring op dropped without completion"),
+        }
+    }
+}
+
+fn lock(state: &Mutex<RingState>) -> MutexGuard<'_, RingState> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl RingState {
+    /// Pushes one op, enters the kernel, and reaps what is ready. Returns
+    /// the op's own completion if it finished during submission.
+    fn submit(
+        &mut self,
+        op: Op,
+        waiter: oneshot::Sender<Completion>,
+    ) -> Result<Option<Completion>, Completion> {
+        let entry = self.in_flight.vacant_entry();
+        let key = entry.key();
+        let sqe = build_sqe(&op).user_data(key as u64);
+        entry.insert(InFlight {
+            op,
+            waiter: Some(waiter),
+        });
+        loop {
+            // SAFETY: the SQE points into buffers and a file owned by the
+            // slab entry `key`, which stays until its CQE is reaped.
+            let pushed = unsafe { self.ring.submission().push(&sqe) };
+            if pushed.is_ok() {
+                break;
+            }
+            // Queue full: submit what is queued, make room and retry.
+            if let Err(e) = self.enter(false) {
+                return Err(self.fail(key, e));
+            }
+            self.reap(None);
+        }
+        if let Err(e) = self.enter(false) {
+            // The SQE may still be in the queue; a later enter submits it and
+            // its completion goes to the waiter as usual.
+            tracing::warn!("io_uring submit failed, retrying later: {e}");
+        }
+        Ok(self.reap(Some(key)))
+    }
+
+    /// Enters the kernel to submit queued SQEs, optionally waiting for one
+    /// completion. Retries on EINTR; EBUSY means completions must be reaped.
+    fn enter(&mut self, wait: bool) -> io::Result<()> {
+        loop {
+            let r = if wait {
+                self.ring.submit_and_wait(1)
+            } else {
+                self.ring.submit()
+            };
+            match r {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    self.reap(None);
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Removes an op whose SQE never reached the kernel and fails it.
+    fn fail(&mut self, key: usize, e: io::Error) -> Completion {
+        let inflight = self.in_flight.remove(key);
+        Completion {
+            result: Err(e),
+            op: inflight.op,
+        }
+    }
+
+    /// Reaps every available CQE. The completion for `mine` is returned
+    /// instead of being sent to its waiter.
+    fn reap(&mut self, mine: Option<usize>) -> Option<Completion> {
+        let mut own = None;
+        let ready: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|cqe| (cqe.user_data(), cqe.result()))
+            .collect();
+        for (user_data, res) in ready {
+            let key = user_data as usize;
+            let Some(mut inflight) = self.in_flight.try_remove(key) else {
+                tracing::error!(key, "io_uring completion for an unknown operation");
+                continue;
+            };
+            let result = if res < 0 {
+                Err(io::Error::from_raw_os_error(-res))
+            } else {
+                Ok(res as usize)
+            };
+            if let (Ok(n), Op::Read { buf, .. }) = (&result, &mut inflight.op) {
+                // SAFETY: the kernel reported n bytes read into the spare
+                // capacity this SQE described.
+                unsafe { buf.advance(*n) };
+            }
+            let done = Completion {
+                result,
+                op: inflight.op,
+            };
+            if Some(key) == mine {
+                own = Some(done);
+            } else if let Some(waiter) = inflight.waiter {
+                // A dropped receiver means the requester went away; the
+                // buffers are freed here, after the kernel is done.
+                let _ = waiter.send(done);
+            }
+        }
+        own
+    }
+}
+
+fn build_sqe(op: &Op) -> squeue::Entry {
+    match op {
+        Op::Read { file, offset, buf } => {
+            let (ptr, len) = buf.spare_raw();
+            opcode::Read::new(types::Fd(file.as_raw_fd()), ptr, len as u32)
+                .offset(*offset)
+                .build()
+        }
+        Op::Write {
+            file,
+            offset,
+            buf,
+            pos,
+            dsync,
+        } => {
+            let data = &buf.as_slice()[*pos..];
+            opcode::Write::new(types::Fd(file.as_raw_fd()), data.as_ptr(), data.len() as u32)
+                .offset(*offset)
+                .rw_flags(if *dsync { libc::RWF_DSYNC } else { 0 })
+                .build()
+        }
+        Op::Sync { file, data_only } => {
+            let flags = if *data_only {
+                types::FsyncFlags::DATASYNC
+            } else {
+                types::FsyncFlags::empty()
+            };
+            opcode::Fsync::new(types::Fd(file.as_raw_fd()))
+                .flags(flags)
+                .build()
+        }
+        Op::Fallocate {
+            file,
+            mode,
+            offset,
+            len,
+        } => opcode::Fallocate::new(types::Fd(file.as_raw_fd()), *len)
+            .offset(*offset)
+            .mode(*mode)
+            .build(),
+    }
+}
+
+/// Reaps completions signalled through the eventfd until the engine goes.
+async fn reap_forever(state: std::sync::Weak<Mutex<RingState>>, eventfd: AsyncFd<OwnedFd>) {
+    loop {
+        let Ok(mut guard) = eventfd.readable().await else {
+            return;
+        };
+        let mut counter = [0u8; 8];
+        // SAFETY: reading 8 bytes into a local array from an owned eventfd.
+        let n = unsafe {
+            libc::read(
+                eventfd.get_ref().as_raw_fd(),
+                counter.as_mut_ptr().cast(),
+                counter.len(),
+            )
+        };
+        if n < 0 {
+            guard.clear_ready();
+        }
+        let Some(state) = state.upgrade() else { return };
+        lock(&state).reap(None);
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        self.reaper.abort();
+        let mut st = lock(&self.state);
+        let mut attempts = 0;
+        while !st.in_flight.is_empty() && attempts < 1000 {
+            if st.enter(true).is_err() {
+                break;
+            }
+            st.reap(None);
+            attempts += 1;
+        }
+        if !st.in_flight.is_empty() {
+            tracing::error!(
+                outstanding = st.in_flight.len(),
+                "io_uring engine dropped with operations in flight; leaking their buffers"
+            );
+            let leaked = std::mem::take(&mut st.in_flight);
+            std::mem::forget(leaked);
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! essd: a Linux storage server that exports volumes over NBD and gives them
+//! the Copy Services of an enterprise disk array.
+//!
+//! Layers, top to bottom (each ignorant of the ones above):
+//!
+//! ```text
+//! nbd        wire format, handshake, transmission phase, listeners
+//! volume     servers, LSSs, volumes and IDs, backing stores, the access gate
+//! io         the I/O engine: io_uring (hot path) and a thread-pool fallback
+//! ```
+//!
+//! Beside them: [`config`] (the TOML file), [`control`] (management API,
+//! users), [`cli`] (`essctl`), [`daemon`] (process life cycle) and [`units`].
+
+pub mod config;
+pub mod io;
+pub mod units;
+pub mod volume;

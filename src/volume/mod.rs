@@ -1,0 +1,2 @@
+//! Volumes.
+pub mod id;
