@@ -37,7 +37,13 @@ impl fmt::Display for ConfigError {
         if self.field.is_empty() {
             write!(f, "{}: {}", self.file.display(), self.message)
         } else {
-            write!(f, "{}: {}: {}", self.file.display(), self.field, self.message)
+            write!(
+                f,
+                "{}: {}: {}",
+                self.file.display(),
+                self.field,
+                self.message
+            )
         }
     }
 }
@@ -246,17 +252,23 @@ impl Config {
             field,
             message,
         };
-        let serial =
-            Serial::new(&self.server.serial).map_err(|e| fail("server.serial".into(), e.to_string()))?;
+        let serial = Serial::new(&self.server.serial)
+            .map_err(|e| fail("server.serial".into(), e.to_string()))?;
         let track = self.server.track_size.0;
         if !track.is_power_of_two() || !(4096..=1 << 20).contains(&track) {
             return Err(fail(
                 "server.track_size".into(),
-                format!("{} must be a power of two between 4KiB and 1MiB", self.server.track_size),
+                format!(
+                    "{} must be a power of two between 4KiB and 1MiB",
+                    self.server.track_size
+                ),
             ));
         }
         if !self.server.state_dir.is_absolute() {
-            return Err(fail("server.state_dir".into(), "must be an absolute path".into()));
+            return Err(fail(
+                "server.state_dir".into(),
+                "must be an absolute path".into(),
+            ));
         }
         let mut nbd_listen = Vec::new();
         for (i, addr) in self.nbd.listen.iter().enumerate() {
@@ -302,7 +314,10 @@ impl Config {
             }
             let id = lss.id as u8;
             if lss_ids.contains(&id) {
-                return Err(fail(format!("lss[{i}].id"), format!("duplicate LSS 0x{id:02X}")));
+                return Err(fail(
+                    format!("lss[{i}].id"),
+                    format!("duplicate LSS 0x{id:02X}"),
+                ));
             }
             lss_ids.push(id);
         }
@@ -318,7 +333,10 @@ impl Config {
                 .ok()
                 .filter(|l| lss_ids.contains(l))
                 .ok_or_else(|| {
-                    fail(at("lss"), format!("LSS 0x{:X} is not defined in [[lss]]", vol.lss))
+                    fail(
+                        at("lss"),
+                        format!("LSS 0x{:X} is not defined in [[lss]]", vol.lss),
+                    )
                 })?;
             let number = u8::try_from(vol.number)
                 .map_err(|_| fail(at("number"), format!("{} is outside 0..255", vol.number)))?;
@@ -332,13 +350,19 @@ impl Config {
                 ));
             }
             if !vol.path.is_absolute() {
-                return Err(fail(at("path"), format!("{} must be an absolute path", vol.path.display())));
+                return Err(fail(
+                    at("path"),
+                    format!("{} must be an absolute path", vol.path.display()),
+                ));
             }
             let normal = normalize(&vol.path);
             if let Some(other) = paths.insert(normal, i) {
                 return Err(fail(
                     at("path"),
-                    format!("{} is already the backing of volume[{other}]", vol.path.display()),
+                    format!(
+                        "{} is already the backing of volume[{other}]",
+                        vol.path.display()
+                    ),
                 ));
             }
             if let Some(size) = vol.size {
@@ -348,18 +372,30 @@ impl Config {
             }
             if let Some(desc) = &vol.description {
                 if desc.len() > 4096 || desc.contains('\0') {
-                    return Err(fail(at("description"), "must be at most 4096 bytes without NUL".into()));
+                    return Err(fail(
+                        at("description"),
+                        "must be at most 4096 bytes without NUL".into(),
+                    ));
                 }
             }
             if let Some(alias) = &vol.alias {
                 if alias.is_empty() || alias.len() > 4096 || alias.contains('\0') {
-                    return Err(fail(at("alias"), "must be 1..4096 bytes without NUL".into()));
+                    return Err(fail(
+                        at("alias"),
+                        "must be 1..4096 bytes without NUL".into(),
+                    ));
                 }
                 if alias.parse::<VolumeId>().is_ok() {
-                    return Err(fail(at("alias"), format!("{alias:?} looks like a volume ID; choose another name")));
+                    return Err(fail(
+                        at("alias"),
+                        format!("{alias:?} looks like a volume ID; choose another name"),
+                    ));
                 }
                 if let Some(other) = names.insert(alias.clone(), i) {
-                    return Err(fail(at("alias"), format!("alias {alias:?} is also used by volume[{other}]")));
+                    return Err(fail(
+                        at("alias"),
+                        format!("alias {alias:?} is also used by volume[{other}]"),
+                    ));
                 }
             }
             volumes.push(VolumeSpec {
@@ -467,7 +503,9 @@ size = "1GiB"
 "#;
 
     fn err(text: &str) -> String {
-        Config::parse(text, Path::new("t.toml")).unwrap_err().to_string()
+        Config::parse(text, Path::new("t.toml"))
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -500,25 +538,31 @@ size = "1GiB"
             "t.toml: server.track_size: 3KiB must be a power of two between 4KiB and 1MiB"
         );
         assert_eq!(
-            err(&format!("{GOOD}[[volume]]\nlss = 0x10\nnumber = 0\npath = \"/srv/b.img\"\nsize = 1\n")),
+            err(&format!(
+                "{GOOD}[[volume]]\nlss = 0x10\nnumber = 0\npath = \"/srv/b.img\"\nsize = 1\n"
+            )),
             "t.toml: volume[1].number: duplicate volume ID 000FCA31 (also volume[0])"
         );
         assert_eq!(
-            err(&format!("{GOOD}[[volume]]\nlss = 0x10\nnumber = 1\npath = \"/srv/./a.img\"\nsize = 1\n")),
+            err(&format!(
+                "{GOOD}[[volume]]\nlss = 0x10\nnumber = 1\npath = \"/srv/./a.img\"\nsize = 1\n"
+            )),
             "t.toml: volume[1].path: /srv/./a.img is already the backing of volume[0]"
         );
         assert_eq!(
             err(&GOOD.replace("lss = 0x10", "lss = 0x12")),
             "t.toml: volume[0].lss: LSS 0x12 is not defined in [[lss]]"
         );
-        assert!(err(&GOOD.replace("size = \"1GiB\"", "size = \"lots\"")).contains("invalid size \"lots\""));
+        assert!(err(&GOOD.replace("size = \"1GiB\"", "size = \"lots\""))
+            .contains("invalid size \"lots\""));
         assert!(err(&GOOD.replace("serial = \"FCA31\"", "")).contains("missing field `serial`"));
         assert!(err(&format!("{GOOD}bogus = 1\n")).contains("unknown field `bogus`"));
     }
 
     #[test]
     fn demo_config_is_valid() {
-        let cfg = Config::parse(&demo_config_text(Path::new("/tmp/x")), Path::new("<demo>")).unwrap();
+        let cfg =
+            Config::parse(&demo_config_text(Path::new("/tmp/x")), Path::new("<demo>")).unwrap();
         assert_eq!(cfg.volumes.len(), 3);
         assert!(cfg.volumes[2].config.read_only);
         assert_eq!(cfg.volumes[2].id.to_string(), "100FCA31");

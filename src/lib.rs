@@ -13,6 +13,9 @@
 //! users), [`cli`] (`essctl`), [`daemon`] (process life cycle) and [`units`].
 
 pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod io;
+pub mod nbd;
 pub mod units;
 pub mod volume;

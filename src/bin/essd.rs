@@ -1,1 +1,145 @@
-fn main(){}
+//! `essd`: the storage server daemon.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use essd::config::{self, Config};
+
+/// Storage server exporting volumes over NBD with FlashCopy and PPRC copy services.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file (TOML).
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "FILE",
+        required_unless_present = "demo",
+        conflicts_with = "demo"
+    )]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit without starting.
+    #[arg(long)]
+    check: bool,
+    /// Start on the embedded demo configuration (3 small sparse volumes).
+    #[arg(long)]
+    demo: bool,
+    /// Directory for the demo's volumes and state (default: a new temporary directory).
+    #[arg(long, value_name = "DIR", requires = "demo")]
+    dir: Option<PathBuf>,
+    /// Log filter, e.g. `info`, `debug`, `essd=debug` (overrides RUST_LOG).
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = args
+        .log
+        .clone()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(3),
+        Err(e) => {
+            eprintln!("essd: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn demo_dir(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let dir = dir
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("essd-demo-{}", std::process::id())));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    dir.canonicalize()
+        .with_context(|| format!("cannot resolve {}", dir.display()))
+}
+
+fn run(args: Args) -> anyhow::Result<usize> {
+    let (cfg, demo) = if args.demo {
+        let dir = demo_dir(args.dir)?;
+        let text = config::demo_config_text(&dir);
+        let path = dir.join("essd.toml");
+        std::fs::write(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
+        let cfg = Config::parse(&text, &path)?;
+        // The demo's read-only volume needs an existing backing file.
+        for spec in cfg.volumes.iter().filter(|s| s.config.read_only) {
+            let file = &spec.config.path;
+            if !file.exists() {
+                std::fs::create_dir_all(file.parent().unwrap_or(Path::new("/")))?;
+                let f = std::fs::File::create(file)
+                    .with_context(|| format!("cannot create {}", file.display()))?;
+                f.set_len(spec.config.size.map_or(0, |s| s.0))?;
+            }
+        }
+        (cfg, Some(dir))
+    } else {
+        let path = args.config.expect("clap requires --config without --demo");
+        (Config::load(&path)?, None)
+    };
+    if args.check {
+        println!(
+            "{}: configuration is valid ({} volumes)",
+            cfg.source.display(),
+            cfg.volumes.len()
+        );
+        return Ok(0);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("essd")
+        .build()
+        .context("cannot start the async runtime")?;
+    let on_ready = demo.map(|dir| {
+        Box::new(move |state: &essd::control::ApiState| print_demo_banner(&dir, state))
+            as essd::daemon::OnReady
+    });
+    let failed = runtime.block_on(essd::daemon::run(cfg, CancellationToken::new(), on_ready))?;
+    Ok(failed)
+}
+
+fn print_demo_banner(dir: &Path, state: &essd::control::ApiState) {
+    let tcp = state
+        .nbd_tcp
+        .first()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "127.0.0.1:10809".into());
+    let (host, port) = tcp.rsplit_once(':').unwrap_or(("127.0.0.1", "10809"));
+    println!(
+        "essd demo is running (serial {}), files in {}",
+        state.server.serial,
+        dir.display()
+    );
+    println!();
+    println!("Volumes (export names):");
+    for v in state.server.volumes() {
+        println!(
+            "  {}  {:>9}  {}{}",
+            v.name(),
+            essd::units::human_bytes(v.size()),
+            v.info().description.clone().unwrap_or_default(),
+            if v.writable() { "" } else { " (read-only)" }
+        );
+    }
+    println!();
+    println!("Connect:");
+    println!("  nbdinfo nbd://{tcp}/000FCA31");
+    println!("  nbdinfo --list nbd://{tcp}");
+    println!("  nbd-client {host} {port} /dev/nbd0 -N 000FCA31     # Linux kernel client, as root");
+    println!(
+        "  essctl --server {} volume list",
+        dir.join("api.sock").display()
+    );
+    println!();
+    println!("Stop with Ctrl-C.");
+}

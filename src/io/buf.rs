@@ -89,13 +89,19 @@ impl IoBuffer {
     /// Pointer to the first unfilled byte and the number of unfilled bytes.
     pub fn spare_mut(&mut self) -> (*mut u8, usize) {
         // SAFETY: len <= capacity, so the offset stays inside the allocation.
-        (unsafe { self.ptr.as_ptr().add(self.len) }, self.cap - self.len)
+        (
+            unsafe { self.ptr.as_ptr().add(self.len) },
+            self.cap - self.len,
+        )
     }
 
     /// Raw pointer to the first unfilled byte and the unfilled length, for
     /// handing to the kernel while the buffer is kept alive elsewhere.
     pub fn spare_raw(&self) -> (*mut u8, usize) {
-        (self.ptr.as_ptr().wrapping_add(self.len), self.cap - self.len)
+        (
+            self.ptr.as_ptr().wrapping_add(self.len),
+            self.cap - self.len,
+        )
     }
 
     /// Marks `n` more bytes as filled.

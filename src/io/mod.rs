@@ -232,7 +232,8 @@ impl Engine {
         data: Bytes,
         dsync: bool,
     ) -> io::Result<()> {
-        self.write_at(file, offset, IoBuf::Shared(data), dsync).await
+        self.write_at(file, offset, IoBuf::Shared(data), dsync)
+            .await
     }
 
     /// fdatasync (or fsync when `data_only` is false).

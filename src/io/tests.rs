@@ -36,7 +36,12 @@ async fn read_write_sync_punch(engine: &Engine) {
         .await
         .unwrap();
     engine
-        .write_at(&file, 200_000, IoBuf::Owned(IoBuffer::copy_from(b"fua!", 1)), true)
+        .write_at(
+            &file,
+            200_000,
+            IoBuf::Owned(IoBuffer::copy_from(b"fua!", 1)),
+            true,
+        )
         .await
         .unwrap();
     let back = engine.read_at(&file, 4096, data.len(), 1).await.unwrap();

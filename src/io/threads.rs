@@ -48,11 +48,7 @@ impl ThreadEngine {
     /// Queues `op` and waits for a worker to finish it.
     pub async fn run(&self, op: Op) -> Completion {
         let (tx, rx) = oneshot::channel();
-        let sender = self
-            .queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let sender = self.queue.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(sender) = sender else {
             return shut_down(op);
         };
@@ -100,9 +96,8 @@ pub fn execute_blocking(op: &mut Op) -> io::Result<usize> {
             let (ptr, len) = buf.spare_mut();
             // SAFETY: ptr/len describe the unfilled, owned part of `buf`,
             // which nothing else accesses during the call.
-            let n = unsafe {
-                libc::pread(file.as_raw_fd(), ptr.cast(), len, *offset as libc::off_t)
-            };
+            let n =
+                unsafe { libc::pread(file.as_raw_fd(), ptr.cast(), len, *offset as libc::off_t) };
             if n > 0 {
                 // SAFETY: the kernel initialized n bytes after the fill level.
                 unsafe { buf.advance(n as usize) };
@@ -124,15 +119,7 @@ pub fn execute_blocking(op: &mut Op) -> io::Result<usize> {
             let flags = if *dsync { libc::RWF_DSYNC } else { 0 };
             // SAFETY: iov points at `data`, borrowed for the whole call; the
             // kernel only reads from it.
-            unsafe {
-                libc::pwritev2(
-                    file.as_raw_fd(),
-                    &iov,
-                    1,
-                    *offset as libc::off_t,
-                    flags,
-                )
-            }
+            unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, *offset as libc::off_t, flags) }
         }
         Op::Sync { file, data_only } => {
             let fd = file.as_raw_fd();

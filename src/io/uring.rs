@@ -85,8 +85,9 @@ impl UringEngine {
             .map_err(|e| EngineError::UringUnavailable(format!("register eventfd: {e}")))?;
         // SAFETY: `eventfd` is an OwnedFd moved into the AsyncFd, so the
         // descriptor stays open and unchanged for the AsyncFd's lifetime.
-        let watcher = unsafe { AsyncFd::register_with_interest(eventfd, tokio::io::Interest::READABLE) }
-            .map_err(|e| EngineError::Setup(io::Error::other(e.to_string())))?;
+        let watcher =
+            unsafe { AsyncFd::register_with_interest(eventfd, tokio::io::Interest::READABLE) }
+                .map_err(|e| EngineError::Setup(io::Error::other(e.to_string())))?;
         let state = Arc::new(Mutex::new(RingState {
             ring,
             in_flight: Slab::with_capacity(SQ_ENTRIES as usize),
@@ -243,10 +244,14 @@ fn build_sqe(op: &Op) -> squeue::Entry {
             dsync,
         } => {
             let data = &buf.as_slice()[*pos..];
-            opcode::Write::new(types::Fd(file.as_raw_fd()), data.as_ptr(), data.len() as u32)
-                .offset(*offset)
-                .rw_flags(if *dsync { libc::RWF_DSYNC } else { 0 })
-                .build()
+            opcode::Write::new(
+                types::Fd(file.as_raw_fd()),
+                data.as_ptr(),
+                data.len() as u32,
+            )
+            .offset(*offset)
+            .rw_flags(if *dsync { libc::RWF_DSYNC } else { 0 })
+            .build()
         }
         Op::Sync { file, data_only } => {
             let flags = if *data_only {

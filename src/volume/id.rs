@@ -26,7 +26,9 @@ pub enum IdError {
     #[error("LSS 0x{0:02X} is outside 0x10..0x1F")]
     BadLss(u32),
     /// The volume ID is not 3 hex digits followed by a serial.
-    #[error("volume ID {0:?} must be 3 hex digits followed by a 5-character serial, e.g. 108FCA31")]
+    #[error(
+        "volume ID {0:?} must be 3 hex digits followed by a 5-character serial, e.g. 108FCA31"
+    )]
     BadVolumeId(String),
 }
 

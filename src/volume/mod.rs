@@ -1,2 +1,384 @@
-//! Volumes.
+//! Servers, LSSs and volumes: identity, backing stores, the access gate and
+//! per-volume statistics.
+//!
+//! * [`id`] — serials and 8-character volume IDs.
+//! * [`store`] — the file or block device behind a volume.
+//! * [`server`] — the storage server: all LSSs and volumes of one `essd`.
+//!
+//! [`Volume`] is what the protocol layer talks to: it checks ranges and the
+//! access gate (read-only volumes; later copy-services states), counts I/O
+//! and forwards to its [`store::BackingStore`].
+
 pub mod id;
+pub mod server;
+pub mod store;
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use id::VolumeId;
+use store::{BackingStore, Extent};
+
+/// Operations a volume performs, for messages and statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VolumeOp {
+    /// Read data.
+    Read,
+    /// Write data.
+    Write,
+    /// Flush to stable storage.
+    Flush,
+    /// Discard.
+    Trim,
+    /// Write zeroes.
+    WriteZeroes,
+    /// Prefetch.
+    Cache,
+    /// Allocation query.
+    BlockStatus,
+}
+
+impl VolumeOp {
+    /// Whether the op changes data (and so needs write access).
+    pub fn modifies(self) -> bool {
+        matches!(
+            self,
+            VolumeOp::Write | VolumeOp::Trim | VolumeOp::WriteZeroes
+        )
+    }
+}
+
+impl std::fmt::Display for VolumeOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VolumeOp::Read => "read",
+            VolumeOp::Write => "write",
+            VolumeOp::Flush => "flush",
+            VolumeOp::Trim => "trim",
+            VolumeOp::WriteZeroes => "write-zeroes",
+            VolumeOp::Cache => "cache",
+            VolumeOp::BlockStatus => "block-status",
+        })
+    }
+}
+
+/// A failed volume operation.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The range ends past the end of the volume.
+    #[error("{op} of {len} bytes at offset {offset} is beyond the end of volume {volume} ({size} bytes)")]
+    OutOfRange {
+        /// Operation.
+        op: VolumeOp,
+        /// Volume ID.
+        volume: String,
+        /// Request offset.
+        offset: u64,
+        /// Request length.
+        len: u64,
+        /// Volume size.
+        size: u64,
+    },
+    /// The volume does not accept writes.
+    #[error("volume {volume} is read-only")]
+    ReadOnly {
+        /// Volume ID.
+        volume: String,
+    },
+    /// A fast-only zeroing request that the backing cannot do quickly.
+    #[error("{op} cannot be done fast on volume {volume}")]
+    NotFast {
+        /// Operation.
+        op: VolumeOp,
+        /// Volume ID.
+        volume: String,
+    },
+    /// The backing store failed.
+    #[error("{op} at offset {offset} on {path}: {source}")]
+    Io {
+        /// Operation.
+        op: VolumeOp,
+        /// Backing path.
+        path: String,
+        /// Request offset.
+        offset: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Per-volume I/O counters.
+#[derive(Debug, Default)]
+pub struct VolumeStats {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    flushes: AtomicU64,
+    trims: AtomicU64,
+    zeroes: AtomicU64,
+    errors: AtomicU64,
+    clients: AtomicU64,
+}
+
+/// A snapshot of [`VolumeStats`].
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Read requests completed.
+    pub reads: u64,
+    /// Write requests completed.
+    pub writes: u64,
+    /// Bytes read.
+    pub bytes_read: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Flushes completed.
+    pub flushes: u64,
+    /// Trims completed.
+    pub trims: u64,
+    /// Write-zeroes completed.
+    pub write_zeroes: u64,
+    /// Requests that failed.
+    pub errors: u64,
+}
+
+/// Static description of a volume, as configured.
+#[derive(Debug, Clone)]
+pub struct VolumeInfo {
+    /// The volume ID (primary export name).
+    pub id: VolumeId,
+    /// Optional second export name.
+    pub alias: Option<String>,
+    /// Export description.
+    pub description: Option<String>,
+    /// Refuse all writes.
+    pub read_only: bool,
+}
+
+/// An exported volume.
+#[derive(Debug)]
+pub struct Volume {
+    info: VolumeInfo,
+    id_text: String,
+    store: BackingStore,
+    stats: VolumeStats,
+}
+
+impl Volume {
+    /// Wraps an open backing store.
+    pub fn new(info: VolumeInfo, store: BackingStore) -> Self {
+        Volume {
+            id_text: info.id.to_string(),
+            info,
+            store,
+            stats: VolumeStats::default(),
+        }
+    }
+
+    /// Configured identity and options.
+    pub fn info(&self) -> &VolumeInfo {
+        &self.info
+    }
+
+    /// The volume ID as text (the export name).
+    pub fn name(&self) -> &str {
+        &self.id_text
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.store.size()
+    }
+
+    /// The backing store.
+    pub fn store(&self) -> &BackingStore {
+        &self.store
+    }
+
+    /// Whether hosts may write the volume now (the access gate).
+    pub fn writable(&self) -> bool {
+        !self.info.read_only
+    }
+
+    /// Number of NBD clients attached right now.
+    pub fn clients(&self) -> u64 {
+        self.stats.clients.load(Ordering::Relaxed)
+    }
+
+    /// Registers an attached client; the guard unregisters it on drop.
+    pub fn attach(self: &std::sync::Arc<Self>) -> ClientGuard {
+        self.stats.clients.fetch_add(1, Ordering::Relaxed);
+        ClientGuard(self.clone())
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = &self.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            reads: get(&s.reads),
+            writes: get(&s.writes),
+            bytes_read: get(&s.bytes_read),
+            bytes_written: get(&s.bytes_written),
+            flushes: get(&s.flushes),
+            trims: get(&s.trims),
+            write_zeroes: get(&s.zeroes),
+            errors: get(&s.errors),
+        }
+    }
+
+    /// Checks that `[offset, offset+len)` lies inside the volume and that a
+    /// modifying op is allowed by the access gate.
+    pub fn check(&self, op: VolumeOp, offset: u64, len: u64) -> Result<(), VolumeError> {
+        let result = if offset.checked_add(len).is_none_or(|end| end > self.size()) {
+            Err(VolumeError::OutOfRange {
+                op,
+                volume: self.id_text.clone(),
+                offset,
+                len,
+                size: self.size(),
+            })
+        } else if op.modifies() && !self.writable() {
+            Err(VolumeError::ReadOnly {
+                volume: self.id_text.clone(),
+            })
+        } else {
+            Ok(())
+        };
+        if result.is_err() {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn io_error(&self, op: VolumeOp, offset: u64) -> impl FnOnce(io::Error) -> VolumeError + '_ {
+        move |source| {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            if source.raw_os_error() == Some(libc::EOPNOTSUPP) && op == VolumeOp::WriteZeroes {
+                return VolumeError::NotFast {
+                    op,
+                    volume: self.id_text.clone(),
+                };
+            }
+            tracing::warn!(volume = %self.id_text, %op, offset, "I/O error: {source}");
+            VolumeError::Io {
+                op,
+                path: self.store.path().display().to_string(),
+                offset,
+                source,
+            }
+        }
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, VolumeError> {
+        self.check(VolumeOp::Read, offset, len as u64)?;
+        let data = self
+            .store
+            .read(offset, len)
+            .await
+            .map_err(self.io_error(VolumeOp::Read, offset))?;
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_read
+            .fetch_add(len as u64, Ordering::Relaxed);
+        Ok(data)
+    }
+
+    /// Writes `data` at `offset`; with `fua` it is durable on return.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), VolumeError> {
+        let len = data.len() as u64;
+        self.check(VolumeOp::Write, offset, len)?;
+        self.store
+            .write(offset, data, fua)
+            .await
+            .map_err(self.io_error(VolumeOp::Write, offset))?;
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes every completed write durable.
+    pub async fn flush(&self) -> Result<(), VolumeError> {
+        self.store
+            .flush()
+            .await
+            .map_err(self.io_error(VolumeOp::Flush, 0))?;
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Discards a range (advisory).
+    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
+        self.check(VolumeOp::Trim, offset, len)?;
+        self.store
+            .trim(offset, len)
+            .await
+            .map_err(self.io_error(VolumeOp::Trim, offset))?;
+        if fua {
+            self.flush().await?;
+        }
+        self.stats.trims.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Zeroes a range. `may_punch`: holes allowed; `fast_only`: fail rather
+    /// than write zero buffers.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+        fast_only: bool,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        self.check(VolumeOp::WriteZeroes, offset, len)?;
+        self.store
+            .write_zeroes(offset, len, may_punch, fast_only)
+            .await
+            .map_err(self.io_error(VolumeOp::WriteZeroes, offset))?;
+        if fua {
+            self.flush().await?;
+        }
+        self.stats.zeroes.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Prefetches a range.
+    pub async fn cache(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.check(VolumeOp::Cache, offset, len)?;
+        self.store
+            .cache(offset, len)
+            .await
+            .map_err(self.io_error(VolumeOp::Cache, offset))
+    }
+
+    /// Allocation map of a range, at most `max` runs.
+    pub async fn extents(
+        &self,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Result<Vec<Extent>, VolumeError> {
+        self.check(VolumeOp::BlockStatus, offset, len)?;
+        self.store
+            .extents(offset, len, max)
+            .await
+            .map_err(self.io_error(VolumeOp::BlockStatus, offset))
+    }
+}
+
+/// Counts an attached client while alive.
+#[derive(Debug)]
+pub struct ClientGuard(std::sync::Arc<Volume>);
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.0.stats.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}

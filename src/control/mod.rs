@@ -1,0 +1,34 @@
+//! The management plane: the HTTP/JSON API (`/v1/...`) served on a Unix
+//! socket (trusted, mode 0600) and optionally on TCP (users with hashed
+//! passwords required), and the user store.
+//!
+//! * [`api`] — routes and handlers.
+//! * [`users`] — users and password hashes in the state directory.
+
+pub mod api;
+pub mod users;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::volume::server::StorageServer;
+
+/// Everything the API reports or changes, shared with the daemon.
+#[derive(Debug)]
+pub struct ApiState {
+    /// The storage server and its volumes.
+    pub server: Arc<StorageServer>,
+    /// Bound NBD TCP listeners (actual addresses).
+    pub nbd_tcp: Vec<SocketAddr>,
+    /// NBD Unix socket, if any.
+    pub nbd_unix: Option<PathBuf>,
+    /// Management API TCP listener, if any.
+    pub api_tcp: Option<SocketAddr>,
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// Config file the server was started from.
+    pub config_file: PathBuf,
+    /// User store.
+    pub users: users::UserStore,
+}

@@ -1,0 +1,158 @@
+//! The `essd` process life cycle: open volumes, bind listeners, notify
+//! systemd, serve, and on SIGTERM/SIGINT stop accepting, finish in-flight
+//! requests, flush every volume and exit.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ValidConfig;
+use crate::control::{api, users::UserStore, ApiState};
+use crate::io::Engine;
+use crate::nbd::listener::{bind_unix, NbdListeners};
+use crate::volume::server::StorageServer;
+
+/// Time allowed for in-flight requests to finish at shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A start-up failure, with a message fit for the administrator.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StartError(pub String);
+
+fn start_err(e: impl std::fmt::Display) -> StartError {
+    StartError(e.to_string())
+}
+
+/// Called once the server is ready, with what it listens on.
+pub type OnReady = Box<dyn FnOnce(&ApiState) + Send>;
+
+/// Runs the server until SIGTERM/SIGINT (or `stop` fires). Returns the
+/// number of volumes whose final flush failed.
+pub async fn run(
+    cfg: ValidConfig,
+    stop: CancellationToken,
+    on_ready: Option<OnReady>,
+) -> Result<usize, StartError> {
+    let engine = Engine::start(cfg.raw.server.io_engine).map_err(start_err)?;
+    tracing::info!(engine = %engine.kind(), "I/O engine ready");
+    let server = Arc::new(StorageServer::open(&cfg, engine).map_err(start_err)?);
+
+    let state_dir = cfg.raw.server.state_dir.clone();
+    std::fs::create_dir_all(&state_dir)
+        .and_then(|()| std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|e| StartError(format!("state directory {}: {e}", state_dir.display())))?;
+    let users = UserStore::open(&state_dir).map_err(start_err)?;
+
+    let nbd = NbdListeners::bind(&cfg.nbd_listen, cfg.raw.nbd.unix.as_deref())
+        .await
+        .map_err(start_err)?;
+    let api_unix = bind_unix(&cfg.raw.api.unix, 0o600).map_err(start_err)?;
+    let api_tcp = match cfg.api_listen {
+        None => None,
+        Some(addr) => {
+            if users.is_empty() {
+                return Err(StartError(format!(
+                    "{}: api.listen: the TCP management listener needs at least one user; add one with `essctl user add NAME` over the Unix socket first",
+                    cfg.source.display()
+                )));
+            }
+            Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| StartError(format!("cannot listen on {addr}: {e}")))?,
+            )
+        }
+    };
+    let state = Arc::new(ApiState {
+        server: server.clone(),
+        nbd_tcp: nbd.tcp_addrs(),
+        nbd_unix: nbd.unix_path().map(PathBuf::from),
+        api_tcp: api_tcp.as_ref().and_then(|l| l.local_addr().ok()),
+        state_dir,
+        config_file: cfg.source.clone(),
+        users,
+    });
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    nbd.spawn(server.clone(), shutdown.clone(), &tracker);
+    api::spawn(state.clone(), api_unix, api_tcp, shutdown.clone(), &tracker);
+
+    for v in server.volumes() {
+        tracing::info!(
+            volume = v.name(),
+            size = v.size(),
+            path = %v.store().path().display(),
+            read_only = !v.writable(),
+            "volume online"
+        );
+    }
+    tracing::info!(
+        serial = %server.serial,
+        nbd_tcp = ?state.nbd_tcp,
+        nbd_unix = ?state.nbd_unix,
+        api = %cfg.raw.api.unix.display(),
+        "essd ready"
+    );
+    if let Some(f) = on_ready {
+        f(&state);
+    }
+    sd_notify("READY=1");
+
+    wait_for_signal(&stop).await;
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    sd_notify("STOPPING=1");
+    shutdown.cancel();
+    tracker.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not finish within {DRAIN_TIMEOUT:?}");
+    }
+    let failed = server.flush_all().await;
+    tracing::info!(failed, "volumes flushed; exiting");
+    let _ = std::fs::remove_file(&cfg.raw.api.unix);
+    Ok(failed)
+}
+
+async fn wait_for_signal(stop: &CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+        _ = async { match int.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+/// Sends a state line to systemd if `NOTIFY_SOCKET` is set.
+pub fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("sd_notify: {e}");
+            return;
+        }
+    };
+    let bytes = path.as_encoded_bytes();
+    let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        sock.send_to(state.as_bytes(), PathBuf::from(path))
+    };
+    if let Err(e) = result {
+        tracing::warn!("sd_notify {state}: {e}");
+    }
+}

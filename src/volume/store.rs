@@ -1,0 +1,538 @@
+//! Backing stores: the regular file or block device behind a volume, and
+//! every byte-level operation on it, routed through the I/O engine.
+//!
+//! With `direct_io` the store opens the backing with `O_DIRECT`, copies
+//! payloads into aligned bounce buffers, and turns unaligned writes into an
+//! aligned read-modify-write under an exclusive lock (aligned writes share
+//! the lock, so an RMW never races another write to its edge blocks).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::RwLock;
+
+use crate::io::{Engine, IoBuf, IoBuffer};
+
+/// Largest single zero-fill write when the file system cannot zero a range.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// Regular file or block device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackingKind {
+    /// A regular file (sparse-capable).
+    File,
+    /// A raw block device.
+    BlockDevice,
+}
+
+/// One run of the allocation map: `length` bytes that are all data or all hole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Bytes in this run.
+    pub length: u64,
+    /// True if the run is unallocated (reads as zeroes).
+    pub hole: bool,
+}
+
+/// Why a backing could not be opened or checked.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// An OS call failed.
+    #[error("{path}: {what}: {source}")]
+    Os {
+        /// Backing path.
+        path: PathBuf,
+        /// What was attempted.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The backing exists but does not fit the configuration.
+    #[error("{path}: {message}")]
+    Mismatch {
+        /// Backing path.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// What [`BackingStore::probe`] found without creating anything.
+#[derive(Debug)]
+pub struct Probe {
+    /// Kind of backing (a missing path will become a file).
+    pub kind: BackingKind,
+    /// Whether the file must be created.
+    pub missing: bool,
+    /// Size the volume will export.
+    pub size: u64,
+    /// The opened backing, when it already exists.
+    file: Option<File>,
+}
+
+/// An open backing store.
+#[derive(Debug)]
+pub struct BackingStore {
+    file: Arc<File>,
+    path: PathBuf,
+    kind: BackingKind,
+    size: u64,
+    /// Alignment required by O_DIRECT, or None for buffered I/O.
+    direct_align: Option<usize>,
+    /// Shared by aligned writes, exclusive for read-modify-write (direct only).
+    rmw: RwLock<()>,
+    engine: Engine,
+}
+
+fn os<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> OpenError + 'a {
+    move |source| OpenError::Os {
+        path: path.to_path_buf(),
+        what,
+        source,
+    }
+}
+
+nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
+nix::ioctl_read_bad!(blk_sector_size, 0x1268, libc::c_int);
+
+fn open_flags(read_only: bool, direct: bool, block: bool) -> OpenOptions {
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(!read_only);
+    let mut custom = libc::O_CLOEXEC;
+    if direct {
+        custom |= libc::O_DIRECT;
+    }
+    if block {
+        // Exclusive open: fails with EBUSY if mounted or held by another user.
+        custom |= libc::O_EXCL;
+    }
+    opts.custom_flags(custom);
+    opts
+}
+
+impl BackingStore {
+    /// Checks a backing path against the configured size without creating
+    /// or modifying anything. Opens (and holds) existing backings, so a block
+    /// device in use or a file served by another process is refused here.
+    pub fn probe(
+        path: &Path,
+        size: Option<u64>,
+        read_only: bool,
+        direct: bool,
+    ) -> Result<Probe, OpenError> {
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(os(path, "cannot stat backing")(e)),
+        };
+        let Some(meta) = meta else {
+            let size = size.ok_or_else(|| OpenError::Mismatch {
+                path: path.to_path_buf(),
+                message: "file does not exist and no size is configured".into(),
+            })?;
+            if read_only {
+                return Err(OpenError::Mismatch {
+                    path: path.to_path_buf(),
+                    message: "read-only volume's backing file does not exist".into(),
+                });
+            }
+            return Ok(Probe {
+                kind: BackingKind::File,
+                missing: true,
+                size,
+                file: None,
+            });
+        };
+        let ft = meta.file_type();
+        if ft.is_block_device() {
+            let file = open_flags(read_only, direct, true)
+                .open(path)
+                .map_err(|e| match e.raw_os_error() {
+                    Some(libc::EBUSY) => OpenError::Mismatch {
+                        path: path.to_path_buf(),
+                        message: "block device is in use (mounted, or opened exclusively by another program)".into(),
+                    },
+                    _ => os(path, "cannot open block device")(e),
+                })?;
+            let mut dev_size = 0u64;
+            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+            unsafe { blk_get_size64(file.as_raw_fd(), &mut dev_size) }
+                .map_err(|e| os(path, "BLKGETSIZE64")(e.into()))?;
+            let size = match size {
+                None => dev_size,
+                Some(s) if s <= dev_size => s,
+                Some(s) => {
+                    return Err(OpenError::Mismatch {
+                        path: path.to_path_buf(),
+                        message: format!(
+                            "block device is {dev_size} bytes, smaller than the configured size {s}"
+                        ),
+                    })
+                }
+            };
+            if size == 0 {
+                return Err(OpenError::Mismatch {
+                    path: path.to_path_buf(),
+                    message: "block device has size 0".into(),
+                });
+            }
+            return Ok(Probe {
+                kind: BackingKind::BlockDevice,
+                missing: false,
+                size,
+                file: Some(file),
+            });
+        }
+        if !ft.is_file() {
+            return Err(OpenError::Mismatch {
+                path: path.to_path_buf(),
+                message: "not a regular file or block device".into(),
+            });
+        }
+        let Some(size) = size else {
+            return Err(OpenError::Mismatch {
+                path: path.to_path_buf(),
+                message: "size is required for file-backed volumes".into(),
+            });
+        };
+        if meta.len() != size {
+            return Err(OpenError::Mismatch {
+                path: path.to_path_buf(),
+                message: format!(
+                    "existing file is {} bytes but the configured size is {size}; fix the size (essd never truncates or grows a backing file)",
+                    meta.len()
+                ),
+            });
+        }
+        let file = open_flags(read_only, direct, false)
+            .open(path)
+            .map_err(os(path, "cannot open backing file"))?;
+        lock_exclusive(&file, path)?;
+        Ok(Probe {
+            kind: BackingKind::File,
+            missing: false,
+            size,
+            file: Some(file),
+        })
+    }
+
+    /// Opens (creating a missing file sparse at its size) a probed backing.
+    pub fn open(
+        path: &Path,
+        probe: Probe,
+        read_only: bool,
+        direct: bool,
+        engine: Engine,
+    ) -> Result<Self, OpenError> {
+        let file = match probe.file {
+            Some(file) => file,
+            None => {
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent).map_err(os(path, "cannot create directory"))?;
+                }
+                let file = open_flags(read_only, direct, false)
+                    .create_new(true)
+                    .open(path)
+                    .map_err(os(path, "cannot create backing file"))?;
+                file.set_len(probe.size)
+                    .map_err(os(path, "cannot size backing file"))?;
+                lock_exclusive(&file, path)?;
+                tracing::info!(path = %path.display(), size = probe.size, "created sparse backing file");
+                file
+            }
+        };
+        let direct_align = if direct {
+            Some(match probe.kind {
+                BackingKind::File => 4096,
+                BackingKind::BlockDevice => {
+                    let mut sector: libc::c_int = 0;
+                    // SAFETY: BLKSSZGET writes one int through the pointer.
+                    unsafe { blk_sector_size(file.as_raw_fd(), &mut sector) }
+                        .map_err(|e| os(path, "BLKSSZGET")(e.into()))?;
+                    (sector.max(512)) as usize
+                }
+            })
+        } else {
+            None
+        };
+        Ok(BackingStore {
+            file: Arc::new(file),
+            path: path.to_path_buf(),
+            kind: probe.kind,
+            size: probe.size,
+            direct_align,
+            rmw: RwLock::new(()),
+            engine,
+        })
+    }
+
+    /// Exported size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// File or block device.
+    pub fn kind(&self) -> BackingKind {
+        self.kind
+    }
+
+    /// Backing path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Required request alignment (1 for buffered I/O).
+    pub fn alignment(&self) -> usize {
+        self.direct_align.unwrap_or(1)
+    }
+
+    /// Reads `len` bytes at `offset` (range already checked).
+    pub async fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        let Some(align) = self.direct_align else {
+            return Ok(self
+                .engine
+                .read_at(&self.file, offset, len, 1)
+                .await?
+                .freeze());
+        };
+        let (start, end) = widen(offset, len, align);
+        let buf = self
+            .engine
+            .read_at(&self.file, start, (end - start) as usize, align)
+            .await?;
+        let skip = (offset - start) as usize;
+        Ok(buf.freeze().slice(skip..skip + len))
+    }
+
+    /// Writes `data` at `offset`; `fua` makes it durable before returning.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
+        let Some(align) = self.direct_align else {
+            return self
+                .engine
+                .write_bytes_at(&self.file, offset, data, fua)
+                .await;
+        };
+        let a = align as u64;
+        if offset % a == 0 && data.len() as u64 % a == 0 {
+            let _shared = self.rmw.read().await;
+            let buf = IoBuf::Owned(IoBuffer::copy_from(&data, align));
+            return self.engine.write_at(&self.file, offset, buf, fua).await;
+        }
+        let _exclusive = self.rmw.write().await;
+        let (start, end) = widen(offset, data.len(), align);
+        let mut buf = self
+            .engine
+            .read_at(&self.file, start, (end - start) as usize, align)
+            .await?;
+        let skip = (offset - start) as usize;
+        buf.as_mut_slice()[skip..skip + data.len()].copy_from_slice(&data);
+        self.engine
+            .write_at(&self.file, start, IoBuf::Owned(buf), fua)
+            .await
+    }
+
+    /// Makes every completed write durable (fdatasync).
+    pub async fn flush(&self) -> io::Result<()> {
+        self.engine.sync(&self.file, true).await
+    }
+
+    /// Discards a range; advisory, so unsupported discards succeed silently.
+    pub async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (start, end) = match self.kind {
+            BackingKind::File => (offset, offset + len),
+            // Devices only discard whole logical blocks: shrink inwards.
+            BackingKind::BlockDevice => {
+                let a = self.alignment().max(512) as u64;
+                (offset.div_ceil(a) * a, (offset + len) / a * a)
+            }
+        };
+        if end <= start {
+            return Ok(());
+        }
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        match self
+            .engine
+            .fallocate(&self.file, mode, start, end - start)
+            .await
+        {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+                ) =>
+            {
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// Zeroes a range. `may_punch` allows leaving holes; `fast_only` fails
+    /// with `EOPNOTSUPP` instead of falling back to writing zero buffers.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+        fast_only: bool,
+    ) -> io::Result<()> {
+        let a = match self.kind {
+            BackingKind::File => 1,
+            BackingKind::BlockDevice => self.alignment().max(512) as u64,
+        };
+        // Unaligned head and tail of a device range are written as data.
+        let end = offset + len;
+        let mid_start = offset.div_ceil(a) * a;
+        if mid_start >= end {
+            return self.write_zero_bytes(offset, len).await;
+        }
+        let mid_end = end / a * a;
+        if mid_start > offset {
+            self.write_zero_bytes(offset, mid_start - offset).await?;
+        }
+        if mid_end > mid_start {
+            let mode = if may_punch || (self.kind == BackingKind::BlockDevice && fast_only) {
+                // On block devices PUNCH_HOLE zeroes without falling back to writes.
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            } else {
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            };
+            match self
+                .engine
+                .fallocate(&self.file, mode, mid_start, mid_end - mid_start)
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) && !fast_only => {
+                    self.write_zero_bytes(mid_start, mid_end - mid_start)
+                        .await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if end > mid_end {
+            self.write_zero_bytes(mid_end, end - mid_end).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_zero_bytes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(ZERO_CHUNK);
+            let zeroes = Bytes::from(vec![0u8; n as usize]);
+            self.write(offset + done, zeroes, false).await?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Asks the kernel to prefetch a range into the page cache.
+    pub async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        let file = self.file.clone();
+        blocking(move || {
+            // SAFETY: plain advisory syscall on an fd owned by `file`.
+            let r = unsafe {
+                libc::posix_fadvise(
+                    file.as_raw_fd(),
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                )
+            };
+            if r != 0 {
+                return Err(io::Error::from_raw_os_error(r));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The allocation map of `[offset, offset+len)` as at most `max` runs.
+    /// Files use SEEK_DATA/SEEK_HOLE; block devices report all data.
+    pub async fn extents(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<Extent>> {
+        if self.kind == BackingKind::BlockDevice {
+            return Ok(vec![Extent {
+                length: len,
+                hole: false,
+            }]);
+        }
+        let file = self.file.clone();
+        blocking(move || seek_extents(&file, offset, len, max)).await
+    }
+}
+
+/// Widens `[offset, offset+len)` to `align` boundaries.
+fn widen(offset: u64, len: usize, align: usize) -> (u64, u64) {
+    let a = align as u64;
+    let start = offset / a * a;
+    let end = (offset + len as u64).div_ceil(a) * a;
+    (start, end)
+}
+
+fn lock_exclusive(file: &File, path: &Path) -> Result<(), OpenError> {
+    // SAFETY: flock on an fd owned by `file`.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(OpenError::Mismatch {
+            path: path.to_path_buf(),
+            message: "backing file is locked by another process (another essd serving it?)".into(),
+        });
+    }
+    Err(os(path, "cannot lock backing file")(e))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io::Error::other(format!("blocking task failed: {e}")))?
+}
+
+fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    // SAFETY: plain syscall on an fd owned by `file`.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(r as u64))
+}
+
+fn seek_extents(file: &File, offset: u64, len: u64, max: usize) -> io::Result<Vec<Extent>> {
+    let end = offset + len;
+    let mut out: Vec<Extent> = Vec::new();
+    let mut pos = offset;
+    let push = |out: &mut Vec<Extent>, length: u64, hole: bool| match out.last_mut() {
+        Some(last) if last.hole == hole => last.length += length,
+        _ => out.push(Extent { length, hole }),
+    };
+    while pos < end && out.len() < max {
+        let data = lseek(file, pos, libc::SEEK_DATA)?.unwrap_or(end).min(end);
+        if data > pos {
+            push(&mut out, data - pos, true);
+            pos = data;
+            continue;
+        }
+        let hole = lseek(file, pos, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        let hole = hole.max(pos + 1);
+        push(&mut out, hole - pos, false);
+        pos = hole;
+    }
+    Ok(out)
+}
