@@ -1,0 +1,369 @@
+//! Test harness: starts real `essd` processes on temporary configs and runs
+//! the NBD clients nobody here wrote (libnbd tools, qemu, fio, e2fsprogs).
+//!
+//! A missing tool is a failure, never a skip: `scripts/test` installs them.
+
+#![allow(dead_code)]
+
+use std::fmt::Write as _;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Both I/O engines; engine-sensitive tests run against each.
+pub const ENGINES: [&str; 2] = ["uring", "threads"];
+
+/// Fails the test unless `tool` is on PATH, naming the Debian package.
+pub fn require(tool: &str, package: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is required for this test: install the Debian package {package} (scripts/test does)"
+    );
+}
+
+/// Fails the test unless running as root (needed for mount, losetup, FUSE).
+pub fn require_root(what: &str) {
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    assert_eq!(uid, 0, "{what} needs root: run the suite as root (CI does)");
+}
+
+/// A volume entry for [`TestConfig`].
+#[derive(Clone, Debug)]
+pub struct Vol {
+    pub lss: u8,
+    pub number: u8,
+    pub size: Option<&'static str>,
+    pub path: Option<PathBuf>,
+    pub read_only: bool,
+    pub direct_io: bool,
+    pub alias: Option<&'static str>,
+    pub description: Option<&'static str>,
+}
+
+impl Vol {
+    pub fn new(lss: u8, number: u8, size: &'static str) -> Self {
+        Vol {
+            lss,
+            number,
+            size: Some(size),
+            path: None,
+            read_only: false,
+            direct_io: false,
+            alias: None,
+            description: None,
+        }
+    }
+}
+
+/// A generated configuration.
+#[derive(Clone, Debug)]
+pub struct TestConfig {
+    pub serial: &'static str,
+    pub engine: &'static str,
+    pub tcp: bool,
+    pub volumes: Vec<Vol>,
+    pub extra: String,
+}
+
+impl TestConfig {
+    pub fn new(engine: &'static str) -> Self {
+        TestConfig {
+            serial: "TST01",
+            engine,
+            tcp: false,
+            volumes: vec![Vol::new(0x10, 0, "64MiB")],
+            extra: String::new(),
+        }
+    }
+
+    pub fn render(&self, dir: &Path) -> String {
+        let d = dir.display();
+        let mut lss: Vec<u8> = self.volumes.iter().map(|v| v.lss).collect();
+        lss.sort_unstable();
+        lss.dedup();
+        let listen = if self.tcp { "[\"127.0.0.1:0\"]" } else { "[]" };
+        let mut s = format!(
+            "[server]\nserial = \"{}\"\nstate_dir = \"{d}/state\"\nio_engine = \"{}\"\n\n[nbd]\nlisten = {listen}\nunix = \"{d}/nbd.sock\"\n\n[api]\nunix = \"{d}/api.sock\"\n{}\n",
+            self.serial, self.engine, self.extra
+        );
+        for id in lss {
+            writeln!(s, "[[lss]]\nid = 0x{id:02X}\n").unwrap();
+        }
+        for v in &self.volumes {
+            let path = v
+                .path
+                .clone()
+                .unwrap_or_else(|| dir.join(format!("vol-{:02x}-{}.img", v.lss, v.number)));
+            write!(
+                s,
+                "[[volume]]\nlss = 0x{:02X}\nnumber = {}\npath = \"{}\"\nread_only = {}\ndirect_io = {}\n",
+                v.lss,
+                v.number,
+                path.display(),
+                v.read_only,
+                v.direct_io
+            )
+            .unwrap();
+            if let Some(size) = v.size {
+                writeln!(s, "size = \"{size}\"").unwrap();
+            }
+            if let Some(a) = v.alias {
+                writeln!(s, "alias = \"{a}\"").unwrap();
+            }
+            if let Some(d) = v.description {
+                writeln!(s, "description = \"{d}\"").unwrap();
+            }
+            s.push('\n');
+        }
+        s
+    }
+}
+
+/// A running essd.
+pub struct Essd {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub nbd_sock: PathBuf,
+    pub api_sock: PathBuf,
+    pub tcp: Option<String>,
+    pub serial: String,
+}
+
+pub fn essd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_essd")
+}
+
+impl Essd {
+    /// Writes the config into `dir` and starts essd; waits until ready.
+    pub fn start_in(dir: &Path, cfg: &TestConfig) -> Essd {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("essd.toml");
+        std::fs::write(&config, cfg.render(dir)).unwrap();
+        Self::start_config(dir, &config, cfg.serial)
+    }
+
+    /// Starts essd on an existing config file in `dir`.
+    pub fn start_config(dir: &Path, config: &Path, serial: &str) -> Essd {
+        let log = dir.join("essd.log");
+        let logfile = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(essd_bin())
+            .arg("--config")
+            .arg(config)
+            .arg("--log")
+            .arg("info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(logfile)
+            .spawn()
+            .expect("spawn essd");
+        let mut essd = Essd {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            config: config.to_path_buf(),
+            log: log.clone(),
+            nbd_sock: dir.join("nbd.sock"),
+            api_sock: dir.join("api.sock"),
+            tcp: None,
+            serial: serial.to_string(),
+        };
+        essd.wait_ready();
+        essd
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = strip_ansi(&self.log_text());
+            if let Some(line) = text.lines().rev().find(|l| l.contains("essd ready")) {
+                if let Some(start) = line.find("nbd_tcp=[") {
+                    let rest = &line[start + 9..];
+                    let end = rest.find(']').unwrap();
+                    let first = rest[..end].split(',').next().unwrap_or("").trim();
+                    if !first.is_empty() {
+                        self.tcp = Some(first.to_string());
+                    }
+                }
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("essd exited during start-up ({status}):\n{text}");
+            }
+            assert!(Instant::now() < deadline, "essd not ready after 20 s:\n{text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// NBD URI of an export over the Unix socket.
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.nbd_sock.display())
+    }
+
+    /// NBD URI of an export over TCP (config must have `tcp = true`).
+    pub fn tcp_uri(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.tcp.as_ref().expect("TCP listener"))
+    }
+
+    /// Volume ID for LSS/number on this server.
+    pub fn vol(&self, lss: u8, number: u8) -> String {
+        format!("{:03X}{}", u32::from(lss - 0x10) * 0x100 + u32::from(number), self.serial)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        wait_timeout(&mut child, Duration::from_secs(40))
+    }
+
+    /// SIGKILL and wait.
+    pub fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// The log so far (for assertions).
+    pub fn log(&self) -> String {
+        strip_ansi(&self.log_text())
+    }
+}
+
+impl Drop for Essd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            if std::thread::panicking() {
+                eprintln!("--- essd log ({}) ---\n{}", self.log.display(), self.log_text());
+            }
+        }
+    }
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("essd did not exit within {limit:?} after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for n in chars.by_ref() {
+                if n.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Runs a command, panicking with its output unless it succeeds.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs a command and returns its stdout as text.
+pub fn run_text(cmd: &mut Command) -> String {
+    String::from_utf8(run(cmd).stdout).unwrap()
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    format!("{:x}", h.finalize())
+}
+
+/// A file of `len` pseudo-random bytes (deterministic per seed).
+pub fn random_file(path: &Path, len: usize, seed: u64) {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut data = vec![0u8; len];
+    for chunk in data.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let bytes = state.to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+    std::fs::write(path, data).unwrap();
+}
+
+/// Runs a Python script with Debian's interpreter (which has `import nbd`).
+pub fn python(script: &str, args: &[&str]) -> String {
+    require("/usr/bin/python3", "python3");
+    let ok = Command::new("/usr/bin/python3")
+        .args(["-c", "import nbd"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "python3-libnbd is required (scripts/test installs it)");
+    let file = tempfile::Builder::new()
+        .prefix("essd-test-")
+        .suffix(".py")
+        .tempfile()
+        .unwrap();
+    std::fs::write(file.path(), script).unwrap();
+    run_text(Command::new("/usr/bin/python3").arg(file.path()).args(args))
+}
+
+/// A fresh temporary directory (kept on failure for inspection).
+pub fn tempdir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("essd-{name}-"))
+        .tempdir()
+        .unwrap()
+}

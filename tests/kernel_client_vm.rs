@@ -1,0 +1,31 @@
+//! The Linux kernel's own NBD client (`nbd-client` + nbd.ko) against essd,
+//! inside a small VM booted under qemu TCG by `scripts/vm-test`.
+
+mod common;
+
+use std::process::Command;
+
+#[test]
+fn kernel_nbd_client_mkfs_mount_fsck_in_vm() {
+    common::require_root("the VM test (apt-get download, qemu)");
+    common::require("qemu-system-x86_64", "qemu-system-x86");
+    common::require("busybox", "busybox-static");
+    common::require("nbd-client", "nbd-client");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/vm-test");
+    let out = Command::new("bash")
+        .arg(script)
+        .env("ESSD_BIN", common::essd_bin())
+        .output()
+        .expect("run scripts/vm-test");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "scripts/vm-test failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    for step in ["mkfs", "e2fsck", "VM-TEST: PASS"] {
+        assert!(stdout.contains(step), "missing {step:?} in:\n{stdout}");
+    }
+    assert!(!stdout.contains("FAILED"), "{stdout}");
+}

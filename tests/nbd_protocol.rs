@@ -1,0 +1,317 @@
+//! NBD protocol edge cases, driven through libnbd (Debian's python3-libnbd)
+//! and through raw sockets for malformed traffic.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use common::*;
+use essd::nbd::proto;
+
+fn server(engine: &'static str, dir: &std::path::Path) -> Essd {
+    let mut cfg = TestConfig::new(engine);
+    cfg.tcp = true;
+    cfg.volumes = vec![
+        Vol::new(0x10, 0, "64MiB"),
+        Vol {
+            read_only: true,
+            ..Vol::new(0x10, 1, "1MiB")
+        },
+    ];
+    std::fs::write(dir.join("vol-10-1.img"), vec![0x5au8; 1 << 20]).unwrap();
+    Essd::start_in(dir, &cfg)
+}
+
+const EDGES: &str = r#"
+import errno, sys, nbd
+
+uri, ro_uri = sys.argv[1], sys.argv[2]
+SIZE = 64 << 20
+
+def connect(u, strict=True, meta=True):
+    h = nbd.NBD()
+    if meta:
+        h.add_meta_context("base:allocation")
+    if not strict:
+        h.set_strict_mode(0)
+    h.connect_uri(u)
+    return h
+
+def expect_errno(code, fn, *args, **kw):
+    try:
+        fn(*args, **kw)
+    except nbd.Error as e:
+        got = e.errno if isinstance(e.errno, int) else getattr(errno, str(e.errno), e.errno)
+        assert got == code, f"{fn.__name__}: errno {e.errno} ({e.string}), wanted {errno.errorcode[code]}"
+        return
+    raise AssertionError(f"{fn.__name__}{args[1:]} succeeded, wanted errno {code}")
+
+h = connect(uri, strict=False)
+# Out of range: reads EINVAL, writes ENOSPC; the connection stays usable.
+expect_errno(errno.EINVAL, h.pread, 4096, SIZE - 100)
+expect_errno(errno.EINVAL, h.pread, 1, SIZE)
+expect_errno(errno.ENOSPC, h.pwrite, b"x" * 4096, SIZE - 100)
+expect_errno(errno.ENOSPC, h.zero, 8192, SIZE - 4096)
+expect_errno(errno.EINVAL, h.trim, 8192, SIZE - 4096)
+expect_errno(errno.EINVAL, h.cache, 8192, SIZE)
+h.pwrite(b"still alive", 0)
+assert h.pread(11, 0) == b"still alive"
+print("out-of-range ok")
+
+# Oversized requests: the maximum works, one byte more is refused, and the
+# connection survives (the write payload is skipped).
+big = bytes(range(256)) * (128 << 10)          # 32 MiB
+h.pwrite(big, 1 << 20)
+assert h.pread(32 << 20, 1 << 20) == big
+expect_errno(errno.EOVERFLOW, h.pread, (32 << 20) + 1, 0)
+expect_errno(errno.EOVERFLOW, h.pwrite, b"\1" * ((32 << 20) + 1), 0)
+assert h.pread(11, 0) == b"still alive"
+print("max-size ok")
+
+# write_zeroes reads back as zeroes, with and without NO_HOLE / FAST_ZERO.
+h.pwrite(b"\xff" * (1 << 20), 8 << 20)
+h.zero(300000, (8 << 20) + 1000)
+h.zero(4096, (8 << 20) + 400000, nbd.CMD_FLAG_NO_HOLE)
+h.zero(65536, (8 << 20) + 524288, nbd.CMD_FLAG_FAST_ZERO)
+data = h.pread(1 << 20, 8 << 20)
+assert data[:1000] == b"\xff" * 1000
+assert data[1000:301000] == bytes(300000)
+assert data[301000:400000] == b"\xff" * 99000
+assert data[400000:404096] == bytes(4096)
+assert data[524288:589824] == bytes(65536)
+assert data[589824:] == b"\xff" * (len(data) - 589824)
+print("write-zeroes ok")
+
+# trim + block status: a trimmed aligned range reports hole|zero.
+def extents(h, count, offset):
+    out = []
+    def cb(ctx, off, entries, err):
+        assert ctx == "base:allocation"
+        out.extend(zip(entries[0::2], entries[1::2]))
+        return 0
+    h.block_status(count, offset, cb)
+    return out
+
+h.pwrite(b"\xaa" * (4 << 20), 16 << 20)
+h.flush()
+ex = extents(h, 4 << 20, 16 << 20)
+assert ex[0][1] == 0, ex           # data
+h.trim(2 << 20, 17 << 20)
+h.flush()
+ex = extents(h, 4 << 20, 16 << 20)
+assert ex[0] == (1 << 20, 0), ex
+assert ex[1] == (2 << 20, nbd.STATE_HOLE | nbd.STATE_ZERO), ex
+assert h.pread(2 << 20, 17 << 20) == bytes(2 << 20)
+# A never-written region is a hole; REQ_ONE returns one extent.
+ex = extents(h, 1 << 20, 40 << 20)
+assert ex == [(1 << 20, 3)], ex
+print("trim/block-status ok")
+
+# 64 pipelined commands in flight at once, completing in any order.
+bufs, cookies = [], []
+for i in range(64):
+    payload = bytes([i]) * 65536
+    cookies.append(h.aio_pwrite(payload, (24 << 20) + i * 65536))
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for c in cookies:
+    assert h.aio_command_completed(c)
+reads = []
+for i in range(64):
+    buf = nbd.Buffer(65536)
+    reads.append((i, buf, h.aio_pread(buf, (24 << 20) + i * 65536)))
+assert h.aio_in_flight() > 1
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for i, buf, c in reads:
+    assert h.aio_command_completed(c)
+    assert buf.to_bytearray() == bytes([i]) * 65536, i
+print("pipelining ok")
+
+# Multi-conn: a write completed on one connection is visible on another,
+# and a FLUSH on the second covers it.
+assert h.can_multi_conn()
+h2 = connect(uri)
+h.pwrite(b"multi-conn!", 30 << 20)
+h2.flush()
+assert h2.pread(11, 30 << 20) == b"multi-conn!"
+h2.shutdown()
+print("multi-conn ok")
+
+# FUA writes and flushes succeed.
+h.pwrite(b"fua", 0, nbd.CMD_FLAG_FUA)
+h.flush()
+h.shutdown()
+
+# Read-only export: writes, trims and zeroes get EPERM, reads work.
+r = connect(ro_uri, strict=False)
+assert r.is_read_only()
+expect_errno(errno.EPERM, r.pwrite, b"no", 0)
+expect_errno(errno.EPERM, r.trim, 4096, 0)
+expect_errno(errno.EPERM, r.zero, 4096, 0)
+assert r.pread(4, 0) == b"\x5a" * 4
+r.shutdown()
+print("read-only ok")
+
+# Simple (non-structured) replies work too.
+s = nbd.NBD()
+s.set_request_structured_replies(False)
+s.set_strict_mode(0)
+s.connect_uri(uri)
+assert not s.get_structured_replies_negotiated()
+assert s.pread(11, 0)[:3] == b"fua"
+expect_errno(errno.EINVAL, s.pread, 4096, SIZE)
+expect_errno(errno.EINVAL, s.pread, (32 << 20) + 1, 0)
+s.shutdown()
+print("simple-replies ok")
+"#;
+
+#[test]
+fn libnbd_edge_cases_on_both_engines() {
+    for engine in ENGINES {
+        let dir = tempdir("edges");
+        let essd = server(engine, dir.path());
+        let out = python(EDGES, &[&essd.uri("000TST01"), &essd.uri("001TST01")]);
+        for step in [
+            "out-of-range ok",
+            "max-size ok",
+            "write-zeroes ok",
+            "trim/block-status ok",
+            "pipelining ok",
+            "multi-conn ok",
+            "read-only ok",
+            "simple-replies ok",
+        ] {
+            assert!(out.contains(step), "{engine}: missing {step}:\n{out}");
+        }
+        assert_eq!(essd.stop().code(), Some(0));
+    }
+}
+
+fn raw_connect(essd: &Essd) -> UnixStream {
+    let s = UnixStream::connect(&essd.nbd_sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+fn read_greeting(s: &mut UnixStream) {
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    assert_eq!(&g[..8], b"NBDMAGIC");
+    assert_eq!(&g[8..16], b"IHAVEOPT");
+    assert_eq!(u16::from_be_bytes([g[16], g[17]]), 3, "FIXED_NEWSTYLE | NO_ZEROES");
+}
+
+fn send_option(s: &mut UnixStream, option: u32, data: &[u8]) {
+    let mut m = proto::IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&option.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    s.write_all(&m).unwrap();
+}
+
+/// Reads one option reply: (option, reply type, data).
+fn read_option_reply(s: &mut UnixStream) -> (u32, u32, Vec<u8>) {
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(&h[..8], &proto::OPTION_REPLY_MAGIC.to_be_bytes());
+    let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+    let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+    let mut data = vec![0u8; len];
+    s.read_exact(&mut data).unwrap();
+    (opt, kind, data)
+}
+
+fn closed(s: &mut UnixStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn malformed_traffic_closes_only_that_connection() {
+    require("nbdinfo", "libnbd-bin");
+    let dir = tempdir("raw");
+    let essd = server("uring", dir.path());
+
+    // Unknown client flags → closed.
+    let mut s = raw_connect(&essd);
+    read_greeting(&mut s);
+    s.write_all(&0x8000_0000u32.to_be_bytes()).unwrap();
+    assert!(closed(&mut s));
+
+    // Bad option magic → closed.
+    let mut s = raw_connect(&essd);
+    read_greeting(&mut s);
+    s.write_all(&1u32.to_be_bytes()).unwrap();
+    s.write_all(&[0xde; 16]).unwrap();
+    assert!(closed(&mut s));
+
+    // Unknown option and STARTTLS → ERR_UNSUP, negotiation continues;
+    // truncated INFO → ERR_INVALID; unknown export via INFO → ERR_UNKNOWN.
+    let mut s = raw_connect(&essd);
+    read_greeting(&mut s);
+    s.write_all(&1u32.to_be_bytes()).unwrap();
+    send_option(&mut s, 4242, b"junk");
+    assert_eq!(read_option_reply(&mut s).1, proto::rep::ERR_UNSUP);
+    send_option(&mut s, proto::opt::STARTTLS, &[]);
+    assert_eq!(read_option_reply(&mut s).1, proto::rep::ERR_UNSUP);
+    send_option(&mut s, proto::opt::INFO, &[0, 0, 0, 9, b'x']);
+    assert_eq!(read_option_reply(&mut s).1, proto::rep::ERR_INVALID);
+    let mut info = 8u32.to_be_bytes().to_vec();
+    info.extend_from_slice(b"777TST01");
+    info.extend_from_slice(&0u16.to_be_bytes());
+    send_option(&mut s, proto::opt::GO, &info);
+    let (opt, kind, msg) = read_option_reply(&mut s);
+    assert_eq!((opt, kind), (proto::opt::GO, proto::rep::ERR_UNKNOWN));
+    assert!(String::from_utf8_lossy(&msg).contains("777TST01"));
+    // Old-style EXPORT_NAME for an unknown export: no error reply exists,
+    // so the server closes.
+    send_option(&mut s, proto::opt::EXPORT_NAME, b"nope");
+    assert!(closed(&mut s));
+
+    // EXPORT_NAME for a real export, then a request with a bad magic →
+    // closed; the server keeps serving others.
+    let mut s = raw_connect(&essd);
+    read_greeting(&mut s);
+    s.write_all(&3u32.to_be_bytes()).unwrap(); // NO_ZEROES
+    send_option(&mut s, proto::opt::EXPORT_NAME, b"000TST01");
+    let mut export = [0u8; 10];
+    s.read_exact(&mut export).unwrap();
+    assert_eq!(u64::from_be_bytes(export[..8].try_into().unwrap()), 64 << 20);
+    // A valid read first, over simple replies.
+    let req = proto::Request {
+        flags: 0,
+        command: proto::cmd::READ,
+        cookie: 99,
+        offset: 0,
+        length: 512,
+    };
+    s.write_all(&req.encode()).unwrap();
+    let mut reply = [0u8; 16 + 512];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply[..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+    assert_eq!(&reply[4..8], &[0, 0, 0, 0]);
+    assert_eq!(u64::from_be_bytes(reply[8..16].try_into().unwrap()), 99);
+    // Unknown command → EINVAL reply, connection stays.
+    let req = proto::Request {
+        command: 77,
+        ..req
+    };
+    s.write_all(&req.encode()).unwrap();
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), proto::errno::EINVAL);
+    s.write_all(&[0x11; 28]).unwrap();
+    assert!(closed(&mut s));
+
+    // Garbage and half a handshake from another client do not disturb a
+    // correct one.
+    let mut hang = raw_connect(&essd);
+    read_greeting(&mut hang);
+    run(std::process::Command::new("nbdinfo").arg(essd.uri("000TST01")));
+    drop(hang);
+    run(std::process::Command::new("nbdinfo").arg(essd.tcp_uri("000TST01")));
+}
