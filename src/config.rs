@@ -237,11 +237,25 @@ impl Config {
 
     /// Parses and validates config text; `source` names it in errors.
     pub fn parse(text: &str, source: &Path) -> Result<ValidConfig, ConfigError> {
-        let raw: Config = toml::from_str(text).map_err(|e| ConfigError {
-            file: source.to_path_buf(),
-            field: String::new(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+        let raw: Config =
+            serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                let at = inner
+                    .span()
+                    .map(|span| {
+                        let before = &text[..span.start.min(text.len())];
+                        let line = before.matches('\n').count() + 1;
+                        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                        format!(" (line {line}, column {column})")
+                    })
+                    .unwrap_or_default();
+                ConfigError {
+                    file: source.to_path_buf(),
+                    field: if path == "." { String::new() } else { path },
+                    message: format!("{}{at}", inner.message().trim_end()),
+                }
+            })?;
         raw.validate(source)
     }
 

@@ -12,6 +12,7 @@
 //! Beside them: [`config`] (the TOML file), [`control`] (management API,
 //! users), [`cli`] (`essctl`), [`daemon`] (process life cycle) and [`units`].
 
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;

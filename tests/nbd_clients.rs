@@ -37,7 +37,11 @@ fn nbdinfo_reports_exports_sizes_flags_and_contexts() {
             .set_len(8 << 20)
             .unwrap();
         let essd = Essd::start_in(dir.path(), &cfg);
-        let json = run_text(Command::new("nbdinfo").arg("--json").arg(essd.uri("000TST01")));
+        let json = run_text(
+            Command::new("nbdinfo")
+                .arg("--json")
+                .arg(essd.uri("000TST01")),
+        );
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         let e = &v["exports"][0];
         assert_eq!(v["protocol"], "newstyle-fixed");
@@ -46,7 +50,16 @@ fn nbdinfo_reports_exports_sizes_flags_and_contexts() {
         assert_eq!(e["description"], "payroll db");
         assert_eq!(e["export-size"], 96u64 << 20);
         assert_eq!(e["is_read_only"], false);
-        for flag in ["can_flush", "can_fua", "can_trim", "can_zero", "can_fast_zero", "can_cache", "can_df", "can_multi_conn"] {
+        for flag in [
+            "can_flush",
+            "can_fua",
+            "can_trim",
+            "can_zero",
+            "can_fast_zero",
+            "can_cache",
+            "can_df",
+            "can_multi_conn",
+        ] {
             assert_eq!(e[flag], true, "{flag}");
         }
         assert_eq!(e["block_size_minimum"], 1);
@@ -55,17 +68,29 @@ fn nbdinfo_reports_exports_sizes_flags_and_contexts() {
         assert_eq!(e["contexts"], serde_json::json!(["base:allocation"]));
 
         // Read-only volume over TCP, by ID 108.
-        let json = run_text(Command::new("nbdinfo").arg("--json").arg(essd.tcp_uri("108TST01")));
+        let json = run_text(
+            Command::new("nbdinfo")
+                .arg("--json")
+                .arg(essd.tcp_uri("108TST01")),
+        );
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["exports"][0]["is_read_only"], true);
         assert_eq!(v["exports"][0]["export-size"], 8u64 << 20);
 
         // The alias reaches the same volume.
-        let size = run_text(Command::new("nbdinfo").arg("--size").arg(essd.uri("payroll")));
+        let size = run_text(
+            Command::new("nbdinfo")
+                .arg("--size")
+                .arg(essd.uri("payroll")),
+        );
         assert_eq!(size.trim(), (96u64 << 20).to_string());
 
         // --list shows every ID and alias with descriptions.
-        let json = run_text(Command::new("nbdinfo").args(["--list", "--json"]).arg(essd.tcp_uri("")));
+        let json = run_text(
+            Command::new("nbdinfo")
+                .args(["--list", "--json"])
+                .arg(essd.tcp_uri("")),
+        );
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         let uris: Vec<&str> = v["exports"]
             .as_array()
@@ -73,7 +98,11 @@ fn nbdinfo_reports_exports_sizes_flags_and_contexts() {
             .iter()
             .map(|e| e["uri"].as_str().unwrap().rsplit('/').next().unwrap())
             .collect();
-        assert_eq!(uris, vec!["000TST01", "payroll", "001TST01", "108TST01"], "{engine}");
+        assert_eq!(
+            uris,
+            vec!["000TST01", "payroll", "001TST01", "108TST01"],
+            "{engine}"
+        );
         // The alias reports the volume ID as its canonical name.
         assert_eq!(v["exports"][1]["export-name"], "000TST01");
         drop(essd);
@@ -86,11 +115,17 @@ fn unknown_export_is_refused_not_defaulted() {
     let dir = tempdir("unknown");
     let essd = Essd::start_in(dir.path(), &TestConfig::new("uring"));
     for name in ["", "999TST01", "nope"] {
-        let out = Command::new("nbdinfo").arg(essd.uri(name)).output().unwrap();
+        let out = Command::new("nbdinfo")
+            .arg(essd.uri(name))
+            .output()
+            .unwrap();
         assert!(!out.status.success(), "export {name:?} must be refused");
         let err = String::from_utf8_lossy(&out.stderr);
         // NBD_REP_ERR_UNKNOWN, which libnbd reports as ENOENT.
-        assert!(err.contains("server replied with error to opt_go request: No such file or directory"), "{err}");
+        assert!(
+            err.contains("server replied with error to opt_go request: No such file or directory"),
+            "{err}"
+        );
     }
     // Still serving the real export afterwards.
     run(Command::new("nbdinfo").arg(essd.uri("000TST01")));
@@ -109,7 +144,9 @@ fn nbdcopy_round_trip_and_qemu_img_compare() {
         random_file(&src, 96 << 20, 7);
         run(Command::new("nbdcopy").arg(&src).arg(essd.uri("000TST01")));
         let back = dir.path().join("back.bin");
-        run(Command::new("nbdcopy").arg(essd.tcp_uri("000TST01")).arg(&back));
+        run(Command::new("nbdcopy")
+            .arg(essd.tcp_uri("000TST01"))
+            .arg(&back));
         assert_eq!(sha256_file(&src), sha256_file(&back), "{engine}");
         let out = run_text(
             Command::new("qemu-img")
@@ -119,7 +156,10 @@ fn nbdcopy_round_trip_and_qemu_img_compare() {
         );
         assert!(out.contains("Images are identical"), "{out}");
         // The backing file holds exactly what was written.
-        assert_eq!(sha256_file(&dir.path().join("vol-10-0.img")), sha256_file(&src));
+        assert_eq!(
+            sha256_file(&dir.path().join("vol-10-0.img")),
+            sha256_file(&src)
+        );
         assert_eq!(essd.stop().code(), Some(0));
     }
 }
@@ -171,7 +211,11 @@ fn direct_io_volume_serves_unaligned_requests() {
             ..Vol::new(0x10, 0, "16MiB")
         }];
         let essd = Essd::start_in(dir.path(), &cfg);
-        let json = run_text(Command::new("nbdinfo").arg("--json").arg(essd.uri("000TST01")));
+        let json = run_text(
+            Command::new("nbdinfo")
+                .arg("--json")
+                .arg(essd.uri("000TST01")),
+        );
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["exports"][0]["block_size_minimum"], 4096);
         // Unaligned writes and reads (strict mode off so libnbd sends them).

@@ -201,7 +201,11 @@ fn read_greeting(s: &mut UnixStream) {
     s.read_exact(&mut g).unwrap();
     assert_eq!(&g[..8], b"NBDMAGIC");
     assert_eq!(&g[8..16], b"IHAVEOPT");
-    assert_eq!(u16::from_be_bytes([g[16], g[17]]), 3, "FIXED_NEWSTYLE | NO_ZEROES");
+    assert_eq!(
+        u16::from_be_bytes([g[16], g[17]]),
+        3,
+        "FIXED_NEWSTYLE | NO_ZEROES"
+    );
 }
 
 fn send_option(s: &mut UnixStream, option: u32, data: &[u8]) {
@@ -280,7 +284,10 @@ fn malformed_traffic_closes_only_that_connection() {
     send_option(&mut s, proto::opt::EXPORT_NAME, b"000TST01");
     let mut export = [0u8; 10];
     s.read_exact(&mut export).unwrap();
-    assert_eq!(u64::from_be_bytes(export[..8].try_into().unwrap()), 64 << 20);
+    assert_eq!(
+        u64::from_be_bytes(export[..8].try_into().unwrap()),
+        64 << 20
+    );
     // A valid read first, over simple replies.
     let req = proto::Request {
         flags: 0,
@@ -296,14 +303,14 @@ fn malformed_traffic_closes_only_that_connection() {
     assert_eq!(&reply[4..8], &[0, 0, 0, 0]);
     assert_eq!(u64::from_be_bytes(reply[8..16].try_into().unwrap()), 99);
     // Unknown command → EINVAL reply, connection stays.
-    let req = proto::Request {
-        command: 77,
-        ..req
-    };
+    let req = proto::Request { command: 77, ..req };
     s.write_all(&req.encode()).unwrap();
     let mut reply = [0u8; 16];
     s.read_exact(&mut reply).unwrap();
-    assert_eq!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), proto::errno::EINVAL);
+    assert_eq!(
+        u32::from_be_bytes(reply[4..8].try_into().unwrap()),
+        proto::errno::EINVAL
+    );
     s.write_all(&[0x11; 28]).unwrap();
     assert!(closed(&mut s));
 

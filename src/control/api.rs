@@ -47,8 +47,6 @@ use crate::volume::{StatsSnapshot, Volume};
 
 /// Device type the server reports, as the array it models.
 pub const DEVICE_TYPE: &str = "2105";
-/// Realm sent in `WWW-Authenticate` challenges.
-pub const REALM: &str = "essd";
 /// Password checks allowed to run at once (each costs ~19 MiB and CPU time).
 const MAX_CONCURRENT_LOGINS: usize = 4;
 
@@ -232,7 +230,7 @@ impl IntoResponse for ApiError {
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"essd\", charset=\"UTF-8\""),
+                HeaderValue::from_static("Basic realm=\"essd\""),
             );
         }
         response
@@ -324,9 +322,10 @@ fn router(ctx: Ctx) -> Router {
         .method_not_allowed_fallback(method_not_allowed);
     let routes = match ctx.transport {
         Transport::Unix => routes,
-        Transport::Tcp => {
-            routes.layer(axum::middleware::from_fn_with_state(ctx.clone(), require_user))
-        }
+        Transport::Tcp => routes.layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            require_user,
+        )),
     };
     routes.with_state(ctx)
 }
@@ -579,7 +578,13 @@ async fn user_add(
     body: Result<Json<NewUser>, JsonRejection>,
 ) -> Result<(StatusCode, Json<UserView>), ApiError> {
     require_unix(&ctx)?;
-    let Json(new) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let Json(new) = body.map_err(|e| {
+        let status = match e {
+            JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError::new(status, format!("invalid request body: {}", e.body_text()))
+    })?;
     let api = ctx.api.clone();
     let name = new.name.clone();
     tokio::task::spawn_blocking(move || api.users.add(&new.name, &new.password))

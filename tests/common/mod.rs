@@ -154,7 +154,15 @@ impl Essd {
 
     /// Starts essd on an existing config file in `dir`.
     pub fn start_config(dir: &Path, config: &Path, serial: &str) -> Essd {
+        Self::start_config_env(dir, config, serial, &[])
+    }
+
+    /// Like [`Essd::start_config`], with extra environment variables.
+    pub fn start_config_env(dir: &Path, config: &Path, serial: &str, env: &[(&str, &str)]) -> Essd {
         let log = dir.join("essd.log");
+        let log_start = std::fs::metadata(&log)
+            .map(|m| m.len() as usize)
+            .unwrap_or(0);
         let logfile = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -165,7 +173,7 @@ impl Essd {
             .arg(config)
             .arg("--log")
             .arg("info")
-            .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(logfile)
             .spawn()
@@ -180,7 +188,7 @@ impl Essd {
             tcp: None,
             serial: serial.to_string(),
         };
-        essd.wait_ready();
+        essd.wait_ready(log_start);
         essd
     }
 
@@ -188,10 +196,12 @@ impl Essd {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits for this run's "essd ready" line (the log may hold earlier runs).
+    fn wait_ready(&mut self, log_start: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let text = strip_ansi(&self.log_text());
+            let all = self.log_text();
+            let text = strip_ansi(all.get(log_start..).unwrap_or(""));
             if let Some(line) = text.lines().rev().find(|l| l.contains("essd ready")) {
                 if let Some(start) = line.find("nbd_tcp=[") {
                     let rest = &line[start + 9..];
@@ -206,7 +216,10 @@ impl Essd {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("essd exited during start-up ({status}):\n{text}");
             }
-            assert!(Instant::now() < deadline, "essd not ready after 20 s:\n{text}");
+            assert!(
+                Instant::now() < deadline,
+                "essd not ready after 20 s:\n{text}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -218,12 +231,19 @@ impl Essd {
 
     /// NBD URI of an export over TCP (config must have `tcp = true`).
     pub fn tcp_uri(&self, export: &str) -> String {
-        format!("nbd://{}/{export}", self.tcp.as_ref().expect("TCP listener"))
+        format!(
+            "nbd://{}/{export}",
+            self.tcp.as_ref().expect("TCP listener")
+        )
     }
 
     /// Volume ID for LSS/number on this server.
     pub fn vol(&self, lss: u8, number: u8) -> String {
-        format!("{:03X}{}", u32::from(lss - 0x10) * 0x100 + u32::from(number), self.serial)
+        format!(
+            "{:03X}{}",
+            u32::from(lss - 0x10) * 0x100 + u32::from(number),
+            self.serial
+        )
     }
 
     pub fn pid(&self) -> i32 {
@@ -257,7 +277,11 @@ impl Drop for Essd {
             let _ = child.kill();
             let _ = child.wait();
             if std::thread::panicking() {
-                eprintln!("--- essd log ({}) ---\n{}", self.log.display(), self.log_text());
+                eprintln!(
+                    "--- essd log ({}) ---\n{}",
+                    self.log.display(),
+                    self.log_text()
+                );
             }
         }
     }
@@ -296,7 +320,9 @@ pub fn strip_ansi(s: &str) -> String {
 
 /// Runs a command, panicking with its output unless it succeeds.
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",

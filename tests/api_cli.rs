@@ -1,0 +1,707 @@
+//! The management API and `essctl` against a real `essd` process: output of
+//! every read-only command, `--json` fields, exit codes, users over the
+//! Unix socket, and HTTP Basic authentication on the TCP listener.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use essd::cli::client::{Client, Credentials, Endpoint};
+use serde_json::Value;
+
+const ESSD: &str = env!("CARGO_BIN_EXE_essd");
+const ESSCTL: &str = env!("CARGO_BIN_EXE_essctl");
+const SERIAL: &str = "APIT1";
+const MIB: u64 = 1 << 20;
+
+/// Writes the test configuration: LSS 0x10 with a 16 MiB volume (alias
+/// `boot`) and an 8 MiB volume, LSS 0x11 with a 4 MiB read-only volume.
+fn write_config(dir: &Path, api_listen: Option<&str>) -> PathBuf {
+    let d = dir.display();
+    let listen = api_listen
+        .map(|a| format!("listen = \"{a}\"\n"))
+        .unwrap_or_default();
+    let text = format!(
+        r#"[server]
+serial = "{SERIAL}"
+name = "api-test"
+state_dir = "{d}/state"
+track_size = "64KiB"
+io_engine = "threads"
+
+[nbd]
+listen = []
+unix = "{d}/nbd.sock"
+
+[api]
+unix = "{d}/api.sock"
+{listen}
+[[lss]]
+id = 0x10
+
+[[lss]]
+id = 0x11
+
+[[volume]]
+lss = 0x10
+number = 0
+path = "{d}/vol-000.img"
+size = "16MiB"
+alias = "boot"
+description = "boot disk"
+
+[[volume]]
+lss = 0x10
+number = 1
+path = "{d}/vol-001.img"
+size = "8MiB"
+
+[[volume]]
+lss = 0x11
+number = 0
+path = "{d}/vol-100.img"
+size = "4MiB"
+read_only = true
+"#
+    );
+    // A read-only volume needs an existing backing file.
+    let ro = dir.join("vol-100.img");
+    if !ro.exists() {
+        std::fs::File::create(&ro)
+            .and_then(|f| f.set_len(4 * MIB))
+            .expect("create read-only backing");
+    }
+    let path = dir.join("essd.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// A running `essd`; stopped (SIGTERM, then SIGKILL) on drop.
+struct Essd {
+    child: Option<Child>,
+    dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Essd {
+    /// Starts `essd` on `dir` and waits until the API socket answers.
+    fn start(dir: &Path, api_listen: Option<&str>) -> Essd {
+        let config = write_config(dir, api_listen);
+        let log = dir.join("essd.log");
+        let stderr = std::fs::File::create(&log).expect("create log");
+        let child = Command::new(ESSD)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn essd");
+        let mut essd = Essd {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            log,
+        };
+        essd.wait_ready();
+        essd
+    }
+
+    fn api_socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+
+    fn unix_client(&self) -> Client {
+        Client::new(Endpoint::Unix(self.api_socket()), None).with_timeout(Duration::from_secs(5))
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(r) = self.unix_client().get("/v1/health") {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "essd exited with {status} before answering:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "essd did not answer on {} in time:\n{}",
+                self.api_socket().display(),
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `GET path` over the Unix socket, as JSON.
+    fn get_json(&self, path: &str) -> Value {
+        let r = self.unix_client().get(path).expect("API request");
+        assert_eq!(r.status, 200, "GET {path}: {}", r.error_message());
+        serde_json::from_slice(&r.body).expect("JSON body")
+    }
+
+    /// Stops the server gracefully and checks it exits 0.
+    fn stop(mut self) {
+        let mut child = self.child.take().expect("running");
+        let status = terminate(&mut child);
+        assert!(
+            status.success(),
+            "essd exited with {status}:\n{}",
+            self.log_text()
+        );
+    }
+}
+
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return child.wait().expect("wait for essd");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Essd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child);
+        }
+    }
+}
+
+/// What one `essctl` run printed and returned.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn ok(&self) -> &str {
+        assert_eq!(self.code, 0, "essctl failed: {self:?}");
+        &self.stdout
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(self.ok()).expect("essctl --json prints JSON")
+    }
+}
+
+/// Runs `essctl` with a clean environment plus `env`, feeding `stdin`.
+fn essctl_with(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Run {
+    let mut cmd = Command::new(ESSCTL);
+    cmd.args(args)
+        .env_remove("ESSCTL_SERVER")
+        .env_remove("ESSCTL_USER")
+        .env_remove("ESSCTL_PASSWORD")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+    let mut child = cmd.spawn().expect("spawn essctl");
+    if let Some(text) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin pipe");
+        pipe.write_all(text.as_bytes()).expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("essctl output");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs `essctl --server SOCKET args...`.
+fn essctl(server: &Path, args: &[&str]) -> Run {
+    let server = server.to_str().expect("UTF-8 path");
+    let mut all = vec!["--server", server];
+    all.extend_from_slice(args);
+    essctl_with(&all, &[], None)
+}
+
+/// The `key: value` lines of `volume show`, or the two-column `server` table.
+fn fields(text: &str, sep: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| l.split_once(sep))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+fn field<'a>(pairs: &'a [(String, String)], key: &str) -> &'a str {
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("no {key:?} in {pairs:?}"))
+}
+
+#[test]
+fn server_volume_lss_and_health_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let essd = Essd::start(dir.path(), None);
+    let sock = essd.api_socket();
+
+    // server: table and JSON.
+    let text = essctl(&sock, &["server"]).ok().to_string();
+    let rows: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.split_once("  "))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    assert_eq!(field(&rows, "Serial"), SERIAL);
+    assert_eq!(field(&rows, "Name"), "api-test");
+    assert_eq!(field(&rows, "Device type"), "2105");
+    assert_eq!(field(&rows, "I/O engine"), "threads");
+    assert_eq!(field(&rows, "Volumes"), "3");
+    assert_eq!(field(&rows, "LSSs"), "2");
+    assert_eq!(field(&rows, "API TCP"), "-");
+    let s = essctl(&sock, &["server", "--json"]).json();
+    assert_eq!(s["serial"], SERIAL);
+    assert_eq!(s["name"], "api-test");
+    assert_eq!(s["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(s["device_type"], "2105");
+    assert_eq!(s["io_engine"], "threads");
+    assert_eq!(s["track_size"], 65536);
+    assert_eq!(s["counts"]["lss"], 2);
+    assert_eq!(s["counts"]["volumes"], 3);
+    assert_eq!(s["counts"]["clients"], 0);
+    assert_eq!(s["listeners"]["nbd_tcp"], serde_json::json!([]));
+    assert_eq!(
+        s["listeners"]["nbd_unix"],
+        dir.path().join("nbd.sock").display().to_string()
+    );
+    assert_eq!(s["listeners"]["api_tcp"], Value::Null);
+    assert_eq!(
+        s["config_file"],
+        dir.path().join("essd.toml").display().to_string()
+    );
+    assert_eq!(
+        s["state_dir"],
+        dir.path().join("state").display().to_string()
+    );
+    let started = s["started"].as_str().unwrap();
+    assert!(
+        started.len() == 20 && started.ends_with('Z') && started.as_bytes()[10] == b'T',
+        "{started}"
+    );
+    assert!(s["uptime_seconds"].as_u64().unwrap() < 60);
+
+    // volume list: table rows in configuration order.
+    let list = essctl(&sock, &["volume", "list"]).ok().to_string();
+    let lines: Vec<Vec<&str>> = list
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines[0],
+        ["ID", "ALIAS", "LSS", "SIZE", "RO", "CLIENTS", "BACKING"]
+    );
+    let backing = |n: &str| {
+        dir.path()
+            .join(format!("vol-{n}.img"))
+            .display()
+            .to_string()
+    };
+    let b000 = backing("000");
+    let b001 = backing("001");
+    let b100 = backing("100");
+    assert_eq!(
+        lines[1],
+        [
+            "000APIT1",
+            "boot",
+            "0x10",
+            "16.0",
+            "MiB",
+            "no",
+            "0",
+            b000.as_str()
+        ]
+    );
+    assert_eq!(
+        lines[2],
+        [
+            "001APIT1",
+            "-",
+            "0x10",
+            "8.0",
+            "MiB",
+            "no",
+            "0",
+            b001.as_str()
+        ]
+    );
+    assert_eq!(
+        lines[3],
+        [
+            "100APIT1",
+            "-",
+            "0x11",
+            "4.0",
+            "MiB",
+            "yes",
+            "0",
+            b100.as_str()
+        ]
+    );
+    assert_eq!(lines.len(), 4);
+    let v = essctl(&sock, &["volume", "list", "--json"]).json();
+    let vols = v["volumes"].as_array().unwrap();
+    assert_eq!(vols.len(), 3);
+    assert_eq!(vols[0]["size"], 16 * MIB);
+    assert_eq!(vols[2]["read_only"], true);
+    assert_eq!(vols[1]["alias"], Value::Null);
+
+    // volume show by alias, in text.
+    let show = essctl(&sock, &["volume", "show", "boot"]).ok().to_string();
+    let f = fields(&show, ":");
+    assert_eq!(field(&f, "id"), "000APIT1");
+    assert_eq!(field(&f, "alias"), "boot");
+    assert_eq!(field(&f, "lss"), "0x10");
+    assert_eq!(field(&f, "number"), "0");
+    assert_eq!(field(&f, "size"), "16.0 MiB (16777216 bytes)");
+    assert_eq!(field(&f, "backing"), b000);
+    assert_eq!(field(&f, "backing kind"), "file");
+    assert_eq!(field(&f, "read-only"), "no");
+    assert_eq!(field(&f, "alignment"), "1");
+    assert_eq!(field(&f, "description"), "boot disk");
+    assert_eq!(field(&f, "clients"), "0");
+    for counter in [
+        "reads",
+        "writes",
+        "bytes read",
+        "bytes written",
+        "flushes",
+        "trims",
+        "write-zeroes",
+        "errors",
+    ] {
+        assert_eq!(field(&f, counter), "0", "{counter}");
+    }
+
+    // volume show as JSON, by ID (also in lower case).
+    for id in ["100APIT1", "100apit1"] {
+        let v = essctl(&sock, &["--json", "volume", "show", id]).json();
+        assert_eq!(v["id"], "100APIT1");
+        assert_eq!(v["lss"], "0x11");
+        assert_eq!(v["number"], 0);
+        assert_eq!(v["size"], 4 * MIB);
+        assert_eq!(v["read_only"], true);
+        assert_eq!(v["backing_kind"], "file");
+        assert_eq!(v["backing_path"], b100);
+        assert_eq!(v["alignment"], 1);
+        assert_eq!(v["stats"]["reads"], 0);
+        assert_eq!(v["stats"]["write_zeroes"], 0);
+    }
+    let by_alias = essctl(&sock, &["volume", "show", "boot", "--json"]).json();
+    assert_eq!(by_alias["id"], "000APIT1");
+    assert_eq!(by_alias["description"], "boot disk");
+
+    // lss list.
+    let lss = essctl(&sock, &["lss", "list"]).ok().to_string();
+    let lines: Vec<Vec<&str>> = lss
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            vec!["LSS", "VOLUMES", "IDS"],
+            vec!["0x10", "2", "000APIT1", "001APIT1"],
+            vec!["0x11", "1", "100APIT1"],
+        ]
+    );
+    let l = essctl(&sock, &["lss", "list", "--json"]).json();
+    assert_eq!(
+        l,
+        serde_json::json!({"lss": [
+            {"id": "0x10", "volumes": ["000APIT1", "001APIT1"]},
+            {"id": "0x11", "volumes": ["100APIT1"]},
+        ]})
+    );
+
+    // health and test-connection.
+    let health = essctl(&sock, &["health"]).ok().to_string();
+    assert!(
+        health.starts_with(&format!("ok (serial {SERIAL}, version ")),
+        "{health}"
+    );
+    let h = essctl(&sock, &["health", "--json"]).json();
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["serial"], SERIAL);
+    let conn = essctl(&sock, &["test-connection"]);
+    assert_eq!(
+        conn.ok().trim_end(),
+        format!(
+            "connection to {} ok (serial {SERIAL}, version {})",
+            sock.display(),
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+    // ESSCTL_SERVER is honoured.
+    let sock_text = sock.display().to_string();
+    let via_env = essctl_with(&["health"], &[("ESSCTL_SERVER", &sock_text)], None);
+    assert_eq!(via_env.code, 0, "{via_env:?}");
+
+    essd.stop();
+}
+
+#[test]
+fn errors_map_to_exit_codes_and_json_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    let essd = Essd::start(dir.path(), None);
+    let sock = essd.api_socket();
+
+    let missing = essctl(&sock, &["volume", "show", "999APIT1"]);
+    assert_eq!(missing.code, 1, "{missing:?}");
+    assert_eq!(
+        missing.stderr.trim_end(),
+        "essctl: volume 999APIT1 not found"
+    );
+    assert!(missing.stdout.is_empty());
+    let missing = essctl(&sock, &["volume", "show", "nosuch", "--json"]);
+    assert_eq!(missing.code, 1, "{missing:?}");
+
+    // Raw API: 404 and 405 carry a JSON error body.
+    let client = essd.unix_client();
+    let r = client.get("/v1/volumes/999APIT1").unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"error": "volume 999APIT1 not found"})
+    );
+    let r = client.get("/v1/nothing").unwrap();
+    assert_eq!(r.status, 404);
+    assert!(r.error_message().contains("/v1/nothing"));
+    let r = client.delete("/v1/server").unwrap();
+    assert_eq!(r.status, 405);
+    let r = client.post_json("/v1/users", b"{not json").unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.error_message().starts_with("invalid request body"));
+
+    // Unreachable servers.
+    let gone = dir.path().join("no-such.sock");
+    let run = essctl(&gone, &["server"]);
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(
+        run.stderr
+            .starts_with(&format!("essctl: cannot connect to {}", gone.display())),
+        "{}",
+        run.stderr
+    );
+    let run = essctl_with(
+        &["--server", "http://127.0.0.1:1", "test-connection"],
+        &[],
+        None,
+    );
+    assert_eq!(run.code, 3, "{run:?}");
+
+    // Usage errors.
+    let run = essctl_with(&["--server", "https://x:1", "health"], &[], None);
+    assert_eq!(run.code, 2, "{run:?}");
+    let run = essctl_with(&["volume", "frobnicate"], &[], None);
+    assert_eq!(run.code, 2, "{run:?}");
+    // No terminal and no --password-stdin: refused before connecting.
+    let run = essctl(&sock, &["user", "add", "alice"]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("--password-stdin"), "{}", run.stderr);
+
+    essd.stop();
+}
+
+#[test]
+fn users_and_tcp_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let essd = Essd::start(dir.path(), None);
+    let sock = essd.api_socket();
+    let sock_text = sock.display().to_string();
+
+    let add = |name: &str, password: &str| {
+        essctl_with(
+            &[
+                "--server",
+                &sock_text,
+                "user",
+                "add",
+                name,
+                "--password-stdin",
+            ],
+            &[],
+            Some(&format!("{password}\n")),
+        )
+    };
+    let run = add("alice", "s3cret-pass");
+    assert_eq!(run.ok().trim_end(), "user alice added");
+    let run = add("alice", "other-pass");
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(run.stderr.trim_end(), "essctl: user alice already exists");
+    let run = add("bob", "short");
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("password must be 8 to"), "{run:?}");
+    let run = add("Bad Name", "long-enough");
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("invalid user name"), "{run:?}");
+    assert_eq!(add("carol", "carols-pass").code, 0);
+    assert_eq!(essctl(&sock, &["user", "list"]).ok(), "alice\ncarol\n");
+    let run = essctl(&sock, &["user", "remove", "carol"]);
+    assert_eq!(run.ok().trim_end(), "user carol removed");
+    let run = essctl(&sock, &["user", "remove", "carol"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(
+        essctl(&sock, &["user", "list", "--json"]).json(),
+        serde_json::json!({"users": ["alice"]})
+    );
+    let file = dir.path().join("state/users.json");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    essd.stop();
+
+    // Restart with a TCP listener on a free port.
+    let essd = Essd::start(dir.path(), Some("127.0.0.1:0"));
+    let server = essd.get_json("/v1/server");
+    let addr = server["listeners"]["api_tcp"]
+        .as_str()
+        .expect("api_tcp is set")
+        .to_string();
+    let url = format!("http://{addr}");
+
+    let tcp = |args: &[&str], env: &[(&str, &str)]| {
+        let mut all = vec!["--server", url.as_str()];
+        all.extend_from_slice(args);
+        essctl_with(&all, env, None)
+    };
+    let run = tcp(
+        &["-u", "alice", "-p", "s3cret-pass", "test-connection"],
+        &[],
+    );
+    assert_eq!(
+        run.ok().trim_end(),
+        format!(
+            "connection to {url} ok (serial {SERIAL}, version {})",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+    let run = tcp(
+        &["volume", "show", "boot", "--json"],
+        &[("ESSCTL_USER", "alice"), ("ESSCTL_PASSWORD", "s3cret-pass")],
+    );
+    assert_eq!(run.json()["id"], "000APIT1");
+
+    let wrong = tcp(
+        &["--user", "alice", "--password", "wrong-pass", "server"],
+        &[],
+    );
+    assert_eq!(wrong.code, 4, "{wrong:?}");
+    assert!(
+        wrong.stderr.starts_with("essctl: authentication failed"),
+        "{wrong:?}"
+    );
+    let unknown = tcp(&["-u", "mallory", "-p", "s3cret-pass", "server"], &[]);
+    assert_eq!(unknown.code, 4, "{unknown:?}");
+    let anonymous = tcp(&["server"], &[]);
+    assert_eq!(anonymous.code, 4, "{anonymous:?}");
+    assert!(anonymous.stderr.contains("--user"), "{anonymous:?}");
+    // User management is refused over TCP even with valid credentials.
+    let run = tcp(&["-u", "alice", "-p", "s3cret-pass", "user", "list"], &[]);
+    assert_eq!(run.code, 4, "{run:?}");
+    assert!(run.stderr.contains("Unix socket"), "{run:?}");
+
+    // Raw API: the challenge header, and the Unix socket needs no credentials.
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let endpoint = Endpoint::Tcp {
+        host: host.to_string(),
+        port: port.parse().unwrap(),
+    };
+    let r = Client::new(endpoint.clone(), None)
+        .get("/v1/health")
+        .unwrap();
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("www-authenticate"), Some("Basic realm=\"essd\""));
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    assert!(body["error"].is_string());
+    let creds = Credentials {
+        user: "alice".into(),
+        password: "s3cret-pass".into(),
+    };
+    let r = Client::new(endpoint, Some(creds))
+        .get("/v1/nothing")
+        .unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(essd.get_json("/v1/health")["status"], "ok");
+    essd.stop();
+}
+
+#[test]
+fn api_listen_without_users_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), Some("127.0.0.1:0"));
+    let out = Command::new(ESSD)
+        .arg("--config")
+        .arg(&config)
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run essd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "essd started: {stderr}");
+    assert!(stderr.contains("api.listen"), "{stderr}");
+    assert!(stderr.contains("essctl user add"), "{stderr}");
+}
+
+#[test]
+fn bad_config_names_file_field_and_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), None);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace(SERIAL, "abc")).unwrap();
+    let out = Command::new(ESSD)
+        .arg("--config")
+        .arg(&config)
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run essd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "essd accepted a bad serial: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{}: server.serial:", config.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("\"abc\""), "{stderr}");
+    assert!(stderr.contains("5 characters"), "{stderr}");
+    assert!(!dir.path().join("state").exists(), "nothing is created");
+}

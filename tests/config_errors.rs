@@ -1,0 +1,139 @@
+//! Bad configuration files: essd names the file, the field and the problem,
+//! exits non-zero, and touches nothing on disk.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+fn base(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "[server]\nserial = \"FCA31\"\nstate_dir = \"{d}/state\"\n\n[nbd]\nlisten = []\nunix = \"{d}/nbd.sock\"\n\n[api]\nunix = \"{d}/api.sock\"\n\n[[lss]]\nid = 0x10\n\n[[volume]]\nlss = 0x10\nnumber = 0\npath = \"{d}/a.img\"\nsize = \"1MiB\"\n"
+    )
+}
+
+/// Runs essd on `text`; returns (exit code, stderr).
+fn start(dir: &Path, text: &str) -> (Option<i32>, String) {
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(common::essd_bin())
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    // Start-up log lines may precede the error; the error is the last line.
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let last = stderr.trim_end().lines().last().unwrap_or("").to_string();
+    (out.status.code(), last)
+}
+
+#[test]
+fn each_bad_field_gets_an_exact_message_and_nothing_is_created() {
+    let dir = common::tempdir("badcfg");
+    let d = dir.path();
+    let good = base(d);
+    let file = d.join("bad.toml");
+    let f = file.display();
+    let cases: Vec<(String, String)> = vec![
+        (good.replace("serial = \"FCA31\"", "serial = 5"),
+         format!("essd: {f}: server.serial: invalid type: integer `5`, expected a string (line 2, column 10)")),
+        (good.replace("serial = \"FCA31\"", "serial = \"FCA3\""),
+         format!("essd: {f}: server.serial: serial \"FCA3\" must be exactly 5 characters from 0-9 and A-Z")),
+        (good.replace("serial = \"FCA31\"\n", ""),
+         format!("essd: {f}: server: missing field `serial` (line 1, column 1)")),
+        (good.replace("id = 0x10", "id = \"sixteen\""),
+         format!("essd: {f}: lss[0].id: invalid type: string \"sixteen\", expected u32 (line 13, column 6)")),
+        (good.replace("id = 0x10", "id = 0x20"),
+         format!("essd: {f}: lss[0].id: 0x20 is outside 0x10..0x1F")),
+        (good.replace("lss = 0x10", "lss = 0x11"),
+         format!("essd: {f}: volume[0].lss: LSS 0x11 is not defined in [[lss]]")),
+        (good.replace("number = 0", "number = 256"),
+         format!("essd: {f}: volume[0].number: 256 is outside 0..255")),
+        (good.replace("number = 0", "number = -1"),
+         format!("essd: {f}: volume[0].number: invalid value: integer `-1`, expected u32 (line 17, column 10)")),
+        (good.replace("size = \"1MiB\"", "size = \"1 furlong\""),
+         format!("essd: {f}: volume[0].size: invalid size \"1 furlong\": unknown unit (examples: \"4096\", \"64KiB\", \"1GiB\") (line 19, column 8)")),
+        (good.replace("size = \"1MiB\"", "size = true"),
+         format!("essd: {f}: volume[0].size: invalid type: boolean `true`, expected a size such as 4096, \"64KiB\" or \"1GiB\" (line 19, column 8)")),
+        (good.replace("path = ", "pathh = "),
+         format!("essd: {f}: volume[0].pathh: unknown field `pathh`, expected one of `lss`, `number`, `path`, `size`, `read_only`, `direct_io`, `description`, `alias` (line 18, column 1)")),
+        (good.replace("size = \"1MiB\"", "size = \"1MiB\"\nread_only = \"yes\""),
+         format!("essd: {f}: volume[0].read_only: invalid type: string \"yes\", expected a boolean (line 20, column 13)")),
+        (good.replace("listen = []", "listen = [\"localhost\"]"),
+         format!("essd: {f}: nbd.listen[0]: \"localhost\" is not an address:port such as \"127.0.0.1:10809\" or \"[::1]:10809\"")),
+        (good.replace("listen = []", "listen = \"127.0.0.1:10809\""),
+         format!("essd: {f}: nbd.listen: invalid type: string \"127.0.0.1:10809\", expected a sequence (line 6, column 10)")),
+        (format!("{good}\n[[volume]]\nlss = 0x10\nnumber = 0\npath = \"{}/b.img\"\nsize = \"1MiB\"\n", d.display()),
+         format!("essd: {f}: volume[1].number: duplicate volume ID 000FCA31 (also volume[0])")),
+        (format!("{good}\n[[volume]]\nlss = 0x10\nnumber = 1\npath = \"{}/./a.img\"\nsize = \"1MiB\"\n", d.display()),
+         format!("essd: {f}: volume[1].path: {}/./a.img is already the backing of volume[0]", d.display())),
+        (good.replace("track_size", "x").replace("[nbd]", "track_size = \"48KiB\"\n[nbd]"),
+         format!("essd: {f}: server.track_size: 48KiB must be a power of two between 4KiB and 1MiB")),
+        (good.replace("size = \"1MiB\"\n", ""),
+         format!("essd: {f}: volume[0] (000FCA31): {}/a.img: file does not exist and no size is configured", d.display())),
+        ("this is not toml".to_string(),
+         format!("essd: {f}: expected `.`, `=` (line 1, column 6)")),
+    ];
+    let mut wrong = Vec::new();
+    for (text, expected) in cases {
+        let (code, stderr) = start(d, &text);
+        assert_eq!(code, Some(2), "exit code for:\n{text}\nstderr: {stderr}");
+        if stderr != expected {
+            wrong.push(format!("got:  {stderr}\nwant: {expected}"));
+        }
+        assert!(!d.join("state").exists(), "state dir created for a bad config");
+        assert!(!d.join("a.img").exists(), "volume file created for a bad config");
+    }
+    assert!(wrong.is_empty(), "wrong messages:\n{}", wrong.join("\n"));
+}
+
+#[test]
+fn missing_file_and_size_mismatch() {
+    let dir = common::tempdir("badcfg2");
+    let d = dir.path();
+    let out = Command::new(common::essd_bin())
+        .args(["--config", "/nonexistent/essd.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end().lines().last().unwrap(),
+        "essd: /nonexistent/essd.toml: cannot read config file: No such file or directory (os error 2)"
+    );
+    // An existing backing file of another size is refused, not resized,
+    // and a second volume's missing file is not created.
+    std::fs::write(d.join("a.img"), vec![7u8; 4096]).unwrap();
+    let text = format!(
+        "{}\n[[volume]]\nlss = 0x10\nnumber = 1\npath = \"{}/b.img\"\nsize = \"1MiB\"\n",
+        base(d),
+        d.display()
+    );
+    let (code, stderr) = start(d, &text);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        stderr,
+        format!(
+            "essd: {}/bad.toml: volume[0] (000FCA31): {}/a.img: existing file is 4096 bytes but the configured size is 1048576; fix the size (essd never truncates or grows a backing file)",
+            d.display(),
+            d.display()
+        )
+    );
+    assert_eq!(std::fs::read(d.join("a.img")).unwrap(), vec![7u8; 4096]);
+    assert!(!d.join("b.img").exists());
+    // --check validates without starting.
+    let good = d.join("good.toml");
+    std::fs::write(&good, base(d).replace("a.img", "c.img")).unwrap();
+    let out = Command::new(common::essd_bin())
+        .arg("--config")
+        .arg(&good)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        format!("{}: configuration is valid (1 volumes)", good.display())
+    );
+    assert!(!d.join("c.img").exists());
+}

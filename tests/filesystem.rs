@@ -1,0 +1,267 @@
+//! A file system on an export: nbdfuse exposes the volume as a file,
+//! `mkfs.ext4` + `mount -o loop` use it, and the contents survive a restart
+//! of essd. Also raw block devices (loop devices) as volume backings.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// An nbdfuse mount of one export; unmounted on drop.
+struct FuseView {
+    dir: PathBuf,
+    child: Child,
+}
+
+impl FuseView {
+    fn mount(uri: &str, dir: &Path) -> FuseView {
+        std::fs::create_dir_all(dir).unwrap();
+        let log = dir.with_extension("log");
+        let mut child = Command::new("nbdfuse")
+            .arg("-v")
+            .arg(dir)
+            .arg(uri)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start nbdfuse");
+        let file = dir.join("nbd");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !file.exists() {
+            let exited = child.try_wait().unwrap();
+            if exited.is_some() || Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "nbdfuse did not expose {} ({exited:?}):\n{}",
+                    file.display(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        FuseView {
+            dir: dir.to_path_buf(),
+            child,
+        }
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.join("nbd")
+    }
+}
+
+impl Drop for FuseView {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.dir)
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loop mount; unmounted on drop.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn loop_mount(image: &Path, at: &Path) -> Mount {
+        std::fs::create_dir_all(at).unwrap();
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(image)
+            .arg(at));
+        Mount(at.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn checksums(root: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(root).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            out.push((
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                sha256_file(&p),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn ext4_on_nbdfuse_survives_restart_and_fsck() {
+    require_root("mount -o loop and FUSE");
+    require("nbdfuse", "libnbd-bin (nbdfuse) and fuse3");
+    require("mkfs.ext4", "e2fsprogs");
+    require("fusermount3", "fuse3");
+    assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is required");
+    for engine in ENGINES {
+        let dir = tempdir("fs");
+        let mut cfg = TestConfig::new(engine);
+        cfg.volumes = vec![Vol::new(0x10, 0, "128MiB")];
+        let essd = Essd::start_in(dir.path(), &cfg);
+        let fuse = FuseView::mount(&essd.uri("000TST01"), &dir.path().join("fuse"));
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(fuse.file()));
+        let expected = {
+            let m = Mount::loop_mount(&fuse.file(), &dir.path().join("mnt"));
+            random_file(&m.0.join("big.bin"), 20 << 20, 1);
+            for i in 0..50 {
+                std::fs::write(
+                    m.0.join(format!("small-{i}.txt")),
+                    format!("file {i}\n").repeat(i + 1),
+                )
+                .unwrap();
+            }
+            run(&mut Command::new("sync"));
+            checksums(&m.0)
+        };
+        assert_eq!(expected.len(), 51);
+        let fsck = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(fuse.file())
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "e2fsck: {}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        drop(fuse);
+        assert_eq!(essd.stop().code(), Some(0), "{engine}");
+
+        // Restart on the same config: everything is still there.
+        let essd = Essd::start_config(dir.path(), &dir.path().join("essd.toml"), "TST01");
+        let fuse = FuseView::mount(&essd.uri("000TST01"), &dir.path().join("fuse"));
+        let fsck = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(fuse.file())
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "e2fsck after restart: {}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        {
+            let m = Mount::loop_mount(&fuse.file(), &dir.path().join("mnt"));
+            assert_eq!(checksums(&m.0), expected, "{engine}");
+        }
+        drop(fuse);
+        assert_eq!(essd.stop().code(), Some(0));
+    }
+}
+
+/// A loop device over a file; detached on drop.
+struct LoopDev {
+    dev: PathBuf,
+}
+
+impl LoopDev {
+    fn attach(file: &Path) -> LoopDev {
+        let out = run_text(Command::new("losetup").args(["-f", "--show"]).arg(file));
+        LoopDev {
+            dev: PathBuf::from(out.trim()),
+        }
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+#[test]
+fn loop_device_backing_serves_and_persists_data() {
+    require_root("losetup");
+    require("losetup", "mount");
+    require("nbdcopy", "libnbd-bin");
+    for engine in ENGINES {
+        let dir = tempdir("blk");
+        let image = dir.path().join("disk.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(48 << 20)
+            .unwrap();
+        let lo = LoopDev::attach(&image);
+        let mut cfg = TestConfig::new(engine);
+        cfg.volumes = vec![Vol {
+            size: None,
+            path: Some(lo.dev.clone()),
+            ..Vol::new(0x10, 0, "")
+        }];
+        let essd = Essd::start_in(dir.path(), &cfg);
+        let size = run_text(
+            Command::new("nbdinfo")
+                .arg("--size")
+                .arg(essd.uri("000TST01")),
+        );
+        assert_eq!(
+            size.trim(),
+            (48u64 << 20).to_string(),
+            "size comes from the device"
+        );
+        let src = dir.path().join("random.bin");
+        random_file(&src, 48 << 20, 11);
+        run(Command::new("nbdcopy").arg(&src).arg(essd.uri("000TST01")));
+        let back = dir.path().join("back.bin");
+        run(Command::new("nbdcopy").arg(essd.uri("000TST01")).arg(&back));
+        assert_eq!(sha256_file(&back), sha256_file(&src), "{engine}");
+
+        // A second server cannot open the device while the first holds it.
+        let dir2 = tempdir("blk2");
+        std::fs::write(dir2.path().join("essd.toml"), cfg.render(dir2.path())).unwrap();
+        let out = Command::new(essd_bin())
+            .arg("--config")
+            .arg(dir2.path().join("essd.toml"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(
+                "block device is in use (mounted, or opened exclusively by another program)"
+            ),
+            "{err}"
+        );
+        assert_eq!(essd.stop().code(), Some(0));
+        // What the host wrote is on the device itself (flushed at shutdown).
+        assert_eq!(sha256_file(&image), sha256_file(&src), "{engine}");
+
+        // Configured larger than the device → refused.
+        let mut big = cfg.clone();
+        big.volumes[0].size = Some("64MiB");
+        std::fs::write(dir2.path().join("essd.toml"), big.render(dir2.path())).unwrap();
+        let out = Command::new(essd_bin())
+            .arg("--config")
+            .arg(dir2.path().join("essd.toml"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(
+                "block device is 50331648 bytes, smaller than the configured size 67108864"
+            ),
+            "{err}"
+        );
+    }
+}
