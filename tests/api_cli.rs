@@ -650,6 +650,11 @@ fn users_and_tcp_authentication() {
     assert_eq!(r.header("www-authenticate"), Some("Basic realm=\"essd\""));
     let body: Value = serde_json::from_slice(&r.body).unwrap();
     assert!(body["error"].is_string());
+    // Unknown paths do not answer before authentication either.
+    let r = Client::new(endpoint.clone(), None)
+        .get("/v1/nothing")
+        .unwrap();
+    assert_eq!(r.status, 401);
     let creds = Credentials {
         user: "alice".into(),
         password: "s3cret-pass".into(),

@@ -82,8 +82,14 @@ fn each_bad_field_gets_an_exact_message_and_nothing_is_created() {
         if stderr != expected {
             wrong.push(format!("got:  {stderr}\nwant: {expected}"));
         }
-        assert!(!d.join("state").exists(), "state dir created for a bad config");
-        assert!(!d.join("a.img").exists(), "volume file created for a bad config");
+        assert!(
+            !d.join("state").exists(),
+            "state dir created for a bad config"
+        );
+        assert!(
+            !d.join("a.img").exists(),
+            "volume file created for a bad config"
+        );
     }
     assert!(wrong.is_empty(), "wrong messages:\n{}", wrong.join("\n"));
 }

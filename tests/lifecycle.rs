@@ -13,7 +13,8 @@ fn sd_notify_ready_and_stopping() {
     let dir = tempdir("notify");
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     let cfg = TestConfig::new("uring");
     std::fs::write(dir.path().join("essd.toml"), cfg.render(dir.path())).unwrap();
     let essd = Essd::start_config_env(
@@ -38,7 +39,7 @@ h = nbd.NBD()
 h.connect_uri(uri)
 cookies = []
 for i in range(64):
-    cookies.append((i, h.aio_pwrite(bytes([i + 1]) * 262144, i * 262144)))
+    cookies.append((i, h.aio_pwrite(bytes([i + 1]) * 16384, i * 16384)))
 os.kill(pid, sig)
 done = 0
 try:
@@ -69,11 +70,17 @@ fn sigterm_and_sigint_finish_in_flight_writes_and_exit_zero() {
         assert_eq!(status.code(), Some(0), "signal {sig}");
         let image = std::fs::read(dir.path().join("vol-10-0.img")).unwrap();
         for i in &acked {
-            let block = &image[i * 262144..(i + 1) * 262144];
-            assert!(block.iter().all(|&b| b == (*i + 1) as u8), "acknowledged write {i} missing");
+            let block = &image[i * 16384..(i + 1) * 16384];
+            assert!(
+                block.iter().all(|&b| b == (*i + 1) as u8),
+                "acknowledged write {i} missing"
+            );
         }
         let log = std::fs::read_to_string(dir.path().join("essd.log")).unwrap();
         assert!(log.contains("volumes flushed; exiting failed=0"), "{log}");
-        eprintln!("signal {sig}: {} of 64 writes acknowledged before shutdown", acked.len());
+        eprintln!(
+            "signal {sig}: {} of 64 writes acknowledged before shutdown",
+            acked.len()
+        );
     }
 }

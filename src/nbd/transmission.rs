@@ -47,10 +47,15 @@ where
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut buf = BytesMut::with_capacity(256 << 10);
     let result = loop {
-        let req = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break Ok(()),
-            r = next_request(&mut reader, &mut buf) => r,
+        let req = if shutdown.is_cancelled() {
+            // Shutting down: serve the requests already received, read no more.
+            Ok(parse_buffered(&mut buf)?)
+        } else {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => continue,
+                r = next_request(&mut reader, &mut buf) => r,
+            }
         };
         let (req, payload) = match req {
             Ok(Some(r)) => r,
@@ -60,11 +65,11 @@ where
         if req.command == cmd::DISC {
             break Ok(());
         }
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break Ok(()),
-            p = slots.clone().acquire_owned() => p.expect("semaphore never closes"),
-        };
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closes");
         let session = session.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -89,6 +94,30 @@ enum Payload {
     Data(Bytes),
     /// A WRITE whose payload exceeded the maximum and was discarded.
     Oversized,
+}
+
+/// Takes one complete request (with payload) from `buf` without reading;
+/// `None` if the buffer holds no complete request.
+fn parse_buffered(buf: &mut BytesMut) -> Result<Option<(Request, Payload)>, ProtocolError> {
+    if buf.len() < proto::REQUEST_LEN {
+        return Ok(None);
+    }
+    let req = Request::decode(&buf[..proto::REQUEST_LEN])?;
+    let payload_len = if req.command == cmd::WRITE {
+        req.length as usize
+    } else {
+        0
+    };
+    if req.length > proto::MAX_PAYLOAD && req.command == cmd::WRITE
+        || buf.len() < proto::REQUEST_LEN + payload_len
+    {
+        return Ok(None);
+    }
+    buf.advance(proto::REQUEST_LEN);
+    if req.command != cmd::WRITE {
+        return Ok(Some((req, Payload::None)));
+    }
+    Ok(Some((req, Payload::Data(buf.split_to(payload_len).freeze()))))
 }
 
 /// Reads the next request (with its payload). `Ok(None)` on clean EOF.
