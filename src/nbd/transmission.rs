@@ -117,7 +117,21 @@ fn parse_buffered(buf: &mut BytesMut) -> Result<Option<(Request, Payload)>, Prot
     if req.command != cmd::WRITE {
         return Ok(Some((req, Payload::None)));
     }
-    Ok(Some((req, Payload::Data(buf.split_to(payload_len).freeze()))))
+    Ok(Some((
+        req,
+        Payload::Data(buf.split_to(payload_len).freeze()),
+    )))
+}
+
+/// Counts the complete requests at the front of a byte stream, the way the
+/// transmission phase splits it (fuzzing entry point for the parser).
+pub fn count_complete_requests(data: &[u8]) -> Result<usize, ProtocolError> {
+    let mut buf = BytesMut::from(data);
+    let mut n = 0;
+    while parse_buffered(&mut buf)?.is_some() {
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// Reads the next request (with its payload). `Ok(None)` on clean EOF.
