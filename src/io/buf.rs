@@ -28,7 +28,18 @@ unsafe impl Sync for IoBuffer {}
 
 impl IoBuffer {
     /// Allocates `capacity` bytes aligned to `align` (a power of two), empty.
+    /// Large buffers come from (and return to) a pool, so big reads do not
+    /// pay for fresh pages on every request.
     pub fn with_capacity(capacity: usize, align: usize) -> Self {
+        if let Some(class) = pool::class_of(capacity, align) {
+            let (ptr, layout) = pool::take(class);
+            return IoBuffer {
+                ptr,
+                len: 0,
+                cap: capacity,
+                layout,
+            };
+        }
         let layout = Layout::from_size_align(capacity.max(1), align.max(1))
             .expect("buffer layout: alignment must be a power of two");
         // SAFETY: the layout has a non-zero size.
@@ -153,8 +164,84 @@ impl AsRef<[u8]> for IoBuffer {
 
 impl Drop for IoBuffer {
     fn drop(&mut self) {
+        if pool::give_back(self.ptr, self.layout) {
+            return;
+        }
         // SAFETY: ptr was allocated with exactly this layout.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+/// A pool of large page-aligned allocations, one free list per power-of-two
+/// size class from 64 KiB to 32 MiB, each holding at most 64 MiB.
+mod pool {
+    use std::alloc::{self, Layout};
+    use std::ptr::NonNull;
+    use std::sync::Mutex;
+
+    const MIN_SHIFT: u32 = 16;
+    const MAX_SHIFT: u32 = 25;
+    const CLASSES: usize = (MAX_SHIFT - MIN_SHIFT + 1) as usize;
+    const BYTES_PER_CLASS: usize = 64 << 20;
+    const ALIGN: usize = 4096;
+
+    /// Free allocations of one class. Raw pointers are owned by the pool.
+    struct FreeList(Vec<NonNull<u8>>);
+    // SAFETY: the pool exclusively owns the allocations in its lists.
+    unsafe impl Send for FreeList {}
+
+    static LISTS: [Mutex<FreeList>; CLASSES] =
+        [const { Mutex::new(FreeList(Vec::new())) }; CLASSES];
+
+    /// The class for a request, if it is pooled.
+    pub(super) fn class_of(capacity: usize, align: usize) -> Option<usize> {
+        if align > ALIGN || !((1 << MIN_SHIFT)..=(1 << MAX_SHIFT)).contains(&capacity) {
+            return None;
+        }
+        let shift = capacity.next_power_of_two().trailing_zeros();
+        Some((shift - MIN_SHIFT) as usize)
+    }
+
+    fn layout(class: usize) -> Layout {
+        Layout::from_size_align(1 << (class as u32 + MIN_SHIFT), ALIGN).expect("pool layout")
+    }
+
+    /// Takes a buffer of `class`, allocating if the list is empty.
+    pub(super) fn take(class: usize) -> (NonNull<u8>, Layout) {
+        let layout = layout(class);
+        let reused = LISTS[class]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .pop();
+        if let Some(ptr) = reused {
+            return (ptr, layout);
+        }
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { alloc::alloc(layout) };
+        match NonNull::new(raw) {
+            Some(ptr) => (ptr, layout),
+            None => alloc::handle_alloc_error(layout),
+        }
+    }
+
+    /// Returns a pooled allocation; false if it is not pooled or the list is full.
+    pub(super) fn give_back(ptr: NonNull<u8>, layout: Layout) -> bool {
+        if layout.align() != ALIGN || !layout.size().is_power_of_two() {
+            return false;
+        }
+        let shift = layout.size().trailing_zeros();
+        if !(MIN_SHIFT..=MAX_SHIFT).contains(&shift) {
+            return false;
+        }
+        let mut list = LISTS[(shift - MIN_SHIFT) as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if (list.0.len() + 1) * layout.size() > BYTES_PER_CLASS.max(2 * layout.size()) {
+            return false;
+        }
+        list.0.push(ptr);
+        true
     }
 }
 

@@ -7,6 +7,13 @@
 //! later: the ring signals a registered eventfd, a reaper task watching it
 //! through `AsyncFd` reaps the CQEs and wakes the waiting tasks.
 //!
+//! Notifications are switched off while a submitter is inside the ring
+//! (it reaps what completes inline itself, then reaps once more after
+//! switching them back on), so page-cache hits never wake the reaper. The
+//! kernel gives no ordering guarantee between posting a CQE and reading the
+//! notification flag, so while operations wait the reaper also polls every
+//! [`SAFETY_TICK`]; an idle engine sleeps until an operation waits again.
+//!
 //! The ring owns in-flight operations: each op (with its buffer and file
 //! handle) sits in a slab under its `user_data` key until its CQE arrives,
 //! even if the waiting task was cancelled, so the kernel never writes freed
@@ -29,6 +36,9 @@ const SQ_ENTRIES: u32 = 256;
 /// Completion queue entries (twice the SQ so bursts never overflow).
 const CQ_ENTRIES: u32 = 1024;
 
+/// Poll interval of the reaper while some operation waits for a CQE.
+const SAFETY_TICK: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// An operation the kernel owns until its CQE arrives.
 struct InFlight {
     /// Keeps buffers and the file alive while the kernel uses them.
@@ -41,6 +51,10 @@ struct RingState {
     ring: IoUring,
     /// Invariant: exactly the operations submitted and not yet reaped.
     in_flight: Slab<InFlight>,
+    /// Operations with a waiter, i.e. that did not complete inline.
+    waiting: usize,
+    /// Wakes the reaper when the first operation starts waiting.
+    reaper_wake: Arc<tokio::sync::Notify>,
 }
 
 /// io_uring engine. See the module docs.
@@ -88,28 +102,28 @@ impl UringEngine {
         let watcher =
             unsafe { AsyncFd::register_with_interest(eventfd, tokio::io::Interest::READABLE) }
                 .map_err(|e| EngineError::Setup(io::Error::other(e.to_string())))?;
+        let reaper_wake = Arc::new(tokio::sync::Notify::new());
         let state = Arc::new(Mutex::new(RingState {
             ring,
             in_flight: Slab::with_capacity(SQ_ENTRIES as usize),
+            waiting: 0,
+            reaper_wake: reaper_wake.clone(),
         }));
-        let reaper = tokio::spawn(reap_forever(Arc::downgrade(&state), watcher));
+        let reaper = tokio::spawn(reap_forever(Arc::downgrade(&state), watcher, reaper_wake));
         tracing::debug!(sq = SQ_ENTRIES, cq = CQ_ENTRIES, "io_uring engine started");
         Ok(UringEngine { state, reaper })
     }
 
     /// Submits `op` and waits for its completion.
     pub async fn run(&self, op: Op) -> Completion {
-        let (tx, rx) = oneshot::channel();
-        let inline = {
+        let rx = {
             let mut st = lock(&self.state);
-            match st.submit(op, tx) {
-                Ok(done) => done,
+            match st.submit(op) {
+                Ok(Ok(done)) => return done,
+                Ok(Err(rx)) => rx,
                 Err(failed) => return failed,
             }
         };
-        if let Some(done) = inline {
-            return done;
-        }
         match rx.await {
             Ok(done) => done,
             Err(_) => unreachable!("io_uring op dropped without completion"),
@@ -123,19 +137,55 @@ fn lock(state: &Mutex<RingState>) -> MutexGuard<'_, RingState> {
 
 impl RingState {
     /// Pushes one op, enters the kernel, and reaps what is ready. Returns
-    /// the op's own completion if it finished during submission.
+    /// the op's own completion if it finished during submission, else a
+    /// receiver for it. The waiter is attached under the same lock as the
+    /// reaping, so no completion can slip past it; inline completions (the
+    /// common case on a warm page cache) allocate no channel at all.
+    #[allow(clippy::type_complexity)]
     fn submit(
         &mut self,
         op: Op,
-        waiter: oneshot::Sender<Completion>,
-    ) -> Result<Option<Completion>, Completion> {
+    ) -> Result<Result<Completion, oneshot::Receiver<Completion>>, Completion> {
         let entry = self.in_flight.vacant_entry();
         let key = entry.key();
         let sqe = build_sqe(&op).user_data(key as u64);
-        entry.insert(InFlight {
-            op,
-            waiter: Some(waiter),
-        });
+        entry.insert(InFlight { op, waiter: None });
+        self.ring.completion().disable_eventfd();
+        let own = self.push_enter_reap(key, sqe);
+        self.ring.completion().enable_eventfd();
+        // Catch completions posted while notifications were off.
+        let own = match own {
+            Ok(None) => Ok(self.reap(Some(key))),
+            Ok(Some(done)) => {
+                self.reap(None);
+                Ok(Some(done))
+            }
+            Err(failed) => Err(failed),
+        };
+        match own {
+            Err(failed) => Err(failed),
+            Ok(Some(done)) => Ok(Ok(done)),
+            Ok(None) => {
+                let (tx, rx) = oneshot::channel();
+                if let Some(inflight) = self.in_flight.get_mut(key) {
+                    inflight.waiter = Some(tx);
+                }
+                self.waiting += 1;
+                if self.waiting == 1 {
+                    self.reaper_wake.notify_one();
+                }
+                Ok(Err(rx))
+            }
+        }
+    }
+
+    /// Pushes `sqe` (for slab entry `key`), submits, and reaps; returns the
+    /// op's own completion if it is already there.
+    fn push_enter_reap(
+        &mut self,
+        key: usize,
+        sqe: squeue::Entry,
+    ) -> Result<Option<Completion>, Completion> {
         loop {
             // SAFETY: the SQE points into buffers and a file owned by the
             // slab entry `key`, which stays until its CQE is reaped.
@@ -219,6 +269,7 @@ impl RingState {
             if Some(key) == mine {
                 own = Some(done);
             } else if let Some(waiter) = inflight.waiter {
+                self.waiting -= 1;
                 // A dropped receiver means the requester went away; the
                 // buffers are freed here, after the kernel is done.
                 let _ = waiter.send(done);
@@ -275,26 +326,52 @@ fn build_sqe(op: &Op) -> squeue::Entry {
     }
 }
 
-/// Reaps completions signalled through the eventfd until the engine goes.
-async fn reap_forever(state: std::sync::Weak<Mutex<RingState>>, eventfd: AsyncFd<OwnedFd>) {
+/// Reaps completions signalled through the eventfd until the engine goes;
+/// polls every [`SAFETY_TICK`] while operations wait, sleeps when none do.
+async fn reap_forever(
+    state: std::sync::Weak<Mutex<RingState>>,
+    eventfd: AsyncFd<OwnedFd>,
+    wake: Arc<tokio::sync::Notify>,
+) {
+    let mut idle = false;
     loop {
-        let Ok(mut guard) = eventfd.readable().await else {
+        let signalled = async {
+            match eventfd.readable().await {
+                Ok(mut guard) => {
+                    let mut counter = [0u8; 8];
+                    // SAFETY: reading 8 bytes into a local array from an owned eventfd.
+                    let n = unsafe {
+                        libc::read(
+                            eventfd.get_ref().as_raw_fd(),
+                            counter.as_mut_ptr().cast(),
+                            counter.len(),
+                        )
+                    };
+                    if n < 0 {
+                        guard.clear_ready();
+                    }
+                    true
+                }
+                Err(_) => false,
+            }
+        };
+        let alive = if idle {
+            tokio::select! {
+                ok = signalled => ok,
+                _ = wake.notified() => true,
+            }
+        } else {
+            tokio::time::timeout(SAFETY_TICK, signalled)
+                .await
+                .unwrap_or(true)
+        };
+        if !alive {
             return;
-        };
-        let mut counter = [0u8; 8];
-        // SAFETY: reading 8 bytes into a local array from an owned eventfd.
-        let n = unsafe {
-            libc::read(
-                eventfd.get_ref().as_raw_fd(),
-                counter.as_mut_ptr().cast(),
-                counter.len(),
-            )
-        };
-        if n < 0 {
-            guard.clear_ready();
         }
         let Some(state) = state.upgrade() else { return };
-        lock(&state).reap(None);
+        let mut st = lock(&state);
+        st.reap(None);
+        idle = st.waiting == 0;
     }
 }
 

@@ -1,18 +1,27 @@
 //! The transmission phase: pipelined requests, out-of-order replies.
 //!
-//! The reader parses requests from a buffer and spawns one task per request
-//! (bounded by [`MAX_IN_FLIGHT`]: when full, reading stops — backpressure,
-//! not errors). Each task sends its encoded reply to a writer task that
-//! batches replies into vectored writes. On DISC, EOF, shutdown or a
+//! The reader takes every complete request out of its receive buffer and
+//! starts it. A request whose I/O finishes at once (a page-cache hit on the
+//! io_uring engine) is answered inline, without a task or a thread hop;
+//! one that must wait moves to its own task (bounded by [`MAX_IN_FLIGHT`]:
+//! when full, reading stops — backpressure, not errors). Replies go through
+//! a [`ReplySink`]: whoever finds the socket free writes every queued reply
+//! in one vectored write, so an inline reply leaves from the reader itself
+//! and concurrent replies are combined. On DISC, EOF, shutdown or a
 //! malformed header the reader stops; in-flight requests finish and their
 //! replies are written before the connection closes.
 
+use std::future::Future;
 use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Semaphore};
+
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::handshake::{Session, BASE_ALLOCATION_ID};
@@ -27,8 +36,66 @@ pub const MAX_IN_FLIGHT: usize = 128;
 const SKIP_LIMIT: u64 = 256 << 20;
 /// Block-status descriptors per reply.
 const MAX_EXTENTS: usize = 1024;
+/// Receive buffer growth step.
+const READ_CHUNK: usize = 256 << 10;
 
 type Reply = Vec<Bytes>;
+
+/// What a request carries besides its header.
+enum Payload {
+    None,
+    Data(Bytes),
+}
+
+/// Result of looking at the front of the receive buffer.
+enum Parsed {
+    /// A whole request (header and payload) was taken from the buffer.
+    Request(Request, Payload),
+    /// At least this many bytes must be buffered before the next request.
+    NeedMore(usize),
+    /// An oversized WRITE: its header was taken; skip this many payload bytes.
+    Skip(Request, u64),
+}
+
+/// Looks at the front of `buf` and takes one request if it is complete.
+fn parse(buf: &mut BytesMut) -> Result<Parsed, ProtocolError> {
+    if buf.len() < proto::REQUEST_LEN {
+        return Ok(Parsed::NeedMore(proto::REQUEST_LEN));
+    }
+    let req = Request::decode(&buf[..proto::REQUEST_LEN])?;
+    if req.command != cmd::WRITE {
+        buf.advance(proto::REQUEST_LEN);
+        return Ok(Parsed::Request(req, Payload::None));
+    }
+    if req.length > proto::MAX_PAYLOAD {
+        if u64::from(req.length) > SKIP_LIMIT {
+            return Err(ProtocolError::Transmission(format!(
+                "write payload of {} bytes exceeds {} and cannot be skipped",
+                req.length, SKIP_LIMIT
+            )));
+        }
+        buf.advance(proto::REQUEST_LEN);
+        return Ok(Parsed::Skip(req, u64::from(req.length)));
+    }
+    let total = proto::REQUEST_LEN + req.length as usize;
+    if buf.len() < total {
+        return Ok(Parsed::NeedMore(total));
+    }
+    buf.advance(proto::REQUEST_LEN);
+    let data = buf.split_to(req.length as usize).freeze();
+    Ok(Parsed::Request(req, Payload::Data(data)))
+}
+
+/// Counts the complete requests at the front of a byte stream, the way the
+/// transmission phase splits it (fuzzing entry point for the parser).
+pub fn count_complete_requests(data: &[u8]) -> Result<usize, ProtocolError> {
+    let mut buf = BytesMut::from(data);
+    let mut n = 0;
+    while let Parsed::Request(..) = parse(&mut buf)? {
+        n += 1;
+    }
+    Ok(n)
+}
 
 /// Serves one negotiated connection until it ends.
 pub async fn serve<R, W>(
@@ -42,182 +109,198 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let session = Arc::new(session);
-    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer_task = tokio::spawn(write_replies(writer, rx));
+    let sink = Arc::new(ReplySink::new(writer));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let mut buf = BytesMut::with_capacity(256 << 10);
-    let result = loop {
-        let req = if shutdown.is_cancelled() {
-            // Shutting down: serve the requests already received, read no more.
-            Ok(parse_buffered(&mut buf)?)
-        } else {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => continue,
-                r = next_request(&mut reader, &mut buf) => r,
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut batch: Reply = Vec::new();
+    let mut skip: u64 = 0;
+    // The error for an oversized write, sent once its payload is skipped
+    // (clients match replies only to requests they finished sending).
+    let mut skipped_reply: Option<Reply> = None;
+    let result: Result<(), ProtocolError> = 'conn: loop {
+        // Start every complete request in the buffer.
+        let need = loop {
+            if skip > 0 {
+                let n = skip.min(buf.len() as u64);
+                buf.advance(n as usize);
+                skip -= n;
+                if skip > 0 {
+                    break 1;
+                }
+            }
+            if let Some(reply) = skipped_reply.take() {
+                batch.extend(reply);
+            }
+            match parse(&mut buf) {
+                Err(e) => break 'conn Err(e),
+                Ok(Parsed::NeedMore(n)) => break n,
+                Ok(Parsed::Skip(req, len)) => {
+                    skip = len;
+                    let code = if session.structured {
+                        errno::EOVERFLOW
+                    } else {
+                        errno::EINVAL
+                    };
+                    let msg = format!(
+                        "write of {} bytes exceeds the maximum {}",
+                        req.length,
+                        proto::MAX_PAYLOAD
+                    );
+                    skipped_reply = Some(error_reply(&session, req.cookie, code, &msg));
+                }
+                Ok(Parsed::Request(req, _)) if req.command == cmd::DISC => break 'conn Ok(()),
+                Ok(Parsed::Request(req, payload)) => {
+                    start(&session, req, payload, &slots, &sink, &mut batch).await;
+                }
             }
         };
-        let (req, payload) = match req {
-            Ok(Some(r)) => r,
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
-        };
-        if req.command == cmd::DISC {
+        if !batch.is_empty() {
+            sink.send(std::mem::take(&mut batch)).await;
+        }
+        if sink.is_broken() {
+            break Err(ProtocolError::Transmission(
+                "the client stopped reading replies".into(),
+            ));
+        }
+        if shutdown.is_cancelled() {
+            // Shutting down: the requests already received were served.
             break Ok(());
         }
-        let permit = slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closes");
-        let session = session.clone();
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let reply = handle(&session, req, payload).await;
-            let _ = tx.send(reply);
-            drop(permit);
-        });
+        let want = need.saturating_sub(buf.len());
+        if buf.capacity() - buf.len() < want.max(64 << 10) {
+            buf.reserve(want.max(READ_CHUNK));
+        }
+        let n = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => continue,
+            n = reader.read_buf(&mut buf) => n,
+        };
+        match n {
+            Ok(0) if buf.is_empty() && skip == 0 => break Ok(()),
+            Ok(0) => break Err(ProtocolError::Transmission("EOF inside a request".into())),
+            Ok(_) => {}
+            Err(e) => break Err(e.into()),
+        }
     };
-    // Let in-flight requests finish; the writer ends when every sender is gone.
-    drop(tx);
-    let written = writer_task.await;
-    result?;
-    match written {
-        Ok(r) => r,
-        Err(e) => Err(ProtocolError::Io(std::io::Error::other(e.to_string()))),
+    // Let in-flight requests finish and their replies go out.
+    if !batch.is_empty() {
+        sink.send(batch).await;
     }
+    let _all = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
+    sink.close().await;
+    result
 }
 
-/// What a request carries besides its header.
-enum Payload {
-    None,
-    Data(Bytes),
-    /// A WRITE whose payload exceeded the maximum and was discarded.
-    Oversized,
+/// Starts one request: polls it once in place and, if it completed, adds
+/// its reply to `batch`; otherwise hands it to its own task.
+async fn start<W: AsyncWrite + Unpin + Send + 'static>(
+    session: &Arc<Session>,
+    req: Request,
+    payload: Payload,
+    slots: &Arc<Semaphore>,
+    sink: &Arc<ReplySink<W>>,
+    batch: &mut Reply,
+) {
+    let mut fut: Pin<Box<dyn Future<Output = Reply> + Send>> =
+        Box::pin(handle(session.clone(), req, payload));
+    // The first poll uses a no-op waker; if the request must wait, the task
+    // it moves to polls it again and registers its real waker.
+    let first = fut.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+    if let Poll::Ready(reply) = first {
+        batch.extend(reply);
+        return;
+    }
+    // Send what is ready so replies are not held behind a slow request.
+    if !batch.is_empty() {
+        sink.send(std::mem::take(batch)).await;
+    }
+    let permit = slots
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("semaphore never closes");
+    let sink = sink.clone();
+    tokio::spawn(async move {
+        let reply = fut.await;
+        sink.send(reply).await;
+        drop(permit);
+    });
 }
 
-/// Takes one complete request (with payload) from `buf` without reading;
-/// `None` if the buffer holds no complete request.
-fn parse_buffered(buf: &mut BytesMut) -> Result<Option<(Request, Payload)>, ProtocolError> {
-    if buf.len() < proto::REQUEST_LEN {
-        return Ok(None);
-    }
-    let req = Request::decode(&buf[..proto::REQUEST_LEN])?;
-    let payload_len = if req.command == cmd::WRITE {
-        req.length as usize
-    } else {
-        0
-    };
-    if req.length > proto::MAX_PAYLOAD && req.command == cmd::WRITE
-        || buf.len() < proto::REQUEST_LEN + payload_len
-    {
-        return Ok(None);
-    }
-    buf.advance(proto::REQUEST_LEN);
-    if req.command != cmd::WRITE {
-        return Ok(Some((req, Payload::None)));
-    }
-    Ok(Some((
-        req,
-        Payload::Data(buf.split_to(payload_len).freeze()),
-    )))
+/// The write side of a connection, shared by the reader and request tasks.
+///
+/// Replies are queued; whoever gets the socket writes the whole queue. A
+/// sender that finds the socket busy leaves its reply in the queue, and the
+/// holder checks the queue again after releasing the socket, so no reply is
+/// stranded.
+struct ReplySink<W> {
+    writer: tokio::sync::Mutex<W>,
+    queue: std::sync::Mutex<Vec<Bytes>>,
+    broken: AtomicBool,
 }
 
-/// Counts the complete requests at the front of a byte stream, the way the
-/// transmission phase splits it (fuzzing entry point for the parser).
-pub fn count_complete_requests(data: &[u8]) -> Result<usize, ProtocolError> {
-    let mut buf = BytesMut::from(data);
-    let mut n = 0;
-    while parse_buffered(&mut buf)?.is_some() {
-        n += 1;
-    }
-    Ok(n)
-}
-
-/// Reads the next request (with its payload). `Ok(None)` on clean EOF.
-async fn next_request<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut BytesMut,
-) -> Result<Option<(Request, Payload)>, ProtocolError> {
-    if !fill(reader, buf, proto::REQUEST_LEN).await? {
-        return Ok(None);
-    }
-    let req = Request::decode(&buf[..proto::REQUEST_LEN])?;
-    buf.advance(proto::REQUEST_LEN);
-    if req.command != cmd::WRITE {
-        return Ok(Some((req, Payload::None)));
-    }
-    let len = req.length as usize;
-    if req.length > proto::MAX_PAYLOAD {
-        if u64::from(req.length) > SKIP_LIMIT {
-            return Err(ProtocolError::Transmission(format!(
-                "write payload of {} bytes exceeds {} and cannot be skipped",
-                req.length, SKIP_LIMIT
-            )));
+impl<W: AsyncWrite + Unpin> ReplySink<W> {
+    fn new(writer: W) -> Self {
+        ReplySink {
+            writer: tokio::sync::Mutex::new(writer),
+            queue: std::sync::Mutex::new(Vec::new()),
+            broken: AtomicBool::new(false),
         }
-        let mut left = len;
-        while left > 0 {
-            if buf.is_empty() && !fill(reader, buf, 1).await? {
-                return Err(ProtocolError::Transmission(
-                    "EOF inside write payload".into(),
-                ));
+    }
+
+    fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    fn take_queue(&self) -> Vec<Bytes> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Queues a reply and writes the queue if the socket is free.
+    async fn send(&self, reply: Reply) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(reply);
+        loop {
+            let Ok(mut writer) = self.writer.try_lock() else {
+                return;
+            };
+            loop {
+                let mut pending = self.take_queue();
+                if pending.is_empty() {
+                    break;
+                }
+                if self.is_broken() {
+                    continue;
+                }
+                if let Err(e) = write_all_vectored(&mut *writer, &mut pending).await {
+                    tracing::debug!("reply write failed: {e}");
+                    self.broken.store(true, Ordering::Release);
+                }
             }
-            let n = left.min(buf.len());
-            buf.advance(n);
-            left -= n;
-        }
-        return Ok(Some((req, Payload::Oversized)));
-    }
-    if !fill(reader, buf, len).await? {
-        return Err(ProtocolError::Transmission(
-            "EOF inside write payload".into(),
-        ));
-    }
-    let data = buf.split_to(len).freeze();
-    Ok(Some((req, Payload::Data(data))))
-}
-
-/// Reads until `buf` holds at least `want` bytes; false on EOF before any
-/// byte of a new message.
-async fn fill<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut BytesMut,
-    want: usize,
-) -> Result<bool, ProtocolError> {
-    while buf.len() < want {
-        let need = want - buf.len();
-        if buf.capacity() - buf.len() < need.max(64 << 10) {
-            buf.reserve(need.max(256 << 10));
-        }
-        let n = reader.read_buf(buf).await?;
-        if n == 0 {
-            if buf.is_empty() {
-                return Ok(false);
-            }
-            return Err(ProtocolError::Transmission("EOF inside a request".into()));
-        }
-    }
-    Ok(true)
-}
-
-async fn write_replies<W: AsyncWrite + Unpin>(
-    mut writer: W,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
-) -> Result<(), ProtocolError> {
-    let mut pending: Vec<Bytes> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        pending.extend(first);
-        while pending.len() < 64 {
-            match rx.try_recv() {
-                Ok(more) => pending.extend(more),
-                Err(_) => break,
+            drop(writer);
+            let empty = self
+                .queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty();
+            if empty {
+                return;
             }
         }
-        write_all_vectored(&mut writer, &mut pending).await?;
     }
-    writer.flush().await?;
-    let _ = writer.shutdown().await;
-    Ok(())
+
+    /// Writes anything left and shuts the write side down.
+    async fn close(&self) {
+        let mut writer = self.writer.lock().await;
+        let mut pending = self.take_queue();
+        if !pending.is_empty() && !self.is_broken() {
+            let _ = write_all_vectored(&mut *writer, &mut pending).await;
+        }
+        let _ = writer.flush().await;
+        let _ = writer.shutdown().await;
+    }
 }
 
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
@@ -271,7 +354,8 @@ fn allowed_flags(command: u16, structured: bool) -> u16 {
 }
 
 /// Executes one request and encodes its reply.
-async fn handle(s: &Session, req: Request, payload: Payload) -> Reply {
+async fn handle(session: Arc<Session>, req: Request, payload: Payload) -> Reply {
+    let s = &*session;
     let fail = |err: u32, msg: String| error_reply(s, req.cookie, err, &msg);
     if req.flags & !allowed_flags(req.command, s.structured) != 0 {
         return fail(
@@ -310,21 +394,6 @@ async fn handle(s: &Session, req: Request, payload: Payload) -> Reply {
                 .map(|data| Some(read_reply(s, &req, data)))
         }
         cmd::WRITE => match payload {
-            Payload::Oversized => {
-                let code = if s.structured {
-                    errno::EOVERFLOW
-                } else {
-                    errno::EINVAL
-                };
-                return fail(
-                    code,
-                    format!(
-                        "write of {} bytes exceeds the maximum {}",
-                        req.length,
-                        proto::MAX_PAYLOAD
-                    ),
-                );
-            }
             Payload::None => unreachable!("writes always carry a payload"),
             Payload::Data(data) => {
                 if data.is_empty() {
