@@ -574,6 +574,15 @@ size = "1GiB"
     }
 
     #[test]
+    fn shipped_example_is_valid() {
+        let text = include_str!("../config/essd.toml");
+        let cfg = Config::parse(text, Path::new("config/essd.toml")).unwrap();
+        let ids: Vec<String> = cfg.volumes.iter().map(|v| v.id.to_string()).collect();
+        assert_eq!(ids, vec!["000FCA31", "108FCA31"]);
+        assert_eq!(cfg.raw.volume[0].alias.as_deref(), Some("payroll"));
+    }
+
+    #[test]
     fn demo_config_is_valid() {
         let cfg =
             Config::parse(&demo_config_text(Path::new("/tmp/x")), Path::new("<demo>")).unwrap();
