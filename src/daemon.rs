@@ -11,7 +11,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ValidConfig;
+use crate::control::log::EventLog;
 use crate::control::{api, users::UserStore, ApiState};
+use crate::copy::flashcopy::manager::FlashCopyManager;
 use crate::io::Engine;
 use crate::nbd::listener::{bind_unix, NbdListeners};
 use crate::volume::server::StorageServer;
@@ -47,6 +49,13 @@ pub async fn run(
         .and_then(|()| std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)))
         .map_err(|e| StartError(format!("state directory {}: {e}", state_dir.display())))?;
     let users = UserStore::open(&state_dir).map_err(start_err)?;
+    let log = Arc::new(
+        EventLog::open(&state_dir)
+            .map_err(|e| StartError(format!("event log in {}: {e}", state_dir.display())))?,
+    );
+    let flashcopy = FlashCopyManager::open(server.clone(), &state_dir, log.clone())
+        .await
+        .map_err(start_err)?;
 
     let nbd = NbdListeners::bind(&cfg.nbd_listen, cfg.raw.nbd.unix.as_deref())
         .await
@@ -76,6 +85,8 @@ pub async fn run(
         state_dir,
         config_file: cfg.source.clone(),
         users,
+        log: log.clone(),
+        flashcopy: flashcopy.clone(),
     });
 
     let shutdown = CancellationToken::new();
@@ -115,6 +126,7 @@ pub async fn run(
     {
         tracing::warn!("some connections did not finish within {DRAIN_TIMEOUT:?}");
     }
+    flashcopy.stop_copiers().await;
     let failed = server.flush_all().await;
     tracing::info!(failed, "volumes flushed; exiting");
     let _ = std::fs::remove_file(&cfg.raw.api.unix);

@@ -15,8 +15,10 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod copy;
 pub mod daemon;
 pub mod io;
 pub mod nbd;
+pub mod state;
 pub mod units;
 pub mod volume;

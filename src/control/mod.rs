@@ -6,6 +6,7 @@
 //! * [`users`] — users and password hashes in the state directory.
 
 pub mod api;
+pub mod log;
 pub mod users;
 
 use std::net::SocketAddr;
@@ -31,4 +32,8 @@ pub struct ApiState {
     pub config_file: PathBuf,
     /// User store.
     pub users: users::UserStore,
+    /// The server's event log.
+    pub log: Arc<log::EventLog>,
+    /// FlashCopy relationships.
+    pub flashcopy: Arc<crate::copy::flashcopy::manager::FlashCopyManager>,
 }

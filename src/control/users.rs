@@ -8,9 +8,7 @@
 //! leaves either the old or the new set of users, never a torn file.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -251,36 +249,16 @@ impl UserStore {
 
     /// Writes `users` to the file atomically with mode 0600.
     fn save(&self, users: &BTreeMap<String, String>) -> Result<(), UserError> {
-        let io_err = |path: &Path, what: &'static str| {
-            let path = path.to_path_buf();
-            move |source| UserError::Io { path, what, source }
-        };
-        let dir = self.path.parent().unwrap_or(Path::new("/"));
-        let tmp = dir.join(format!(".{USERS_FILE}.tmp"));
         let mut text = serde_json::to_vec_pretty(users).map_err(|e| UserError::Corrupt {
             path: self.path.clone(),
             message: format!("cannot encode: {e}"),
         })?;
         text.push(b'\n');
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err(&tmp, "cannot create"))?;
-        // The mode given to open() only applies to a new file; a leftover
-        // temp file keeps its old mode unless set explicitly.
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(io_err(&tmp, "cannot set mode 0600"))?;
-        file.write_all(&text)
-            .and_then(|()| file.sync_all())
-            .map_err(io_err(&tmp, "cannot write"))?;
-        drop(file);
-        std::fs::rename(&tmp, &self.path).map_err(io_err(&self.path, "cannot replace"))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(dir, "cannot sync directory"))?;
+        crate::state::write_atomic(&self.path, &text, 0o600).map_err(|e| UserError::Io {
+            path: e.path,
+            what: e.what,
+            source: e.source,
+        })?;
         Ok(())
     }
 }
@@ -362,7 +340,9 @@ mod tests {
         let store = UserStore::open(dir.path()).unwrap();
         store.add("alice", "password-a").unwrap();
         let path = dir.path().join(USERS_FILE);
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        );
         assert_eq!(mode & 0o777, 0o600);
         let map: BTreeMap<String, String> =
             serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();

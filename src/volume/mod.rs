@@ -6,8 +6,12 @@
 //! * [`server`] — the storage server: all LSSs and volumes of one `essd`.
 //!
 //! [`Volume`] is what the protocol layer talks to: it checks ranges and the
-//! access gate (read-only volumes; later copy-services states), counts I/O
-//! and forwards to its [`store::BackingStore`].
+//! access gate (read-only volumes; later copy-services states), counts I/O,
+//! and forwards to the FlashCopy layer when the volume is in a relationship
+//! ([`crate::copy::flashcopy`]), else straight to its
+//! [`store::BackingStore`]. Every host I/O holds the volume's I/O gate
+//! shared; copy services take it exclusively for an instant to attach or
+//! detach a relationship with no I/O in flight.
 
 pub mod id;
 pub mod server;
@@ -15,10 +19,12 @@ pub mod store;
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use serde::Serialize;
 
+use crate::copy::flashcopy::{Change, Relationship, Role};
 use id::VolumeId;
 use store::{BackingStore, Extent};
 
@@ -159,13 +165,25 @@ pub struct VolumeInfo {
     pub read_only: bool,
 }
 
+/// A volume's FlashCopy relationship and its role in it.
+#[derive(Debug, Clone)]
+pub struct FlashCopyLink {
+    /// The relationship.
+    pub relationship: Arc<Relationship>,
+    /// Source or target.
+    pub role: Role,
+}
+
 /// An exported volume.
 #[derive(Debug)]
 pub struct Volume {
     info: VolumeInfo,
     id_text: String,
-    store: BackingStore,
+    store: Arc<BackingStore>,
     stats: VolumeStats,
+    /// Shared by host I/O; exclusive while copy services change the volume.
+    gate: tokio::sync::RwLock<()>,
+    flashcopy: RwLock<Option<FlashCopyLink>>,
 }
 
 impl Volume {
@@ -174,8 +192,10 @@ impl Volume {
         Volume {
             id_text: info.id.to_string(),
             info,
-            store,
+            store: Arc::new(store),
             stats: VolumeStats::default(),
+            gate: tokio::sync::RwLock::new(()),
+            flashcopy: RwLock::new(None),
         }
     }
 
@@ -195,8 +215,32 @@ impl Volume {
     }
 
     /// The backing store.
-    pub fn store(&self) -> &BackingStore {
+    pub fn store(&self) -> &Arc<BackingStore> {
         &self.store
+    }
+
+    /// The I/O gate (see the module docs).
+    pub fn gate(&self) -> &tokio::sync::RwLock<()> {
+        &self.gate
+    }
+
+    /// The volume's FlashCopy relationship, if any.
+    pub fn flashcopy(&self) -> Option<FlashCopyLink> {
+        self.flashcopy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Routes this volume's I/O through `relationship` (hold the gate).
+    pub fn attach_flashcopy(&self, relationship: Arc<Relationship>, role: Role) {
+        *self.flashcopy.write().unwrap_or_else(|p| p.into_inner()) =
+            Some(FlashCopyLink { relationship, role });
+    }
+
+    /// Routes this volume's I/O straight to its store again (hold the gate).
+    pub fn detach_flashcopy(&self) {
+        *self.flashcopy.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Whether hosts may write the volume now (the access gate).
@@ -277,11 +321,12 @@ impl Volume {
     /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, VolumeError> {
         self.check(VolumeOp::Read, offset, len as u64)?;
-        let data = self
-            .store
-            .read(offset, len)
-            .await
-            .map_err(self.io_error(VolumeOp::Read, offset))?;
+        let _gate = self.gate.read().await;
+        let data = match self.flashcopy() {
+            Some(fc) => fc.relationship.read(fc.role, offset, len).await,
+            None => self.store.read(offset, len).await,
+        }
+        .map_err(self.io_error(VolumeOp::Read, offset))?;
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_read
@@ -293,10 +338,8 @@ impl Volume {
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), VolumeError> {
         let len = data.len() as u64;
         self.check(VolumeOp::Write, offset, len)?;
-        self.store
-            .write(offset, data, fua)
-            .await
-            .map_err(self.io_error(VolumeOp::Write, offset))?;
+        self.change(VolumeOp::Write, offset, len, Change::Write(data, fua))
+            .await?;
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
         Ok(())
@@ -315,10 +358,8 @@ impl Volume {
     /// Discards a range (advisory).
     pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
         self.check(VolumeOp::Trim, offset, len)?;
-        self.store
-            .trim(offset, len)
-            .await
-            .map_err(self.io_error(VolumeOp::Trim, offset))?;
+        self.change(VolumeOp::Trim, offset, len, Change::Trim)
+            .await?;
         if fua {
             self.flush().await?;
         }
@@ -337,10 +378,13 @@ impl Volume {
         fua: bool,
     ) -> Result<(), VolumeError> {
         self.check(VolumeOp::WriteZeroes, offset, len)?;
-        self.store
-            .write_zeroes(offset, len, may_punch, fast_only)
-            .await
-            .map_err(self.io_error(VolumeOp::WriteZeroes, offset))?;
+        self.change(
+            VolumeOp::WriteZeroes,
+            offset,
+            len,
+            Change::Zero(may_punch, fast_only, false),
+        )
+        .await?;
         if fua {
             self.flush().await?;
         }
@@ -366,10 +410,34 @@ impl Volume {
         max: usize,
     ) -> Result<Vec<Extent>, VolumeError> {
         self.check(VolumeOp::BlockStatus, offset, len)?;
-        self.store
-            .extents(offset, len, max)
-            .await
-            .map_err(self.io_error(VolumeOp::BlockStatus, offset))
+        let _gate = self.gate.read().await;
+        match self.flashcopy() {
+            Some(fc) => fc.relationship.extents(fc.role, offset, len, max).await,
+            None => self.store.extents(offset, len, max).await,
+        }
+        .map_err(self.io_error(VolumeOp::BlockStatus, offset))
+    }
+
+    /// Applies a host change through the copy-services layers.
+    async fn change(
+        &self,
+        op: VolumeOp,
+        offset: u64,
+        len: u64,
+        change: Change,
+    ) -> Result<(), VolumeError> {
+        let _gate = self.gate.read().await;
+        match self.flashcopy() {
+            Some(fc) => fc.relationship.modify(fc.role, offset, len, change).await,
+            None => match change {
+                Change::Write(data, fua) => self.store.write(offset, data, fua).await,
+                Change::Zero(punch, fast, _) => {
+                    self.store.write_zeroes(offset, len, punch, fast).await
+                }
+                Change::Trim => self.store.trim(offset, len).await,
+            },
+        }
+        .map_err(self.io_error(op, offset))
     }
 }
 

@@ -1,0 +1,272 @@
+//! Persistent track bitmaps with group commit.
+//!
+//! The bitmap lives in memory as atomic words and in a file: a 4 KiB header
+//! (magic, version, track size, track count) followed by the bits, one
+//! 4 KiB page per 32768 tracks. Bits only ever go from 0 to 1 while the
+//! bitmap is in use.
+//!
+//! Durability ordering: whoever sets a bit has already written the data
+//! the bit stands for. [`TrackBitmap::commit`] snapshots the dirty pages,
+//! then makes the data durable (`data.flush()`), then writes and fsyncs the
+//! snapshots — so a bit is never durable before its data. Concurrent
+//! committers queue on one lock; the first does the work for all whose bits
+//! it covered (group commit).
+
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::volume::store::BackingStore;
+
+const MAGIC: &[u8; 8] = b"ESSDBMP1";
+const HEADER: u64 = 4096;
+const PAGE: u64 = 4096;
+const TRACKS_PER_PAGE: u64 = PAGE * 8;
+const WORDS_PER_PAGE: usize = (PAGE / 8) as usize;
+
+/// A bitmap file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BitmapError {
+    /// An OS error.
+    #[error("bitmap {path}: {source}")]
+    Io {
+        /// Bitmap file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The file is not a bitmap of this shape.
+    #[error("bitmap {path}: {message}")]
+    Corrupt {
+        /// Bitmap file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A persistent bitmap over `tracks` tracks.
+#[derive(Debug)]
+pub struct TrackBitmap {
+    path: PathBuf,
+    file: Arc<File>,
+    tracks: u64,
+    words: Vec<AtomicU64>,
+    set_count: AtomicU64,
+    /// Pages changed since they were last snapshotted.
+    dirty: Mutex<BTreeSet<u64>>,
+    /// Bumped after every new bit is set and its page marked dirty.
+    generation: AtomicU64,
+    /// Highest generation known durable.
+    durable: AtomicU64,
+    commit_lock: tokio::sync::Mutex<()>,
+}
+
+impl TrackBitmap {
+    fn io(path: &Path) -> impl FnOnce(io::Error) -> BitmapError + '_ {
+        move |source| BitmapError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    fn header(track_size: u64, tracks: u64) -> Vec<u8> {
+        let mut h = vec![0u8; HEADER as usize];
+        h[..8].copy_from_slice(MAGIC);
+        h[8..16].copy_from_slice(&1u64.to_le_bytes());
+        h[16..24].copy_from_slice(&track_size.to_le_bytes());
+        h[24..32].copy_from_slice(&tracks.to_le_bytes());
+        h
+    }
+
+    fn file_len(tracks: u64) -> u64 {
+        HEADER + tracks.div_ceil(TRACKS_PER_PAGE) * PAGE
+    }
+
+    /// Creates a new all-zero bitmap file (durably) and opens it.
+    pub fn create(path: &Path, track_size: u64, tracks: u64) -> Result<Self, BitmapError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(Self::io(path))?;
+        file.write_all_at(&Self::header(track_size, tracks), 0)
+            .and_then(|()| file.set_len(Self::file_len(tracks)))
+            .and_then(|()| file.sync_all())
+            .map_err(Self::io(path))?;
+        if let Some(dir) = path.parent() {
+            crate::state::sync_dir(dir).map_err(|e| BitmapError::Io {
+                path: path.to_path_buf(),
+                source: e.source,
+            })?;
+        }
+        Ok(Self::from_parts(path, file, tracks, Vec::new()))
+    }
+
+    /// Opens an existing bitmap file, checking its shape.
+    pub fn open(path: &Path, track_size: u64, tracks: u64) -> Result<Self, BitmapError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(Self::io(path))?;
+        let mut header = vec![0u8; HEADER as usize];
+        file.read_exact_at(&mut header, 0).map_err(Self::io(path))?;
+        if header != Self::header(track_size, tracks) {
+            return Err(BitmapError::Corrupt {
+                path: path.to_path_buf(),
+                message: format!("header does not describe {tracks} tracks of {track_size} bytes"),
+            });
+        }
+        let mut bits = vec![0u8; (Self::file_len(tracks) - HEADER) as usize];
+        file.read_exact_at(&mut bits, HEADER)
+            .map_err(Self::io(path))?;
+        Ok(Self::from_parts(path, file, tracks, bits))
+    }
+
+    fn from_parts(path: &Path, file: File, tracks: u64, bits: Vec<u8>) -> Self {
+        let nwords = tracks.div_ceil(TRACKS_PER_PAGE) as usize * WORDS_PER_PAGE;
+        let mut set = 0u64;
+        let words = (0..nwords)
+            .map(|i| {
+                let mut w = bits
+                    .get(i * 8..i * 8 + 8)
+                    .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                    .unwrap_or(0);
+                // Ignore bits past the last track.
+                let first = i as u64 * 64;
+                if first >= tracks {
+                    w = 0;
+                } else if tracks - first < 64 {
+                    w &= (1u64 << (tracks - first)) - 1;
+                }
+                set += u64::from(w.count_ones());
+                AtomicU64::new(w)
+            })
+            .collect();
+        TrackBitmap {
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+            tracks,
+            words,
+            set_count: AtomicU64::new(set),
+            dirty: Mutex::new(BTreeSet::new()),
+            generation: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            commit_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Bitmap file path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Number of tracks.
+    pub fn tracks(&self) -> u64 {
+        self.tracks
+    }
+
+    /// Number of set bits.
+    pub fn count(&self) -> u64 {
+        self.set_count.load(Ordering::Acquire)
+    }
+
+    /// Whether every bit is set.
+    pub fn all_set(&self) -> bool {
+        self.count() == self.tracks
+    }
+
+    /// Whether track `t` is set.
+    pub fn get(&self, t: u64) -> bool {
+        self.words[(t / 64) as usize].load(Ordering::Acquire) & (1 << (t % 64)) != 0
+    }
+
+    /// Whether every track in `[first, last]` is set.
+    pub fn all_in(&self, first: u64, last: u64) -> bool {
+        (first..=last).all(|t| self.get(t))
+    }
+
+    /// Sets track `t` (its data must already be written); true if newly set.
+    pub fn set(&self, t: u64) -> bool {
+        assert!(t < self.tracks, "track {t} out of range");
+        let bit = 1u64 << (t % 64);
+        let old = self.words[(t / 64) as usize].fetch_or(bit, Ordering::AcqRel);
+        if old & bit != 0 {
+            return false;
+        }
+        self.set_count.fetch_add(1, Ordering::AcqRel);
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(t / TRACKS_PER_PAGE);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// Makes every bit set so far durable, after making `data` durable.
+    pub async fn commit(&self, data: &BackingStore) -> io::Result<()> {
+        let want = self.generation.load(Ordering::Acquire);
+        if self.durable.load(Ordering::Acquire) >= want {
+            return Ok(());
+        }
+        let _one_at_a_time = self.commit_lock.lock().await;
+        if self.durable.load(Ordering::Acquire) >= want {
+            return Ok(());
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        let pages: Vec<u64> =
+            std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_iter()
+                .collect();
+        let snapshots: Vec<(u64, Vec<u8>)> = pages
+            .iter()
+            .map(|&p| {
+                let first = p as usize * WORDS_PER_PAGE;
+                let mut bytes = Vec::with_capacity(PAGE as usize);
+                for w in &self.words[first..first + WORDS_PER_PAGE] {
+                    bytes.extend_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
+                }
+                (HEADER + p * PAGE, bytes)
+            })
+            .collect();
+        let result = async {
+            data.flush().await?;
+            let file = self.file.clone();
+            tokio::task::spawn_blocking(move || -> io::Result<()> {
+                for (offset, bytes) in &snapshots {
+                    file.write_all_at(bytes, *offset)?;
+                }
+                file.sync_data()
+            })
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                self.durable.fetch_max(generation, Ordering::AcqRel);
+                Ok(())
+            }
+            Err(e) => {
+                // Put the pages back so a later commit retries them.
+                self.dirty
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(pages);
+                Err(e)
+            }
+        }
+    }
+
+    /// Deletes the bitmap file.
+    pub fn remove_file(&self) -> io::Result<()> {
+        std::fs::remove_file(&self.path)
+    }
+}

@@ -1,0 +1,388 @@
+//! FlashCopy: point-in-time copies of a volume onto another volume of the
+//! same server.
+//!
+//! A [`Relationship`] pairs a source and a target backing store with a
+//! track bitmap ("copied"). From T0 on, the data path keeps the target equal
+//! to the source at T0 (rule 1 of the design):
+//!
+//! * a host write (or trim / write-zeroes) to an uncopied source track first
+//!   copies the track's T0 content to the target and makes that copy and
+//!   its bit durable, then changes the source;
+//! * a host read of an uncopied target track is served from the source;
+//! * a host write to an uncopied target track first copies the rest of a
+//!   partially written track from the source, then writes, then marks it;
+//! * the background copier (COPY mode, [`copier`]) copies uncopied tracks in
+//!   order, turning source holes into target holes.
+//!
+//! Every path that tests and then changes a track's state holds that
+//! track's lock ([`crate::copy::locks`]), so a track is copied at most once
+//! and reads never see a half-updated track. Bits only go from 0 to 1, so
+//! tracks already copied need no lock at all: a source whose tracks are all
+//! copied writes straight to its backing store.
+//!
+//! [`manager`] establishes, withdraws, lists and restores relationships.
+
+pub mod copier;
+pub mod manager;
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::bitmap::TrackBitmap;
+use super::locks::TrackLocks;
+use super::track_span;
+use crate::volume::store::{BackingStore, Extent};
+
+/// Background copy or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CopyMode {
+    /// Copy every track in the background; the relationship then ends.
+    Copy,
+    /// Copy only tracks about to change; lasts until withdrawn.
+    NoCopy,
+}
+
+/// A volume's part in a relationship.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// The volume being copied.
+    Source,
+    /// The point-in-time copy.
+    Target,
+}
+
+/// A change a host makes to a range.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Write data, with FUA.
+    Write(Bytes, bool),
+    /// Write zeroes: may punch holes, fast only, FUA.
+    Zero(bool, bool, bool),
+    /// Discard (advisory).
+    Trim,
+}
+
+impl Change {
+    async fn apply(&self, store: &BackingStore, offset: u64, len: u64) -> io::Result<()> {
+        match self {
+            Change::Write(data, fua) => store.write(offset, data.clone(), *fua).await,
+            Change::Zero(punch, fast, fua) => {
+                store.write_zeroes(offset, len, *punch, *fast).await?;
+                if *fua {
+                    store.flush().await?;
+                }
+                Ok(())
+            }
+            Change::Trim => store.trim(offset, len).await,
+        }
+    }
+}
+
+/// One FlashCopy relationship.
+#[derive(Debug)]
+pub struct Relationship {
+    /// Source volume ID.
+    pub source_id: String,
+    /// Target volume ID.
+    pub target_id: String,
+    source: Arc<BackingStore>,
+    target: Arc<BackingStore>,
+    /// COPY or NOCOPY.
+    pub mode: CopyMode,
+    /// Background copy rate limit in bytes per second (0 = unlimited).
+    rate: AtomicU64,
+    /// The point in time.
+    pub t0: SystemTime,
+    /// Track size of the bitmap.
+    pub track_size: u64,
+    /// Bytes covered: the source size.
+    pub size: u64,
+    bitmap: TrackBitmap,
+    locks: TrackLocks,
+    /// Track copies done (host-triggered and background).
+    copies: AtomicU64,
+    /// Bytes of data copied (holes excluded).
+    bytes_copied: AtomicU64,
+    /// Why the background copy stopped, if it failed.
+    failure: Mutex<Option<String>>,
+    /// Stops the background copier.
+    pub(crate) stop: CancellationToken,
+}
+
+impl Relationship {
+    /// Builds a relationship over an open bitmap.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        source_id: String,
+        target_id: String,
+        source: Arc<BackingStore>,
+        target: Arc<BackingStore>,
+        mode: CopyMode,
+        rate: u64,
+        t0: SystemTime,
+        track_size: u64,
+        bitmap: TrackBitmap,
+    ) -> Self {
+        Relationship {
+            source_id,
+            target_id,
+            size: source.size(),
+            source,
+            target,
+            mode,
+            rate: AtomicU64::new(rate),
+            t0,
+            track_size,
+            bitmap,
+            locks: TrackLocks::default(),
+            copies: AtomicU64::new(0),
+            bytes_copied: AtomicU64::new(0),
+            failure: Mutex::new(None),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// The track bitmap ("copied").
+    pub fn bitmap(&self) -> &TrackBitmap {
+        &self.bitmap
+    }
+
+    /// Track copies performed so far (each track at most once).
+    pub fn copies(&self) -> u64 {
+        self.copies.load(Ordering::Acquire)
+    }
+
+    /// Data bytes copied so far.
+    pub fn bytes_copied(&self) -> u64 {
+        self.bytes_copied.load(Ordering::Acquire)
+    }
+
+    /// Background copy rate limit in bytes per second (0 = unlimited).
+    pub fn rate(&self) -> u64 {
+        self.rate.load(Ordering::Relaxed)
+    }
+
+    /// Why the background copy failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn track_range(&self, t: u64) -> (u64, u64) {
+        let start = t * self.track_size;
+        (start, self.track_size.min(self.size - start))
+    }
+
+    /// Copies track `t`'s current source content to the target (a source
+    /// hole becomes a target hole). Caller holds the track's lock.
+    async fn copy_track(&self, t: u64) -> io::Result<()> {
+        let (off, len) = self.track_range(t);
+        self.copy_run(off, len).await?;
+        self.copies.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Copies `[off, off+len)` source → target, holes as holes.
+    async fn copy_run(&self, off: u64, len: u64) -> io::Result<()> {
+        let extents = self.source.extents(off, len, 4096).await?;
+        let mut pos = off;
+        for e in extents {
+            let n = e.length.min(off + len - pos);
+            if e.hole {
+                self.target.write_zeroes(pos, n, true, false).await?;
+            } else {
+                let data = self.source.read(pos, n as usize).await?;
+                self.target.write(pos, data, false).await?;
+                self.bytes_copied.fetch_add(n, Ordering::AcqRel);
+            }
+            pos += n;
+            if pos >= off + len {
+                break;
+            }
+        }
+        if pos < off + len {
+            // Extents stopped early (capped): copy the rest as data.
+            let data = self.source.read(pos, (off + len - pos) as usize).await?;
+            self.target.write(pos, data, false).await?;
+            self.bytes_copied
+                .fetch_add(off + len - pos, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    fn uncopied(&self, first: u64, last: u64) -> Vec<u64> {
+        (first..=last).filter(|&t| !self.bitmap.get(t)).collect()
+    }
+
+    /// Host read through `role`.
+    pub async fn read(&self, role: Role, offset: u64, len: usize) -> io::Result<Bytes> {
+        if role == Role::Source || offset >= self.size {
+            return self.store(role).read(offset, len).await;
+        }
+        let end = offset + len as u64;
+        let inside_end = end.min(self.size);
+        let (first, last) = track_span(offset, inside_end - offset, self.track_size);
+        let pending = self.uncopied(first, last);
+        if pending.is_empty() {
+            return self.target.read(offset, len).await;
+        }
+        let _guard = self.locks.shared(pending).await;
+        let mut out = BytesMut::with_capacity(len);
+        for (run_start, run_end, copied) in self.runs(offset, inside_end) {
+            let store = if copied { &self.target } else { &self.source };
+            out.extend_from_slice(
+                &store
+                    .read(run_start, (run_end - run_start) as usize)
+                    .await?,
+            );
+        }
+        if end > inside_end {
+            out.extend_from_slice(
+                &self
+                    .target
+                    .read(inside_end, (end - inside_end) as usize)
+                    .await?,
+            );
+        }
+        Ok(out.freeze())
+    }
+
+    /// Splits `[start, end)` (inside the source size) into runs of tracks
+    /// that are all copied or all uncopied: `(run_start, run_end, copied)`.
+    fn runs(&self, start: u64, end: u64) -> Vec<(u64, u64, bool)> {
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        let mut pos = start;
+        while pos < end {
+            let t = pos / self.track_size;
+            let track_end = ((t + 1) * self.track_size).min(end);
+            let copied = self.bitmap.get(t);
+            match runs.last_mut() {
+                Some(last) if last.2 == copied => last.1 = track_end,
+                _ => runs.push((pos, track_end, copied)),
+            }
+            pos = track_end;
+        }
+        runs
+    }
+
+    /// Host change through `role`, keeping T0 on the target.
+    pub async fn modify(
+        &self,
+        role: Role,
+        offset: u64,
+        len: u64,
+        change: Change,
+    ) -> io::Result<()> {
+        let store = self.store(role);
+        if offset >= self.size {
+            return change.apply(store, offset, len).await;
+        }
+        let end = offset + len;
+        let inside_end = end.min(self.size);
+        let (first, last) = track_span(offset, inside_end - offset, self.track_size);
+        let pending = self.uncopied(first, last);
+        if pending.is_empty() {
+            return change.apply(store, offset, len).await;
+        }
+        let _guard = self.locks.exclusive(pending.iter().copied()).await;
+        let pending: Vec<u64> = pending
+            .into_iter()
+            .filter(|&t| !self.bitmap.get(t))
+            .collect();
+        match role {
+            Role::Source => {
+                for &t in &pending {
+                    self.copy_track(t).await?;
+                    self.bitmap.set(t);
+                }
+                self.bitmap.commit(&self.target).await?;
+                change.apply(store, offset, len).await
+            }
+            Role::Target => {
+                for &t in &pending {
+                    let (ts, tl) = self.track_range(t);
+                    let whole = offset <= ts && ts + tl <= end;
+                    if !whole {
+                        self.copy_track(t).await?;
+                    }
+                }
+                change.apply(store, offset, len).await?;
+                for &t in &pending {
+                    self.bitmap.set(t);
+                }
+                self.bitmap.commit(&self.target).await
+            }
+        }
+    }
+
+    /// Allocation map through `role`: an uncopied target track reports the
+    /// source's (unchanged since T0) allocation.
+    pub async fn extents(
+        &self,
+        role: Role,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> io::Result<Vec<Extent>> {
+        if role == Role::Source || offset >= self.size {
+            return self.store(role).extents(offset, len, max).await;
+        }
+        let end = offset + len;
+        let inside_end = end.min(self.size);
+        let (first, last) = track_span(offset, inside_end - offset, self.track_size);
+        let pending = self.uncopied(first, last);
+        if pending.is_empty() {
+            return self.target.extents(offset, len, max).await;
+        }
+        let _guard = self.locks.shared(pending).await;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut parts = self.runs(offset, inside_end);
+        if end > inside_end {
+            parts.push((inside_end, end, true));
+        }
+        for (s, e, copied) in parts {
+            let store = if copied { &self.target } else { &self.source };
+            for x in store.extents(s, e - s, max).await? {
+                match out.last_mut() {
+                    Some(prev) if prev.hole == x.hole => prev.length += x.length,
+                    _ => out.push(x),
+                }
+            }
+            if out.len() >= max {
+                out.truncate(max);
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn store(&self, role: Role) -> &BackingStore {
+        match role {
+            Role::Source => &self.source,
+            Role::Target => &self.target,
+        }
+    }
+
+    /// The source backing store.
+    pub fn source_store(&self) -> &Arc<BackingStore> {
+        &self.source
+    }
+
+    /// The target backing store.
+    pub fn target_store(&self) -> &Arc<BackingStore> {
+        &self.target
+    }
+}
+
+#[cfg(test)]
+mod tests;
