@@ -4,6 +4,7 @@
 //!
 //! * [`client`] — the blocking HTTP/1.1 client (Unix socket or TCP).
 //! * [`output`] — tables and `key: value` rendering.
+//! * [`flashcopy`] — the FlashCopy and event-log commands.
 //!
 //! # Exit codes
 //!
@@ -14,8 +15,10 @@
 //! | 2 | usage error: bad arguments, bad `--server`, no way to read a password |
 //! | 3 | cannot connect: the server is unreachable or the connection broke |
 //! | 4 | authentication failed or not permitted (HTTP 401 or 403) |
+//! | 5 | timed out: `flashcopy wait --timeout` expired before the copy completed |
 
 pub mod client;
+pub mod flashcopy;
 pub mod output;
 
 use std::io::{self, BufRead, IsTerminal, Write};
@@ -27,6 +30,7 @@ use serde::de::DeserializeOwned;
 use crate::config::DEFAULT_API_SOCKET;
 use crate::control::api::{
     HealthView, LssList, NewUser, ServerView, UserList, UserView, VolumeList, VolumeView,
+    ROLE_NONE, ROLE_SOURCE, ROLE_TARGET,
 };
 use crate::units::human_bytes;
 use client::{Client, ClientError, Credentials, Endpoint, Response};
@@ -41,6 +45,8 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_UNREACHABLE: u8 = 3;
 /// Authentication failed or the operation is not permitted.
 pub const EXIT_AUTH: u8 = 4;
+/// A wait timed out.
+pub const EXIT_TIMEOUT: u8 = 5;
 
 /// Command-line client for the essd management API.
 #[derive(Parser, Debug)]
@@ -49,7 +55,8 @@ pub const EXIT_AUTH: u8 = 4;
     version,
     propagate_version = true,
     after_help = "Exit codes: 0 ok, 1 the server answered with an error, 2 usage error, \
-                  3 server unreachable, 4 authentication failed or not permitted."
+                  3 server unreachable, 4 authentication failed or not permitted, \
+                  5 timed out (flashcopy wait --timeout)."
 )]
 pub struct Cli {
     /// Connection and output options.
@@ -108,12 +115,22 @@ pub enum Command {
     /// Management API users (Unix socket only).
     #[command(subcommand)]
     User(UserCommand),
+    /// FlashCopy: point-in-time copies of a volume onto another volume.
+    #[command(subcommand)]
+    Flashcopy(flashcopy::FlashCopyCommand),
+    /// Show the latest events of the server's event log.
+    Log {
+        /// How many of the latest events to show (1-10000; default 100).
+        #[arg(long, short = 'n', value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        limit: Option<u32>,
+    },
 }
 
 /// `essctl volume ...`.
 #[derive(Subcommand, Debug, Clone)]
 pub enum VolumeCommand {
-    /// List every volume.
+    /// List every volume (a FLASHCOPY column appears while any volume is
+    /// in a relationship or an incomplete FlashCopy target).
     #[command(visible_alias = "ls")]
     List,
     /// Show one volume with its I/O counters.
@@ -168,6 +185,9 @@ pub enum CliError {
     /// The server answered with an error, or with something unusable.
     #[error("{0}")]
     Server(String),
+    /// A wait ended before what it waited for happened.
+    #[error("{0}")]
+    Timeout(String),
     /// Writing the output failed.
     #[error("cannot write output: {0}")]
     Output(#[from] io::Error),
@@ -180,6 +200,7 @@ impl CliError {
             CliError::Usage(_) => EXIT_USAGE,
             CliError::Unreachable(_) => EXIT_UNREACHABLE,
             CliError::Auth(_) => EXIT_AUTH,
+            CliError::Timeout(_) => EXIT_TIMEOUT,
             CliError::Server(_) | CliError::Output(_) => EXIT_SERVER_ERROR,
         }
     }
@@ -231,6 +252,26 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), CliError> {
         }
         Command::User(UserCommand::List) => session.user_list(out),
         Command::User(UserCommand::Remove { name }) => session.user_remove(out, name),
+        Command::Flashcopy(command) => session.flashcopy(out, command),
+        Command::Log { limit } => session.log(out, *limit),
+    }
+}
+
+/// The FLASHCOPY cell of `volume list`: `source → PEER`, `target ← PEER`
+/// or `-`, plus `incomplete` for an incomplete FlashCopy target.
+fn flashcopy_summary(v: &VolumeView) -> String {
+    let peer = v.flashcopy_peer.as_deref().unwrap_or("?");
+    let role = match v.flashcopy_role.as_str() {
+        ROLE_NONE => None,
+        ROLE_SOURCE => Some(format!("source → {peer}")),
+        ROLE_TARGET => Some(format!("target ← {peer}")),
+        other => Some(other.to_string()),
+    };
+    match (role, v.incomplete) {
+        (Some(role), true) => format!("{role}, incomplete"),
+        (Some(role), false) => role,
+        (None, true) => "incomplete".to_string(),
+        (None, false) => "-".to_string(),
     }
 }
 
@@ -427,28 +468,36 @@ impl Session {
             return Ok(());
         }
         let list: VolumeList = self.decode(&response)?;
+        // The FLASHCOPY column only while it has something to say.
+        let flashcopy = list
+            .volumes
+            .iter()
+            .any(|v| v.flashcopy_role != ROLE_NONE || v.incomplete);
         let rows: Vec<Vec<String>> = list
             .volumes
             .iter()
             .map(|v| {
-                vec![
+                let mut row = vec![
                     v.id.clone(),
                     output::or_dash(v.alias.as_deref()),
                     v.lss.clone(),
                     human_bytes(v.size),
                     output::yes_no(v.read_only),
                     v.clients.to_string(),
-                    v.backing_path.clone(),
-                ]
+                ];
+                if flashcopy {
+                    row.push(flashcopy_summary(v));
+                }
+                row.push(v.backing_path.clone());
+                row
             })
             .collect();
-        out.write_all(
-            output::table(
-                &["ID", "ALIAS", "LSS", "SIZE", "RO", "CLIENTS", "BACKING"],
-                &rows,
-            )
-            .as_bytes(),
-        )?;
+        let mut headers = vec!["ID", "ALIAS", "LSS", "SIZE", "RO", "CLIENTS"];
+        if flashcopy {
+            headers.push("FLASHCOPY");
+        }
+        headers.push("BACKING");
+        out.write_all(output::table(&headers, &rows).as_bytes())?;
         Ok(())
     }
 
@@ -474,6 +523,12 @@ impl Session {
             ("alignment", v.alignment.to_string()),
             ("description", output::or_dash(v.description.as_deref())),
             ("clients", v.clients.to_string()),
+            ("flashcopy role", v.flashcopy_role.clone()),
+            (
+                "flashcopy peer",
+                output::or_dash(v.flashcopy_peer.as_deref()),
+            ),
+            ("incomplete", output::yes_no(v.incomplete)),
             ("reads", s.reads.to_string()),
             ("writes", s.writes.to_string()),
             ("bytes read", s.bytes_read.to_string()),
@@ -614,5 +669,6 @@ mod tests {
             assert_eq!(e.exit_code(), EXIT_AUTH);
         }
         assert!(session.check(answer(201, "{}")).is_ok());
+        assert_eq!(CliError::Timeout("x".into()).exit_code(), EXIT_TIMEOUT);
     }
 }

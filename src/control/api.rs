@@ -13,6 +13,13 @@
 //! GET    /v1/users              user names          (Unix socket only)
 //! POST   /v1/users              {"name","password"} (Unix socket only)
 //! DELETE /v1/users/{name}                           (Unix socket only)
+//! POST   /v1/flashcopy          establish: {"pairs": [{"source","target"}],
+//!                               "nocopy", "rate_mib_s", "permit_online"}
+//! GET    /v1/flashcopy          every relationship and incomplete targets
+//! GET    /v1/flashcopy/{sel}    relationships of a volume or SOURCE:TARGET
+//! DELETE /v1/flashcopy/{sel}    withdraw the relationships of one selector
+//! POST   /v1/flashcopy/withdraw {"volumes": [selector, ...]}
+//! GET    /v1/log?limit=N        the last N events of the event log
 //! ```
 //!
 //! The Unix socket (mode 0600) is trusted. On TCP every request must carry
@@ -22,15 +29,16 @@
 //! The answer types are public and deserializable so `essctl` reads the
 //! same shapes the server writes.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -39,9 +47,13 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::log::Event;
 use super::users::UserError;
 use super::ApiState;
+use crate::copy::flashcopy::manager::{EstablishOptions, FlashCopyError, RelationshipView};
+use crate::copy::flashcopy::{CopyMode, Role};
 use crate::volume::id::VolumeId;
+use crate::volume::server::StorageServer;
 use crate::volume::store::BackingKind;
 use crate::volume::{StatsSnapshot, Volume};
 
@@ -49,6 +61,16 @@ use crate::volume::{StatsSnapshot, Volume};
 pub const DEVICE_TYPE: &str = "2105";
 /// Password checks allowed to run at once (each costs ~19 MiB and CPU time).
 const MAX_CONCURRENT_LOGINS: usize = 4;
+/// Events `GET /v1/log` returns without `limit`.
+pub const DEFAULT_LOG_LIMIT: usize = 100;
+/// Most events one `GET /v1/log` returns.
+pub const MAX_LOG_LIMIT: usize = 10_000;
+/// `flashcopy_role` of a volume that is the source of a relationship.
+pub const ROLE_SOURCE: &str = "source";
+/// `flashcopy_role` of a volume that is the target of a relationship.
+pub const ROLE_TARGET: &str = "target";
+/// `flashcopy_role` of a volume in no relationship.
+pub const ROLE_NONE: &str = "none";
 
 /// Error body of every failed request.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -166,6 +188,21 @@ pub struct VolumeView {
     pub clients: u64,
     /// I/O counters since start.
     pub stats: StatsSnapshot,
+    /// Part in a FlashCopy relationship: `source`, `target` or `none`
+    /// (also when a server without FlashCopy leaves it out).
+    #[serde(default = "role_none")]
+    pub flashcopy_role: String,
+    /// The other volume of the relationship, if any.
+    #[serde(default)]
+    pub flashcopy_peer: Option<String>,
+    /// Whether a withdraw left this volume an incomplete FlashCopy target
+    /// (its background copy had not finished).
+    #[serde(default)]
+    pub incomplete: bool,
+}
+
+fn role_none() -> String {
+    ROLE_NONE.to_string()
 }
 
 /// `GET /v1/volumes`.
@@ -197,6 +234,73 @@ pub struct NewUser {
 pub struct UserView {
     /// The user's name.
     pub name: String,
+}
+
+/// One source/target pair of an [`EstablishRequest`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FlashCopyPair {
+    /// Source volume ID or alias.
+    pub source: String,
+    /// Target volume ID or alias.
+    pub target: String,
+}
+
+/// `POST /v1/flashcopy` body.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EstablishRequest {
+    /// Pairs to establish with one common T0.
+    pub pairs: Vec<FlashCopyPair>,
+    /// NOCOPY: no background copy; the relationships last until withdrawn.
+    #[serde(default)]
+    pub nocopy: bool,
+    /// Background copy limit in MiB/s (greater than 0); `null` = unlimited.
+    #[serde(default)]
+    pub rate_mib_s: Option<f64>,
+    /// Allow targets that have NBD clients attached.
+    #[serde(default)]
+    pub permit_online: bool,
+}
+
+/// `POST /v1/flashcopy/withdraw` body.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WithdrawRequest {
+    /// Volume IDs or aliases (every relationship they are part of), or
+    /// `SOURCE:TARGET` pairs.
+    pub volumes: Vec<String>,
+}
+
+/// Relationships established, shown or withdrawn.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RelationshipList {
+    /// The relationships.
+    pub relationships: Vec<RelationshipView>,
+}
+
+/// `GET /v1/flashcopy`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FlashCopyList {
+    /// Every relationship.
+    pub relationships: Vec<RelationshipView>,
+    /// Volumes left incomplete by withdrawing an unfinished copy, sorted.
+    pub incomplete_targets: Vec<String>,
+}
+
+/// `GET /v1/log`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EventList {
+    /// Events, oldest first.
+    pub events: Vec<Event>,
+}
+
+/// Query of `GET /v1/log`.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    /// How many of the latest events to return.
+    limit: Option<usize>,
 }
 
 /// A failed request: status and message, rendered as [`ErrorBody`].
@@ -252,7 +356,49 @@ impl From<UserError> for ApiError {
     }
 }
 
+impl From<FlashCopyError> for ApiError {
+    fn from(e: FlashCopyError) -> Self {
+        let status = match &e {
+            FlashCopyError::UnknownVolume(_) | FlashCopyError::NotFound(_) => StatusCode::NOT_FOUND,
+            FlashCopyError::OtherServer { .. }
+            | FlashCopyError::SameVolume(_)
+            | FlashCopyError::Duplicate(_)
+            | FlashCopyError::TargetTooSmall { .. }
+            | FlashCopyError::InRelationship { .. }
+            | FlashCopyError::ReadOnlyTarget(_)
+            | FlashCopyError::TargetOnline { .. } => StatusCode::CONFLICT,
+            FlashCopyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            FlashCopyError::Bitmap(_)
+            | FlashCopyError::State(_)
+            | FlashCopyError::Io { .. }
+            | FlashCopyError::Corrupt { .. } => {
+                tracing::error!("FlashCopy request failed: {e}");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
 type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// Unwraps a JSON body, turning a rejection into a 400 (415 without a JSON
+/// content type) with a JSON error.
+fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    match body {
+        Ok(Json(value)) => Ok(value),
+        Err(e) => {
+            let status = match e {
+                JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            Err(ApiError::new(
+                status,
+                format!("invalid request body: {}", e.body_text()),
+            ))
+        }
+    }
+}
 
 /// How a request reached the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -318,6 +464,8 @@ fn router(ctx: Ctx) -> Router {
         .merge(system_routes())
         .merge(volume_routes())
         .merge(user_routes())
+        .merge(flashcopy_routes())
+        .merge(log_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     let routes = match ctx.transport {
@@ -347,6 +495,23 @@ fn user_routes() -> Router<Ctx> {
     Router::new()
         .route("/v1/users", get(user_list).post(user_add))
         .route("/v1/users/{name}", delete(user_remove))
+}
+
+fn flashcopy_routes() -> Router<Ctx> {
+    Router::new()
+        .route(
+            "/v1/flashcopy",
+            get(flashcopy_list).post(flashcopy_establish),
+        )
+        .route("/v1/flashcopy/withdraw", post(flashcopy_withdraw))
+        .route(
+            "/v1/flashcopy/{selector}",
+            get(flashcopy_show).delete(flashcopy_withdraw_one),
+        )
+}
+
+fn log_routes() -> Router<Ctx> {
+    Router::new().route("/v1/log", get(log_tail))
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
@@ -417,32 +582,14 @@ fn uptime(api: &ApiState) -> u64 {
     api.server.started.elapsed().map_or(0, |d| d.as_secs())
 }
 
-/// Formats seconds since the epoch as RFC 3339 UTC, e.g. `2024-05-01T12:00:00Z`.
+/// Formats seconds since the epoch as RFC 3339 UTC with second precision,
+/// e.g. `2024-05-01T12:00:00Z` (the event log's format without milliseconds).
 fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Convert a day count to a proleptic Gregorian date using 400-year eras
-    // that start on March 1st, so the leap day falls at the end of a year.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z - era * 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    let text = super::log::rfc3339(UNIX_EPOCH + Duration::from_secs(secs));
+    match text.rsplit_once('.') {
+        Some((seconds, _millis)) => format!("{seconds}Z"),
+        None => text,
+    }
 }
 
 async fn health(State(ctx): State<Ctx>) -> Json<HealthView> {
@@ -502,9 +649,16 @@ async fn lss_list(State(ctx): State<Ctx>) -> Json<LssList> {
     })
 }
 
-fn volume_view(v: &Volume) -> VolumeView {
+fn volume_view(v: &Volume, incomplete: bool) -> VolumeView {
     let info = v.info();
     let store = v.store();
+    let (role, peer) = match v.flashcopy() {
+        Some(link) => match link.role {
+            Role::Source => (ROLE_SOURCE, Some(link.relationship.target_id.clone())),
+            Role::Target => (ROLE_TARGET, Some(link.relationship.source_id.clone())),
+        },
+        None => (ROLE_NONE, None),
+    };
     VolumeView {
         id: v.name().to_string(),
         alias: info.alias.clone(),
@@ -522,38 +676,190 @@ fn volume_view(v: &Volume) -> VolumeView {
         description: info.description.clone(),
         clients: v.clients(),
         stats: v.stats(),
+        flashcopy_role: role.to_string(),
+        flashcopy_peer: peer,
+        incomplete,
     }
 }
 
 async fn volume_list(State(ctx): State<Ctx>) -> Json<VolumeList> {
+    let incomplete = ctx.api.flashcopy.incomplete_targets().await;
     Json(VolumeList {
         volumes: ctx
             .api
             .server
             .volumes()
             .iter()
-            .map(|v| volume_view(v))
+            .map(|v| volume_view(v, incomplete.contains(v.name())))
             .collect(),
     })
 }
 
+/// Resolves a volume ID (also typed in lower case) or alias to the name
+/// the server knows it by; anything else is returned unchanged.
+fn canonical_volume(server: &StorageServer, name: &str) -> String {
+    if server.lookup(name).is_some() {
+        return name.to_string();
+    }
+    // Volume IDs are upper case; accept them typed in lower case.
+    let upper = name.to_ascii_uppercase();
+    if upper.parse::<VolumeId>().is_ok() {
+        upper
+    } else {
+        name.to_string()
+    }
+}
+
+/// [`canonical_volume`] for a FlashCopy selector: a volume or `SOURCE:TARGET`.
+fn canonical_selector(server: &StorageServer, selector: &str) -> String {
+    match selector.split_once(':') {
+        Some((s, t)) => format!(
+            "{}:{}",
+            canonical_volume(server, s),
+            canonical_volume(server, t)
+        ),
+        None => canonical_volume(server, selector),
+    }
+}
+
 async fn volume_show(State(ctx): State<Ctx>, Path(id): Path<String>) -> ApiResult<VolumeView> {
     let server = &ctx.api.server;
-    let found = server.lookup(&id).or_else(|| {
-        // Volume IDs are upper case; accept them typed in lower case.
-        let upper = id.to_ascii_uppercase();
-        upper
-            .parse::<VolumeId>()
-            .ok()
-            .and_then(|_| server.lookup(&upper))
-    });
-    match found {
-        Some(v) => Ok(Json(volume_view(v))),
+    match server.lookup(&canonical_volume(server, &id)) {
+        Some(v) => {
+            let incomplete = ctx.api.flashcopy.is_incomplete(v.name()).await;
+            Ok(Json(volume_view(v, incomplete)))
+        }
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("volume {id} not found"),
         )),
     }
+}
+
+/// Bytes per second for a `rate_mib_s` value; 0 (unlimited) for `None`.
+fn rate_bytes(rate_mib_s: Option<f64>) -> Result<u64, ApiError> {
+    match rate_mib_s {
+        None => Ok(0),
+        Some(r) if r.is_finite() && r > 0.0 => {
+            // At least 1 B/s: 0 would mean unlimited.
+            Ok(((r * (1u64 << 20) as f64).round() as u64).max(1))
+        }
+        Some(r) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("rate_mib_s must be greater than 0 (or null for unlimited), not {r}"),
+        )),
+    }
+}
+
+async fn flashcopy_establish(
+    State(ctx): State<Ctx>,
+    body: Result<Json<EstablishRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<RelationshipList>), ApiError> {
+    let request = json_body(body)?;
+    let server = &ctx.api.server;
+    let opts = EstablishOptions {
+        mode: if request.nocopy {
+            CopyMode::NoCopy
+        } else {
+            CopyMode::Copy
+        },
+        rate: rate_bytes(request.rate_mib_s)?,
+        permit_online: request.permit_online,
+    };
+    let pairs: Vec<(String, String)> = request
+        .pairs
+        .iter()
+        .map(|p| {
+            (
+                canonical_volume(server, &p.source),
+                canonical_volume(server, &p.target),
+            )
+        })
+        .collect();
+    let relationships = ctx.api.flashcopy.establish(&pairs, opts).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(RelationshipList { relationships }),
+    ))
+}
+
+async fn flashcopy_list(State(ctx): State<Ctx>) -> Json<FlashCopyList> {
+    let fc = &ctx.api.flashcopy;
+    let relationships = fc.list().await;
+    let incomplete: BTreeSet<String> = fc.incomplete_targets().await;
+    Json(FlashCopyList {
+        relationships,
+        incomplete_targets: incomplete.into_iter().collect(),
+    })
+}
+
+async fn flashcopy_show(
+    State(ctx): State<Ctx>,
+    Path(selector): Path<String>,
+) -> ApiResult<RelationshipList> {
+    let selector = canonical_selector(&ctx.api.server, &selector);
+    let relationships = ctx.api.flashcopy.show(&selector).await?;
+    Ok(Json(RelationshipList { relationships }))
+}
+
+async fn withdraw(ctx: &Ctx, selectors: &[String]) -> ApiResult<RelationshipList> {
+    let selectors: Vec<String> = selectors
+        .iter()
+        .map(|s| canonical_selector(&ctx.api.server, s))
+        .collect();
+    let relationships = ctx.api.flashcopy.withdraw(&selectors).await?;
+    Ok(Json(RelationshipList { relationships }))
+}
+
+async fn flashcopy_withdraw(
+    State(ctx): State<Ctx>,
+    body: Result<Json<WithdrawRequest>, JsonRejection>,
+) -> ApiResult<RelationshipList> {
+    let request = json_body(body)?;
+    withdraw(&ctx, &request.volumes).await
+}
+
+async fn flashcopy_withdraw_one(
+    State(ctx): State<Ctx>,
+    Path(selector): Path<String>,
+) -> ApiResult<RelationshipList> {
+    withdraw(&ctx, &[selector]).await
+}
+
+async fn log_tail(
+    State(ctx): State<Ctx>,
+    query: Result<Query<LogQuery>, QueryRejection>,
+) -> ApiResult<EventList> {
+    let Query(query) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid query: {}", e.body_text()),
+        )
+    })?;
+    let limit = query.limit.unwrap_or(DEFAULT_LOG_LIMIT);
+    if !(1..=MAX_LOG_LIMIT).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be from 1 to {MAX_LOG_LIMIT}, not {limit}"),
+        ));
+    }
+    let log = ctx.api.log.clone();
+    let events = tokio::task::spawn_blocking(move || log.tail(limit))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the event log failed: {e}"),
+            )
+        })?
+        .map_err(|e| {
+            tracing::error!("cannot read the event log: {e}");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read the event log: {e}"),
+            )
+        })?;
+    Ok(Json(EventList { events }))
 }
 
 fn require_unix(ctx: &Ctx) -> Result<(), ApiError> {
@@ -578,13 +884,7 @@ async fn user_add(
     body: Result<Json<NewUser>, JsonRejection>,
 ) -> Result<(StatusCode, Json<UserView>), ApiError> {
     require_unix(&ctx)?;
-    let Json(new) = body.map_err(|e| {
-        let status = match e {
-            JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        ApiError::new(status, format!("invalid request body: {}", e.body_text()))
-    })?;
+    let new = json_body(body)?;
     let api = ctx.api.clone();
     let name = new.name.clone();
     tokio::task::spawn_blocking(move || api.users.add(&new.name, &new.password))
@@ -625,6 +925,83 @@ mod tests {
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn maps_flashcopy_errors_to_statuses() {
+        let status = |e: FlashCopyError| {
+            let text = e.to_string();
+            let api = ApiError::from(e);
+            assert_eq!(api.message, text, "the message is the error's text");
+            api.status
+        };
+        assert_eq!(
+            status(FlashCopyError::UnknownVolume("X".into())),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            status(FlashCopyError::NotFound("X".into())),
+            StatusCode::NOT_FOUND
+        );
+        for conflict in [
+            FlashCopyError::OtherServer {
+                volume: "000ZZZ99".into(),
+                serial: "ZZZ99".into(),
+                ours: "FCA31".into(),
+            },
+            FlashCopyError::SameVolume("X".into()),
+            FlashCopyError::Duplicate("X".into()),
+            FlashCopyError::TargetTooSmall {
+                source_id: "S".into(),
+                source_size: 2,
+                target: "T".into(),
+                target_size: 1,
+            },
+            FlashCopyError::InRelationship {
+                volume: "S".into(),
+                role: "source",
+                source_id: "S".into(),
+                target: "T".into(),
+            },
+            FlashCopyError::ReadOnlyTarget("T".into()),
+            FlashCopyError::TargetOnline {
+                target: "T".into(),
+                clients: 1,
+            },
+        ] {
+            assert_eq!(status(conflict), StatusCode::CONFLICT);
+        }
+        assert_eq!(
+            status(FlashCopyError::BadRequest("no".into())),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(FlashCopyError::Io {
+                what: "reading".into(),
+                source: std::io::Error::other("boom"),
+            }),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            status(FlashCopyError::Corrupt {
+                path: "/x".into(),
+                message: "bad".into(),
+            }),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+
+    #[test]
+    fn converts_copy_rates() {
+        assert_eq!(rate_bytes(None).unwrap(), 0);
+        assert_eq!(rate_bytes(Some(1.0)).unwrap(), 1 << 20);
+        assert_eq!(rate_bytes(Some(2.5)).unwrap(), 5 << 19);
+        // Never 0 (unlimited) for a positive rate.
+        assert_eq!(rate_bytes(Some(1e-12)).unwrap(), 1);
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let e = rate_bytes(Some(bad)).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
+        }
     }
 
     #[test]

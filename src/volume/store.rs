@@ -152,15 +152,18 @@ impl BackingStore {
         };
         let ft = meta.file_type();
         if ft.is_block_device() {
-            let file = open_flags(read_only, direct, true)
-                .open(path)
-                .map_err(|e| match e.raw_os_error() {
-                    Some(libc::EBUSY) => OpenError::Mismatch {
-                        path: path.to_path_buf(),
-                        message: "block device is in use (mounted, or opened exclusively by another program)".into(),
-                    },
-                    _ => os(path, "cannot open block device")(e),
-                })?;
+            let file = retry_while_busy(libc::EBUSY, || {
+                open_flags(read_only, direct, true).open(path)
+            })
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EBUSY) => OpenError::Mismatch {
+                    path: path.to_path_buf(),
+                    message:
+                        "block device is in use (mounted, or opened exclusively by another program)"
+                            .into(),
+                },
+                _ => os(path, "cannot open block device")(e),
+            })?;
             let mut dev_size = 0u64;
             // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
             unsafe { blk_get_size64(file.as_raw_fd(), &mut dev_size) }
@@ -477,20 +480,47 @@ fn widen(offset: u64, len: usize, align: usize) -> (u64, u64) {
     (start, end)
 }
 
-fn lock_exclusive(file: &File, path: &Path) -> Result<(), OpenError> {
-    // SAFETY: flock on an fd owned by `file`.
-    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r == 0 {
-        return Ok(());
+/// How long start-up waits for a backing held by an exiting process: after
+/// a `kill -9` the kernel tears down the old process's io_uring (and with it
+/// its open files) asynchronously.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Retries `attempt` while it fails with `busy_errno`, for up to [`RELEASE_WAIT`].
+fn retry_while_busy<T>(
+    busy_errno: i32,
+    mut attempt: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
+    let deadline = std::time::Instant::now() + RELEASE_WAIT;
+    loop {
+        match attempt() {
+            Err(e)
+                if e.raw_os_error() == Some(busy_errno) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
     }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        return Err(OpenError::Mismatch {
+}
+
+fn lock_exclusive(file: &File, path: &Path) -> Result<(), OpenError> {
+    let locked = retry_while_busy(libc::EWOULDBLOCK, || {
+        // SAFETY: flock on an fd owned by `file`.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    });
+    match locked {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Err(OpenError::Mismatch {
             path: path.to_path_buf(),
             message: "backing file is locked by another process (another essd serving it?)".into(),
-        });
+        }),
+        Err(e) => Err(os(path, "cannot lock backing file")(e)),
     }
-    Err(os(path, "cannot lock backing file")(e))
 }
 
 async fn blocking<T: Send + 'static>(

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use super::Relationship;
 
-/// Tracks locked and copied together.
+/// Tracks locked and copied together (fewer when a rate limit is set, so
+/// the limit is kept within about a tenth of a second).
 const CHUNK_TRACKS: u64 = 256;
 /// Data copied between bitmap commits.
 const COMMIT_BYTES: u64 = 32 << 20;
@@ -59,9 +60,20 @@ async fn copy_all(rel: &Relationship) -> std::io::Result<CopierEnd> {
             rel.bitmap.commit(&rel.target).await?;
             return Ok(CopierEnd::Stopped);
         }
-        let end = (chunk + CHUNK_TRACKS).min(tracks);
+        let rate = rel.rate();
+        let chunk_tracks = if rate == 0 {
+            CHUNK_TRACKS
+        } else {
+            (rate / 10 / rel.track_size).clamp(1, CHUNK_TRACKS)
+        };
+        let end = (chunk + chunk_tracks).min(tracks);
         let pending = rel.uncopied(chunk, end - 1);
         if !pending.is_empty() {
+            // Wait until the limit allows more, before (not after) copying.
+            throttle(rel, started, rel.bytes_copied() - start_bytes).await;
+            if rel.stop.is_cancelled() {
+                continue;
+            }
             let _guard = rel.locks.exclusive(pending.iter().copied()).await;
             let pending: Vec<u64> = pending
                 .into_iter()
@@ -90,7 +102,6 @@ async fn copy_all(rel: &Relationship) -> std::io::Result<CopierEnd> {
             bytes_at_commit = copied;
             last_commit = Instant::now();
         }
-        throttle(rel, started, copied - start_bytes).await;
         chunk = end;
         tokio::task::yield_now().await;
     }

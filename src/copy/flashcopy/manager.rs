@@ -579,7 +579,7 @@ impl FlashCopyManager {
         if !inner.rels.iter().any(|(r, _)| Arc::ptr_eq(r, rel)) {
             return;
         }
-        match self.detach(&mut inner, &[rel.clone()], false).await {
+        match self.detach(&mut inner, std::slice::from_ref(rel), false).await {
             Ok(()) => self.log.record(
                 "flashcopy.end",
                 format!(
@@ -680,9 +680,9 @@ impl FlashCopyManager {
         let views: Vec<RelationshipView> = chosen.iter().map(|r| RelationshipView::of(r)).collect();
         self.detach(&mut inner, &chosen, true).await?;
         for v in &views {
-            let note = if v.mode == CopyMode::Copy && v.tracks_remaining > 0 {
+            let note = if v.tracks_remaining > 0 {
                 format!(
-                    "; background copy was {:.1}% done: target {} is incomplete",
+                    "; {:.1}% of tracks were copied: target {} is incomplete",
                     v.percent, v.target
                 )
             } else {

@@ -46,6 +46,7 @@ pub enum CopyMode {
     /// Copy every track in the background; the relationship then ends.
     Copy,
     /// Copy only tracks about to change; lasts until withdrawn.
+    #[serde(rename = "nocopy", alias = "no-copy")]
     NoCopy,
 }
 

@@ -1,1 +1,269 @@
+//! The FlashCopy data path against a byte-level model: random host writes,
+//! zeroes and trims on source and target, reads through the target, with
+//! and without a concurrent background copier, on both I/O engines.
 
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+
+use super::*;
+use crate::config::IoEngineChoice;
+use crate::copy::bitmap::TrackBitmap;
+use crate::io::Engine;
+use crate::volume::store::BackingStore;
+
+const TRACK: u64 = 4096;
+const SIZE: u64 = 16 * TRACK + 1000; // a partial last track
+
+fn store(dir: &Path, name: &str, size: u64, engine: &Engine) -> Arc<BackingStore> {
+    let path = dir.join(name);
+    let probe = BackingStore::probe(&path, Some(size), false, false).unwrap();
+    Arc::new(BackingStore::open(&path, probe, false, false, engine.clone()).unwrap())
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write(Role, u64, usize, u8),
+    Zero(Role, u64, u64, bool),
+    Trim(Role, u64, u64),
+    ReadTarget(u64, usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let role = prop_oneof![Just(Role::Source), Just(Role::Target)];
+    prop_oneof![
+        4 => (role.clone(), 0..SIZE - 1, 1usize..3 * TRACK as usize, any::<u8>())
+            .prop_map(|(r, o, n, s)| Op::Write(r, o, n.min((SIZE - o) as usize), s)),
+        1 => (role.clone(), 0..SIZE - 1, 1u64..3 * TRACK, any::<bool>())
+            .prop_map(|(r, o, n, p)| Op::Zero(r, o, n.min(SIZE - o), p)),
+        1 => (role, 0..SIZE - 1, 1u64..3 * TRACK).prop_map(|(r, o, n)| Op::Trim(r, o, n.min(SIZE - o))),
+        2 => (0..SIZE - 1, 1usize..3 * TRACK as usize).prop_map(|(o, n)| Op::ReadTarget(o, n.min((SIZE - o) as usize))),
+    ]
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_mul(31).wrapping_add(i as u8))
+        .collect()
+}
+
+async fn scenario(
+    engine: Engine,
+    ops: Vec<Op>,
+    mode: CopyMode,
+    rate: u64,
+) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    let source = store(dir.path(), "src", SIZE, &engine);
+    // The target is larger than the source; the tail is outside the relationship.
+    let target = store(dir.path(), "tgt", SIZE + 2 * TRACK, &engine);
+    let t0 = pattern(SIZE as usize, 7);
+    source
+        .write(0, Bytes::from(t0.clone()), false)
+        .await
+        .unwrap();
+    // Leave a hole in the source at T0 and junk on the target.
+    source
+        .write_zeroes(4 * TRACK, 2 * TRACK, true, false)
+        .await
+        .unwrap();
+    target
+        .write(
+            0,
+            Bytes::from(vec![0xEE; (SIZE + 2 * TRACK) as usize]),
+            false,
+        )
+        .await
+        .unwrap();
+    let mut model_src = t0.clone();
+    model_src[4 * TRACK as usize..6 * TRACK as usize].fill(0);
+    let mut model_tgt = model_src.clone();
+    model_tgt.extend(vec![0xEE; 2 * TRACK as usize]);
+
+    let tracks = SIZE.div_ceil(TRACK);
+    let bitmap = TrackBitmap::create(&dir.path().join("bm"), TRACK, tracks).unwrap();
+    let rel = Arc::new(Relationship::new(
+        "S".into(),
+        "T".into(),
+        source.clone(),
+        target.clone(),
+        mode,
+        rate,
+        SystemTime::now(),
+        TRACK,
+        bitmap,
+    ));
+    let copier = (mode == CopyMode::Copy).then(|| tokio::spawn(copier::run(rel.clone())));
+
+    for op in &ops {
+        match *op {
+            Op::Write(role, off, len, seed) => {
+                let data = pattern(len, seed);
+                rel.modify(
+                    role,
+                    off,
+                    len as u64,
+                    Change::Write(Bytes::from(data.clone()), seed % 5 == 0),
+                )
+                .await
+                .unwrap();
+                let m = if role == Role::Source {
+                    &mut model_src
+                } else {
+                    &mut model_tgt
+                };
+                m[off as usize..off as usize + len].copy_from_slice(&data);
+            }
+            Op::Zero(role, off, len, punch) => {
+                rel.modify(role, off, len, Change::Zero(punch, false, false))
+                    .await
+                    .unwrap();
+                let m = if role == Role::Source {
+                    &mut model_src
+                } else {
+                    &mut model_tgt
+                };
+                m[off as usize..(off + len) as usize].fill(0);
+            }
+            Op::Trim(role, off, len) => {
+                rel.modify(role, off, len, Change::Trim).await.unwrap();
+                let m = if role == Role::Source {
+                    &mut model_src
+                } else {
+                    &mut model_tgt
+                };
+                m[off as usize..(off + len) as usize].fill(0);
+            }
+            Op::ReadTarget(off, len) => {
+                let got = rel.read(Role::Target, off, len).await.unwrap();
+                prop_assert_eq!(&got[..], &model_tgt[off as usize..off as usize + len]);
+            }
+        }
+    }
+    let src_now = rel.read(Role::Source, 0, SIZE as usize).await.unwrap();
+    prop_assert_eq!(&src_now[..], &model_src[..]);
+    let tgt_now = rel
+        .read(Role::Target, 0, (SIZE + 2 * TRACK) as usize)
+        .await
+        .unwrap();
+    prop_assert_eq!(&tgt_now[..], &model_tgt[..]);
+    // Block status through the target agrees with its content: every hole reads as zeroes.
+    let extents = rel.extents(Role::Target, 0, SIZE, 4096).await.unwrap();
+    let mut pos = 0u64;
+    for e in &extents {
+        if e.hole {
+            prop_assert!(tgt_now[pos as usize..(pos + e.length) as usize]
+                .iter()
+                .all(|&b| b == 0));
+        }
+        pos += e.length;
+    }
+    prop_assert_eq!(pos, SIZE);
+    if let Some(copier) = copier {
+        prop_assert_eq!(copier.await.unwrap(), copier::CopierEnd::Complete);
+        // Every track is on the target itself now.
+        let raw = target.read(0, (SIZE + 2 * TRACK) as usize).await.unwrap();
+        prop_assert_eq!(&raw[..], &model_tgt[..]);
+    }
+    // No track was copied twice.
+    prop_assert!(rel.copies() <= tracks);
+    // The durable bitmap equals the in-memory one after the last commit.
+    rel.bitmap().commit(&target).await.unwrap();
+    let reopened = TrackBitmap::open(&dir.path().join("bm"), TRACK, tracks).unwrap();
+    for t in 0..tracks {
+        prop_assert_eq!(reopened.get(t), rel.bitmap().get(t), "track {}", t);
+    }
+    Ok(())
+}
+
+fn run(ops: Vec<Op>, mode: CopyMode, rate: u64) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for choice in [IoEngineChoice::Uring, IoEngineChoice::Threads] {
+            let engine = Engine::start(choice).unwrap();
+            scenario(engine, ops.clone(), mode, rate).await?;
+        }
+        Ok(())
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn nocopy_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+        run(ops, CopyMode::NoCopy, 0)?;
+    }
+
+    #[test]
+    fn copy_with_racing_copier_matches_model(ops in proptest::collection::vec(op(), 1..60), slow in any::<bool>()) {
+        // A slow copier (64 KiB/s) interleaves with host I/O track by track.
+        run(ops, CopyMode::Copy, if slow { 64 << 10 } else { 0 })?;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_track_target_write_skips_the_copy_and_source_tracks_copy_once() {
+    let engine = Engine::start(IoEngineChoice::Uring).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let source = store(dir.path(), "src", 8 * TRACK, &engine);
+    let target = store(dir.path(), "tgt", 8 * TRACK, &engine);
+    source
+        .write(0, Bytes::from(vec![1u8; 8 * TRACK as usize]), false)
+        .await
+        .unwrap();
+    let bitmap = TrackBitmap::create(&dir.path().join("bm"), TRACK, 8).unwrap();
+    let rel = Relationship::new(
+        "S".into(),
+        "T".into(),
+        source.clone(),
+        target.clone(),
+        CopyMode::NoCopy,
+        0,
+        SystemTime::now(),
+        TRACK,
+        bitmap,
+    );
+    rel.modify(
+        Role::Target,
+        TRACK,
+        TRACK,
+        Change::Write(Bytes::from(vec![2u8; TRACK as usize]), false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rel.copies(), 0, "a whole-track target write copies nothing");
+    assert!(rel.bitmap().get(1));
+    for _ in 0..3 {
+        rel.modify(
+            Role::Source,
+            0,
+            10,
+            Change::Write(Bytes::from_static(b"0123456789"), false),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(rel.copies(), 1, "track 0 is copied once");
+    assert_eq!(
+        &rel.read(Role::Target, 0, 10).await.unwrap()[..],
+        &[1u8; 10]
+    );
+    assert_eq!(
+        &rel.read(Role::Target, TRACK, 4).await.unwrap()[..],
+        &[2u8; 4]
+    );
+    // Untouched tracks are served from the source.
+    assert_eq!(
+        &rel.read(Role::Target, 5 * TRACK, 4).await.unwrap()[..],
+        &[1u8; 4]
+    );
+    assert_eq!(rel.bitmap().count(), 2);
+}

@@ -1,0 +1,481 @@
+//! FlashCopy through real clients: T0 under load (fio writes on the source
+//! while the target is read), a byte model of mixed source/target I/O,
+//! consistent multi-pair establish, kill -9 crash campaigns, and
+//! permit-if-target-online.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn essctl(essd: &Essd, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_essctl"))
+        .arg("--server")
+        .arg(&essd.api_sock)
+        .args(args)
+        .output()
+        .expect("run essctl")
+}
+
+fn essctl_ok(essd: &Essd, args: &[&str]) -> String {
+    let out = essctl(essd, args);
+    assert!(
+        out.status.success(),
+        "essctl {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn relationships(essd: &Essd) -> serde_json::Value {
+    let text = essctl_ok(essd, &["--json", "flashcopy", "list"]);
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Copies an export to a file with nbdcopy and returns its SHA-256.
+fn export_sha(essd: &Essd, export: &str, file: &std::path::Path) -> String {
+    run(Command::new("nbdcopy").arg(essd.uri(export)).arg(file));
+    sha256_file(file)
+}
+
+fn four_volumes(engine: &'static str, size: &'static str) -> TestConfig {
+    let mut cfg = TestConfig::new(engine);
+    cfg.volumes = (0..4).map(|n| Vol::new(0x10, n, size)).collect();
+    cfg
+}
+
+#[test]
+fn target_holds_t0_while_fio_writes_the_source() {
+    require("fio", "fio");
+    require("nbdcopy", "libnbd-bin");
+    for (engine, mode) in [
+        ("uring", "copy"),
+        ("threads", "nocopy"),
+        ("uring", "nocopy"),
+        ("threads", "copy"),
+    ] {
+        let dir = tempdir("fc-t0");
+        let essd = Essd::start_in(dir.path(), &four_volumes(engine, "64MiB"));
+        let seed = dir.path().join("seed.bin");
+        random_file(&seed, 48 << 20, 5); // the last 16 MiB stay a hole
+        run(Command::new("nbdcopy").arg(&seed).arg(essd.uri("000TST01")));
+        let t0_sha = export_sha(&essd, "000TST01", &dir.path().join("t0.bin"));
+
+        let mut args = vec!["flashcopy", "establish", "000TST01:001TST01"];
+        if mode == "nocopy" {
+            args.push("--nocopy");
+        } else {
+            // A tiny rate so host writes race the background copier.
+            args.extend(["--rate", "2"]);
+        }
+        essctl_ok(&essd, &args);
+
+        let fio = Command::new("fio")
+            .args([
+                "--name=load",
+                "--ioengine=nbd",
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=16",
+                "--time_based",
+                "--runtime=4",
+                "--size=64M",
+            ])
+            .arg(format!("--uri={}", essd.uri("000TST01")))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut fio = scopeguard_child(fio);
+        // Read the whole target twice while the source is being rewritten.
+        std::thread::sleep(Duration::from_millis(500));
+        for round in 0..2 {
+            let sha = export_sha(
+                &essd,
+                "001TST01",
+                &dir.path().join(format!("tgt{round}.bin")),
+            );
+            assert_eq!(
+                sha, t0_sha,
+                "{engine}/{mode}: target differs from T0 under load (round {round})"
+            );
+        }
+        assert!(fio.0.wait().unwrap().success());
+        let now_sha = export_sha(&essd, "000TST01", &dir.path().join("src-now.bin"));
+        assert_ne!(now_sha, t0_sha, "fio did change the source");
+        let rel = &relationships(&essd)["relationships"][0];
+        if rel.is_null() {
+            assert_eq!(mode, "copy", "only a COPY relationship ends by itself");
+        } else {
+            assert!(rel["tracks_copied"].as_u64().unwrap() > 0, "{rel}");
+        }
+        // After a clean restart the target still reads as T0.
+        assert_eq!(essd.stop().code(), Some(0));
+        let essd = Essd::start_config(dir.path(), &dir.path().join("essd.toml"), "TST01");
+        let sha = export_sha(&essd, "001TST01", &dir.path().join("tgt-restart.bin"));
+        assert_eq!(
+            sha, t0_sha,
+            "{engine}/{mode}: target differs from T0 after restart"
+        );
+        // fio touched every track, so a COPY relationship may have ended
+        // by itself (all tracks copied by copy-before-write).
+        if relationships(&essd)["relationships"][0]["source"] == "000TST01" {
+            essctl_ok(&essd, &["flashcopy", "withdraw", "000TST01"]);
+        } else {
+            assert_eq!(mode, "copy", "a NOCOPY relationship never ends by itself");
+        }
+    }
+}
+
+/// Kills a child on drop.
+struct ChildGuard(std::process::Child);
+fn scopeguard_child(c: std::process::Child) -> ChildGuard {
+    ChildGuard(c)
+}
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const MODEL: &str = r#"
+import nbd, random, sys
+src_uri, tgt_uri, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+TRACK = 65536
+SIZE = 4 << 20
+rng = random.Random(seed)
+s = nbd.NBD(); s.connect_uri(src_uri)
+t = nbd.NBD(); t.connect_uri(tgt_uri)
+model_src = bytearray(s.pread(SIZE, 0))
+model_tgt = bytearray(t.pread(SIZE, 0))
+assert model_src == model_tgt, "target must read as the source at T0"
+for i in range(400):
+    which = rng.random()
+    off = rng.randrange(0, SIZE - 1)
+    if rng.random() < 0.3:
+        off -= off % TRACK
+        n = min(rng.choice([TRACK, 2 * TRACK]), SIZE - off)
+    else:
+        n = min(rng.randrange(1, 3 * TRACK), SIZE - off)
+    if which < 0.35:
+        data = rng.randbytes(n)
+        s.pwrite(data, off)
+        model_src[off:off+n] = data
+    elif which < 0.7:
+        data = rng.randbytes(n)
+        t.pwrite(data, off)
+        model_tgt[off:off+n] = data
+    elif which < 0.8:
+        t.zero(n, off)
+        model_tgt[off:off+n] = bytes(n)
+    elif which < 0.85:
+        s.zero(n, off)
+        model_src[off:off+n] = bytes(n)
+    else:
+        assert t.pread(n, off) == model_tgt[off:off+n], f"target read {off}+{n} at step {i}"
+assert t.pread(SIZE, 0) == model_tgt
+assert s.pread(SIZE, 0) == model_src
+t.flush(); s.flush()
+print("model ok")
+"#;
+
+#[test]
+fn mixed_source_and_target_io_matches_a_byte_model() {
+    for (engine, mode) in [("uring", "--nocopy"), ("threads", "--rate=1")] {
+        let dir = tempdir("fc-model");
+        let essd = Essd::start_in(dir.path(), &four_volumes(engine, "4MiB"));
+        let seed = dir.path().join("seed.bin");
+        random_file(&seed, 4 << 20, 9);
+        run(Command::new("nbdcopy").arg(&seed).arg(essd.uri("000TST01")));
+        essctl_ok(
+            &essd,
+            &["flashcopy", "establish", "000TST01:001TST01", mode],
+        );
+        let out = python(MODEL, &[&essd.uri("000TST01"), &essd.uri("001TST01"), "42"]);
+        assert_eq!(out.trim(), "model ok", "{engine}");
+    }
+}
+
+const DEPENDENT: &str = r#"
+import nbd, os, struct, sys, time
+a_uri, b_uri, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+a = nbd.NBD(); a.connect_uri(a_uri)
+b = nbd.NBD(); b.connect_uri(b_uri)
+i = 0
+deadline = time.time() + 20
+while not os.path.exists(stop) and time.time() < deadline:
+    i += 1
+    rec = struct.pack(">Q", i) * 512
+    a.pwrite(rec, (i % 1024) * 4096)   # write A ...
+    b.pwrite(rec, (i % 1024) * 4096)   # ... then B, which depends on A
+print(i)
+"#;
+
+const CHECK_DEPENDENT: &str = r#"
+import nbd, struct, sys
+a = nbd.NBD(); a.connect_uri(sys.argv[1])
+b = nbd.NBD(); b.connect_uri(sys.argv[2])
+bad = 0
+maxa = maxb = 0
+for slot in range(1024):
+    ra = struct.unpack(">Q", a.pread(8, slot * 4096))[0]
+    rb = struct.unpack(">Q", b.pread(8, slot * 4096))[0]
+    maxa, maxb = max(maxa, ra), max(maxb, rb)
+    if rb > ra:
+        bad += 1
+# B's newest record must not be newer than A's newest: A was written first.
+if maxb > maxa:
+    bad += 1
+print(bad, maxa, maxb)
+"#;
+
+#[test]
+fn multi_pair_establish_is_one_consistent_point_in_time() {
+    let dir = tempdir("fc-cg");
+    let essd = Essd::start_in(dir.path(), &four_volumes("uring", "4MiB"));
+    for attempt in 0..3u64 {
+        let stop = dir.path().join(format!("stop{attempt}"));
+        let writer = Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(DEPENDENT)
+            .args([
+                &essd.uri("000TST01"),
+                &essd.uri("001TST01"),
+                stop.to_str().unwrap(),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut writer = scopeguard_child(writer);
+        std::thread::sleep(Duration::from_millis(400 + 300 * attempt));
+        essctl_ok(
+            &essd,
+            &[
+                "flashcopy",
+                "establish",
+                "000TST01:002TST01",
+                "001TST01:003TST01",
+                "--nocopy",
+            ],
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        std::fs::write(&stop, b"").unwrap();
+        let mut count = String::new();
+        std::io::Read::read_to_string(writer.0.stdout.as_mut().unwrap(), &mut count).unwrap();
+        assert!(writer.0.wait().unwrap().success());
+        let written: u64 = count.trim().parse().unwrap();
+        let out = python(
+            CHECK_DEPENDENT,
+            &[&essd.uri("002TST01"), &essd.uri("003TST01")],
+        );
+        let fields: Vec<u64> = out.split_whitespace().map(|x| x.parse().unwrap()).collect();
+        assert_eq!(fields[0], 0, "targets show B without A: {out}");
+        assert!(
+            fields[1] > 0 && fields[1] < written,
+            "T0 ({out}) must fall inside the write stream of {written}"
+        );
+        essctl_ok(&essd, &["flashcopy", "withdraw", "000TST01", "001TST01"]);
+    }
+}
+
+const CRASH_WRITER: &str = r#"
+import nbd, random, sys, os
+uri, log_path, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rng = random.Random(seed)
+h = nbd.NBD(); h.connect_uri(uri)
+SIZE = 16 << 20
+log = open(log_path, "ab")
+def record(kind, payload=b""):
+    log.write(kind + len(payload).to_bytes(8, "big") + payload)
+    log.flush(); os.fsync(log.fileno())
+try:
+    while True:
+        batch = []
+        for _ in range(rng.randrange(1, 8)):
+            off = rng.randrange(0, SIZE // 4096) * 4096
+            batch.append((off, rng.randbytes(4096)))
+        # Intent first: a write that lands without a completed FLUSH is
+        # allowed to be there (or not) after a crash.
+        record(b"P", b"".join(off.to_bytes(8, "big") + data for off, data in batch))
+        for off, data in batch:
+            h.pwrite(data, off)
+        h.flush()
+        # Only writes covered by a completed FLUSH are promised to survive.
+        record(b"F")
+except nbd.Error:
+    pass
+"#;
+
+const CRASH_CHECK: &str = r#"
+import nbd, sys
+uri, log_path = sys.argv[1], sys.argv[2]
+h = nbd.NBD(); h.connect_uri(uri)
+with open(log_path, "rb") as f:
+    blob = f.read()
+flushed, maybe, pending = {}, {}, []
+i = 0
+while i + 9 <= len(blob):
+    kind, n = blob[i:i+1], int.from_bytes(blob[i+1:i+9], "big")
+    payload = blob[i+9:i+9+n]
+    i += 9 + n
+    if kind == b"P":
+        # An earlier batch without its F record never completed its flush.
+        for off, data in pending:
+            maybe.setdefault(off, []).append(data)
+        pending = [(int.from_bytes(payload[j:j+8], "big"), payload[j+8:j+8+4096])
+                   for j in range(0, len(payload), 8 + 4096)]
+    else:
+        for off, data in pending:
+            flushed[off] = data
+            maybe[off] = []
+        pending = []
+for off, data in pending:
+    maybe.setdefault(off, []).append(data)
+missing = [off for off, data in flushed.items()
+           if h.pread(4096, off) not in [data] + maybe.get(off, [])]
+print(len(flushed), len(missing))
+"#;
+
+#[test]
+fn kill_9_never_breaks_t0_or_loses_flushed_writes() {
+    require("nbdcopy", "libnbd-bin");
+    let dir = tempdir("fc-crash");
+    let mut cfg = four_volumes("uring", "16MiB");
+    cfg.volumes[0].size = Some("16MiB");
+    let mut essd = Essd::start_in(dir.path(), &cfg);
+    for (n, vol) in ["000TST01", "002TST01"].iter().enumerate() {
+        let seed = dir.path().join(format!("seed{n}.bin"));
+        random_file(&seed, 16 << 20, 100 + n as u64);
+        run(Command::new("nbdcopy").arg(&seed).arg(essd.uri(vol)));
+    }
+    let t0_a = export_sha(&essd, "000TST01", &dir.path().join("t0a.bin"));
+    let t0_b = export_sha(&essd, "002TST01", &dir.path().join("t0b.bin"));
+    essctl_ok(
+        &essd,
+        &["flashcopy", "establish", "000TST01:001TST01", "--nocopy"],
+    );
+    essctl_ok(
+        &essd,
+        &["flashcopy", "establish", "002TST01:003TST01", "--rate", "2"],
+    );
+    let log_a = dir.path().join("writes-a.log");
+    let log_b = dir.path().join("writes-b.log");
+    let mut rng_state = 0x1234_5678u64;
+    for round in 0..20 {
+        let spawn = |uri: String, log: &std::path::Path, seed: u64| {
+            Command::new("/usr/bin/python3")
+                .arg("-c")
+                .arg(CRASH_WRITER)
+                .arg(uri)
+                .arg(log)
+                .arg(seed.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let wa = scopeguard_child(spawn(essd.uri("000TST01"), &log_a, round * 2));
+        let wb = scopeguard_child(spawn(essd.uri("002TST01"), &log_b, round * 2 + 1));
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        std::thread::sleep(Duration::from_millis(150 + rng_state % 600));
+        essd.kill();
+        drop(wa);
+        drop(wb);
+        essd = Essd::start_config(dir.path(), &dir.path().join("essd.toml"), "TST01");
+        let a = export_sha(&essd, "001TST01", &dir.path().join("tgt-a.bin"));
+        assert_eq!(
+            a, t0_a,
+            "round {round}: NOCOPY target differs from T0 after kill -9"
+        );
+        let b = export_sha(&essd, "003TST01", &dir.path().join("tgt-b.bin"));
+        assert_eq!(
+            b, t0_b,
+            "round {round}: COPY target differs from T0 after kill -9"
+        );
+        for (vol, log) in [("000TST01", &log_a), ("002TST01", &log_b)] {
+            if log.exists() {
+                let out = python(CRASH_CHECK, &[&essd.uri(vol), log.to_str().unwrap()]);
+                let f: Vec<u64> = out.split_whitespace().map(|x| x.parse().unwrap()).collect();
+                assert_eq!(
+                    f[1], 0,
+                    "round {round}: {} of {} flushed blocks lost on {vol}",
+                    f[1], f[0]
+                );
+            }
+        }
+    }
+    // The background copy resumed after every restart and progressed.
+    let list = relationships(&essd);
+    let copy = list["relationships"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["source"] == "002TST01");
+    if let Some(copy) = copy {
+        assert!(copy["tracks_copied"].as_u64().unwrap() > 0);
+    }
+}
+
+#[test]
+fn permit_if_target_online() {
+    require("nbdinfo", "libnbd-bin");
+    let dir = tempdir("fc-online");
+    let essd = Essd::start_in(dir.path(), &four_volumes("uring", "4MiB"));
+    // Hold a connection to the target open.
+    let holder = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg("import nbd, sys, time\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\nprint('up', flush=True)\ntime.sleep(30)\n")
+        .arg(essd.uri("001TST01"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut holder = scopeguard_child(holder);
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.0.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "up");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = essctl(
+            &essd,
+            &["flashcopy", "establish", "000TST01:001TST01", "--nocopy"],
+        );
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        if out.status.code() == Some(1) {
+            assert_eq!(
+                err.trim(),
+                "essctl: target 001TST01 has 1 connected NBD client(s); disconnect them or permit establishing onto an online target"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "establish onto an online target was not refused: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    essctl_ok(
+        &essd,
+        &[
+            "flashcopy",
+            "establish",
+            "000TST01:001TST01",
+            "--nocopy",
+            "--permit-online",
+        ],
+    );
+    assert_eq!(
+        relationships(&essd)["relationships"][0]["target"],
+        "001TST01"
+    );
+}
