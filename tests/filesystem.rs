@@ -189,6 +189,19 @@ impl Drop for LoopDev {
     }
 }
 
+/// Starts essd on `cfg` in `dir`, expecting start-up to fail with exit
+/// code 2; returns its stderr.
+fn start_fails(dir: &Path, cfg: &TestConfig) -> String {
+    std::fs::write(dir.join("essd.toml"), cfg.render(dir)).unwrap();
+    let out = Command::new(essd_bin())
+        .arg("--config")
+        .arg(dir.join("essd.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn loop_device_backing_serves_and_persists_data() {
     require_root("losetup");
@@ -228,14 +241,7 @@ fn loop_device_backing_serves_and_persists_data() {
 
         // A second server cannot open the device while the first holds it.
         let dir2 = tempdir("blk2");
-        std::fs::write(dir2.path().join("essd.toml"), cfg.render(dir2.path())).unwrap();
-        let out = Command::new(essd_bin())
-            .arg("--config")
-            .arg(dir2.path().join("essd.toml"))
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2));
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = start_fails(dir2.path(), &cfg);
         assert!(
             err.contains(
                 "block device is in use (mounted, or opened exclusively by another program)"
@@ -249,14 +255,7 @@ fn loop_device_backing_serves_and_persists_data() {
         // Configured larger than the device → refused.
         let mut big = cfg.clone();
         big.volumes[0].size = Some("64MiB");
-        std::fs::write(dir2.path().join("essd.toml"), big.render(dir2.path())).unwrap();
-        let out = Command::new(essd_bin())
-            .arg("--config")
-            .arg(dir2.path().join("essd.toml"))
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2));
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = start_fails(dir2.path(), &big);
         assert!(
             err.contains(
                 "block device is 50331648 bytes, smaller than the configured size 67108864"

@@ -549,15 +549,14 @@ fn refusals_roles_and_nocopy_withdraw() {
 fn withdraw_in_the_middle_of_a_copy() {
     let dir = tempdir("fc-cli-mid");
     let essd = start(dir.path());
-    // 16 MiB of data at 1 MiB/s: after its first chunk (half the tracks)
-    // the copier waits ~16 s before the second.
+    // 16 MiB of data at 1 MiB/s: the copy takes about 16 s.
     fill(&essd, "000TST01", (COPIER_CHUNK * TRACK) as usize);
     essctl(
         &essd,
         &["flashcopy", "establish", "000TST01:001TST01", "--rate", "1"],
     )
     .ok();
-    let rel = wait_for(&essd, "001TST01", |r| r["tracks_copied"] == COPIER_CHUNK);
+    let rel = wait_for(&essd, "001TST01", |r| r["tracks_copied"].as_u64() > Some(0));
     assert_eq!(rel["state"], "copying");
     assert_eq!(rel["rate_mib_s"], 1.0);
 
@@ -579,20 +578,24 @@ fn withdraw_in_the_middle_of_a_copy() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(
         wait.stderr.contains(
-            "essctl: timed out after 0.5 s waiting for the background copy of 000TST01 → 001TST01 (50.0% copied)"
+            "essctl: timed out after 0.5 s waiting for the background copy of 000TST01 → 001TST01 ("
         ),
         "{wait:?}"
     );
-    assert!(wait.stderr.contains("50.0%  256/512 tracks"), "{wait:?}");
+    assert!(wait.stderr.contains("/512 tracks"), "{wait:?}");
 
     let run = essctl(&essd, &["flashcopy", "withdraw", "000TST01"]);
-    assert_eq!(
-        run.ok(),
-        "withdrew 000TST01 → 001TST01 (copy, 256 of 512 tracks copied)\n"
+    let out = run.ok().to_string();
+    assert!(
+        out.starts_with("withdrew 000TST01 → 001TST01 (copy, ")
+            && out.ends_with(" of 512 tracks copied)\n"),
+        "{out}"
     );
-    assert_eq!(
-        run.stderr,
-        "warning: target 001TST01 is incomplete (background copy was 50.0% done)\n"
+    assert!(
+        run.stderr
+            .starts_with("warning: target 001TST01 is incomplete (background copy was ")
+            && run.stderr.ends_with("% done)\n"),
+        "{run:?}"
     );
     let show = essctl(&essd, &["volume", "show", "001TST01"]);
     assert_eq!(field(show.ok(), "incomplete"), "yes");

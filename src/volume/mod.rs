@@ -429,13 +429,7 @@ impl Volume {
         let _gate = self.gate.read().await;
         match self.flashcopy() {
             Some(fc) => fc.relationship.modify(fc.role, offset, len, change).await,
-            None => match change {
-                Change::Write(data, fua) => self.store.write(offset, data, fua).await,
-                Change::Zero(punch, fast, _) => {
-                    self.store.write_zeroes(offset, len, punch, fast).await
-                }
-                Change::Trim => self.store.trim(offset, len).await,
-            },
+            None => change.apply(&self.store, offset, len).await,
         }
         .map_err(self.io_error(op, offset))
     }

@@ -72,7 +72,8 @@ pub enum Change {
 }
 
 impl Change {
-    async fn apply(&self, store: &BackingStore, offset: u64, len: u64) -> io::Result<()> {
+    /// Applies the change to a backing store directly.
+    pub async fn apply(&self, store: &BackingStore, offset: u64, len: u64) -> io::Result<()> {
         match self {
             Change::Write(data, fua) => store.write(offset, data.clone(), *fua).await,
             Change::Zero(punch, fast, fua) => {
