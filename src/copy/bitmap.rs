@@ -6,7 +6,10 @@
 //! bitmap is in use.
 //!
 //! Durability ordering: whoever sets a bit has already written the data
-//! the bit stands for. [`TrackBitmap::commit`] snapshots the dirty pages,
+//! the bit stands for. A second, in-memory copy of the bits records which
+//! ones are durable, so the data path can tell a track that is copied *and*
+//! durable (nothing to wait for) from one whose bit still has to be
+//! committed before the track may be changed. [`TrackBitmap::commit`] snapshots the dirty pages,
 //! then makes the data durable (`data.flush()`), then writes and fsyncs the
 //! snapshots — so a bit is never durable before its data. Concurrent
 //! committers queue on one lock; the first does the work for all whose bits
@@ -57,6 +60,8 @@ pub struct TrackBitmap {
     file: Arc<File>,
     tracks: u64,
     words: Vec<AtomicU64>,
+    /// The bits known to be in the file and fsynced (a subset of `words`).
+    durable_words: Vec<AtomicU64>,
     set_count: AtomicU64,
     /// Pages changed since they were last snapshotted.
     dirty: Mutex<BTreeSet<u64>>,
@@ -133,7 +138,7 @@ impl TrackBitmap {
     fn from_parts(path: &Path, file: File, tracks: u64, bits: Vec<u8>) -> Self {
         let nwords = tracks.div_ceil(TRACKS_PER_PAGE) as usize * WORDS_PER_PAGE;
         let mut set = 0u64;
-        let words = (0..nwords)
+        let words: Vec<AtomicU64> = (0..nwords)
             .map(|i| {
                 let mut w = bits
                     .get(i * 8..i * 8 + 8)
@@ -150,11 +155,16 @@ impl TrackBitmap {
                 AtomicU64::new(w)
             })
             .collect();
+        let durable_words = words
+            .iter()
+            .map(|w| AtomicU64::new(w.load(Ordering::Relaxed)))
+            .collect();
         TrackBitmap {
             path: path.to_path_buf(),
             file: Arc::new(file),
             tracks,
             words,
+            durable_words,
             set_count: AtomicU64::new(set),
             dirty: Mutex::new(BTreeSet::new()),
             generation: AtomicU64::new(0),
@@ -188,6 +198,11 @@ impl TrackBitmap {
         self.words[(t / 64) as usize].load(Ordering::Acquire) & (1 << (t % 64)) != 0
     }
 
+    /// Whether track `t`'s bit is durable (in the file and fsynced).
+    pub fn is_durable(&self, t: u64) -> bool {
+        self.durable_words[(t / 64) as usize].load(Ordering::Acquire) & (1 << (t % 64)) != 0
+    }
+
     /// Whether every track in `[first, last]` is set.
     pub fn all_in(&self, first: u64, last: u64) -> bool {
         (first..=last).all(|t| self.get(t))
@@ -210,6 +225,71 @@ impl TrackBitmap {
         true
     }
 
+    /// Sets every track in `[first, end)` (their data must already be
+    /// written); returns how many were newly set.
+    pub fn set_range(&self, first: u64, end: u64) -> u64 {
+        assert!(end <= self.tracks, "tracks {first}..{end} out of range");
+        let mut newly = 0;
+        let mut t = first;
+        let mut pages = Vec::new();
+        while t < end {
+            let word = t / 64;
+            let lo = t % 64;
+            let hi = (end - word * 64).min(64);
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            let old = self.words[word as usize].fetch_or(mask, Ordering::AcqRel);
+            let added = u64::from((mask & !old).count_ones());
+            if added > 0 {
+                newly += added;
+                let page = t / TRACKS_PER_PAGE;
+                if pages.last() != Some(&page) {
+                    pages.push(page);
+                }
+            }
+            t = word * 64 + hi;
+        }
+        if newly > 0 {
+            self.set_count.fetch_add(newly, Ordering::AcqRel);
+            self.dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(pages);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        newly
+    }
+
+    /// Maximal runs `[start, end)` of unset tracks within `[first, end)`.
+    pub fn unset_runs(&self, first: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut t = first;
+        while t < end {
+            let w = self.words[(t / 64) as usize].load(Ordering::Acquire);
+            if t % 64 == 0 && end - t >= 64 && (w == 0 || w == u64::MAX) {
+                if w == 0 {
+                    match runs.last_mut() {
+                        Some(r) if r.1 == t => r.1 = t + 64,
+                        _ => runs.push((t, t + 64)),
+                    }
+                }
+                t += 64;
+                continue;
+            }
+            if w & (1 << (t % 64)) == 0 {
+                match runs.last_mut() {
+                    Some(r) if r.1 == t => r.1 = t + 1,
+                    _ => runs.push((t, t + 1)),
+                }
+            }
+            t += 1;
+        }
+        runs
+    }
+
     /// Makes every bit set so far durable, after making `data` durable.
     pub async fn commit(&self, data: &BackingStore) -> io::Result<()> {
         let want = self.generation.load(Ordering::Acquire);
@@ -225,15 +305,22 @@ impl TrackBitmap {
             std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()))
                 .into_iter()
                 .collect();
-        let snapshots: Vec<(u64, Vec<u8>)> = pages
+        let words: Vec<(usize, Vec<u64>)> = pages
             .iter()
             .map(|&p| {
                 let first = p as usize * WORDS_PER_PAGE;
-                let mut bytes = Vec::with_capacity(PAGE as usize);
-                for w in &self.words[first..first + WORDS_PER_PAGE] {
-                    bytes.extend_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
-                }
-                (HEADER + p * PAGE, bytes)
+                let snapshot = self.words[first..first + WORDS_PER_PAGE]
+                    .iter()
+                    .map(|w| w.load(Ordering::Acquire))
+                    .collect();
+                (first, snapshot)
+            })
+            .collect();
+        let snapshots: Vec<(u64, Vec<u8>)> = words
+            .iter()
+            .map(|(first, snapshot)| {
+                let bytes = snapshot.iter().flat_map(|w| w.to_le_bytes()).collect();
+                (HEADER + (*first / WORDS_PER_PAGE) as u64 * PAGE, bytes)
             })
             .collect();
         let result = async {
@@ -251,6 +338,11 @@ impl TrackBitmap {
         .await;
         match result {
             Ok(()) => {
+                for (first, snapshot) in &words {
+                    for (i, w) in snapshot.iter().enumerate() {
+                        self.durable_words[first + i].fetch_or(*w, Ordering::AcqRel);
+                    }
+                }
                 self.durable.fetch_max(generation, Ordering::AcqRel);
                 Ok(())
             }
@@ -268,5 +360,49 @@ impl TrackBitmap {
     /// Deletes the bitmap file.
     pub fn remove_file(&self) -> io::Result<()> {
         std::fs::remove_file(&self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_and_runs_match_single_bits() {
+        let dir = tempfile::tempdir().unwrap();
+        let bm = TrackBitmap::create(&dir.path().join("b"), 4096, 70_000).unwrap();
+        assert_eq!(bm.set_range(3, 200), 197);
+        assert_eq!(bm.set_range(100, 300), 100);
+        bm.set(1000);
+        assert_eq!(bm.set_range(65_530, 70_000), 4470);
+        assert_eq!(bm.count(), 197 + 100 + 1 + 4470);
+        assert!(bm.get(3) && bm.get(299) && !bm.get(300) && !bm.get(2));
+        assert_eq!(
+            bm.unset_runs(0, 70_000),
+            vec![(0, 3), (300, 1000), (1001, 65_530)]
+        );
+        assert_eq!(bm.unset_runs(150, 310), vec![(300, 310)]);
+    }
+
+    #[tokio::test]
+    async fn commit_persists_and_reopen_checks_the_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b");
+        let engine = crate::io::Engine::start(crate::config::IoEngineChoice::Threads).unwrap();
+        let probe = BackingStore::probe(&dir.path().join("d"), Some(4096), false, false).unwrap();
+        let data = BackingStore::open(&dir.path().join("d"), probe, false, false, engine).unwrap();
+        let bm = TrackBitmap::create(&path, 4096, 40_000).unwrap();
+        bm.set_range(10, 20);
+        bm.set(39_999);
+        assert!(!bm.is_durable(10));
+        bm.commit(&data).await.unwrap();
+        assert!(bm.is_durable(10) && bm.is_durable(39_999));
+        let again = TrackBitmap::open(&path, 4096, 40_000).unwrap();
+        assert_eq!(again.count(), 11);
+        assert!(again.get(19) && !again.get(20) && again.get(39_999));
+        assert!(matches!(
+            TrackBitmap::open(&path, 8192, 40_000),
+            Err(BitmapError::Corrupt { .. })
+        ));
     }
 }

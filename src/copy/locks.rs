@@ -46,6 +46,19 @@ impl TrackLocks {
         shards
     }
 
+    /// Locks every track in `[first, end)` for writing; a range covering
+    /// every shard locks the whole table without listing its tracks.
+    pub async fn exclusive_range(&self, first: u64, end: u64) -> TrackGuard {
+        if end - first >= SHARDS as u64 {
+            let mut guards = Vec::with_capacity(SHARDS);
+            for shard in &self.shards {
+                guards.push(shard.clone().write_owned().await);
+            }
+            return TrackGuard::Exclusive(guards);
+        }
+        self.exclusive(first..end).await
+    }
+
     /// Locks `tracks` for reading.
     pub async fn shared(&self, tracks: impl IntoIterator<Item = u64>) -> TrackGuard {
         let mut guards = Vec::new();

@@ -437,6 +437,47 @@ impl BackingStore {
         Ok(())
     }
 
+    /// Starts writing a range's dirty pages back to disk without waiting
+    /// (sync_file_range), so a later flush has less left to do.
+    pub async fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.kind != BackingKind::File || self.direct_align.is_some() {
+            return Ok(());
+        }
+        let file = self.file.clone();
+        blocking(move || {
+            // SAFETY: plain syscall on an fd owned by `file`.
+            let r = unsafe {
+                libc::sync_file_range(
+                    file.as_raw_fd(),
+                    offset as libc::off64_t,
+                    len as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Offset of the first data at or after `offset` (the size if none);
+    /// block devices are all data.
+    pub async fn next_data(&self, offset: u64) -> io::Result<u64> {
+        if self.kind == BackingKind::BlockDevice {
+            return Ok(offset);
+        }
+        let file = self.file.clone();
+        let size = self.size;
+        blocking(move || {
+            Ok(lseek(&file, offset, libc::SEEK_DATA)?
+                .unwrap_or(size)
+                .min(size))
+        })
+        .await
+    }
+
     /// Asks the kernel to prefetch a range into the page cache.
     pub async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
         let file = self.file.clone();

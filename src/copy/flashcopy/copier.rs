@@ -3,8 +3,9 @@
 //! Walks the tracks in order, a chunk at a time. For each chunk it locks the
 //! uncopied tracks, re-checks them, copies runs of them (source holes become
 //! target holes with one punch), marks them, and releases the locks before
-//! the next chunk, so host I/O keeps flowing. Bits are group-committed every
-//! [`COMMIT_BYTES`] or [`COMMIT_INTERVAL`]. The copy rate limit, if any, is
+//! the next chunk, so host I/O keeps flowing. Copied ranges are pushed to
+//! disk right away (write-back started, not waited for), and bits are
+//! group-committed every [`COMMIT_BYTES`] or [`COMMIT_INTERVAL`]. The copy rate limit, if any, is
 //! applied to data bytes copied (holes are free).
 
 use std::sync::atomic::Ordering;
@@ -16,10 +17,14 @@ use super::Relationship;
 /// Tracks locked and copied together (fewer when a rate limit is set, so
 /// the limit is kept within about a tenth of a second).
 const CHUNK_TRACKS: u64 = 256;
-/// Data copied between bitmap commits.
-const COMMIT_BYTES: u64 = 32 << 20;
+/// Data copied between bitmap commits. Host writes that need a copied
+/// track's bit durable commit on their own, so this only bounds how much
+/// copying a crash can make the copier repeat.
+const COMMIT_BYTES: u64 = 256 << 20;
+/// Most tracks a source hole is skipped by in one step.
+const HOLE_STEP_TRACKS: u64 = 1 << 20;
 /// Longest time between bitmap commits.
-const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
+const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How the copier ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -66,6 +71,10 @@ async fn copy_all(rel: &Relationship) -> std::io::Result<CopierEnd> {
         } else {
             (rate / 10 / rel.track_size).clamp(1, CHUNK_TRACKS)
         };
+        if let Some(next) = skip_hole(rel, chunk, chunk_tracks).await? {
+            chunk = next;
+            continue;
+        }
         let end = (chunk + chunk_tracks).min(tracks);
         let pending = rel.uncopied(chunk, end - 1);
         if !pending.is_empty() {
@@ -89,6 +98,10 @@ async fn copy_all(rel: &Relationship) -> std::io::Result<CopierEnd> {
                 let (off, _) = rel.track_range(pending[i]);
                 let (last_off, last_len) = rel.track_range(pending[j]);
                 rel.copy_run(off, last_off + last_len - off).await?;
+                // Stream the copy to disk now, so commits find little to flush.
+                rel.target
+                    .start_writeback(off, last_off + last_len - off)
+                    .await?;
                 rel.copies.fetch_add((j - i + 1) as u64, Ordering::AcqRel);
                 for &t in &pending[i..=j] {
                     rel.bitmap.set(t);
@@ -115,6 +128,36 @@ async fn copy_all(rel: &Relationship) -> std::io::Result<CopierEnd> {
             "background copy finished with uncopied tracks",
         ))
     }
+}
+
+/// If the source is a hole from track `chunk` on for more than two chunks,
+/// makes the uncopied tracks of (a large step of) that hole target holes in
+/// one punch per run, marks them, and returns the track to continue from.
+async fn skip_hole(
+    rel: &Relationship,
+    chunk: u64,
+    chunk_tracks: u64,
+) -> std::io::Result<Option<u64>> {
+    let (off, _) = rel.track_range(chunk);
+    let data_at = rel.source.next_data(off).await?;
+    let hole_end = data_at / rel.track_size;
+    if hole_end < chunk + 2 * chunk_tracks {
+        return Ok(None);
+    }
+    let end = hole_end.min(chunk + HOLE_STEP_TRACKS);
+    let _guard = rel.locks.exclusive_range(chunk, end).await;
+    // Tracks written since (copy-before-write) are marked and skipped; the
+    // unmarked ones still have the source's T0 content: a hole.
+    for (first, last) in rel.bitmap.unset_runs(chunk, end) {
+        let (start, _) = rel.track_range(first);
+        let (last_start, last_len) = rel.track_range(last - 1);
+        rel.target
+            .write_zeroes(start, last_start + last_len - start, true, false)
+            .await?;
+        rel.copies.fetch_add(last - first, Ordering::AcqRel);
+        rel.bitmap.set_range(first, last);
+    }
+    Ok(Some(end))
 }
 
 /// Sleeps so that `bytes` since `started` stay within the rate limit.

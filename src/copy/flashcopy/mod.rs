@@ -294,6 +294,11 @@ impl Relationship {
         let (first, last) = track_span(offset, inside_end - offset, self.track_size);
         let pending = self.uncopied(first, last);
         if pending.is_empty() {
+            // A bit set by the copier may not be durable yet: commit it
+            // before the track changes, or a crash could forget the copy.
+            if !(first..=last).all(|t| self.bitmap.is_durable(t)) {
+                self.bitmap.commit(&self.target).await?;
+            }
             return change.apply(store, offset, len).await;
         }
         let _guard = self.locks.exclusive(pending.iter().copied()).await;

@@ -267,3 +267,98 @@ async fn whole_track_target_write_skips_the_copy_and_source_tracks_copy_once() {
     );
     assert_eq!(rel.bitmap().count(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_track_is_durable_before_its_source_changes() {
+    let engine = Engine::start(IoEngineChoice::Uring).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let source = store(dir.path(), "src", 4 * TRACK, &engine);
+    let target = store(dir.path(), "tgt", 4 * TRACK, &engine);
+    let bitmap = TrackBitmap::create(&dir.path().join("bm"), TRACK, 4).unwrap();
+    let rel = Relationship::new(
+        "S".into(),
+        "T".into(),
+        source,
+        target,
+        CopyMode::Copy,
+        0,
+        SystemTime::now(),
+        TRACK,
+        bitmap,
+    );
+    // As the background copier does: copy and mark, commit later.
+    rel.copy_track(2).await.unwrap();
+    rel.bitmap().set(2);
+    assert!(!rel.bitmap().is_durable(2));
+    rel.modify(
+        Role::Source,
+        2 * TRACK,
+        10,
+        Change::Write(Bytes::from_static(b"0123456789"), false),
+    )
+    .await
+    .unwrap();
+    assert!(
+        rel.bitmap().is_durable(2),
+        "the host write must wait for the copier's bit"
+    );
+    let reopened = TrackBitmap::open(&dir.path().join("bm"), TRACK, 4).unwrap();
+    assert!(reopened.get(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copier_turns_large_source_holes_into_target_holes() {
+    for choice in [IoEngineChoice::Uring, IoEngineChoice::Threads] {
+        let engine = Engine::start(choice).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let tracks = 2048u64;
+        let source = store(dir.path(), "src", tracks * TRACK, &engine);
+        let target = store(dir.path(), "tgt", tracks * TRACK, &engine);
+        for t in [5u64, 1500, 2047] {
+            source
+                .write(t * TRACK, Bytes::from(vec![t as u8; TRACK as usize]), false)
+                .await
+                .unwrap();
+        }
+        for t in [100u64, 1800] {
+            target
+                .write(t * TRACK, Bytes::from(vec![0xEE; TRACK as usize]), false)
+                .await
+                .unwrap();
+        }
+        let bitmap = TrackBitmap::create(&dir.path().join("bm"), TRACK, tracks).unwrap();
+        let rel = Arc::new(Relationship::new(
+            "S".into(),
+            "T".into(),
+            source.clone(),
+            target.clone(),
+            CopyMode::Copy,
+            0,
+            SystemTime::now(),
+            TRACK,
+            bitmap,
+        ));
+        // A write inside the hole before the copier reaches it.
+        rel.modify(
+            Role::Source,
+            300 * TRACK,
+            5,
+            Change::Write(Bytes::from_static(b"later"), false),
+        )
+        .await
+        .unwrap();
+        assert_eq!(copier::run(rel.clone()).await, copier::CopierEnd::Complete);
+        assert_eq!(rel.copies(), tracks, "each track copied exactly once");
+        let src = source.read(0, (tracks * TRACK) as usize).await.unwrap();
+        let tgt = target.read(0, (tracks * TRACK) as usize).await.unwrap();
+        let mut expected = src.to_vec();
+        expected[(300 * TRACK) as usize..(300 * TRACK) as usize + 5].fill(0);
+        assert!(
+            tgt[..] == expected[..],
+            "target must equal the source at T0"
+        );
+        // The hole stayed a hole on the target.
+        let holes = target.extents(200 * TRACK, 1000 * TRACK, 16).await.unwrap();
+        assert!(holes.iter().any(|e| e.hole), "{holes:?}");
+    }
+}
