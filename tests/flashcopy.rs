@@ -10,25 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn essctl(essd: &Essd, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_essctl"))
-        .arg("--server")
-        .arg(&essd.api_sock)
-        .args(args)
-        .output()
-        .expect("run essctl")
-}
-
 fn essctl_ok(essd: &Essd, args: &[&str]) -> String {
-    let out = essctl(essd, args);
-    assert!(
-        out.status.success(),
-        "essctl {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    essctl(essd, args).ok().to_string()
 }
 
 fn relationships(essd: &Essd) -> serde_json::Value {
@@ -446,21 +429,17 @@ fn permit_if_target_online() {
     assert_eq!(line.trim(), "up");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let out = essctl(
+        let run = essctl(
             &essd,
             &["flashcopy", "establish", "000TST01:001TST01", "--nocopy"],
         );
-        let err = String::from_utf8_lossy(&out.stderr).to_string();
-        if out.status.code() == Some(1) {
-            assert_eq!(
-                err.trim(),
-                "essctl: target 001TST01 has 1 connected NBD client(s); disconnect them or permit establishing onto an online target"
-            );
+        if run.code == 1 {
+            run.refused("target 001TST01 has 1 connected NBD client(s); disconnect them or permit establishing onto an online target");
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "establish onto an online target was not refused: {err}"
+            "establish onto an online target was not refused: {run:?}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -8,14 +8,13 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use essd::cli::client::{Client, Endpoint};
 use serde_json::{json, Value};
 
-const ESSCTL: &str = env!("CARGO_BIN_EXE_essctl");
 const MIB: u64 = 1 << 20;
 /// Default track size.
 const TRACK: u64 = 64 << 10;
@@ -23,51 +22,6 @@ const TRACK: u64 = 64 << 10;
 const BIG: u64 = 32 * MIB;
 /// Tracks the background copier copies before it applies the rate limit.
 const COPIER_CHUNK: u64 = 256;
-
-/// What one `essctl` run printed and returned.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn ok(&self) -> &str {
-        assert_eq!(self.code, 0, "essctl failed: {self:?}");
-        &self.stdout
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(self.ok()).expect("essctl --json prints JSON")
-    }
-
-    /// Asserts exit code 1 with exactly `essctl: {message}` on stderr.
-    fn refused(&self, message: &str) {
-        assert_eq!(self.code, 1, "{self:?}");
-        assert_eq!(self.stderr.trim_end(), format!("essctl: {message}"));
-        assert!(self.stdout.is_empty(), "{self:?}");
-    }
-}
-
-/// Runs `essctl --server API_SOCKET args...` with a clean environment.
-fn essctl(essd: &Essd, args: &[&str]) -> Run {
-    let out = Command::new(ESSCTL)
-        .arg("--server")
-        .arg(&essd.api_sock)
-        .args(args)
-        .env_remove("ESSCTL_SERVER")
-        .env_remove("ESSCTL_USER")
-        .env_remove("ESSCTL_PASSWORD")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run essctl");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 /// Whitespace-separated cells of each line.
 fn cells(text: &str) -> Vec<Vec<String>> {

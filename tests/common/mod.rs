@@ -393,3 +393,48 @@ pub fn tempdir(name: &str) -> tempfile::TempDir {
         .tempdir()
         .unwrap()
 }
+
+/// What one `essctl` run printed and returned.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn ok(&self) -> &str {
+        assert_eq!(self.code, 0, "essctl failed: {self:?}");
+        &self.stdout
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.ok()).expect("essctl --json prints JSON")
+    }
+
+    /// Asserts exit code 1 with exactly `essctl: {message}` on stderr.
+    pub fn refused(&self, message: &str) {
+        assert_eq!(self.code, 1, "{self:?}");
+        assert_eq!(self.stderr.trim_end(), format!("essctl: {message}"));
+        assert!(self.stdout.is_empty(), "{self:?}");
+    }
+}
+
+/// Runs `essctl --server API_SOCKET args...` with a clean environment.
+pub fn essctl(essd: &Essd, args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_essctl"))
+        .arg("--server")
+        .arg(&essd.api_sock)
+        .args(args)
+        .env_remove("ESSCTL_SERVER")
+        .env_remove("ESSCTL_USER")
+        .env_remove("ESSCTL_PASSWORD")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run essctl");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
