@@ -137,9 +137,19 @@ fn print_demo_banner(dir: &Path, state: &essd::control::ApiState) {
     println!("  nbdinfo nbd://{tcp}/000FCA31");
     println!("  nbdinfo --list nbd://{tcp}");
     println!("  nbd-client {host} {port} /dev/nbd0 -N 000FCA31     # Linux kernel client, as root");
+    // Name essctl by the path it was built to, when it sits beside essd.
+    let essctl = std::env::current_exe()
+        .ok()
+        .map(|exe| exe.with_file_name("essctl"))
+        .filter(|p| p.exists())
+        .map_or_else(|| "essctl".to_string(), |p| p.display().to_string());
+    let api = dir.join("api.sock");
+    println!("  {essctl} --server {} volume list", api.display());
+    println!();
+    println!("Point-in-time copy of volume 000 onto volume 001:");
     println!(
-        "  essctl --server {} volume list",
-        dir.join("api.sock").display()
+        "  {essctl} --server {} flashcopy establish 000FCA31:001FCA31 --nocopy",
+        api.display()
     );
     println!();
     println!("Stop with Ctrl-C.");
