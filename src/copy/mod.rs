@@ -7,10 +7,12 @@
 //! * [`flashcopy`] — point-in-time copies: relationships, the data path
 //!   rules (copy-before-write, target redirect), the background copier and
 //!   the manager that establishes, withdraws and restores relationships.
+//! * [`pprc`] — synchronous remote mirroring (so far its peer protocol).
 
 pub mod bitmap;
 pub mod flashcopy;
 pub mod locks;
+pub mod pprc;
 
 /// The tracks `[first, last]` touched by `len > 0` bytes at `offset`.
 pub fn track_span(offset: u64, len: u64, track_size: u64) -> (u64, u64) {
