@@ -7,7 +7,8 @@
 //! * [`flashcopy`] — point-in-time copies: relationships, the data path
 //!   rules (copy-before-write, target redirect), the background copier and
 //!   the manager that establishes, withdraws and restores relationships.
-//! * [`pprc`] — synchronous remote mirroring (so far its peer protocol).
+//! * [`pprc`] — synchronous remote mirroring (so far its peer protocol and
+//!   link authentication).
 
 pub mod bitmap;
 pub mod flashcopy;

@@ -1,0 +1,345 @@
+//! Opening a peer link: the hello exchange and mutual authentication.
+//!
+//! Both ends send [`Message::Hello`] with their serial, the serial they
+//! expect at the other end and a fresh random nonce, then prove they hold
+//! the shared secret with [`Message::Auth`]:
+//!
+//! ```text
+//! proof(sender) = HMAC-SHA256(secret, LABEL | sender serial | receiver serial
+//!                                     | sender nonce | receiver nonce)
+//! ```
+//!
+//! Each side binds its own serial and nonce first, so a proof cannot be
+//! reflected back to its sender, and fresh nonces make it useless on any
+//! other link. Proofs are compared in constant time. Until both proofs are
+//! verified no other frame is accepted, so an unauthenticated peer can never
+//! reach a volume.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use hmac::{Hmac, Mac};
+use rand_core::{OsRng, RngCore};
+use sha2::Sha256;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::wire::{Frame, Message, WireError, NONCE_LEN, VERSION};
+use crate::volume::id::Serial;
+
+/// Domain-separation label of the proof.
+const LABEL: &[u8] = b"essd-pprc-link-v1";
+
+/// Why a link could not be opened or used.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Socket error.
+    #[error("peer link: {0}")]
+    Io(#[from] std::io::Error),
+    /// A malformed frame.
+    #[error("peer link: {0}")]
+    Wire(#[from] WireError),
+    /// The peer speaks another protocol version.
+    #[error("peer speaks protocol version {0}, this server {VERSION}")]
+    Version(u16),
+    /// The peer is not the server it was expected to be.
+    #[error("peer identifies as {found}, expected {expected}")]
+    WrongPeer {
+        /// Serial expected.
+        expected: String,
+        /// Serial received.
+        found: String,
+    },
+    /// The peer's proof does not match the shared secret.
+    #[error("peer {0} failed authentication (shared secrets differ?)")]
+    AuthFailed(String),
+    /// An unexpected frame during the handshake.
+    #[error("peer sent {0} during the handshake")]
+    Unexpected(&'static str),
+    /// The peer closed the link.
+    #[error("peer closed the link")]
+    Closed,
+    /// The handshake took too long.
+    #[error("peer link handshake timed out")]
+    Timeout,
+}
+
+/// What the handshake established.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The authenticated peer's serial.
+    pub serial: String,
+}
+
+/// Reads one frame, buffering in `buf`.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Frame, LinkError> {
+    loop {
+        if let Some(frame) = Frame::decode(buf)? {
+            return Ok(frame);
+        }
+        if reader.read_buf(buf).await? == 0 {
+            return Err(LinkError::Closed);
+        }
+    }
+}
+
+/// Writes one frame.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    frame: &Frame,
+) -> Result<(), LinkError> {
+    for part in frame.encode() {
+        writer.write_all(&part).await?;
+    }
+    writer.flush().await?;
+    Ok(())
+}
+
+fn proof(
+    secret: &[u8],
+    sender: &[u8; 5],
+    receiver: &[u8; 5],
+    sender_nonce: &[u8],
+    receiver_nonce: &[u8],
+) -> Hmac<Sha256> {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC accepts keys of any length");
+    for part in [LABEL, sender, receiver, sender_nonce, receiver_nonce] {
+        mac.update(part);
+    }
+    mac
+}
+
+fn serial_bytes(s: &Serial) -> [u8; 5] {
+    let mut out = [0u8; 5];
+    out.copy_from_slice(s.as_str().as_bytes());
+    out
+}
+
+/// Runs the hello and authentication exchange on a fresh link. `expected`
+/// is the peer's serial when this side knows it (the connecting side);
+/// the accepting side passes `None` and learns it. Frames that arrive after
+/// the handshake stay in `buf`.
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    local: &Serial,
+    expected: Option<&Serial>,
+    secret: &[u8],
+    limit: Duration,
+) -> Result<PeerInfo, LinkError> {
+    tokio::time::timeout(limit, exchange(stream, buf, local, expected, secret))
+        .await
+        .map_err(|_| LinkError::Timeout)?
+}
+
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    local: &Serial,
+    expected: Option<&Serial>,
+    secret: &[u8],
+) -> Result<PeerInfo, LinkError> {
+    let me = serial_bytes(local);
+    let mut nonce = [0u8; NONCE_LEN];
+    OsRng.fill_bytes(&mut nonce);
+    let hello = Message::Hello {
+        version: VERSION,
+        serial: me,
+        peer: expected.map(serial_bytes).unwrap_or([b'?'; 5]),
+        nonce,
+    };
+    write_frame(
+        stream,
+        &Frame {
+            id: 0,
+            message: hello,
+        },
+    )
+    .await?;
+    let Message::Hello {
+        version,
+        serial: theirs,
+        peer: they_expect,
+        nonce: their_nonce,
+    } = read_frame(stream, buf).await?.message
+    else {
+        return Err(LinkError::Unexpected("another frame than hello"));
+    };
+    if version != VERSION {
+        return Err(LinkError::Version(version));
+    }
+    let their_serial = String::from_utf8_lossy(&theirs).into_owned();
+    if let Some(exp) = expected {
+        if exp.as_str().as_bytes() != theirs {
+            return Err(LinkError::WrongPeer {
+                expected: exp.to_string(),
+                found: their_serial,
+            });
+        }
+    }
+    if they_expect != me && they_expect != [b'?'; 5] {
+        return Err(LinkError::WrongPeer {
+            expected: String::from_utf8_lossy(&they_expect).into_owned(),
+            found: local.to_string(),
+        });
+    }
+    let mine = proof(secret, &me, &theirs, &nonce, &their_nonce)
+        .finalize()
+        .into_bytes();
+    let mut out = [0u8; NONCE_LEN];
+    out.copy_from_slice(&mine);
+    write_frame(
+        stream,
+        &Frame {
+            id: 0,
+            message: Message::Auth { proof: out },
+        },
+    )
+    .await?;
+    let Message::Auth { proof: their_proof } = read_frame(stream, buf).await?.message else {
+        return Err(LinkError::Unexpected("another frame than auth"));
+    };
+    proof(secret, &theirs, &me, &their_nonce, &nonce)
+        .verify_slice(&their_proof)
+        .map_err(|_| LinkError::AuthFailed(their_serial.clone()))?;
+    Ok(PeerInfo {
+        serial: their_serial,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_secs(5);
+
+    fn serial(s: &str) -> Serial {
+        Serial::new(s).unwrap()
+    }
+
+    async fn pair(
+        a_secret: &'static [u8],
+        b_secret: &'static [u8],
+        a_expects: &'static str,
+    ) -> (Result<PeerInfo, LinkError>, Result<PeerInfo, LinkError>) {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let primary = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            handshake(
+                &mut a,
+                &mut buf,
+                &serial("FCA31"),
+                Some(&serial(a_expects)),
+                a_secret,
+                LIMIT,
+            )
+            .await
+        });
+        let secondary = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            handshake(&mut b, &mut buf, &serial("FCB02"), None, b_secret, LIMIT).await
+        });
+        (primary.await.unwrap(), secondary.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn same_secret_authenticates_both_ends() {
+        let (a, b) = pair(b"s3cret", b"s3cret", "FCB02").await;
+        assert_eq!(a.unwrap().serial, "FCB02");
+        assert_eq!(b.unwrap().serial, "FCA31");
+    }
+
+    #[tokio::test]
+    async fn different_secrets_fail_on_both_ends() {
+        let (a, b) = pair(b"s3cret", b"other", "FCB02").await;
+        assert!(
+            matches!(a, Err(LinkError::AuthFailed(ref s)) if s == "FCB02"),
+            "{a:?}"
+        );
+        assert!(
+            matches!(b, Err(LinkError::AuthFailed(ref s)) if s == "FCA31"),
+            "{b:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn wrong_peer_serial_is_refused() {
+        let (a, _) = pair(b"s3cret", b"s3cret", "FCB09").await;
+        assert_eq!(
+            a.unwrap_err().to_string(),
+            "peer identifies as FCB02, expected FCB09"
+        );
+    }
+
+    #[tokio::test]
+    async fn garbage_and_silence_end_the_handshake() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        b.write_all(b"GET / HTTP/1.1\r\n\r\nxxxxxxxxxx")
+            .await
+            .unwrap();
+        let mut buf = BytesMut::new();
+        let r = handshake(&mut a, &mut buf, &serial("FCA31"), None, b"k", LIMIT).await;
+        assert!(
+            matches!(r, Err(LinkError::Wire(WireError::BadMagic(_)))),
+            "{r:?}"
+        );
+
+        let (mut a, _b) = tokio::io::duplex(1 << 16);
+        let mut buf = BytesMut::new();
+        let r = handshake(
+            &mut a,
+            &mut buf,
+            &serial("FCA31"),
+            None,
+            b"k",
+            Duration::from_millis(50),
+        )
+        .await;
+        assert!(matches!(r, Err(LinkError::Timeout)), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_reflected_proof_is_rejected() {
+        // A peer that answers with our own hello nonce and echoes our proof.
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let attacker = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            let hello = read_frame(&mut b, &mut buf).await.unwrap();
+            let Message::Hello { nonce, .. } = hello.message else {
+                panic!()
+            };
+            let fake = Message::Hello {
+                version: VERSION,
+                serial: *b"FCB02",
+                peer: *b"FCA31",
+                nonce,
+            };
+            write_frame(
+                &mut b,
+                &Frame {
+                    id: 0,
+                    message: fake,
+                },
+            )
+            .await
+            .unwrap();
+            let auth = read_frame(&mut b, &mut buf).await.unwrap();
+            write_frame(&mut b, &auth).await.unwrap();
+        });
+        let mut buf = BytesMut::new();
+        let r = handshake(
+            &mut a,
+            &mut buf,
+            &serial("FCA31"),
+            Some(&serial("FCB02")),
+            b"s3cret",
+            LIMIT,
+        )
+        .await;
+        assert!(matches!(r, Err(LinkError::AuthFailed(_))), "{r:?}");
+        attacker.await.unwrap();
+    }
+}
