@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use essd::cli::client::{Client, Credentials, Endpoint};
 use serde_json::Value;
 
+mod common;
+use common::Run;
+
 const ESSD: &str = env!("CARGO_BIN_EXE_essd");
 const ESSCTL: &str = env!("CARGO_BIN_EXE_essctl");
 const SERIAL: &str = "APIT1";
@@ -189,25 +192,6 @@ impl Drop for Essd {
         if let Some(mut child) = self.child.take() {
             terminate(&mut child);
         }
-    }
-}
-
-/// What one `essctl` run printed and returned.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn ok(&self) -> &str {
-        assert_eq!(self.code, 0, "essctl failed: {self:?}");
-        &self.stdout
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(self.ok()).expect("essctl --json prints JSON")
     }
 }
 
