@@ -277,10 +277,9 @@ impl Session {
         request: &EstablishRequest,
     ) -> Result<(), CliError> {
         let response = self.post("/v1/flashcopy", request)?;
-        if self.print_json(out, &response)? {
+        let Some(list) = self.table_data::<RelationshipList>(out, &response)? else {
             return Ok(());
-        }
-        let list: RelationshipList = self.decode(&response)?;
+        };
         let rows: Vec<Vec<String>> = list
             .relationships
             .iter()
@@ -336,10 +335,9 @@ impl Session {
 
     fn flashcopy_list(&self, out: &mut dyn Write) -> Result<(), CliError> {
         let response = self.get("/v1/flashcopy")?;
-        if self.print_json(out, &response)? {
+        let Some(list) = self.table_data::<FlashCopyList>(out, &response)? else {
             return Ok(());
-        }
-        let list: FlashCopyList = self.decode(&response)?;
+        };
         if list.relationships.is_empty() {
             writeln!(out, "no FlashCopy relationships")?;
         } else {
@@ -382,10 +380,9 @@ impl Session {
     fn flashcopy_show(&self, out: &mut dyn Write, selector: &str) -> Result<(), CliError> {
         let path = format!("/v1/flashcopy/{}", client::encode_segment(selector));
         let response = self.get(&path)?;
-        if self.print_json(out, &response)? {
+        let Some(list) = self.table_data::<RelationshipList>(out, &response)? else {
             return Ok(());
-        }
-        let list: RelationshipList = self.decode(&response)?;
+        };
         for (i, v) in list.relationships.iter().enumerate() {
             if i > 0 {
                 writeln!(out)?;
@@ -609,10 +606,9 @@ impl Session {
             None => "/v1/log".to_string(),
         };
         let response = self.get(&path)?;
-        if self.print_json(out, &response)? {
+        let Some(list) = self.table_data::<EventList>(out, &response)? else {
             return Ok(());
-        }
-        let list: EventList = self.decode(&response)?;
+        };
         let rows: Vec<Vec<String>> = list
             .events
             .iter()

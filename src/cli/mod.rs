@@ -379,6 +379,19 @@ impl Session {
         Ok(true)
     }
 
+    /// With `--json`, prints the answer and returns `None`; otherwise
+    /// decodes it for a table.
+    fn table_data<T: DeserializeOwned>(
+        &self,
+        out: &mut dyn Write,
+        response: &Response,
+    ) -> Result<Option<T>, CliError> {
+        if self.print_json(out, response)? {
+            return Ok(None);
+        }
+        self.decode(response).map(Some)
+    }
+
     fn get(&self, path: &str) -> Result<Response, CliError> {
         let response = self.client.get(path)?;
         self.check(response)
@@ -386,10 +399,9 @@ impl Session {
 
     fn server(&self, out: &mut dyn Write) -> Result<(), CliError> {
         let response = self.get("/v1/server")?;
-        if self.print_json(out, &response)? {
+        let Some(s) = self.table_data::<ServerView>(out, &response)? else {
             return Ok(());
-        }
-        let s: ServerView = self.decode(&response)?;
+        };
         let l = &s.listeners;
         let list = |v: &[String]| {
             if v.is_empty() {
@@ -448,10 +460,9 @@ impl Session {
 
     fn test_connection(&self, out: &mut dyn Write) -> Result<(), CliError> {
         let response = self.get("/v1/server")?;
-        if self.print_json(out, &response)? {
+        let Some(s) = self.table_data::<ServerView>(out, &response)? else {
             return Ok(());
-        }
-        let s: ServerView = self.decode(&response)?;
+        };
         writeln!(
             out,
             "connection to {} ok (serial {}, version {})",
@@ -464,10 +475,9 @@ impl Session {
 
     fn volume_list(&self, out: &mut dyn Write) -> Result<(), CliError> {
         let response = self.get("/v1/volumes")?;
-        if self.print_json(out, &response)? {
+        let Some(list) = self.table_data::<VolumeList>(out, &response)? else {
             return Ok(());
-        }
-        let list: VolumeList = self.decode(&response)?;
+        };
         // The FLASHCOPY column only while it has something to say.
         let flashcopy = list
             .volumes
@@ -503,10 +513,9 @@ impl Session {
 
     fn volume_show(&self, out: &mut dyn Write, id: &str) -> Result<(), CliError> {
         let response = self.get(&format!("/v1/volumes/{}", client::encode_segment(id)))?;
-        if self.print_json(out, &response)? {
+        let Some(v) = self.table_data::<VolumeView>(out, &response)? else {
             return Ok(());
-        }
-        let v: VolumeView = self.decode(&response)?;
+        };
         let s = &v.stats;
         let pairs = [
             ("id", v.id.clone()),
@@ -544,10 +553,9 @@ impl Session {
 
     fn lss_list(&self, out: &mut dyn Write) -> Result<(), CliError> {
         let response = self.get("/v1/lss")?;
-        if self.print_json(out, &response)? {
+        let Some(list) = self.table_data::<LssList>(out, &response)? else {
             return Ok(());
-        }
-        let list: LssList = self.decode(&response)?;
+        };
         let rows: Vec<Vec<String>> = list
             .lss
             .iter()
@@ -574,20 +582,18 @@ impl Session {
         })
         .map_err(|e| CliError::Usage(format!("cannot encode the request: {e}")))?;
         let response = self.check(self.client.post_json("/v1/users", &body)?)?;
-        if self.print_json(out, &response)? {
+        let Some(user) = self.table_data::<UserView>(out, &response)? else {
             return Ok(());
-        }
-        let user: UserView = self.decode(&response)?;
+        };
         writeln!(out, "user {} added", user.name)?;
         Ok(())
     }
 
     fn user_list(&self, out: &mut dyn Write) -> Result<(), CliError> {
         let response = self.get("/v1/users")?;
-        if self.print_json(out, &response)? {
+        let Some(list) = self.table_data::<UserList>(out, &response)? else {
             return Ok(());
-        }
-        let list: UserList = self.decode(&response)?;
+        };
         for name in list.users {
             writeln!(out, "{name}")?;
         }
@@ -597,10 +603,9 @@ impl Session {
     fn user_remove(&self, out: &mut dyn Write, name: &str) -> Result<(), CliError> {
         let path = format!("/v1/users/{}", client::encode_segment(name));
         let response = self.check(self.client.delete(&path)?)?;
-        if self.print_json(out, &response)? {
+        let Some(user) = self.table_data::<UserView>(out, &response)? else {
             return Ok(());
-        }
-        let user: UserView = self.decode(&response)?;
+        };
         writeln!(out, "user {} removed", user.name)?;
         Ok(())
     }
