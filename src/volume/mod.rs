@@ -418,6 +418,34 @@ impl Volume {
         .map_err(self.io_error(VolumeOp::BlockStatus, offset))
     }
 
+    /// Applies a change mirrored from a PPRC primary: range-checked, then
+    /// through the same copy-services layers as host changes, but not
+    /// subject to the host access gate (a secondary refuses host writes and
+    /// takes its primary's).
+    pub async fn apply_mirrored(
+        &self,
+        offset: u64,
+        len: u64,
+        change: Change,
+    ) -> Result<(), VolumeError> {
+        let op = match change {
+            Change::Write(..) => VolumeOp::Write,
+            Change::Zero(..) => VolumeOp::WriteZeroes,
+            Change::Trim => VolumeOp::Trim,
+        };
+        if offset.checked_add(len).is_none_or(|end| end > self.size()) {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            return Err(VolumeError::OutOfRange {
+                op,
+                volume: self.id_text.clone(),
+                offset,
+                len,
+                size: self.size(),
+            });
+        }
+        self.change(op, offset, len, change).await
+    }
+
     /// Applies a host change through the copy-services layers.
     async fn change(
         &self,

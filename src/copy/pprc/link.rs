@@ -15,6 +15,10 @@
 //! verified no other frame is accepted, so an unauthenticated peer can never
 //! reach a volume.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -22,6 +26,9 @@ use hmac::{Hmac, Mac};
 use rand_core::{OsRng, RngCore};
 use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 
 use super::wire::{Frame, Message, WireError, NONCE_LEN, VERSION};
 use crate::volume::id::Serial;
@@ -208,6 +215,118 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(PeerInfo {
         serial: their_serial,
     })
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<u32>>>>;
+
+/// The primary's end of an authenticated link: requests are pipelined and
+/// their acknowledgements matched by request ID, in any order.
+#[derive(Debug)]
+pub struct PeerLink {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Pending,
+    next_id: AtomicU64,
+    peer: PeerInfo,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl PeerLink {
+    /// Connects to a peer's replication listener and authenticates.
+    pub async fn connect(
+        address: SocketAddr,
+        local: &Serial,
+        expected: &Serial,
+        secret: &[u8],
+        limit: Duration,
+    ) -> Result<PeerLink, LinkError> {
+        let mut stream = tokio::time::timeout(limit, TcpStream::connect(address))
+            .await
+            .map_err(|_| LinkError::Timeout)??;
+        stream.set_nodelay(true)?;
+        let mut buf = BytesMut::with_capacity(64 << 10);
+        let peer = handshake(&mut stream, &mut buf, local, Some(expected), secret, limit).await?;
+        let (mut read_half, write_half) = stream.into_split();
+        let pending: Pending = Arc::default();
+        let acks = pending.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                match read_frame(&mut read_half, &mut buf).await {
+                    Ok(Frame {
+                        id,
+                        message: Message::Ack { error },
+                    }) => {
+                        let waiter = acks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                        if let Some(waiter) = waiter {
+                            let _ = waiter.send(error);
+                        }
+                    }
+                    Ok(_) => tracing::warn!("peer link: ignoring an unexpected frame"),
+                    Err(e) => {
+                        tracing::info!("peer link closed: {e}");
+                        // Dropping the waiters fails every outstanding request.
+                        acks.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(PeerLink {
+            writer: tokio::sync::Mutex::new(write_half),
+            pending,
+            next_id: AtomicU64::new(1),
+            peer,
+            reader,
+        })
+    }
+
+    /// The authenticated peer.
+    pub fn peer(&self) -> &PeerInfo {
+        &self.peer
+    }
+
+    /// Sends one request and waits for its acknowledgement: 0 on success,
+    /// else the errno the peer reported.
+    pub async fn request(&self, message: Message) -> Result<u32, LinkError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        let sent = {
+            let mut writer = self.writer.lock().await;
+            write_frame(&mut *writer, &Frame { id, message }).await
+        };
+        if let Err(e) = sent {
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            return Err(e);
+        }
+        rx.await.map_err(|_| LinkError::Closed)
+    }
+}
+
+impl PeerLink {
+    /// Says goodbye (no acknowledgement) and closes the link.
+    pub async fn close(self) -> Result<(), LinkError> {
+        let mut writer = self.writer.lock().await;
+        write_frame(
+            &mut *writer,
+            &Frame {
+                id: 0,
+                message: Message::Goodbye,
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for PeerLink {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 #[cfg(test)]

@@ -5,10 +5,14 @@
 //!   acknowledgements, flush barriers, bitmap exchange, state changes and
 //!   heartbeats. Every frame is length-checked before it is decoded.
 //! * [`link`] — opening a link: hello exchange and mutual authentication
-//!   with the shared secret.
+//!   with the shared secret; the primary's pipelined request channel.
+//! * [`secondary`] — the secondary's end: applies mirrored changes in order
+//!   and acknowledges each.
 //!
 //! Paths, pairs and the mirroring layer of the write path build on these;
-//! so far only the protocol and the link handshake exist.
+//! so far the protocol, the authenticated link and the secondary's
+//! change application exist.
 
 pub mod link;
+pub mod secondary;
 pub mod wire;

@@ -1,0 +1,272 @@
+//! The secondary end of a peer link: authenticates the connecting primary,
+//! then applies the changes it mirrors, in order, and acknowledges each one
+//! with its request ID (0 on success, else an NBD-style errno).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::link::{handshake, read_frame, write_frame, LinkError, PeerInfo};
+use super::wire::{Frame, Message};
+use crate::copy::flashcopy::Change;
+use crate::nbd::{nbd_errno, proto::errno};
+use crate::volume::id::Serial;
+use crate::volume::server::StorageServer;
+
+/// Time a connecting peer has to authenticate.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one incoming link until the peer says goodbye or the link fails.
+/// Returns the authenticated peer.
+pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    server: Arc<StorageServer>,
+    local: Serial,
+    secret: Arc<[u8]>,
+) -> Result<PeerInfo, LinkError> {
+    let mut buf = BytesMut::with_capacity(1 << 20);
+    let peer = handshake(
+        &mut stream,
+        &mut buf,
+        &local,
+        None,
+        &secret,
+        HANDSHAKE_TIMEOUT,
+    )
+    .await?;
+    tracing::info!(peer = %peer.serial, "peer link authenticated");
+    loop {
+        let frame = match read_frame(&mut stream, &mut buf).await {
+            Ok(f) => f,
+            Err(LinkError::Closed) => return Ok(peer),
+            Err(e) => return Err(e),
+        };
+        let error = match frame.message {
+            Message::Goodbye => return Ok(peer),
+            Message::Heartbeat { .. } => 0,
+            Message::Write {
+                volume,
+                offset,
+                fua,
+                data,
+            } => {
+                let len = data.len() as u64;
+                apply(&server, &volume, offset, len, Change::Write(data, fua)).await
+            }
+            Message::Zero {
+                volume,
+                offset,
+                len,
+                punch,
+            } => {
+                apply(
+                    &server,
+                    &volume,
+                    offset,
+                    len,
+                    Change::Zero(punch, false, false),
+                )
+                .await
+            }
+            Message::Trim {
+                volume,
+                offset,
+                len,
+            } => apply(&server, &volume, offset, len, Change::Trim).await,
+            Message::Flush { volume } => match lookup(&server, &volume) {
+                Ok(v) => v.flush().await.map_or_else(|e| nbd_errno(&e), |()| 0),
+                Err(code) => code,
+            },
+            Message::Hello { .. } | Message::Auth { .. } => {
+                return Err(LinkError::Unexpected("a second handshake"))
+            }
+            Message::Ack { .. }
+            | Message::BitmapRequest { .. }
+            | Message::Bitmap { .. }
+            | Message::State { .. } => errno::ENOTSUP,
+        };
+        let ack = Frame {
+            id: frame.id,
+            message: Message::Ack { error },
+        };
+        write_frame(&mut stream, &ack).await?;
+    }
+}
+
+fn lookup(server: &StorageServer, volume: &[u8; 8]) -> Result<Arc<crate::volume::Volume>, u32> {
+    std::str::from_utf8(volume)
+        .ok()
+        .and_then(|id| server.lookup(id))
+        .cloned()
+        .ok_or(errno::EINVAL)
+}
+
+async fn apply(
+    server: &StorageServer,
+    volume: &[u8; 8],
+    offset: u64,
+    len: u64,
+    change: Change,
+) -> u32 {
+    match lookup(server, volume) {
+        Ok(v) => match v.apply_mirrored(offset, len, change).await {
+            Ok(()) => 0,
+            Err(e) => nbd_errno(&e),
+        },
+        Err(code) => code,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::copy::pprc::link::PeerLink;
+    use crate::io::Engine;
+
+    fn server(dir: &Path) -> Arc<StorageServer> {
+        let text = format!(
+            "[server]\nserial = \"FCB02\"\nstate_dir = \"{d}/state\"\n[nbd]\nlisten = []\nunix = \"{d}/nbd.sock\"\n[api]\nunix = \"{d}/api.sock\"\n[[lss]]\nid = 0x10\n[[volume]]\nlss = 0x10\nnumber = 0\npath = \"{d}/v.img\"\nsize = \"4MiB\"\n",
+            d = dir.display()
+        );
+        let cfg = Config::parse(&text, Path::new("<test>")).unwrap();
+        let engine = Engine::start(cfg.raw.server.io_engine).unwrap();
+        Arc::new(StorageServer::open(&cfg, engine).unwrap())
+    }
+
+    async fn listen(
+        server: Arc<StorageServer>,
+        secret: &'static [u8],
+    ) -> (
+        SocketAddr,
+        tokio::task::JoinHandle<Result<PeerInfo, LinkError>>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            serve_link(
+                stream,
+                server,
+                Serial::new("FCB02").unwrap(),
+                Arc::from(secret),
+            )
+            .await
+        });
+        (addr, task)
+    }
+
+    use std::net::SocketAddr;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mirrored_writes_land_in_order_and_errors_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let srv = server(dir.path());
+        let (addr, task) = listen(srv.clone(), b"shared").await;
+        let link = Arc::new(
+            PeerLink::connect(
+                addr,
+                &Serial::new("FCA31").unwrap(),
+                &Serial::new("FCB02").unwrap(),
+                b"shared",
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap(),
+        );
+        assert_eq!(link.peer().serial, "FCB02");
+        let vol = *b"000FCB02";
+        // 64 pipelined writes from concurrent tasks.
+        let mut tasks = Vec::new();
+        for i in 0..64u64 {
+            let link = link.clone();
+            tasks.push(tokio::spawn(async move {
+                link.request(Message::Write {
+                    volume: vol,
+                    offset: i * 65536,
+                    fua: i % 8 == 0,
+                    data: Bytes::from(vec![i as u8 + 1; 65536]),
+                })
+                .await
+                .unwrap()
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), 0);
+        }
+        assert_eq!(
+            link.request(Message::Flush { volume: vol }).await.unwrap(),
+            0
+        );
+        assert_eq!(
+            link.request(Message::Zero {
+                volume: vol,
+                offset: 0,
+                len: 4096,
+                punch: true
+            })
+            .await
+            .unwrap(),
+            0
+        );
+        assert_eq!(
+            link.request(Message::Heartbeat { unix_ms: 1 })
+                .await
+                .unwrap(),
+            0
+        );
+        // Past the end, and an unknown volume.
+        let past = Message::Write {
+            volume: vol,
+            offset: 4 << 20,
+            fua: false,
+            data: Bytes::from_static(b"x"),
+        };
+        assert_eq!(link.request(past).await.unwrap(), errno::ENOSPC);
+        assert_eq!(
+            link.request(Message::Flush {
+                volume: *b"777FCB02"
+            })
+            .await
+            .unwrap(),
+            errno::EINVAL
+        );
+        let image = std::fs::read(dir.path().join("v.img")).unwrap();
+        assert!(image[..4096].iter().all(|&b| b == 0));
+        for i in 0..64usize {
+            assert!(
+                image[i * 65536 + 4096..(i + 1) * 65536]
+                    .iter()
+                    .all(|&b| b == i as u8 + 1),
+                "block {i}"
+            );
+        }
+        Arc::into_inner(link).unwrap().close().await.unwrap();
+        assert_eq!(task.await.unwrap().unwrap().serial, "FCA31");
+    }
+
+    #[tokio::test]
+    async fn a_peer_with_the_wrong_secret_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let srv = server(dir.path());
+        let (addr, task) = listen(srv, b"shared").await;
+        let r = PeerLink::connect(
+            addr,
+            &Serial::new("FCA31").unwrap(),
+            &Serial::new("FCB02").unwrap(),
+            b"guess",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(matches!(r, Err(LinkError::AuthFailed(_))), "{r:?}");
+        assert!(matches!(task.await.unwrap(), Err(LinkError::AuthFailed(ref p)) if p == "FCA31"));
+        let image = std::fs::read(dir.path().join("v.img")).unwrap();
+        assert!(image.iter().all(|&b| b == 0));
+    }
+}
