@@ -69,6 +69,7 @@ fn target_holds_t0_while_fio_writes_the_source() {
                 "--size=64M",
             ])
             .arg(format!("--uri={}", essd.uri("000TST01")))
+            .current_dir(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -185,10 +185,12 @@ fn fio_random_writes_verify_over_four_connections() {
                     "--offset_increment=32M",
                     "--verify=crc32c",
                     "--verify_fatal=1",
+                    "--verify_state_save=0",
                     "--group_reporting",
                     "--output-format=json",
                 ])
-                .arg(format!("--uri={}", essd.uri("000TST01"))),
+                .arg(format!("--uri={}", essd.uri("000TST01")))
+                .current_dir(dir.path()),
         );
         let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
         let job = &v["jobs"][0];
