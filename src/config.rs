@@ -79,7 +79,41 @@ pub struct Config {
     /// `[[volume]]`: exported volumes.
     #[serde(default)]
     pub volume: Vec<VolumeConfig>,
+    /// `[replication]`: the PPRC peer listener and shared secret.
+    #[serde(default)]
+    pub replication: Option<ReplicationConfig>,
+    /// `[[peer]]`: storage servers this one mirrors to or from.
+    #[serde(default)]
+    pub peer: Vec<PeerConfig>,
 }
+
+/// `[replication]` section.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Optional TCP listener for peer links, e.g. `"0.0.0.0:7410"`.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Shared secret (at least 16 bytes) that peers prove they hold.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// File holding the shared secret instead of `secret` (trailing newline ignored).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+}
+
+/// `[[peer]]` entry.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The peer's serial.
+    pub serial: String,
+    /// The peer's replication listener, `host:port`.
+    pub address: String,
+}
+
+/// Minimum length of the replication secret.
+pub const MIN_SECRET_LEN: usize = 16;
 
 /// `[server]` section.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -222,6 +256,12 @@ pub struct ValidConfig {
     pub lss: Vec<u8>,
     /// Volumes in file order.
     pub volumes: Vec<VolumeSpec>,
+    /// Replication listener, if configured.
+    pub replication_listen: Option<SocketAddr>,
+    /// The replication secret, if configured (read from `secret_file` too).
+    pub replication_secret: Option<Vec<u8>>,
+    /// Peers: serial and address.
+    pub peers: Vec<(Serial, SocketAddr)>,
 }
 
 impl Config {
@@ -418,8 +458,13 @@ impl Config {
                 config: vol.clone(),
             });
         }
+        let (replication_listen, replication_secret, peers) =
+            self.validate_replication(source, &serial)?;
         Ok(ValidConfig {
             source: source.to_path_buf(),
+            replication_listen,
+            replication_secret,
+            peers,
             serial,
             track_size: track,
             nbd_listen,
@@ -428,6 +473,106 @@ impl Config {
             volumes,
             raw: self,
         })
+    }
+}
+
+type Replication = (
+    Option<SocketAddr>,
+    Option<Vec<u8>>,
+    Vec<(Serial, SocketAddr)>,
+);
+
+impl Config {
+    fn validate_replication(
+        &self,
+        source: &Path,
+        own: &Serial,
+    ) -> Result<Replication, ConfigError> {
+        let fail = |field: String, message: String| ConfigError {
+            file: source.to_path_buf(),
+            field,
+            message,
+        };
+        let mut peers: Vec<(Serial, SocketAddr)> = Vec::new();
+        for (i, p) in self.peer.iter().enumerate() {
+            let serial = Serial::new(&p.serial)
+                .map_err(|e| fail(format!("peer[{i}].serial"), e.to_string()))?;
+            if &serial == own {
+                return Err(fail(
+                    format!("peer[{i}].serial"),
+                    format!("{serial} is this server's own serial"),
+                ));
+            }
+            if peers.iter().any(|(s, _)| s == &serial) {
+                return Err(fail(
+                    format!("peer[{i}].serial"),
+                    format!("duplicate peer {serial}"),
+                ));
+            }
+            let addr: SocketAddr = p.address.parse().map_err(|_| {
+                fail(
+                    format!("peer[{i}].address"),
+                    format!(
+                        "{:?} is not an address:port such as \"192.0.2.7:7410\"",
+                        p.address
+                    ),
+                )
+            })?;
+            peers.push((serial, addr));
+        }
+        let Some(rep) = &self.replication else {
+            if !peers.is_empty() {
+                return Err(fail(
+                    "replication".into(),
+                    "peers are configured but [replication] (with the shared secret) is missing"
+                        .into(),
+                ));
+            }
+            return Ok((None, None, peers));
+        };
+        let listen = match &rep.listen {
+            None => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
+                fail(
+                    "replication.listen".into(),
+                    format!("{a:?} is not an address:port such as \"0.0.0.0:7410\""),
+                )
+            })?),
+        };
+        let secret = match (&rep.secret, &rep.secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(fail(
+                    "replication".into(),
+                    "set either secret or secret_file, not both".into(),
+                ))
+            }
+            (Some(s), None) => s.as_bytes().to_vec(),
+            (None, Some(path)) => {
+                let mut bytes = std::fs::read(path).map_err(|e| {
+                    fail(
+                        "replication.secret_file".into(),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    bytes.pop();
+                }
+                bytes
+            }
+            (None, None) => {
+                return Err(fail(
+                    "replication.secret".into(),
+                    "a shared secret is required".into(),
+                ))
+            }
+        };
+        if secret.len() < MIN_SECRET_LEN {
+            return Err(fail(
+                "replication.secret".into(),
+                format!("the shared secret must be at least {MIN_SECRET_LEN} bytes"),
+            ));
+        }
+        Ok((listen, Some(secret), peers))
     }
 }
 
@@ -571,6 +716,39 @@ size = "1GiB"
             .contains("invalid size \"lots\""));
         assert!(err(&GOOD.replace("serial = \"FCA31\"", "")).contains("missing field `serial`"));
         assert!(err(&format!("{GOOD}bogus = 1\n")).contains("unknown field `bogus`"));
+    }
+
+    #[test]
+    fn replication_and_peers() {
+        let with = |extra: &str| Config::parse(&format!("{GOOD}{extra}"), Path::new("t.toml"));
+        let ok = with("[replication]\nlisten = \"127.0.0.1:7410\"\nsecret = \"0123456789abcdef\"\n[[peer]]\nserial = \"FCB02\"\naddress = \"127.0.0.1:7411\"\n").unwrap();
+        assert_eq!(
+            ok.replication_listen,
+            Some("127.0.0.1:7410".parse().unwrap())
+        );
+        assert_eq!(
+            ok.replication_secret.as_deref(),
+            Some(&b"0123456789abcdef"[..])
+        );
+        assert_eq!(ok.peers[0].0.as_str(), "FCB02");
+        assert_eq!(
+            with("[replication]\nsecret = \"short\"\n")
+                .unwrap_err()
+                .to_string(),
+            "t.toml: replication.secret: the shared secret must be at least 16 bytes"
+        );
+        assert_eq!(
+            with("[[peer]]\nserial = \"FCB02\"\naddress = \"127.0.0.1:7411\"\n").unwrap_err().to_string(),
+            "t.toml: replication: peers are configured but [replication] (with the shared secret) is missing"
+        );
+        assert_eq!(
+            with("[replication]\nsecret = \"0123456789abcdef\"\n[[peer]]\nserial = \"FCA31\"\naddress = \"127.0.0.1:1\"\n").unwrap_err().to_string(),
+            "t.toml: peer[0].serial: FCA31 is this server's own serial"
+        );
+        assert_eq!(
+            with("[replication]\nsecret = \"0123456789abcdef\"\n[[peer]]\nserial = \"FCB02\"\naddress = \"peer-b\"\n").unwrap_err().to_string(),
+            "t.toml: peer[0].address: \"peer-b\" is not an address:port such as \"192.0.2.7:7410\""
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::config::ValidConfig;
 use crate::control::log::EventLog;
 use crate::control::{api, users::UserStore, ApiState};
 use crate::copy::flashcopy::manager::FlashCopyManager;
+use crate::copy::pprc::secondary::{serve_link, Secondaries};
 use crate::io::Engine;
 use crate::nbd::listener::{bind_unix, NbdListeners};
 use crate::volume::server::StorageServer;
@@ -77,11 +78,20 @@ pub async fn run(
             )
         }
     };
+    let replication = match cfg.replication_listen {
+        None => None,
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| StartError(format!("cannot listen for peer links on {addr}: {e}")))?,
+        ),
+    };
     let state = Arc::new(ApiState {
         server: server.clone(),
         nbd_tcp: nbd.tcp_addrs(),
         nbd_unix: nbd.unix_path().map(PathBuf::from),
         api_tcp: api_tcp.as_ref().and_then(|l| l.local_addr().ok()),
+        replication_tcp: replication.as_ref().and_then(|l| l.local_addr().ok()),
         state_dir,
         config_file: cfg.source.clone(),
         users,
@@ -93,6 +103,15 @@ pub async fn run(
     let tracker = TaskTracker::new();
     nbd.spawn(server.clone(), shutdown.clone(), &tracker);
     api::spawn(state.clone(), api_unix, api_tcp, shutdown.clone(), &tracker);
+    if let (Some(listener), Some(secret)) = (replication, cfg.replication_secret.clone()) {
+        spawn_replication(
+            listener,
+            server.clone(),
+            Arc::from(secret),
+            shutdown.clone(),
+            &tracker,
+        );
+    }
 
     for v in server.volumes() {
         tracing::info!(
@@ -131,6 +150,53 @@ pub async fn run(
     tracing::info!(failed, "volumes flushed; exiting");
     let _ = std::fs::remove_file(&cfg.raw.api.unix);
     Ok(failed)
+}
+
+/// Accepts peer links: each is authenticated with the shared secret, then
+/// may mirror changes to this server's PPRC secondaries (none until pairs
+/// are established).
+fn spawn_replication(
+    listener: tokio::net::TcpListener,
+    server: Arc<StorageServer>,
+    secret: Arc<[u8]>,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let secondaries = Arc::new(Secondaries::default());
+    let t = tracker.clone();
+    tracker.spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("peer link accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let (server, secret, secondaries, stop) = (
+                server.clone(),
+                secret.clone(),
+                secondaries.clone(),
+                shutdown.clone(),
+            );
+            t.spawn(async move {
+                let serial = server.serial.clone();
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    r = serve_link(stream, server, serial, secret, secondaries) => match r {
+                        Ok(p) => tracing::info!(%peer, serial = %p.serial, "peer link closed"),
+                        Err(e) => tracing::warn!(%peer, "peer link refused or failed: {e}"),
+                    },
+                }
+            });
+        }
+    });
 }
 
 async fn wait_for_signal(stop: &CancellationToken) {

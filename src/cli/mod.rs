@@ -427,6 +427,7 @@ impl Session {
             ("NBD TCP", list(&l.nbd_tcp)),
             ("NBD Unix", output::or_dash(l.nbd_unix.as_deref())),
             ("API TCP", output::or_dash(l.api_tcp.as_deref())),
+            ("Replication", output::or_dash(l.replication.as_deref())),
             ("LSSs", s.counts.lss.to_string()),
             ("Volumes", s.counts.volumes.to_string()),
             ("Clients", s.counts.clients.to_string()),

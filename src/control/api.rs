@@ -119,6 +119,9 @@ pub struct ListenersView {
     pub nbd_unix: Option<String>,
     /// Management API TCP address (actual port).
     pub api_tcp: Option<String>,
+    /// PPRC peer-link listener (actual port).
+    #[serde(default)]
+    pub replication: Option<String>,
 }
 
 /// Counts in [`ServerView`].
@@ -621,6 +624,7 @@ async fn server(State(ctx): State<Ctx>) -> Json<ServerView> {
             nbd_tcp: api.nbd_tcp.iter().map(|a| a.to_string()).collect(),
             nbd_unix: api.nbd_unix.as_ref().map(|p| p.display().to_string()),
             api_tcp: api.api_tcp.map(|a| a.to_string()),
+            replication: api.replication_tcp.map(|a| a.to_string()),
         },
         counts: CountsView {
             lss: s.lss().len(),

@@ -26,6 +26,8 @@ pub struct ApiState {
     pub nbd_unix: Option<PathBuf>,
     /// Management API TCP listener, if any.
     pub api_tcp: Option<SocketAddr>,
+    /// PPRC peer-link listener, if any.
+    pub replication_tcp: Option<SocketAddr>,
     /// The state directory.
     pub state_dir: PathBuf,
     /// Config file the server was started from.

@@ -1,8 +1,12 @@
 //! The secondary end of a peer link: authenticates the connecting primary,
 //! then applies the changes it mirrors, in order, and acknowledges each one
-//! with its request ID (0 on success, else an NBD-style errno).
+//! with its request ID (0 on success, else an NBD-style errno). Only
+//! volumes in the [`Secondaries`] set accept mirrored changes; any other
+//! volume answers EPERM, so even an authenticated peer cannot write a
+//! volume that is not the secondary of one of its pairs.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -15,6 +19,35 @@ use crate::nbd::{nbd_errno, proto::errno};
 use crate::volume::id::Serial;
 use crate::volume::server::StorageServer;
 
+/// Volume IDs that are PPRC secondaries here and accept mirrored changes.
+#[derive(Debug, Default)]
+pub struct Secondaries(RwLock<HashSet<String>>);
+
+impl Secondaries {
+    /// Lets `volume` accept mirrored changes.
+    pub fn insert(&self, volume: &str) {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(volume.to_string());
+    }
+
+    /// Stops `volume` accepting mirrored changes.
+    pub fn remove(&self, volume: &str) {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(volume);
+    }
+
+    fn contains(&self, volume: &str) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(volume)
+    }
+}
+
 /// Time a connecting peer has to authenticate.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -25,6 +58,7 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin>(
     server: Arc<StorageServer>,
     local: Serial,
     secret: Arc<[u8]>,
+    secondaries: Arc<Secondaries>,
 ) -> Result<PeerInfo, LinkError> {
     let mut buf = BytesMut::with_capacity(1 << 20);
     let peer = handshake(
@@ -53,7 +87,15 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin>(
                 data,
             } => {
                 let len = data.len() as u64;
-                apply(&server, &volume, offset, len, Change::Write(data, fua)).await
+                apply(
+                    &server,
+                    &secondaries,
+                    &volume,
+                    offset,
+                    len,
+                    Change::Write(data, fua),
+                )
+                .await
             }
             Message::Zero {
                 volume,
@@ -63,6 +105,7 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin>(
             } => {
                 apply(
                     &server,
+                    &secondaries,
                     &volume,
                     offset,
                     len,
@@ -74,8 +117,8 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin>(
                 volume,
                 offset,
                 len,
-            } => apply(&server, &volume, offset, len, Change::Trim).await,
-            Message::Flush { volume } => match lookup(&server, &volume) {
+            } => apply(&server, &secondaries, &volume, offset, len, Change::Trim).await,
+            Message::Flush { volume } => match lookup(&server, &secondaries, &volume) {
                 Ok(v) => v.flush().await.map_or_else(|e| nbd_errno(&e), |()| 0),
                 Err(code) => code,
             },
@@ -95,22 +138,31 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-fn lookup(server: &StorageServer, volume: &[u8; 8]) -> Result<Arc<crate::volume::Volume>, u32> {
-    std::str::from_utf8(volume)
+fn lookup(
+    server: &StorageServer,
+    secondaries: &Secondaries,
+    volume: &[u8; 8],
+) -> Result<Arc<crate::volume::Volume>, u32> {
+    let v = std::str::from_utf8(volume)
         .ok()
         .and_then(|id| server.lookup(id))
         .cloned()
-        .ok_or(errno::EINVAL)
+        .ok_or(errno::EINVAL)?;
+    if !secondaries.contains(v.name()) {
+        return Err(errno::EPERM);
+    }
+    Ok(v)
 }
 
 async fn apply(
     server: &StorageServer,
+    secondaries: &Secondaries,
     volume: &[u8; 8],
     offset: u64,
     len: u64,
     change: Change,
 ) -> u32 {
-    match lookup(server, volume) {
+    match lookup(server, secondaries, volume) {
         Ok(v) => match v.apply_mirrored(offset, len, change).await {
             Ok(()) => 0,
             Err(e) => nbd_errno(&e),
@@ -132,7 +184,7 @@ mod tests {
 
     fn server(dir: &Path) -> Arc<StorageServer> {
         let text = format!(
-            "[server]\nserial = \"FCB02\"\nstate_dir = \"{d}/state\"\n[nbd]\nlisten = []\nunix = \"{d}/nbd.sock\"\n[api]\nunix = \"{d}/api.sock\"\n[[lss]]\nid = 0x10\n[[volume]]\nlss = 0x10\nnumber = 0\npath = \"{d}/v.img\"\nsize = \"4MiB\"\n",
+            "[server]\nserial = \"FCB02\"\nstate_dir = \"{d}/state\"\n[nbd]\nlisten = []\nunix = \"{d}/nbd.sock\"\n[api]\nunix = \"{d}/api.sock\"\n[[lss]]\nid = 0x10\n[[volume]]\nlss = 0x10\nnumber = 0\npath = \"{d}/v.img\"\nsize = \"4MiB\"\n[[volume]]\nlss = 0x10\nnumber = 1\npath = \"{d}/w.img\"\nsize = \"4MiB\"\n",
             d = dir.display()
         );
         let cfg = Config::parse(&text, Path::new("<test>")).unwrap();
@@ -149,6 +201,8 @@ mod tests {
     ) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let secondaries = Arc::new(Secondaries::default());
+        secondaries.insert("000FCB02");
         let task = tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
             serve_link(
@@ -156,6 +210,7 @@ mod tests {
                 server,
                 Serial::new("FCB02").unwrap(),
                 Arc::from(secret),
+                secondaries,
             )
             .await
         });
@@ -237,6 +292,18 @@ mod tests {
             .unwrap(),
             errno::EINVAL
         );
+        // A volume that is not a secondary refuses mirrored changes.
+        let other = Message::Write {
+            volume: *b"001FCB02",
+            offset: 0,
+            fua: false,
+            data: Bytes::from_static(b"no"),
+        };
+        assert_eq!(link.request(other).await.unwrap(), errno::EPERM);
+        assert!(std::fs::read(dir.path().join("w.img"))
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0));
         let image = std::fs::read(dir.path().join("v.img")).unwrap();
         assert!(image[..4096].iter().all(|&b| b == 0));
         for i in 0..64usize {
