@@ -104,6 +104,20 @@ fn checksums(root: &Path) -> Vec<(String, String)> {
     out
 }
 
+/// `e2fsck -fn` must find nothing to fix.
+fn assert_fsck_clean(image: &Path, when: &str) {
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck {when}: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
+
 #[test]
 fn ext4_on_nbdfuse_survives_restart_and_fsck() {
     require_root("mount -o loop and FUSE");
@@ -134,32 +148,14 @@ fn ext4_on_nbdfuse_survives_restart_and_fsck() {
             checksums(&m.0)
         };
         assert_eq!(expected.len(), 51);
-        let fsck = Command::new("e2fsck")
-            .arg("-fn")
-            .arg(fuse.file())
-            .output()
-            .unwrap();
-        assert!(
-            fsck.status.success(),
-            "e2fsck: {}",
-            String::from_utf8_lossy(&fsck.stdout)
-        );
+        assert_fsck_clean(&fuse.file(), "after writing");
         drop(fuse);
         assert_eq!(essd.stop().code(), Some(0), "{engine}");
 
         // Restart on the same config: everything is still there.
         let essd = Essd::start_config(dir.path(), &dir.path().join("essd.toml"), "TST01");
         let fuse = FuseView::mount(&essd.uri("000TST01"), &dir.path().join("fuse"));
-        let fsck = Command::new("e2fsck")
-            .arg("-fn")
-            .arg(fuse.file())
-            .output()
-            .unwrap();
-        assert!(
-            fsck.status.success(),
-            "e2fsck after restart: {}",
-            String::from_utf8_lossy(&fsck.stdout)
-        );
+        assert_fsck_clean(&fuse.file(), "after restart");
         {
             let m = Mount::loop_mount(&fuse.file(), &dir.path().join("mnt"));
             assert_eq!(checksums(&m.0), expected, "{engine}");
