@@ -14,6 +14,7 @@ use crate::config::ValidConfig;
 use crate::control::log::EventLog;
 use crate::control::{api, users::UserStore, ApiState};
 use crate::copy::flashcopy::manager::FlashCopyManager;
+use crate::copy::pprc::paths::PathManager;
 use crate::copy::pprc::secondary::{serve_link, Secondaries};
 use crate::io::Engine;
 use crate::nbd::listener::{bind_unix, NbdListeners};
@@ -86,6 +87,13 @@ pub async fn run(
                 .map_err(|e| StartError(format!("cannot listen for peer links on {addr}: {e}")))?,
         ),
     };
+    let paths = Arc::new(PathManager::new(
+        server.serial.clone(),
+        cfg.lss.clone(),
+        cfg.peers.clone(),
+        cfg.replication_secret.clone(),
+        log.clone(),
+    ));
     let state = Arc::new(ApiState {
         server: server.clone(),
         nbd_tcp: nbd.tcp_addrs(),
@@ -97,6 +105,7 @@ pub async fn run(
         users,
         log: log.clone(),
         flashcopy: flashcopy.clone(),
+        paths: paths.clone(),
     });
 
     let shutdown = CancellationToken::new();
@@ -146,6 +155,7 @@ pub async fn run(
         tracing::warn!("some connections did not finish within {DRAIN_TIMEOUT:?}");
     }
     flashcopy.stop_copiers().await;
+    paths.shutdown().await;
     let failed = server.flush_all().await;
     tracing::info!(failed, "volumes flushed; exiting");
     let _ = std::fs::remove_file(&cfg.raw.api.unix);

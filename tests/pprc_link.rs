@@ -90,3 +90,121 @@ async fn peers_authenticate_and_only_secondaries_take_changes() {
     let log = std::fs::read_to_string(dir.path().join("essd.log")).unwrap();
     assert!(log.contains("peer link refused or failed"), "{log}");
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `essctl --json pprc path list` until `pred` holds for the first path.
+fn wait_for_path(
+    essd: &Essd,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = essctl(essd, &["--json", "pprc", "path", "list"]).json();
+        if pred(&list["paths"][0]) {
+            return list["paths"][0].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "path never became {what}: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn paths_open_monitor_and_reopen_their_links() {
+    let port = free_port();
+    let dir_b = tempdir("pprc-b");
+    let mut cfg_b = TestConfig::new("uring");
+    cfg_b.serial = "TSTB2";
+    cfg_b.extra =
+        format!("\n[replication]\nlisten = \"127.0.0.1:{port}\"\nsecret = \"{SECRET}\"\n");
+    let b = Essd::start_in(dir_b.path(), &cfg_b);
+
+    let dir_a = tempdir("pprc-a");
+    let mut cfg_a = TestConfig::new("uring");
+    cfg_a.extra = format!(
+        "\n[replication]\nsecret = \"{SECRET}\"\n\n[[peer]]\nserial = \"TSTB2\"\naddress = \"127.0.0.1:{port}\"\n"
+    );
+    let a = Essd::start_in(dir_a.path(), &cfg_a);
+
+    let out = essctl(
+        &a,
+        &[
+            "pprc",
+            "path",
+            "establish",
+            "0x10",
+            "TSTB2",
+            "0x10",
+            "--links",
+            "3",
+        ],
+    );
+    assert_eq!(out.ok().lines().count(), 4, "{out:?}");
+    let path = wait_for_path(&a, "up", |p| p["state"] == "up");
+    assert_eq!(path["links"].as_array().unwrap().len(), 3);
+    assert_eq!(path["peer_address"], format!("127.0.0.1:{port}"));
+
+    // Establish options and refusals.
+    essctl(&a, &["pprc", "path", "establish", "0x10", "TSTB2", "0x10"])
+        .refused("path 0x10 → TSTB2 0x10 already exists; use \"if not exists\" to keep it or \"force\" to replace it");
+    essctl(
+        &a,
+        &[
+            "pprc",
+            "path",
+            "establish",
+            "0x10",
+            "TSTB2",
+            "0x10",
+            "--if-not-exists",
+        ],
+    )
+    .ok();
+    essctl(&a, &["pprc", "path", "establish", "0x10", "ZZZ99", "0x10"])
+        .refused("peer ZZZ99 is not configured ([[peer]] in the configuration)");
+    essctl(&a, &["pprc", "path", "establish", "0x12", "TSTB2", "0x10"])
+        .refused("LSS 0x12 is not defined on this server");
+
+    // The peer dies: every link goes down, with a reason.
+    b.kill();
+    let down = wait_for_path(&a, "down", |p| p["state"] == "down");
+    for link in down["links"].as_array().unwrap() {
+        assert_eq!(link["state"], "down");
+        assert!(!link["reason"].as_str().unwrap().is_empty(), "{link}");
+    }
+    // It comes back on the same address: the links reopen by themselves.
+    let b = Essd::start_config(dir_b.path(), &dir_b.path().join("essd.toml"), "TSTB2");
+    wait_for_path(&a, "up again", |p| p["state"] == "up");
+
+    let out = essctl(&a, &["pprc", "path", "remove", "0x10", "TSTB2", "0x10"]);
+    assert_eq!(out.ok(), "removed path 0x10 → TSTB2 0x10\n");
+    assert_eq!(
+        essctl(&a, &["pprc", "path", "list"]).ok(),
+        "no PPRC paths\n"
+    );
+    essctl(&a, &["pprc", "path", "remove", "0x10", "TSTB2", "0x10"])
+        .refused("no path 0x10 → TSTB2 0x10");
+    let log = essctl(&a, &["--json", "log"]).json();
+    let events: Vec<&str> = log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert!(
+        events.contains(&"pprc.path.establish") && events.contains(&"pprc.path.remove"),
+        "{events:?}"
+    );
+    assert_eq!(a.stop().code(), Some(0));
+    assert_eq!(b.stop().code(), Some(0));
+}

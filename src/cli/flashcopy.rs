@@ -261,16 +261,6 @@ impl Session {
         }
     }
 
-    fn post<T: serde::Serialize>(
-        &self,
-        path: &str,
-        body: &T,
-    ) -> Result<client::Response, CliError> {
-        let body = serde_json::to_vec(body)
-            .map_err(|e| CliError::Usage(format!("cannot encode the request: {e}")))?;
-        self.check(self.client.post_json(path, &body)?)
-    }
-
     fn flashcopy_establish(
         &self,
         out: &mut dyn Write,

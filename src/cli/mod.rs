@@ -20,6 +20,7 @@
 pub mod client;
 pub mod flashcopy;
 pub mod output;
+pub mod pprc;
 
 use std::io::{self, BufRead, IsTerminal, Write};
 use std::process::ExitCode;
@@ -118,6 +119,9 @@ pub enum Command {
     /// FlashCopy: point-in-time copies of a volume onto another volume.
     #[command(subcommand)]
     Flashcopy(flashcopy::FlashCopyCommand),
+    /// PPRC: mirroring to peer storage servers (paths so far).
+    #[command(subcommand)]
+    Pprc(pprc::PprcCommand),
     /// Show the latest events of the server's event log.
     Log {
         /// How many of the latest events to show (1-10000; default 100).
@@ -253,6 +257,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::User(UserCommand::List) => session.user_list(out),
         Command::User(UserCommand::Remove { name }) => session.user_remove(out, name),
         Command::Flashcopy(command) => session.flashcopy(out, command),
+        Command::Pprc(command) => session.pprc(out, command),
         Command::Log { limit } => session.log(out, *limit),
     }
 }
@@ -394,6 +399,17 @@ impl Session {
 
     fn get(&self, path: &str) -> Result<Response, CliError> {
         let response = self.client.get(path)?;
+        self.check(response)
+    }
+
+    fn post<T: serde::Serialize>(&self, path: &str, body: &T) -> Result<Response, CliError> {
+        let body = serde_json::to_vec(body)
+            .map_err(|e| CliError::Usage(format!("cannot encode the request: {e}")))?;
+        self.check(self.client.post_json(path, &body)?)
+    }
+
+    fn delete(&self, path: &str) -> Result<Response, CliError> {
+        let response = self.client.delete(path)?;
         self.check(response)
     }
 

@@ -52,6 +52,7 @@ use super::users::UserError;
 use super::ApiState;
 use crate::copy::flashcopy::manager::{EstablishOptions, FlashCopyError, RelationshipView};
 use crate::copy::flashcopy::{CopyMode, Role};
+use crate::copy::pprc::paths::{PathError, PathRequest, PathView};
 use crate::volume::id::VolumeId;
 use crate::volume::server::StorageServer;
 use crate::volume::store::BackingKind;
@@ -468,6 +469,7 @@ fn router(ctx: Ctx) -> Router {
         .merge(volume_routes())
         .merge(user_routes())
         .merge(flashcopy_routes())
+        .merge(pprc_routes())
         .merge(log_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
@@ -498,6 +500,73 @@ fn user_routes() -> Router<Ctx> {
     Router::new()
         .route("/v1/users", get(user_list).post(user_add))
         .route("/v1/users/{name}", delete(user_remove))
+}
+
+fn pprc_routes() -> Router<Ctx> {
+    Router::new()
+        .route("/v1/pprc/paths", get(path_list).post(path_establish))
+        .route(
+            "/v1/pprc/paths/{lss}/{peer}/{peer_lss}",
+            delete(path_remove),
+        )
+}
+
+/// `GET /v1/pprc/paths`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PathList {
+    /// Every path.
+    pub paths: Vec<PathView>,
+}
+
+impl From<PathError> for ApiError {
+    fn from(e: PathError) -> Self {
+        let status = match &e {
+            PathError::NotFound { .. } | PathError::UnknownPeer(_) | PathError::UnknownLss(_) => {
+                StatusCode::NOT_FOUND
+            }
+            PathError::BadPeerLss(_) | PathError::BadLinks(_) => StatusCode::BAD_REQUEST,
+            PathError::Exists { .. } | PathError::NoSecret => StatusCode::CONFLICT,
+            PathError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+async fn path_list(State(ctx): State<Ctx>) -> Json<PathList> {
+    Json(PathList {
+        paths: ctx.api.paths.list().await,
+    })
+}
+
+async fn path_establish(
+    State(ctx): State<Ctx>,
+    body: Result<Json<PathRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<PathView>), ApiError> {
+    let request = json_body(body)?;
+    let view = ctx.api.paths.establish(&request).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+fn parse_lss(text: &str) -> Result<u8, ApiError> {
+    let digits = text.trim_start_matches("0x").trim_start_matches("0X");
+    u8::from_str_radix(digits, 16).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{text:?} is not an LSS such as 0x10"),
+        )
+    })
+}
+
+async fn path_remove(
+    State(ctx): State<Ctx>,
+    Path((lss, peer, peer_lss)): Path<(String, String, String)>,
+) -> ApiResult<PathView> {
+    let view = ctx
+        .api
+        .paths
+        .remove(parse_lss(&lss)?, &peer, parse_lss(&peer_lss)?)
+        .await?;
+    Ok(Json(view))
 }
 
 fn flashcopy_routes() -> Router<Ctx> {

@@ -38,4 +38,6 @@ pub struct ApiState {
     pub log: Arc<log::EventLog>,
     /// FlashCopy relationships.
     pub flashcopy: Arc<crate::copy::flashcopy::manager::FlashCopyManager>,
+    /// PPRC paths to peers.
+    pub paths: Arc<crate::copy::pprc::paths::PathManager>,
 }

@@ -8,11 +8,14 @@
 //!   with the shared secret; the primary's pipelined request channel.
 //! * [`secondary`] — the secondary's end: applies mirrored changes in order
 //!   and acknowledges each.
+//! * [`paths`] — paths from a local LSS to a peer's LSS over 1–8 monitored
+//!   links.
 //!
 //! Paths, pairs and the mirroring layer of the write path build on these;
 //! so far the protocol, the authenticated link and the secondary's
 //! change application exist.
 
 pub mod link;
+pub mod paths;
 pub mod secondary;
 pub mod wire;

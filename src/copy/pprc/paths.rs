@@ -1,0 +1,443 @@
+//! PPRC paths: one-way routes from an LSS here to an LSS on a peer, each
+//! over 1–8 authenticated TCP links.
+//!
+//! Every link has a monitor task: it opens the link (hello and
+//! authentication), sends a heartbeat every [`HEARTBEAT`], and when the link
+//! fails records why and when and reopens it. A path with some links down
+//! is degraded, not lost.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::link::{LinkError, PeerLink};
+use super::wire::Message;
+use crate::control::log::{rfc3339, EventLog};
+use crate::volume::id::{Serial, LSS_MAX, LSS_MIN};
+
+/// Interval between heartbeats (and between reconnection attempts).
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Time a link has to open or to answer a heartbeat.
+pub const LINK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most links in one path.
+pub const MAX_LINKS: usize = 8;
+
+/// Why a path request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PathError {
+    /// The local LSS is not configured.
+    #[error("LSS 0x{0:02X} is not defined on this server")]
+    UnknownLss(u8),
+    /// The peer LSS is out of range.
+    #[error("peer LSS 0x{0:02X} is outside 0x10..0x1F")]
+    BadPeerLss(u8),
+    /// The peer is not configured.
+    #[error("peer {0} is not configured ([[peer]] in the configuration)")]
+    UnknownPeer(String),
+    /// No replication secret is configured.
+    #[error("no replication secret is configured ([replication] secret)")]
+    NoSecret,
+    /// Link count outside 1..=8.
+    #[error("a path has 1 to {MAX_LINKS} links, not {0}")]
+    BadLinks(usize),
+    /// The path exists and neither option was given.
+    #[error("path 0x{lss:02X} → {peer} 0x{peer_lss:02X} already exists; use \"if not exists\" to keep it or \"force\" to replace it")]
+    Exists {
+        /// Local LSS.
+        lss: u8,
+        /// Peer serial.
+        peer: String,
+        /// Peer LSS.
+        peer_lss: u8,
+    },
+    /// No link could be opened.
+    #[error("no link to {peer} at {address} could be opened: {reason}")]
+    Unreachable {
+        /// Peer serial.
+        peer: String,
+        /// Peer address.
+        address: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// No such path.
+    #[error("no path 0x{lss:02X} → {peer} 0x{peer_lss:02X}")]
+    NotFound {
+        /// Local LSS.
+        lss: u8,
+        /// Peer serial.
+        peer: String,
+        /// Peer LSS.
+        peer_lss: u8,
+    },
+}
+
+/// An establish-path request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PathRequest {
+    /// Local LSS.
+    pub lss: u8,
+    /// Peer serial.
+    pub peer: String,
+    /// Peer LSS.
+    pub peer_lss: u8,
+    /// Number of links (default 1).
+    #[serde(default = "one")]
+    pub links: usize,
+    /// Keep an existing path instead of failing.
+    #[serde(default)]
+    pub if_not_exists: bool,
+    /// Replace an existing path.
+    #[serde(default)]
+    pub force: bool,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// One link's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum LinkState {
+    Up { since: SystemTime },
+    Down { reason: String, since: SystemTime },
+}
+
+/// A link as shown by list.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LinkView {
+    /// `up` or `down`.
+    pub state: String,
+    /// Why the link is down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Since when (RFC 3339).
+    pub since: String,
+}
+
+/// A path as shown by list.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PathView {
+    /// Local LSS, e.g. `0x10`.
+    pub lss: String,
+    /// Peer serial.
+    pub peer: String,
+    /// Peer replication address.
+    pub peer_address: String,
+    /// Peer LSS.
+    pub peer_lss: String,
+    /// `up` (all links), `degraded` (some) or `down` (none).
+    pub state: String,
+    /// Each link.
+    pub links: Vec<LinkView>,
+}
+
+struct Slot {
+    state: Mutex<LinkState>,
+    link: tokio::sync::Mutex<Option<PeerLink>>,
+}
+
+struct Path {
+    lss: u8,
+    peer: Serial,
+    address: SocketAddr,
+    peer_lss: u8,
+    slots: Vec<Arc<Slot>>,
+    stop: CancellationToken,
+}
+
+impl Path {
+    fn view(&self) -> PathView {
+        let links: Vec<LinkView> = self
+            .slots
+            .iter()
+            .map(
+                |s| match &*s.state.lock().unwrap_or_else(|p| p.into_inner()) {
+                    LinkState::Up { since } => LinkView {
+                        state: "up".into(),
+                        reason: None,
+                        since: rfc3339(*since),
+                    },
+                    LinkState::Down { reason, since } => LinkView {
+                        state: "down".into(),
+                        reason: Some(reason.clone()),
+                        since: rfc3339(*since),
+                    },
+                },
+            )
+            .collect();
+        let up = links.iter().filter(|l| l.state == "up").count();
+        PathView {
+            lss: format!("0x{:02X}", self.lss),
+            peer: self.peer.to_string(),
+            peer_address: self.address.to_string(),
+            peer_lss: format!("0x{:02X}", self.peer_lss),
+            state: if up == links.len() {
+                "up"
+            } else if up == 0 {
+                "down"
+            } else {
+                "degraded"
+            }
+            .into(),
+            links,
+        }
+    }
+}
+
+/// The paths of this server.
+pub struct PathManager {
+    serial: Serial,
+    lss: Vec<u8>,
+    peers: Vec<(Serial, SocketAddr)>,
+    secret: Option<Arc<[u8]>>,
+    log: Arc<EventLog>,
+    paths: tokio::sync::Mutex<Vec<Path>>,
+}
+
+impl std::fmt::Debug for PathManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PathManager")
+            .field("serial", &self.serial)
+            .finish()
+    }
+}
+
+impl PathManager {
+    /// A manager for this server's LSSs and configured peers.
+    pub fn new(
+        serial: Serial,
+        lss: Vec<u8>,
+        peers: Vec<(Serial, SocketAddr)>,
+        secret: Option<Vec<u8>>,
+        log: Arc<EventLog>,
+    ) -> Self {
+        PathManager {
+            serial,
+            lss,
+            peers,
+            secret: secret.map(Arc::from),
+            log,
+            paths: tokio::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Establishes a path, opening its links. Fails if no link opens.
+    pub async fn establish(&self, req: &PathRequest) -> Result<PathView, PathError> {
+        if !self.lss.contains(&req.lss) {
+            return Err(PathError::UnknownLss(req.lss));
+        }
+        if !(LSS_MIN..=LSS_MAX).contains(&req.peer_lss) {
+            return Err(PathError::BadPeerLss(req.peer_lss));
+        }
+        if !(1..=MAX_LINKS).contains(&req.links) {
+            return Err(PathError::BadLinks(req.links));
+        }
+        let (peer, address) = self
+            .peers
+            .iter()
+            .find(|(s, _)| s.as_str() == req.peer)
+            .cloned()
+            .ok_or_else(|| PathError::UnknownPeer(req.peer.clone()))?;
+        let secret = self.secret.clone().ok_or(PathError::NoSecret)?;
+        let mut paths = self.paths.lock().await;
+        let same = |p: &Path| p.lss == req.lss && p.peer == peer && p.peer_lss == req.peer_lss;
+        if let Some(existing) = paths.iter().find(|p| same(p)) {
+            if req.if_not_exists {
+                return Ok(existing.view());
+            }
+            if !req.force {
+                return Err(PathError::Exists {
+                    lss: req.lss,
+                    peer: req.peer.clone(),
+                    peer_lss: req.peer_lss,
+                });
+            }
+        }
+        let mut slots = Vec::new();
+        let mut last_error = String::new();
+        for _ in 0..req.links {
+            let now = SystemTime::now();
+            let (state, link) = match self.open(address, &peer, &secret).await {
+                Ok(link) => (LinkState::Up { since: now }, Some(link)),
+                Err(e) => {
+                    last_error = e.to_string();
+                    (
+                        LinkState::Down {
+                            reason: last_error.clone(),
+                            since: now,
+                        },
+                        None,
+                    )
+                }
+            };
+            slots.push(Arc::new(Slot {
+                state: Mutex::new(state),
+                link: tokio::sync::Mutex::new(link),
+            }));
+        }
+        if slots.iter().all(|s| {
+            matches!(
+                *s.state.lock().unwrap_or_else(|p| p.into_inner()),
+                LinkState::Down { .. }
+            )
+        }) {
+            return Err(PathError::Unreachable {
+                peer: req.peer.clone(),
+                address,
+                reason: last_error,
+            });
+        }
+        if req.force {
+            if let Some(i) = paths.iter().position(same) {
+                paths.remove(i).stop.cancel();
+            }
+        }
+        let stop = CancellationToken::new();
+        for slot in &slots {
+            tokio::spawn(monitor(
+                slot.clone(),
+                address,
+                self.serial.clone(),
+                peer.clone(),
+                secret.clone(),
+                stop.clone(),
+            ));
+        }
+        let path = Path {
+            lss: req.lss,
+            peer,
+            address,
+            peer_lss: req.peer_lss,
+            slots,
+            stop,
+        };
+        let view = path.view();
+        self.log.record(
+            "pprc.path.establish",
+            format!(
+                "path {} → {} {} over {} link(s), {}",
+                view.lss, view.peer, view.peer_lss, req.links, view.state
+            ),
+            None,
+        );
+        paths.push(path);
+        Ok(view)
+    }
+
+    async fn open(
+        &self,
+        address: SocketAddr,
+        peer: &Serial,
+        secret: &[u8],
+    ) -> Result<PeerLink, LinkError> {
+        PeerLink::connect(address, &self.serial, peer, secret, LINK_TIMEOUT).await
+    }
+
+    /// Removes a path, closing its links.
+    pub async fn remove(&self, lss: u8, peer: &str, peer_lss: u8) -> Result<PathView, PathError> {
+        let mut paths = self.paths.lock().await;
+        let Some(i) = paths
+            .iter()
+            .position(|p| p.lss == lss && p.peer.as_str() == peer && p.peer_lss == peer_lss)
+        else {
+            return Err(PathError::NotFound {
+                lss,
+                peer: peer.to_string(),
+                peer_lss,
+            });
+        };
+        let path = paths.remove(i);
+        path.stop.cancel();
+        for slot in &path.slots {
+            if let Some(link) = slot.link.lock().await.take() {
+                let _ = link.close().await;
+            }
+        }
+        let view = path.view();
+        self.log.record(
+            "pprc.path.remove",
+            format!(
+                "path {} → {} {} removed",
+                view.lss, view.peer, view.peer_lss
+            ),
+            None,
+        );
+        Ok(view)
+    }
+
+    /// Every path with its links.
+    pub async fn list(&self) -> Vec<PathView> {
+        self.paths.lock().await.iter().map(Path::view).collect()
+    }
+
+    /// Closes every link (at shutdown).
+    pub async fn shutdown(&self) {
+        for path in self.paths.lock().await.iter() {
+            path.stop.cancel();
+        }
+    }
+}
+
+/// Keeps one link open: heartbeats while up, reconnects while down.
+async fn monitor(
+    slot: Arc<Slot>,
+    address: SocketAddr,
+    local: Serial,
+    peer: Serial,
+    secret: Arc<[u8]>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+        }
+        let mut guard = slot.link.lock().await;
+        let outcome = match guard.as_ref() {
+            Some(link) => {
+                let beat = Message::Heartbeat {
+                    unix_ms: SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_millis() as u64,
+                };
+                match tokio::time::timeout(LINK_TIMEOUT, link.request(beat)).await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no heartbeat answer within {LINK_TIMEOUT:?}")),
+                }
+            }
+            None => PeerLink::connect(address, &local, &peer, &secret, LINK_TIMEOUT)
+                .await
+                .map(|link| {
+                    *guard = Some(link);
+                })
+                .map_err(|e| e.to_string()),
+        };
+        let mut state = slot.state.lock().unwrap_or_else(|p| p.into_inner());
+        match outcome {
+            Ok(()) => {
+                tracing::info!(%peer, %address, "peer link up");
+                *state = LinkState::Up {
+                    since: SystemTime::now(),
+                };
+            }
+            Err(reason) => {
+                if guard.take().is_some() || !matches!(*state, LinkState::Down { .. }) {
+                    tracing::warn!(%peer, %address, "peer link down: {reason}");
+                    *state = LinkState::Down {
+                        reason,
+                        since: SystemTime::now(),
+                    };
+                } else if let LinkState::Down { reason: r, .. } = &mut *state {
+                    // Still down: keep the time it went down, refresh why.
+                    *r = reason;
+                }
+            }
+        }
+    }
+}
