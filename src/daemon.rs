@@ -87,13 +87,17 @@ pub async fn run(
                 .map_err(|e| StartError(format!("cannot listen for peer links on {addr}: {e}")))?,
         ),
     };
-    let paths = Arc::new(PathManager::new(
-        server.serial.clone(),
-        cfg.lss.clone(),
-        cfg.peers.clone(),
-        cfg.replication_secret.clone(),
-        log.clone(),
-    ));
+    let paths = Arc::new(
+        PathManager::open(
+            &state_dir,
+            server.serial.clone(),
+            cfg.lss.clone(),
+            cfg.peers.clone(),
+            cfg.replication_secret.clone(),
+            log.clone(),
+        )
+        .map_err(start_err)?,
+    );
     let state = Arc::new(ApiState {
         server: server.clone(),
         nbd_tcp: nbd.tcp_addrs(),

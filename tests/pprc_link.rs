@@ -186,6 +186,12 @@ fn paths_open_monitor_and_reopen_their_links() {
     let b = Essd::start_config(dir_b.path(), &dir_b.path().join("essd.toml"), "TSTB2");
     wait_for_path(&a, "up again", |p| p["state"] == "up");
 
+    // Paths are recorded: after a restart the server reopens them.
+    assert_eq!(a.stop().code(), Some(0));
+    let a = Essd::start_config(dir_a.path(), &dir_a.path().join("essd.toml"), "TST01");
+    let again = wait_for_path(&a, "reopened after a restart", |p| p["state"] == "up");
+    assert_eq!(again["links"].as_array().unwrap().len(), 3);
+
     let out = essctl(&a, &["pprc", "path", "remove", "0x10", "TSTB2", "0x10"]);
     assert_eq!(out.ok(), "removed path 0x10 → TSTB2 0x10\n");
     assert_eq!(

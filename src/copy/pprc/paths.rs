@@ -4,7 +4,8 @@
 //! Every link has a monitor task: it opens the link (hello and
 //! authentication), sends a heartbeat every [`HEARTBEAT`], and when the link
 //! fails records why and when and reopens it. A path with some links down
-//! is degraded, not lost.
+//! is degraded, not lost. Paths are recorded in `STATE_DIR/pprc/paths.json`
+//! and reopened when the server starts.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::link::{LinkError, PeerLink};
 use super::wire::Message;
 use crate::control::log::{rfc3339, EventLog};
+use crate::state::{write_atomic, StateIoError};
 use crate::volume::id::{Serial, LSS_MAX, LSS_MIN};
 
 /// Interval between heartbeats (and between reconnection attempts).
@@ -63,6 +65,12 @@ pub enum PathError {
         /// Why.
         reason: String,
     },
+    /// The path record could not be written.
+    #[error(transparent)]
+    State(#[from] StateIoError),
+    /// The path record could not be read.
+    #[error("{0}")]
+    Corrupt(String),
     /// No such path.
     #[error("no path 0x{lss:02X} → {peer} 0x{peer_lss:02X}")]
     NotFound {
@@ -188,8 +196,18 @@ impl Path {
     }
 }
 
+/// One path in the persistent record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    lss: u8,
+    peer: String,
+    peer_lss: u8,
+    links: usize,
+}
+
 /// The paths of this server.
 pub struct PathManager {
+    record: std::path::PathBuf,
     serial: Serial,
     lss: Vec<u8>,
     peers: Vec<(Serial, SocketAddr)>,
@@ -207,22 +225,97 @@ impl std::fmt::Debug for PathManager {
 }
 
 impl PathManager {
-    /// A manager for this server's LSSs and configured peers.
-    pub fn new(
+    /// A manager for this server's LSSs and configured peers; reopens the
+    /// paths recorded in `state_dir` (their links connect in the background).
+    pub fn open(
+        state_dir: &std::path::Path,
         serial: Serial,
         lss: Vec<u8>,
         peers: Vec<(Serial, SocketAddr)>,
         secret: Option<Vec<u8>>,
         log: Arc<EventLog>,
-    ) -> Self {
-        PathManager {
+    ) -> Result<Self, PathError> {
+        let dir = state_dir.join("pprc");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| PathError::Corrupt(format!("cannot create {}: {e}", dir.display())))?;
+        let record = dir.join("paths.json");
+        let records: Vec<Record> = match std::fs::read(&record) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                PathError::Corrupt(format!("{}: cannot parse: {e}", record.display()))
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(PathError::Corrupt(format!("{}: {e}", record.display()))),
+        };
+        let mut mgr = PathManager {
+            record,
             serial,
             lss,
             peers,
             secret: secret.map(Arc::from),
             log,
             paths: tokio::sync::Mutex::new(Vec::new()),
+        };
+        let mut paths = Vec::new();
+        for r in records {
+            let Some((peer, address)) = mgr
+                .peers
+                .iter()
+                .find(|(s, _)| s.as_str() == r.peer)
+                .cloned()
+            else {
+                return Err(PathError::UnknownPeer(r.peer));
+            };
+            let secret = mgr.secret.clone().ok_or(PathError::NoSecret)?;
+            let slots: Vec<Arc<Slot>> = (0..r.links)
+                .map(|_| {
+                    Arc::new(Slot {
+                        state: Mutex::new(LinkState::Down {
+                            reason: "not connected yet".into(),
+                            since: SystemTime::now(),
+                        }),
+                        link: tokio::sync::Mutex::new(None),
+                    })
+                })
+                .collect();
+            let stop = CancellationToken::new();
+            for slot in &slots {
+                tokio::spawn(monitor(
+                    slot.clone(),
+                    address,
+                    mgr.serial.clone(),
+                    peer.clone(),
+                    secret.clone(),
+                    stop.clone(),
+                ));
+            }
+            paths.push(Path {
+                lss: r.lss,
+                peer,
+                address,
+                peer_lss: r.peer_lss,
+                slots,
+                stop,
+            });
         }
+        mgr.paths = tokio::sync::Mutex::new(paths);
+        Ok(mgr)
+    }
+
+    fn save(&self, paths: &[Path]) -> Result<(), PathError> {
+        let records: Vec<Record> = paths
+            .iter()
+            .map(|p| Record {
+                lss: p.lss,
+                peer: p.peer.to_string(),
+                peer_lss: p.peer_lss,
+                links: p.slots.len(),
+            })
+            .collect();
+        let mut bytes = serde_json::to_vec_pretty(&records)
+            .map_err(|e| PathError::Corrupt(format!("cannot encode paths: {e}")))?;
+        bytes.push(b'\n');
+        write_atomic(&self.record, &bytes, 0o600)?;
+        Ok(())
     }
 
     /// Establishes a path, opening its links. Fails if no link opens.
@@ -261,7 +354,7 @@ impl PathManager {
         let mut last_error = String::new();
         for _ in 0..req.links {
             let now = SystemTime::now();
-            let (state, link) = match self.open(address, &peer, &secret).await {
+            let (state, link) = match self.connect(address, &peer, &secret).await {
                 Ok(link) => (LinkState::Up { since: now }, Some(link)),
                 Err(e) => {
                     last_error = e.to_string();
@@ -316,6 +409,13 @@ impl PathManager {
             stop,
         };
         let view = path.view();
+        paths.push(path);
+        if let Err(e) = self.save(&paths) {
+            if let Some(p) = paths.pop() {
+                p.stop.cancel();
+            }
+            return Err(e);
+        }
         self.log.record(
             "pprc.path.establish",
             format!(
@@ -324,11 +424,10 @@ impl PathManager {
             ),
             None,
         );
-        paths.push(path);
         Ok(view)
     }
 
-    async fn open(
+    async fn connect(
         &self,
         address: SocketAddr,
         peer: &Serial,
@@ -352,6 +451,7 @@ impl PathManager {
         };
         let path = paths.remove(i);
         path.stop.cancel();
+        self.save(&paths)?;
         for slot in &path.slots {
             if let Some(link) = slot.link.lock().await.take() {
                 let _ = link.close().await;
@@ -391,11 +491,15 @@ async fn monitor(
     secret: Arc<[u8]>,
     stop: CancellationToken,
 ) {
+    let mut first = true;
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(HEARTBEAT) => {}
+        if !first {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(HEARTBEAT) => {}
+            }
         }
+        first = false;
         let mut guard = slot.link.lock().await;
         let outcome = match guard.as_ref() {
             Some(link) => {
