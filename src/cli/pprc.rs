@@ -56,10 +56,8 @@ pub enum PathCommand {
     },
 }
 
-/// Parses `0x10`, `10` (hex) as an LSS number.
 fn parse_lss(text: &str) -> Result<u8, String> {
-    let digits = text.trim_start_matches("0x").trim_start_matches("0X");
-    u8::from_str_radix(digits, 16).map_err(|_| format!("{text:?} is not an LSS such as 0x10"))
+    crate::volume::id::parse_lss(text).map_err(|e| e.to_string())
 }
 
 fn path_rows(paths: &[PathView]) -> Vec<Vec<String>> {

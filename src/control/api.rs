@@ -552,13 +552,8 @@ async fn path_establish(
 }
 
 fn parse_lss(text: &str) -> Result<u8, ApiError> {
-    let digits = text.trim_start_matches("0x").trim_start_matches("0X");
-    u8::from_str_radix(digits, 16).map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("{text:?} is not an LSS such as 0x10"),
-        )
-    })
+    crate::volume::id::parse_lss(text)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
 async fn path_remove(

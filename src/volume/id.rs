@@ -25,11 +25,25 @@ pub enum IdError {
     /// The LSS is outside 0x10..=0x1F.
     #[error("LSS 0x{0:02X} is outside 0x10..0x1F")]
     BadLss(u32),
+    /// The text is not a hex LSS number.
+    #[error("{0:?} is not an LSS such as 0x10")]
+    BadLssText(String),
     /// The volume ID is not 3 hex digits followed by a serial.
     #[error(
         "volume ID {0:?} must be 3 hex digits followed by a 5-character serial, e.g. 108FCA31"
     )]
     BadVolumeId(String),
+}
+
+/// Parses an LSS written as hex, with or without `0x` (`0x10`, `10`).
+pub fn parse_lss(text: &str) -> Result<u8, IdError> {
+    let digits = text.trim_start_matches("0x").trim_start_matches("0X");
+    let value =
+        u32::from_str_radix(digits, 16).map_err(|_| IdError::BadLssText(text.to_string()))?;
+    u8::try_from(value)
+        .ok()
+        .filter(|l| (LSS_MIN..=LSS_MAX).contains(l))
+        .ok_or(IdError::BadLss(value))
 }
 
 impl Serial {
@@ -140,5 +154,9 @@ mod tests {
         assert!("108FCA3".parse::<VolumeId>().is_err());
         assert!(Serial::new("fca31").is_err());
         assert!(VolumeId::new(0x20, 0, Serial::new("FCA31").unwrap()).is_err());
+        assert_eq!(parse_lss("0x11"), Ok(0x11));
+        assert_eq!(parse_lss("1f"), Ok(0x1F));
+        assert_eq!(parse_lss("0x20"), Err(IdError::BadLss(0x20)));
+        assert_eq!(parse_lss("ten"), Err(IdError::BadLssText("ten".into())));
     }
 }

@@ -278,25 +278,32 @@ impl Volume {
     /// Checks that `[offset, offset+len)` lies inside the volume and that a
     /// modifying op is allowed by the access gate.
     pub fn check(&self, op: VolumeOp, offset: u64, len: u64) -> Result<(), VolumeError> {
-        let result = if offset.checked_add(len).is_none_or(|end| end > self.size()) {
-            Err(VolumeError::OutOfRange {
-                op,
-                volume: self.id_text.clone(),
-                offset,
-                len,
-                size: self.size(),
-            })
-        } else if op.modifies() && !self.writable() {
-            Err(VolumeError::ReadOnly {
-                volume: self.id_text.clone(),
-            })
-        } else {
-            Ok(())
-        };
-        if result.is_err() {
+        self.check_range(op, offset, len)?;
+        if op.modifies() && !self.writable() {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            return Err(VolumeError::ReadOnly {
+                volume: self.id_text.clone(),
+            });
         }
-        result
+        Ok(())
+    }
+
+    /// Checks only that `[offset, offset+len)` lies inside the volume.
+    fn check_range(&self, op: VolumeOp, offset: u64, len: u64) -> Result<(), VolumeError> {
+        if offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.size())
+        {
+            return Ok(());
+        }
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        Err(VolumeError::OutOfRange {
+            op,
+            volume: self.id_text.clone(),
+            offset,
+            len,
+            size: self.size(),
+        })
     }
 
     fn io_error(&self, op: VolumeOp, offset: u64) -> impl FnOnce(io::Error) -> VolumeError + '_ {
@@ -433,16 +440,7 @@ impl Volume {
             Change::Zero(..) => VolumeOp::WriteZeroes,
             Change::Trim => VolumeOp::Trim,
         };
-        if offset.checked_add(len).is_none_or(|end| end > self.size()) {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            return Err(VolumeError::OutOfRange {
-                op,
-                volume: self.id_text.clone(),
-                offset,
-                len,
-                size: self.size(),
-            });
-        }
+        self.check_range(op, offset, len)?;
         self.change(op, offset, len, change).await
     }
 

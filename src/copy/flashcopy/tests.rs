@@ -24,6 +24,29 @@ fn store(dir: &Path, name: &str, size: u64, engine: &Engine) -> Arc<BackingStore
     Arc::new(BackingStore::open(&path, probe, false, false, engine.clone()).unwrap())
 }
 
+/// A relationship over `tracks` tracks with its bitmap in `dir`.
+fn relationship(
+    dir: &Path,
+    source: Arc<BackingStore>,
+    target: Arc<BackingStore>,
+    mode: CopyMode,
+    rate: u64,
+    tracks: u64,
+) -> Relationship {
+    let bitmap = TrackBitmap::create(&dir.join("bm"), TRACK, tracks).unwrap();
+    Relationship::new(
+        "S".into(),
+        "T".into(),
+        source,
+        target,
+        mode,
+        rate,
+        SystemTime::now(),
+        TRACK,
+        bitmap,
+    )
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Write(Role, u64, usize, u8),
@@ -84,17 +107,13 @@ async fn scenario(
     model_tgt.extend(vec![0xEE; 2 * TRACK as usize]);
 
     let tracks = SIZE.div_ceil(TRACK);
-    let bitmap = TrackBitmap::create(&dir.path().join("bm"), TRACK, tracks).unwrap();
-    let rel = Arc::new(Relationship::new(
-        "S".into(),
-        "T".into(),
+    let rel = Arc::new(relationship(
+        dir.path(),
         source.clone(),
         target.clone(),
         mode,
         rate,
-        SystemTime::now(),
-        TRACK,
-        bitmap,
+        tracks,
     ));
     let copier = (mode == CopyMode::Copy).then(|| tokio::spawn(copier::run(rel.clone())));
 
@@ -219,17 +238,13 @@ async fn whole_track_target_write_skips_the_copy_and_source_tracks_copy_once() {
         .write(0, Bytes::from(vec![1u8; 8 * TRACK as usize]), false)
         .await
         .unwrap();
-    let bitmap = TrackBitmap::create(&dir.path().join("bm"), TRACK, 8).unwrap();
-    let rel = Relationship::new(
-        "S".into(),
-        "T".into(),
+    let rel = relationship(
+        dir.path(),
         source.clone(),
         target.clone(),
         CopyMode::NoCopy,
         0,
-        SystemTime::now(),
-        TRACK,
-        bitmap,
+        8,
     );
     rel.modify(
         Role::Target,
@@ -274,18 +289,7 @@ async fn a_copied_track_is_durable_before_its_source_changes() {
     let dir = tempfile::tempdir().unwrap();
     let source = store(dir.path(), "src", 4 * TRACK, &engine);
     let target = store(dir.path(), "tgt", 4 * TRACK, &engine);
-    let bitmap = TrackBitmap::create(&dir.path().join("bm"), TRACK, 4).unwrap();
-    let rel = Relationship::new(
-        "S".into(),
-        "T".into(),
-        source,
-        target,
-        CopyMode::Copy,
-        0,
-        SystemTime::now(),
-        TRACK,
-        bitmap,
-    );
+    let rel = relationship(dir.path(), source, target, CopyMode::Copy, 0, 4);
     // As the background copier does: copy and mark, commit later.
     rel.copy_track(2).await.unwrap();
     rel.bitmap().set(2);
@@ -326,17 +330,13 @@ async fn copier_turns_large_source_holes_into_target_holes() {
                 .await
                 .unwrap();
         }
-        let bitmap = TrackBitmap::create(&dir.path().join("bm"), TRACK, tracks).unwrap();
-        let rel = Arc::new(Relationship::new(
-            "S".into(),
-            "T".into(),
+        let rel = Arc::new(relationship(
+            dir.path(),
             source.clone(),
             target.clone(),
             CopyMode::Copy,
             0,
-            SystemTime::now(),
-            TRACK,
-            bitmap,
+            tracks,
         ));
         // A write inside the hole before the copier reaches it.
         rel.modify(

@@ -277,17 +277,7 @@ impl PathManager {
                     })
                 })
                 .collect();
-            let stop = CancellationToken::new();
-            for slot in &slots {
-                tokio::spawn(monitor(
-                    slot.clone(),
-                    address,
-                    mgr.serial.clone(),
-                    peer.clone(),
-                    secret.clone(),
-                    stop.clone(),
-                ));
-            }
+            let stop = spawn_monitors(&slots, address, &mgr.serial, &peer, &secret);
             paths.push(Path {
                 lss: r.lss,
                 peer,
@@ -389,17 +379,7 @@ impl PathManager {
                 paths.remove(i).stop.cancel();
             }
         }
-        let stop = CancellationToken::new();
-        for slot in &slots {
-            tokio::spawn(monitor(
-                slot.clone(),
-                address,
-                self.serial.clone(),
-                peer.clone(),
-                secret.clone(),
-                stop.clone(),
-            ));
-        }
+        let stop = spawn_monitors(&slots, address, &self.serial, &peer, &secret);
         let path = Path {
             lss: req.lss,
             peer,
@@ -480,6 +460,28 @@ impl PathManager {
             path.stop.cancel();
         }
     }
+}
+
+/// Starts one monitor per link; the returned token stops them all.
+fn spawn_monitors(
+    slots: &[Arc<Slot>],
+    address: SocketAddr,
+    local: &Serial,
+    peer: &Serial,
+    secret: &Arc<[u8]>,
+) -> CancellationToken {
+    let stop = CancellationToken::new();
+    for slot in slots {
+        tokio::spawn(monitor(
+            slot.clone(),
+            address,
+            local.clone(),
+            peer.clone(),
+            secret.clone(),
+            stop.clone(),
+        ));
+    }
+    stop
 }
 
 /// Keeps one link open: heartbeats while up, reconnects while down.
