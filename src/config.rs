@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::units::ByteSize;
+use crate::units::{ByteSize, Seconds};
 use crate::volume::id::{Serial, VolumeId, LSS_MAX, LSS_MIN};
 
 /// Default state directory.
@@ -100,6 +100,18 @@ pub struct ReplicationConfig {
     /// File holding the shared secret instead of `secret` (trailing newline ignored).
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
+    /// Time the secondary has to acknowledge a mirrored change before the
+    /// pair suspends. Default 5 s.
+    #[serde(default = "default_replication_timeout")]
+    pub timeout: Seconds,
+}
+
+fn default_replication_timeout() -> Seconds {
+    Seconds(std::time::Duration::from_secs(5))
+}
+
+fn default_consistency_timeout() -> Seconds {
+    Seconds(std::time::Duration::from_secs(60))
 }
 
 /// `[[peer]]` entry.
@@ -184,6 +196,17 @@ impl Default for ApiConfig {
 pub struct LssConfig {
     /// 0x10..0x1F.
     pub id: u32,
+    /// Critical heavy mode: when a critical pair's secondary cannot be
+    /// updated, the primary is write-inhibited at once. Default false.
+    #[serde(default)]
+    pub critical_heavy: bool,
+    /// Pairs whose primary is in this LSS form a consistency group. Default false.
+    #[serde(default)]
+    pub consistency_group: bool,
+    /// How long writes of a consistency group are held after a mirroring
+    /// failure before the group freezes by itself. Default 60 s.
+    #[serde(default = "default_consistency_timeout")]
+    pub consistency_timeout: Seconds,
 }
 
 /// `[[volume]]` entry.

@@ -14,8 +14,9 @@ use crate::config::ValidConfig;
 use crate::control::log::EventLog;
 use crate::control::{api, users::UserStore, ApiState};
 use crate::copy::flashcopy::manager::FlashCopyManager;
+use crate::copy::pprc::manager::PprcManager;
 use crate::copy::pprc::paths::PathManager;
-use crate::copy::pprc::secondary::{serve_link, Secondaries};
+use crate::copy::pprc::secondary::{serve_link, PeerRequests};
 use crate::io::Engine;
 use crate::nbd::listener::{bind_unix, NbdListeners};
 use crate::volume::server::StorageServer;
@@ -98,6 +99,20 @@ pub async fn run(
         )
         .map_err(start_err)?,
     );
+    let timeout = cfg
+        .raw
+        .replication
+        .as_ref()
+        .map_or(Duration::from_secs(5), |r| r.timeout.0);
+    let pprc = PprcManager::open(
+        server.clone(),
+        &state_dir,
+        paths.clone(),
+        log.clone(),
+        timeout,
+    )
+    .await
+    .map_err(start_err)?;
     let state = Arc::new(ApiState {
         server: server.clone(),
         nbd_tcp: nbd.tcp_addrs(),
@@ -110,6 +125,7 @@ pub async fn run(
         log: log.clone(),
         flashcopy: flashcopy.clone(),
         paths: paths.clone(),
+        pprc: pprc.clone(),
     });
 
     let shutdown = CancellationToken::new();
@@ -120,6 +136,7 @@ pub async fn run(
         spawn_replication(
             listener,
             server.clone(),
+            pprc.clone(),
             Arc::from(secret),
             shutdown.clone(),
             &tracker,
@@ -159,6 +176,7 @@ pub async fn run(
         tracing::warn!("some connections did not finish within {DRAIN_TIMEOUT:?}");
     }
     flashcopy.stop_copiers().await;
+    pprc.shutdown().await;
     paths.shutdown().await;
     let failed = server.flush_all().await;
     tracing::info!(failed, "volumes flushed; exiting");
@@ -167,16 +185,17 @@ pub async fn run(
 }
 
 /// Accepts peer links: each is authenticated with the shared secret, then
-/// may mirror changes to this server's PPRC secondaries (none until pairs
-/// are established).
+/// may mirror changes to the volumes that are secondaries of that peer's
+/// pairs, and send pair requests.
 fn spawn_replication(
     listener: tokio::net::TcpListener,
     server: Arc<StorageServer>,
+    pprc: Arc<PprcManager>,
     secret: Arc<[u8]>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) {
-    let secondaries = Arc::new(Secondaries::default());
+    let secondaries: Arc<dyn PeerRequests> = pprc;
     let t = tracker.clone();
     tracker.spawn(async move {
         loop {

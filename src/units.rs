@@ -1,5 +1,5 @@
-//! Human-readable byte sizes (`"64KiB"`, `"1GiB"`, `4096`) used by the
-//! configuration and the CLI.
+//! Human-readable byte sizes (`"64KiB"`, `"1GiB"`, `4096`) and durations
+//! (`"60s"`, `"500ms"`, `"2m"`) used by the configuration and the CLI.
 
 use std::fmt;
 use std::str::FromStr;
@@ -87,6 +87,89 @@ impl<'de> Deserialize<'de> for ByteSize {
                     .map_err(|_| E::custom("a size cannot be negative"))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// A duration, written in config files as whole seconds or a string with
+/// a unit: `ms`, `s`, `m` or `h`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Seconds(pub std::time::Duration);
+
+/// Why a duration string could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid duration {input:?}: {reason} (examples: \"5s\", \"500ms\", \"2m\")")]
+pub struct ParseDurationError {
+    input: String,
+    reason: &'static str,
+}
+
+impl FromStr for Seconds {
+    type Err = ParseDurationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason| ParseDurationError {
+            input: s.to_string(),
+            reason,
+        };
+        let trimmed = s.trim();
+        let split = trimmed
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(trimmed.len());
+        let (digits, unit) = trimmed.split_at(split);
+        if digits.is_empty() {
+            return Err(err("no number"));
+        }
+        let value: u64 = digits.parse().map_err(|_| err("number too large"))?;
+        let millis = match unit.trim() {
+            "ms" => Some(value),
+            "" | "s" => value.checked_mul(1000),
+            "m" | "min" => value.checked_mul(60_000),
+            "h" => value.checked_mul(3_600_000),
+            _ => return Err(err("unknown unit")),
+        }
+        .ok_or_else(|| err("number too large"))?;
+        Ok(Seconds(std::time::Duration::from_millis(millis)))
+    }
+}
+
+impl fmt::Display for Seconds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms % 1000 == 0 {
+            write!(f, "{}s", ms / 1000)
+        } else {
+            write!(f, "{ms}ms")
+        }
+    }
+}
+
+impl Serialize for Seconds {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = Seconds;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration such as 5, \"5s\" or \"500ms\"")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Seconds, E> {
+                Ok(Seconds(std::time::Duration::from_secs(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Seconds, E> {
+                u64::try_from(v)
+                    .map(|v| Seconds(std::time::Duration::from_secs(v)))
+                    .map_err(|_| E::custom("a duration cannot be negative"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Seconds, E> {
                 v.parse().map_err(E::custom)
             }
         }

@@ -119,7 +119,7 @@ fn parse_interval(text: &str) -> Result<Duration, String> {
 }
 
 /// Parses `--timeout`: seconds, 0 or more.
-fn parse_timeout(text: &str) -> Result<Duration, String> {
+pub(super) fn parse_timeout(text: &str) -> Result<Duration, String> {
     parse_seconds(text, false)
 }
 
@@ -170,8 +170,8 @@ fn incomplete_warning(v: &RelationshipView) -> Option<String> {
     ))
 }
 
-/// Draws `flashcopy wait` progress on stderr.
-struct Progress {
+/// Draws `flashcopy wait` and `pprc wait` progress on stderr.
+pub(super) struct Progress {
     /// Redraw one bar in place (stderr is a terminal) or print lines.
     tty: bool,
     /// A bar is on screen and needs a newline before other output.
@@ -179,7 +179,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Progress {
             tty: io::stderr().is_terminal(),
             drawn: false,
@@ -188,7 +188,7 @@ impl Progress {
 
     /// Shows the current progress. Failing to draw is not worth failing the
     /// wait for, so write errors are ignored.
-    fn update(&mut self, what: &str, copied: u64, total: u64, speed: Option<f64>) {
+    pub(super) fn update(&mut self, what: &str, copied: u64, total: u64, speed: Option<f64>) {
         let fraction = if total == 0 {
             1.0
         } else {
@@ -212,7 +212,7 @@ impl Progress {
     }
 
     /// Ends the bar's line, if one is drawn.
-    fn finish(&mut self) {
+    pub(super) fn finish(&mut self) {
         if self.drawn {
             let _ = writeln!(io::stderr());
             self.drawn = false;

@@ -52,6 +52,8 @@ use super::users::UserError;
 use super::ApiState;
 use crate::copy::flashcopy::manager::{EstablishOptions, FlashCopyError, RelationshipView};
 use crate::copy::flashcopy::{CopyMode, Role};
+use crate::copy::pprc::group::GroupState;
+use crate::copy::pprc::manager::{EstablishPair, PairError, PairView};
 use crate::copy::pprc::paths::{PathError, PathRequest, PathView};
 use crate::volume::id::VolumeId;
 use crate::volume::server::StorageServer;
@@ -509,6 +511,115 @@ fn pprc_routes() -> Router<Ctx> {
             "/v1/pprc/paths/{lss}/{peer}/{peer_lss}",
             delete(path_remove),
         )
+        .route("/v1/pprc/pairs", get(pair_list).post(pair_establish))
+        .route(
+            "/v1/pprc/pairs/{volume}",
+            get(pair_show).delete(pair_terminate),
+        )
+        .route("/v1/pprc/pairs/{volume}/suspend", post(pair_suspend))
+        .route("/v1/pprc/pairs/{volume}/failover", post(pair_failover))
+        .route("/v1/pprc/pairs/{volume}/failback", post(pair_failback))
+        .route("/v1/pprc/group", get(group_show))
+        .route("/v1/pprc/freeze", post(group_freeze))
+        .route("/v1/pprc/unfreeze", post(group_unfreeze))
+}
+
+/// `GET /v1/pprc/pairs`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PairList {
+    /// Every pair, both roles.
+    pub pairs: Vec<PairView>,
+}
+
+/// `GET /v1/pprc/group`, and the answer to freeze and unfreeze.
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupView {
+    /// Whether any LSS is in the consistency group.
+    pub configured: bool,
+    /// What the group is doing.
+    pub group: Option<GroupState>,
+    /// Primary volumes of the group's pairs.
+    pub volumes: Vec<String>,
+    /// Pairs suspended by this request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suspended: Option<usize>,
+}
+
+impl From<PairError> for ApiError {
+    fn from(e: PairError) -> Self {
+        let status = match &e {
+            PairError::UnknownVolume(_) | PairError::NoPair(_) | PairError::NoPath { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            PairError::BadId(_) => StatusCode::BAD_REQUEST,
+            PairError::Peer { .. } => StatusCode::BAD_GATEWAY,
+            other if other.is_refusal() => StatusCode::CONFLICT,
+            _ => {
+                tracing::error!("PPRC pair request failed: {e}");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+async fn pair_list(State(ctx): State<Ctx>) -> Json<PairList> {
+    Json(PairList {
+        pairs: ctx.api.pprc.list().await,
+    })
+}
+
+async fn pair_show(State(ctx): State<Ctx>, Path(volume): Path<String>) -> ApiResult<PairView> {
+    Ok(Json(ctx.api.pprc.show(&volume).await?))
+}
+
+async fn pair_establish(
+    State(ctx): State<Ctx>,
+    body: Result<Json<EstablishPair>, JsonRejection>,
+) -> Result<(StatusCode, Json<PairView>), ApiError> {
+    let request = json_body(body)?;
+    let view = ctx.api.pprc.establish(&request).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn pair_suspend(State(ctx): State<Ctx>, Path(volume): Path<String>) -> ApiResult<PairView> {
+    Ok(Json(ctx.api.pprc.suspend(&volume).await?))
+}
+
+async fn pair_terminate(State(ctx): State<Ctx>, Path(volume): Path<String>) -> ApiResult<PairView> {
+    Ok(Json(ctx.api.pprc.terminate(&volume).await?))
+}
+
+async fn pair_failover(State(ctx): State<Ctx>, Path(volume): Path<String>) -> ApiResult<PairView> {
+    Ok(Json(ctx.api.pprc.failover(&volume).await?))
+}
+
+async fn pair_failback(State(ctx): State<Ctx>, Path(volume): Path<String>) -> ApiResult<PairView> {
+    Ok(Json(ctx.api.pprc.failback(&volume).await?))
+}
+
+fn group_view(ctx: &Ctx, suspended: Option<usize>) -> GroupView {
+    let group = ctx.api.pprc.group();
+    GroupView {
+        configured: group.is_some(),
+        volumes: group.as_ref().map(|g| g.1.clone()).unwrap_or_default(),
+        group: group.map(|g| g.0),
+        suspended,
+    }
+}
+
+async fn group_show(State(ctx): State<Ctx>) -> Json<GroupView> {
+    Json(group_view(&ctx, None))
+}
+
+async fn group_freeze(State(ctx): State<Ctx>) -> ApiResult<GroupView> {
+    let (n, _) = ctx.api.pprc.freeze()?;
+    Ok(Json(group_view(&ctx, Some(n))))
+}
+
+async fn group_unfreeze(State(ctx): State<Ctx>) -> ApiResult<GroupView> {
+    let (n, _) = ctx.api.pprc.unfreeze()?;
+    Ok(Json(group_view(&ctx, Some(n))))
 }
 
 /// `GET /v1/pprc/paths`.

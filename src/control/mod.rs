@@ -40,4 +40,6 @@ pub struct ApiState {
     pub flashcopy: Arc<crate::copy::flashcopy::manager::FlashCopyManager>,
     /// PPRC paths to peers.
     pub paths: Arc<crate::copy::pprc::paths::PathManager>,
+    /// PPRC pairs, both roles.
+    pub pprc: Arc<crate::copy::pprc::manager::PprcManager>,
 }

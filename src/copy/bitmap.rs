@@ -2,8 +2,9 @@
 //!
 //! The bitmap lives in memory as atomic words and in a file: a 4 KiB header
 //! (magic, version, track size, track count) followed by the bits, one
-//! 4 KiB page per 32768 tracks. Bits only ever go from 0 to 1 while the
-//! bitmap is in use.
+//! 4 KiB page per 32768 tracks. In a FlashCopy bitmap bits only ever go
+//! from 0 to 1; a PPRC out-of-sync bitmap also clears them
+//! ([`TrackBitmap::clear_with`]).
 //!
 //! Durability ordering: whoever sets a bit has already written the data
 //! the bit stands for. A second, in-memory copy of the bits records which
@@ -13,7 +14,9 @@
 //! then makes the data durable (`data.flush()`), then writes and fsyncs the
 //! snapshots — so a bit is never durable before its data. Concurrent
 //! committers queue on one lock; the first does the work for all whose bits
-//! it covered (group commit).
+//! it covered (group commit). An out-of-sync bitmap has the opposite
+//! order — a bit must be durable before its track changes — and commits
+//! with [`TrackBitmap::commit_bits`], which flushes no data.
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -292,6 +295,16 @@ impl TrackBitmap {
 
     /// Makes every bit set so far durable, after making `data` durable.
     pub async fn commit(&self, data: &BackingStore) -> io::Result<()> {
+        self.commit_after(Some(data)).await
+    }
+
+    /// Makes every bit set so far durable (for bitmaps whose bits must be
+    /// durable *before* their data changes, such as out-of-sync bitmaps).
+    pub async fn commit_bits(&self) -> io::Result<()> {
+        self.commit_after(None).await
+    }
+
+    async fn commit_after(&self, data: Option<&BackingStore>) -> io::Result<()> {
         let want = self.generation.load(Ordering::Acquire);
         if self.durable.load(Ordering::Acquire) >= want {
             return Ok(());
@@ -300,6 +313,100 @@ impl TrackBitmap {
         if self.durable.load(Ordering::Acquire) >= want {
             return Ok(());
         }
+        self.write_dirty(data).await
+    }
+
+    /// Clears bits: `choose` runs while no commit can start and clears
+    /// bits with [`TrackBitmap::clear_now`]; the cleared pages are then
+    /// written and fsynced before this returns. Returns `choose`'s result.
+    pub async fn clear_with<T>(&self, choose: impl FnOnce(&Self) -> T) -> io::Result<T> {
+        let _one_at_a_time = self.commit_lock.lock().await;
+        let chosen = choose(self);
+        self.write_dirty(None).await?;
+        Ok(chosen)
+    }
+
+    /// Clears the bits of `mask` in word `word` in memory, at once (only
+    /// inside [`TrackBitmap::clear_with`]). A cleared bit counts as not
+    /// durable, so whoever sets it again waits for a later commit. Returns
+    /// how many bits were cleared.
+    pub fn clear_now(&self, word: usize, mask: u64) -> u64 {
+        let old = self.words[word].fetch_and(!mask, Ordering::AcqRel);
+        self.durable_words[word].fetch_and(!mask, Ordering::AcqRel);
+        let cleared = u64::from((old & mask).count_ones());
+        if cleared > 0 {
+            self.set_count.fetch_sub(cleared, Ordering::AcqRel);
+            self.dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(word as u64 / WORDS_PER_PAGE as u64);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        cleared
+    }
+
+    /// Number of 64-track words.
+    pub fn words(&self) -> usize {
+        self.words.len()
+    }
+
+    /// Word `i` of the bits (bit `b` = track `64 i + b`).
+    pub fn word(&self, i: usize) -> u64 {
+        self.words[i].load(Ordering::Acquire)
+    }
+
+    /// Sets the bits of `mask` in word `i` (their data must be handled by
+    /// the caller's rules); returns how many were newly set.
+    pub fn set_word(&self, i: usize, mask: u64) -> u64 {
+        let old = self.words[i].fetch_or(mask, Ordering::AcqRel);
+        let added = u64::from((mask & !old).count_ones());
+        if added > 0 {
+            self.set_count.fetch_add(added, Ordering::AcqRel);
+            self.dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(i as u64 / WORDS_PER_PAGE as u64);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        added
+    }
+
+    /// The first set track at or after `from`, if any.
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        let mut t = from;
+        while t < self.tracks {
+            let w = self.words[(t / 64) as usize].load(Ordering::Acquire) >> (t % 64);
+            if w != 0 {
+                let found = t + u64::from(w.trailing_zeros());
+                return (found < self.tracks).then_some(found);
+            }
+            t = (t / 64 + 1) * 64;
+        }
+        None
+    }
+
+    /// Number of set tracks at or after `from`.
+    pub fn count_from(&self, from: u64) -> u64 {
+        if from >= self.tracks {
+            return 0;
+        }
+        let first = (from / 64) as usize;
+        let head = self.words[first].load(Ordering::Acquire) >> (from % 64);
+        u64::from(head.count_ones())
+            + self.words[first + 1..]
+                .iter()
+                .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
+                .sum::<u64>()
+    }
+
+    /// Whether every track in `[first, end)` is set and durable.
+    pub fn all_durable(&self, first: u64, end: u64) -> bool {
+        (first..end).all(|t| self.is_durable(t))
+    }
+
+    /// Snapshots the dirty pages, makes `data` durable if given, then
+    /// writes and fsyncs the snapshots (hold `commit_lock`).
+    async fn write_dirty(&self, data: Option<&BackingStore>) -> io::Result<()> {
         let generation = self.generation.load(Ordering::Acquire);
         let pages: Vec<u64> =
             std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()))
@@ -324,7 +431,12 @@ impl TrackBitmap {
             })
             .collect();
         let result = async {
-            data.flush().await?;
+            if let Some(data) = data {
+                data.flush().await?;
+            }
+            if snapshots.is_empty() {
+                return Ok(());
+            }
             let file = self.file.clone();
             tokio::task::spawn_blocking(move || -> io::Result<()> {
                 for (offset, bytes) in &snapshots {

@@ -38,7 +38,8 @@ pub fn nbd_errno(e: &VolumeError) -> u32 {
             crate::volume::VolumeOp::Write | crate::volume::VolumeOp::WriteZeroes => errno::ENOSPC,
             _ => errno::EINVAL,
         },
-        VolumeError::ReadOnly { .. } => errno::EPERM,
+        VolumeError::ReadOnly { .. } | VolumeError::Secondary { .. } => errno::EPERM,
+        VolumeError::WriteInhibited { .. } => errno::EIO,
         VolumeError::NotFast { .. } => errno::ENOTSUP,
         VolumeError::Io { source, .. } => match source.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => errno::ENOSPC,

@@ -6,25 +6,28 @@
 //! * [`server`] — the storage server: all LSSs and volumes of one `essd`.
 //!
 //! [`Volume`] is what the protocol layer talks to: it checks ranges and the
-//! access gate (read-only volumes; later copy-services states), counts I/O,
-//! and forwards to the FlashCopy layer when the volume is in a relationship
-//! ([`crate::copy::flashcopy`]), else straight to its
+//! access gate (read-only volumes, PPRC secondaries, write-inhibited
+//! primaries), counts I/O, and sends changes down the copy-services stack:
+//! the PPRC primary layer when the volume is a pair's primary
+//! ([`crate::copy::pprc::pair`]), then the FlashCopy layer when it is in a
+//! relationship ([`crate::copy::flashcopy`]), then its
 //! [`store::BackingStore`]. Every host I/O holds the volume's I/O gate
 //! shared; copy services take it exclusively for an instant to attach or
-//! detach a relationship with no I/O in flight.
+//! detach a relationship or pair with no I/O in flight.
 
 pub mod id;
 pub mod server;
 pub mod store;
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use serde::Serialize;
 
 use crate::copy::flashcopy::{Change, Relationship, Role};
+use crate::copy::pprc::pair::Pair;
 use id::VolumeId;
 use store::{BackingStore, Extent};
 
@@ -91,6 +94,20 @@ pub enum VolumeError {
     /// The volume does not accept writes.
     #[error("volume {volume} is read-only")]
     ReadOnly {
+        /// Volume ID.
+        volume: String,
+    },
+    /// The volume is a PPRC secondary: hosts cannot write it.
+    #[error("volume {volume} is a PPRC secondary and cannot be written by hosts")]
+    Secondary {
+        /// Volume ID.
+        volume: String,
+    },
+    /// A critical PPRC pair could not update its secondary.
+    #[error("{op} refused: volume {volume} is write-inhibited (critical PPRC pair cannot update its secondary)")]
+    WriteInhibited {
+        /// Operation.
+        op: VolumeOp,
         /// Volume ID.
         volume: String,
     },
@@ -184,6 +201,8 @@ pub struct Volume {
     /// Shared by host I/O; exclusive while copy services change the volume.
     gate: tokio::sync::RwLock<()>,
     flashcopy: RwLock<Option<FlashCopyLink>>,
+    pprc: RwLock<Option<Arc<Pair>>>,
+    secondary: AtomicBool,
 }
 
 impl Volume {
@@ -196,6 +215,8 @@ impl Volume {
             stats: VolumeStats::default(),
             gate: tokio::sync::RwLock::new(()),
             flashcopy: RwLock::new(None),
+            pprc: RwLock::new(None),
+            secondary: AtomicBool::new(false),
         }
     }
 
@@ -243,9 +264,35 @@ impl Volume {
         *self.flashcopy.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    /// Whether hosts may write the volume now (the access gate).
+    /// The PPRC pair this volume is the primary of, if any.
+    pub fn pprc(&self) -> Option<Arc<Pair>> {
+        self.pprc.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Routes this volume's changes through `pair` (hold the gate).
+    pub fn attach_pprc(&self, pair: Arc<Pair>) {
+        *self.pprc.write().unwrap_or_else(|p| p.into_inner()) = Some(pair);
+    }
+
+    /// Takes the PPRC primary layer away (hold the gate).
+    pub fn detach_pprc(&self) {
+        *self.pprc.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Marks the volume a PPRC secondary (hosts cannot write it) or not.
+    pub fn set_secondary(&self, secondary: bool) {
+        self.secondary.store(secondary, Ordering::Release);
+    }
+
+    /// Whether the volume is a PPRC secondary.
+    pub fn is_secondary(&self) -> bool {
+        self.secondary.load(Ordering::Acquire)
+    }
+
+    /// Whether hosts may write the volume now (the access gate): not a
+    /// read-only volume, not a PPRC secondary.
     pub fn writable(&self) -> bool {
-        !self.info.read_only
+        !self.info.read_only && !self.is_secondary()
     }
 
     /// Number of NBD clients attached right now.
@@ -281,8 +328,11 @@ impl Volume {
         self.check_range(op, offset, len)?;
         if op.modifies() && !self.writable() {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            return Err(VolumeError::ReadOnly {
-                volume: self.id_text.clone(),
+            let volume = self.id_text.clone();
+            return Err(if self.info.read_only {
+                VolumeError::ReadOnly { volume }
+            } else {
+                VolumeError::Secondary { volume }
             });
         }
         Ok(())
@@ -352,14 +402,29 @@ impl Volume {
         Ok(())
     }
 
-    /// Makes every completed write durable.
+    /// Makes every completed write durable (on a PPRC primary, on both
+    /// sides).
     pub async fn flush(&self) -> Result<(), VolumeError> {
+        let local = async {
+            self.store
+                .flush()
+                .await
+                .map_err(self.io_error(VolumeOp::Flush, 0))
+        };
+        match self.pprc() {
+            Some(pair) => pair.flush(local).await?,
+            None => local.await?,
+        }
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes every completed write durable here only.
+    pub async fn flush_local(&self) -> Result<(), VolumeError> {
         self.store
             .flush()
             .await
-            .map_err(self.io_error(VolumeOp::Flush, 0))?;
-        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+            .map_err(self.io_error(VolumeOp::Flush, 0))
     }
 
     /// Discards a range (advisory).
@@ -425,10 +490,37 @@ impl Volume {
         .map_err(self.io_error(VolumeOp::BlockStatus, offset))
     }
 
+    /// Reads for copy services: range-checked, through the FlashCopy
+    /// layer, not counted as host I/O.
+    pub async fn read_unchecked(&self, offset: u64, len: usize) -> Result<Bytes, VolumeError> {
+        self.check_range(VolumeOp::Read, offset, len as u64)?;
+        let _gate = self.gate.read().await;
+        match self.flashcopy() {
+            Some(fc) => fc.relationship.read(fc.role, offset, len).await,
+            None => self.store.read(offset, len).await,
+        }
+        .map_err(self.io_error(VolumeOp::Read, offset))
+    }
+
+    /// Allocation map for copy services (no access check).
+    pub async fn extents_unchecked(
+        &self,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Result<Vec<Extent>, VolumeError> {
+        self.check_range(VolumeOp::BlockStatus, offset, len)?;
+        let _gate = self.gate.read().await;
+        match self.flashcopy() {
+            Some(fc) => fc.relationship.extents(fc.role, offset, len, max).await,
+            None => self.store.extents(offset, len, max).await,
+        }
+        .map_err(self.io_error(VolumeOp::BlockStatus, offset))
+    }
+
     /// Applies a change mirrored from a PPRC primary: range-checked, then
-    /// through the same copy-services layers as host changes, but not
-    /// subject to the host access gate (a secondary refuses host writes and
-    /// takes its primary's).
+    /// through the FlashCopy layer, but not subject to the host access
+    /// gate (a secondary refuses host writes and takes its primary's).
     pub async fn apply_mirrored(
         &self,
         offset: u64,
@@ -441,7 +533,8 @@ impl Volume {
             Change::Trim => VolumeOp::Trim,
         };
         self.check_range(op, offset, len)?;
-        self.change(op, offset, len, change).await
+        let _gate = self.gate.read().await;
+        self.change_below_pprc(op, offset, len, change).await
     }
 
     /// Applies a host change through the copy-services layers.
@@ -453,6 +546,28 @@ impl Volume {
         change: Change,
     ) -> Result<(), VolumeError> {
         let _gate = self.gate.read().await;
+        match self.pprc() {
+            Some(pair) => {
+                let local = self.change_below_pprc(op, offset, len, change.clone());
+                pair.mirror(op, offset, len, change, local).await
+            }
+            None => self.change_below_pprc(op, offset, len, change).await,
+        }
+        .inspect_err(|e| {
+            if matches!(e, VolumeError::WriteInhibited { .. }) {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    }
+
+    /// The layers below PPRC: FlashCopy, then the store.
+    async fn change_below_pprc(
+        &self,
+        op: VolumeOp,
+        offset: u64,
+        len: u64,
+        change: Change,
+    ) -> Result<(), VolumeError> {
         match self.flashcopy() {
             Some(fc) => fc.relationship.modify(fc.role, offset, len, change).await,
             None => change.apply(&self.store, offset, len).await,

@@ -34,6 +34,22 @@ pub struct Lss {
     pub id: u8,
     /// Volume IDs in this LSS.
     pub volumes: Vec<String>,
+    /// Critical heavy mode for PPRC pairs with a primary here.
+    pub critical_heavy: bool,
+    /// PPRC pairs with a primary here form a consistency group.
+    pub consistency_group: bool,
+    /// How long a consistency group holds writes before it freezes itself.
+    #[serde(with = "millis")]
+    pub consistency_timeout: std::time::Duration,
+}
+
+mod millis {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
 }
 
 /// All volumes of one `essd`.
@@ -101,13 +117,21 @@ impl StorageServer {
         let lss = cfg
             .lss
             .iter()
-            .map(|&id| Lss {
-                id,
-                volumes: volumes
-                    .iter()
-                    .filter(|v| v.info().id.lss == id)
-                    .map(|v| v.name().to_string())
-                    .collect(),
+            .map(|&id| {
+                let props = cfg.raw.lss.iter().find(|l| l.id == u32::from(id));
+                Lss {
+                    id,
+                    critical_heavy: props.is_some_and(|p| p.critical_heavy),
+                    consistency_group: props.is_some_and(|p| p.consistency_group),
+                    consistency_timeout: props.map_or(std::time::Duration::from_secs(60), |p| {
+                        p.consistency_timeout.0
+                    }),
+                    volumes: volumes
+                        .iter()
+                        .filter(|v| v.info().id.lss == id)
+                        .map(|v| v.name().to_string())
+                        .collect(),
+                }
             })
             .collect();
         Ok(StorageServer {

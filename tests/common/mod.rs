@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::fmt::Write as _;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -71,6 +73,8 @@ pub struct TestConfig {
     pub tcp: bool,
     pub volumes: Vec<Vol>,
     pub extra: String,
+    /// Extra lines for `[[lss]]` entries, by LSS.
+    pub lss_extra: Vec<(u8, String)>,
 }
 
 impl TestConfig {
@@ -81,6 +85,7 @@ impl TestConfig {
             tcp: false,
             volumes: vec![Vol::new(0x10, 0, "64MiB")],
             extra: String::new(),
+            lss_extra: Vec::new(),
         }
     }
 
@@ -95,7 +100,11 @@ impl TestConfig {
             self.serial, self.engine, self.extra
         );
         for id in lss {
-            writeln!(s, "[[lss]]\nid = 0x{id:02X}\n").unwrap();
+            writeln!(s, "[[lss]]\nid = 0x{id:02X}").unwrap();
+            for (_, line) in self.lss_extra.iter().filter(|(l, _)| *l == id) {
+                writeln!(s, "{line}").unwrap();
+            }
+            s.push('\n');
         }
         for v in &self.volumes {
             let path = v

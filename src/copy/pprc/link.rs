@@ -62,6 +62,9 @@ pub enum LinkError {
     /// An unexpected frame during the handshake.
     #[error("peer sent {0} during the handshake")]
     Unexpected(&'static str),
+    /// A frame that does not answer what was asked.
+    #[error("peer answered with {0}")]
+    WrongAnswer(&'static str),
     /// The peer closed the link.
     #[error("peer closed the link")]
     Closed,
@@ -217,7 +220,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     })
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<u32>>>>;
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>>;
 
 /// The primary's end of an authenticated link: requests are pipelined and
 /// their acknowledgements matched by request ID, in any order.
@@ -227,6 +230,7 @@ pub struct PeerLink {
     pending: Pending,
     next_id: AtomicU64,
     peer: PeerInfo,
+    open: Arc<std::sync::atomic::AtomicBool>,
     reader: tokio::task::JoinHandle<()>,
 }
 
@@ -248,21 +252,23 @@ impl PeerLink {
         let (mut read_half, write_half) = stream.into_split();
         let pending: Pending = Arc::default();
         let acks = pending.clone();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let still_open = open.clone();
         let reader = tokio::spawn(async move {
             loop {
                 match read_frame(&mut read_half, &mut buf).await {
-                    Ok(Frame {
-                        id,
-                        message: Message::Ack { error },
-                    }) => {
-                        let waiter = acks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                        if let Some(waiter) = waiter {
-                            let _ = waiter.send(error);
+                    Ok(Frame { id, message }) => match message {
+                        Message::Ack { .. } | Message::Reply { .. } | Message::Bitmap { .. } => {
+                            let waiter = acks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                            if let Some(waiter) = waiter {
+                                let _ = waiter.send(message);
+                            }
                         }
-                    }
-                    Ok(_) => tracing::warn!("peer link: ignoring an unexpected frame"),
+                        _ => tracing::warn!("peer link: ignoring an unexpected frame"),
+                    },
                     Err(e) => {
                         tracing::info!("peer link closed: {e}");
+                        still_open.store(false, Ordering::Release);
                         // Dropping the waiters fails every outstanding request.
                         acks.lock().unwrap_or_else(|p| p.into_inner()).clear();
                         return;
@@ -275,8 +281,14 @@ impl PeerLink {
             pending,
             next_id: AtomicU64::new(1),
             peer,
+            open,
             reader,
         })
+    }
+
+    /// Whether the link is still open (its reader has seen no error).
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
     }
 
     /// The authenticated peer.
@@ -287,6 +299,17 @@ impl PeerLink {
     /// Sends one request and waits for its acknowledgement: 0 on success,
     /// else the errno the peer reported.
     pub async fn request(&self, message: Message) -> Result<u32, LinkError> {
+        match self.call(message).await? {
+            Message::Ack { error } | Message::Reply { error, .. } => Ok(error),
+            _ => Err(LinkError::WrongAnswer(
+                "a bitmap instead of an acknowledgement",
+            )),
+        }
+    }
+
+    /// Sends one request and returns the peer's answer (an
+    /// acknowledgement, a reply or a bitmap).
+    pub async fn call(&self, message: Message) -> Result<Message, LinkError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending
@@ -310,7 +333,7 @@ impl PeerLink {
 
 impl PeerLink {
     /// Says goodbye (no acknowledgement) and closes the link.
-    pub async fn close(self) -> Result<(), LinkError> {
+    pub async fn close(&self) -> Result<(), LinkError> {
         let mut writer = self.writer.lock().await;
         write_frame(
             &mut *writer,

@@ -10,12 +10,17 @@
 //!   and acknowledges each.
 //! * [`paths`] — paths from a local LSS to a peer's LSS over 1–8 monitored
 //!   links.
-//!
-//! Paths, pairs and the mirroring layer of the write path build on these;
-//! so far the protocol, the authenticated link and the secondary's
-//! change application exist.
+//! * [`pair`] — a pair's primary end: the mirroring layer of the write
+//!   path, the out-of-sync bitmap, initial copy and resync.
+//! * [`group`] — the consistency group: held writes and freeze.
+//! * [`manager`] — every pair of the server, both roles: establish,
+//!   suspend, terminate, failover, failback, the record in the state
+//!   directory, and the answers to the peers' pair requests.
 
+pub mod group;
 pub mod link;
+pub mod manager;
+pub mod pair;
 pub mod paths;
 pub mod secondary;
 pub mod wire;

@@ -145,7 +145,92 @@ pub struct PathView {
 
 struct Slot {
     state: Mutex<LinkState>,
-    link: tokio::sync::Mutex<Option<PeerLink>>,
+    link: Mutex<Option<Arc<PeerLink>>>,
+}
+
+impl Slot {
+    fn new(state: LinkState, link: Option<PeerLink>) -> Arc<Slot> {
+        Arc::new(Slot {
+            state: Mutex::new(state),
+            link: Mutex::new(link.map(Arc::new)),
+        })
+    }
+
+    fn link(&self) -> Option<Arc<PeerLink>> {
+        self.link.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn is_up(&self) -> bool {
+        matches!(
+            *self.state.lock().unwrap_or_else(|p| p.into_inner()),
+            LinkState::Up { .. }
+        )
+    }
+
+    /// Marks the link down (if `link` is still this slot's link) and
+    /// drops it; the monitor reopens it.
+    fn fail(&self, link: &Arc<PeerLink>, reason: String) {
+        let mut current = self.link.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) {
+            *current = None;
+            *self.state.lock().unwrap_or_else(|p| p.into_inner()) = LinkState::Down {
+                reason,
+                since: SystemTime::now(),
+            };
+        }
+    }
+}
+
+/// The links of one path, for the data path: requests are spread over the
+/// live links in turn.
+pub struct Route {
+    slots: Vec<Arc<Slot>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Route {
+    fn new(slots: Vec<Arc<Slot>>) -> Arc<Route> {
+        Arc::new(Route {
+            slots,
+            next: Default::default(),
+        })
+    }
+
+    /// The next live link, round robin; `None` when every link is down.
+    pub fn pick(&self) -> Option<(usize, Arc<PeerLink>)> {
+        let n = self.slots.len();
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (0..n).find_map(|i| {
+            let at = (start + i) % n;
+            self.slots[at]
+                .link()
+                .filter(|l| l.is_open())
+                .map(|l| (at, l))
+        })
+    }
+
+    /// Records that link `at` failed a request; the path goes on over the
+    /// others.
+    pub fn fail(&self, at: usize, link: &Arc<PeerLink>, reason: String) {
+        tracing::warn!("peer link down: {reason}");
+        self.slots[at].fail(link, reason);
+    }
+
+    /// Number of links that are up.
+    pub fn live(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.is_up() && s.link().is_some_and(|l| l.is_open()))
+            .count()
+    }
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("links", &self.slots.len())
+            .finish()
+    }
 }
 
 struct Path {
@@ -153,13 +238,14 @@ struct Path {
     peer: Serial,
     address: SocketAddr,
     peer_lss: u8,
-    slots: Vec<Arc<Slot>>,
+    route: Arc<Route>,
     stop: CancellationToken,
 }
 
 impl Path {
     fn view(&self) -> PathView {
         let links: Vec<LinkView> = self
+            .route
             .slots
             .iter()
             .map(
@@ -214,6 +300,8 @@ pub struct PathManager {
     secret: Option<Arc<[u8]>>,
     log: Arc<EventLog>,
     paths: tokio::sync::Mutex<Vec<Path>>,
+    /// The paths' links by (local LSS, peer serial, peer LSS).
+    routes: std::sync::RwLock<std::collections::HashMap<(u8, String, u8), Arc<Route>>>,
 }
 
 impl std::fmt::Debug for PathManager {
@@ -254,6 +342,7 @@ impl PathManager {
             secret: secret.map(Arc::from),
             log,
             paths: tokio::sync::Mutex::new(Vec::new()),
+            routes: Default::default(),
         };
         let mut paths = Vec::new();
         for r in records {
@@ -268,13 +357,11 @@ impl PathManager {
             let secret = mgr.secret.clone().ok_or(PathError::NoSecret)?;
             let slots: Vec<Arc<Slot>> = (0..r.links)
                 .map(|_| {
-                    Arc::new(Slot {
-                        state: Mutex::new(LinkState::Down {
-                            reason: "not connected yet".into(),
-                            since: SystemTime::now(),
-                        }),
-                        link: tokio::sync::Mutex::new(None),
-                    })
+                    let state = LinkState::Down {
+                        reason: "not connected yet".into(),
+                        since: SystemTime::now(),
+                    };
+                    Slot::new(state, None)
                 })
                 .collect();
             let stop = spawn_monitors(&slots, address, &mgr.serial, &peer, &secret);
@@ -283,10 +370,11 @@ impl PathManager {
                 peer,
                 address,
                 peer_lss: r.peer_lss,
-                slots,
+                route: Route::new(slots),
                 stop,
             });
         }
+        mgr.publish(&paths);
         mgr.paths = tokio::sync::Mutex::new(paths);
         Ok(mgr)
     }
@@ -298,7 +386,7 @@ impl PathManager {
                 lss: p.lss,
                 peer: p.peer.to_string(),
                 peer_lss: p.peer_lss,
-                links: p.slots.len(),
+                links: p.route.slots.len(),
             })
             .collect();
         let mut bytes = serde_json::to_vec_pretty(&records)
@@ -357,17 +445,9 @@ impl PathManager {
                     )
                 }
             };
-            slots.push(Arc::new(Slot {
-                state: Mutex::new(state),
-                link: tokio::sync::Mutex::new(link),
-            }));
+            slots.push(Slot::new(state, link));
         }
-        if slots.iter().all(|s| {
-            matches!(
-                *s.state.lock().unwrap_or_else(|p| p.into_inner()),
-                LinkState::Down { .. }
-            )
-        }) {
+        if !slots.iter().any(|s| s.is_up()) {
             return Err(PathError::Unreachable {
                 peer: req.peer.clone(),
                 address,
@@ -385,7 +465,7 @@ impl PathManager {
             peer,
             address,
             peer_lss: req.peer_lss,
-            slots,
+            route: Route::new(slots),
             stop,
         };
         let view = path.view();
@@ -396,6 +476,7 @@ impl PathManager {
             }
             return Err(e);
         }
+        self.publish(&paths);
         self.log.record(
             "pprc.path.establish",
             format!(
@@ -432,8 +513,10 @@ impl PathManager {
         let path = paths.remove(i);
         path.stop.cancel();
         self.save(&paths)?;
-        for slot in &path.slots {
-            if let Some(link) = slot.link.lock().await.take() {
+        self.publish(&paths);
+        for slot in &path.route.slots {
+            let link = slot.link.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(link) = link {
                 let _ = link.close().await;
             }
         }
@@ -447,6 +530,34 @@ impl PathManager {
             None,
         );
         Ok(view)
+    }
+
+    /// Makes `paths` the routes the data path sees.
+    fn publish(&self, paths: &[Path]) {
+        let routes = paths
+            .iter()
+            .map(|p| ((p.lss, p.peer.to_string(), p.peer_lss), p.route.clone()))
+            .collect();
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = routes;
+    }
+
+    /// The links of the path `lss` → `peer` `peer_lss`, if it exists.
+    pub fn route(&self, lss: u8, peer: &str, peer_lss: u8) -> Option<Arc<Route>> {
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(lss, peer.to_string(), peer_lss))
+            .cloned()
+    }
+
+    /// The view of one path, if it exists.
+    pub async fn view(&self, lss: u8, peer: &str, peer_lss: u8) -> Option<PathView> {
+        self.paths
+            .lock()
+            .await
+            .iter()
+            .find(|p| p.lss == lss && p.peer.as_str() == peer && p.peer_lss == peer_lss)
+            .map(Path::view)
     }
 
     /// Every path with its links.
@@ -502,8 +613,8 @@ async fn monitor(
             }
         }
         first = false;
-        let mut guard = slot.link.lock().await;
-        let outcome = match guard.as_ref() {
+        let current = slot.link();
+        let outcome = match &current {
             Some(link) => {
                 let beat = Message::Heartbeat {
                     unix_ms: SystemTime::now()
@@ -512,28 +623,35 @@ async fn monitor(
                         .as_millis() as u64,
                 };
                 match tokio::time::timeout(LINK_TIMEOUT, link.request(beat)).await {
-                    Ok(Ok(_)) => continue,
+                    Ok(Ok(_)) if slot.is_up() => continue,
+                    Ok(Ok(_)) => Ok(None),
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err(format!("no heartbeat answer within {LINK_TIMEOUT:?}")),
                 }
             }
             None => PeerLink::connect(address, &local, &peer, &secret, LINK_TIMEOUT)
                 .await
-                .map(|link| {
-                    *guard = Some(link);
-                })
+                .map(|link| Some(Arc::new(link)))
                 .map_err(|e| e.to_string()),
         };
+        if stop.is_cancelled() {
+            return;
+        }
+        let mut link = slot.link.lock().unwrap_or_else(|p| p.into_inner());
         let mut state = slot.state.lock().unwrap_or_else(|p| p.into_inner());
         match outcome {
-            Ok(()) => {
+            Ok(opened) => {
                 tracing::info!(%peer, %address, "peer link up");
+                if let Some(opened) = opened {
+                    *link = Some(opened);
+                }
                 *state = LinkState::Up {
                     since: SystemTime::now(),
                 };
             }
             Err(reason) => {
-                if guard.take().is_some() || !matches!(*state, LinkState::Down { .. }) {
+                let had = link.take().is_some();
+                if had || !matches!(*state, LinkState::Down { .. }) {
                     tracing::warn!(%peer, %address, "peer link down: {reason}");
                     *state = LinkState::Down {
                         reason,

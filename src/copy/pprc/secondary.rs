@@ -1,16 +1,26 @@
 //! The secondary end of a peer link: authenticates the connecting primary,
-//! then applies the changes it mirrors, in order, and acknowledges each one
-//! with its request ID (0 on success, else an NBD-style errno). Only
-//! volumes in the [`Secondaries`] set accept mirrored changes; any other
-//! volume answers EPERM, so even an authenticated peer cannot write a
-//! volume that is not the secondary of one of its pairs.
+//! then applies the changes it mirrors and acknowledges each one with its
+//! request ID (0 on success, else an NBD-style errno).
+//!
+//! Requests on a link are applied concurrently, as NBD requests are: the
+//! primary only has requests in flight together that it may complete in
+//! any order (overlapping host writes are the host's business, and the
+//! primary holds a track's lock until the secondary has acknowledged a copy
+//! of it). Only volumes that are secondaries of the connecting peer accept
+//! mirrored changes ([`PeerRequests::accepts`]); any other volume answers
+//! EPERM, so even an authenticated peer cannot write a volume that is not
+//! the secondary of one of its pairs. Pair-management requests and bitmap
+//! requests go to the [`PeerRequests`] handler.
 
 use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, Semaphore};
 
 use super::link::{handshake, read_frame, write_frame, LinkError, PeerInfo};
 use super::wire::{Frame, Message};
@@ -19,7 +29,26 @@ use crate::nbd::{nbd_errno, proto::errno};
 use crate::volume::id::Serial;
 use crate::volume::server::StorageServer;
 
-/// Volume IDs that are PPRC secondaries here and accept mirrored changes.
+/// A boxed future, for the object-safe [`PeerRequests`].
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What an authenticated peer may ask of this server besides data changes.
+pub trait PeerRequests: Send + Sync + 'static {
+    /// Whether `volume` is a secondary of `peer` and accepts its changes.
+    fn accepts(&self, peer: &str, volume: &str) -> bool;
+    /// The errno for a change `volume` does not accept: EPERM, or
+    /// ESHUTDOWN when its side of the pair was suspended here.
+    fn refusal(&self, _volume: &str) -> u32 {
+        errno::EPERM
+    }
+    /// Handles a pair-management request: `(0, JSON)` or `(errno, message)`.
+    fn control(self: Arc<Self>, peer: String, body: Bytes) -> BoxFuture<(u32, Bytes)>;
+    /// The out-of-sync bitmap of `volume` (a [`Message::Bitmap`]) or an errno.
+    fn bitmap(self: Arc<Self>, peer: String, volume: String) -> BoxFuture<Result<Message, u32>>;
+}
+
+/// A fixed set of secondary volume IDs that accept changes from any peer
+/// and answer no management requests (for tests of the data path).
 #[derive(Debug, Default)]
 pub struct Secondaries(RwLock<HashSet<String>>);
 
@@ -31,35 +60,39 @@ impl Secondaries {
             .unwrap_or_else(|p| p.into_inner())
             .insert(volume.to_string());
     }
+}
 
-    /// Stops `volume` accepting mirrored changes.
-    pub fn remove(&self, volume: &str) {
-        self.0
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(volume);
-    }
-
-    fn contains(&self, volume: &str) -> bool {
+impl PeerRequests for Secondaries {
+    fn accepts(&self, _peer: &str, volume: &str) -> bool {
         self.0
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .contains(volume)
+    }
+    fn control(self: Arc<Self>, _peer: String, _body: Bytes) -> BoxFuture<(u32, Bytes)> {
+        Box::pin(async { (errno::ENOTSUP, Bytes::from_static(b"not supported")) })
+    }
+    fn bitmap(self: Arc<Self>, _peer: String, _volume: String) -> BoxFuture<Result<Message, u32>> {
+        Box::pin(async { Err(errno::ENOTSUP) })
     }
 }
 
 /// Time a connecting peer has to authenticate.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Requests of one link applied at the same time, at most.
+const LINK_CONCURRENCY: usize = 128;
+
 /// Serves one incoming link until the peer says goodbye or the link fails.
 /// Returns the authenticated peer.
-pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
+pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
     server: Arc<StorageServer>,
     local: Serial,
     secret: Arc<[u8]>,
-    secondaries: Arc<Secondaries>,
+    requests: Arc<dyn PeerRequests>,
 ) -> Result<PeerInfo, LinkError> {
+    let mut stream = stream;
     let mut buf = BytesMut::with_capacity(1 << 20);
     let peer = handshake(
         &mut stream,
@@ -71,76 +104,114 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin>(
     )
     .await?;
     tracing::info!(peer = %peer.serial, "peer link authenticated");
-    loop {
-        let frame = match read_frame(&mut stream, &mut buf).await {
+    let (mut reader, writer) = tokio::io::split(stream);
+    let (answers, mut outbox) = mpsc::unbounded_channel::<Frame>();
+    let sender = tokio::spawn(async move {
+        let mut writer = writer;
+        while let Some(frame) = outbox.recv().await {
+            write_frame(&mut writer, &frame).await?;
+        }
+        Ok::<(), LinkError>(())
+    });
+    let slots = Arc::new(Semaphore::new(LINK_CONCURRENCY));
+    let result = loop {
+        let frame = match read_frame(&mut reader, &mut buf).await {
             Ok(f) => f,
-            Err(LinkError::Closed) => return Ok(peer),
-            Err(e) => return Err(e),
+            Err(LinkError::Closed) => break Ok(()),
+            Err(e) => break Err(e),
         };
-        let error = match frame.message {
-            Message::Goodbye => return Ok(peer),
-            Message::Heartbeat { .. } => 0,
-            Message::Write {
-                volume,
-                offset,
-                fua,
-                data,
-            } => {
-                let len = data.len() as u64;
-                apply(
-                    &server,
-                    &secondaries,
-                    &volume,
-                    offset,
-                    len,
-                    Change::Write(data, fua),
-                )
-                .await
-            }
-            Message::Zero {
-                volume,
-                offset,
-                len,
-                punch,
-            } => {
-                apply(
-                    &server,
-                    &secondaries,
-                    &volume,
-                    offset,
-                    len,
-                    Change::Zero(punch, false, false),
-                )
-                .await
-            }
-            Message::Trim {
-                volume,
-                offset,
-                len,
-            } => apply(&server, &secondaries, &volume, offset, len, Change::Trim).await,
-            Message::Flush { volume } => match lookup(&server, &secondaries, &volume) {
-                Ok(v) => v.flush().await.map_or_else(|e| nbd_errno(&e), |()| 0),
-                Err(code) => code,
-            },
-            Message::Hello { .. } | Message::Auth { .. } => {
-                return Err(LinkError::Unexpected("a second handshake"))
-            }
-            Message::Ack { .. }
-            | Message::BitmapRequest { .. }
-            | Message::Bitmap { .. }
-            | Message::State { .. } => errno::ENOTSUP,
+        if matches!(frame.message, Message::Goodbye) {
+            break Ok(());
+        }
+        if matches!(frame.message, Message::Hello { .. } | Message::Auth { .. }) {
+            break Err(LinkError::Unexpected("a second handshake"));
+        }
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break Ok(());
         };
-        let ack = Frame {
-            id: frame.id,
-            message: Message::Ack { error },
-        };
-        write_frame(&mut stream, &ack).await?;
+        let server = server.clone();
+        let requests = requests.clone();
+        let answers = answers.clone();
+        let peer = peer.serial.clone();
+        tokio::spawn(async move {
+            let message = answer(&server, &requests, &peer, frame.message).await;
+            let _ = answers.send(Frame {
+                id: frame.id,
+                message,
+            });
+            drop(permit);
+        });
+    };
+    drop(answers);
+    // Let the answers of requests still being applied go out.
+    let _ = slots.acquire_many(LINK_CONCURRENCY as u32).await;
+    let _ = sender.await;
+    result.map(|()| peer)
+}
+
+/// Applies one request and builds its answer.
+async fn answer(
+    server: &StorageServer,
+    requests: &Arc<dyn PeerRequests>,
+    peer: &str,
+    message: Message,
+) -> Message {
+    let ack = |error| Message::Ack { error };
+    match message {
+        Message::Heartbeat { .. } => ack(0),
+        Message::Write {
+            volume,
+            offset,
+            fua,
+            data,
+        } => {
+            let len = data.len() as u64;
+            let change = Change::Write(data, fua);
+            ack(apply(server, requests, peer, &volume, offset, len, change).await)
+        }
+        Message::Zero {
+            volume,
+            offset,
+            len,
+            punch,
+        } => {
+            let change = Change::Zero(punch, false, false);
+            ack(apply(server, requests, peer, &volume, offset, len, change).await)
+        }
+        Message::Trim {
+            volume,
+            offset,
+            len,
+        } => ack(apply(server, requests, peer, &volume, offset, len, Change::Trim).await),
+        Message::Flush { volume } => ack(match lookup(server, requests, peer, &volume) {
+            Ok(v) => v.flush().await.map_or_else(|e| nbd_errno(&e), |()| 0),
+            Err(code) => code,
+        }),
+        Message::Control { body } => {
+            let (error, body) = requests.clone().control(peer.to_string(), body).await;
+            Message::Reply { error, body }
+        }
+        Message::BitmapRequest { volume } => {
+            let name = String::from_utf8_lossy(&volume).into_owned();
+            match requests.clone().bitmap(peer.to_string(), name).await {
+                Ok(bitmap) => bitmap,
+                Err(error) => ack(error),
+            }
+        }
+        Message::Hello { .. }
+        | Message::Auth { .. }
+        | Message::Goodbye
+        | Message::Ack { .. }
+        | Message::Reply { .. }
+        | Message::Bitmap { .. }
+        | Message::State { .. } => ack(errno::ENOTSUP),
     }
 }
 
 fn lookup(
     server: &StorageServer,
-    secondaries: &Secondaries,
+    requests: &Arc<dyn PeerRequests>,
+    peer: &str,
     volume: &[u8; 8],
 ) -> Result<Arc<crate::volume::Volume>, u32> {
     let v = std::str::from_utf8(volume)
@@ -148,21 +219,22 @@ fn lookup(
         .and_then(|id| server.lookup(id))
         .cloned()
         .ok_or(errno::EINVAL)?;
-    if !secondaries.contains(v.name()) {
-        return Err(errno::EPERM);
+    if !requests.accepts(peer, v.name()) {
+        return Err(requests.refusal(v.name()));
     }
     Ok(v)
 }
 
 async fn apply(
     server: &StorageServer,
-    secondaries: &Secondaries,
+    requests: &Arc<dyn PeerRequests>,
+    peer: &str,
     volume: &[u8; 8],
     offset: u64,
     len: u64,
     change: Change,
 ) -> u32 {
-    match lookup(server, secondaries, volume) {
+    match lookup(server, requests, peer, volume) {
         Ok(v) => match v.apply_mirrored(offset, len, change).await {
             Ok(()) => 0,
             Err(e) => nbd_errno(&e),
@@ -174,8 +246,6 @@ async fn apply(
 #[cfg(test)]
 mod tests {
     use std::path::Path;
-
-    use bytes::Bytes;
 
     use super::*;
     use crate::config::Config;
@@ -210,7 +280,7 @@ mod tests {
                 server,
                 Serial::new("FCB02").unwrap(),
                 Arc::from(secret),
-                secondaries,
+                secondaries as Arc<dyn PeerRequests>,
             )
             .await
         });

@@ -21,6 +21,8 @@ pub const MAGIC: u32 = 0x4550_5052;
 pub const VERSION: u16 = 1;
 /// Header bytes.
 pub const HEADER_LEN: usize = 20;
+/// Largest control request or reply body.
+pub const MAX_CONTROL: usize = 1 << 20;
 /// Largest payload: a 32 MiB write plus its fields.
 pub const MAX_PAYLOAD: u32 = (32 << 20) + 64;
 /// Bytes of a hello nonce and of an authentication proof.
@@ -40,6 +42,8 @@ mod kind {
     pub const STATE: u16 = 10;
     pub const HEARTBEAT: u16 = 11;
     pub const GOODBYE: u16 = 12;
+    pub const CONTROL: u16 = 13;
+    pub const REPLY: u16 = 14;
 }
 
 /// Frame flag: write with FUA / make durable before acknowledging.
@@ -199,6 +203,19 @@ pub enum Message {
     },
     /// Orderly close of the link.
     Goodbye,
+    /// A pair-management request (JSON), answered by [`Message::Reply`].
+    Control {
+        /// The request body.
+        body: Bytes,
+    },
+    /// The answer to a [`Message::Control`]: `error` 0 and a JSON body, or
+    /// an errno and a message.
+    Reply {
+        /// 0 or an errno.
+        error: u32,
+        /// JSON body or error message.
+        body: Bytes,
+    },
 }
 
 /// A message with its request ID.
@@ -268,6 +285,8 @@ impl Frame {
             Message::State { .. } => (kind::STATE, 0),
             Message::Heartbeat { .. } => (kind::HEARTBEAT, 0),
             Message::Goodbye => (kind::GOODBYE, 0),
+            Message::Control { .. } => (kind::CONTROL, 0),
+            Message::Reply { .. } => (kind::REPLY, 0),
         }
     }
 
@@ -339,6 +358,11 @@ impl Frame {
             }
             Message::Heartbeat { unix_ms } => p.put_u64(*unix_ms),
             Message::Goodbye => {}
+            Message::Control { body } => tail = Some(body.clone()),
+            Message::Reply { error, body } => {
+                p.put_u32(*error);
+                tail = Some(body.clone());
+            }
         }
         let length = p.len() + tail.as_ref().map_or(0, |t| t.len());
         let mut h = BytesMut::with_capacity(HEADER_LEN + p.len());
@@ -374,7 +398,7 @@ impl Frame {
         let allowed = match kind {
             kind::WRITE => FLAG_FUA,
             kind::ZERO => FLAG_PUNCH,
-            kind::HELLO..=kind::GOODBYE => 0,
+            kind::HELLO..=kind::REPLY => 0,
             other => return Err(WireError::UnknownKind(other)),
         };
         if flags & !allowed != 0 {
@@ -461,6 +485,29 @@ impl Frame {
             },
             kind::HEARTBEAT => Message::Heartbeat { unix_ms: r.u64()? },
             kind::GOODBYE => Message::Goodbye,
+            kind::CONTROL => {
+                if payload.len() > MAX_CONTROL {
+                    return Err(WireError::Malformed {
+                        kind,
+                        what: "control body too large",
+                    });
+                }
+                return Ok(Message::Control { body: payload });
+            }
+            kind::REPLY => {
+                let error = r.u32()?;
+                let at = payload.len() - r.buf.len();
+                if payload.len() - at > MAX_CONTROL {
+                    return Err(WireError::Malformed {
+                        kind,
+                        what: "reply body too large",
+                    });
+                }
+                return Ok(Message::Reply {
+                    error,
+                    body: payload.slice(at..),
+                });
+            }
             other => return Err(WireError::UnknownKind(other)),
         };
         r.end()?;
@@ -534,6 +581,13 @@ mod tests {
                 unix_ms: 1_795_000_000_000,
             },
             Message::Goodbye,
+            Message::Control {
+                body: Bytes::from_static(b"{\"op\":\"query\"}"),
+            },
+            Message::Reply {
+                error: 0,
+                body: Bytes::from_static(b"{}"),
+            },
         ]
     }
 

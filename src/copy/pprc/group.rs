@@ -1,0 +1,180 @@
+//! The consistency group: the PPRC pairs whose primary LSS has
+//! `consistency_group = true`, across every such LSS of this server.
+//!
+//! When one pair of the group cannot update its secondary, the group
+//! *holds* writes: no write to any volume of the group completes (nor
+//! starts) until the group is frozen — by an operator (`freeze`) or by the
+//! consistency timeout. Freezing suspends every pair of the group at once,
+//! then releases the writes, which go on to the primaries with change
+//! recording. So the secondaries hold a dependent-write-consistent image:
+//! a write that depends on a held one cannot even be issued. An operator
+//! may also freeze a healthy group on demand (pairs suspend, writes are
+//! held until `unfreeze` or the timeout).
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::pair::{Pair, SuspendReason};
+
+/// What the group is doing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum GroupState {
+    /// Writes flow.
+    Normal,
+    /// A pair failed; writes are held until a freeze.
+    Holding {
+        /// The pair that failed.
+        volume: String,
+        /// Why.
+        detail: String,
+        /// Since when (RFC 3339).
+        since: String,
+    },
+    /// Frozen on demand; writes are held until unfreeze.
+    Frozen {
+        /// Since when (RFC 3339).
+        since: String,
+    },
+}
+
+/// One server's consistency group.
+#[derive(Debug)]
+pub struct ConsistencyGroup {
+    timeout: Duration,
+    members: Mutex<Vec<Weak<Pair>>>,
+    state: watch::Sender<(u64, GroupState)>,
+}
+
+impl ConsistencyGroup {
+    /// An empty group whose held writes are released after `timeout`.
+    pub fn new(timeout: Duration) -> Arc<Self> {
+        Arc::new(ConsistencyGroup {
+            timeout,
+            members: Mutex::new(Vec::new()),
+            state: watch::channel((0, GroupState::Normal)).0,
+        })
+    }
+
+    /// The consistency timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Adds a pair to the group.
+    pub fn join(&self, pair: &Arc<Pair>) {
+        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        members.retain(|m| m.strong_count() > 0);
+        members.push(Arc::downgrade(pair));
+    }
+
+    /// The current state.
+    pub fn state(&self) -> GroupState {
+        self.state.borrow().1.clone()
+    }
+
+    /// Volumes of the group's pairs.
+    pub fn volumes(&self) -> Vec<String> {
+        self.members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|p| p.spec.volume.clone())
+            .collect()
+    }
+
+    /// Waits while the group holds writes.
+    pub async fn pass(&self) {
+        let mut rx = self.state.subscribe();
+        let _ = rx.wait_for(|(_, s)| *s == GroupState::Normal).await;
+    }
+
+    fn enter(self: &Arc<Self>, next: GroupState) {
+        let holds = next != GroupState::Normal;
+        let mut generation = 0;
+        self.state.send_modify(|(g, s)| {
+            *g += 1;
+            generation = *g;
+            *s = next;
+        });
+        if holds {
+            // Release the writes by itself after the timeout.
+            let me = Arc::downgrade(self);
+            let timeout = self.timeout;
+            tokio::spawn(async move {
+                tokio::time::sleep(timeout).await;
+                if let Some(me) = me.upgrade() {
+                    if me.state.borrow().0 == generation {
+                        tracing::warn!("consistency group timeout: releasing writes");
+                        me.release();
+                    }
+                }
+            });
+        }
+    }
+
+    /// A pair of the group could not update its secondary: holds every
+    /// write of the group (if not held already) and waits for the freeze.
+    pub async fn trip(self: &Arc<Self>, volume: &str, detail: &str) {
+        if self.state() == GroupState::Normal {
+            tracing::warn!(volume, "consistency group holds writes: {detail}");
+            self.enter(GroupState::Holding {
+                volume: volume.to_string(),
+                detail: detail.to_string(),
+                since: crate::control::log::rfc3339(SystemTime::now()),
+            });
+        }
+        self.pass().await;
+    }
+
+    fn suspend_all(&self) -> usize {
+        let members: Vec<Arc<Pair>> = self
+            .members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        members
+            .iter()
+            .filter(|p| {
+                p.suspend(
+                    SuspendReason::Freeze,
+                    Some("consistency group frozen".into()),
+                )
+            })
+            .count()
+    }
+
+    /// Suspends every pair of the group. A group holding writes after a
+    /// failure releases them; a healthy group holds them until
+    /// [`ConsistencyGroup::unfreeze`] or the timeout. Returns how many
+    /// pairs were suspended.
+    pub fn freeze(self: &Arc<Self>) -> usize {
+        let n = self.suspend_all();
+        match self.state() {
+            GroupState::Holding { .. } => self.enter(GroupState::Normal),
+            GroupState::Normal => self.enter(GroupState::Frozen {
+                since: crate::control::log::rfc3339(SystemTime::now()),
+            }),
+            GroupState::Frozen { .. } => {}
+        }
+        n
+    }
+
+    /// Releases held writes (after suspending the group's pairs if a
+    /// failure was holding them).
+    pub fn unfreeze(self: &Arc<Self>) -> usize {
+        let n = self.suspend_all();
+        self.enter(GroupState::Normal);
+        n
+    }
+
+    fn release(self: &Arc<Self>) {
+        self.unfreeze();
+    }
+}

@@ -1,0 +1,1571 @@
+//! Every PPRC pair of this server, in both roles.
+//!
+//! As **primary**, a pair is a [`Pair`] attached to its volume (the
+//! mirroring layer of the write path), with its out-of-sync bitmap in
+//! `STATE_DIR/pprc/<volume>.oos`. As **secondary**, a pair is a record: the
+//! volume is protected from host writes and accepts the changes its
+//! primary's server mirrors, and nothing else.
+//!
+//! Management requests reach the other side over the path's links as
+//! control messages ([`PeerRequests`]): establishing a pair makes the peer
+//! volume a secondary (refused if it is smaller, in a pair, a FlashCopy
+//! target, or in use without "permit if target is online"); state changes
+//! are pushed to it; terminate ends both sides; failback asks the old
+//! primary to become the secondary and to hand over its out-of-sync
+//! bitmap, so only the union of both sides' changed tracks is copied.
+//!
+//! Pairs are recorded in `STATE_DIR/pprc/pairs.json` on every change. A
+//! primary that restarts while mirroring comes back suspended ("primary
+//! restarted") and resynchronises its recorded tracks by itself as soon as
+//! the path is up.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use super::group::{ConsistencyGroup, GroupState};
+use super::pair::{Pair, PairEnv, PairSpec, PairState, Status, SuspendReason, ESHUTDOWN};
+use super::paths::{PathManager, PathView, LINK_TIMEOUT};
+use super::secondary::{BoxFuture, PeerRequests};
+use super::wire::Message;
+use crate::control::log::{rfc3339, EventLog};
+use crate::copy::bitmap::{BitmapError, TrackBitmap};
+use crate::nbd::proto::errno;
+use crate::state::{write_atomic, StateIoError};
+use crate::volume::id::VolumeId;
+use crate::volume::server::StorageServer;
+use crate::volume::Volume;
+
+/// Why a pair request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PairError {
+    /// No such volume here.
+    #[error("volume {0} is not defined on this server")]
+    UnknownVolume(String),
+    /// A malformed volume ID.
+    #[error("{0}")]
+    BadId(#[from] crate::volume::id::IdError),
+    /// The secondary is on this server.
+    #[error("the secondary {0} is on this server; a pair mirrors to a peer server")]
+    SameServer(String),
+    /// No path between the LSSs.
+    #[error("no path 0x{lss:02X} → {peer} 0x{peer_lss:02X}; establish one first (essctl pprc path establish)")]
+    NoPath {
+        /// Local LSS.
+        lss: u8,
+        /// Peer serial.
+        peer: String,
+        /// Peer LSS.
+        peer_lss: u8,
+    },
+    /// The path has no live link.
+    #[error("path 0x{lss:02X} → {peer} 0x{peer_lss:02X} has no live link")]
+    PathDown {
+        /// Local LSS.
+        lss: u8,
+        /// Peer serial.
+        peer: String,
+        /// Peer LSS.
+        peer_lss: u8,
+    },
+    /// The volume is already in a pair.
+    #[error("volume {volume} is already {what}")]
+    InPair {
+        /// Volume.
+        volume: String,
+        /// Its pair, described.
+        what: String,
+    },
+    /// The volume is in no pair.
+    #[error("volume {0} is not in a PPRC pair")]
+    NoPair(String),
+    /// The request does not fit the pair's role or state.
+    #[error("{0}")]
+    Invalid(String),
+    /// The peer refused or failed.
+    #[error("{peer} refused: {message}")]
+    Peer {
+        /// Peer serial.
+        peer: String,
+        /// Its message.
+        message: String,
+    },
+    /// The bitmap file failed.
+    #[error(transparent)]
+    Bitmap(#[from] BitmapError),
+    /// The record could not be written.
+    #[error(transparent)]
+    State(#[from] StateIoError),
+    /// An OS error.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The record could not be read.
+    #[error("{path}: {message}")]
+    Corrupt {
+        /// Record file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl PairError {
+    /// Whether the error is the caller's (bad request) rather than a
+    /// failure of this server.
+    pub fn is_refusal(&self) -> bool {
+        !matches!(
+            self,
+            PairError::Bitmap(_)
+                | PairError::State(_)
+                | PairError::Io { .. }
+                | PairError::Corrupt { .. }
+        )
+    }
+}
+
+/// How an establish copies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CopyOption {
+    /// Copy the entire volume (initial copy).
+    #[default]
+    Copy,
+    /// Do not copy: the volumes are known identical.
+    Nocopy,
+    /// Copy out-of-sync tracks only (resume a suspended pair).
+    Resync,
+}
+
+/// An establish-pair request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EstablishPair {
+    /// Primary volume (here).
+    pub volume: String,
+    /// Secondary volume (its ID names its server).
+    pub secondary: String,
+    /// Copy option.
+    #[serde(default)]
+    pub mode: CopyOption,
+    /// Critical volume mode.
+    #[serde(default)]
+    pub critical: bool,
+    /// Permit if the secondary is online (attached by hosts).
+    #[serde(default)]
+    pub permit_online: bool,
+}
+
+/// A pair's role on this server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PairRole {
+    /// This volume is mirrored to a peer.
+    Primary,
+    /// This volume receives a peer's changes.
+    Secondary,
+}
+
+/// One pair as shown by list and show.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PairView {
+    /// The volume here.
+    pub volume: String,
+    /// Its role.
+    pub role: PairRole,
+    /// `simplex`, `duplex pending`, `duplex` or `suspended`.
+    pub state: String,
+    /// Suspend reason.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Detail of the failure.
+    #[serde(default)]
+    pub detail: Option<String>,
+    /// Since when (RFC 3339).
+    pub since: String,
+    /// The other side's server.
+    pub peer: String,
+    /// The other side's replication address.
+    pub peer_address: Option<String>,
+    /// The other side's volume.
+    pub peer_volume: String,
+    /// The path (primary side), with its links.
+    #[serde(default)]
+    pub path: Option<PathView>,
+    /// Tracks that differ (primary side).
+    pub out_of_sync_tracks: u64,
+    /// Tracks of the volume.
+    pub tracks: u64,
+    /// Track size in bytes.
+    pub track_size: u64,
+    /// Percent in sync.
+    pub copied_percent: f64,
+    /// Copy rate in tracks per second while duplex pending.
+    #[serde(default)]
+    pub rate_tracks_per_second: Option<f64>,
+    /// Bytes sent to the secondary.
+    pub bytes_sent: u64,
+    /// When the last copy (initial or resync) started.
+    #[serde(default)]
+    pub copy_started: Option<String>,
+    /// When the last copy completed.
+    #[serde(default)]
+    pub copy_completed: Option<String>,
+    /// Critical volume mode.
+    pub critical: bool,
+    /// Hosts may not write the primary.
+    pub write_inhibited: bool,
+    /// The primary's LSS is in the consistency group.
+    pub consistency_group: bool,
+    /// `current` (duplex, nothing out of sync) or `not current`.
+    pub replication_status: String,
+}
+
+/// One pair in the record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    role: PairRole,
+    spec: PairSpec,
+    status: Status,
+    /// Primary: the OOS bitmap file. Secondary after failback: the old
+    /// primary's bitmap awaiting hand-over.
+    #[serde(default)]
+    bitmap: Option<String>,
+}
+
+/// The secondary side of a pair.
+#[derive(Clone, Debug)]
+struct SecondarySide {
+    spec: PairSpec,
+    status: Status,
+    /// Accepting the primary's changes (not suspended or ended here).
+    accepting: bool,
+    handover: Option<String>,
+}
+
+enum Entry {
+    Primary(Arc<Pair>),
+    Secondary(SecondarySide),
+}
+
+impl Entry {
+    fn volume(&self) -> &str {
+        match self {
+            Entry::Primary(p) => &p.spec.volume,
+            Entry::Secondary(s) => &s.spec.volume,
+        }
+    }
+}
+
+/// Every pair of this server.
+pub struct PprcManager {
+    server: Arc<StorageServer>,
+    dir: PathBuf,
+    paths: Arc<PathManager>,
+    log: Arc<EventLog>,
+    timeout: Duration,
+    group: Option<Arc<ConsistencyGroup>>,
+    changed: Arc<Notify>,
+    entries: tokio::sync::Mutex<Vec<Entry>>,
+    /// Secondary volume → (primary serial, accepting), for the data path.
+    accepting: RwLock<HashMap<String, (String, bool)>>,
+}
+
+impl std::fmt::Debug for PprcManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PprcManager")
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PairError {
+    let what = what.into();
+    move |source| PairError::Io { what, source }
+}
+
+fn new_status(state: PairState, reason: Option<SuspendReason>) -> Status {
+    Status {
+        state,
+        reason,
+        detail: None,
+        since: SystemTime::now(),
+        copy_started: None,
+        copy_completed: None,
+        write_inhibited: false,
+    }
+}
+
+impl PprcManager {
+    /// Opens the manager, restoring recorded pairs. Primaries that were
+    /// mirroring come back suspended and resume by themselves once their
+    /// path is up.
+    pub async fn open(
+        server: Arc<StorageServer>,
+        state_dir: &Path,
+        paths: Arc<PathManager>,
+        log: Arc<EventLog>,
+        timeout: Duration,
+    ) -> Result<Arc<Self>, PairError> {
+        let dir = state_dir.join("pprc");
+        std::fs::create_dir_all(&dir)
+            .map_err(io_err(format!("cannot create {}", dir.display())))?;
+        let record = dir.join("pairs.json");
+        let records: Vec<Record> = match std::fs::read(&record) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| PairError::Corrupt {
+                path: record.clone(),
+                message: format!("cannot parse: {e}"),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io_err(format!("cannot read {}", record.display()))(e)),
+        };
+        let group_lss: Vec<_> = server
+            .lss()
+            .iter()
+            .filter(|l| l.consistency_group)
+            .collect();
+        let group = (!group_lss.is_empty()).then(|| {
+            ConsistencyGroup::new(
+                group_lss
+                    .iter()
+                    .map(|l| l.consistency_timeout)
+                    .max()
+                    .unwrap_or(Duration::from_secs(60)),
+            )
+        });
+        let mgr = Arc::new(PprcManager {
+            server,
+            dir,
+            paths,
+            log,
+            timeout,
+            group,
+            changed: Arc::new(Notify::new()),
+            entries: tokio::sync::Mutex::new(Vec::new()),
+            accepting: RwLock::new(HashMap::new()),
+        });
+        let mut entries = Vec::new();
+        let mut resume = Vec::new();
+        for rec in records {
+            let volume = mgr
+                .volume(&rec.spec.volume)
+                .map_err(|_| PairError::Corrupt {
+                    path: record.clone(),
+                    message: format!("pair of {}: the volume is not configured", rec.spec.volume),
+                })?;
+            match rec.role {
+                PairRole::Secondary => {
+                    volume.set_secondary(true);
+                    let side = SecondarySide {
+                        spec: rec.spec,
+                        status: rec.status,
+                        accepting: true,
+                        handover: rec.bitmap,
+                    };
+                    mgr.publish_secondary(&side);
+                    entries.push(Entry::Secondary(side));
+                }
+                PairRole::Primary => {
+                    let file = rec.bitmap.clone().unwrap_or_default();
+                    let oos = TrackBitmap::open(
+                        &mgr.dir.join(&file),
+                        mgr.server.track_size,
+                        volume.size().div_ceil(mgr.server.track_size),
+                    )?;
+                    let mut status = rec.status.clone();
+                    let was_mirroring =
+                        matches!(status.state, PairState::Duplex | PairState::DuplexPending);
+                    if was_mirroring {
+                        status.state = PairState::Suspended;
+                        status.reason = Some(SuspendReason::PrimaryRestart);
+                        status.detail = Some("waiting for the path to resume".into());
+                        status.since = SystemTime::now();
+                    }
+                    let pair = mgr.new_pair(rec.spec, &volume, oos, status);
+                    volume.attach_pprc(pair.clone());
+                    if was_mirroring {
+                        resume.push((pair.clone(), volume.clone()));
+                    }
+                    entries.push(Entry::Primary(pair));
+                }
+            }
+        }
+        *mgr.entries.lock().await = entries;
+        mgr.save().await?;
+        tokio::spawn(mgr.clone().recorder());
+        for (pair, volume) in resume {
+            let me = mgr.clone();
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + LINK_TIMEOUT * 2;
+                while pair.route().is_none_or(|r| r.live() == 0) {
+                    if tokio::time::Instant::now() > deadline {
+                        tracing::warn!(volume = %pair.spec.volume, "PPRC pair stays suspended: no live link after restart");
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                match me
+                    .ask_secondary(&pair.spec, volume.size(), false, true)
+                    .await
+                {
+                    Ok(()) => me.start(&pair, &volume, PairState::DuplexPending),
+                    Err(e) => {
+                        tracing::warn!(volume = %pair.spec.volume, "PPRC pair stays suspended: {e}")
+                    }
+                }
+            });
+        }
+        Ok(mgr)
+    }
+
+    fn volume(&self, id: &str) -> Result<Arc<Volume>, PairError> {
+        self.server
+            .lookup(id)
+            .cloned()
+            .ok_or_else(|| PairError::UnknownVolume(id.to_string()))
+    }
+
+    fn lss_props(&self, lss: u8) -> (bool, bool) {
+        self.server
+            .lss()
+            .iter()
+            .find(|l| l.id == lss)
+            .map_or((false, false), |l| (l.critical_heavy, l.consistency_group))
+    }
+
+    fn new_pair(
+        &self,
+        spec: PairSpec,
+        volume: &Volume,
+        oos: TrackBitmap,
+        status: Status,
+    ) -> Arc<Pair> {
+        let (heavy, grouped) = self.lss_props(spec.lss);
+        let group = if grouped { self.group.clone() } else { None };
+        let pair = Arc::new(Pair::new(
+            spec,
+            volume.size(),
+            self.server.track_size,
+            oos,
+            status,
+            PairEnv {
+                paths: self.paths.clone(),
+                timeout: self.timeout,
+                heavy,
+                group: group.clone(),
+                changed: self.changed.clone(),
+            },
+        ));
+        if let Some(g) = group {
+            g.join(&pair);
+        }
+        pair
+    }
+
+    fn publish_secondary(&self, side: &SecondarySide) {
+        self.accepting
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                side.spec.volume.clone(),
+                (side.spec.peer.clone(), side.accepting),
+            );
+    }
+
+    fn unpublish_secondary(&self, volume: &str) {
+        self.accepting
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(volume);
+    }
+
+    /// Writes the record of every pair.
+    async fn save(&self) -> Result<(), PairError> {
+        let entries = self.entries.lock().await;
+        self.save_locked(&entries)
+    }
+
+    fn save_locked(&self, entries: &[Entry]) -> Result<(), PairError> {
+        let records: Vec<Record> = entries
+            .iter()
+            .map(|e| match e {
+                Entry::Primary(p) => Record {
+                    role: PairRole::Primary,
+                    spec: p.spec.clone(),
+                    status: p.status(),
+                    bitmap: p
+                        .oos()
+                        .path()
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned()),
+                },
+                Entry::Secondary(s) => Record {
+                    role: PairRole::Secondary,
+                    spec: s.spec.clone(),
+                    status: s.status.clone(),
+                    bitmap: s.handover.clone(),
+                },
+            })
+            .collect();
+        let mut bytes = serde_json::to_vec_pretty(&records).map_err(|e| PairError::Corrupt {
+            path: self.dir.join("pairs.json"),
+            message: format!("cannot encode: {e}"),
+        })?;
+        bytes.push(b'\n');
+        write_atomic(&self.dir.join("pairs.json"), &bytes, 0o600)?;
+        Ok(())
+    }
+
+    /// Records status changes and tells secondaries about them.
+    async fn recorder(self: Arc<Self>) {
+        let mut told: HashMap<String, (PairState, Option<SuspendReason>)> = HashMap::new();
+        loop {
+            self.changed.notified().await;
+            if let Err(e) = self.save().await {
+                tracing::error!("cannot record PPRC pairs: {e}");
+            }
+            let pairs: Vec<Arc<Pair>> = self
+                .entries
+                .lock()
+                .await
+                .iter()
+                .filter_map(|e| match e {
+                    Entry::Primary(p) => Some(p.clone()),
+                    Entry::Secondary(_) => None,
+                })
+                .collect();
+            for pair in pairs {
+                let status = pair.status();
+                let now = (status.state, status.reason);
+                if told.get(&pair.spec.volume) == Some(&now) {
+                    continue;
+                }
+                told.insert(pair.spec.volume.clone(), now);
+                let detail = match status.reason {
+                    Some(r) => format!(", {}", r.name()),
+                    None => String::new(),
+                };
+                self.log.record(
+                    "pprc.pair.state",
+                    format!(
+                        "{} → {} {}: {}{detail}",
+                        pair.spec.volume,
+                        pair.spec.peer,
+                        pair.spec.peer_volume,
+                        status.state.name()
+                    ),
+                    None,
+                );
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let _ = me
+                        .tell(
+                            &pair.spec,
+                            json!({"op": "state", "volume": pair.spec.peer_volume, "primary": pair.spec.volume, "state": status.state, "reason": status.reason}),
+                        )
+                        .await;
+                });
+            }
+        }
+    }
+
+    /// Sends a control request over the pair's path; `Ok(body)` or the
+    /// peer's refusal.
+    async fn tell(
+        &self,
+        spec: &PairSpec,
+        request: serde_json::Value,
+    ) -> Result<serde_json::Value, PairError> {
+        let route = self
+            .paths
+            .route(spec.lss, &spec.peer, spec.peer_lss)
+            .ok_or_else(|| PairError::NoPath {
+                lss: spec.lss,
+                peer: spec.peer.clone(),
+                peer_lss: spec.peer_lss,
+            })?;
+        let down = || PairError::PathDown {
+            lss: spec.lss,
+            peer: spec.peer.clone(),
+            peer_lss: spec.peer_lss,
+        };
+        let (at, link) = route.pick().ok_or_else(down)?;
+        let body = Bytes::from(request.to_string());
+        let answer = tokio::time::timeout(LINK_TIMEOUT, link.call(Message::Control { body }))
+            .await
+            .map_err(|_| PairError::Peer {
+                peer: spec.peer.clone(),
+                message: format!("no answer within {LINK_TIMEOUT:?}"),
+            })?;
+        match answer {
+            Ok(Message::Reply { error: 0, body }) => {
+                Ok(serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+            }
+            Ok(Message::Reply { body, .. }) => Err(PairError::Peer {
+                peer: spec.peer.clone(),
+                message: String::from_utf8_lossy(&body).into_owned(),
+            }),
+            Ok(other) => Err(PairError::Peer {
+                peer: spec.peer.clone(),
+                message: format!("unexpected answer {other:?}"),
+            }),
+            Err(e) => {
+                route.fail(at, &link, e.to_string());
+                Err(PairError::Peer {
+                    peer: spec.peer.clone(),
+                    message: e.to_string(),
+                })
+            }
+        }
+    }
+
+    async fn ask_secondary(
+        &self,
+        spec: &PairSpec,
+        size: u64,
+        permit_online: bool,
+        resync: bool,
+    ) -> Result<(), PairError> {
+        self.tell(
+            spec,
+            json!({"op": "become-secondary", "volume": spec.peer_volume, "primary": spec.volume,
+                   "size": size, "permit_online": permit_online, "resync": resync}),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Starts mirroring in `state` (duplex or duplex pending).
+    fn start(&self, pair: &Arc<Pair>, volume: &Arc<Volume>, state: PairState) {
+        pair.enter(state);
+        let stop = pair.restart_tasks();
+        tokio::spawn(pair.clone().run_cleaner(stop.clone()));
+        if state == PairState::DuplexPending {
+            tokio::spawn(pair.clone().run_copier(volume.clone(), stop));
+        }
+    }
+
+    fn describe(entry: &Entry) -> String {
+        match entry {
+            Entry::Primary(p) => format!(
+                "the primary of a pair with {} {} ({})",
+                p.spec.peer,
+                p.spec.peer_volume,
+                p.state().name()
+            ),
+            Entry::Secondary(s) => format!(
+                "the secondary of a pair with {} {}",
+                s.spec.peer, s.spec.peer_volume
+            ),
+        }
+    }
+
+    /// Establishes a pair, or resumes a suspended one (`mode` resync).
+    pub async fn establish(&self, req: &EstablishPair) -> Result<PairView, PairError> {
+        let volume = self.volume(&req.volume)?;
+        let secondary: VolumeId = req.secondary.parse()?;
+        if secondary.serial == self.server.serial {
+            return Err(PairError::SameServer(req.secondary.clone()));
+        }
+        let spec = PairSpec {
+            volume: req.volume.clone(),
+            peer: secondary.serial.to_string(),
+            peer_volume: secondary.to_string(),
+            lss: volume.info().id.lss,
+            peer_lss: secondary.lss,
+            critical: req.critical,
+        };
+        let mut entries = self.entries.lock().await;
+        let existing = entries.iter().position(|e| e.volume() == req.volume);
+        if let Some(i) = existing {
+            let Entry::Primary(pair) = &entries[i] else {
+                return Err(PairError::InPair {
+                    volume: req.volume.clone(),
+                    what: Self::describe(&entries[i]),
+                });
+            };
+            let pair = pair.clone();
+            if pair.spec.peer_volume != spec.peer_volume || req.mode != CopyOption::Resync {
+                return Err(PairError::InPair {
+                    volume: req.volume.clone(),
+                    what: format!(
+                        "{}{}",
+                        Self::describe(&entries[i]),
+                        if pair.spec.peer_volume == spec.peer_volume {
+                            "; resume it with mode resync"
+                        } else {
+                            ""
+                        }
+                    ),
+                });
+            }
+            if pair.state() != PairState::Suspended {
+                return Err(PairError::Invalid(format!(
+                    "pair {} → {} is {}, not suspended",
+                    req.volume,
+                    spec.peer_volume,
+                    pair.state().name()
+                )));
+            }
+            self.check_path(&spec)?;
+            self.ask_secondary(&pair.spec, volume.size(), req.permit_online, true)
+                .await?;
+            self.start(&pair, &volume, PairState::DuplexPending);
+            self.save_locked(&entries)?;
+            self.log.record(
+                "pprc.pair.resync",
+                format!(
+                    "{} → {} {}: resync of {} out-of-sync track(s)",
+                    req.volume,
+                    spec.peer,
+                    spec.peer_volume,
+                    pair.oos().count()
+                ),
+                None,
+            );
+            return Ok(self.view_primary(&pair).await);
+        }
+        if req.mode == CopyOption::Resync {
+            return Err(PairError::Invalid(format!(
+                "volume {} has no suspended pair to resync; establish with mode copy or nocopy",
+                req.volume
+            )));
+        }
+        self.check_path(&spec)?;
+        self.ask_secondary(&spec, volume.size(), req.permit_online, false)
+            .await?;
+        let tracks = volume.size().div_ceil(self.server.track_size);
+        let file = format!("{}.oos", req.volume);
+        let path = self.dir.join(&file);
+        let _ = std::fs::remove_file(&path);
+        let oos = TrackBitmap::create(&path, self.server.track_size, tracks)?;
+        if req.mode == CopyOption::Copy {
+            oos.set_range(0, tracks);
+            oos.commit_bits()
+                .await
+                .map_err(io_err(format!("cannot write {}", path.display())))?;
+        }
+        let pair = self.new_pair(
+            spec.clone(),
+            &volume,
+            oos,
+            new_status(PairState::Simplex, None),
+        );
+        {
+            let _quiet = volume.gate().write().await;
+            volume.attach_pprc(pair.clone());
+        }
+        let state = if req.mode == CopyOption::Copy {
+            PairState::DuplexPending
+        } else {
+            PairState::Duplex
+        };
+        self.start(&pair, &volume, state);
+        entries.push(Entry::Primary(pair.clone()));
+        self.save_locked(&entries)?;
+        self.log.record(
+            "pprc.pair.establish",
+            format!(
+                "{} → {} {} ({}{})",
+                req.volume,
+                spec.peer,
+                spec.peer_volume,
+                match req.mode {
+                    CopyOption::Copy => "copy entire volume",
+                    _ => "do not copy",
+                },
+                if req.critical { ", critical" } else { "" }
+            ),
+            None,
+        );
+        drop(entries);
+        Ok(self.view_primary(&pair).await)
+    }
+
+    fn check_path(&self, spec: &PairSpec) -> Result<(), PairError> {
+        let route = self
+            .paths
+            .route(spec.lss, &spec.peer, spec.peer_lss)
+            .ok_or_else(|| PairError::NoPath {
+                lss: spec.lss,
+                peer: spec.peer.clone(),
+                peer_lss: spec.peer_lss,
+            })?;
+        if route.live() == 0 {
+            return Err(PairError::PathDown {
+                lss: spec.lss,
+                peer: spec.peer.clone(),
+                peer_lss: spec.peer_lss,
+            });
+        }
+        Ok(())
+    }
+
+    /// Suspends a pair: from the primary (mirroring stops, changes are
+    /// recorded) or from the secondary (it stops accepting changes; the
+    /// primary suspends at its next change).
+    pub async fn suspend(&self, volume: &str) -> Result<PairView, PairError> {
+        let mut entries = self.entries.lock().await;
+        let entry = entries
+            .iter_mut()
+            .find(|e| e.volume() == volume)
+            .ok_or_else(|| PairError::NoPair(volume.to_string()))?;
+        match entry {
+            Entry::Primary(pair) => {
+                let pair = pair.clone();
+                if !matches!(pair.state(), PairState::Duplex | PairState::DuplexPending) {
+                    return Err(PairError::Invalid(format!(
+                        "pair {volume} → {} is {}, not mirroring",
+                        pair.spec.peer_volume,
+                        pair.state().name()
+                    )));
+                }
+                // Clear the marks of tracks already in sync first, so a
+                // resync copies only what changes from now on.
+                if pair.state() == PairState::Duplex {
+                    let _ = pair.clean().await;
+                }
+                pair.suspend(SuspendReason::Manual, None);
+                self.save_locked(&entries)?;
+                self.log.record(
+                    "pprc.pair.suspend",
+                    format!(
+                        "{volume} → {} {} suspended",
+                        pair.spec.peer, pair.spec.peer_volume
+                    ),
+                    None,
+                );
+                drop(entries);
+                Ok(self.view_primary(&pair).await)
+            }
+            Entry::Secondary(side) => {
+                side.accepting = false;
+                side.status.state = PairState::Suspended;
+                side.status.reason = Some(SuspendReason::Manual);
+                side.status.since = SystemTime::now();
+                let side = side.clone();
+                self.publish_secondary(&side);
+                self.save_locked(&entries)?;
+                self.log.record(
+                    "pprc.pair.suspend",
+                    format!(
+                        "secondary {volume} of {} {} suspended",
+                        side.spec.peer, side.spec.peer_volume
+                    ),
+                    None,
+                );
+                Ok(self.view_secondary(&side))
+            }
+        }
+    }
+
+    /// Ends a pair. From the primary both sides become simplex (the
+    /// secondary is told; if it cannot be reached it keeps its side until
+    /// terminated there). From the secondary, its side ends and the volume
+    /// is writable again — for a recovery site whose primary is gone.
+    pub async fn terminate(&self, volume: &str) -> Result<PairView, PairError> {
+        let mut entries = self.entries.lock().await;
+        let i = entries
+            .iter()
+            .position(|e| e.volume() == volume)
+            .ok_or_else(|| PairError::NoPair(volume.to_string()))?;
+        let vol = self.volume(volume)?;
+        let mut view = match &entries[i] {
+            Entry::Primary(pair) => self.view_primary(pair).await,
+            Entry::Secondary(side) => self.view_secondary(side),
+        };
+        match entries.remove(i) {
+            Entry::Primary(pair) => {
+                pair.stop_tasks();
+                {
+                    let _quiet = vol.gate().write().await;
+                    vol.detach_pprc();
+                }
+                let told = self
+                    .tell(&pair.spec, json!({"op": "terminate", "volume": pair.spec.peer_volume, "primary": volume}))
+                    .await;
+                let _ = pair.oos().remove_file();
+                self.save_locked(&entries)?;
+                self.log.record(
+                    "pprc.pair.terminate",
+                    format!(
+                        "{volume} → {} {} terminated{}",
+                        pair.spec.peer,
+                        pair.spec.peer_volume,
+                        match &told {
+                            Ok(_) => String::new(),
+                            Err(e) =>
+                                format!(" here only (secondary not told: {e}; terminate it there)"),
+                        }
+                    ),
+                    None,
+                );
+                if let Err(e) = told {
+                    view.detail = Some(format!(
+                        "secondary not told: {e}; terminate it on {}",
+                        pair.spec.peer
+                    ));
+                }
+            }
+            Entry::Secondary(side) => {
+                self.unpublish_secondary(volume);
+                vol.set_secondary(false);
+                if let Some(h) = &side.handover {
+                    let _ = std::fs::remove_file(self.dir.join(h));
+                }
+                self.save_locked(&entries)?;
+                self.log.record(
+                    "pprc.pair.terminate",
+                    format!(
+                        "secondary {volume} of {} {} terminated; the volume is writable",
+                        side.spec.peer, side.spec.peer_volume
+                    ),
+                    None,
+                );
+            }
+        }
+        view.state = PairState::Simplex.name().into();
+        view.replication_status = "not current".into();
+        Ok(view)
+    }
+
+    /// Failover at the secondary's server, without contacting the
+    /// primary: the secondary becomes the suspended primary of the
+    /// reverse pair and records its own changes from now on.
+    pub async fn failover(&self, volume: &str) -> Result<PairView, PairError> {
+        let mut entries = self.entries.lock().await;
+        let i = entries
+            .iter()
+            .position(|e| e.volume() == volume)
+            .ok_or_else(|| PairError::NoPair(volume.to_string()))?;
+        let Entry::Secondary(side) = &entries[i] else {
+            return Err(PairError::Invalid(format!(
+                "volume {volume} is {}; failover is done at the secondary",
+                Self::describe(&entries[i])
+            )));
+        };
+        let old = side.spec.clone();
+        let vol = self.volume(volume)?;
+        let peer_id: VolumeId = old.peer_volume.parse()?;
+        let spec = PairSpec {
+            volume: volume.to_string(),
+            peer: old.peer.clone(),
+            peer_volume: old.peer_volume.clone(),
+            lss: vol.info().id.lss,
+            peer_lss: peer_id.lss,
+            critical: false,
+        };
+        let file = format!("{volume}.oos");
+        let path = self.dir.join(&file);
+        let _ = std::fs::remove_file(&path);
+        let oos = TrackBitmap::create(
+            &path,
+            self.server.track_size,
+            vol.size().div_ceil(self.server.track_size),
+        )?;
+        let mut status = new_status(PairState::Suspended, Some(SuspendReason::Failover));
+        status.detail = Some(format!("took over from {} {}", old.peer, old.peer_volume));
+        let pair = self.new_pair(spec, &vol, oos, status);
+        {
+            let _quiet = vol.gate().write().await;
+            vol.attach_pprc(pair.clone());
+            self.unpublish_secondary(volume);
+            vol.set_secondary(false);
+        }
+        if let Entry::Secondary(side) = &entries[i] {
+            if let Some(h) = &side.handover {
+                let _ = std::fs::remove_file(self.dir.join(h));
+            }
+        }
+        entries[i] = Entry::Primary(pair.clone());
+        self.save_locked(&entries)?;
+        self.log.record(
+            "pprc.pair.failover",
+            format!(
+                "{volume} took over from {} {}: suspended primary, recording changes",
+                old.peer, old.peer_volume
+            ),
+            None,
+        );
+        drop(entries);
+        Ok(self.view_primary(&pair).await)
+    }
+
+    /// Failback after a failover: the old primary becomes the secondary
+    /// and hands over the tracks it changed but never mirrored; the union
+    /// with this side's changes is copied to it.
+    pub async fn failback(&self, volume: &str) -> Result<PairView, PairError> {
+        let entries = self.entries.lock().await;
+        let Some(Entry::Primary(pair)) = entries.iter().find(|e| e.volume() == volume) else {
+            return Err(match entries.iter().find(|e| e.volume() == volume) {
+                Some(e) => PairError::Invalid(format!(
+                    "volume {volume} is {}; failback is done at the volume that took over",
+                    Self::describe(e)
+                )),
+                None => PairError::NoPair(volume.to_string()),
+            });
+        };
+        let pair = pair.clone();
+        if pair.state() != PairState::Suspended {
+            return Err(PairError::Invalid(format!(
+                "pair {volume} → {} is {}; failback starts from a suspended pair",
+                pair.spec.peer_volume,
+                pair.state().name()
+            )));
+        }
+        let vol = self.volume(volume)?;
+        self.check_path(&pair.spec)?;
+        self.tell(
+            &pair.spec,
+            json!({"op": "failback", "volume": pair.spec.peer_volume, "primary": volume, "size": vol.size()}),
+        )
+        .await?;
+        // Fetch the old primary's changes and add them to ours.
+        let route = self
+            .paths
+            .route(pair.spec.lss, &pair.spec.peer, pair.spec.peer_lss)
+            .ok_or_else(|| PairError::NoPath {
+                lss: pair.spec.lss,
+                peer: pair.spec.peer.clone(),
+                peer_lss: pair.spec.peer_lss,
+            })?;
+        let (_, link) = route.pick().ok_or_else(|| PairError::PathDown {
+            lss: pair.spec.lss,
+            peer: pair.spec.peer.clone(),
+            peer_lss: pair.spec.peer_lss,
+        })?;
+        let mut name = [0u8; 8];
+        name.copy_from_slice(&pair.spec.peer_volume.as_bytes()[..8]);
+        let peer_err = |message: String| PairError::Peer {
+            peer: pair.spec.peer.clone(),
+            message,
+        };
+        let answer = tokio::time::timeout(
+            LINK_TIMEOUT,
+            link.call(Message::BitmapRequest { volume: name }),
+        )
+        .await
+        .map_err(|_| peer_err("no bitmap within the link timeout".into()))?
+        .map_err(|e| peer_err(e.to_string()))?;
+        let handed = match answer {
+            Message::Bitmap {
+                tracks,
+                track_size,
+                bits,
+                ..
+            } => {
+                if u64::from(track_size) != pair.track_size() {
+                    return Err(peer_err(format!(
+                        "its track size {track_size} differs from this server's {}",
+                        pair.track_size()
+                    )));
+                }
+                let oos = pair.oos();
+                let mut added = 0;
+                for (w, chunk) in bits.chunks(8).enumerate() {
+                    let mut word = [0u8; 8];
+                    word[..chunk.len()].copy_from_slice(chunk);
+                    let mut mask = u64::from_le_bytes(word);
+                    let first = w as u64 * 64;
+                    if first >= tracks.min(oos.tracks()) {
+                        break;
+                    }
+                    let limit = tracks.min(oos.tracks()) - first;
+                    if limit < 64 {
+                        mask &= (1u64 << limit) - 1;
+                    }
+                    if mask != 0 {
+                        oos.set_word(w, mask);
+                        added += u64::from(mask.count_ones());
+                    }
+                }
+                oos.commit_bits()
+                    .await
+                    .map_err(io_err(format!("cannot write {}", oos.path().display())))?;
+                added
+            }
+            Message::Ack { error } => return Err(peer_err(super::pair::errno_name(error))),
+            other => return Err(peer_err(format!("unexpected answer {other:?}"))),
+        };
+        let _ = self
+            .tell(
+                &pair.spec,
+                json!({"op": "handover-done", "volume": pair.spec.peer_volume}),
+            )
+            .await;
+        self.start(&pair, &vol, PairState::DuplexPending);
+        self.save_locked(&entries)?;
+        self.log.record(
+            "pprc.pair.failback",
+            format!(
+                "{volume} → {} {}: copying {} track(s) ({handed} changed on {} before it stopped mirroring)",
+                pair.spec.peer,
+                pair.spec.peer_volume,
+                pair.oos().count(),
+                pair.spec.peer
+            ),
+            None,
+        );
+        drop(entries);
+        Ok(self.view_primary(&pair).await)
+    }
+
+    /// Freezes the consistency group (see [`ConsistencyGroup::freeze`]).
+    pub fn freeze(&self) -> Result<(usize, GroupState), PairError> {
+        let group = self.group.as_ref().ok_or_else(|| {
+            PairError::Invalid("no LSS of this server is in a consistency group".into())
+        })?;
+        let n = group.freeze();
+        self.log
+            .record("pprc.freeze", format!("{n} pair(s) suspended"), None);
+        Ok((n, group.state()))
+    }
+
+    /// Releases the consistency group's held writes.
+    pub fn unfreeze(&self) -> Result<(usize, GroupState), PairError> {
+        let group = self.group.as_ref().ok_or_else(|| {
+            PairError::Invalid("no LSS of this server is in a consistency group".into())
+        })?;
+        let n = group.unfreeze();
+        self.log.record("pprc.unfreeze", "writes released", None);
+        Ok((n, group.state()))
+    }
+
+    /// The consistency group's state and volumes, if there is a group.
+    pub fn group(&self) -> Option<(GroupState, Vec<String>)> {
+        self.group.as_ref().map(|g| (g.state(), g.volumes()))
+    }
+
+    async fn view_primary(&self, pair: &Arc<Pair>) -> PairView {
+        let status = pair.status();
+        let tracks = pair.oos().tracks();
+        let oos = pair.out_of_sync();
+        let path = self
+            .paths
+            .view(pair.spec.lss, &pair.spec.peer, pair.spec.peer_lss)
+            .await;
+        let current = status.state == PairState::Duplex && oos == 0;
+        PairView {
+            volume: pair.spec.volume.clone(),
+            role: PairRole::Primary,
+            state: status.state.name().into(),
+            reason: status.reason.map(|r| r.name().into()),
+            detail: status.detail.clone(),
+            since: rfc3339(status.since),
+            peer: pair.spec.peer.clone(),
+            peer_address: path.as_ref().map(|p| p.peer_address.clone()),
+            peer_volume: pair.spec.peer_volume.clone(),
+            path,
+            out_of_sync_tracks: oos,
+            tracks,
+            track_size: pair.track_size(),
+            copied_percent: if tracks == 0 {
+                100.0
+            } else {
+                (tracks - oos.min(tracks)) as f64 * 100.0 / tracks as f64
+            },
+            rate_tracks_per_second: pair.copy_rate(),
+            bytes_sent: pair.bytes_sent(),
+            copy_started: status.copy_started.map(rfc3339),
+            copy_completed: status.copy_completed.map(rfc3339),
+            critical: pair.spec.critical,
+            write_inhibited: status.write_inhibited,
+            consistency_group: self.lss_props(pair.spec.lss).1,
+            replication_status: if current { "current" } else { "not current" }.into(),
+        }
+    }
+
+    fn view_secondary(&self, side: &SecondarySide) -> PairView {
+        let tracks = self
+            .server
+            .lookup(&side.spec.volume)
+            .map_or(0, |v| v.size().div_ceil(self.server.track_size));
+        let current = side.status.state == PairState::Duplex;
+        PairView {
+            volume: side.spec.volume.clone(),
+            role: PairRole::Secondary,
+            state: side.status.state.name().into(),
+            reason: side.status.reason.map(|r| r.name().into()),
+            detail: side.status.detail.clone(),
+            since: rfc3339(side.status.since),
+            peer: side.spec.peer.clone(),
+            peer_address: None,
+            peer_volume: side.spec.peer_volume.clone(),
+            path: None,
+            out_of_sync_tracks: 0,
+            tracks,
+            track_size: self.server.track_size,
+            copied_percent: if current { 100.0 } else { 0.0 },
+            rate_tracks_per_second: None,
+            bytes_sent: 0,
+            copy_started: None,
+            copy_completed: None,
+            critical: side.spec.critical,
+            write_inhibited: false,
+            consistency_group: false,
+            replication_status: if current { "current" } else { "not current" }.into(),
+        }
+    }
+
+    /// Every pair, both roles.
+    pub async fn list(&self) -> Vec<PairView> {
+        let entries: Vec<Entry> = self
+            .entries
+            .lock()
+            .await
+            .iter()
+            .map(|e| match e {
+                Entry::Primary(p) => Entry::Primary(p.clone()),
+                Entry::Secondary(s) => Entry::Secondary(s.clone()),
+            })
+            .collect();
+        let mut out = Vec::new();
+        for e in &entries {
+            out.push(match e {
+                Entry::Primary(p) => self.view_primary(p).await,
+                Entry::Secondary(s) => self.view_secondary(s),
+            });
+        }
+        out
+    }
+
+    /// One volume's pair.
+    pub async fn show(&self, volume: &str) -> Result<PairView, PairError> {
+        self.list()
+            .await
+            .into_iter()
+            .find(|v| v.volume == volume)
+            .ok_or_else(|| {
+                if self.server.lookup(volume).is_none() {
+                    PairError::UnknownVolume(volume.to_string())
+                } else {
+                    PairError::NoPair(volume.to_string())
+                }
+            })
+    }
+
+    /// Stops every pair's tasks (at shutdown).
+    pub async fn shutdown(&self) {
+        for e in self.entries.lock().await.iter() {
+            if let Entry::Primary(p) = e {
+                p.stop_tasks();
+            }
+        }
+        let _ = self.save().await;
+    }
+
+    /// Answers a peer's pair-management request.
+    async fn handle(
+        &self,
+        peer: &str,
+        request: &serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        let text = |k: &str| {
+            request
+                .get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        let volume = text("volume");
+        let primary = text("primary");
+        match text("op").as_str() {
+            "become-secondary" => {
+                let size = request
+                    .get("size")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(u64::MAX);
+                let permit = request
+                    .get("permit_online")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false);
+                self.become_secondary(peer, &volume, &primary, size, permit)
+                    .await
+            }
+            "state" => {
+                let mut entries = self.entries.lock().await;
+                if let Some(Entry::Secondary(side)) =
+                    entries.iter_mut().find(|e| e.volume() == volume)
+                {
+                    if side.spec.peer == peer && side.accepting {
+                        if let Ok(state) = serde_json::from_value(request["state"].clone()) {
+                            side.status.state = state;
+                            side.status.reason =
+                                serde_json::from_value(request["reason"].clone()).unwrap_or(None);
+                            side.status.since = SystemTime::now();
+                        }
+                    }
+                }
+                self.save_locked(&entries).map_err(|e| e.to_string())?;
+                Ok(json!({}))
+            }
+            "terminate" => {
+                let mut entries = self.entries.lock().await;
+                let Some(i) = entries.iter().position(|e| {
+                    matches!(e, Entry::Secondary(s) if s.spec.volume == volume && s.spec.peer == peer)
+                }) else {
+                    return Ok(json!({"note": "no such secondary"}));
+                };
+                entries.remove(i);
+                self.unpublish_secondary(&volume);
+                if let Some(v) = self.server.lookup(&volume) {
+                    v.set_secondary(false);
+                }
+                self.save_locked(&entries).map_err(|e| e.to_string())?;
+                self.log.record(
+                    "pprc.pair.terminate",
+                    format!("secondary {volume} of {peer} {primary} terminated by its primary"),
+                    None,
+                );
+                Ok(json!({}))
+            }
+            "failback" => self.hand_over(peer, &volume, &primary).await,
+            "handover-done" => {
+                let mut entries = self.entries.lock().await;
+                if let Some(Entry::Secondary(side)) =
+                    entries.iter_mut().find(|e| e.volume() == volume)
+                {
+                    if let Some(h) = side.handover.take() {
+                        let _ = std::fs::remove_file(self.dir.join(h));
+                    }
+                }
+                self.save_locked(&entries).map_err(|e| e.to_string())?;
+                Ok(json!({}))
+            }
+            other => Err(format!("unknown pair request {other:?}")),
+        }
+    }
+
+    async fn become_secondary(
+        &self,
+        peer: &str,
+        volume: &str,
+        primary: &str,
+        size: u64,
+        permit_online: bool,
+    ) -> Result<serde_json::Value, String> {
+        let vol =
+            self.server.lookup(volume).cloned().ok_or_else(|| {
+                format!("volume {volume} is not defined on {}", self.server.serial)
+            })?;
+        let mut entries = self.entries.lock().await;
+        if let Some(e) = entries.iter_mut().find(|e| e.volume() == volume) {
+            return match e {
+                Entry::Secondary(side)
+                    if side.spec.peer == peer && side.spec.peer_volume == primary =>
+                {
+                    side.accepting = true;
+                    side.status = new_status(PairState::DuplexPending, None);
+                    let side = side.clone();
+                    self.publish_secondary(&side);
+                    self.save_locked(&entries).map_err(|e| e.to_string())?;
+                    Ok(json!({}))
+                }
+                other => Err(format!(
+                    "volume {volume} is already {}",
+                    Self::describe(other)
+                )),
+            };
+        }
+        if vol.size() < size {
+            return Err(format!(
+                "secondary {volume} ({} bytes) is smaller than primary {primary} ({size} bytes)",
+                vol.size()
+            ));
+        }
+        if vol.info().read_only {
+            return Err(format!("secondary {volume} is configured read-only"));
+        }
+        if vol
+            .flashcopy()
+            .is_some_and(|fc| fc.role == crate::copy::flashcopy::Role::Target)
+        {
+            return Err(format!("volume {volume} is a FlashCopy target"));
+        }
+        if vol.clients() > 0 && !permit_online {
+            return Err(format!(
+                "secondary {volume} is in use by {} host connection(s); use \"permit if target is online\"",
+                vol.clients()
+            ));
+        }
+        let primary_id: VolumeId = primary
+            .parse()
+            .map_err(|e: crate::volume::id::IdError| e.to_string())?;
+        let side = SecondarySide {
+            spec: PairSpec {
+                volume: volume.to_string(),
+                peer: peer.to_string(),
+                peer_volume: primary.to_string(),
+                lss: vol.info().id.lss,
+                peer_lss: primary_id.lss,
+                critical: false,
+            },
+            status: new_status(PairState::DuplexPending, None),
+            accepting: true,
+            handover: None,
+        };
+        vol.set_secondary(true);
+        self.publish_secondary(&side);
+        entries.push(Entry::Secondary(side));
+        self.save_locked(&entries).map_err(|e| e.to_string())?;
+        self.log.record(
+            "pprc.pair.secondary",
+            format!("{volume} is the secondary of {peer} {primary}"),
+            None,
+        );
+        Ok(json!({}))
+    }
+
+    /// The old primary's side of a failback: becomes the secondary of the
+    /// volume that took over and keeps its out-of-sync bitmap for the
+    /// hand-over.
+    async fn hand_over(
+        &self,
+        peer: &str,
+        volume: &str,
+        primary: &str,
+    ) -> Result<serde_json::Value, String> {
+        let mut entries = self.entries.lock().await;
+        let i = entries
+            .iter()
+            .position(|e| e.volume() == volume)
+            .ok_or_else(|| format!("volume {volume} is in no pair on {}", self.server.serial))?;
+        let pair = match &entries[i] {
+            Entry::Secondary(side)
+                if side.spec.peer == peer && side.spec.peer_volume == primary =>
+            {
+                // Asked again after an interrupted failback.
+                return Ok(json!({}));
+            }
+            Entry::Primary(p) if p.spec.peer == peer && p.spec.peer_volume == primary => p.clone(),
+            other => return Err(format!("volume {volume} is {}", Self::describe(other))),
+        };
+        let vol = self.volume(volume).map_err(|e| e.to_string())?;
+        pair.suspend(
+            SuspendReason::Failover,
+            Some(format!("{peer} {primary} took over")),
+        );
+        pair.stop_tasks();
+        {
+            let _quiet = vol.gate().write().await;
+            vol.detach_pprc();
+            vol.set_secondary(true);
+        }
+        let handover = format!("{volume}.handover");
+        std::fs::rename(pair.oos().path(), self.dir.join(&handover))
+            .map_err(|e| format!("cannot keep the out-of-sync bitmap: {e}"))?;
+        let side = SecondarySide {
+            spec: PairSpec {
+                volume: volume.to_string(),
+                peer: peer.to_string(),
+                peer_volume: primary.to_string(),
+                lss: pair.spec.lss,
+                peer_lss: pair.spec.peer_lss,
+                critical: false,
+            },
+            status: new_status(PairState::DuplexPending, None),
+            accepting: true,
+            handover: Some(handover),
+        };
+        self.publish_secondary(&side);
+        entries[i] = Entry::Secondary(side);
+        self.save_locked(&entries).map_err(|e| e.to_string())?;
+        self.log.record(
+            "pprc.pair.failback",
+            format!(
+                "{volume} is now the secondary of {peer} {primary}; {} changed track(s) handed over",
+                pair.oos().count()
+            ),
+            None,
+        );
+        Ok(json!({"tracks": pair.oos().count()}))
+    }
+
+    async fn handover_bitmap(&self, peer: &str, volume: &str) -> Result<Message, u32> {
+        let entries = self.entries.lock().await;
+        let Some(Entry::Secondary(side)) = entries.iter().find(|e| e.volume() == volume) else {
+            return Err(errno::EINVAL);
+        };
+        if side.spec.peer != peer {
+            return Err(errno::EPERM);
+        }
+        let vol = self.server.lookup(volume).ok_or(errno::EINVAL)?;
+        let tracks = vol.size().div_ceil(self.server.track_size);
+        let bits = match &side.handover {
+            Some(h) => {
+                let bm = TrackBitmap::open(&self.dir.join(h), self.server.track_size, tracks)
+                    .map_err(|_| errno::EIO)?;
+                let mut bytes = Vec::with_capacity(tracks.div_ceil(8) as usize);
+                for w in 0..bm.words() {
+                    bytes.extend_from_slice(&bm.word(w).to_le_bytes());
+                }
+                bytes.truncate(tracks.div_ceil(8) as usize);
+                bytes
+            }
+            None => vec![0u8; tracks.div_ceil(8) as usize],
+        };
+        let mut name = [0u8; 8];
+        name.copy_from_slice(&volume.as_bytes()[..8]);
+        Ok(Message::Bitmap {
+            volume: name,
+            track_size: self.server.track_size as u32,
+            tracks,
+            bits: Bytes::from(bits),
+        })
+    }
+}
+
+impl PeerRequests for PprcManager {
+    fn accepts(&self, peer: &str, volume: &str) -> bool {
+        self.accepting
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(volume)
+            .is_some_and(|(p, ok)| p == peer && *ok)
+    }
+
+    fn refusal(&self, volume: &str) -> u32 {
+        if self
+            .accepting
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(volume)
+        {
+            ESHUTDOWN
+        } else {
+            errno::EPERM
+        }
+    }
+
+    fn control(self: Arc<Self>, peer: String, body: Bytes) -> BoxFuture<(u32, Bytes)> {
+        Box::pin(async move {
+            let request: serde_json::Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => {
+                    return (
+                        errno::EINVAL,
+                        Bytes::from(format!("malformed request: {e}")),
+                    )
+                }
+            };
+            match self.handle(&peer, &request).await {
+                Ok(v) => (0, Bytes::from(v.to_string())),
+                Err(message) => (errno::EINVAL, Bytes::from(message)),
+            }
+        })
+    }
+
+    fn bitmap(self: Arc<Self>, peer: String, volume: String) -> BoxFuture<Result<Message, u32>> {
+        Box::pin(async move { self.handover_bitmap(&peer, &volume).await })
+    }
+}

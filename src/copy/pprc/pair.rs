@@ -1,0 +1,864 @@
+//! A PPRC pair's primary end: the mirroring layer of the host write path,
+//! the out-of-sync (OOS) bitmap, the background copy (initial copy and
+//! resync) and the cleaner.
+//!
+//! **The OOS bitmap** holds every track that may differ between primary
+//! and secondary, and is durable before the data write that changes a
+//! track (rule 3). While the pair is suspended, a host write sets its
+//! tracks' bits and waits for them to be committed (group commit, no data
+//! flush) before writing locally. While the pair is duplex, a write marks
+//! its tracks the same way *before* it is sent to both sides — so that a
+//! crash of the primary mid-write, or a link lost mid-write, leaves the
+//! track recorded — and the [cleaner](Pair::clean) clears marks again once
+//! the secondary has flushed them. A track written again soon keeps its
+//! durable mark, so steady writes pay no bitmap fsync.
+//!
+//! **Clearing safely**: every write marks its tracks in `touched` when it
+//! starts and when it ends, and counts itself in the current cleaning
+//! epoch. A cleaning pass resets `touched` and flips the epoch, waits for
+//! the writes of the old epoch to end, flushes the secondary, and then
+//! clears only marks that no write touched meanwhile — so a mark is never
+//! cleared while a write of that track is in flight or not yet durable on
+//! the secondary.
+//!
+//! **Copy** (duplex pending): the copier walks the set bits from a cursor,
+//! reads each run of tracks through the volume's own read path (a
+//! FlashCopy target reads its point-in-time view), sends holes as zeroing
+//! and data as writes, holding the tracks' locks until the secondary has
+//! acknowledged, so a host write to the same track is ordered before or
+//! after the copy, never interleaved. Host writes during the copy are
+//! mirrored as in duplex. When the cursor reaches the end the pair is
+//! duplex.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::group::ConsistencyGroup;
+use super::paths::{PathManager, Route};
+use super::wire::{self, Message};
+use crate::copy::bitmap::TrackBitmap;
+use crate::copy::flashcopy::Change;
+use crate::copy::locks::TrackLocks;
+use crate::nbd::proto::errno;
+use crate::volume::{Volume, VolumeError, VolumeOp};
+
+/// The errno a secondary answers when its side of the pair was suspended
+/// or terminated there.
+pub const ESHUTDOWN: u32 = 108;
+
+/// Interval between cleaning passes.
+pub const CLEAN_INTERVAL: Duration = Duration::from_millis(1000);
+/// Most bytes the copier sends per request.
+const COPY_CHUNK: u64 = 1 << 20;
+/// Copies the copier keeps in flight.
+const COPY_DEPTH: usize = 8;
+
+/// A pair's state, as in the array.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PairState {
+    /// Not in a pair.
+    Simplex,
+    /// Initial copy or resync in progress.
+    DuplexPending,
+    /// In sync: every write reaches both volumes.
+    Duplex,
+    /// Mirroring stopped; changes are recorded.
+    Suspended,
+}
+
+impl PairState {
+    /// The state's name as shown to users.
+    pub fn name(self) -> &'static str {
+        match self {
+            PairState::Simplex => "simplex",
+            PairState::DuplexPending => "duplex pending",
+            PairState::Duplex => "duplex",
+            PairState::Suspended => "suspended",
+        }
+    }
+
+    /// The state on the wire.
+    pub fn wire(self) -> wire::PairState {
+        match self {
+            PairState::Simplex => wire::PairState::Simplex,
+            PairState::DuplexPending => wire::PairState::DuplexPending,
+            PairState::Duplex => wire::PairState::Duplex,
+            PairState::Suspended => wire::PairState::Suspended,
+        }
+    }
+}
+
+/// Why a pair is suspended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SuspendReason {
+    /// An operator suspended it.
+    Manual,
+    /// No link of the path could carry a change in time.
+    LinkLost,
+    /// The secondary failed to apply a change.
+    SecondaryIoError,
+    /// The primary failed to apply a change.
+    PrimaryIoError,
+    /// The consistency group was frozen.
+    Freeze,
+    /// The secondary's server suspended or ended its side.
+    SecondarySuspended,
+    /// This volume took over from its primary.
+    Failover,
+    /// The primary restarted and the secondary could not be reached.
+    PrimaryRestart,
+}
+
+impl SuspendReason {
+    /// The reason as shown to users.
+    pub fn name(self) -> &'static str {
+        match self {
+            SuspendReason::Manual => "manual",
+            SuspendReason::LinkLost => "link lost",
+            SuspendReason::SecondaryIoError => "secondary I/O error",
+            SuspendReason::PrimaryIoError => "primary I/O error",
+            SuspendReason::Freeze => "freeze",
+            SuspendReason::SecondarySuspended => "suspended at the secondary",
+            SuspendReason::Failover => "failover",
+            SuspendReason::PrimaryRestart => "primary restarted",
+        }
+    }
+}
+
+/// A pair's changing status.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    /// Current state.
+    pub state: PairState,
+    /// Why it is suspended.
+    pub reason: Option<SuspendReason>,
+    /// Detail of the failure that suspended it.
+    pub detail: Option<String>,
+    /// When the state was entered.
+    pub since: SystemTime,
+    /// When the last copy (initial or resync) started.
+    pub copy_started: Option<SystemTime>,
+    /// When the last copy completed.
+    pub copy_completed: Option<SystemTime>,
+    /// Hosts may not write the primary (critical modes).
+    pub write_inhibited: bool,
+}
+
+/// Fixed identity and options of a pair.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PairSpec {
+    /// The primary volume here.
+    pub volume: String,
+    /// The secondary's server.
+    pub peer: String,
+    /// The secondary volume.
+    pub peer_volume: String,
+    /// Primary LSS.
+    pub lss: u8,
+    /// Secondary LSS.
+    pub peer_lss: u8,
+    /// Critical volume mode.
+    pub critical: bool,
+}
+
+/// Why a change could not be mirrored.
+#[derive(Debug)]
+enum SendError {
+    /// No path, or no live link on it.
+    NoLink(String),
+    /// A link took longer than the timeout.
+    Timeout(String),
+}
+
+/// The primary end of one pair.
+pub struct Pair {
+    /// Identity and options.
+    pub spec: PairSpec,
+    wire_volume: wire::VolumeName,
+    track_size: u64,
+    size: u64,
+    /// Critical heavy mode of the primary's LSS.
+    heavy: bool,
+    group: Option<Arc<ConsistencyGroup>>,
+    status: Mutex<Status>,
+    inhibited: AtomicBool,
+    oos: TrackBitmap,
+    touched: Vec<AtomicU64>,
+    epoch: AtomicU64,
+    active: [AtomicU64; 2],
+    ended: Notify,
+    clean_lock: RwLock<()>,
+    locks: TrackLocks,
+    paths: Arc<PathManager>,
+    timeout: Duration,
+    bytes_sent: AtomicU64,
+    cursor: AtomicU64,
+    copy_clock: Mutex<Option<(Instant, u64)>>,
+    /// Rings when the status changes (the manager records it).
+    pub changed: Arc<Notify>,
+    tasks: Mutex<CancellationToken>,
+}
+
+impl std::fmt::Debug for Pair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pair").field("spec", &self.spec).finish()
+    }
+}
+
+/// Settings a pair takes from its server.
+pub struct PairEnv {
+    /// The server's paths.
+    pub paths: Arc<PathManager>,
+    /// Time the secondary has to acknowledge.
+    pub timeout: Duration,
+    /// Critical heavy mode of the primary's LSS.
+    pub heavy: bool,
+    /// The consistency group, if the primary's LSS is in one.
+    pub group: Option<Arc<ConsistencyGroup>>,
+    /// Rung on status changes.
+    pub changed: Arc<Notify>,
+}
+
+impl Pair {
+    /// A pair over an open OOS bitmap, in `status`.
+    pub fn new(
+        spec: PairSpec,
+        size: u64,
+        track_size: u64,
+        oos: TrackBitmap,
+        status: Status,
+        env: PairEnv,
+    ) -> Pair {
+        let mut wire_volume = [0u8; 8];
+        wire_volume.copy_from_slice(&spec.peer_volume.as_bytes()[..8]);
+        let words = oos.words();
+        Pair {
+            spec,
+            wire_volume,
+            track_size,
+            size,
+            heavy: env.heavy,
+            group: env.group,
+            inhibited: AtomicBool::new(status.write_inhibited),
+            status: Mutex::new(status),
+            oos,
+            touched: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            epoch: AtomicU64::new(0),
+            active: [AtomicU64::new(0), AtomicU64::new(0)],
+            ended: Notify::new(),
+            clean_lock: RwLock::new(()),
+            locks: TrackLocks::default(),
+            paths: env.paths,
+            timeout: env.timeout,
+            bytes_sent: AtomicU64::new(0),
+            cursor: AtomicU64::new(0),
+            copy_clock: Mutex::new(None),
+            changed: env.changed,
+            tasks: Mutex::new(CancellationToken::new()),
+        }
+    }
+
+    /// The current status.
+    pub fn status(&self) -> Status {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The current state.
+    pub fn state(&self) -> PairState {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).state
+    }
+
+    /// Whether hosts may not write the primary now (critical modes).
+    pub fn write_inhibited(&self) -> bool {
+        self.inhibited.load(Ordering::Acquire)
+    }
+
+    /// The OOS bitmap.
+    pub fn oos(&self) -> &TrackBitmap {
+        &self.oos
+    }
+
+    /// Track size in bytes.
+    pub fn track_size(&self) -> u64 {
+        self.track_size
+    }
+
+    /// Tracks that still differ: all marks while suspended, the marks
+    /// the copier has still to copy while duplex pending, none in duplex.
+    pub fn out_of_sync(&self) -> u64 {
+        match self.state() {
+            PairState::Suspended => self.oos.count(),
+            PairState::DuplexPending => self.oos.count_from(self.cursor.load(Ordering::Acquire)),
+            PairState::Duplex | PairState::Simplex => 0,
+        }
+    }
+
+    /// Bytes of changes and copies sent to the secondary.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    /// Copy rate in tracks per second since the copy started, if copying.
+    pub fn copy_rate(&self) -> Option<f64> {
+        let clock = *self.copy_clock.lock().unwrap_or_else(|p| p.into_inner());
+        let (start, left_at_start) = clock?;
+        if self.state() != PairState::DuplexPending {
+            return None;
+        }
+        let done = left_at_start.saturating_sub(self.out_of_sync());
+        let secs = start.elapsed().as_secs_f64();
+        (secs > 0.0).then(|| done as f64 / secs)
+    }
+
+    /// The path's links, if the path exists.
+    pub fn route(&self) -> Option<Arc<Route>> {
+        self.paths
+            .route(self.spec.lss, &self.spec.peer, self.spec.peer_lss)
+    }
+
+    fn set_status(&self, change: impl FnOnce(&mut Status)) {
+        change(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+        self.changed.notify_one();
+    }
+
+    /// Enters `state` (not suspended), resetting the reason.
+    pub fn enter(&self, state: PairState) {
+        self.set_status(|s| {
+            s.state = state;
+            s.reason = None;
+            s.detail = None;
+            s.since = SystemTime::now();
+            if state == PairState::DuplexPending {
+                s.copy_started = Some(SystemTime::now());
+                s.copy_completed = None;
+            }
+            if state == PairState::Duplex && s.copy_started.is_some() && s.copy_completed.is_none()
+            {
+                s.copy_completed = Some(SystemTime::now());
+            }
+            s.write_inhibited = false;
+        });
+        self.inhibited.store(false, Ordering::Release);
+    }
+
+    /// Suspends the pair (if it is mirroring) and stops its copier and
+    /// cleaner. Returns whether it was mirroring.
+    pub fn suspend(&self, reason: SuspendReason, detail: Option<String>) -> bool {
+        let mut was = false;
+        self.set_status(|s| {
+            if matches!(s.state, PairState::Duplex | PairState::DuplexPending) {
+                was = true;
+                s.state = PairState::Suspended;
+                s.reason = Some(reason);
+                s.detail = detail.clone();
+                s.since = SystemTime::now();
+            }
+        });
+        if was {
+            self.tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .cancel();
+            tracing::warn!(
+                volume = %self.spec.volume,
+                "PPRC pair suspended: {}{}",
+                reason.name(),
+                detail.map(|d| format!(": {d}")).unwrap_or_default()
+            );
+        }
+        was
+    }
+
+    fn inhibit(&self) {
+        self.inhibited.store(true, Ordering::Release);
+        self.set_status(|s| s.write_inhibited = true);
+    }
+
+    /// A fresh token for this activation's tasks (the old ones stop).
+    pub fn restart_tasks(&self) -> CancellationToken {
+        let token = CancellationToken::new();
+        let old = std::mem::replace(
+            &mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()),
+            token.clone(),
+        );
+        old.cancel();
+        token
+    }
+
+    /// Stops the copier and cleaner.
+    pub fn stop_tasks(&self) {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cancel();
+    }
+
+    fn track_range(&self, offset: u64, len: u64) -> (u64, u64) {
+        let first = offset / self.track_size;
+        let end = (offset + len.max(1)).div_ceil(self.track_size);
+        (first, end.min(self.oos.tracks()))
+    }
+
+    fn mark_touched(&self, first: u64, end: u64) {
+        for t in first..end {
+            self.touched[(t / 64) as usize].fetch_or(1 << (t % 64), Ordering::AcqRel);
+        }
+    }
+
+    /// Marks `[first, end)` out of sync and waits until the marks are
+    /// durable. Returns the cleaning epoch the write counts in.
+    async fn begin(&self, first: u64, end: u64) -> std::io::Result<u64> {
+        let epoch = {
+            let _no_clearing = self.clean_lock.read().unwrap_or_else(|p| p.into_inner());
+            let epoch = self.epoch.load(Ordering::Acquire);
+            self.active[(epoch & 1) as usize].fetch_add(1, Ordering::AcqRel);
+            self.mark_touched(first, end);
+            self.oos.set_range(first, end);
+            epoch
+        };
+        if !self.oos.all_durable(first, end) {
+            if let Err(e) = self.oos.commit_bits().await {
+                self.end(epoch, first, end);
+                return Err(e);
+            }
+        }
+        Ok(epoch)
+    }
+
+    fn end(&self, epoch: u64, first: u64, end: u64) {
+        let _no_clearing = self.clean_lock.read().unwrap_or_else(|p| p.into_inner());
+        self.mark_touched(first, end);
+        if self.active[(epoch & 1) as usize].fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.ended.notify_waiters();
+        }
+    }
+
+    /// Holds the caller while the consistency group holds writes.
+    async fn group_gate(&self) {
+        if let Some(group) = &self.group {
+            group.pass().await;
+        }
+    }
+
+    /// The mirroring layer: applies a host change locally (`local`) and on
+    /// the secondary, as the pair's state requires.
+    pub async fn mirror<F>(
+        &self,
+        op: VolumeOp,
+        offset: u64,
+        len: u64,
+        change: Change,
+        local: F,
+    ) -> Result<(), VolumeError>
+    where
+        F: Future<Output = Result<(), VolumeError>>,
+    {
+        if self.write_inhibited() {
+            return Err(self.inhibited_error(op));
+        }
+        self.group_gate().await;
+        let (first, end) = self.track_range(offset, len);
+        let io = |source: std::io::Error| VolumeError::Io {
+            op,
+            path: self.oos.path().display().to_string(),
+            offset,
+            source,
+        };
+        if !matches!(self.state(), PairState::Duplex | PairState::DuplexPending) {
+            // Suspended: record the change durably, then make it.
+            self.oos.set_range(first, end);
+            self.oos.commit_bits().await.map_err(io)?;
+            return local.await;
+        }
+        let _ordered = self.locks.shared(first..end).await;
+        let epoch = self.begin(first, end).await.map_err(io)?;
+        let message = match &change {
+            Change::Write(data, fua) => Message::Write {
+                volume: self.wire_volume,
+                offset,
+                fua: *fua,
+                data: data.clone(),
+            },
+            Change::Zero(punch, _, _) => Message::Zero {
+                volume: self.wire_volume,
+                offset,
+                len,
+                punch: *punch,
+            },
+            Change::Trim => Message::Trim {
+                volume: self.wire_volume,
+                offset,
+                len,
+            },
+        };
+        let (local_result, remote) = if matches!(change, Change::Zero(_, true, _)) {
+            // Fast-only zeroing may be refused locally: only mirror what
+            // was done.
+            let l = local.await;
+            let r = if l.is_ok() {
+                self.send(message).await
+            } else {
+                Ok(0)
+            };
+            (l, r)
+        } else {
+            tokio::join!(local, self.send(message))
+        };
+        self.end(epoch, first, end);
+        if let Err(e) = &local_result {
+            if !matches!(e, VolumeError::NotFast { .. }) {
+                self.suspend(SuspendReason::PrimaryIoError, Some(e.to_string()));
+            }
+        }
+        self.after_send(op, remote).await?;
+        self.group_gate().await;
+        local_result
+    }
+
+    /// Makes completed writes durable on both sides.
+    pub async fn flush<F>(&self, local: F) -> Result<(), VolumeError>
+    where
+        F: Future<Output = Result<(), VolumeError>>,
+    {
+        if !matches!(self.state(), PairState::Duplex | PairState::DuplexPending) {
+            return local.await;
+        }
+        let (l, r) = tokio::join!(
+            local,
+            self.send(Message::Flush {
+                volume: self.wire_volume
+            })
+        );
+        self.after_send(VolumeOp::Flush, r).await?;
+        l
+    }
+
+    fn inhibited_error(&self, op: VolumeOp) -> VolumeError {
+        VolumeError::WriteInhibited {
+            op,
+            volume: self.spec.volume.clone(),
+        }
+    }
+
+    /// Handles the secondary's answer: suspends on failure and applies the
+    /// critical modes.
+    async fn after_send(
+        &self,
+        op: VolumeOp,
+        remote: Result<u32, SendError>,
+    ) -> Result<(), VolumeError> {
+        let (reason, detail) = match remote {
+            Ok(0) => return Ok(()),
+            Ok(ESHUTDOWN) => (
+                SuspendReason::SecondarySuspended,
+                format!(
+                    "{} {} is no longer this pair's secondary",
+                    self.spec.peer, self.spec.peer_volume
+                ),
+            ),
+            Ok(code) => (
+                SuspendReason::SecondaryIoError,
+                format!(
+                    "{} {} answered {}",
+                    self.spec.peer,
+                    self.spec.peer_volume,
+                    errno_name(code)
+                ),
+            ),
+            Err(SendError::NoLink(d)) | Err(SendError::Timeout(d)) => (SuspendReason::LinkLost, d),
+        };
+        if let Some(group) = &self.group {
+            // Hold this write (and every write of the group) until the
+            // group is frozen by an operator or its timeout.
+            if self.state() != PairState::Suspended {
+                group.trip(&self.spec.volume, &detail).await;
+            }
+        }
+        self.suspend(reason, Some(detail));
+        if self.spec.critical {
+            let live = self.route().map_or(0, |r| r.live());
+            if self.heavy || live == 0 {
+                self.inhibit();
+                return Err(self.inhibited_error(op));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one request over the path's live links, moving to the next
+    /// link when one fails.
+    async fn send(&self, message: Message) -> Result<u32, SendError> {
+        let bytes = match &message {
+            Message::Write { data, .. } => data.len() as u64,
+            _ => 0,
+        } + wire::HEADER_LEN as u64;
+        let mut last = String::from("no live link");
+        for _ in 0..=super::paths::MAX_LINKS {
+            let Some(route) = self.route() else {
+                return Err(SendError::NoLink(format!(
+                    "no path 0x{:02X} → {} 0x{:02X}",
+                    self.spec.lss, self.spec.peer, self.spec.peer_lss
+                )));
+            };
+            let Some((at, link)) = route.pick() else {
+                return Err(SendError::NoLink(format!(
+                    "no live link to {} ({last})",
+                    self.spec.peer
+                )));
+            };
+            match tokio::time::timeout(self.timeout, link.request(message.clone())).await {
+                Ok(Ok(code)) => {
+                    self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+                    return Ok(code);
+                }
+                Ok(Err(e)) => {
+                    last = e.to_string();
+                    route.fail(at, &link, last.clone());
+                }
+                Err(_) => {
+                    let why = format!(
+                        "{} did not answer within {:?}",
+                        self.spec.peer, self.timeout
+                    );
+                    route.fail(at, &link, why.clone());
+                    return Err(SendError::Timeout(why));
+                }
+            }
+        }
+        Err(SendError::NoLink(last))
+    }
+
+    /// Sends a flush and reports whether the secondary made everything it
+    /// acknowledged durable.
+    async fn flush_secondary(&self) -> Result<(), String> {
+        match self
+            .send(Message::Flush {
+                volume: self.wire_volume,
+            })
+            .await
+        {
+            Ok(0) => Ok(()),
+            Ok(code) => Err(format!("secondary flush failed: {}", errno_name(code))),
+            Err(SendError::NoLink(d)) | Err(SendError::Timeout(d)) => Err(d),
+        }
+    }
+
+    /// One cleaning pass (see the module docs): clears the marks of tracks
+    /// that are in sync and durable on the secondary. `below` limits it to
+    /// tracks the copier has passed. Returns how many marks were cleared.
+    pub async fn clean(&self) -> Result<u64, String> {
+        let old = {
+            let _all = self.clean_lock.write().unwrap_or_else(|p| p.into_inner());
+            for w in &self.touched {
+                w.store(0, Ordering::Release);
+            }
+            self.epoch.fetch_add(1, Ordering::AcqRel)
+        };
+        let below = match self.state() {
+            PairState::DuplexPending => self.cursor.load(Ordering::Acquire),
+            PairState::Duplex => self.oos.tracks(),
+            _ => return Ok(0),
+        };
+        // Wait for the writes of the old epoch to end.
+        loop {
+            let waiting = self.ended.notified();
+            if self.active[(old & 1) as usize].load(Ordering::Acquire) == 0 {
+                break;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), waiting).await;
+        }
+        self.flush_secondary().await?;
+        let words = (below / 64) as usize;
+        let tail = below % 64;
+        self.oos
+            .clear_with(|oos| {
+                let _all = self.clean_lock.write().unwrap_or_else(|p| p.into_inner());
+                let mut cleared = 0;
+                for w in 0..=words.min(oos.words() - 1) {
+                    let mut mask = oos.word(w) & !self.touched[w].load(Ordering::Acquire);
+                    if w == words {
+                        mask &= (1u64 << tail).wrapping_sub(1);
+                    }
+                    if mask != 0 {
+                        cleared += oos.clear_now(w, mask);
+                    }
+                }
+                cleared
+            })
+            .await
+            .map_err(|e| format!("cannot write the out-of-sync bitmap: {e}"))
+    }
+
+    /// Runs cleaning passes until the pair stops mirroring or `stop`.
+    pub async fn run_cleaner(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(CLEAN_INTERVAL) => {}
+            }
+            if !matches!(self.state(), PairState::Duplex | PairState::DuplexPending) {
+                return;
+            }
+            if let Err(e) = self.clean().await {
+                if self.suspend(SuspendReason::LinkLost, Some(e)) {
+                    self.changed.notify_one();
+                }
+                return;
+            }
+        }
+    }
+
+    /// Copies every marked track to the secondary (duplex pending), then
+    /// enters duplex. Stops early when the pair suspends or `stop`.
+    pub async fn run_copier(self: Arc<Self>, volume: Arc<Volume>, stop: CancellationToken) {
+        self.cursor.store(0, Ordering::Release);
+        *self.copy_clock.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), self.oos.count()));
+        let tracks = self.oos.tracks();
+        let per_chunk = (COPY_CHUNK / self.track_size).max(1);
+        let mut inflight = tokio::task::JoinSet::new();
+        let mut next = 0u64;
+        let mut failed: Option<(SuspendReason, String)> = None;
+        while let Some(first) = self.oos.next_set(next) {
+            if stop.is_cancelled() || self.state() != PairState::DuplexPending {
+                break;
+            }
+            // A run of marked tracks, at most one chunk.
+            let mut end = first + 1;
+            while end < tracks && end - first < per_chunk && self.oos.get(end) {
+                end += 1;
+            }
+            next = end;
+            while inflight.len() >= COPY_DEPTH {
+                if let Some(Ok(Err(f))) = inflight.join_next().await {
+                    failed = Some(f);
+                }
+            }
+            if failed.is_some() {
+                break;
+            }
+            let guard = self.locks.exclusive(first..end).await;
+            let (me, volume) = (self.clone(), volume.clone());
+            inflight.spawn(async move {
+                let r = me.copy_run(&volume, first, end).await;
+                drop(guard);
+                r
+            });
+            // The cursor may pass a run once its copy is in flight: its
+            // locks order later host writes after it.
+            self.cursor.store(end, Ordering::Release);
+        }
+        while let Some(done) = inflight.join_next().await {
+            if let Ok(Err(f)) = done {
+                failed = Some(f);
+            }
+        }
+        if let Some((reason, detail)) = failed {
+            self.suspend(reason, Some(detail));
+            return;
+        }
+        if stop.is_cancelled() || self.state() != PairState::DuplexPending {
+            return;
+        }
+        if let Err(e) = self.flush_secondary().await {
+            self.suspend(SuspendReason::LinkLost, Some(e));
+            return;
+        }
+        self.cursor.store(tracks, Ordering::Release);
+        self.enter(PairState::Duplex);
+        tracing::info!(volume = %self.spec.volume, "PPRC pair duplex");
+    }
+
+    /// Copies tracks `[first, end)` (locked by the caller).
+    async fn copy_run(
+        &self,
+        volume: &Volume,
+        first: u64,
+        end: u64,
+    ) -> Result<(), (SuspendReason, String)> {
+        let start = first * self.track_size;
+        let stop = (end * self.track_size).min(self.size);
+        if start >= stop {
+            return Ok(());
+        }
+        let local = |e: VolumeError| (SuspendReason::PrimaryIoError, e.to_string());
+        let extents = volume
+            .extents_unchecked(start, stop - start, 64)
+            .await
+            .map_err(local)?;
+        let mut at = start;
+        for ext in extents {
+            let len = ext.length.min(stop - at);
+            if len == 0 {
+                break;
+            }
+            let message = if ext.hole {
+                Message::Zero {
+                    volume: self.wire_volume,
+                    offset: at,
+                    len,
+                    punch: true,
+                }
+            } else {
+                let data: Bytes = volume
+                    .read_unchecked(at, len as usize)
+                    .await
+                    .map_err(local)?;
+                Message::Write {
+                    volume: self.wire_volume,
+                    offset: at,
+                    fua: false,
+                    data,
+                }
+            };
+            match self.send(message).await {
+                Ok(0) => {}
+                Ok(ESHUTDOWN) => {
+                    return Err((
+                        SuspendReason::SecondarySuspended,
+                        "the secondary ended its side of the pair".into(),
+                    ))
+                }
+                Ok(code) => {
+                    return Err((
+                        SuspendReason::SecondaryIoError,
+                        format!("copy to the secondary failed: {}", errno_name(code)),
+                    ))
+                }
+                Err(SendError::NoLink(d)) | Err(SendError::Timeout(d)) => {
+                    return Err((SuspendReason::LinkLost, d))
+                }
+            }
+            at += len;
+            if at >= stop {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An NBD-style errno by name.
+pub fn errno_name(code: u32) -> String {
+    match code {
+        errno::EPERM => "EPERM (not a secondary of this pair)".into(),
+        errno::EIO => "EIO".into(),
+        errno::ENOMEM => "ENOMEM".into(),
+        errno::EINVAL => "EINVAL (no such volume)".into(),
+        errno::ENOSPC => "ENOSPC (beyond the end of the secondary)".into(),
+        errno::ENOTSUP => "ENOTSUP".into(),
+        other => format!("errno {other}"),
+    }
+}
