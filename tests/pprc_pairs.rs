@@ -17,14 +17,15 @@ use common::*;
 const SECRET: &str = "correct horse battery staple";
 const TRACK: u64 = 64 << 10;
 
-/// Two servers: A (TSTA1, primary site) and B (TSTB2), A's links to B
-/// through a fault proxy; B can reach A directly (for failback).
+/// Two servers: A (TSTA1, primary site) and B (TSTB2); A's links to B go
+/// through one fault proxy, B's links to A through another.
 struct Sites {
     a: Essd,
     b: Essd,
     proxy: FaultProxy,
+    back: FaultProxy,
     dir_a: tempfile::TempDir,
-    dir_b: tempfile::TempDir,
+    _dir_b: tempfile::TempDir,
 }
 
 fn free_port() -> u16 {
@@ -54,14 +55,10 @@ impl Sites {
     fn start(name: &str, tune: impl Fn(&mut TestConfig)) -> Sites {
         let (port_a, port_b) = (free_port(), free_port());
         let proxy = FaultProxy::start(format!("127.0.0.1:{port_b}").parse().unwrap());
+        let back = FaultProxy::start(format!("127.0.0.1:{port_a}").parse().unwrap());
         let dir_a = tempdir(&format!("{name}-a"));
         let dir_b = tempdir(&format!("{name}-b"));
-        let mut cfg_b = site_config(
-            "TSTB2",
-            port_b,
-            "TSTA1",
-            format!("127.0.0.1:{port_a}").parse().unwrap(),
-        );
+        let mut cfg_b = site_config("TSTB2", port_b, "TSTA1", back.addr());
         tune(&mut cfg_b);
         let b = Essd::start_in(dir_b.path(), &cfg_b);
         let mut cfg_a = site_config("TSTA1", port_a, "TSTB2", proxy.addr());
@@ -71,17 +68,10 @@ impl Sites {
             a,
             b,
             proxy,
+            back,
             dir_a,
-            dir_b,
+            _dir_b: dir_b,
         }
-    }
-
-    /// Restarts A from its configuration.
-    fn restart_a(&mut self) {
-        let cfg = self.dir_a.path().join("essd.toml");
-        let a = Essd::start_config(self.dir_a.path(), &cfg, "TSTA1");
-        let old = std::mem::replace(&mut self.a, a);
-        std::mem::forget(old);
     }
 }
 
@@ -97,6 +87,7 @@ fn path(from: &Essd, lss: &str, peer: &str, peer_lss: &str, links: &str) {
             peer_lss,
             "--links",
             links,
+            "--if-not-exists",
         ],
     )
     .ok();
@@ -322,4 +313,430 @@ fn pairs_copy_mirror_suspend_resync_and_terminate() {
     }
     assert_eq!(s.a.stop().code(), Some(0));
     assert_eq!(s.b.stop().code(), Some(0));
+}
+
+fn essctl_json(essd: &Essd, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    essctl(essd, &all).json()
+}
+
+#[test]
+fn broken_links_suspend_and_critical_modes_inhibit_writes() {
+    let s = Sites::start("pprc-critical", |cfg| {
+        cfg.lss_extra = vec![(0x11, "critical_heavy = true".into())];
+    });
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "2");
+    path(a, "0x11", "TSTB2", "0x11", "1");
+    let plain = a.vol(0x10, 0);
+    let critical = a.vol(0x10, 1);
+    let heavy = a.vol(0x11, 0);
+    for (vol, peer, opts) in [
+        (&plain, b.vol(0x10, 0), &[][..]),
+        (&critical, b.vol(0x10, 1), &["--critical"][..]),
+        (&heavy, b.vol(0x11, 0), &["--critical"][..]),
+    ] {
+        let mut args = vec![
+            "pprc",
+            "establish",
+            vol.as_str(),
+            peer.as_str(),
+            "--mode",
+            "nocopy",
+        ];
+        args.extend_from_slice(opts);
+        essctl(a, &args).ok();
+        assert_eq!(show(a, vol)["state"], "duplex");
+    }
+
+    // A stalled link: the write waits for the timeout (2 s), then the
+    // pair suspends and the host's write succeeds (not critical).
+    s.proxy.stall();
+    let started = Instant::now();
+    write_tracks(a, &plain, 1, 1);
+    assert!(started.elapsed() >= Duration::from_millis(1900));
+    let v = show(a, &plain);
+    assert_eq!(
+        (v["state"].as_str(), v["reason"].as_str()),
+        (Some("suspended"), Some("link lost"))
+    );
+    assert_eq!(v["write_inhibited"], false);
+    s.proxy.heal();
+    path(a, "0x10", "TSTB2", "0x10", "2");
+
+    // Every link lost: not critical → suspended, writable; critical →
+    // write-inhibited once the last link is gone; critical + heavy →
+    // write-inhibited. Reads go on.
+    s.proxy.drop_all();
+    write_tracks(a, &plain, 2, 1);
+    assert_eq!(try_write(a, &critical), "writable EIO");
+    assert_eq!(try_write(a, &heavy), "writable EIO");
+    for (vol, inhibited) in [(&plain, false), (&critical, true), (&heavy, true)] {
+        let v = show(a, vol);
+        assert_eq!(v["state"], "suspended", "{v}");
+        assert_eq!(v["reason"], "link lost", "{v}");
+        assert_eq!(v["write_inhibited"], inhibited, "{v}");
+    }
+    volume_sha(a, &heavy);
+
+    // The links come back; resync clears the inhibition.
+    s.proxy.heal();
+    path(a, "0x10", "TSTB2", "0x10", "2");
+    path(a, "0x11", "TSTB2", "0x11", "1");
+    for (vol, peer) in [
+        (&plain, b.vol(0x10, 0)),
+        (&critical, b.vol(0x10, 1)),
+        (&heavy, b.vol(0x11, 0)),
+    ] {
+        essctl(a, &["pprc", "resume", vol]).ok();
+        wait_duplex(a, vol);
+        assert_eq!(show(a, vol)["write_inhibited"], false);
+        write_tracks(a, vol, 3, 4);
+        assert_eq!(volume_sha(a, vol), volume_sha(b, &peer), "{vol}");
+    }
+
+    // The secondary fails to apply a change (its volume was taken over by
+    // a terminate at B): critical without heavy only suspends while links
+    // are up; heavy inhibits.
+    essctl(b, &["pprc", "terminate", &b.vol(0x10, 1)]).ok();
+    essctl(b, &["pprc", "terminate", &b.vol(0x11, 0)]).ok();
+    assert_eq!(try_write(a, &critical), "writable ok");
+    assert_eq!(show(a, &critical)["reason"], "secondary I/O error");
+    assert_eq!(try_write(a, &heavy), "writable EIO");
+    assert_eq!(show(a, &heavy)["write_inhibited"], true);
+    // Terminating the pair also ends the inhibition.
+    essctl(a, &["pprc", "terminate", &heavy]).ok();
+    assert_eq!(try_write(a, &heavy), "writable ok");
+}
+
+#[test]
+fn failover_failback_and_switch_back_copy_only_changed_tracks() {
+    let s = Sites::start("pprc-failover", |_| {});
+    let (a, b) = (&s.a, &s.b);
+    let (va, vb) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    fill(a, &va, s.dir_a.path(), 8, 11);
+    path(a, "0x10", "TSTB2", "0x10", "2");
+    essctl(a, &["pprc", "establish", &va, &vb]).ok();
+    wait_duplex(a, &va);
+    write_tracks(a, &va, 12, 20);
+    assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
+
+    // The primary site loses its links and goes on writing: 5 tracks
+    // changed on A are never mirrored.
+    s.proxy.drop_all();
+    write_tracks(a, &va, 13, 5);
+    assert_eq!(show(a, &va)["reason"], "link lost");
+
+    // Failover at B without contacting A: B becomes a suspended primary
+    // and hosts write it.
+    let v = essctl_json(b, &["pprc", "failover", &vb]);
+    assert_eq!(
+        (v["role"].as_str(), v["state"].as_str()),
+        (Some("primary"), Some("suspended"))
+    );
+    assert_eq!(v["reason"], "failover");
+    assert_eq!(try_write(b, &vb), "writable ok");
+    write_tracks(b, &vb, 14, 7);
+    let changed_on_b = show(b, &vb)["out_of_sync_tracks"].as_u64().unwrap();
+    assert!((7..=8).contains(&changed_on_b), "{changed_on_b}");
+
+    // Failback B → A: A becomes the secondary and hands over its 5
+    // tracks; only the union crosses the link.
+    s.proxy.heal();
+    path(b, "0x10", "TSTA1", "0x10", "1");
+    s.back.reset_counters();
+    essctl(b, &["pprc", "failback", &vb]).ok();
+    wait_duplex(b, &vb);
+    let sent = s.back.bytes_forward();
+    let union = changed_on_b + 5;
+    assert!(
+        sent <= union * TRACK + (64 << 10) && sent >= union * 4096,
+        "failback sent {sent} bytes for at most {union} tracks"
+    );
+    assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
+    let side = show(a, &va);
+    assert_eq!(
+        (side["role"].as_str(), side["peer"].as_str()),
+        (Some("secondary"), Some("TSTB2"))
+    );
+    assert_eq!(try_write(a, &va), "read-only EPERM");
+
+    // Switch back: failover at A, failback at A; B is the secondary again.
+    write_tracks(b, &vb, 15, 3);
+    essctl(a, &["pprc", "failover", &va]).ok();
+    path(a, "0x10", "TSTB2", "0x10", "2");
+    s.proxy.reset_counters();
+    essctl(a, &["pprc", "failback", &va]).ok();
+    wait_duplex(a, &va);
+    assert!(
+        s.proxy.bytes_forward() < 16 * TRACK,
+        "switch-back sent {} bytes",
+        s.proxy.bytes_forward()
+    );
+    assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
+    assert_eq!(show(b, &vb)["role"], "secondary");
+    write_tracks(a, &va, 16, 10);
+    assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
+}
+
+#[test]
+fn terminate_at_the_secondary_with_the_primary_dead_makes_it_writable() {
+    let s = Sites::start("pprc-takeover", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_state(&s.b, &vb, "duplex");
+    s.a.kill();
+    assert_eq!(try_write(&s.b, &vb), "read-only EPERM");
+    let v = essctl_json(&s.b, &["pprc", "terminate", &vb]);
+    assert_eq!(v["state"], "simplex");
+    assert_eq!(try_write(&s.b, &vb), "writable ok");
+}
+
+/// Writes a block of one letter to the first volume, then (dependent) a
+/// block of another to the second, printing when each completed.
+const DEPENDENT: &str = r#"
+import nbd, sys, time
+first, second = nbd.NBD(), nbd.NBD()
+first.connect_uri(sys.argv[1])
+second.connect_uri(sys.argv[2])
+earlier, later = sys.argv[3].encode(), sys.argv[4].encode()
+first.pwrite(earlier * 4096, 1 << 20)
+print("A", time.time(), flush=True)
+second.pwrite(later * 4096, 1 << 20)
+print("B", time.time(), flush=True)
+first.flush()
+second.flush()
+"#;
+
+fn block_at(essd: &Essd, export: &str, offset: u64) -> Vec<u8> {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    run(std::process::Command::new("nbdcopy")
+        .arg(essd.uri(export))
+        .arg(out.path()));
+    let all = std::fs::read(out.path()).unwrap();
+    all[offset as usize..offset as usize + 4096].to_vec()
+}
+
+#[test]
+fn consistency_group_holds_writes_until_freeze() {
+    let s = Sites::start("pprc-group", |cfg| {
+        cfg.lss_extra = vec![
+            (
+                0x10,
+                "consistency_group = true\nconsistency_timeout = \"4s\"".into(),
+            ),
+            (
+                0x11,
+                "consistency_group = true\nconsistency_timeout = \"4s\"".into(),
+            ),
+        ];
+    });
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    path(a, "0x11", "TSTB2", "0x11", "1");
+    let (v1, v2) = (a.vol(0x10, 0), a.vol(0x11, 0));
+    let (s1, s2) = (b.vol(0x10, 0), b.vol(0x11, 0));
+    essctl(a, &["pprc", "establish", &v1, &s1, "--mode", "nocopy"]).ok();
+    essctl(a, &["pprc", "establish", &v2, &s2, "--mode", "nocopy"]).ok();
+    let g = essctl_json(a, &["pprc", "group"]);
+    assert_eq!(g["group"]["state"], "normal");
+
+    for (round, freeze, earlier, later) in [(0, true, b'A', b'B'), (1, false, b'C', b'D')] {
+        // The link is cut; a write to v1 then a dependent write to v2.
+        s.proxy.drop_all();
+        let script = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(script.path(), DEPENDENT).unwrap();
+        let started = Instant::now();
+        let child = std::process::Command::new("/usr/bin/python3")
+            .arg(script.path())
+            .args([a.uri(&v1), a.uri(&v2)])
+            .args([(earlier as char).to_string(), (later as char).to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        let g = essctl_json(a, &["pprc", "group"]);
+        assert_eq!(g["group"]["state"], "holding", "round {round}: {g}");
+        let released = Instant::now();
+        if freeze {
+            let f = essctl_json(a, &["pprc", "freeze"]);
+            assert_eq!(f["suspended"], 2, "{f}");
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.starts_with("A ") && text.contains("\nB "), "{text}");
+        let waited = started.elapsed();
+        if freeze {
+            // Held until the freeze, not longer.
+            assert!(released.duration_since(started) >= Duration::from_millis(1400));
+            assert!(waited < Duration::from_secs(4), "{waited:?}");
+        } else {
+            // Released by the 4 s consistency timeout.
+            assert!(waited >= Duration::from_millis(3900), "{waited:?}");
+        }
+        for v in [&v1, &v2] {
+            let p = show(a, v);
+            assert_eq!(
+                (p["state"].as_str(), p["reason"].as_str()),
+                (Some("suspended"), Some("freeze")),
+                "{p}"
+            );
+        }
+        assert_eq!(
+            essctl_json(a, &["pprc", "group"])["group"]["state"],
+            "normal"
+        );
+        // The secondaries never hold B without A (here: neither).
+        s.proxy.heal();
+        path(a, "0x10", "TSTB2", "0x10", "1");
+        path(a, "0x11", "TSTB2", "0x11", "1");
+        let has_b = block_at(b, &s2, 1 << 20) == vec![later; 4096];
+        let has_a = block_at(b, &s1, 1 << 20) == vec![earlier; 4096];
+        assert!(!has_b || has_a, "round {round}: secondary has B without A");
+        assert!(
+            !has_b,
+            "round {round}: B was written after the freeze, not mirrored"
+        );
+        for (v, sv) in [(&v1, &s1), (&v2, &s2)] {
+            essctl(a, &["pprc", "resume", v]).ok();
+            wait_duplex(a, v);
+            assert_eq!(volume_sha(a, v), volume_sha(b, sv));
+        }
+    }
+
+    // Freeze on demand holds writes until unfreeze.
+    let f = essctl_json(a, &["pprc", "freeze"]);
+    assert_eq!(f["group"]["state"], "frozen");
+    let u = essctl_json(a, &["pprc", "unfreeze"]);
+    assert_eq!(u["group"]["state"], "normal");
+    write_tracks(a, &v1, 5, 2);
+}
+
+#[test]
+fn kill_9_of_either_server_mid_write_loses_nothing() {
+    let mut s = Sites::start("pprc-kill", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    fill(&s.a, &va, s.dir_a.path(), 8, 21);
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    essctl(&s.a, &["pprc", "establish", &va, &vb]).ok();
+    wait_duplex(&s.a, &va);
+
+    for round in 0..3u64 {
+        // Kill the primary while fio writes.
+        let fio = std::process::Command::new("fio")
+            .args([
+                "--name=w",
+                "--ioengine=nbd",
+                &format!("--uri={}", s.a.uri(&va)),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=16",
+                "--time_based",
+                "--runtime=30",
+                "--verify_state_save=0",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(700 + round * 300));
+        s.a.kill_and_restart("TSTA1");
+        let mut fio = fio;
+        let _ = fio.kill();
+        let _ = fio.wait();
+        // The pair comes back by itself and resynchronises.
+        wait_state(&s.a, &va, "duplex");
+        assert_eq!(
+            volume_sha(&s.a, &va),
+            volume_sha(&s.b, &vb),
+            "round {round}"
+        );
+    }
+
+    // Kill the secondary mid-write: the primary suspends and goes on.
+    write_tracks(&s.a, &va, 30, 4);
+    s.b.kill_and_restart("TSTB2");
+    write_tracks(&s.a, &va, 31, 6);
+    let v = show(&s.a, &va);
+    assert_eq!(v["state"], "suspended", "{v}");
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    essctl(&s.a, &["pprc", "resume", &va]).ok();
+    wait_duplex(&s.a, &va);
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}
+
+/// The redbook's "asynchronous PPRC with FlashCopy": A→B FlashCopy NOCOPY,
+/// B→C PPRC full copy, wait for duplex, terminate, withdraw, C→D
+/// FlashCopy; D equals A at T0.
+#[test]
+fn asynchronous_pprc_with_flashcopy_carries_the_point_in_time() {
+    let s = Sites::start("pprc-async", |_| {});
+    let (a, b) = (&s.a, &s.b);
+    let (va, vb) = (a.vol(0x10, 0), a.vol(0x10, 1));
+    let (vc, vd) = (b.vol(0x10, 0), b.vol(0x10, 1));
+    fill(a, &va, s.dir_a.path(), 24, 41);
+    let t0 = volume_sha(a, &va);
+    essctl(
+        a,
+        &["flashcopy", "establish", &format!("{va}:{vb}"), "--nocopy"],
+    )
+    .ok();
+    // A changes after T0, while B (the FlashCopy target) is mirrored to C.
+    write_tracks(a, &va, 42, 40);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    essctl(a, &["pprc", "establish", &vb, &vc]).ok();
+    write_tracks(a, &va, 43, 40);
+    wait_duplex(a, &vb);
+    essctl(a, &["pprc", "terminate", &vb]).ok();
+    essctl(a, &["flashcopy", "withdraw", &format!("{va}:{vb}")]).ok();
+    // C is now a simplex copy of A at T0; C → D on the remote server. C is
+    // also a FlashCopy source while written.
+    essctl(b, &["flashcopy", "establish", &format!("{vc}:{vd}")]).ok();
+    essctl(b, &["flashcopy", "wait", &vd, "--timeout", "60"]).ok();
+    assert_eq!(volume_sha(b, &vd), t0);
+    assert_ne!(volume_sha(a, &va), t0);
+}
+
+#[test]
+fn a_secondary_in_use_is_refused_unless_permitted_and_then_refuses_writes() {
+    let s = Sites::start("pprc-online", |_| {});
+    let (a, b) = (&s.a, &s.b);
+    let (va, vb) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    // A host holds B's volume open (writable) and writes every 100 ms.
+    let script = r#"
+import nbd, sys, time, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+print("open", flush=True)
+while True:
+    try:
+        h.pwrite(b"h" * 4096, 0)
+    except nbd.Error as e:
+        print(errno.errorcode[e.errnum], flush=True)
+        break
+    time.sleep(0.1)
+"#;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), script).unwrap();
+    let mut host = std::process::Command::new("/usr/bin/python3")
+        .arg(file.path())
+        .arg(b.uri(&vb))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(host.stdout.take().unwrap()));
+    assert_eq!(lines.next().unwrap().unwrap(), "open");
+    essctl(a, &["pprc", "establish", &va, &vb]).refused(&format!(
+        "TSTB2 refused: secondary {vb} is in use by 1 host connection(s); use \"permit if target is online\""
+    ));
+    essctl(a, &["pprc", "establish", &va, &vb, "--permit-online"]).ok();
+    // The attached host's next write is refused: the volume is protected.
+    assert_eq!(lines.next().unwrap().unwrap(), "EPERM");
+    host.wait().unwrap();
+    wait_duplex(a, &va);
+    assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
 }

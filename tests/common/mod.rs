@@ -274,6 +274,16 @@ impl Essd {
         let _ = child.wait();
     }
 
+    /// Kills the process with SIGKILL and starts it again from the same
+    /// directory and configuration.
+    pub fn kill_and_restart(&mut self, serial: &str) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        *self = Essd::start_config(&self.dir.clone(), &self.config.clone(), serial);
+    }
+
     /// The log so far (for assertions).
     pub fn log(&self) -> String {
         strip_ansi(&self.log_text())

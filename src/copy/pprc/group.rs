@@ -120,6 +120,13 @@ impl ConsistencyGroup {
     /// A pair of the group could not update its secondary: holds every
     /// write of the group (if not held already) and waits for the freeze.
     pub async fn trip(self: &Arc<Self>, volume: &str, detail: &str) {
+        self.hold(volume, detail);
+        self.pass().await;
+    }
+
+    /// A pair of the group could not update its secondary: holds every
+    /// write of the group, if not held already.
+    pub fn hold(self: &Arc<Self>, volume: &str, detail: &str) {
         if self.state() == GroupState::Normal {
             tracing::warn!(volume, "consistency group holds writes: {detail}");
             self.enter(GroupState::Holding {
@@ -128,7 +135,6 @@ impl ConsistencyGroup {
                 since: crate::control::log::rfc3339(SystemTime::now()),
             });
         }
-        self.pass().await;
     }
 
     fn suspend_all(&self) -> usize {

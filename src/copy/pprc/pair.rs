@@ -701,6 +701,18 @@ impl Pair {
             .map_err(|e| format!("cannot write the out-of-sync bitmap: {e}"))
     }
 
+    /// A mirroring failure of the cleaner or copier: a pair of a
+    /// consistency group makes the group hold writes (its freeze suspends
+    /// the pair); any other pair suspends.
+    fn fail_in_background(&self, reason: SuspendReason, detail: String) {
+        match &self.group {
+            Some(group) => group.hold(&self.spec.volume, &detail),
+            None => {
+                self.suspend(reason, Some(detail));
+            }
+        }
+    }
+
     /// Runs cleaning passes until the pair stops mirroring or `stop`.
     pub async fn run_cleaner(self: Arc<Self>, stop: CancellationToken) {
         loop {
@@ -712,9 +724,7 @@ impl Pair {
                 return;
             }
             if let Err(e) = self.clean().await {
-                if self.suspend(SuspendReason::LinkLost, Some(e)) {
-                    self.changed.notify_one();
-                }
+                self.fail_in_background(SuspendReason::LinkLost, e);
                 return;
             }
         }
@@ -766,14 +776,14 @@ impl Pair {
             }
         }
         if let Some((reason, detail)) = failed {
-            self.suspend(reason, Some(detail));
+            self.fail_in_background(reason, detail);
             return;
         }
         if stop.is_cancelled() || self.state() != PairState::DuplexPending {
             return;
         }
         if let Err(e) = self.flush_secondary().await {
-            self.suspend(SuspendReason::LinkLost, Some(e));
+            self.fail_in_background(SuspendReason::LinkLost, e);
             return;
         }
         self.cursor.store(tracks, Ordering::Release);
@@ -794,59 +804,72 @@ impl Pair {
             return Ok(());
         }
         let local = |e: VolumeError| (SuspendReason::PrimaryIoError, e.to_string());
-        let extents = volume
-            .extents_unchecked(start, stop - start, 64)
-            .await
-            .map_err(local)?;
         let mut at = start;
-        for ext in extents {
-            let len = ext.length.min(stop - at);
-            if len == 0 {
-                break;
+        while at < stop {
+            // Holes go as zeroing, data as writes; a fragmented range takes
+            // several allocation queries.
+            let extents = volume
+                .extents_unchecked(at, stop - at, 64)
+                .await
+                .map_err(local)?;
+            if extents.is_empty() {
+                return Err((
+                    SuspendReason::PrimaryIoError,
+                    format!("no allocation information at offset {at}"),
+                ));
             }
-            let message = if ext.hole {
-                Message::Zero {
-                    volume: self.wire_volume,
-                    offset: at,
-                    len,
-                    punch: true,
+            for ext in extents {
+                let len = ext.length.min(stop - at);
+                if len == 0 {
+                    break;
                 }
-            } else {
-                let data: Bytes = volume
-                    .read_unchecked(at, len as usize)
-                    .await
-                    .map_err(local)?;
-                Message::Write {
-                    volume: self.wire_volume,
-                    offset: at,
-                    fua: false,
-                    data,
+                let message = if ext.hole {
+                    Message::Zero {
+                        volume: self.wire_volume,
+                        offset: at,
+                        len,
+                        punch: true,
+                    }
+                } else {
+                    let data: Bytes = volume
+                        .read_unchecked(at, len as usize)
+                        .await
+                        .map_err(local)?;
+                    Message::Write {
+                        volume: self.wire_volume,
+                        offset: at,
+                        fua: false,
+                        data,
+                    }
+                };
+                self.copy_answer(self.send(message).await)?;
+                at += len;
+                if at >= stop {
+                    break;
                 }
-            };
-            match self.send(message).await {
-                Ok(0) => {}
-                Ok(ESHUTDOWN) => {
-                    return Err((
-                        SuspendReason::SecondarySuspended,
-                        "the secondary ended its side of the pair".into(),
-                    ))
-                }
-                Ok(code) => {
-                    return Err((
-                        SuspendReason::SecondaryIoError,
-                        format!("copy to the secondary failed: {}", errno_name(code)),
-                    ))
-                }
-                Err(SendError::NoLink(d)) | Err(SendError::Timeout(d)) => {
-                    return Err((SuspendReason::LinkLost, d))
-                }
-            }
-            at += len;
-            if at >= stop {
-                break;
             }
         }
         Ok(())
+    }
+}
+
+impl Pair {
+    /// Turns the secondary's answer to a copy into the copier's outcome.
+    fn copy_answer(&self, answer: Result<u32, SendError>) -> Result<(), (SuspendReason, String)> {
+        match answer {
+            Ok(0) => Ok(()),
+            Ok(ESHUTDOWN) => Err((
+                SuspendReason::SecondarySuspended,
+                "the secondary ended its side of the pair".into(),
+            )),
+            Ok(code) => Err((
+                SuspendReason::SecondaryIoError,
+                format!("copy to the secondary failed: {}", errno_name(code)),
+            )),
+            Err(SendError::NoLink(d)) | Err(SendError::Timeout(d)) => {
+                Err((SuspendReason::LinkLost, d))
+            }
+        }
     }
 }
 

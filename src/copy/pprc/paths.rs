@@ -167,6 +167,21 @@ impl Slot {
         )
     }
 
+    /// The link's state, counting an up link whose connection has closed
+    /// (not yet noticed by its monitor) as down.
+    fn current(&self) -> LinkState {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match state {
+            LinkState::Up { since } if !self.link().is_some_and(|l| l.is_open()) => {
+                LinkState::Down {
+                    reason: "the connection closed".into(),
+                    since,
+                }
+            }
+            other => other,
+        }
+    }
+
     /// Marks the link down (if `link` is still this slot's link) and
     /// drops it; the monitor reopens it.
     fn fail(&self, link: &Arc<PeerLink>, reason: String) {
@@ -220,7 +235,7 @@ impl Route {
     pub fn live(&self) -> usize {
         self.slots
             .iter()
-            .filter(|s| s.is_up() && s.link().is_some_and(|l| l.is_open()))
+            .filter(|s| matches!(s.current(), LinkState::Up { .. }))
             .count()
     }
 }
@@ -248,20 +263,18 @@ impl Path {
             .route
             .slots
             .iter()
-            .map(
-                |s| match &*s.state.lock().unwrap_or_else(|p| p.into_inner()) {
-                    LinkState::Up { since } => LinkView {
-                        state: "up".into(),
-                        reason: None,
-                        since: rfc3339(*since),
-                    },
-                    LinkState::Down { reason, since } => LinkView {
-                        state: "down".into(),
-                        reason: Some(reason.clone()),
-                        since: rfc3339(*since),
-                    },
+            .map(|s| match s.current() {
+                LinkState::Up { since } => LinkView {
+                    state: "up".into(),
+                    reason: None,
+                    since: rfc3339(since),
                 },
-            )
+                LinkState::Down { reason, since } => LinkView {
+                    state: "down".into(),
+                    reason: Some(reason),
+                    since: rfc3339(since),
+                },
+            })
             .collect();
         let up = links.iter().filter(|l| l.state == "up").count();
         PathView {
