@@ -350,6 +350,14 @@ fn broken_links_suspend_and_critical_modes_inhibit_writes() {
         assert_eq!(show(a, vol)["state"], "duplex");
     }
 
+    // Losing one link of two only degrades the path: writes go on over the
+    // other, the pairs stay duplex.
+    s.proxy.reset_one();
+    write_tracks(a, &plain, 9, 30);
+    assert_eq!(show(a, &plain)["state"], "duplex");
+    assert_eq!(volume_sha(a, &plain), volume_sha(b, &b.vol(0x10, 0)));
+    path(a, "0x10", "TSTB2", "0x10", "2");
+
     // A stalled link: the write waits for the timeout (2 s), then the
     // pair suspends and the host's write succeeds (not critical).
     s.proxy.stall();

@@ -183,6 +183,18 @@ impl FaultProxy {
         wait_closed(&conns);
     }
 
+    /// Resets (RST) only the oldest open connection.
+    pub fn reset_one(&self) {
+        let conns: Vec<Arc<Conn>> = self.shared.snapshot().into_iter().take(1).collect();
+        for conn in &conns {
+            for stream in conn.streams() {
+                set_linger_zero(&stream);
+            }
+            conn.abort.store(true, SeqCst);
+        }
+        wait_closed(&conns);
+    }
+
     /// Delays every forwarded chunk by `d` (counted from when it was read).
     pub fn delay(&self, d: Duration) {
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);

@@ -42,6 +42,9 @@ use crate::volume::id::VolumeId;
 use crate::volume::server::StorageServer;
 use crate::volume::Volume;
 
+/// Most peer servers one primary server mirrors to.
+pub const MAX_PEERS: usize = 4;
+
 /// Why a pair request was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PairError {
@@ -741,6 +744,21 @@ impl PprcManager {
                 req.volume
             )));
         }
+        let mut peers: Vec<&str> = entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Primary(p) => Some(p.spec.peer.as_str()),
+                Entry::Secondary(_) => None,
+            })
+            .collect();
+        peers.sort_unstable();
+        peers.dedup();
+        if !peers.contains(&spec.peer.as_str()) && peers.len() >= MAX_PEERS {
+            return Err(PairError::Invalid(format!(
+                "this server already mirrors to {MAX_PEERS} peers ({}); a primary server mirrors to at most {MAX_PEERS}",
+                peers.join(", ")
+            )));
+        }
         self.check_path(&spec)?;
         self.ask_secondary(&spec, volume.size(), req.permit_online, false)
             .await?;
@@ -833,7 +851,7 @@ impl PprcManager {
                 // Clear the marks of tracks already in sync first, so a
                 // resync copies only what changes from now on.
                 if pair.state() == PairState::Duplex {
-                    let _ = pair.clean().await;
+                    let _ = pair.clean(false).await;
                 }
                 pair.suspend(SuspendReason::Manual, None);
                 self.save_locked(&entries)?;

@@ -10,8 +10,9 @@
 //! its tracks the same way *before* it is sent to both sides — so that a
 //! crash of the primary mid-write, or a link lost mid-write, leaves the
 //! track recorded — and the [cleaner](Pair::clean) clears marks again once
-//! the secondary has flushed them. A track written again soon keeps its
-//! durable mark, so steady writes pay no bitmap fsync.
+//! the secondary has flushed them and they have been idle for a whole
+//! cleaning interval. A track written again soon keeps its durable mark,
+//! so steady writes pay no bitmap fsync.
 //!
 //! **Clearing safely**: every write marks its tracks in `touched` when it
 //! starts and when it ends, and counts itself in the current cleaning
@@ -54,7 +55,7 @@ use crate::volume::{Volume, VolumeError, VolumeOp};
 pub const ESHUTDOWN: u32 = 108;
 
 /// Interval between cleaning passes.
-pub const CLEAN_INTERVAL: Duration = Duration::from_millis(1000);
+pub const CLEAN_INTERVAL: Duration = Duration::from_secs(2);
 /// Most bytes the copier sends per request.
 const COPY_CHUNK: u64 = 1 << 20;
 /// Copies the copier keeps in flight.
@@ -119,6 +120,17 @@ pub enum SuspendReason {
 }
 
 impl SuspendReason {
+    /// Whether the secondary could not be updated (as opposed to an
+    /// operator's or the group's decision, or a restart).
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            SuspendReason::LinkLost
+                | SuspendReason::SecondaryIoError
+                | SuspendReason::SecondarySuspended
+        )
+    }
+
     /// The reason as shown to users.
     pub fn name(self) -> &'static str {
         match self {
@@ -193,6 +205,8 @@ pub struct Pair {
     inhibited: AtomicBool,
     oos: TrackBitmap,
     touched: Vec<AtomicU64>,
+    /// `touched` as it was at the start of the last cleaning pass.
+    recent: Mutex<Vec<u64>>,
     epoch: AtomicU64,
     active: [AtomicU64; 2],
     ended: Notify,
@@ -252,6 +266,7 @@ impl Pair {
             status: Mutex::new(status),
             oos,
             touched: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            recent: Mutex::new(vec![0; words]),
             epoch: AtomicU64::new(0),
             active: [AtomicU64::new(0), AtomicU64::new(0)],
             ended: Notify::new(),
@@ -476,7 +491,17 @@ impl Pair {
             offset,
             source,
         };
-        if !matches!(self.state(), PairState::Duplex | PairState::DuplexPending) {
+        let status = self.status();
+        if !matches!(status.state, PairState::Duplex | PairState::DuplexPending) {
+            // A critical pair that could not update its secondary inhibits
+            // writes (heavy: at once; else once no link is left).
+            if self.spec.critical && status.reason.is_some_and(SuspendReason::is_failure) {
+                let live = self.route().map_or(0, |r| r.live());
+                if self.heavy || live == 0 {
+                    self.inhibit();
+                    return Err(self.inhibited_error(op));
+                }
+            }
             // Suspended: record the change durably, then make it.
             self.oos.set_range(first, end);
             self.oos.commit_bits().await.map_err(io)?;
@@ -642,27 +667,28 @@ impl Pair {
 
     /// Sends a flush and reports whether the secondary made everything it
     /// acknowledged durable.
-    async fn flush_secondary(&self) -> Result<(), String> {
-        match self
+    async fn flush_secondary(&self) -> Result<(), (SuspendReason, String)> {
+        let answer = self
             .send(Message::Flush {
                 volume: self.wire_volume,
             })
-            .await
-        {
-            Ok(0) => Ok(()),
-            Ok(code) => Err(format!("secondary flush failed: {}", errno_name(code))),
-            Err(SendError::NoLink(d)) | Err(SendError::Timeout(d)) => Err(d),
-        }
+            .await;
+        self.copy_answer(answer)
     }
 
     /// One cleaning pass (see the module docs): clears the marks of tracks
-    /// that are in sync and durable on the secondary. `below` limits it to
-    /// tracks the copier has passed. Returns how many marks were cleared.
-    pub async fn clean(&self) -> Result<u64, String> {
+    /// that are in sync and durable on the secondary — while duplex
+    /// pending, only of tracks the copier has passed. With `keep_recent`,
+    /// tracks written since the previous pass keep their marks too, so a
+    /// track written again soon costs no bitmap commit. Returns how many
+    /// marks were cleared.
+    pub async fn clean(&self, keep_recent: bool) -> Result<u64, (SuspendReason, String)> {
         let old = {
             let _all = self.clean_lock.write().unwrap_or_else(|p| p.into_inner());
-            for w in &self.touched {
-                w.store(0, Ordering::Release);
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            for (w, r) in self.touched.iter().zip(recent.iter_mut()) {
+                let touched = w.swap(0, Ordering::AcqRel);
+                *r = if keep_recent { touched } else { 0 };
             }
             self.epoch.fetch_add(1, Ordering::AcqRel)
         };
@@ -685,9 +711,11 @@ impl Pair {
         self.oos
             .clear_with(|oos| {
                 let _all = self.clean_lock.write().unwrap_or_else(|p| p.into_inner());
+                let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
                 let mut cleared = 0;
                 for w in 0..=words.min(oos.words() - 1) {
-                    let mut mask = oos.word(w) & !self.touched[w].load(Ordering::Acquire);
+                    let mut mask =
+                        oos.word(w) & !self.touched[w].load(Ordering::Acquire) & !recent[w];
                     if w == words {
                         mask &= (1u64 << tail).wrapping_sub(1);
                     }
@@ -698,7 +726,12 @@ impl Pair {
                 cleared
             })
             .await
-            .map_err(|e| format!("cannot write the out-of-sync bitmap: {e}"))
+            .map_err(|e| {
+                (
+                    SuspendReason::PrimaryIoError,
+                    format!("cannot write the out-of-sync bitmap: {e}"),
+                )
+            })
     }
 
     /// A mirroring failure of the cleaner or copier: a pair of a
@@ -723,8 +756,8 @@ impl Pair {
             if !matches!(self.state(), PairState::Duplex | PairState::DuplexPending) {
                 return;
             }
-            if let Err(e) = self.clean().await {
-                self.fail_in_background(SuspendReason::LinkLost, e);
+            if let Err((reason, detail)) = self.clean(true).await {
+                self.fail_in_background(reason, detail);
                 return;
             }
         }
@@ -782,8 +815,8 @@ impl Pair {
         if stop.is_cancelled() || self.state() != PairState::DuplexPending {
             return;
         }
-        if let Err(e) = self.flush_secondary().await {
-            self.fail_in_background(SuspendReason::LinkLost, e);
+        if let Err((reason, detail)) = self.flush_secondary().await {
+            self.fail_in_background(reason, detail);
             return;
         }
         self.cursor.store(tracks, Ordering::Release);
@@ -864,7 +897,12 @@ impl Pair {
             )),
             Ok(code) => Err((
                 SuspendReason::SecondaryIoError,
-                format!("copy to the secondary failed: {}", errno_name(code)),
+                format!(
+                    "{} {} answered {}",
+                    self.spec.peer,
+                    self.spec.peer_volume,
+                    errno_name(code)
+                ),
             )),
             Err(SendError::NoLink(d)) | Err(SendError::Timeout(d)) => {
                 Err((SuspendReason::LinkLost, d))
