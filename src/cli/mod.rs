@@ -15,7 +15,7 @@
 //! | 2 | usage error: bad arguments, bad `--server`, no way to read a password |
 //! | 3 | cannot connect: the server is unreachable or the connection broke |
 //! | 4 | authentication failed or not permitted (HTTP 401 or 403) |
-//! | 5 | timed out: `flashcopy wait --timeout` expired before the copy completed |
+//! | 5 | timed out: `flashcopy wait --timeout` or `pprc wait --timeout` expired first |
 
 pub mod client;
 pub mod flashcopy;
@@ -57,7 +57,7 @@ pub const EXIT_TIMEOUT: u8 = 5;
     propagate_version = true,
     after_help = "Exit codes: 0 ok, 1 the server answered with an error, 2 usage error, \
                   3 server unreachable, 4 authentication failed or not permitted, \
-                  5 timed out (flashcopy wait --timeout)."
+                  5 timed out (flashcopy wait / pprc wait --timeout)."
 )]
 pub struct Cli {
     /// Connection and output options.
@@ -119,7 +119,7 @@ pub enum Command {
     /// FlashCopy: point-in-time copies of a volume onto another volume.
     #[command(subcommand)]
     Flashcopy(flashcopy::FlashCopyCommand),
-    /// PPRC: mirroring to peer storage servers (paths so far).
+    /// PPRC: paths, pairs and the consistency group.
     #[command(subcommand)]
     Pprc(pprc::PprcCommand),
     /// Show the latest events of the server's event log.

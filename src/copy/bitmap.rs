@@ -517,4 +517,36 @@ mod tests {
             Err(BitmapError::Corrupt { .. })
         ));
     }
+
+    #[tokio::test]
+    async fn cleared_bits_are_durable_and_count_as_not_durable_when_set_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("oos");
+        let bm = TrackBitmap::create(&path, 65536, 1000).unwrap();
+        bm.set_range(0, 200);
+        bm.commit_bits().await.unwrap();
+        assert!(bm.all_durable(0, 200));
+        assert_eq!(bm.next_set(0), Some(0));
+        // Clear tracks 0..64 and 100..110.
+        let cleared = bm
+            .clear_with(|b| b.clear_now(0, u64::MAX) + b.clear_now(1, 0x3ff << 36))
+            .await
+            .unwrap();
+        assert_eq!(cleared, 74);
+        assert_eq!(bm.count(), 126);
+        assert_eq!(bm.next_set(0), Some(64));
+        assert_eq!(bm.next_set(100), Some(110));
+        assert_eq!(bm.count_from(150), 50);
+        assert!(!bm.is_durable(5) && bm.is_durable(64));
+        // On disk too.
+        let again = TrackBitmap::open(&path, 65536, 1000).unwrap();
+        assert_eq!(again.count(), 126);
+        assert!(!again.get(105) && again.get(110));
+        // Set again: not durable until the next commit.
+        bm.set(5);
+        assert!(!bm.all_durable(5, 6));
+        bm.commit_bits().await.unwrap();
+        assert!(bm.all_durable(5, 6));
+        assert!(TrackBitmap::open(&path, 65536, 1000).unwrap().get(5));
+    }
 }

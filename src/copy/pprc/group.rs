@@ -184,3 +184,47 @@ impl ConsistencyGroup {
         self.unfreeze();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn held_writes_wait_for_the_freeze_or_the_timeout() {
+        let group = ConsistencyGroup::new(Duration::from_secs(60));
+        group.pass().await;
+        // A failure holds writes until the freeze.
+        let writer = {
+            let g = group.clone();
+            tokio::spawn(async move { g.trip("000FCA31", "link lost").await })
+        };
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(
+            matches!(group.state(), GroupState::Holding { ref volume, .. } if volume == "000FCA31")
+        );
+        assert!(!writer.is_finished());
+        let other = {
+            let g = group.clone();
+            tokio::spawn(async move { g.pass().await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!other.is_finished());
+        assert_eq!(group.freeze(), 0);
+        writer.await.unwrap();
+        other.await.unwrap();
+        assert_eq!(group.state(), GroupState::Normal);
+
+        // A freeze on demand holds writes until the timeout.
+        group.freeze();
+        assert!(matches!(group.state(), GroupState::Frozen { .. }));
+        let held = {
+            let g = group.clone();
+            tokio::spawn(async move { g.pass().await })
+        };
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert!(!held.is_finished());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        held.await.unwrap();
+        assert_eq!(group.state(), GroupState::Normal);
+    }
+}

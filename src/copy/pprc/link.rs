@@ -26,7 +26,6 @@ use hmac::{Hmac, Mac};
 use rand_core::{OsRng, RngCore};
 use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
@@ -93,6 +92,74 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             return Err(LinkError::Closed);
         }
     }
+}
+
+/// Most bytes one batched write gathers.
+const BATCH_BYTES: usize = 4 << 20;
+
+/// Writes every frame sent on the returned channel, in order, gathering
+/// the frames queued at the same moment into one vectored write. The task
+/// ends when the channel closes or a write fails.
+pub fn spawn_frame_writer<W: AsyncWrite + Unpin + Send + 'static>(
+    mut writer: W,
+) -> (
+    tokio::sync::mpsc::UnboundedSender<Frame>,
+    tokio::task::JoinHandle<Result<(), LinkError>>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Frame>();
+    let task = tokio::spawn(async move {
+        let mut parts: Vec<bytes::Bytes> = Vec::new();
+        while let Some(first) = rx.recv().await {
+            parts.extend(first.encode());
+            let mut queued: usize = parts.iter().map(|p| p.len()).sum();
+            while queued < BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(frame) => {
+                        for part in frame.encode() {
+                            queued += part.len();
+                            parts.push(part);
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            write_parts(&mut writer, &mut parts).await?;
+        }
+        Ok(())
+    });
+    (tx, task)
+}
+
+/// Writes and drains `parts` with as few system calls as the socket allows.
+async fn write_parts<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    parts: &mut Vec<bytes::Bytes>,
+) -> Result<(), LinkError> {
+    use bytes::Buf;
+    let mut at = 0;
+    while at < parts.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = parts[at..]
+            .iter()
+            .take(64)
+            .map(|p| std::io::IoSlice::new(p))
+            .collect();
+        let mut n = writer.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(LinkError::Closed);
+        }
+        while n > 0 {
+            let len = parts[at].len();
+            if n >= len {
+                n -= len;
+                at += 1;
+            } else {
+                parts[at].advance(n);
+                n = 0;
+            }
+        }
+    }
+    parts.clear();
+    Ok(())
 }
 
 /// Writes one frame.
@@ -226,7 +293,8 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>>;
 /// their acknowledgements matched by request ID, in any order.
 #[derive(Debug)]
 pub struct PeerLink {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    /// Frames to send; the writer task batches them.
+    writer: tokio::sync::mpsc::UnboundedSender<Frame>,
     pending: Pending,
     next_id: AtomicU64,
     peer: PeerInfo,
@@ -276,8 +344,11 @@ impl PeerLink {
                 }
             }
         });
+        // The writer task ends (after sending what is queued) when the
+        // link is dropped.
+        let (writer, _) = spawn_frame_writer(write_half);
         Ok(PeerLink {
-            writer: tokio::sync::Mutex::new(write_half),
+            writer,
             pending,
             next_id: AtomicU64::new(1),
             peer,
@@ -316,16 +387,12 @@ impl PeerLink {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, tx);
-        let sent = {
-            let mut writer = self.writer.lock().await;
-            write_frame(&mut *writer, &Frame { id, message }).await
-        };
-        if let Err(e) = sent {
+        if self.writer.send(Frame { id, message }).is_err() {
             self.pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
-            return Err(e);
+            return Err(LinkError::Closed);
         }
         rx.await.map_err(|_| LinkError::Closed)
     }
@@ -334,15 +401,12 @@ impl PeerLink {
 impl PeerLink {
     /// Says goodbye (no acknowledgement) and closes the link.
     pub async fn close(&self) -> Result<(), LinkError> {
-        let mut writer = self.writer.lock().await;
-        write_frame(
-            &mut *writer,
-            &Frame {
+        self.writer
+            .send(Frame {
                 id: 0,
                 message: Message::Goodbye,
-            },
-        )
-        .await
+            })
+            .map_err(|_| LinkError::Closed)
     }
 }
 

@@ -20,9 +20,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 
-use super::link::{handshake, read_frame, write_frame, LinkError, PeerInfo};
+use super::link::{handshake, read_frame, spawn_frame_writer, LinkError, PeerInfo};
 use super::wire::{Frame, Message};
 use crate::copy::flashcopy::Change;
 use crate::nbd::{nbd_errno, proto::errno};
@@ -105,14 +105,7 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     .await?;
     tracing::info!(peer = %peer.serial, "peer link authenticated");
     let (mut reader, writer) = tokio::io::split(stream);
-    let (answers, mut outbox) = mpsc::unbounded_channel::<Frame>();
-    let sender = tokio::spawn(async move {
-        let mut writer = writer;
-        while let Some(frame) = outbox.recv().await {
-            write_frame(&mut writer, &frame).await?;
-        }
-        Ok::<(), LinkError>(())
-    });
+    let (answers, sender) = spawn_frame_writer(writer);
     let slots = Arc::new(Semaphore::new(LINK_CONCURRENCY));
     let result = loop {
         let frame = match read_frame(&mut reader, &mut buf).await {
