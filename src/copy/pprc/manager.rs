@@ -417,6 +417,16 @@ impl PprcManager {
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
+                // Under the entries lock: an operator's terminate or resume
+                // meanwhile wins.
+                let entries = me.entries.lock().await;
+                let still = entries
+                    .iter()
+                    .any(|e| matches!(e, Entry::Primary(p) if Arc::ptr_eq(p, &pair)))
+                    && pair.status().reason == Some(SuspendReason::PrimaryRestart);
+                if !still {
+                    return;
+                }
                 match me
                     .ask_secondary(&pair.spec, volume.size(), false, true)
                     .await
@@ -426,6 +436,7 @@ impl PprcManager {
                         tracing::warn!(volume = %pair.spec.volume, "PPRC pair stays suspended: {e}")
                     }
                 }
+                drop(entries);
             });
         }
         Ok(mgr)
@@ -569,15 +580,13 @@ impl PprcManager {
                     ),
                     None,
                 );
-                let me = self.clone();
-                tokio::spawn(async move {
-                    let _ = me
-                        .tell(
-                            &pair.spec,
-                            json!({"op": "state", "volume": pair.spec.peer_volume, "primary": pair.spec.volume, "state": status.state, "reason": status.reason}),
-                        )
-                        .await;
-                });
+                // In order, so the secondary sees the states as they came.
+                let _ = self
+                    .tell(
+                        &pair.spec,
+                        json!({"op": "state", "volume": pair.spec.peer_volume, "primary": pair.spec.volume, "state": status.state, "reason": status.reason}),
+                    )
+                    .await;
             }
         }
     }

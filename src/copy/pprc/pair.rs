@@ -182,6 +182,9 @@ pub struct PairSpec {
     pub critical: bool,
 }
 
+/// Why background work stopped mirroring, and how to say it.
+type Failure = (SuspendReason, String);
+
 /// Why a change could not be mirrored.
 #[derive(Debug)]
 enum SendError {
@@ -667,7 +670,7 @@ impl Pair {
 
     /// Sends a flush and reports whether the secondary made everything it
     /// acknowledged durable.
-    async fn flush_secondary(&self) -> Result<(), (SuspendReason, String)> {
+    async fn flush_secondary(&self) -> Result<(), Failure> {
         let answer = self
             .send(Message::Flush {
                 volume: self.wire_volume,
@@ -682,7 +685,7 @@ impl Pair {
     /// tracks written since the previous pass keep their marks too, so a
     /// track written again soon costs no bitmap commit. Returns how many
     /// marks were cleared.
-    pub async fn clean(&self, keep_recent: bool) -> Result<u64, (SuspendReason, String)> {
+    pub async fn clean(&self, keep_recent: bool) -> Result<u64, Failure> {
         let old = {
             let _all = self.clean_lock.write().unwrap_or_else(|p| p.into_inner());
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
@@ -772,10 +775,14 @@ impl Pair {
         let tracks = self.oos.tracks();
         let per_chunk = (COPY_CHUNK / self.track_size).max(1);
         let mut inflight = tokio::task::JoinSet::new();
+        // First tracks of the runs being copied: the cursor (below which
+        // the cleaner may clear marks) stays at the oldest until its copy
+        // is acknowledged.
+        let mut copying = std::collections::BTreeSet::new();
         let mut next = 0u64;
-        let mut failed: Option<(SuspendReason, String)> = None;
+        let mut failed: Option<Failure> = None;
         while let Some(first) = self.oos.next_set(next) {
-            if stop.is_cancelled() || self.state() != PairState::DuplexPending {
+            if failed.is_some() || stop.is_cancelled() || self.state() != PairState::DuplexPending {
                 break;
             }
             // A run of marked tracks, at most one chunk.
@@ -783,30 +790,23 @@ impl Pair {
             while end < tracks && end - first < per_chunk && self.oos.get(end) {
                 end += 1;
             }
-            next = end;
             while inflight.len() >= COPY_DEPTH {
-                if let Some(Ok(Err(f))) = inflight.join_next().await {
-                    failed = Some(f);
+                if let Some(done) = inflight.join_next().await {
+                    failed = failed.or(self.settle(done, &mut copying, next));
                 }
             }
-            if failed.is_some() {
-                break;
-            }
+            next = end;
             let guard = self.locks.exclusive(first..end).await;
             let (me, volume) = (self.clone(), volume.clone());
+            copying.insert(first);
             inflight.spawn(async move {
                 let r = me.copy_run(&volume, first, end).await;
                 drop(guard);
-                r
+                (first, r)
             });
-            // The cursor may pass a run once its copy is in flight: its
-            // locks order later host writes after it.
-            self.cursor.store(end, Ordering::Release);
         }
         while let Some(done) = inflight.join_next().await {
-            if let Ok(Err(f)) = done {
-                failed = Some(f);
-            }
+            failed = failed.or(self.settle(done, &mut copying, next));
         }
         if let Some((reason, detail)) = failed {
             self.fail_in_background(reason, detail);
@@ -824,13 +824,36 @@ impl Pair {
         tracing::info!(volume = %self.spec.volume, "PPRC pair duplex");
     }
 
+    /// Accounts for a finished copy: moves the cursor to the oldest copy
+    /// still in flight (or `next`) and returns its failure, if any.
+    fn settle(
+        &self,
+        done: Result<(u64, Result<(), Failure>), tokio::task::JoinError>,
+        copying: &mut std::collections::BTreeSet<u64>,
+        next: u64,
+    ) -> Option<Failure> {
+        let failure = match done {
+            Ok((first, outcome)) => {
+                copying.remove(&first);
+                outcome.err()
+            }
+            Err(e) => Some((
+                SuspendReason::PrimaryIoError,
+                format!("copy task failed: {e}"),
+            )),
+        };
+        self.cursor
+            .store(copying.first().copied().unwrap_or(next), Ordering::Release);
+        failure
+    }
+
     /// Copies tracks `[first, end)` (locked by the caller).
     async fn copy_run(
         &self,
         volume: &Volume,
         first: u64,
         end: u64,
-    ) -> Result<(), (SuspendReason, String)> {
+    ) -> Result<(), Failure> {
         let start = first * self.track_size;
         let stop = (end * self.track_size).min(self.size);
         if start >= stop {
@@ -888,7 +911,7 @@ impl Pair {
 
 impl Pair {
     /// Turns the secondary's answer to a copy into the copier's outcome.
-    fn copy_answer(&self, answer: Result<u32, SendError>) -> Result<(), (SuspendReason, String)> {
+    fn copy_answer(&self, answer: Result<u32, SendError>) -> Result<(), Failure> {
         match answer {
             Ok(0) => Ok(()),
             Ok(ESHUTDOWN) => Err((
