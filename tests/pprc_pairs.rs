@@ -748,3 +748,58 @@ while True:
     wait_duplex(a, &va);
     assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
 }
+
+#[test]
+fn a_primary_server_mirrors_to_at_most_four_peers() {
+    let serials = ["TSTB1", "TSTB2", "TSTB3", "TSTB4", "TSTB5"];
+    let ports: Vec<u16> = serials.iter().map(|_| free_port()).collect();
+    let mut keep = Vec::new();
+    let mut peers = Vec::new();
+    for (serial, port) in serials.iter().zip(&ports) {
+        let dir = tempdir("pprc-peer");
+        let mut cfg = TestConfig::new("uring");
+        cfg.serial = serial;
+        cfg.volumes = vec![Vol::new(0x10, 0, "16MiB")];
+        cfg.extra =
+            format!("\n[replication]\nlisten = \"127.0.0.1:{port}\"\nsecret = \"{SECRET}\"\n");
+        peers.push(Essd::start_in(dir.path(), &cfg));
+        keep.push(dir);
+    }
+    let dir = tempdir("pprc-fan-out");
+    let mut cfg = TestConfig::new("uring");
+    cfg.serial = "TSTA1";
+    cfg.volumes = (0..5).map(|n| Vol::new(0x10, n, "16MiB")).collect();
+    cfg.extra = format!("\n[replication]\nsecret = \"{SECRET}\"\n");
+    for (serial, port) in serials.iter().zip(&ports) {
+        cfg.extra +=
+            &format!("\n[[peer]]\nserial = \"{serial}\"\naddress = \"127.0.0.1:{port}\"\n");
+    }
+    let a = Essd::start_in(dir.path(), &cfg);
+    for (n, serial) in serials.iter().enumerate() {
+        path(&a, "0x10", serial, "0x10", "1");
+        let pair = [
+            "pprc",
+            "establish",
+            &a.vol(0x10, n as u8),
+            &format!("000{serial}"),
+            "--mode",
+            "nocopy",
+        ];
+        if n < 4 {
+            essctl(&a, &pair).ok();
+        } else {
+            essctl(&a, &pair).refused(
+                "this server already mirrors to 4 peers (TSTB1, TSTB2, TSTB3, TSTB4); a primary server mirrors to at most 4",
+            );
+        }
+    }
+    // The fifth pair was not made.
+    assert_eq!(
+        essctl_json(&a, &["pprc", "list"])["pairs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    drop(peers);
+}

@@ -848,12 +848,7 @@ impl Pair {
     }
 
     /// Copies tracks `[first, end)` (locked by the caller).
-    async fn copy_run(
-        &self,
-        volume: &Volume,
-        first: u64,
-        end: u64,
-    ) -> Result<(), Failure> {
+    async fn copy_run(&self, volume: &Volume, first: u64, end: u64) -> Result<(), Failure> {
         let start = first * self.track_size;
         let stop = (end * self.track_size).min(self.size);
         if start >= stop {
