@@ -803,3 +803,43 @@ fn a_primary_server_mirrors_to_at_most_four_peers() {
     );
     drop(peers);
 }
+
+/// A PPRC secondary may be a FlashCopy source, duplex or suspended: the
+/// target keeps the secondary's content at T0 while mirrored writes and a
+/// resync change it.
+#[test]
+fn a_secondary_is_a_flashcopy_source_while_duplex_and_suspended() {
+    let s = Sites::start("pprc-fc-source", |_| {});
+    let (a, b) = (&s.a, &s.b);
+    let (pa, pb) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    let (t1, t2) = (b.vol(0x10, 1), b.vol(0x11, 0));
+    fill(a, &pa, s.dir_a.path(), 8, 51);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    essctl(a, &["pprc", "establish", &pa, &pb]).ok();
+    wait_duplex(a, &pa);
+    let first = volume_sha(b, &pb);
+    essctl(
+        b,
+        &["flashcopy", "establish", &format!("{pb}:{t1}"), "--nocopy"],
+    )
+    .ok();
+    write_tracks(a, &pa, 52, 30);
+    assert_eq!(volume_sha(a, &pa), volume_sha(b, &pb));
+    assert_eq!(volume_sha(b, &t1), first);
+
+    // One relationship per volume: end the first, keep its copy.
+    essctl(b, &["flashcopy", "withdraw", &format!("{pb}:{t1}")]).ok();
+    essctl(a, &["pprc", "suspend", &pa]).ok();
+    let second = volume_sha(b, &pb);
+    essctl(
+        b,
+        &["flashcopy", "establish", &format!("{pb}:{t2}"), "--nocopy"],
+    )
+    .ok();
+    write_tracks(a, &pa, 53, 30);
+    essctl(a, &["pprc", "resume", &pa]).ok();
+    wait_duplex(a, &pa);
+    assert_eq!(volume_sha(a, &pa), volume_sha(b, &pb));
+    assert_eq!(volume_sha(b, &t2), second);
+    assert_ne!(first, second);
+}
