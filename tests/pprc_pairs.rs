@@ -268,6 +268,9 @@ fn pairs_copy_mirror_suspend_resync_and_terminate() {
     assert_eq!(v["out_of_sync_tracks"], 10, "{v}");
     assert_eq!(v["replication_status"], "not current");
     assert_ne!(volume_sha(a, &pa), volume_sha(b, &pb));
+    // Waiting for a suspended pair fails at once.
+    essctl(a, &["pprc", "wait", &pa, "--timeout", "30"])
+        .refused(&format!("pair {pa} → TSTB2 {pb} is suspended (manual)"));
     s.proxy.reset_counters();
     essctl(a, &["pprc", "resume", &pa]).ok();
     wait_duplex(a, &pa);
