@@ -218,6 +218,19 @@ pub enum Message {
     },
 }
 
+/// A checked frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Frame kind.
+    pub kind: u16,
+    /// Flags (valid for the kind).
+    pub flags: u16,
+    /// Request ID.
+    pub id: u64,
+    /// Payload bytes that follow (at most [`MAX_PAYLOAD`]).
+    pub length: u32,
+}
+
 /// A message with its request ID.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
@@ -377,9 +390,9 @@ impl Frame {
         out
     }
 
-    /// Decodes one frame from the front of `buf`. `Ok(None)` means more
-    /// bytes are needed; on success the frame's bytes are consumed.
-    pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+    /// Checks the header at the front of `buf` (`Ok(None)`: fewer than
+    /// [`HEADER_LEN`] bytes) without consuming anything.
+    pub fn peek_header(buf: &[u8]) -> Result<Option<Header>, WireError> {
         if buf.len() < HEADER_LEN {
             return Ok(None);
         }
@@ -404,13 +417,41 @@ impl Frame {
         if flags & !allowed != 0 {
             return Err(WireError::BadFlags { kind, flags });
         }
-        if buf.len() < HEADER_LEN + length as usize {
+        Ok(Some(Header {
+            kind,
+            flags,
+            id,
+            length,
+        }))
+    }
+
+    /// Decodes a frame from its checked header and its whole payload.
+    pub fn from_parts(header: Header, payload: Bytes) -> Result<Frame, WireError> {
+        if payload.len() != header.length as usize {
+            return Err(WireError::Malformed {
+                kind: header.kind,
+                what: "payload length differs from the header",
+            });
+        }
+        let message = Self::decode_payload(header.kind, header.flags, payload)?;
+        Ok(Frame {
+            id: header.id,
+            message,
+        })
+    }
+
+    /// Decodes one frame from the front of `buf`. `Ok(None)` means more
+    /// bytes are needed; on success the frame's bytes are consumed.
+    pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+        let Some(header) = Self::peek_header(buf)? else {
+            return Ok(None);
+        };
+        if buf.len() < HEADER_LEN + header.length as usize {
             return Ok(None);
         }
         buf.advance(HEADER_LEN);
-        let payload = buf.split_to(length as usize).freeze();
-        let message = Self::decode_payload(kind, flags, payload)?;
-        Ok(Some(Frame { id, message }))
+        let payload = buf.split_to(header.length as usize).freeze();
+        Self::from_parts(header, payload).map(Some)
     }
 
     fn decode_payload(kind: u16, flags: u16, payload: Bytes) -> Result<Message, WireError> {
