@@ -314,7 +314,7 @@ pub struct PathManager {
     log: Arc<EventLog>,
     paths: tokio::sync::Mutex<Vec<Path>>,
     /// The paths' links by (local LSS, peer serial, peer LSS).
-    routes: std::sync::RwLock<std::collections::HashMap<(u8, String, u8), Arc<Route>>>,
+    routes: std::sync::RwLock<Vec<((u8, String, u8), Arc<Route>)>>,
 }
 
 impl std::fmt::Debug for PathManager {
@@ -554,13 +554,15 @@ impl PathManager {
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = routes;
     }
 
-    /// The links of the path `lss` → `peer` `peer_lss`, if it exists.
+    /// The links of the path `lss` → `peer` `peer_lss`, if it exists
+    /// (looked up on every mirrored request: no allocation).
     pub fn route(&self, lss: u8, peer: &str, peer_lss: u8) -> Option<Arc<Route>> {
         self.routes
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&(lss, peer.to_string(), peer_lss))
-            .cloned()
+            .iter()
+            .find(|((l, p, pl), _)| *l == lss && p == peer && *pl == peer_lss)
+            .map(|(_, r)| r.clone())
     }
 
     /// The view of one path, if it exists.
