@@ -304,6 +304,9 @@ struct Record {
     links: usize,
 }
 
+/// (local LSS, peer serial, peer LSS).
+type RouteKey = (u8, String, u8);
+
 /// The paths of this server.
 pub struct PathManager {
     record: std::path::PathBuf,
@@ -314,7 +317,7 @@ pub struct PathManager {
     log: Arc<EventLog>,
     paths: tokio::sync::Mutex<Vec<Path>>,
     /// The paths' links by (local LSS, peer serial, peer LSS).
-    routes: std::sync::RwLock<Vec<((u8, String, u8), Arc<Route>)>>,
+    routes: std::sync::RwLock<Vec<(RouteKey, Arc<Route>)>>,
 }
 
 impl std::fmt::Debug for PathManager {
