@@ -19,6 +19,20 @@ pub struct ParseSizeError {
     reason: &'static str,
 }
 
+/// Splits `"64 KiB"` into 64 and `"KiB"`.
+fn number_and_unit(s: &str) -> Result<(u64, &str), &'static str> {
+    let trimmed = s.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(split);
+    if digits.is_empty() {
+        return Err("no number");
+    }
+    let value = digits.parse().map_err(|_| "number too large")?;
+    Ok((value, unit.trim()))
+}
+
 impl FromStr for ByteSize {
     type Err = ParseSizeError;
 
@@ -27,16 +41,8 @@ impl FromStr for ByteSize {
             input: s.to_string(),
             reason,
         };
-        let trimmed = s.trim();
-        let split = trimmed
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(trimmed.len());
-        let (digits, suffix) = trimmed.split_at(split);
-        if digits.is_empty() {
-            return Err(err("no number"));
-        }
-        let value: u64 = digits.parse().map_err(|_| err("number too large"))?;
-        let shift = match suffix.trim() {
+        let (value, suffix) = number_and_unit(s).map_err(err)?;
+        let shift = match suffix {
             "" | "B" => 0,
             "K" | "KiB" | "k" => 10,
             "M" | "MiB" => 20,
@@ -115,16 +121,8 @@ impl FromStr for Seconds {
             input: s.to_string(),
             reason,
         };
-        let trimmed = s.trim();
-        let split = trimmed
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(trimmed.len());
-        let (digits, unit) = trimmed.split_at(split);
-        if digits.is_empty() {
-            return Err(err("no number"));
-        }
-        let value: u64 = digits.parse().map_err(|_| err("number too large"))?;
-        let millis = match unit.trim() {
+        let (value, unit) = number_and_unit(s).map_err(err)?;
+        let millis = match unit {
             "ms" => Some(value),
             "" | "s" => value.checked_mul(1000),
             "m" | "min" => value.checked_mul(60_000),

@@ -91,14 +91,6 @@ async fn peers_authenticate_and_only_secondaries_take_changes() {
     assert!(log.contains("peer link refused or failed"), "{log}");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Polls `essctl --json pprc path list` until `pred` holds for the first path.
 fn wait_for_path(
     essd: &Essd,

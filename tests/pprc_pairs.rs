@@ -28,14 +28,6 @@ struct Sites {
     _dir_b: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn site_config(serial: &'static str, listen: u16, peer: &str, peer_addr: SocketAddr) -> TestConfig {
     let mut cfg = TestConfig::new("uring");
     cfg.serial = serial;

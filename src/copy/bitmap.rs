@@ -336,11 +336,7 @@ impl TrackBitmap {
         let cleared = u64::from((old & mask).count_ones());
         if cleared > 0 {
             self.set_count.fetch_sub(cleared, Ordering::AcqRel);
-            self.dirty
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(word as u64 / WORDS_PER_PAGE as u64);
-            self.generation.fetch_add(1, Ordering::AcqRel);
+            self.changed_word(word);
         }
         cleared
     }
@@ -362,13 +358,18 @@ impl TrackBitmap {
         let added = u64::from((mask & !old).count_ones());
         if added > 0 {
             self.set_count.fetch_add(added, Ordering::AcqRel);
-            self.dirty
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(i as u64 / WORDS_PER_PAGE as u64);
-            self.generation.fetch_add(1, Ordering::AcqRel);
+            self.changed_word(i);
         }
         added
+    }
+
+    /// Marks word `i`'s page for the next commit.
+    fn changed_word(&self, i: usize) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(i as u64 / WORDS_PER_PAGE as u64);
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The first set track at or after `from`, if any.

@@ -377,13 +377,7 @@ impl Volume {
 
     /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, VolumeError> {
-        self.check(VolumeOp::Read, offset, len as u64)?;
-        let _gate = self.gate.read().await;
-        let data = match self.flashcopy() {
-            Some(fc) => fc.relationship.read(fc.role, offset, len).await,
-            None => self.store.read(offset, len).await,
-        }
-        .map_err(self.io_error(VolumeOp::Read, offset))?;
+        let data = self.read_uncounted(offset, len).await?;
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_read
@@ -474,7 +468,8 @@ impl Volume {
             .map_err(self.io_error(VolumeOp::Cache, offset))
     }
 
-    /// Allocation map of a range, at most `max` runs.
+    /// Allocation map of a range, at most `max` runs (for hosts and copy
+    /// services alike).
     pub async fn extents(
         &self,
         offset: u64,
@@ -492,7 +487,7 @@ impl Volume {
 
     /// Reads for copy services: range-checked, through the FlashCopy
     /// layer, not counted as host I/O.
-    pub async fn read_unchecked(&self, offset: u64, len: usize) -> Result<Bytes, VolumeError> {
+    pub async fn read_uncounted(&self, offset: u64, len: usize) -> Result<Bytes, VolumeError> {
         self.check_range(VolumeOp::Read, offset, len as u64)?;
         let _gate = self.gate.read().await;
         match self.flashcopy() {
@@ -500,22 +495,6 @@ impl Volume {
             None => self.store.read(offset, len).await,
         }
         .map_err(self.io_error(VolumeOp::Read, offset))
-    }
-
-    /// Allocation map for copy services (no access check).
-    pub async fn extents_unchecked(
-        &self,
-        offset: u64,
-        len: u64,
-        max: usize,
-    ) -> Result<Vec<Extent>, VolumeError> {
-        self.check_range(VolumeOp::BlockStatus, offset, len)?;
-        let _gate = self.gate.read().await;
-        match self.flashcopy() {
-            Some(fc) => fc.relationship.extents(fc.role, offset, len, max).await,
-            None => self.store.extents(offset, len, max).await,
-        }
-        .map_err(self.io_error(VolumeOp::BlockStatus, offset))
     }
 
     /// Applies a change mirrored from a PPRC primary: range-checked, then

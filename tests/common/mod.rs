@@ -405,6 +405,15 @@ pub fn python(script: &str, args: &[&str]) -> String {
     run_text(Command::new("/usr/bin/python3").arg(file.path()).args(args))
 }
 
+/// A loopback TCP port free at the time of the call.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A fresh temporary directory (kept on failure for inspection).
 pub fn tempdir(name: &str) -> tempfile::TempDir {
     tempfile::Builder::new()

@@ -159,40 +159,20 @@ impl FaultProxy {
     /// connections are closed.
     pub fn drop_all(&self) {
         self.shared.set_mode(Mode::Dropping);
-        let conns = self.shared.snapshot();
-        for conn in &conns {
-            conn.abort.store(true, SeqCst);
-            for stream in conn.streams() {
-                let _ = stream.shutdown(Shutdown::Both);
-            }
-        }
-        wait_closed(&conns);
+        close_all(&self.shared.snapshot());
     }
 
     /// Resets every current connection: both ends see an RST (SO_LINGER 0,
     /// then close). New connections are still accepted. Returns once the
     /// current connections are closed.
     pub fn reset(&self) {
-        let conns = self.shared.snapshot();
-        for conn in &conns {
-            for stream in conn.streams() {
-                set_linger_zero(&stream);
-            }
-            conn.abort.store(true, SeqCst);
-        }
-        wait_closed(&conns);
+        reset_all(&self.shared.snapshot());
     }
 
     /// Resets (RST) only the oldest open connection.
     pub fn reset_one(&self) {
-        let conns: Vec<Arc<Conn>> = self.shared.snapshot().into_iter().take(1).collect();
-        for conn in &conns {
-            for stream in conn.streams() {
-                set_linger_zero(&stream);
-            }
-            conn.abort.store(true, SeqCst);
-        }
-        wait_closed(&conns);
+        let oldest: Vec<Arc<Conn>> = self.shared.snapshot().into_iter().take(1).collect();
+        reset_all(&oldest);
     }
 
     /// Delays every forwarded chunk by `d` (counted from when it was read).
@@ -231,14 +211,7 @@ impl Drop for FaultProxy {
         if let Some(accept) = self.accept.take() {
             let _ = accept.join();
         }
-        let conns = self.shared.snapshot();
-        for conn in &conns {
-            conn.abort.store(true, SeqCst);
-            for stream in conn.streams() {
-                let _ = stream.shutdown(Shutdown::Both);
-            }
-        }
-        wait_closed(&conns);
+        close_all(&self.shared.snapshot());
     }
 }
 
@@ -476,4 +449,26 @@ fn transient(e: &std::io::Error) -> bool {
         e.kind(),
         ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
     )
+}
+
+/// Resets (RST) `conns` and waits until they are closed.
+fn reset_all(conns: &[Arc<Conn>]) {
+    for conn in conns {
+        for stream in conn.streams() {
+            set_linger_zero(&stream);
+        }
+        conn.abort.store(true, SeqCst);
+    }
+    wait_closed(conns);
+}
+
+/// Shuts `conns` down both ways and waits until they are closed.
+fn close_all(conns: &[Arc<Conn>]) {
+    for conn in conns {
+        conn.abort.store(true, SeqCst);
+        for stream in conn.streams() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+    wait_closed(conns);
 }

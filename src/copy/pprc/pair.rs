@@ -587,25 +587,8 @@ impl Pair {
         op: VolumeOp,
         remote: Result<u32, SendError>,
     ) -> Result<(), VolumeError> {
-        let (reason, detail) = match remote {
-            Ok(0) => return Ok(()),
-            Ok(ESHUTDOWN) => (
-                SuspendReason::SecondarySuspended,
-                format!(
-                    "{} {} is no longer this pair's secondary",
-                    self.spec.peer, self.spec.peer_volume
-                ),
-            ),
-            Ok(code) => (
-                SuspendReason::SecondaryIoError,
-                format!(
-                    "{} {} answered {}",
-                    self.spec.peer,
-                    self.spec.peer_volume,
-                    errno_name(code)
-                ),
-            ),
-            Err(SendError::NoLink(d)) | Err(SendError::Timeout(d)) => (SuspendReason::LinkLost, d),
+        let Err((reason, detail)) = self.judge(remote) else {
+            return Ok(());
         };
         if let Some(group) = &self.group {
             // Hold this write (and every write of the group) until the
@@ -676,7 +659,7 @@ impl Pair {
                 volume: self.wire_volume,
             })
             .await;
-        self.copy_answer(answer)
+        self.judge(answer)
     }
 
     /// One cleaning pass (see the module docs): clears the marks of tracks
@@ -859,10 +842,7 @@ impl Pair {
         while at < stop {
             // Holes go as zeroing, data as writes; a fragmented range takes
             // several allocation queries.
-            let extents = volume
-                .extents_unchecked(at, stop - at, 64)
-                .await
-                .map_err(local)?;
+            let extents = volume.extents(at, stop - at, 64).await.map_err(local)?;
             if extents.is_empty() {
                 return Err((
                     SuspendReason::PrimaryIoError,
@@ -883,7 +863,7 @@ impl Pair {
                     }
                 } else {
                     let data: Bytes = volume
-                        .read_unchecked(at, len as usize)
+                        .read_uncounted(at, len as usize)
                         .await
                         .map_err(local)?;
                     Message::Write {
@@ -893,7 +873,7 @@ impl Pair {
                         data,
                     }
                 };
-                self.copy_answer(self.send(message).await)?;
+                self.judge(self.send(message).await)?;
                 at += len;
                 if at >= stop {
                     break;
@@ -905,13 +885,17 @@ impl Pair {
 }
 
 impl Pair {
-    /// Turns the secondary's answer to a copy into the copier's outcome.
-    fn copy_answer(&self, answer: Result<u32, SendError>) -> Result<(), Failure> {
+    /// Turns the secondary's answer into success or why the pair cannot
+    /// go on mirroring.
+    fn judge(&self, answer: Result<u32, SendError>) -> Result<(), Failure> {
         match answer {
             Ok(0) => Ok(()),
             Ok(ESHUTDOWN) => Err((
                 SuspendReason::SecondarySuspended,
-                "the secondary ended its side of the pair".into(),
+                format!(
+                    "{} {} is no longer this pair's secondary",
+                    self.spec.peer, self.spec.peer_volume
+                ),
             )),
             Ok(code) => Err((
                 SuspendReason::SecondaryIoError,
