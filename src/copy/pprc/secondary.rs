@@ -2,7 +2,8 @@
 //! then applies the changes it mirrors and acknowledges each one with its
 //! request ID (0 on success, else an NBD-style errno).
 //!
-//! Requests on a link are applied concurrently, as NBD requests are: the
+//! Requests on a link are applied concurrently (inside the link's task), as
+//! NBD requests are: the
 //! primary only has requests in flight together that it may complete in
 //! any order (overlapping host writes are the host's business, and the
 //! primary holds a track's lock until the secondary has acknowledged a copy
@@ -19,8 +20,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Semaphore;
 
 use super::link::{handshake, read_frame, spawn_frame_writer, LinkError, PeerInfo};
 use super::wire::{Frame, Message};
@@ -106,38 +107,45 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     tracing::info!(peer = %peer.serial, "peer link authenticated");
     let (mut reader, writer) = tokio::io::split(stream);
     let (answers, sender) = spawn_frame_writer(writer);
-    let slots = Arc::new(Semaphore::new(LINK_CONCURRENCY));
+    // Requests are applied inside this task, up to LINK_CONCURRENCY at a
+    // time; answers go out as they complete.
+    let peer_serial = peer.serial.clone();
+    let mut running = FuturesUnordered::new();
     let result = loop {
-        let frame = match read_frame(&mut reader, &mut buf).await {
-            Ok(f) => f,
-            Err(LinkError::Closed) => break Ok(()),
-            Err(e) => break Err(e),
-        };
-        if matches!(frame.message, Message::Goodbye) {
-            break Ok(());
+        tokio::select! {
+            Some(done) = running.next(), if !running.is_empty() => {
+                if answers.send(done).is_err() {
+                    break Ok(());
+                }
+            }
+            // Reading is cancel-safe: bytes read stay in `buf`.
+            read = read_frame(&mut reader, &mut buf), if running.len() < LINK_CONCURRENCY => {
+                let frame = match read {
+                    Ok(f) => f,
+                    Err(LinkError::Closed) => break Ok(()),
+                    Err(e) => break Err(e),
+                };
+                if matches!(frame.message, Message::Goodbye) {
+                    break Ok(());
+                }
+                if matches!(frame.message, Message::Hello { .. } | Message::Auth { .. }) {
+                    break Err(LinkError::Unexpected("a second handshake"));
+                }
+                let (server, requests, peer) = (&server, &requests, &peer_serial);
+                running.push(async move {
+                    Frame {
+                        id: frame.id,
+                        message: answer(server, requests, peer, frame.message).await,
+                    }
+                });
+            }
         }
-        if matches!(frame.message, Message::Hello { .. } | Message::Auth { .. }) {
-            break Err(LinkError::Unexpected("a second handshake"));
-        }
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            break Ok(());
-        };
-        let server = server.clone();
-        let requests = requests.clone();
-        let answers = answers.clone();
-        let peer = peer.serial.clone();
-        tokio::spawn(async move {
-            let message = answer(&server, &requests, &peer, frame.message).await;
-            let _ = answers.send(Frame {
-                id: frame.id,
-                message,
-            });
-            drop(permit);
-        });
     };
-    drop(answers);
     // Let the answers of requests still being applied go out.
-    let _ = slots.acquire_many(LINK_CONCURRENCY as u32).await;
+    while let Some(done) = running.next().await {
+        let _ = answers.send(done);
+    }
+    drop(answers);
     let _ = sender.await;
     result.map(|()| peer)
 }
