@@ -353,6 +353,33 @@ fn broken_links_suspend_and_critical_modes_inhibit_writes() {
     assert_eq!(volume_sha(a, &plain), volume_sha(b, &b.vol(0x10, 0)));
     path(a, "0x10", "TSTB2", "0x10", "2");
 
+    // A slow link (300 ms each way, under the 2 s timeout) slows writes
+    // down but the pair stays duplex.
+    s.proxy.delay(Duration::from_millis(300));
+    let started = Instant::now();
+    write_tracks(a, &plain, 10, 2);
+    assert!(started.elapsed() >= Duration::from_millis(600));
+    assert_eq!(show(a, &plain)["state"], "duplex");
+    s.proxy.heal();
+
+    // Every connection reset mid-write: the pair either carries on over
+    // reopened links or suspends; after a resume both sides are equal.
+    let writer = {
+        let uri = a.uri(&plain);
+        std::thread::spawn(move || {
+            python(WRITE_TRACKS, &[&uri, "11", "200"]);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    s.proxy.reset();
+    writer.join().unwrap();
+    path(a, "0x10", "TSTB2", "0x10", "2");
+    if show(a, &plain)["state"] == "suspended" {
+        essctl(a, &["pprc", "resume", &plain]).ok();
+    }
+    wait_duplex(a, &plain);
+    assert_eq!(volume_sha(a, &plain), volume_sha(b, &b.vol(0x10, 0)));
+
     // A stalled link: the write waits for the timeout (2 s), then the
     // pair suspends and the host's write succeeds (not critical).
     s.proxy.stall();
