@@ -215,11 +215,31 @@ fn pairs_copy_mirror_suspend_resync_and_terminate() {
 
     // Initial copy; the 48 MiB of holes are sent as zeroing, not data.
     s.proxy.reset_counters();
+    // A slow link keeps the pair duplex pending for a while: a wait with
+    // a short timeout gives up with exit code 5.
+    s.proxy.delay(Duration::from_millis(150));
     let out = essctl(a, &["pprc", "establish", &pa, &pb]);
-    assert!(
-        out.ok().contains("duplex pending") || out.ok().contains("duplex"),
-        "{out:?}"
+    assert!(out.ok().contains("duplex pending"), "{out:?}");
+    let timed_out = essctl(
+        a,
+        &[
+            "pprc",
+            "wait",
+            &pa,
+            "--interval",
+            "0.002",
+            "--timeout",
+            "0.3",
+        ],
     );
+    assert_eq!(timed_out.code, 5, "{timed_out:?}");
+    assert!(
+        timed_out.stderr.contains(&format!(
+            "timed out after 0.3 s waiting for {pa} → TSTB2 {pb}"
+        )),
+        "{timed_out:?}"
+    );
+    s.proxy.heal();
     wait_duplex(a, &pa);
     let sent = s.proxy.bytes_forward();
     assert!(
