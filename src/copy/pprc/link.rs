@@ -77,6 +77,9 @@ pub enum LinkError {
 pub struct PeerInfo {
     /// The authenticated peer's serial.
     pub serial: String,
+    /// The link's identity: the connecting side's hello nonce (unique per
+    /// link, known to both ends).
+    pub link_id: [u8; NONCE_LEN],
 }
 
 /// Reads one frame, buffering in `buf`.
@@ -282,8 +285,14 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     proof(secret, &theirs, &me, &their_nonce, &nonce)
         .verify_slice(&their_proof)
         .map_err(|_| LinkError::AuthFailed(their_serial.clone()))?;
+    let link_id = if expected.is_some() {
+        nonce
+    } else {
+        their_nonce
+    };
     Ok(PeerInfo {
         serial: their_serial,
+        link_id,
     })
 }
 

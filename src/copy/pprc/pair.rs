@@ -42,6 +42,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::group::ConsistencyGroup;
+use super::link::PeerLink;
 use super::paths::{PathManager, Route};
 use super::wire::{self, Message};
 use crate::copy::bitmap::TrackBitmap;
@@ -637,6 +638,12 @@ impl Pair {
                 Ok(Err(e)) => {
                     last = e.to_string();
                     route.fail(at, &link, last.clone());
+                    // The secondary may still be applying what the broken
+                    // link carried: let it finish before this request goes
+                    // again, so the older copy cannot land last.
+                    if let Err(why) = self.await_drained(&route, &link).await {
+                        return Err(SendError::NoLink(format!("{last}; {why}")));
+                    }
                 }
                 Err(_) => {
                     let why = format!(
@@ -649,6 +656,29 @@ impl Pair {
             }
         }
         Err(SendError::NoLink(last))
+    }
+
+    /// Waits until the secondary has applied everything `broken` carried,
+    /// asking over another live link of `route`.
+    async fn await_drained(&self, route: &Route, broken: &PeerLink) -> Result<(), String> {
+        let Some((at, link)) = route.pick() else {
+            return Err("no live link left".into());
+        };
+        let ask = Message::Control {
+            body: super::secondary::drained_body(&broken.peer().link_id),
+        };
+        match tokio::time::timeout(self.timeout, link.request(ask)).await {
+            Ok(Ok(0)) => Ok(()),
+            Ok(Ok(code)) => Err(format!("the secondary answered {}", errno_name(code))),
+            Ok(Err(e)) => {
+                route.fail(at, &link, e.to_string());
+                Err(e.to_string())
+            }
+            Err(_) => Err(format!(
+                "the secondary did not finish the broken link's requests within {:?}",
+                self.timeout
+            )),
+        }
     }
 
     /// Sends a flush and reports whether the secondary made everything it

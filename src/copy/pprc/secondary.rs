@@ -24,7 +24,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::link::{handshake, read_frame, spawn_frame_writer, LinkError, PeerInfo};
-use super::wire::{Frame, Message};
+use super::wire::{Frame, Message, NONCE_LEN};
 use crate::copy::flashcopy::Change;
 use crate::nbd::{nbd_errno, proto::errno};
 use crate::volume::id::Serial;
@@ -78,6 +78,52 @@ impl PeerRequests for Secondaries {
     }
 }
 
+/// Links being served, by link ID; the flag turns true once a link has
+/// ended and every request it carried has been applied.
+static LINKS: std::sync::Mutex<Vec<([u8; NONCE_LEN], tokio::sync::watch::Receiver<bool>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Waits until the link `id` has ended and applied everything it carried
+/// (at once for a link this server does not serve).
+pub async fn link_drained(id: &[u8; NONCE_LEN]) {
+    let watch = LINKS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .find(|(l, _)| l == id)
+        .map(|(_, w)| w.clone());
+    if let Some(mut watch) = watch {
+        let _ = watch.wait_for(|done| *done).await;
+    }
+}
+
+/// Registers a served link until it has drained.
+struct Served {
+    id: [u8; NONCE_LEN],
+    done: tokio::sync::watch::Sender<bool>,
+}
+
+impl Served {
+    fn new(id: [u8; NONCE_LEN]) -> Served {
+        let (done, watch) = tokio::sync::watch::channel(false);
+        LINKS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((id, watch));
+        Served { id, done }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.done.send(true);
+        LINKS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(l, _)| *l != self.id);
+    }
+}
+
 /// Time a connecting peer has to authenticate.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -105,6 +151,9 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     )
     .await?;
     tracing::info!(peer = %peer.serial, "peer link authenticated");
+    // Dropped (marking the link drained) only after every request this
+    // link carried has been applied.
+    let served = Served::new(peer.link_id);
     let (mut reader, writer) = tokio::io::split(stream);
     let (answers, sender) = spawn_frame_writer(writer);
     // Requests are applied inside this task, up to LINK_CONCURRENCY at a
@@ -145,6 +194,7 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     while let Some(done) = running.next().await {
         let _ = answers.send(done);
     }
+    drop(served);
     drop(answers);
     let _ = sender.await;
     result.map(|()| peer)
@@ -189,6 +239,16 @@ async fn answer(
             Err(code) => code,
         }),
         Message::Control { body } => {
+            if let Some(id) = drained_request(&body) {
+                // The primary retries a request of a broken link on
+                // another one only after the broken link's requests are
+                // all applied, so a stale copy never lands last.
+                link_drained(&id).await;
+                return Message::Reply {
+                    error: 0,
+                    body: Bytes::from_static(b"{}"),
+                };
+            }
             let (error, body) = requests.clone().control(peer.to_string(), body).await;
             Message::Reply { error, body }
         }
@@ -207,6 +267,29 @@ async fn answer(
         | Message::Bitmap { .. }
         | Message::State { .. } => ack(errno::ENOTSUP),
     }
+}
+
+/// The link ID of a `{"op": "link-drained", "link": HEX}` request.
+fn drained_request(body: &[u8]) -> Option<[u8; NONCE_LEN]> {
+    let request: serde_json::Value = serde_json::from_slice(body).ok()?;
+    if request.get("op")?.as_str()? != "link-drained" {
+        return None;
+    }
+    let hex = request.get("link")?.as_str()?;
+    let mut id = [0u8; NONCE_LEN];
+    if hex.len() != NONCE_LEN * 2 {
+        return None;
+    }
+    for (i, byte) in id.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(id)
+}
+
+/// The `link-drained` request for link `id`.
+pub fn drained_body(id: &[u8; NONCE_LEN]) -> Bytes {
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    Bytes::from(format!("{{\"op\":\"link-drained\",\"link\":\"{hex}\"}}"))
 }
 
 fn lookup(
@@ -406,5 +489,55 @@ mod tests {
         assert!(matches!(task.await.unwrap(), Err(LinkError::AuthFailed(ref p)) if p == "FCA31"));
         let image = std::fs::read(dir.path().join("v.img")).unwrap();
         assert!(image.iter().all(|&b| b == 0));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drained_request_waits_for_the_broken_link_to_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let srv = server(dir.path());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let secondaries: Arc<dyn PeerRequests> = Arc::new(Secondaries::default());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (srv, secondaries) = (srv.clone(), secondaries.clone());
+                tokio::spawn(serve_link(
+                    stream,
+                    srv,
+                    Serial::new("FCB02").unwrap(),
+                    Arc::from(&b"shared"[..]),
+                    secondaries,
+                ));
+            }
+        });
+        let (me, them) = (Serial::new("FCA31").unwrap(), Serial::new("FCB02").unwrap());
+        let connect = || PeerLink::connect(addr, &me, &them, b"shared", Duration::from_secs(5));
+        let first = connect().await.unwrap();
+        let second = Arc::new(connect().await.unwrap());
+        assert_ne!(first.peer().link_id, second.peer().link_id);
+        // A link this server never served counts as drained.
+        let unknown = Message::Control {
+            body: drained_body(&[7; NONCE_LEN]),
+        };
+        assert_eq!(second.request(unknown).await.unwrap(), 0);
+        // The first link is alive: the question waits until it ends.
+        let ask = {
+            let second = second.clone();
+            let id = first.peer().link_id;
+            tokio::spawn(async move {
+                second
+                    .request(Message::Control {
+                        body: drained_body(&id),
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!ask.is_finished());
+        first.close().await.unwrap();
+        drop(first);
+        let answer = tokio::time::timeout(Duration::from_secs(5), ask).await;
+        assert_eq!(answer.unwrap().unwrap().unwrap(), 0);
     }
 }
