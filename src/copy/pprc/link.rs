@@ -320,13 +320,26 @@ impl PeerLink {
         secret: &[u8],
         limit: Duration,
     ) -> Result<PeerLink, LinkError> {
-        let mut stream = tokio::time::timeout(limit, TcpStream::connect(address))
+        let stream = tokio::time::timeout(limit, TcpStream::connect(address))
             .await
             .map_err(|_| LinkError::Timeout)??;
         stream.set_nodelay(true)?;
+        Self::open(stream, local, expected, secret, limit).await
+    }
+
+    /// Opens a link over an already connected byte stream (TCP here; a TLS
+    /// stream wraps in the same way): hello, authentication, then the
+    /// pipelined request channel.
+    pub async fn open<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+        mut stream: S,
+        local: &Serial,
+        expected: &Serial,
+        secret: &[u8],
+        limit: Duration,
+    ) -> Result<PeerLink, LinkError> {
         let mut buf = BytesMut::with_capacity(64 << 10);
         let peer = handshake(&mut stream, &mut buf, local, Some(expected), secret, limit).await?;
-        let (mut read_half, write_half) = stream.into_split();
+        let (mut read_half, write_half) = tokio::io::split(stream);
         let pending: Pending = Arc::default();
         let acks = pending.clone();
         let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
