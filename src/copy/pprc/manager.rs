@@ -30,6 +30,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 
 use super::group::{ConsistencyGroup, GroupState};
+use super::link::PeerLink;
 use super::pair::{Pair, PairEnv, PairSpec, PairState, Status, SuspendReason, ESHUTDOWN};
 use super::paths::{PathManager, PathView, LINK_TIMEOUT};
 use super::secondary::{BoxFuture, PeerRequests};
@@ -256,6 +257,7 @@ struct SecondarySide {
     handover: Option<String>,
 }
 
+#[derive(Clone)]
 enum Entry {
     Primary(Arc<Pair>),
     Secondary(SecondarySide),
@@ -598,20 +600,7 @@ impl PprcManager {
         spec: &PairSpec,
         request: serde_json::Value,
     ) -> Result<serde_json::Value, PairError> {
-        let route = self
-            .paths
-            .route(spec.lss, &spec.peer, spec.peer_lss)
-            .ok_or_else(|| PairError::NoPath {
-                lss: spec.lss,
-                peer: spec.peer.clone(),
-                peer_lss: spec.peer_lss,
-            })?;
-        let down = || PairError::PathDown {
-            lss: spec.lss,
-            peer: spec.peer.clone(),
-            peer_lss: spec.peer_lss,
-        };
-        let (at, link) = route.pick().ok_or_else(down)?;
+        let (route, at, link) = self.live_link(spec)?;
         let body = Bytes::from(request.to_string());
         let answer = tokio::time::timeout(LINK_TIMEOUT, link.call(Message::Control { body }))
             .await
@@ -820,6 +809,15 @@ impl PprcManager {
     }
 
     fn check_path(&self, spec: &PairSpec) -> Result<(), PairError> {
+        self.live_link(spec).map(|_| ())
+    }
+
+    /// A live link of the pair's path (and where it sits in the route), or
+    /// why there is none.
+    fn live_link(
+        &self,
+        spec: &PairSpec,
+    ) -> Result<(Arc<super::paths::Route>, usize, Arc<PeerLink>), PairError> {
         let route = self
             .paths
             .route(spec.lss, &spec.peer, spec.peer_lss)
@@ -828,14 +826,12 @@ impl PprcManager {
                 peer: spec.peer.clone(),
                 peer_lss: spec.peer_lss,
             })?;
-        if route.live() == 0 {
-            return Err(PairError::PathDown {
-                lss: spec.lss,
-                peer: spec.peer.clone(),
-                peer_lss: spec.peer_lss,
-            });
-        }
-        Ok(())
+        let (at, link) = route.pick().ok_or_else(|| PairError::PathDown {
+            lss: spec.lss,
+            peer: spec.peer.clone(),
+            peer_lss: spec.peer_lss,
+        })?;
+        Ok((route, at, link))
     }
 
     /// Suspends a pair: from the primary (mirroring stops, changes are
@@ -1058,21 +1054,8 @@ impl PprcManager {
         )
         .await?;
         // Fetch the old primary's changes and add them to ours.
-        let route = self
-            .paths
-            .route(pair.spec.lss, &pair.spec.peer, pair.spec.peer_lss)
-            .ok_or_else(|| PairError::NoPath {
-                lss: pair.spec.lss,
-                peer: pair.spec.peer.clone(),
-                peer_lss: pair.spec.peer_lss,
-            })?;
-        let (_, link) = route.pick().ok_or_else(|| PairError::PathDown {
-            lss: pair.spec.lss,
-            peer: pair.spec.peer.clone(),
-            peer_lss: pair.spec.peer_lss,
-        })?;
-        let mut name = [0u8; 8];
-        name.copy_from_slice(&pair.spec.peer_volume.as_bytes()[..8]);
+        let (_, _, link) = self.live_link(&pair.spec)?;
+        let name = super::wire::volume_name(&pair.spec.peer_volume);
         let peer_err = |message: String| PairError::Peer {
             peer: pair.spec.peer.clone(),
             message,
@@ -1246,16 +1229,7 @@ impl PprcManager {
 
     /// Every pair, both roles.
     pub async fn list(&self) -> Vec<PairView> {
-        let entries: Vec<Entry> = self
-            .entries
-            .lock()
-            .await
-            .iter()
-            .map(|e| match e {
-                Entry::Primary(p) => Entry::Primary(p.clone()),
-                Entry::Secondary(s) => Entry::Secondary(s.clone()),
-            })
-            .collect();
+        let entries: Vec<Entry> = self.entries.lock().await.clone();
         let mut out = Vec::new();
         for e in &entries {
             out.push(match e {
@@ -1541,8 +1515,7 @@ impl PprcManager {
             }
             None => vec![0u8; tracks.div_ceil(8) as usize],
         };
-        let mut name = [0u8; 8];
-        name.copy_from_slice(&volume.as_bytes()[..8]);
+        let name = super::wire::volume_name(volume);
         Ok(Message::Bitmap {
             volume: name,
             track_size: self.server.track_size as u32,

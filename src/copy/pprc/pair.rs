@@ -256,8 +256,7 @@ impl Pair {
         status: Status,
         env: PairEnv,
     ) -> Pair {
-        let mut wire_volume = [0u8; 8];
-        wire_volume.copy_from_slice(&spec.peer_volume.as_bytes()[..8]);
+        let wire_volume = wire::volume_name(&spec.peer_volume);
         let words = oos.words();
         Pair {
             spec,
@@ -495,17 +494,8 @@ impl Pair {
             offset,
             source,
         };
-        let status = self.status();
-        if !matches!(status.state, PairState::Duplex | PairState::DuplexPending) {
-            // A critical pair that could not update its secondary inhibits
-            // writes (heavy: at once; else once no link is left).
-            if self.spec.critical && status.reason.is_some_and(SuspendReason::is_failure) {
-                let live = self.route().map_or(0, |r| r.live());
-                if self.heavy || live == 0 {
-                    self.inhibit();
-                    return Err(self.inhibited_error(op));
-                }
-            }
+        if !matches!(self.state(), PairState::Duplex | PairState::DuplexPending) {
+            self.apply_critical_mode(op)?;
             // Suspended: record the change durably, then make it.
             self.oos.set_range(first, end);
             self.oos.commit_bits().await.map_err(io)?;
@@ -599,12 +589,24 @@ impl Pair {
             }
         }
         self.suspend(reason, Some(detail));
-        if self.spec.critical {
-            let live = self.route().map_or(0, |r| r.live());
-            if self.heavy || live == 0 {
-                self.inhibit();
-                return Err(self.inhibited_error(op));
-            }
+        self.apply_critical_mode(op)
+    }
+
+    /// The critical-mode table for a suspended pair: a critical pair that
+    /// could not update its secondary inhibits writes — with critical heavy
+    /// at once, else once its path has no live link left. A pair suspended
+    /// by an operator, a freeze or a restart never does.
+    fn apply_critical_mode(&self, op: VolumeOp) -> Result<(), VolumeError> {
+        if !self.spec.critical {
+            return Ok(());
+        }
+        let reason = self.status.lock().unwrap_or_else(|p| p.into_inner()).reason;
+        if !reason.is_some_and(SuspendReason::is_failure) {
+            return Ok(());
+        }
+        if self.heavy || self.route().map_or(0, |r| r.live()) == 0 {
+            self.inhibit();
+            return Err(self.inhibited_error(op));
         }
         Ok(())
     }

@@ -13,10 +13,9 @@
 //! the secondary of one of its pairs. Pair-management requests and bitmap
 //! requests go to the [`PeerRequests`] handler.
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -46,36 +45,6 @@ pub trait PeerRequests: Send + Sync + 'static {
     fn control(self: Arc<Self>, peer: String, body: Bytes) -> BoxFuture<(u32, Bytes)>;
     /// The out-of-sync bitmap of `volume` (a [`Message::Bitmap`]) or an errno.
     fn bitmap(self: Arc<Self>, peer: String, volume: String) -> BoxFuture<Result<Message, u32>>;
-}
-
-/// A fixed set of secondary volume IDs that accept changes from any peer
-/// and answer no management requests (for tests of the data path).
-#[derive(Debug, Default)]
-pub struct Secondaries(RwLock<HashSet<String>>);
-
-impl Secondaries {
-    /// Lets `volume` accept mirrored changes.
-    pub fn insert(&self, volume: &str) {
-        self.0
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(volume.to_string());
-    }
-}
-
-impl PeerRequests for Secondaries {
-    fn accepts(&self, _peer: &str, volume: &str) -> bool {
-        self.0
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(volume)
-    }
-    fn control(self: Arc<Self>, _peer: String, _body: Bytes) -> BoxFuture<(u32, Bytes)> {
-        Box::pin(async { (errno::ENOTSUP, Bytes::from_static(b"not supported")) })
-    }
-    fn bitmap(self: Arc<Self>, _peer: String, _volume: String) -> BoxFuture<Result<Message, u32>> {
-        Box::pin(async { Err(errno::ENOTSUP) })
-    }
 }
 
 /// Links being served, by link ID; the flag turns true once a link has
@@ -331,7 +300,44 @@ async fn apply(
 mod tests {
     use std::path::Path;
 
+    use std::collections::HashSet;
+    use std::sync::RwLock;
+
     use super::*;
+
+    /// A fixed set of secondary volume IDs that accept changes from any peer
+    /// and answer no management requests (for tests of the data path).
+    #[derive(Debug, Default)]
+    struct Secondaries(RwLock<HashSet<String>>);
+
+    impl Secondaries {
+        /// Lets `volume` accept mirrored changes.
+        fn insert(&self, volume: &str) {
+            self.0
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(volume.to_string());
+        }
+    }
+
+    impl PeerRequests for Secondaries {
+        fn accepts(&self, _peer: &str, volume: &str) -> bool {
+            self.0
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(volume)
+        }
+        fn control(self: Arc<Self>, _peer: String, _body: Bytes) -> BoxFuture<(u32, Bytes)> {
+            Box::pin(async { (errno::ENOTSUP, Bytes::from_static(b"not supported")) })
+        }
+        fn bitmap(
+            self: Arc<Self>,
+            _peer: String,
+            _volume: String,
+        ) -> BoxFuture<Result<Message, u32>> {
+            Box::pin(async { Err(errno::ENOTSUP) })
+        }
+    }
     use crate::config::Config;
     use crate::copy::pprc::link::PeerLink;
     use crate::io::Engine;

@@ -84,6 +84,15 @@ pub enum WireError {
 /// A volume named on the wire: its 8-character ID.
 pub type VolumeName = [u8; 8];
 
+/// The wire name of a volume ID (IDs are 8 ASCII characters).
+pub fn volume_name(id: &str) -> VolumeName {
+    let mut name = [0u8; 8];
+    let bytes = id.as_bytes();
+    let n = bytes.len().min(8);
+    name[..n].copy_from_slice(&bytes[..n]);
+    name
+}
+
 /// Pair states carried by [`Message::State`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
