@@ -19,6 +19,7 @@ pub mod copy;
 pub mod daemon;
 pub mod io;
 pub mod nbd;
+pub mod pipeline;
 pub mod state;
 pub mod units;
 pub mod volume;

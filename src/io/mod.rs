@@ -26,6 +26,42 @@ pub use buf::{IoBuf, IoBuffer};
 
 use crate::config::IoEngineChoice;
 
+/// Page size assumed for page-cache writes done inline.
+const PAGE: u64 = 4096;
+/// Largest buffered write done on the calling thread.
+const INLINE_WRITE_MAX: usize = 64 << 10;
+
+/// Writes all of `data` at `offset` with blocking system calls on this
+/// thread (see [`Engine::write_buffered_at`]).
+fn write_inline(file: &Arc<File>, offset: u64, data: Bytes) -> io::Result<()> {
+    let total = data.len();
+    let mut op = Op::Write {
+        file: file.clone(),
+        offset,
+        buf: IoBuf::Shared(data),
+        pos: 0,
+        dsync: false,
+    };
+    loop {
+        let result = threads::execute_blocking(&mut op);
+        let Op::Write { offset, pos, .. } = &mut op else {
+            unreachable!("the op stays a write")
+        };
+        match result {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "short write")),
+            Ok(n) => {
+                *pos += n;
+                *offset += n as u64;
+                if *pos == total {
+                    return Ok(());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// One backing-store operation.
 #[derive(Debug)]
 pub enum Op {
@@ -224,14 +260,26 @@ impl Engine {
         Ok(())
     }
 
-    /// Writes shared bytes (convenience for [`Engine::write_at`]).
-    pub async fn write_bytes_at(
+    /// Writes shared bytes to a file opened without `O_DIRECT`.
+    ///
+    /// A small write that covers whole pages (no page has to be read first)
+    /// and needs no `RWF_DSYNC` is a copy into the page cache: it is done
+    /// right here on the calling thread. ext4 refuses non-blocking buffered
+    /// writes, so io_uring would hand each one to a kernel worker thread
+    /// (two context switches and a completion wake-up for a few
+    /// microseconds of copying). Like any buffered writer, the call can
+    /// still be held by dirty-page throttling.
+    pub async fn write_buffered_at(
         &self,
         file: &Arc<File>,
         offset: u64,
         data: Bytes,
         dsync: bool,
     ) -> io::Result<()> {
+        let whole_pages = offset % PAGE == 0 && data.len() as u64 % PAGE == 0;
+        if !dsync && whole_pages && data.len() <= INLINE_WRITE_MAX {
+            return write_inline(file, offset, data);
+        }
         self.write_at(file, offset, IoBuf::Shared(data), dsync)
             .await
     }

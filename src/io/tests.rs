@@ -32,7 +32,7 @@ async fn read_write_sync_punch(engine: &Engine) {
     let (_dir, file) = scratch(1 << 20);
     let data: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
     engine
-        .write_bytes_at(&file, 4096, Bytes::from(data.clone()), false)
+        .write_buffered_at(&file, 4096, Bytes::from(data.clone()), false)
         .await
         .unwrap();
     engine
@@ -75,7 +75,13 @@ async fn errors_come_back_with_the_buffer() {
         std::fs::write(&path, b"x").unwrap();
         let ro = Arc::new(File::open(&path).unwrap());
         let err = engine
-            .write_bytes_at(&ro, 0, Bytes::from_static(b"no"), false)
+            .write_buffered_at(&ro, 0, Bytes::from_static(b"no"), false)
+            .await
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF), "{}", engine.kind());
+        // A whole-page write is done inline: same error.
+        let err = engine
+            .write_buffered_at(&ro, 0, Bytes::from(vec![1u8; 4096]), false)
             .await
             .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EBADF), "{}", engine.kind());
@@ -93,7 +99,7 @@ async fn many_concurrent_ops_all_complete() {
             tasks.push(tokio::spawn(async move {
                 let block = vec![(i % 256) as u8; 4096];
                 engine
-                    .write_bytes_at(&file, i * 4096, Bytes::from(block), false)
+                    .write_buffered_at(&file, i * 4096, Bytes::from(block), false)
                     .await
                     .unwrap();
                 let back = engine.read_at(&file, i * 4096, 4096, 1).await.unwrap();
@@ -114,6 +120,12 @@ enum Step {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
+        // Whole pages (written inline) and anything else (through the engine).
+        (0u64..14, 1usize..5, any::<u8>()).prop_map(|(page, pages, seed)| Step::Write {
+            offset: page * 4096,
+            len: pages * 4096,
+            seed
+        }),
         (0u64..60_000, 1usize..9000, any::<u8>()).prop_map(|(offset, len, seed)| Step::Write {
             offset,
             len,
@@ -140,7 +152,7 @@ proptest! {
                     match *s {
                         Step::Write { offset, len, seed } => {
                             let data: Vec<u8> = (0..len).map(|i| seed.wrapping_add(i as u8)).collect();
-                            engine.write_bytes_at(&file, offset, Bytes::from(data), false).await.unwrap();
+                            engine.write_buffered_at(&file, offset, Bytes::from(data), false).await.unwrap();
                         }
                         Step::Punch { offset, len } => {
                             let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;

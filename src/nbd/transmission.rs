@@ -1,32 +1,28 @@
 //! The transmission phase: pipelined requests, out-of-order replies.
 //!
-//! The reader takes every complete request out of its receive buffer and
-//! starts it. A request whose I/O finishes at once (a page-cache hit on the
-//! io_uring engine) is answered inline, without a task or a thread hop;
-//! one that must wait moves to its own task (bounded by [`MAX_IN_FLIGHT`]:
-//! when full, reading stops — backpressure, not errors). Replies go through
-//! a [`ReplySink`]: whoever finds the socket free writes every queued reply
-//! in one vectored write, so an inline reply leaves from the reader itself
-//! and concurrent replies are combined. On DISC, EOF, shutdown or a
-//! malformed header the reader stops; in-flight requests finish and their
-//! replies are written before the connection closes.
+//! One task serves a connection. It takes every complete request out of
+//! its receive buffer and starts it in a [`Pipeline`]: a request whose I/O
+//! finishes at once (a page-cache write, a cache hit) is answered without
+//! any task or thread hop; one that must wait (a disk read, a mirrored
+//! write waiting for the peer) stays in flight in the same task, at most
+//! [`MAX_IN_FLIGHT`] of them (when full, reading stops — backpressure, not
+//! errors). The replies of everything one wake-up finished leave in one
+//! vectored write. On DISC, EOF, shutdown or a malformed header reading
+//! stops; requests in flight finish and their replies are written before
+//! the connection closes.
 
-use std::future::Future;
 use std::io::IoSlice;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
-use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::handshake::{Session, BASE_ALLOCATION_ID};
 use super::proto::{self, alloc, cflag, chunk, cmd, errno, Request};
 use super::{nbd_errno, ProtocolError};
+use crate::pipeline::Pipeline;
 use crate::volume::VolumeError;
 
 /// Requests processed concurrently per connection.
@@ -100,7 +96,7 @@ pub fn count_complete_requests(data: &[u8]) -> Result<usize, ProtocolError> {
 /// Serves one negotiated connection until it ends.
 pub async fn serve<R, W>(
     mut reader: R,
-    writer: W,
+    mut writer: W,
     session: Session,
     shutdown: CancellationToken,
 ) -> Result<(), ProtocolError>
@@ -109,23 +105,24 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let session = Arc::new(session);
-    let sink = Arc::new(ReplySink::new(writer));
-    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut in_flight = Pipeline::default();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut batch: Reply = Vec::new();
     let mut skip: u64 = 0;
     // The error for an oversized write, sent once its payload is skipped
     // (clients match replies only to requests they finished sending).
     let mut skipped_reply: Option<Reply> = None;
+    let mut reading = true;
     let result: Result<(), ProtocolError> = 'conn: loop {
-        // Start every complete request in the buffer.
-        let need = loop {
+        // Start every complete request in the buffer, up to the limit.
+        let mut need = 1;
+        while reading && in_flight.len() < MAX_IN_FLIGHT {
             if skip > 0 {
                 let n = skip.min(buf.len() as u64);
                 buf.advance(n as usize);
                 skip -= n;
                 if skip > 0 {
-                    break 1;
+                    break;
                 }
             }
             if let Some(reply) = skipped_reply.take() {
@@ -133,7 +130,10 @@ where
             }
             match parse(&mut buf) {
                 Err(e) => break 'conn Err(e),
-                Ok(Parsed::NeedMore(n)) => break n,
+                Ok(Parsed::NeedMore(n)) => {
+                    need = n;
+                    break;
+                }
                 Ok(Parsed::Skip(req, len)) => {
                     skip = len;
                     let code = if session.structured {
@@ -148,159 +148,58 @@ where
                     );
                     skipped_reply = Some(error_reply(&session, req.cookie, code, &msg));
                 }
-                Ok(Parsed::Request(req, _)) if req.command == cmd::DISC => break 'conn Ok(()),
+                Ok(Parsed::Request(req, _)) if req.command == cmd::DISC => reading = false,
                 Ok(Parsed::Request(req, payload)) => {
-                    start(&session, req, payload, &slots, &sink, &mut batch).await;
+                    if let Some(reply) = in_flight.start(handle(session.clone(), req, payload)) {
+                        batch.extend(reply);
+                    }
                 }
             }
-        };
-        if !batch.is_empty() {
-            sink.send(std::mem::take(&mut batch)).await;
         }
-        if sink.is_broken() {
-            break Err(ProtocolError::Transmission(
-                "the client stopped reading replies".into(),
-            ));
+        if !batch.is_empty() {
+            if let Err(e) = write_all_vectored(&mut writer, &mut batch).await {
+                break Err(e);
+            }
         }
         if shutdown.is_cancelled() {
-            // Shutting down: the requests already received were served.
+            // Shutting down: the requests already received are served.
+            reading = false;
+        }
+        if !reading && in_flight.is_empty() {
             break Ok(());
         }
         let want = need.saturating_sub(buf.len());
         if buf.capacity() - buf.len() < want.max(64 << 10) {
             buf.reserve(want.max(READ_CHUNK));
         }
-        let n = tokio::select! {
+        let may_read = reading && in_flight.len() < MAX_IN_FLIGHT;
+        tokio::select! {
             biased;
-            _ = shutdown.cancelled() => continue,
-            n = reader.read_buf(&mut buf) => n,
-        };
-        match n {
-            Ok(0) if buf.is_empty() && skip == 0 => break Ok(()),
-            Ok(0) => break Err(ProtocolError::Transmission("EOF inside a request".into())),
-            Ok(_) => {}
-            Err(e) => break Err(e.into()),
+            _ = shutdown.cancelled(), if reading => reading = false,
+            () = in_flight.finished(|reply| batch.extend(reply)) => {}
+            n = reader.read_buf(&mut buf), if may_read => match n {
+                Ok(0) if buf.is_empty() && skip == 0 => reading = false,
+                Ok(0) => break Err(ProtocolError::Transmission("EOF inside a request".into())),
+                Ok(_) => {}
+                Err(e) => break Err(e.into()),
+            },
         }
     };
-    // Let in-flight requests finish and their replies go out.
-    if !batch.is_empty() {
-        sink.send(batch).await;
-    }
-    let _all = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
-    sink.close().await;
-    result
-}
-
-/// Starts one request: polls it once in place and, if it completed, adds
-/// its reply to `batch`; otherwise hands it to its own task.
-async fn start<W: AsyncWrite + Unpin + Send + 'static>(
-    session: &Arc<Session>,
-    req: Request,
-    payload: Payload,
-    slots: &Arc<Semaphore>,
-    sink: &Arc<ReplySink<W>>,
-    batch: &mut Reply,
-) {
-    let mut fut: Pin<Box<dyn Future<Output = Reply> + Send>> =
-        Box::pin(handle(session.clone(), req, payload));
-    // The first poll uses a no-op waker; if the request must wait, the task
-    // it moves to polls it again and registers its real waker.
-    let first = fut.as_mut().poll(&mut Context::from_waker(Waker::noop()));
-    if let Poll::Ready(reply) = first {
-        batch.extend(reply);
-        return;
-    }
-    // Send what is ready so replies are not held behind a slow request.
-    if !batch.is_empty() {
-        sink.send(std::mem::take(batch)).await;
-    }
-    let permit = slots
-        .clone()
-        .acquire_owned()
-        .await
-        .expect("semaphore never closes");
-    let sink = sink.clone();
-    tokio::spawn(async move {
-        let reply = fut.await;
-        sink.send(reply).await;
-        drop(permit);
-    });
-}
-
-/// The write side of a connection, shared by the reader and request tasks.
-///
-/// Replies are queued; whoever gets the socket writes the whole queue. A
-/// sender that finds the socket busy leaves its reply in the queue, and the
-/// holder checks the queue again after releasing the socket, so no reply is
-/// stranded.
-struct ReplySink<W> {
-    writer: tokio::sync::Mutex<W>,
-    queue: std::sync::Mutex<Vec<Bytes>>,
-    broken: AtomicBool,
-}
-
-impl<W: AsyncWrite + Unpin> ReplySink<W> {
-    fn new(writer: W) -> Self {
-        ReplySink {
-            writer: tokio::sync::Mutex::new(writer),
-            queue: std::sync::Mutex::new(Vec::new()),
-            broken: AtomicBool::new(false),
+    // Requests in flight finish, and their replies go out while the client
+    // still reads them (after a protocol error too).
+    let mut writable = true;
+    while !in_flight.is_empty() {
+        in_flight.finished(|reply| batch.extend(reply)).await;
+        if writable && write_all_vectored(&mut writer, &mut batch).await.is_err() {
+            writable = false;
         }
+        batch.clear();
     }
-
-    fn is_broken(&self) -> bool {
-        self.broken.load(Ordering::Acquire)
-    }
-
-    fn take_queue(&self) -> Vec<Bytes> {
-        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    /// Queues a reply and writes the queue if the socket is free.
-    async fn send(&self, reply: Reply) {
-        self.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(reply);
-        loop {
-            let Ok(mut writer) = self.writer.try_lock() else {
-                return;
-            };
-            loop {
-                let mut pending = self.take_queue();
-                if pending.is_empty() {
-                    break;
-                }
-                if self.is_broken() {
-                    continue;
-                }
-                if let Err(e) = write_all_vectored(&mut *writer, &mut pending).await {
-                    tracing::debug!("reply write failed: {e}");
-                    self.broken.store(true, Ordering::Release);
-                }
-            }
-            drop(writer);
-            let empty = self
-                .queue
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_empty();
-            if empty {
-                return;
-            }
-        }
-    }
-
-    /// Writes anything left and shuts the write side down.
-    async fn close(&self) {
-        let mut writer = self.writer.lock().await;
-        let mut pending = self.take_queue();
-        if !pending.is_empty() && !self.is_broken() {
-            let _ = write_all_vectored(&mut *writer, &mut pending).await;
-        }
+    if writable {
         let _ = writer.flush().await;
         let _ = writer.shutdown().await;
     }
+    result
 }
 
 async fn write_all_vectored<W: AsyncWrite + Unpin>(

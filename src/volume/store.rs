@@ -319,7 +319,7 @@ impl BackingStore {
         let Some(align) = self.direct_align else {
             return self
                 .engine
-                .write_bytes_at(&self.file, offset, data, fua)
+                .write_buffered_at(&self.file, offset, data, fua)
                 .await;
         };
         let a = align as u64;

@@ -134,7 +134,7 @@ pub fn spawn_frame_writer<W: AsyncWrite + Unpin + Send + 'static>(
 }
 
 /// Writes and drains `parts` with as few system calls as the socket allows.
-async fn write_parts<W: AsyncWrite + Unpin>(
+pub async fn write_parts<W: AsyncWrite + Unpin>(
     writer: &mut W,
     parts: &mut Vec<bytes::Bytes>,
 ) -> Result<(), LinkError> {

@@ -533,7 +533,10 @@ impl Pair {
             };
             (l, r)
         } else {
-            tokio::join!(local, self.send(message))
+            // The request goes on its link first, so the peer works on it
+            // while the local write runs.
+            let (remote, local_result) = tokio::join!(self.send(message), local);
+            (local_result, remote)
         };
         self.end(epoch, first, end);
         if let Err(e) = &local_result {

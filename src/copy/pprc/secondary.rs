@@ -2,9 +2,10 @@
 //! then applies the changes it mirrors and acknowledges each one with its
 //! request ID (0 on success, else an NBD-style errno).
 //!
-//! Requests on a link are applied concurrently (inside the link's task), as
-//! NBD requests are: the
-//! primary only has requests in flight together that it may complete in
+//! Requests on a link are applied concurrently inside the link's task (a
+//! [`Pipeline`], as for NBD connections), and the acknowledgements of the
+//! requests one wake-up finished leave in one vectored write. The primary
+//! only has requests in flight together that it may complete in
 //! any order (overlapping host writes are the host's business, and the
 //! primary holds a track's lock until the secondary has acknowledged a copy
 //! of it). Only volumes that are secondaries of the connecting peer accept
@@ -19,13 +20,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::link::{handshake, read_frame, spawn_frame_writer, LinkError, PeerInfo};
+use super::link::{handshake, write_parts, LinkError, PeerInfo};
 use super::wire::{Frame, Message, NONCE_LEN};
 use crate::copy::flashcopy::Change;
 use crate::nbd::{nbd_errno, proto::errno};
+use crate::pipeline::Pipeline;
 use crate::volume::id::Serial;
 use crate::volume::server::StorageServer;
 
@@ -123,49 +124,72 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     // Dropped (marking the link drained) only after every request this
     // link carried has been applied.
     let served = Served::new(peer.link_id);
-    let (mut reader, writer) = tokio::io::split(stream);
-    let (answers, sender) = spawn_frame_writer(writer);
     // Requests are applied inside this task, up to LINK_CONCURRENCY at a
-    // time; answers go out as they complete.
+    // time; the answers of the requests one wake-up finished go out in one
+    // vectored write.
     let peer_serial = peer.serial.clone();
-    let mut running = FuturesUnordered::new();
-    let result = loop {
-        tokio::select! {
-            Some(done) = running.next(), if !running.is_empty() => {
-                if answers.send(done).is_err() {
-                    break Ok(());
+    let (server, requests, peer_serial) = (&server, &requests, &peer_serial);
+    let mut running = Pipeline::default();
+    let mut answers: Vec<Bytes> = Vec::new();
+    let mut reading = true;
+    let result = 'link: loop {
+        while reading && running.len() < LINK_CONCURRENCY {
+            let frame = match Frame::decode(&mut buf) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => break 'link Err(e.into()),
+            };
+            match frame.message {
+                Message::Goodbye => reading = false,
+                Message::Hello { .. } | Message::Auth { .. } => {
+                    break 'link Err(LinkError::Unexpected("a second handshake"));
                 }
-            }
-            // Reading is cancel-safe: bytes read stay in `buf`.
-            read = read_frame(&mut reader, &mut buf), if running.len() < LINK_CONCURRENCY => {
-                let frame = match read {
-                    Ok(f) => f,
-                    Err(LinkError::Closed) => break Ok(()),
-                    Err(e) => break Err(e),
-                };
-                if matches!(frame.message, Message::Goodbye) {
-                    break Ok(());
-                }
-                if matches!(frame.message, Message::Hello { .. } | Message::Auth { .. }) {
-                    break Err(LinkError::Unexpected("a second handshake"));
-                }
-                let (server, requests, peer) = (&server, &requests, &peer_serial);
-                running.push(async move {
-                    Frame {
-                        id: frame.id,
-                        message: answer(server, requests, peer, frame.message).await,
+                message => {
+                    let id = frame.id;
+                    let request = async move {
+                        let message = answer(server, requests, peer_serial, message).await;
+                        Frame { id, message }
+                    };
+                    if let Some(done) = running.start(request) {
+                        answers.extend(done.encode());
                     }
-                });
+                }
             }
         }
+        if !answers.is_empty() {
+            if let Err(e) = write_parts(&mut stream, &mut answers).await {
+                break Err(e);
+            }
+        }
+        if !reading && running.is_empty() {
+            break Ok(());
+        }
+        let may_read = reading && running.len() < LINK_CONCURRENCY;
+        tokio::select! {
+            biased;
+            () = running.finished(|done| answers.extend(done.encode())) => {}
+            // Reading is cancel-safe: bytes read stay in `buf`.
+            read = stream.read_buf(&mut buf), if may_read => match read {
+                Ok(0) => reading = false,
+                Ok(_) => {}
+                Err(e) => break Err(e.into()),
+            },
+        }
     };
-    // Let the answers of requests still being applied go out.
-    while let Some(done) = running.next().await {
-        let _ = answers.send(done);
+    // Requests still being applied finish; their answers go out while the
+    // link lasts.
+    let mut writable = true;
+    while !running.is_empty() {
+        running.finished(|done| answers.extend(done.encode())).await;
+        if writable && write_parts(&mut stream, &mut answers).await.is_err() {
+            writable = false;
+        }
+        answers.clear();
     }
     drop(served);
-    drop(answers);
-    let _ = sender.await;
+    if writable {
+        let _ = stream.shutdown().await;
+    }
     result.map(|()| peer)
 }
 
