@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use super::wire::{Frame, Message, WireError, NONCE_LEN, VERSION};
+use super::wire::{Frame, Message, WireError, HEADER_LEN, NONCE_LEN, VERSION};
 use crate::volume::id::Serial;
 
 /// Domain-separation label of the proof.
@@ -82,6 +82,23 @@ pub struct PeerInfo {
     pub link_id: [u8; NONCE_LEN],
 }
 
+/// Least free space offered to one socket read.
+const READ_CHUNK: usize = 256 << 10;
+
+/// Makes room in `buf` for the rest of the next frame (and at least
+/// [`READ_CHUNK`]), so a large frame arrives in one allocation instead of
+/// growing the buffer (and copying it) as it comes.
+pub fn reserve_frame(buf: &mut BytesMut) {
+    let next = match Frame::peek_header(buf) {
+        Ok(Some(header)) => HEADER_LEN + header.length as usize,
+        _ => HEADER_LEN,
+    };
+    let want = next.saturating_sub(buf.len()).max(READ_CHUNK);
+    if buf.capacity() - buf.len() < want {
+        buf.reserve(want);
+    }
+}
+
 /// Reads one frame, buffering in `buf`.
 pub async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
@@ -91,6 +108,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         if let Some(frame) = Frame::decode(buf)? {
             return Ok(frame);
         }
+        reserve_frame(buf);
         if reader.read_buf(buf).await? == 0 {
             return Err(LinkError::Closed);
         }

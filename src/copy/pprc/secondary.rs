@@ -22,7 +22,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::link::{handshake, write_parts, LinkError, PeerInfo};
+use super::link::{handshake, reserve_frame, write_parts, LinkError, PeerInfo};
 use super::wire::{Frame, Message, NONCE_LEN};
 use crate::copy::flashcopy::Change;
 use crate::nbd::{nbd_errno, proto::errno};
@@ -165,6 +165,9 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             break Ok(());
         }
         let may_read = reading && running.len() < LINK_CONCURRENCY;
+        if may_read {
+            reserve_frame(&mut buf);
+        }
         tokio::select! {
             biased;
             () = running.finished(|done| answers.extend(done.encode())) => {}
