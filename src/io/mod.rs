@@ -29,7 +29,7 @@ use crate::config::IoEngineChoice;
 /// Page size assumed for page-cache writes done inline.
 const PAGE: u64 = 4096;
 /// Largest buffered write done on the calling thread.
-const INLINE_WRITE_MAX: usize = 64 << 10;
+const INLINE_WRITE_MAX: usize = 1 << 20;
 
 /// Writes all of `data` at `offset` with blocking system calls on this
 /// thread (see [`Engine::write_buffered_at`]).
