@@ -12,7 +12,7 @@
 //! switching them back on), so page-cache hits never wake the reaper. The
 //! kernel gives no ordering guarantee between posting a CQE and reading the
 //! notification flag, so while operations wait the reaper also polls every
-//! [`SAFETY_TICK`]; an idle engine sleeps until an operation waits again.
+//! `SAFETY_TICK` (5 ms); an idle engine sleeps until an operation waits again.
 //!
 //! The ring owns in-flight operations: each op (with its buffer and file
 //! handle) sits in a slab under its `user_data` key until its CQE arrives,

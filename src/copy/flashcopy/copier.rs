@@ -5,7 +5,7 @@
 //! target holes with one punch), marks them, and releases the locks before
 //! the next chunk, so host I/O keeps flowing. Copied ranges are pushed to
 //! disk right away (write-back started, not waited for), and bits are
-//! group-committed every [`COMMIT_BYTES`] or [`COMMIT_INTERVAL`]. The copy rate limit, if any, is
+//! group-committed every 256 MiB copied or every second. The copy rate limit, if any, is
 //! applied to data bytes copied (holes are free).
 
 use std::sync::atomic::Ordering;
