@@ -3,13 +3,16 @@
 //! * [`uring`] — the hot path: one io_uring per engine, operations pushed
 //!   from tokio tasks, completions reaped inline when the kernel finished the
 //!   operation during submission, otherwise delivered through an eventfd
-//!   watched by a reaper task. No tokio worker ever blocks on disk I/O.
+//!   watched by a reaper task. No tokio worker waits for the disk.
 //! * [`threads`] — the portable fallback: a small pool of blocking threads
 //!   doing pread/pwrite, used when io_uring is unavailable or configured off.
 //! * [`buf`] — buffers owned by in-flight operations.
 //!
 //! Both engines execute the same [`Op`]s and hand every buffer back in the
 //! [`Completion`], so callers never lend memory the kernel may still write.
+//! One exception to the hand-off: a buffered write of whole pages without
+//! `RWF_DSYNC` (at most 1 MiB) is a copy into the page cache, and both
+//! engines make it on the calling thread ([`Engine::write_buffered_at`]).
 
 pub mod buf;
 pub mod threads;

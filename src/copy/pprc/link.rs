@@ -86,7 +86,7 @@ pub struct PeerInfo {
 const READ_CHUNK: usize = 256 << 10;
 
 /// Makes room in `buf` for the rest of the next frame (and at least
-/// [`READ_CHUNK`]), so a large frame arrives in one allocation instead of
+/// 256 KiB), so a large frame arrives in one allocation instead of
 /// growing the buffer (and copying it) as it comes.
 pub fn reserve_frame(buf: &mut BytesMut) {
     let next = match Frame::peek_header(buf) {
