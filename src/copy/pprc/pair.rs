@@ -833,11 +833,14 @@ impl Pair {
         if stop.is_cancelled() || self.state() != PairState::DuplexPending {
             return;
         }
-        if let Err((reason, detail)) = self.flush_secondary().await {
+        // Everything is copied: flush the secondary and clear the marks of
+        // every track no host write is changing right now, so a suspend
+        // soon after this point resyncs only what changes from now on.
+        self.cursor.store(tracks, Ordering::Release);
+        if let Err((reason, detail)) = self.clean(false).await {
             self.fail_in_background(reason, detail);
             return;
         }
-        self.cursor.store(tracks, Ordering::Release);
         self.enter(PairState::Duplex);
         tracing::info!(volume = %self.spec.volume, "PPRC pair duplex");
     }
