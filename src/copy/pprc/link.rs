@@ -70,6 +70,10 @@ pub enum LinkError {
     /// The handshake took too long.
     #[error("peer link handshake timed out")]
     Timeout,
+    /// Nothing arrived on an open link for this long (a primary sends a
+    /// heartbeat every few seconds).
+    #[error("no frame from the peer within {0:?}")]
+    Silent(Duration),
 }
 
 /// What the handshake established.

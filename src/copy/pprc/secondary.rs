@@ -23,6 +23,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::link::{handshake, reserve_frame, write_parts, LinkError, PeerInfo};
+use super::paths::HEARTBEAT;
 use super::wire::{Frame, Message, NONCE_LEN};
 use crate::copy::flashcopy::Change;
 use crate::nbd::{nbd_errno, proto::errno};
@@ -100,6 +101,12 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests of one link applied at the same time, at most.
 const LINK_CONCURRENCY: usize = 128;
 
+/// A link on which nothing arrived for this long is closed: its primary
+/// sends a heartbeat every [`HEARTBEAT`], so the primary is gone or the
+/// network between them is (a half-open connection would otherwise hold
+/// the link, and its link-drained answer, forever).
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(5 * HEARTBEAT.as_secs());
+
 /// Serves one incoming link until the peer says goodbye or the link fails.
 /// Returns the authenticated peer.
 pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
@@ -132,6 +139,7 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let mut running = Pipeline::default();
     let mut answers: Vec<Bytes> = Vec::new();
     let mut reading = true;
+    let mut heard = tokio::time::Instant::now();
     let result = 'link: loop {
         while reading && running.len() < LINK_CONCURRENCY {
             let frame = match Frame::decode(&mut buf) {
@@ -167,6 +175,9 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         let may_read = reading && running.len() < LINK_CONCURRENCY;
         if may_read {
             reserve_frame(&mut buf);
+        } else {
+            // Silence counts only while this end is listening.
+            heard = tokio::time::Instant::now();
         }
         tokio::select! {
             biased;
@@ -174,9 +185,12 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             // Reading is cancel-safe: bytes read stay in `buf`.
             read = stream.read_buf(&mut buf), if may_read => match read {
                 Ok(0) => reading = false,
-                Ok(_) => {}
+                Ok(_) => heard = tokio::time::Instant::now(),
                 Err(e) => break Err(e.into()),
             },
+            () = tokio::time::sleep_until(heard + SILENCE_LIMIT), if may_read => {
+                break Err(LinkError::Silent(SILENCE_LIMIT));
+            }
         }
     };
     // Requests still being applied finish; their answers go out while the
@@ -522,6 +536,51 @@ mod tests {
         assert!(matches!(task.await.unwrap(), Err(LinkError::AuthFailed(ref p)) if p == "FCA31"));
         let image = std::fs::read(dir.path().join("v.img")).unwrap();
         assert!(image.iter().all(|&b| b == 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_primary_loses_its_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let srv = server(dir.path());
+        let (primary_end, secondary_end) = tokio::io::duplex(64 << 10);
+        let secondaries = Arc::new(Secondaries::default());
+        let task = tokio::spawn(serve_link(
+            secondary_end,
+            srv,
+            Serial::new("FCB02").unwrap(),
+            Arc::from(&b"shared"[..]),
+            secondaries as Arc<dyn PeerRequests>,
+        ));
+        let link = PeerLink::open(
+            primary_end,
+            &Serial::new("FCA31").unwrap(),
+            &Serial::new("FCB02").unwrap(),
+            b"shared",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        // Heartbeats keep the link open well past the limit.
+        for _ in 0..8 {
+            tokio::time::sleep(HEARTBEAT).await;
+            let beat = Message::Heartbeat { unix_ms: 1 };
+            assert_eq!(link.request(beat).await.unwrap(), 0);
+        }
+        assert!(!task.is_finished());
+        // Then silence: the secondary closes the link after the limit.
+        let quiet = tokio::time::Instant::now();
+        let ended = tokio::time::timeout(SILENCE_LIMIT * 3, task)
+            .await
+            .expect("the link outlived the silence limit")
+            .unwrap();
+        assert!(
+            matches!(ended, Err(LinkError::Silent(limit)) if limit == SILENCE_LIMIT),
+            "{ended:?}"
+        );
+        assert!(quiet.elapsed() >= SILENCE_LIMIT);
+        assert!(quiet.elapsed() < SILENCE_LIMIT + HEARTBEAT);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!link.is_open());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
