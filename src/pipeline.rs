@@ -6,13 +6,57 @@
 //! in flight, which the connection's own task polls again when it is woken.
 //! [`Pipeline::finished`] hands over the answers of every request finished
 //! by one wake-up (a batch of acknowledgements, several I/O completions),
-//! so they leave in one vectored write.
+//! so they leave in one vectored write ([`write_batch`]).
 
 use std::future::Future;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
+use bytes::{Buf, Bytes};
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+/// Most buffers one vectored write takes.
+const MAX_SLICES: usize = 512;
+
+/// Writes every byte of `parts`, in order, with as few vectored writes as
+/// the writer allows, then empties `parts`.
+pub async fn write_batch<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    parts: &mut Vec<Bytes>,
+) -> io::Result<()> {
+    let mut first = 0;
+    loop {
+        while first < parts.len() && parts[first].is_empty() {
+            first += 1;
+        }
+        if first == parts.len() {
+            break;
+        }
+        let slices: Vec<IoSlice<'_>> = parts[first..]
+            .iter()
+            .take(MAX_SLICES)
+            .map(|b| IoSlice::new(b))
+            .collect();
+        let mut n = writer.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let len = parts[first].len();
+            if n >= len {
+                n -= len;
+                first += 1;
+            } else {
+                parts[first].advance(n);
+                n = 0;
+            }
+        }
+    }
+    parts.clear();
+    Ok(())
+}
 
 /// A request in flight.
 type Request<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -84,6 +128,26 @@ impl<'a, T> Pipeline<'a, T> {
     }
 }
 
+impl<T> Pipeline<'_, T> {
+    /// Ends a connection: writes `unsent`, lets every request in flight
+    /// finish and writes their answers (`encode` turns one into bytes) for
+    /// as long as the writer takes them. Returns whether it still does.
+    pub async fn finish<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        mut unsent: Vec<Bytes>,
+        mut encode: impl FnMut(T, &mut Vec<Bytes>),
+    ) -> bool {
+        let mut writable = write_batch(writer, &mut unsent).await.is_ok();
+        while !self.is_empty() {
+            self.finished(|answer| encode(answer, &mut unsent)).await;
+            writable = writable && write_batch(writer, &mut unsent).await.is_ok();
+            unsent.clear();
+        }
+        writable
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,5 +175,49 @@ mod tests {
         )
         .await;
         assert!(nothing.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_written_whole_and_in_order_across_short_writes() {
+        // A pipe smaller than the batch forces partial vectored writes.
+        let (mut writer, mut reader) = tokio::io::duplex(7);
+        let mut parts: Vec<Bytes> = ["abc", "", "defghij", "k", "", "lmnopqrstuvwxyz"]
+            .into_iter()
+            .map(|p| Bytes::from_static(p.as_bytes()))
+            .collect();
+        let read = tokio::spawn(async move {
+            let mut all = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut all)
+                .await
+                .unwrap();
+            all
+        });
+        write_batch(&mut writer, &mut parts).await.unwrap();
+        assert!(parts.is_empty());
+        drop(writer);
+        assert_eq!(read.await.unwrap(), b"abcdefghijklmnopqrstuvwxyz");
+    }
+
+    #[tokio::test]
+    async fn finishing_writes_the_unsent_answers_then_those_in_flight() {
+        let mut pipeline = Pipeline::default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<&'static str>();
+        assert_eq!(pipeline.start(async { rx.await.unwrap() }), None);
+        let (mut writer, mut reader) = tokio::io::duplex(1024);
+        tx.send("late").unwrap();
+        let unsent = vec![Bytes::from_static(b"early,")];
+        let writable = pipeline
+            .finish(&mut writer, unsent, |answer, out| {
+                out.push(Bytes::from_static(answer.as_bytes()))
+            })
+            .await;
+        assert!(writable);
+        assert!(pipeline.is_empty());
+        drop(writer);
+        let mut all = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut all)
+            .await
+            .unwrap();
+        assert_eq!(all, b"early,late");
     }
 }

@@ -34,37 +34,6 @@ const PAGE: u64 = 4096;
 /// Largest buffered write done on the calling thread.
 const INLINE_WRITE_MAX: usize = 1 << 20;
 
-/// Writes all of `data` at `offset` with blocking system calls on this
-/// thread (see [`Engine::write_buffered_at`]).
-fn write_inline(file: &Arc<File>, offset: u64, data: Bytes) -> io::Result<()> {
-    let total = data.len();
-    let mut op = Op::Write {
-        file: file.clone(),
-        offset,
-        buf: IoBuf::Shared(data),
-        pos: 0,
-        dsync: false,
-    };
-    loop {
-        let result = threads::execute_blocking(&mut op);
-        let Op::Write { offset, pos, .. } = &mut op else {
-            unreachable!("the op stays a write")
-        };
-        match result {
-            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "short write")),
-            Ok(n) => {
-                *pos += n;
-                *offset += n as u64;
-                if *pos == total {
-                    return Ok(());
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// One backing-store operation.
 #[derive(Debug)]
 pub enum Op {
@@ -237,18 +206,36 @@ impl Engine {
         data: IoBuf,
         dsync: bool,
     ) -> io::Result<()> {
+        self.write_all(file, offset, data, dsync, false).await
+    }
+
+    /// Writes all of `data` at `offset`, through the engine or, `inline`,
+    /// with blocking system calls on this thread.
+    async fn write_all(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        data: IoBuf,
+        dsync: bool,
+        inline: bool,
+    ) -> io::Result<()> {
         let total = data.as_slice().len();
         let mut buf = data;
         let mut pos = 0;
         while pos < total {
-            let op = Op::Write {
+            let mut op = Op::Write {
                 file: file.clone(),
                 offset: offset + pos as u64,
                 buf,
                 pos,
                 dsync,
             };
-            let done = self.run(op).await;
+            let done = if inline {
+                let result = threads::execute_blocking(&mut op);
+                Completion { result, op }
+            } else {
+                self.run(op).await
+            };
             let Op::Write { buf: back, .. } = done.op else {
                 unreachable!("engine returned a different op")
             };
@@ -280,10 +267,8 @@ impl Engine {
         dsync: bool,
     ) -> io::Result<()> {
         let whole_pages = offset % PAGE == 0 && data.len() as u64 % PAGE == 0;
-        if !dsync && whole_pages && data.len() <= INLINE_WRITE_MAX {
-            return write_inline(file, offset, data);
-        }
-        self.write_at(file, offset, IoBuf::Shared(data), dsync)
+        let inline = !dsync && whole_pages && data.len() <= INLINE_WRITE_MAX;
+        self.write_all(file, offset, IoBuf::Shared(data), dsync, inline)
             .await
     }
 

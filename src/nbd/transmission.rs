@@ -11,7 +11,6 @@
 //! stops; requests in flight finish and their replies are written before
 //! the connection closes.
 
-use std::io::IoSlice;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -22,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::handshake::{Session, BASE_ALLOCATION_ID};
 use super::proto::{self, alloc, cflag, chunk, cmd, errno, Request};
 use super::{nbd_errno, ProtocolError};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{write_batch, Pipeline};
 use crate::volume::VolumeError;
 
 /// Requests processed concurrently per connection.
@@ -157,8 +156,8 @@ where
             }
         }
         if !batch.is_empty() {
-            if let Err(e) = write_all_vectored(&mut writer, &mut batch).await {
-                break Err(e);
+            if let Err(e) = write_batch(&mut writer, &mut batch).await {
+                break Err(e.into());
             }
         }
         if shutdown.is_cancelled() {
@@ -187,52 +186,14 @@ where
     };
     // Requests in flight finish, and their replies go out while the client
     // still reads them (after a protocol error too).
-    let mut writable = true;
-    while !in_flight.is_empty() {
-        in_flight.finished(|reply| batch.extend(reply)).await;
-        if writable && write_all_vectored(&mut writer, &mut batch).await.is_err() {
-            writable = false;
-        }
-        batch.clear();
-    }
+    let writable = in_flight
+        .finish(&mut writer, batch, |reply, out| out.extend(reply))
+        .await;
     if writable {
         let _ = writer.flush().await;
         let _ = writer.shutdown().await;
     }
     result
-}
-
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    bufs: &mut Vec<Bytes>,
-) -> Result<(), ProtocolError> {
-    let mut first = 0;
-    while first < bufs.len() {
-        let slices: Vec<IoSlice<'_>> = bufs[first..]
-            .iter()
-            .take(512)
-            .map(|b| IoSlice::new(b))
-            .collect();
-        let mut n = writer.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(ProtocolError::Io(std::io::ErrorKind::WriteZero.into()));
-        }
-        while n > 0 {
-            let len = bufs[first].len();
-            if n >= len {
-                n -= len;
-                first += 1;
-            } else {
-                bufs[first].advance(n);
-                n = 0;
-            }
-        }
-        while first < bufs.len() && bufs[first].is_empty() {
-            first += 1;
-        }
-    }
-    bufs.clear();
-    Ok(())
 }
 
 /// Allowed flags per command.

@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::wire::{Frame, Message, WireError, HEADER_LEN, NONCE_LEN, VERSION};
+use crate::pipeline::write_batch;
 use crate::volume::id::Serial;
 
 /// Domain-separation label of the proof.
@@ -148,43 +149,11 @@ pub fn spawn_frame_writer<W: AsyncWrite + Unpin + Send + 'static>(
                     Err(_) => break,
                 }
             }
-            write_parts(&mut writer, &mut parts).await?;
+            write_batch(&mut writer, &mut parts).await?;
         }
         Ok(())
     });
     (tx, task)
-}
-
-/// Writes and drains `parts` with as few system calls as the socket allows.
-pub async fn write_parts<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    parts: &mut Vec<bytes::Bytes>,
-) -> Result<(), LinkError> {
-    use bytes::Buf;
-    let mut at = 0;
-    while at < parts.len() {
-        let slices: Vec<std::io::IoSlice<'_>> = parts[at..]
-            .iter()
-            .take(64)
-            .map(|p| std::io::IoSlice::new(p))
-            .collect();
-        let mut n = writer.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(LinkError::Closed);
-        }
-        while n > 0 {
-            let len = parts[at].len();
-            if n >= len {
-                n -= len;
-                at += 1;
-            } else {
-                parts[at].advance(n);
-                n = 0;
-            }
-        }
-    }
-    parts.clear();
-    Ok(())
 }
 
 /// Writes one frame.

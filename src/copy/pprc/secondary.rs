@@ -22,12 +22,12 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::link::{handshake, reserve_frame, write_parts, LinkError, PeerInfo};
+use super::link::{handshake, reserve_frame, LinkError, PeerInfo};
 use super::paths::HEARTBEAT;
 use super::wire::{Frame, Message, NONCE_LEN};
 use crate::copy::flashcopy::Change;
 use crate::nbd::{nbd_errno, proto::errno};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{write_batch, Pipeline};
 use crate::volume::id::Serial;
 use crate::volume::server::StorageServer;
 
@@ -165,8 +165,8 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             }
         }
         if !answers.is_empty() {
-            if let Err(e) = write_parts(&mut stream, &mut answers).await {
-                break Err(e);
+            if let Err(e) = write_batch(&mut stream, &mut answers).await {
+                break Err(e.into());
             }
         }
         if !reading && running.is_empty() {
@@ -195,14 +195,9 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     };
     // Requests still being applied finish; their answers go out while the
     // link lasts.
-    let mut writable = true;
-    while !running.is_empty() {
-        running.finished(|done| answers.extend(done.encode())).await;
-        if writable && write_parts(&mut stream, &mut answers).await.is_err() {
-            writable = false;
-        }
-        answers.clear();
-    }
+    let writable = running
+        .finish(&mut stream, answers, |done, out| out.extend(done.encode()))
+        .await;
     drop(served);
     if writable {
         let _ = stream.shutdown().await;
@@ -393,9 +388,39 @@ mod tests {
         Arc::new(StorageServer::open(&cfg, engine).unwrap())
     }
 
+    /// The secret both test servers share.
+    const SECRET: &[u8] = b"shared";
+
+    /// Serves `stream` as server FCB02.
+    fn serve_as_fcb02<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+        stream: S,
+        server: Arc<StorageServer>,
+        secondaries: Arc<dyn PeerRequests>,
+    ) -> impl Future<Output = Result<PeerInfo, LinkError>> {
+        let local = Serial::new("FCB02").unwrap();
+        serve_link(stream, server, local, Arc::from(SECRET), secondaries)
+    }
+
+    /// Opens a link from FCA31 to FCB02 over `stream`, proving `secret`.
+    async fn open_as_fca31<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+        stream: S,
+        secret: &[u8],
+    ) -> Result<PeerLink, LinkError> {
+        let (me, them) = (Serial::new("FCA31").unwrap(), Serial::new("FCB02").unwrap());
+        PeerLink::open(stream, &me, &them, secret, Duration::from_secs(5)).await
+    }
+
+    /// A connection to `addr`, as the primary's links make them.
+    async fn tcp(addr: SocketAddr) -> tokio::net::TcpStream {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        stream
+    }
+
+    /// Accepts one connection and serves it as FCB02, whose volume
+    /// 000FCB02 takes mirrored changes.
     async fn listen(
         server: Arc<StorageServer>,
-        secret: &'static [u8],
     ) -> (
         SocketAddr,
         tokio::task::JoinHandle<Result<PeerInfo, LinkError>>,
@@ -406,14 +431,7 @@ mod tests {
         secondaries.insert("000FCB02");
         let task = tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
-            serve_link(
-                stream,
-                server,
-                Serial::new("FCB02").unwrap(),
-                Arc::from(secret),
-                secondaries as Arc<dyn PeerRequests>,
-            )
-            .await
+            serve_as_fcb02(stream, server, secondaries).await
         });
         (addr, task)
     }
@@ -424,18 +442,9 @@ mod tests {
     async fn mirrored_writes_land_in_order_and_errors_come_back() {
         let dir = tempfile::tempdir().unwrap();
         let srv = server(dir.path());
-        let (addr, task) = listen(srv.clone(), b"shared").await;
-        let link = Arc::new(
-            PeerLink::connect(
-                addr,
-                &Serial::new("FCA31").unwrap(),
-                &Serial::new("FCB02").unwrap(),
-                b"shared",
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap(),
-        );
+        let (addr, task) = listen(srv.clone()).await;
+        let stream = tcp(addr).await;
+        let link = Arc::new(open_as_fca31(stream, SECRET).await.unwrap());
         assert_eq!(link.peer().serial, "FCB02");
         let vol = *b"000FCB02";
         // 64 pipelined writes from concurrent tasks.
@@ -523,15 +532,9 @@ mod tests {
     async fn a_peer_with_the_wrong_secret_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let srv = server(dir.path());
-        let (addr, task) = listen(srv, b"shared").await;
-        let r = PeerLink::connect(
-            addr,
-            &Serial::new("FCA31").unwrap(),
-            &Serial::new("FCB02").unwrap(),
-            b"guess",
-            Duration::from_secs(5),
-        )
-        .await;
+        let (addr, task) = listen(srv).await;
+        let stream = tcp(addr).await;
+        let r = open_as_fca31(stream, b"guess").await;
         assert!(matches!(r, Err(LinkError::AuthFailed(_))), "{r:?}");
         assert!(matches!(task.await.unwrap(), Err(LinkError::AuthFailed(ref p)) if p == "FCA31"));
         let image = std::fs::read(dir.path().join("v.img")).unwrap();
@@ -544,22 +547,8 @@ mod tests {
         let srv = server(dir.path());
         let (primary_end, secondary_end) = tokio::io::duplex(64 << 10);
         let secondaries = Arc::new(Secondaries::default());
-        let task = tokio::spawn(serve_link(
-            secondary_end,
-            srv,
-            Serial::new("FCB02").unwrap(),
-            Arc::from(&b"shared"[..]),
-            secondaries as Arc<dyn PeerRequests>,
-        ));
-        let link = PeerLink::open(
-            primary_end,
-            &Serial::new("FCA31").unwrap(),
-            &Serial::new("FCB02").unwrap(),
-            b"shared",
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+        let task = tokio::spawn(serve_as_fcb02(secondary_end, srv, secondaries));
+        let link = open_as_fca31(primary_end, SECRET).await.unwrap();
         // Heartbeats keep the link open well past the limit.
         for _ in 0..8 {
             tokio::time::sleep(HEARTBEAT).await;
@@ -594,19 +583,15 @@ mod tests {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 let (srv, secondaries) = (srv.clone(), secondaries.clone());
-                tokio::spawn(serve_link(
-                    stream,
-                    srv,
-                    Serial::new("FCB02").unwrap(),
-                    Arc::from(&b"shared"[..]),
-                    secondaries,
-                ));
+                tokio::spawn(serve_as_fcb02(stream, srv, secondaries));
             }
         });
-        let (me, them) = (Serial::new("FCA31").unwrap(), Serial::new("FCB02").unwrap());
-        let connect = || PeerLink::connect(addr, &me, &them, b"shared", Duration::from_secs(5));
-        let first = connect().await.unwrap();
-        let second = Arc::new(connect().await.unwrap());
+        let connect = || async {
+            let stream = tcp(addr).await;
+            open_as_fca31(stream, SECRET).await.unwrap()
+        };
+        let first = connect().await;
+        let second = Arc::new(connect().await);
         assert_ne!(first.peer().link_id, second.peer().link_id);
         // A link this server never served counts as drained.
         let unknown = Message::Control {
