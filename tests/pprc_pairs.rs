@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::proxy::FaultProxy;
 use common::*;
+use essd::copy::pprc::pair::CLEAN_INTERVAL;
 
 const SECRET: &str = "correct horse battery staple";
 const TRACK: u64 = 64 << 10;
@@ -264,9 +265,22 @@ fn pairs_copy_mirror_suspend_resync_and_terminate() {
         "TSTB2 refused: volume {pb} is already the secondary of a pair with TSTA1 {pa}"
     ));
 
+    // An idle duplex pair with nothing out of sync sends nothing: the
+    // cleaner does not flush the secondary when it has no mark to clear.
+    let idle_from = view["bytes_sent"].as_u64().unwrap();
+    std::thread::sleep(CLEAN_INTERVAL * 2 + Duration::from_millis(500));
+    assert_eq!(show(a, &pa)["bytes_sent"].as_u64().unwrap(), idle_from);
+
     // Duplex: every acknowledged write is on the secondary.
     write_tracks(a, &pa, 7, 50);
     assert_eq!(volume_sha(a, &pa), volume_sha(b, &pb));
+    // The cleaner flushes the secondary and clears the written tracks'
+    // marks once they are idle.
+    let deadline = Instant::now() + CLEAN_INTERVAL * 4 + Duration::from_secs(5);
+    while show(a, &pa)["out_of_sync_tracks"] != 0 {
+        assert!(Instant::now() < deadline, "marks never cleared");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // The secondary is protected: read-only to hosts.
     assert_eq!(try_write(b, &pb), "read-only EPERM");

@@ -12,7 +12,8 @@
 //! track recorded — and the [cleaner](Pair::clean) clears marks again once
 //! the secondary has flushed them and they have been idle for a whole
 //! cleaning interval. A track written again soon keeps its durable mark,
-//! so steady writes pay no bitmap fsync.
+//! so steady writes pay no bitmap fsync; a pass with no mark to clear
+//! does not flush the secondary either.
 //!
 //! **Clearing safely**: every write marks its tracks in `touched` when it
 //! starts and when it ends, and counts itself in the current cleaning
@@ -718,6 +719,12 @@ impl Pair {
             PairState::Duplex => self.oos.tracks(),
             _ => return Ok(0),
         };
+        if !self.may_clear(below) {
+            // Every mark is of a track written since the previous pass
+            // (steady writes) or there is none: flushing the secondary
+            // would clear nothing.
+            return Ok(0);
+        }
         // Wait for the writes of the old epoch to end.
         loop {
             let waiting = self.ended.notified();
@@ -727,22 +734,13 @@ impl Pair {
             let _ = tokio::time::timeout(Duration::from_millis(50), waiting).await;
         }
         self.flush_secondary().await?;
-        let words = (below / 64) as usize;
-        let tail = below % 64;
         self.oos
             .clear_with(|oos| {
                 let _all = self.clean_lock.write().unwrap_or_else(|p| p.into_inner());
                 let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
                 let mut cleared = 0;
-                for w in 0..=words.min(oos.words() - 1) {
-                    let mut mask =
-                        oos.word(w) & !self.touched[w].load(Ordering::Acquire) & !recent[w];
-                    if w == words {
-                        mask &= (1u64 << tail).wrapping_sub(1);
-                    }
-                    if mask != 0 {
-                        cleared += oos.clear_now(w, mask);
-                    }
+                for (w, mask) in self.clearable(below, &recent) {
+                    cleared += oos.clear_now(w, mask);
                 }
                 cleared
             })
@@ -753,6 +751,33 @@ impl Pair {
                     format!("cannot write the out-of-sync bitmap: {e}"),
                 )
             })
+    }
+
+    /// The marks a cleaning pass may clear, word by word (only nonzero
+    /// words): marks of tracks below `below` that no write touched in this
+    /// pass nor, with `recent`, in the previous one.
+    fn clearable<'r>(
+        &'r self,
+        below: u64,
+        recent: &'r [u64],
+    ) -> impl Iterator<Item = (usize, u64)> + 'r {
+        let words = (below / 64) as usize;
+        let tail = below % 64;
+        (0..=words.min(self.oos.words() - 1)).filter_map(move |w| {
+            let mut mask = self.oos.word(w) & !self.touched[w].load(Ordering::Acquire) & !recent[w];
+            if w == words {
+                mask &= (1u64 << tail).wrapping_sub(1);
+            }
+            (mask != 0).then_some((w, mask))
+        })
+    }
+
+    /// Whether a cleaning pass could clear any mark (before it flushes the
+    /// secondary for them).
+    fn may_clear(&self, below: u64) -> bool {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let any = self.clearable(below, &recent).next().is_some();
+        any
     }
 
     /// A mirroring failure of the cleaner or copier: a pair of a
