@@ -18,7 +18,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// Most buffers one vectored write takes.
-const MAX_SLICES: usize = 512;
+pub const MAX_SLICES: usize = 512;
 
 /// Writes every byte of `parts`, in order, with as few vectored writes as
 /// the writer allows, then empties `parts`.

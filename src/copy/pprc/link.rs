@@ -16,12 +16,15 @@
 //! reach a volume.
 
 use std::collections::HashMap;
+use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use hmac::{Hmac, Mac};
 use rand_core::{OsRng, RngCore};
 use sha2::Sha256;
@@ -30,7 +33,6 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::wire::{Frame, Message, WireError, HEADER_LEN, NONCE_LEN, VERSION};
-use crate::pipeline::write_batch;
 use crate::volume::id::Serial;
 
 /// Domain-separation label of the proof.
@@ -120,40 +122,157 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
-/// Most bytes one batched write gathers.
-const BATCH_BYTES: usize = 4 << 20;
+/// Bytes queued on a link that the requesting task sends itself, at once,
+/// instead of waking the writer task for them: a large write starts on its
+/// way to the peer while the local copy is made. Small frames wait for the
+/// writer task, which gathers all queued at the same moment into one write.
+const DIRECT_BYTES: usize = 256 << 10;
 
-/// Writes every frame sent on the returned channel, in order, gathering
-/// the frames queued at the same moment into one vectored write. The task
-/// ends when the channel closes or a write fails.
-pub fn spawn_frame_writer<W: AsyncWrite + Unpin + Send + 'static>(
-    mut writer: W,
-) -> (
-    tokio::sync::mpsc::UnboundedSender<Frame>,
-    tokio::task::JoinHandle<Result<(), LinkError>>,
-) {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Frame>();
-    let task = tokio::spawn(async move {
-        let mut parts: Vec<bytes::Bytes> = Vec::new();
-        while let Some(first) = rx.recv().await {
-            parts.extend(first.encode());
-            let mut queued: usize = parts.iter().map(|p| p.len()).sum();
-            while queued < BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(frame) => {
-                        for part in frame.encode() {
-                            queued += part.len();
-                            parts.push(part);
-                        }
-                    }
-                    Err(_) => break,
+/// The sending side of a link: frames queue here in order. The requesting
+/// task sends them itself once [`DIRECT_BYTES`] are queued (never waiting:
+/// what the socket does not take at once stays queued); the writer task
+/// sends the rest, waiting for the socket when it is full.
+struct Outbox<W> {
+    state: std::sync::Mutex<OutboxState<W>>,
+    /// Wakes the writer task: frames are queued.
+    queued: tokio::sync::Notify,
+}
+
+impl<W> std::fmt::Debug for Outbox<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Outbox")
+    }
+}
+
+struct OutboxState<W> {
+    writer: W,
+    parts: std::collections::VecDeque<bytes::Bytes>,
+    bytes: usize,
+    /// The socket was full: only the writer task (with its own waker) may
+    /// write until it drained the queue.
+    blocked: bool,
+    /// The writer task ended (write error or the link closed).
+    closed: bool,
+}
+
+impl<W: AsyncWrite + Unpin> OutboxState<W> {
+    /// Writes queued parts until none are left (Ready) or the socket is
+    /// full (Pending).
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.parts.is_empty() {
+            let slices: Vec<IoSlice<'_>> = self
+                .parts
+                .iter()
+                .take(crate::pipeline::MAX_SLICES)
+                .map(|b| IoSlice::new(b))
+                .collect();
+            let mut n = match Pin::new(&mut self.writer).poll_write_vectored(cx, &slices) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            };
+            self.bytes -= n;
+            while n > 0 {
+                let front = &mut self.parts[0];
+                if n >= front.len() {
+                    n -= front.len();
+                    self.parts.pop_front();
+                } else {
+                    front.advance(n);
+                    n = 0;
                 }
             }
-            write_batch(&mut writer, &mut parts).await?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> Outbox<W> {
+    /// Starts the writer task of a link's sending side.
+    fn spawn(writer: W) -> Arc<Self> {
+        let outbox = Arc::new(Outbox {
+            state: std::sync::Mutex::new(OutboxState {
+                writer,
+                parts: Default::default(),
+                bytes: 0,
+                blocked: false,
+                closed: false,
+            }),
+            queued: tokio::sync::Notify::new(),
+        });
+        let task = outbox.clone();
+        tokio::spawn(async move {
+            loop {
+                task.queued.notified().await;
+                let drained = std::future::poll_fn(|cx| {
+                    let mut s = task.lock();
+                    let r = s.poll_drain(cx);
+                    if r.is_ready() {
+                        s.blocked = false;
+                    }
+                    r.map(|r| r.map(|()| s.closed))
+                })
+                .await;
+                match drained {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        let _ = std::future::poll_fn(|cx| {
+                            Pin::new(&mut task.lock().writer).poll_shutdown(cx)
+                        })
+                        .await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!("peer link: write failed: {e}");
+                        task.lock().closed = true;
+                        return;
+                    }
+                }
+            }
+        });
+        outbox
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutboxState<W>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a frame, sends the queue at once if it is long enough, and
+    /// leaves the rest to the writer task.
+    fn send(&self, frame: &Frame) -> Result<(), LinkError> {
+        let mut s = self.lock();
+        if s.closed {
+            return Err(LinkError::Closed);
+        }
+        for part in frame.encode() {
+            s.bytes += part.len();
+            s.parts.push_back(part);
+        }
+        if !s.blocked && s.bytes >= DIRECT_BYTES {
+            match s.poll_drain(&mut Context::from_waker(Waker::noop())) {
+                Poll::Ready(Ok(())) => {}
+                // The writer task waits for room, with its own waker.
+                Poll::Pending => s.blocked = true,
+                // The writer task meets the error again and ends.
+                Poll::Ready(Err(_)) => {}
+            }
+        }
+        let left = !s.parts.is_empty();
+        drop(s);
+        if left {
+            self.queued.notify_one();
         }
         Ok(())
-    });
-    (tx, task)
+    }
+
+    /// Sends what is queued, then closes the socket; no frame may follow.
+    fn close(&self) {
+        self.lock().closed = true;
+        self.queued.notify_one();
+    }
 }
 
 /// Writes one frame.
@@ -293,8 +412,8 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Message>>>>;
 /// their acknowledgements matched by request ID, in any order.
 #[derive(Debug)]
 pub struct PeerLink {
-    /// Frames to send; the writer task batches them.
-    writer: tokio::sync::mpsc::UnboundedSender<Frame>,
+    /// Frames to send.
+    outbox: Arc<Outbox<Box<dyn AsyncWrite + Unpin + Send>>>,
     pending: Pending,
     next_id: AtomicU64,
     peer: PeerInfo,
@@ -359,9 +478,9 @@ impl PeerLink {
         });
         // The writer task ends (after sending what is queued) when the
         // link is dropped.
-        let (writer, _) = spawn_frame_writer(write_half);
+        let outbox = Outbox::spawn(Box::new(write_half) as Box<dyn AsyncWrite + Unpin + Send>);
         Ok(PeerLink {
-            writer,
+            outbox,
             pending,
             next_id: AtomicU64::new(1),
             peer,
@@ -400,7 +519,7 @@ impl PeerLink {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, tx);
-        if self.writer.send(Frame { id, message }).is_err() {
+        if self.outbox.send(&Frame { id, message }).is_err() {
             self.pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -414,18 +533,17 @@ impl PeerLink {
 impl PeerLink {
     /// Says goodbye (no acknowledgement) and closes the link.
     pub async fn close(&self) -> Result<(), LinkError> {
-        self.writer
-            .send(Frame {
-                id: 0,
-                message: Message::Goodbye,
-            })
-            .map_err(|_| LinkError::Closed)
+        self.outbox.send(&Frame {
+            id: 0,
+            message: Message::Goodbye,
+        })
     }
 }
 
 impl Drop for PeerLink {
     fn drop(&mut self) {
         self.reader.abort();
+        self.outbox.close();
     }
 }
 
@@ -462,6 +580,48 @@ mod tests {
             handshake(&mut b, &mut buf, &serial("FCB02"), None, b_secret, LIMIT).await
         });
         (primary.await.unwrap(), secondary.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_outbox_sends_every_frame_in_order_through_a_full_socket() {
+        // A pipe far smaller than the frames: direct sends find it full
+        // and leave the rest to the writer task, mixed with small frames.
+        let (writer, mut reader) = tokio::io::duplex(4096);
+        let outbox = Outbox::spawn(writer);
+        let sizes: Vec<usize> = (0..60)
+            .map(|i| [4096, 300 << 10, 17, 1 << 20][i % 4])
+            .collect();
+        let frames: Vec<Frame> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| Frame {
+                id: i as u64 + 1,
+                message: Message::Write {
+                    volume: super::super::wire::volume_name("1000"),
+                    offset: i as u64,
+                    fua: false,
+                    data: bytes::Bytes::from(vec![i as u8; len]),
+                },
+            })
+            .collect();
+        let expected = frames.clone();
+        let read = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            loop {
+                match read_frame(&mut reader, &mut buf).await {
+                    Ok(frame) => got.push(frame),
+                    Err(LinkError::Closed) => return got,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        });
+        for frame in &frames {
+            outbox.send(frame).unwrap();
+        }
+        outbox.close();
+        assert!(matches!(outbox.send(&frames[0]), Err(LinkError::Closed)));
+        assert_eq!(read.await.unwrap(), expected);
     }
 
     #[tokio::test]
