@@ -6,10 +6,13 @@
 //! in flight, which the connection's own task polls again when it is woken.
 //! [`Pipeline::finished`] hands over the answers of every request finished
 //! by one wake-up (a batch of acknowledgements, several I/O completions),
-//! so they leave in one vectored write ([`write_batch`]).
+//! so they leave in one vectored write ([`write_batch`]). While a large
+//! request is still arriving, [`LowWater`] asks the socket to wake the
+//! connection only once all of it is there, not for every piece.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
@@ -56,6 +59,87 @@ pub async fn write_batch<W: AsyncWrite + Unpin>(
     }
     parts.clear();
     Ok(())
+}
+
+/// The read side of a connection whose socket can be told how many bytes
+/// to gather before it wakes the reader (`SO_RCVLOWAT`; TCP honours it,
+/// other streams do not have it).
+pub trait ReadLowWater {
+    /// The socket that takes a low-water mark, if any.
+    fn low_water_socket(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+}
+
+impl ReadLowWater for tokio::net::TcpStream {
+    fn low_water_socket(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
+}
+
+impl ReadLowWater for tokio::net::tcp::OwnedReadHalf {
+    fn low_water_socket(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_ref().as_fd())
+    }
+}
+
+// Unix sockets wake their reader for any byte whatever the mark says.
+impl ReadLowWater for tokio::net::UnixStream {}
+impl ReadLowWater for tokio::net::unix::OwnedReadHalf {}
+impl ReadLowWater for tokio::io::DuplexStream {}
+
+/// Requests missing fewer bytes than this wake the reader for any byte.
+const LOW_WATER_MIN: usize = 64 << 10;
+/// Highest low-water mark set (the kernel may wake the reader earlier when
+/// its receive buffer is under pressure).
+const LOW_WATER_MAX: usize = 1 << 20;
+
+/// A connection's read low-water mark: while a large request is arriving,
+/// its reader is woken once the rest of it is there instead of for every
+/// segment (fewer wake-ups and reads).
+#[derive(Debug)]
+pub struct LowWater {
+    current: usize,
+}
+
+impl Default for LowWater {
+    fn default() -> Self {
+        LowWater { current: 1 }
+    }
+}
+
+impl LowWater {
+    /// Sets the mark for a reader that needs `missing` more bytes before
+    /// it can start its next request (0 or a few: wake for any byte).
+    pub fn expect(&mut self, reader: &impl ReadLowWater, missing: usize) {
+        let mark = if missing >= LOW_WATER_MIN {
+            missing.min(LOW_WATER_MAX)
+        } else {
+            1
+        };
+        if mark == self.current {
+            return;
+        }
+        let Some(socket) = reader.low_water_socket() else {
+            return;
+        };
+        let value = mark as libc::c_int;
+        // SAFETY: `socket` is an open descriptor borrowed for this call;
+        // the option value is a c_int that lives across the call and its
+        // size is passed with it.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            self.current = mark;
+        }
+    }
 }
 
 /// A request in flight.
@@ -175,6 +259,63 @@ mod tests {
         )
         .await;
         assert!(nothing.is_err());
+    }
+
+    fn low_water_of(stream: &tokio::net::TcpStream) -> libc::c_int {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: the descriptor is open; value and len are valid for writes
+        // of the sizes given.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        value
+    }
+
+    #[tokio::test]
+    async fn a_tcp_reader_wakes_once_a_large_request_has_arrived() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut sender = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (receiver, _) = listener.accept().await.unwrap();
+        let mut mark = LowWater::default();
+        mark.expect(&receiver, 100);
+        assert_eq!(low_water_of(&receiver), 1);
+        mark.expect(&receiver, 4 << 20);
+        assert_eq!(low_water_of(&receiver), 1 << 20);
+        mark.expect(&receiver, 300 << 10);
+        assert_eq!(low_water_of(&receiver), 300 << 10);
+
+        // Nothing to read yet (this also clears any readiness cached).
+        let mut got = vec![0u8; 400 << 10];
+        let nothing = receiver.try_read(&mut got).unwrap_err();
+        assert_eq!(nothing.kind(), std::io::ErrorKind::WouldBlock);
+        // A third of the request: the reader is not woken.
+        sender.write_all(&vec![7u8; 100 << 10]).await.unwrap();
+        let early =
+            tokio::time::timeout(std::time::Duration::from_millis(200), receiver.readable()).await;
+        assert!(early.is_err(), "woken with a third of the request");
+        // The rest: woken, and all of it is there.
+        sender.write_all(&vec![7u8; 200 << 10]).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), receiver.readable())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(receiver.try_read(&mut got).unwrap(), 300 << 10);
+
+        mark.expect(&receiver, 0);
+        assert_eq!(low_water_of(&receiver), 1);
+        // Streams without the option take the call and ignore it.
+        let (duplex, _other) = tokio::io::duplex(64);
+        LowWater::default().expect(&duplex, 1 << 20);
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use super::handshake::{negotiate, NegotiationSettings};
 use super::{transmission, ProtocolError};
+use crate::pipeline::ReadLowWater;
 use crate::volume::server::StorageServer;
 
 /// Time a client has to finish negotiation.
@@ -22,7 +23,7 @@ const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
 /// A stream that splits into owned read and write halves.
 pub trait SplitStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Read half.
-    type Read: AsyncRead + Unpin + Send + 'static;
+    type Read: AsyncRead + ReadLowWater + Unpin + Send + 'static;
     /// Write half.
     type Write: AsyncWrite + Unpin + Send + 'static;
     /// Splits the stream.

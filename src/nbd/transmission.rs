@@ -7,7 +7,8 @@
 //! write waiting for the peer) stays in flight in the same task, at most
 //! [`MAX_IN_FLIGHT`] of them (when full, reading stops — backpressure, not
 //! errors). The replies of everything one wake-up finished leave in one
-//! vectored write. On DISC, EOF, shutdown or a malformed header reading
+//! vectored write. While a large WRITE is still arriving over TCP, the
+//! socket wakes the task only once all of it is there ([`LowWater`]). On DISC, EOF, shutdown or a malformed header reading
 //! stops; requests in flight finish and their replies are written before
 //! the connection closes.
 
@@ -21,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::handshake::{Session, BASE_ALLOCATION_ID};
 use super::proto::{self, alloc, cflag, chunk, cmd, errno, Request};
 use super::{nbd_errno, ProtocolError};
-use crate::pipeline::{write_batch, Pipeline};
+use crate::pipeline::{write_batch, LowWater, Pipeline, ReadLowWater};
 use crate::volume::VolumeError;
 
 /// Requests processed concurrently per connection.
@@ -100,10 +101,11 @@ pub async fn serve<R, W>(
     shutdown: CancellationToken,
 ) -> Result<(), ProtocolError>
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: AsyncRead + ReadLowWater + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let session = Arc::new(session);
+    let mut low_water = LowWater::default();
     let mut in_flight = Pipeline::default();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut batch: Reply = Vec::new();
@@ -172,6 +174,9 @@ where
             buf.reserve(want.max(READ_CHUNK));
         }
         let may_read = reading && in_flight.len() < MAX_IN_FLIGHT;
+        if may_read {
+            low_water.expect(&reader, want);
+        }
         tokio::select! {
             biased;
             _ = shutdown.cancelled(), if reading => reading = false,

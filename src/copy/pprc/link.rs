@@ -94,16 +94,19 @@ const READ_CHUNK: usize = 256 << 10;
 
 /// Makes room in `buf` for the rest of the next frame (and at least
 /// 256 KiB), so a large frame arrives in one allocation instead of
-/// growing the buffer (and copying it) as it comes.
-pub fn reserve_frame(buf: &mut BytesMut) {
+/// growing the buffer (and copying it) as it comes. Returns how many bytes
+/// of the next frame are still missing (at least one).
+pub fn reserve_frame(buf: &mut BytesMut) -> usize {
     let next = match Frame::peek_header(buf) {
         Ok(Some(header)) => HEADER_LEN + header.length as usize,
         _ => HEADER_LEN,
     };
-    let want = next.saturating_sub(buf.len()).max(READ_CHUNK);
+    let missing = next.saturating_sub(buf.len()).max(1);
+    let want = missing.max(READ_CHUNK);
     if buf.capacity() - buf.len() < want {
         buf.reserve(want);
     }
+    missing
 }
 
 /// Reads one frame, buffering in `buf`.

@@ -27,7 +27,7 @@ use super::paths::HEARTBEAT;
 use super::wire::{Frame, Message, NONCE_LEN};
 use crate::copy::flashcopy::Change;
 use crate::nbd::{nbd_errno, proto::errno};
-use crate::pipeline::{write_batch, Pipeline};
+use crate::pipeline::{write_batch, LowWater, Pipeline, ReadLowWater};
 use crate::volume::id::Serial;
 use crate::volume::server::StorageServer;
 
@@ -109,7 +109,7 @@ pub const SILENCE_LIMIT: Duration = Duration::from_secs(5 * HEARTBEAT.as_secs())
 
 /// Serves one incoming link until the peer says goodbye or the link fails.
 /// Returns the authenticated peer.
-pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+pub async fn serve_link<S: AsyncRead + AsyncWrite + ReadLowWater + Unpin + Send + 'static>(
     stream: S,
     server: Arc<StorageServer>,
     local: Serial,
@@ -139,6 +139,7 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let mut running = Pipeline::default();
     let mut answers: Vec<Bytes> = Vec::new();
     let mut reading = true;
+    let mut low_water = LowWater::default();
     let mut heard = tokio::time::Instant::now();
     let result = 'link: loop {
         while reading && running.len() < LINK_CONCURRENCY {
@@ -174,7 +175,7 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         }
         let may_read = reading && running.len() < LINK_CONCURRENCY;
         if may_read {
-            reserve_frame(&mut buf);
+            low_water.expect(&stream, reserve_frame(&mut buf));
         } else {
             // Silence counts only while this end is listening.
             heard = tokio::time::Instant::now();
@@ -392,7 +393,7 @@ mod tests {
     const SECRET: &[u8] = b"shared";
 
     /// Serves `stream` as server FCB02.
-    fn serve_as_fcb02<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    fn serve_as_fcb02<S: AsyncRead + AsyncWrite + ReadLowWater + Unpin + Send + 'static>(
         stream: S,
         server: Arc<StorageServer>,
         secondaries: Arc<dyn PeerRequests>,
