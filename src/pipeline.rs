@@ -18,10 +18,10 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 
 /// Most buffers one vectored write takes.
-pub const MAX_SLICES: usize = 512;
+const MAX_SLICES: usize = 512;
 
 /// Writes every byte of `parts`, in order, with as few vectored writes as
 /// the writer allows, then empties `parts`.
@@ -30,35 +30,49 @@ pub async fn write_batch<W: AsyncWrite + Unpin>(
     parts: &mut Vec<Bytes>,
 ) -> io::Result<()> {
     let mut first = 0;
+    std::future::poll_fn(|cx| poll_write_parts(&mut *writer, cx, parts, &mut first)).await
+}
+
+/// Writes `parts[*first..]` with vectored writes until all is written
+/// (then empties `parts` and resets `first`: Ready) or the writer is full
+/// (Pending; `first` and the front part record how far it got).
+pub fn poll_write_parts<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    cx: &mut Context<'_>,
+    parts: &mut Vec<Bytes>,
+    first: &mut usize,
+) -> Poll<io::Result<()>> {
     loop {
-        while first < parts.len() && parts[first].is_empty() {
-            first += 1;
+        while *first < parts.len() && parts[*first].is_empty() {
+            *first += 1;
         }
-        if first == parts.len() {
-            break;
+        if *first == parts.len() {
+            parts.clear();
+            *first = 0;
+            return Poll::Ready(Ok(()));
         }
-        let slices: Vec<IoSlice<'_>> = parts[first..]
+        let slices: Vec<IoSlice<'_>> = parts[*first..]
             .iter()
             .take(MAX_SLICES)
             .map(|b| IoSlice::new(b))
             .collect();
-        let mut n = writer.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
+        let mut n = match Pin::new(&mut *writer).poll_write_vectored(cx, &slices) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        };
         while n > 0 {
-            let len = parts[first].len();
+            let len = parts[*first].len();
             if n >= len {
                 n -= len;
-                first += 1;
+                *first += 1;
             } else {
-                parts[first].advance(n);
+                parts[*first].advance(n);
                 n = 0;
             }
         }
     }
-    parts.clear();
-    Ok(())
 }
 
 /// The read side of a connection whose socket can be told how many bytes
@@ -235,6 +249,7 @@ impl<T> Pipeline<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
 
     #[tokio::test]
     async fn ready_requests_answer_in_place_and_waiting_ones_in_a_batch() {

@@ -16,7 +16,6 @@
 //! reach a volume.
 
 use std::collections::HashMap;
-use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use hmac::{Hmac, Mac};
 use rand_core::{OsRng, RngCore};
 use sha2::Sha256;
@@ -33,6 +32,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::wire::{Frame, Message, WireError, HEADER_LEN, NONCE_LEN, VERSION};
+use crate::pipeline::poll_write_parts;
 use crate::volume::id::Serial;
 
 /// Domain-separation label of the proof.
@@ -149,8 +149,9 @@ impl<W> std::fmt::Debug for Outbox<W> {
 
 struct OutboxState<W> {
     writer: W,
-    parts: std::collections::VecDeque<bytes::Bytes>,
-    bytes: usize,
+    /// Encoded frames; `parts[first..]` are not (wholly) sent yet.
+    parts: Vec<bytes::Bytes>,
+    first: usize,
     /// The socket was full: only the writer task (with its own waker) may
     /// write until it drained the queue.
     blocked: bool,
@@ -162,34 +163,12 @@ impl<W: AsyncWrite + Unpin> OutboxState<W> {
     /// Writes queued parts until none are left (Ready) or the socket is
     /// full (Pending).
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        while !self.parts.is_empty() {
-            let slices: Vec<IoSlice<'_>> = self
-                .parts
-                .iter()
-                .take(crate::pipeline::MAX_SLICES)
-                .map(|b| IoSlice::new(b))
-                .collect();
-            let mut n = match Pin::new(&mut self.writer).poll_write_vectored(cx, &slices) {
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
-                }
-                Poll::Ready(Ok(n)) => n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            };
-            self.bytes -= n;
-            while n > 0 {
-                let front = &mut self.parts[0];
-                if n >= front.len() {
-                    n -= front.len();
-                    self.parts.pop_front();
-                } else {
-                    front.advance(n);
-                    n = 0;
-                }
-            }
-        }
-        Poll::Ready(Ok(()))
+        poll_write_parts(&mut self.writer, cx, &mut self.parts, &mut self.first)
+    }
+
+    /// Bytes queued and not sent yet.
+    fn queued_bytes(&self) -> usize {
+        self.parts[self.first..].iter().map(|p| p.len()).sum()
     }
 }
 
@@ -199,8 +178,8 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Outbox<W> {
         let outbox = Arc::new(Outbox {
             state: std::sync::Mutex::new(OutboxState {
                 writer,
-                parts: Default::default(),
-                bytes: 0,
+                parts: Vec::new(),
+                first: 0,
                 blocked: false,
                 closed: false,
             }),
@@ -250,11 +229,8 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Outbox<W> {
         if s.closed {
             return Err(LinkError::Closed);
         }
-        for part in frame.encode() {
-            s.bytes += part.len();
-            s.parts.push_back(part);
-        }
-        if !s.blocked && s.bytes >= DIRECT_BYTES {
+        s.parts.extend(frame.encode());
+        if !s.blocked && s.queued_bytes() >= DIRECT_BYTES {
             match s.poll_drain(&mut Context::from_waker(Waker::noop())) {
                 Poll::Ready(Ok(())) => {}
                 // The writer task waits for room, with its own waker.
