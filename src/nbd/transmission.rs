@@ -8,9 +8,10 @@
 //! [`MAX_IN_FLIGHT`] of them (when full, reading stops — backpressure, not
 //! errors). The replies of everything one wake-up finished leave in one
 //! vectored write. While a large WRITE is still arriving over TCP, the
-//! socket wakes the task only once all of it is there ([`LowWater`]). On DISC, EOF, shutdown or a malformed header reading
-//! stops; requests in flight finish and their replies are written before
-//! the connection closes.
+//! socket wakes the task only once all of it is there ([`LowWater`]). On
+//! DISC, EOF, shutdown or a malformed header reading stops; requests in
+//! flight finish and their replies are written before the connection
+//! closes.
 
 use std::sync::Arc;
 

@@ -5,8 +5,8 @@
 //! target holes with one punch), marks them, and releases the locks before
 //! the next chunk, so host I/O keeps flowing. Copied ranges are pushed to
 //! disk right away (write-back started, not waited for), and bits are
-//! group-committed every 256 MiB copied or every second. The copy rate limit, if any, is
-//! applied to data bytes copied (holes are free).
+//! group-committed every 256 MiB copied or every second. The copy rate
+//! limit, if any, is applied to data bytes copied (holes are free).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -14,6 +14,11 @@
 //! other link. Proofs are compared in constant time. Until both proofs are
 //! verified no other frame is accepted, so an unauthenticated peer can never
 //! reach a volume.
+//!
+//! After the handshake, [`PeerLink`] is the primary's end: requests are
+//! pipelined and matched to their acknowledgements by ID. Its sending side
+//! (the outbox) queues frames in order; large ones are written by the task
+//! that made them, small ones gathered by a writer task into one `writev`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
