@@ -9,11 +9,18 @@
 //! so they leave in one vectored write ([`write_batch`]). While a large
 //! request is still arriving, [`LowWater`] asks the socket to wake the
 //! connection only once all of it is there, not for every piece.
+//!
+//! A connection starts the requests of one read inside a [`Batch`]: sends
+//! they queue on other sockets (a mirrored write's frame on a peer link) go
+//! out together when the batch ends, before any request does its slower
+//! local part ([`Batch::local_turn`]), so the peer works while we do.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes};
@@ -156,6 +163,69 @@ impl LowWater {
     }
 }
 
+/// A sender whose queued bytes may wait for the end of a [`Batch`].
+pub trait BatchSend: Send + Sync {
+    /// Sends what is queued (without waiting for the socket).
+    fn send_queued(&self);
+}
+
+thread_local! {
+    /// The senders with bytes queued by the batch being started on this
+    /// thread; `None` outside a batch.
+    static BATCH: RefCell<Option<Vec<Arc<dyn BatchSend>>>> = const { RefCell::new(None) };
+}
+
+/// The requests of one read being started (see the module docs). Not held
+/// across an await: it lives on the starting thread.
+pub struct Batch(std::marker::PhantomData<*const ()>);
+
+impl Batch {
+    /// Begins starting a batch of requests on this thread.
+    pub fn begin() -> Batch {
+        BATCH.with(|b| *b.borrow_mut() = Some(Vec::new()));
+        Batch(std::marker::PhantomData)
+    }
+
+    /// Leaves the sending of `sender`'s queued bytes to the end of the
+    /// batch being started on this thread; false (the caller sends them)
+    /// outside a batch.
+    pub fn defer_send(sender: &Arc<dyn BatchSend>) -> bool {
+        BATCH.with(|b| match b.borrow_mut().as_mut() {
+            Some(senders) => {
+                if !senders.iter().any(|s| Arc::ptr_eq(s, sender)) {
+                    senders.push(sender.clone());
+                }
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// Waits, if a batch is being started on this thread, until it ended:
+    /// a request's local part runs after the batch's sends left.
+    pub fn local_turn() -> impl Future<Output = ()> {
+        let mut wait = BATCH.with(|b| b.borrow().is_some());
+        std::future::poll_fn(move |_| {
+            if std::mem::take(&mut wait) {
+                // The connection polls a request it just started again
+                // (see `Pipeline::start`), so no wake-up is needed.
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        let senders = BATCH.with(|b| b.borrow_mut().take()).unwrap_or_default();
+        for sender in senders {
+            sender.send_queued();
+        }
+    }
+}
+
 /// A request in flight.
 type Request<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -249,7 +319,64 @@ impl<T> Pipeline<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncWriteExt;
+
+    #[derive(Default)]
+    struct CountingSender(AtomicUsize);
+
+    impl BatchSend for CountingSender {
+        fn send_queued(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_batch_sends_each_deferred_sender_once_when_it_ends() {
+        let first = Arc::new(CountingSender::default());
+        let second = Arc::new(CountingSender::default());
+        let (a, b): (Arc<dyn BatchSend>, Arc<dyn BatchSend>) = (first.clone(), second.clone());
+        assert!(!Batch::defer_send(&a), "no batch: the caller sends");
+        let batch = Batch::begin();
+        assert!(Batch::defer_send(&a));
+        assert!(Batch::defer_send(&b));
+        assert!(Batch::defer_send(&a));
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        drop(batch);
+        assert_eq!(first.0.load(Ordering::SeqCst), 1);
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        assert!(!Batch::defer_send(&a));
+    }
+
+    #[test]
+    fn a_local_part_waits_for_the_end_of_its_batch_only() {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut outside = std::pin::pin!(Batch::local_turn());
+        assert!(outside.as_mut().poll(&mut cx).is_ready());
+        let batch = Batch::begin();
+        let mut inside = std::pin::pin!(Batch::local_turn());
+        assert!(inside.as_mut().poll(&mut cx).is_pending());
+        drop(batch);
+        assert!(inside.as_mut().poll(&mut cx).is_ready());
+        // A request started in a batch runs its local part when the
+        // pipeline polls it again.
+        let mut pipeline = Pipeline::default();
+        let batch = Batch::begin();
+        assert_eq!(
+            pipeline.start(async {
+                Batch::local_turn().await;
+                7
+            }),
+            None
+        );
+        drop(batch);
+        let mut answers = Vec::new();
+        {
+            let mut finished = std::pin::pin!(pipeline.finished(|a| answers.push(a)));
+            assert!(finished.as_mut().poll(&mut cx).is_ready());
+        }
+        assert_eq!(answers, [7]);
+    }
 
     #[tokio::test]
     async fn ready_requests_answer_in_place_and_waiting_ones_in_a_batch() {

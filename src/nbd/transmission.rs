@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::handshake::{Session, BASE_ALLOCATION_ID};
 use super::proto::{self, alloc, cflag, chunk, cmd, errno, Request};
 use super::{nbd_errno, ProtocolError};
-use crate::pipeline::{write_batch, LowWater, Pipeline, ReadLowWater};
+use crate::pipeline::{write_batch, Batch, LowWater, Pipeline, ReadLowWater};
 use crate::volume::VolumeError;
 
 /// Requests processed concurrently per connection.
@@ -109,7 +109,7 @@ where
     let mut low_water = LowWater::default();
     let mut in_flight = Pipeline::default();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut batch: Reply = Vec::new();
+    let mut replies: Reply = Vec::new();
     let mut skip: u64 = 0;
     // The error for an oversized write, sent once its payload is skipped
     // (clients match replies only to requests they finished sending).
@@ -118,6 +118,7 @@ where
     let result: Result<(), ProtocolError> = 'conn: loop {
         // Start every complete request in the buffer, up to the limit.
         let mut need = 1;
+        let batch = Batch::begin();
         while reading && in_flight.len() < MAX_IN_FLIGHT {
             if skip > 0 {
                 let n = skip.min(buf.len() as u64);
@@ -128,7 +129,7 @@ where
                 }
             }
             if let Some(reply) = skipped_reply.take() {
-                batch.extend(reply);
+                replies.extend(reply);
             }
             match parse(&mut buf) {
                 Err(e) => break 'conn Err(e),
@@ -153,13 +154,14 @@ where
                 Ok(Parsed::Request(req, _)) if req.command == cmd::DISC => reading = false,
                 Ok(Parsed::Request(req, payload)) => {
                     if let Some(reply) = in_flight.start(handle(session.clone(), req, payload)) {
-                        batch.extend(reply);
+                        replies.extend(reply);
                     }
                 }
             }
         }
-        if !batch.is_empty() {
-            if let Err(e) = write_batch(&mut writer, &mut batch).await {
+        drop(batch);
+        if !replies.is_empty() {
+            if let Err(e) = write_batch(&mut writer, &mut replies).await {
                 break Err(e.into());
             }
         }
@@ -181,7 +183,7 @@ where
         tokio::select! {
             biased;
             _ = shutdown.cancelled(), if reading => reading = false,
-            () = in_flight.finished(|reply| batch.extend(reply)) => {}
+            () = in_flight.finished(|reply| replies.extend(reply)) => {}
             n = reader.read_buf(&mut buf), if may_read => match n {
                 Ok(0) if buf.is_empty() && skip == 0 => reading = false,
                 Ok(0) => break Err(ProtocolError::Transmission("EOF inside a request".into())),
@@ -193,7 +195,7 @@ where
     // Requests in flight finish, and their replies go out while the client
     // still reads them (after a protocol error too).
     let writable = in_flight
-        .finish(&mut writer, batch, |reply, out| out.extend(reply))
+        .finish(&mut writer, replies, |reply, out| out.extend(reply))
         .await;
     if writable {
         let _ = writer.flush().await;

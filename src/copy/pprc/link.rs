@@ -37,7 +37,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::wire::{Frame, Message, WireError, HEADER_LEN, NONCE_LEN, VERSION};
-use crate::pipeline::poll_write_parts;
+use crate::pipeline::{poll_write_parts, Batch, BatchSend};
 use crate::volume::id::Serial;
 
 /// Domain-separation label of the proof.
@@ -175,6 +175,35 @@ impl<W: AsyncWrite + Unpin> OutboxState<W> {
     fn queued_bytes(&self) -> usize {
         self.parts[self.first..].iter().map(|p| p.len()).sum()
     }
+
+    /// Writes what the socket takes at once, never waiting; what is left
+    /// stays queued for the writer task.
+    fn send_direct(&mut self) {
+        if self.blocked {
+            return;
+        }
+        match self.poll_drain(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => {}
+            // The writer task waits for room, with its own waker.
+            Poll::Pending => self.blocked = true,
+            // The writer task meets the error again and ends.
+            Poll::Ready(Err(_)) => {}
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> BatchSend for Outbox<W> {
+    fn send_queued(&self) {
+        let mut s = self.lock();
+        if !s.closed {
+            s.send_direct();
+        }
+        let left = !s.parts.is_empty();
+        drop(s);
+        if left {
+            self.queued.notify_one();
+        }
+    }
 }
 
 impl<W: AsyncWrite + Unpin + Send + 'static> Outbox<W> {
@@ -227,26 +256,21 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Outbox<W> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a frame, sends the queue at once if it is long enough, and
-    /// leaves the rest to the writer task.
-    fn send(&self, frame: &Frame) -> Result<(), LinkError> {
+    /// Queues a frame and sends the queue at once if it is long enough.
+    /// Inside a [`Batch`] the rest goes when the batch ends, else the
+    /// writer task sends it.
+    fn send(self: &Arc<Self>, frame: &Frame) -> Result<(), LinkError> {
         let mut s = self.lock();
         if s.closed {
             return Err(LinkError::Closed);
         }
         s.parts.extend(frame.encode());
-        if !s.blocked && s.queued_bytes() >= DIRECT_BYTES {
-            match s.poll_drain(&mut Context::from_waker(Waker::noop())) {
-                Poll::Ready(Ok(())) => {}
-                // The writer task waits for room, with its own waker.
-                Poll::Pending => s.blocked = true,
-                // The writer task meets the error again and ends.
-                Poll::Ready(Err(_)) => {}
-            }
+        if s.queued_bytes() >= DIRECT_BYTES {
+            s.send_direct();
         }
         let left = !s.parts.is_empty();
         drop(s);
-        if left {
+        if left && !Batch::defer_send(&(self.clone() as Arc<dyn BatchSend>)) {
             self.queued.notify_one();
         }
         Ok(())
@@ -606,6 +630,31 @@ mod tests {
         outbox.close();
         assert!(matches!(outbox.send(&frames[0]), Err(LinkError::Closed)));
         assert_eq!(read.await.unwrap(), expected);
+    }
+
+    #[tokio::test]
+    async fn small_frames_of_a_batch_leave_together_when_it_ends() {
+        use futures_util::FutureExt;
+        use tokio::io::AsyncReadExt;
+        let (writer, mut reader) = tokio::io::duplex(1 << 20);
+        let outbox = Outbox::spawn(writer);
+        let frame = |id| Frame {
+            id,
+            message: Message::Heartbeat { unix_ms: id },
+        };
+        let batch = Batch::begin();
+        outbox.send(&frame(1)).unwrap();
+        outbox.send(&frame(2)).unwrap();
+        let mut got = [0u8; 2 * (HEADER_LEN + 8)];
+        // Queued until the batch ends (this task never yielded, so the
+        // writer task cannot have sent them either).
+        assert!(reader.read(&mut got).now_or_never().is_none());
+        drop(batch);
+        reader.read_exact(&mut got).now_or_never().unwrap().unwrap();
+        let mut buf = BytesMut::from(&got[..]);
+        for id in [1, 2] {
+            assert_eq!(read_frame(&mut &[][..], &mut buf).await.unwrap(), frame(id));
+        }
     }
 
     #[tokio::test]

@@ -50,6 +50,7 @@ use crate::copy::bitmap::TrackBitmap;
 use crate::copy::flashcopy::Change;
 use crate::copy::locks::TrackLocks;
 use crate::nbd::proto::errno;
+use crate::pipeline::Batch;
 use crate::volume::{Volume, VolumeError, VolumeOp};
 
 /// The errno a secondary answers when its side of the pair was suspended
@@ -534,8 +535,12 @@ impl Pair {
             };
             (l, r)
         } else {
-            // The request goes on its link first, so the peer works on it
-            // while the local write runs.
+            // The request goes on its link first (with the others of its
+            // batch), so the peer works on it while the local write runs.
+            let local = async {
+                Batch::local_turn().await;
+                local.await
+            };
             let (remote, local_result) = tokio::join!(self.send(message), local);
             (local_result, remote)
         };
