@@ -405,13 +405,36 @@ pub fn python(script: &str, args: &[&str]) -> String {
     run_text(Command::new("/usr/bin/python3").arg(file.path()).args(args))
 }
 
-/// A loopback TCP port free at the time of the call.
+/// A loopback TCP port for a server that binds it later. A port the
+/// kernel picks (port 0) may be handed to another test's outgoing
+/// connection before the server binds it; these come from one counter per
+/// test process, outside the kernel's ephemeral range, so no other test of
+/// this process and no outgoing connection can take them meanwhile.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| {
+            let mut it = r.split_whitespace().map(|p| p.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    // Below the ephemeral range if there is room, else above it.
+    let (first, span) = if low > 12000 {
+        (low - 12000, 12000)
+    } else {
+        (high + 1, 65535 - high)
+    };
+    // Test binaries running at the same time start at different places.
+    let start = std::process::id() * 97 % span;
+    for _ in 0..span {
+        let port = first + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free loopback port in {first}..{}", first + span);
 }
 
 /// A fresh temporary directory (kept on failure for inspection).
