@@ -192,7 +192,9 @@ impl Batch {
     pub fn defer_send(sender: &Arc<dyn BatchSend>) -> bool {
         BATCH.with(|b| match b.borrow_mut().as_mut() {
             Some(senders) => {
-                if !senders.iter().any(|s| Arc::ptr_eq(s, sender)) {
+                let same =
+                    |s: &Arc<dyn BatchSend>| std::ptr::addr_eq(Arc::as_ptr(s), Arc::as_ptr(sender));
+                if !senders.iter().any(same) {
                     senders.push(sender.clone());
                 }
                 true
@@ -205,10 +207,12 @@ impl Batch {
     /// a request's local part runs after the batch's sends left.
     pub fn local_turn() -> impl Future<Output = ()> {
         let mut wait = BATCH.with(|b| b.borrow().is_some());
-        std::future::poll_fn(move |_| {
+        std::future::poll_fn(move |cx| {
             if std::mem::take(&mut wait) {
                 // The connection polls a request it just started again
-                // (see `Pipeline::start`), so no wake-up is needed.
+                // anyway (see `Pipeline::start`); any other poller is
+                // asked to.
+                cx.waker().wake_by_ref();
                 Poll::Pending
             } else {
                 Poll::Ready(())
