@@ -18,7 +18,9 @@
 //! After the handshake, [`PeerLink`] is the primary's end: requests are
 //! pipelined and matched to their acknowledgements by ID. Its sending side
 //! (the outbox) queues frames in order; large ones are written by the task
-//! that made them, small ones gathered by a writer task into one `writev`.
+//! that made them, the small ones of an NBD connection's batch (see
+//! [`Batch`]) together when the batch ends, any others gathered by a writer
+//! task into one `writev`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -132,14 +134,16 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 
 /// Bytes queued on a link that the requesting task sends itself, at once,
 /// instead of waking the writer task for them: a large write starts on its
-/// way to the peer while the local copy is made. Small frames wait for the
-/// writer task, which gathers all queued at the same moment into one write.
+/// way to the peer while the local copy is made. Small frames go when their
+/// batch ends, or with the writer task, which gathers all queued at the
+/// same moment into one write.
 const DIRECT_BYTES: usize = 256 << 10;
 
 /// The sending side of a link: frames queue here in order. The requesting
-/// task sends them itself once [`DIRECT_BYTES`] are queued (never waiting:
-/// what the socket does not take at once stays queued); the writer task
-/// sends the rest, waiting for the socket when it is full.
+/// task sends them itself once [`DIRECT_BYTES`] are queued or its
+/// [`Batch`] ends (never waiting: what the socket does not take at once
+/// stays queued); the writer task sends the rest, waiting for the socket
+/// when it is full.
 struct Outbox<W> {
     state: std::sync::Mutex<OutboxState<W>>,
     /// Wakes the writer task: frames are queued.
@@ -270,7 +274,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Outbox<W> {
         }
         let left = !s.parts.is_empty();
         drop(s);
-        if left && !Batch::defer_send(&(self.clone() as Arc<dyn BatchSend>)) {
+        if left && !Batch::defer_send(self) {
             self.queued.notify_one();
         }
         Ok(())
