@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -151,27 +152,34 @@ track = 65536
 h = nbd.NBD()
 h.connect_uri(uri)
 rnd = random.Random(seed)
-for t in rnd.sample(range(h.get_size() // track), count):
+tracks = rnd.sample(range(h.get_size() // track), count)
+for t in tracks:
     h.pwrite(rnd.randbytes(4096), t * track + rnd.randrange(0, track, 4096))
 h.flush()
 h.shutdown()
-print(count)
+print(" ".join(map(str, tracks)))
 "#;
 
-/// Marks set in a primary's out-of-sync bitmap file (after its 4 KiB
+/// Tracks set in a primary's out-of-sync bitmap file (after its 4 KiB
 /// header), i.e. the marks that survive a crash.
-fn durable_marks(essd: &Essd, volume: &str) -> u32 {
+fn durable_marks(essd: &Essd, volume: &str) -> BTreeSet<u64> {
     let path = essd.dir.join("state/pprc").join(format!("{volume}.oos"));
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    bytes[4096..].iter().map(|b| b.count_ones()).sum()
+    (0..(bytes.len() as u64 - 4096) * 8)
+        .filter(|t| bytes[4096 + (t / 8) as usize] & (1 << (t % 8)) != 0)
+        .collect()
 }
 
-fn write_tracks(essd: &Essd, export: &str, seed: u64, count: usize) {
+/// Writes 4 KiB into each of `count` random distinct tracks, then
+/// flushes; returns the tracks.
+fn write_tracks(essd: &Essd, export: &str, seed: u64, count: usize) -> Vec<u64> {
     let out = python(
         WRITE_TRACKS,
         &[&essd.uri(export), &seed.to_string(), &count.to_string()],
     );
-    assert_eq!(out.trim(), count.to_string());
+    let tracks: Vec<u64> = out.split_whitespace().map(|t| t.parse().unwrap()).collect();
+    assert_eq!(tracks.len(), count, "{out}");
+    tracks
 }
 
 /// Tries one write; prints `ok` or the errno name.
@@ -280,15 +288,21 @@ fn pairs_copy_mirror_suspend_resync_and_terminate() {
     assert_eq!(show(a, &pa)["bytes_sent"].as_u64().unwrap(), idle_from);
 
     // Duplex: every acknowledged write is on the secondary, and each of the
-    // 50 written tracks was marked durably before it was written.
-    write_tracks(a, &pa, 7, 50);
-    assert_eq!(durable_marks(a, &pa), 50);
+    // written tracks was marked durably before it was written — with the
+    // rest of its 64-track region, so the next writes there need no bitmap
+    // commit.
+    let written = write_tracks(a, &pa, 7, 5);
+    let regions: BTreeSet<u64> = written
+        .iter()
+        .flat_map(|t| t / 64 * 64..t / 64 * 64 + 64)
+        .collect();
+    assert_eq!(durable_marks(a, &pa), regions);
     assert_eq!(volume_sha(a, &pa), volume_sha(b, &pb));
     // The cleaner flushes the secondary and clears those marks once the
     // tracks are idle (duplex reports 0 out of sync either way: the
     // bitmap file is what holds them).
     let deadline = Instant::now() + CLEAN_INTERVAL * 4 + Duration::from_secs(5);
-    while durable_marks(a, &pa) != 0 {
+    while !durable_marks(a, &pa).is_empty() {
         assert!(Instant::now() < deadline, "marks never cleared");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -429,7 +443,7 @@ fn broken_links_suspend_and_critical_modes_inhibit_writes() {
     // pair suspends and the host's write succeeds (not critical).
     s.proxy.stall();
     let started = Instant::now();
-    write_tracks(a, &plain, 1, 1);
+    let stalled = write_tracks(a, &plain, 1, 1)[0];
     assert!(started.elapsed() >= Duration::from_millis(1900));
     let v = show(a, &plain);
     assert_eq!(
@@ -437,6 +451,26 @@ fn broken_links_suspend_and_critical_modes_inhibit_writes() {
         (Some("suspended"), Some("link lost"))
     );
     assert_eq!(v["write_inhibited"], false);
+    // Suspended, the bitmap file drops the rest of the regions it kept
+    // for duplex writes: it holds exactly the tracks out of sync.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let file = durable_marks(a, &plain);
+        let marked = show(a, &plain)["out_of_sync_tracks"].as_u64().unwrap();
+        if file.len() as u64 == marked {
+            assert!(
+                file.contains(&stalled),
+                "track {stalled} not marked: {file:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bitmap file has {} tracks, the pair {marked} out of sync",
+            file.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     s.proxy.heal();
     path(a, "0x10", "TSTB2", "0x10", "2");
 

@@ -56,16 +56,153 @@ pub enum BitmapError {
     },
 }
 
+/// Bits over `tracks` tracks in memory, as atomic 64-track words, with a
+/// count of the set bits.
+#[derive(Debug)]
+pub struct TrackBits {
+    tracks: u64,
+    words: Vec<AtomicU64>,
+    count: AtomicU64,
+}
+
+impl TrackBits {
+    /// All clear.
+    pub fn new(tracks: u64) -> Self {
+        Self::from_words(tracks, vec![0; tracks.div_ceil(64) as usize])
+    }
+
+    /// From words (bit `b` of word `i` = track `64 i + b`); bits past the
+    /// last track are dropped. `words` may be longer than needed.
+    pub fn from_words(tracks: u64, mut words: Vec<u64>) -> Self {
+        words.resize(words.len().max(tracks.div_ceil(64) as usize), 0);
+        let mut count = 0;
+        for (i, w) in words.iter_mut().enumerate() {
+            let first = i as u64 * 64;
+            if first >= tracks {
+                *w = 0;
+            } else if tracks - first < 64 {
+                *w &= (1u64 << (tracks - first)) - 1;
+            }
+            count += u64::from(w.count_ones());
+        }
+        TrackBits {
+            tracks,
+            words: words.into_iter().map(AtomicU64::new).collect(),
+            count: AtomicU64::new(count),
+        }
+    }
+
+    /// Number of tracks.
+    pub fn tracks(&self) -> u64 {
+        self.tracks
+    }
+
+    /// Number of set bits.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Whether track `t` is set.
+    pub fn get(&self, t: u64) -> bool {
+        self.word((t / 64) as usize) & (1 << (t % 64)) != 0
+    }
+
+    /// Number of 64-track words.
+    pub fn words(&self) -> usize {
+        self.words.len()
+    }
+
+    /// Word `i` of the bits (bit `b` = track `64 i + b`).
+    pub fn word(&self, i: usize) -> u64 {
+        self.words[i].load(Ordering::Acquire)
+    }
+
+    /// Sets the bits of `mask` in word `i`; returns how many were newly set.
+    pub fn set_word(&self, i: usize, mask: u64) -> u64 {
+        let old = self.words[i].fetch_or(mask, Ordering::AcqRel);
+        let added = u64::from((mask & !old).count_ones());
+        self.count.fetch_add(added, Ordering::AcqRel);
+        added
+    }
+
+    /// Clears the bits of `mask` in word `i`; returns how many were set.
+    pub fn clear_word(&self, i: usize, mask: u64) -> u64 {
+        let old = self.words[i].fetch_and(!mask, Ordering::AcqRel);
+        let cleared = u64::from((old & mask).count_ones());
+        self.count.fetch_sub(cleared, Ordering::AcqRel);
+        cleared
+    }
+
+    /// Sets every track in `[first, end)`, calling `changed` with each word
+    /// that got a new bit; returns how many bits were newly set.
+    pub fn set_range(&self, first: u64, end: u64, mut changed: impl FnMut(usize)) -> u64 {
+        assert!(end <= self.tracks, "tracks {first}..{end} out of range");
+        let mut newly = 0;
+        let mut t = first;
+        while t < end {
+            let word = t / 64;
+            let lo = t % 64;
+            let hi = (end - word * 64).min(64);
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            let added = self.set_word(word as usize, mask);
+            if added > 0 {
+                newly += added;
+                changed(word as usize);
+            }
+            t = word * 64 + hi;
+        }
+        newly
+    }
+
+    /// The first set track at or after `from`, if any.
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        let mut t = from;
+        while t < self.tracks {
+            let w = self.word((t / 64) as usize) >> (t % 64);
+            if w != 0 {
+                let found = t + u64::from(w.trailing_zeros());
+                return (found < self.tracks).then_some(found);
+            }
+            t = (t / 64 + 1) * 64;
+        }
+        None
+    }
+
+    /// Number of set tracks at or after `from`.
+    pub fn count_from(&self, from: u64) -> u64 {
+        if from >= self.tracks {
+            return 0;
+        }
+        let first = (from / 64) as usize;
+        let head = self.word(first) >> (from % 64);
+        u64::from(head.count_ones())
+            + self.words[first + 1..]
+                .iter()
+                .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
+                .sum::<u64>()
+    }
+
+    /// A copy of the bits as they are now.
+    pub fn snapshot(&self) -> TrackBits {
+        TrackBits::from_words(
+            self.tracks,
+            (0..self.words()).map(|i| self.word(i)).collect(),
+        )
+    }
+}
+
 /// A persistent bitmap over `tracks` tracks.
 #[derive(Debug)]
 pub struct TrackBitmap {
     path: PathBuf,
     file: Arc<File>,
-    tracks: u64,
-    words: Vec<AtomicU64>,
-    /// The bits known to be in the file and fsynced (a subset of `words`).
+    bits: TrackBits,
+    /// The bits known to be in the file and fsynced (a subset of `bits`).
     durable_words: Vec<AtomicU64>,
-    set_count: AtomicU64,
     /// Pages changed since they were last snapshotted.
     dirty: Mutex<BTreeSet<u64>>,
     /// Bumped after every new bit is set and its page marked dirty.
@@ -138,37 +275,23 @@ impl TrackBitmap {
         Ok(Self::from_parts(path, file, tracks, bits))
     }
 
-    fn from_parts(path: &Path, file: File, tracks: u64, bits: Vec<u8>) -> Self {
+    fn from_parts(path: &Path, file: File, tracks: u64, bytes: Vec<u8>) -> Self {
         let nwords = tracks.div_ceil(TRACKS_PER_PAGE) as usize * WORDS_PER_PAGE;
-        let mut set = 0u64;
-        let words: Vec<AtomicU64> = (0..nwords)
+        let words = (0..nwords)
             .map(|i| {
-                let mut w = bits
+                bytes
                     .get(i * 8..i * 8 + 8)
                     .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-                    .unwrap_or(0);
-                // Ignore bits past the last track.
-                let first = i as u64 * 64;
-                if first >= tracks {
-                    w = 0;
-                } else if tracks - first < 64 {
-                    w &= (1u64 << (tracks - first)) - 1;
-                }
-                set += u64::from(w.count_ones());
-                AtomicU64::new(w)
+                    .unwrap_or(0)
             })
             .collect();
-        let durable_words = words
-            .iter()
-            .map(|w| AtomicU64::new(w.load(Ordering::Relaxed)))
-            .collect();
+        let bits = TrackBits::from_words(tracks, words);
+        let durable_words = (0..nwords).map(|i| AtomicU64::new(bits.word(i))).collect();
         TrackBitmap {
             path: path.to_path_buf(),
             file: Arc::new(file),
-            tracks,
-            words,
+            bits,
             durable_words,
-            set_count: AtomicU64::new(set),
             dirty: Mutex::new(BTreeSet::new()),
             generation: AtomicU64::new(0),
             durable: AtomicU64::new(0),
@@ -183,22 +306,27 @@ impl TrackBitmap {
 
     /// Number of tracks.
     pub fn tracks(&self) -> u64 {
-        self.tracks
+        self.bits.tracks()
     }
 
     /// Number of set bits.
     pub fn count(&self) -> u64 {
-        self.set_count.load(Ordering::Acquire)
+        self.bits.count()
     }
 
     /// Whether every bit is set.
     pub fn all_set(&self) -> bool {
-        self.count() == self.tracks
+        self.count() == self.tracks()
     }
 
     /// Whether track `t` is set.
     pub fn get(&self, t: u64) -> bool {
-        self.words[(t / 64) as usize].load(Ordering::Acquire) & (1 << (t % 64)) != 0
+        self.bits.get(t)
+    }
+
+    /// The bits in memory.
+    pub fn bits(&self) -> &TrackBits {
+        &self.bits
     }
 
     /// Whether track `t`'s bit is durable (in the file and fsynced).
@@ -213,50 +341,21 @@ impl TrackBitmap {
 
     /// Sets track `t` (its data must already be written); true if newly set.
     pub fn set(&self, t: u64) -> bool {
-        assert!(t < self.tracks, "track {t} out of range");
-        let bit = 1u64 << (t % 64);
-        let old = self.words[(t / 64) as usize].fetch_or(bit, Ordering::AcqRel);
-        if old & bit != 0 {
-            return false;
-        }
-        self.set_count.fetch_add(1, Ordering::AcqRel);
-        self.dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(t / TRACKS_PER_PAGE);
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        true
+        assert!(t < self.tracks(), "track {t} out of range");
+        self.set_range(t, t + 1) == 1
     }
 
     /// Sets every track in `[first, end)` (their data must already be
     /// written); returns how many were newly set.
     pub fn set_range(&self, first: u64, end: u64) -> u64 {
-        assert!(end <= self.tracks, "tracks {first}..{end} out of range");
-        let mut newly = 0;
-        let mut t = first;
         let mut pages = Vec::new();
-        while t < end {
-            let word = t / 64;
-            let lo = t % 64;
-            let hi = (end - word * 64).min(64);
-            let mask = if hi - lo == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << (hi - lo)) - 1) << lo
-            };
-            let old = self.words[word as usize].fetch_or(mask, Ordering::AcqRel);
-            let added = u64::from((mask & !old).count_ones());
-            if added > 0 {
-                newly += added;
-                let page = t / TRACKS_PER_PAGE;
-                if pages.last() != Some(&page) {
-                    pages.push(page);
-                }
+        let newly = self.bits.set_range(first, end, |word| {
+            let page = word as u64 / WORDS_PER_PAGE as u64;
+            if pages.last() != Some(&page) {
+                pages.push(page);
             }
-            t = word * 64 + hi;
-        }
+        });
         if newly > 0 {
-            self.set_count.fetch_add(newly, Ordering::AcqRel);
             self.dirty
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -271,7 +370,7 @@ impl TrackBitmap {
         let mut runs: Vec<(u64, u64)> = Vec::new();
         let mut t = first;
         while t < end {
-            let w = self.words[(t / 64) as usize].load(Ordering::Acquire);
+            let w = self.bits.word((t / 64) as usize);
             if t % 64 == 0 && end - t >= 64 && (w == 0 || w == u64::MAX) {
                 if w == 0 {
                     match runs.last_mut() {
@@ -331,11 +430,9 @@ impl TrackBitmap {
     /// durable, so whoever sets it again waits for a later commit. Returns
     /// how many bits were cleared.
     pub fn clear_now(&self, word: usize, mask: u64) -> u64 {
-        let old = self.words[word].fetch_and(!mask, Ordering::AcqRel);
+        let cleared = self.bits.clear_word(word, mask);
         self.durable_words[word].fetch_and(!mask, Ordering::AcqRel);
-        let cleared = u64::from((old & mask).count_ones());
         if cleared > 0 {
-            self.set_count.fetch_sub(cleared, Ordering::AcqRel);
             self.changed_word(word);
         }
         cleared
@@ -343,21 +440,19 @@ impl TrackBitmap {
 
     /// Number of 64-track words.
     pub fn words(&self) -> usize {
-        self.words.len()
+        self.bits.words()
     }
 
     /// Word `i` of the bits (bit `b` = track `64 i + b`).
     pub fn word(&self, i: usize) -> u64 {
-        self.words[i].load(Ordering::Acquire)
+        self.bits.word(i)
     }
 
     /// Sets the bits of `mask` in word `i` (their data must be handled by
     /// the caller's rules); returns how many were newly set.
     pub fn set_word(&self, i: usize, mask: u64) -> u64 {
-        let old = self.words[i].fetch_or(mask, Ordering::AcqRel);
-        let added = u64::from((mask & !old).count_ones());
+        let added = self.bits.set_word(i, mask);
         if added > 0 {
-            self.set_count.fetch_add(added, Ordering::AcqRel);
             self.changed_word(i);
         }
         added
@@ -374,30 +469,12 @@ impl TrackBitmap {
 
     /// The first set track at or after `from`, if any.
     pub fn next_set(&self, from: u64) -> Option<u64> {
-        let mut t = from;
-        while t < self.tracks {
-            let w = self.words[(t / 64) as usize].load(Ordering::Acquire) >> (t % 64);
-            if w != 0 {
-                let found = t + u64::from(w.trailing_zeros());
-                return (found < self.tracks).then_some(found);
-            }
-            t = (t / 64 + 1) * 64;
-        }
-        None
+        self.bits.next_set(from)
     }
 
     /// Number of set tracks at or after `from`.
     pub fn count_from(&self, from: u64) -> u64 {
-        if from >= self.tracks {
-            return 0;
-        }
-        let first = (from / 64) as usize;
-        let head = self.words[first].load(Ordering::Acquire) >> (from % 64);
-        u64::from(head.count_ones())
-            + self.words[first + 1..]
-                .iter()
-                .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
-                .sum::<u64>()
+        self.bits.count_from(from)
     }
 
     /// Whether every track in `[first, end)` is set and durable.
@@ -417,9 +494,8 @@ impl TrackBitmap {
             .iter()
             .map(|&p| {
                 let first = p as usize * WORDS_PER_PAGE;
-                let snapshot = self.words[first..first + WORDS_PER_PAGE]
-                    .iter()
-                    .map(|w| w.load(Ordering::Acquire))
+                let snapshot = (first..first + WORDS_PER_PAGE)
+                    .map(|i| self.bits.word(i))
                     .collect();
                 (first, snapshot)
             })
@@ -495,6 +571,31 @@ mod tests {
             vec![(0, 3), (300, 1000), (1001, 65_530)]
         );
         assert_eq!(bm.unset_runs(150, 310), vec![(300, 310)]);
+    }
+
+    #[test]
+    fn track_bits_count_what_they_hold_and_drop_bits_past_the_end() {
+        let bits = TrackBits::from_words(100, vec![u64::MAX, u64::MAX, u64::MAX]);
+        assert_eq!(
+            (bits.count(), bits.words(), bits.word(1)),
+            (100, 3, (1 << 36) - 1)
+        );
+        assert_eq!(bits.word(2), 0);
+        assert_eq!(bits.clear_word(0, 0xff), 8);
+        assert_eq!(bits.clear_word(0, 0xff), 0);
+        let mut changed = Vec::new();
+        assert_eq!(bits.set_range(4, 70, |w| changed.push(w)), 4);
+        assert_eq!(changed, vec![0]);
+        assert_eq!(
+            (bits.count(), bits.next_set(0), bits.count_from(90)),
+            (96, Some(4), 10)
+        );
+        let copy = bits.snapshot();
+        bits.clear_word(1, u64::MAX);
+        assert_eq!(
+            (copy.count(), bits.count(), bits.next_set(64)),
+            (96, 60, None)
+        );
     }
 
     #[tokio::test]

@@ -567,6 +567,13 @@ impl PprcManager {
                     continue;
                 }
                 told.insert(pair.spec.volume.clone(), now);
+                if status.state == PairState::Suspended {
+                    // Only the marks need to stay durable now: drop the
+                    // regions kept for duplex writes.
+                    if let Err(e) = pair.narrow().await {
+                        tracing::warn!(volume = %pair.spec.volume, "cannot narrow the out-of-sync bitmap: {e}");
+                    }
+                }
                 let detail = match status.reason {
                     Some(r) => format!(", {}", r.name()),
                     None => String::new(),
@@ -730,7 +737,7 @@ impl PprcManager {
                     req.volume,
                     spec.peer,
                     spec.peer_volume,
-                    pair.oos().count()
+                    pair.marked()
                 ),
                 None,
             );
@@ -1095,7 +1102,7 @@ impl PprcManager {
                         mask &= (1u64 << limit) - 1;
                     }
                     if mask != 0 {
-                        oos.set_word(w, mask);
+                        pair.import_marks(w, mask);
                         added += u64::from(mask.count_ones());
                     }
                 }
@@ -1121,7 +1128,7 @@ impl PprcManager {
                 "{volume} → {} {}: copying {} track(s) ({handed} changed on {} before it stopped mirroring)",
                 pair.spec.peer,
                 pair.spec.peer_volume,
-                pair.oos().count(),
+                pair.marked(),
                 pair.spec.peer
             ),
             None,
@@ -1260,6 +1267,9 @@ impl PprcManager {
         for e in self.entries.lock().await.iter() {
             if let Entry::Primary(p) = e {
                 p.stop_tasks();
+                if let Err(e) = p.narrow().await {
+                    tracing::warn!(volume = %p.spec.volume, "cannot narrow the out-of-sync bitmap: {e}");
+                }
             }
         }
         let _ = self.save().await;
@@ -1462,6 +1472,9 @@ impl PprcManager {
             vol.detach_pprc();
             vol.set_secondary(true);
         }
+        pair.narrow()
+            .await
+            .map_err(|e| format!("cannot write the out-of-sync bitmap: {e}"))?;
         let handover = format!("{volume}.handover");
         std::fs::rename(pair.oos().path(), self.dir.join(&handover))
             .map_err(|e| format!("cannot keep the out-of-sync bitmap: {e}"))?;
@@ -1485,11 +1498,11 @@ impl PprcManager {
             "pprc.pair.failback",
             format!(
                 "{volume} is now the secondary of {peer} {primary}; {} changed track(s) handed over",
-                pair.oos().count()
+                pair.marked()
             ),
             None,
         );
-        Ok(json!({"tracks": pair.oos().count()}))
+        Ok(json!({"tracks": pair.marked()}))
     }
 
     async fn handover_bitmap(&self, peer: &str, volume: &str) -> Result<Message, u32> {

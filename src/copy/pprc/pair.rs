@@ -2,18 +2,29 @@
 //! the out-of-sync (OOS) bitmap, the background copy (initial copy and
 //! resync) and the cleaner.
 //!
-//! **The OOS bitmap** holds every track that may differ between primary
-//! and secondary, and is durable before the data write that changes a
-//! track (rule 3). While the pair is suspended, a host write sets its
-//! tracks' bits and waits for them to be committed (group commit, no data
+//! **Marks and the OOS bitmap.** The *marks* (in memory) are exactly the
+//! tracks that may differ between primary and secondary; the OOS bitmap
+//! file holds every mark durably before the data write that changes its
+//! track (rule 3). While the pair is suspended, a host write marks its
+//! tracks and waits for their bits to be committed (group commit, no data
 //! flush) before writing locally. While the pair is duplex, a write marks
 //! its tracks the same way *before* it is sent to both sides — so that a
 //! crash of the primary mid-write, or a link lost mid-write, leaves the
 //! track recorded — and the [cleaner](Pair::clean) clears marks again once
 //! the secondary has flushed them and they have been idle for a whole
-//! cleaning interval. A track written again soon keeps its durable mark,
-//! so steady writes pay no bitmap fsync; a pass with no mark to clear
-//! does not flush the secondary either.
+//! cleaning interval.
+//!
+//! **Activity regions.** A duplex write whose bits are not yet durable
+//! commits the whole 64-track word around them (4 MiB with 64 KiB
+//! tracks), like an activity log: the writes that follow into the same
+//! region find their bits durable and pay no bitmap fsync. The file is
+//! then a superset of the marks; the extra bits stay while the region is
+//! active and are dropped when it has been idle for a cleaning pass, when
+//! the pair suspends ([`Pair::narrow`]), stops or hands its bitmap over.
+//! Resyncs copy the marks only, so a link lost mid-write costs the tracks
+//! really written; only after a crash of the primary, when the marks are
+//! gone, does it resync whole regions from the file. A pass with nothing
+//! to clear does not flush the secondary.
 //!
 //! **Clearing safely**: every write marks its tracks in `touched` when it
 //! starts and when it ends, and counts itself in the current cleaning
@@ -46,7 +57,7 @@ use super::group::ConsistencyGroup;
 use super::link::PeerLink;
 use super::paths::{PathManager, Route};
 use super::wire::{self, Message};
-use crate::copy::bitmap::TrackBitmap;
+use crate::copy::bitmap::{TrackBitmap, TrackBits};
 use crate::copy::flashcopy::Change;
 use crate::copy::locks::TrackLocks;
 use crate::nbd::proto::errno;
@@ -209,7 +220,11 @@ pub struct Pair {
     group: Option<Arc<ConsistencyGroup>>,
     status: Mutex<Status>,
     inhibited: AtomicBool,
+    /// Durable: every mark, plus whole active regions while mirroring.
     oos: TrackBitmap,
+    /// The tracks that may differ (a subset of `oos`), changed only
+    /// under `clean_lock` (read to set, write to clear).
+    marks: TrackBits,
     touched: Vec<AtomicU64>,
     /// `touched` as it was at the start of the last cleaning pass.
     recent: Mutex<Vec<u64>>,
@@ -269,6 +284,7 @@ impl Pair {
             group: env.group,
             inhibited: AtomicBool::new(status.write_inhibited),
             status: Mutex::new(status),
+            marks: oos.bits().snapshot(),
             oos,
             touched: (0..words).map(|_| AtomicU64::new(0)).collect(),
             recent: Mutex::new(vec![0; words]),
@@ -310,6 +326,19 @@ impl Pair {
         &self.oos
     }
 
+    /// Number of marked tracks (that may differ), copied or not.
+    pub fn marked(&self) -> u64 {
+        self.marks.count()
+    }
+
+    /// Marks the tracks of `mask` in word `i` (a bitmap handed over at
+    /// failback); the caller commits the bitmap before writing them.
+    pub fn import_marks(&self, i: usize, mask: u64) -> u64 {
+        let _no_clearing = self.clean_lock.read().unwrap_or_else(|p| p.into_inner());
+        self.oos.set_word(i, mask);
+        self.marks.set_word(i, mask)
+    }
+
     /// Track size in bytes.
     pub fn track_size(&self) -> u64 {
         self.track_size
@@ -319,8 +348,8 @@ impl Pair {
     /// the copier has still to copy while duplex pending, none in duplex.
     pub fn out_of_sync(&self) -> u64 {
         match self.state() {
-            PairState::Suspended => self.oos.count(),
-            PairState::DuplexPending => self.oos.count_from(self.cursor.load(Ordering::Acquire)),
+            PairState::Suspended => self.marks.count(),
+            PairState::DuplexPending => self.marks.count_from(self.cursor.load(Ordering::Acquire)),
             PairState::Duplex | PairState::Simplex => 0,
         }
     }
@@ -438,17 +467,23 @@ impl Pair {
     }
 
     /// Marks `[first, end)` out of sync and waits until the marks are
-    /// durable. Returns the cleaning epoch the write counts in.
+    /// durable, committing whole regions (see the module docs). Returns
+    /// the cleaning epoch the write counts in.
     async fn begin(&self, first: u64, end: u64) -> std::io::Result<u64> {
         let epoch = {
             let _no_clearing = self.clean_lock.read().unwrap_or_else(|p| p.into_inner());
             let epoch = self.epoch.load(Ordering::Acquire);
             self.active[(epoch & 1) as usize].fetch_add(1, Ordering::AcqRel);
             self.mark_touched(first, end);
-            self.oos.set_range(first, end);
+            self.marks.set_range(first, end, |_| {});
             epoch
         };
+        // Marked first: narrowing never drops a marked track's bit, so a
+        // bit found durable here stays so until the write has ended.
         if !self.oos.all_durable(first, end) {
+            let region = (first / 64 * 64, end.div_ceil(64) * 64);
+            self.oos
+                .set_range(region.0, region.1.min(self.oos.tracks()));
             if let Err(e) = self.oos.commit_bits().await {
                 self.end(epoch, first, end);
                 return Err(e);
@@ -499,7 +534,11 @@ impl Pair {
         if !matches!(self.state(), PairState::Duplex | PairState::DuplexPending) {
             self.apply_critical_mode(op)?;
             // Suspended: record the change durably, then make it.
-            self.oos.set_range(first, end);
+            {
+                let _no_clearing = self.clean_lock.read().unwrap_or_else(|p| p.into_inner());
+                self.marks.set_range(first, end, |_| {});
+                self.oos.set_range(first, end);
+            }
             self.oos.commit_bits().await.map_err(io)?;
             return local.await;
         }
@@ -705,10 +744,11 @@ impl Pair {
 
     /// One cleaning pass (see the module docs): clears the marks of tracks
     /// that are in sync and durable on the secondary — while duplex
-    /// pending, only of tracks the copier has passed. With `keep_recent`,
-    /// tracks written since the previous pass keep their marks too, so a
-    /// track written again soon costs no bitmap commit. Returns how many
-    /// marks were cleared.
+    /// pending, only of tracks the copier has passed — and drops the
+    /// bitmap's bits of tracks not marked. With `keep_recent`, tracks
+    /// written since the previous pass keep their marks too, and regions
+    /// written in this or the previous pass keep all their bits, so writes
+    /// there cost no bitmap commit. Returns how many marks were cleared.
     pub async fn clean(&self, keep_recent: bool) -> Result<u64, Failure> {
         let old = {
             let _all = self.clean_lock.write().unwrap_or_else(|p| p.into_inner());
@@ -724,29 +764,35 @@ impl Pair {
             PairState::Duplex => self.oos.tracks(),
             _ => return Ok(0),
         };
-        if !self.may_clear(below) {
+        let clear_marks = self.may_clear(below);
+        if !clear_marks && !self.may_drop_unmarked(keep_recent) {
             // Every mark is of a track written since the previous pass
             // (steady writes) or there is none: flushing the secondary
             // would clear nothing.
             return Ok(0);
         }
-        // Wait for the writes of the old epoch to end.
-        loop {
-            let waiting = self.ended.notified();
-            if self.active[(old & 1) as usize].load(Ordering::Acquire) == 0 {
-                break;
+        if clear_marks {
+            // Wait for the writes of the old epoch to end.
+            loop {
+                let waiting = self.ended.notified();
+                if self.active[(old & 1) as usize].load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(50), waiting).await;
             }
-            let _ = tokio::time::timeout(Duration::from_millis(50), waiting).await;
+            self.flush_secondary().await?;
         }
-        self.flush_secondary().await?;
         self.oos
             .clear_with(|oos| {
                 let _all = self.clean_lock.write().unwrap_or_else(|p| p.into_inner());
                 let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
                 let mut cleared = 0;
-                for (w, mask) in self.clearable(below, &recent) {
-                    cleared += oos.clear_now(w, mask);
+                if clear_marks {
+                    for (w, mask) in self.clearable(below, &recent) {
+                        cleared += self.marks.clear_word(w, mask);
+                    }
                 }
+                self.drop_unmarked(oos, keep_recent.then_some(&recent[..]));
                 cleared
             })
             .await
@@ -769,7 +815,8 @@ impl Pair {
         let words = (below / 64) as usize;
         let tail = below % 64;
         (0..=words.min(self.oos.words() - 1)).filter_map(move |w| {
-            let mut mask = self.oos.word(w) & !self.touched[w].load(Ordering::Acquire) & !recent[w];
+            let mut mask =
+                self.marks.word(w) & !self.touched[w].load(Ordering::Acquire) & !recent[w];
             if w == words {
                 mask &= (1u64 << tail).wrapping_sub(1);
             }
@@ -783,6 +830,50 @@ impl Pair {
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         let any = self.clearable(below, &recent).next().is_some();
         any
+    }
+
+    /// The bitmap's bits of tracks that are not marked, word by word (only
+    /// nonzero words); with `recent`, only in regions no write touched in
+    /// this cleaning pass nor the previous one.
+    fn unmarked<'r>(
+        &'r self,
+        recent: Option<&'r [u64]>,
+    ) -> impl Iterator<Item = (usize, u64)> + 'r {
+        (0..self.oos.words()).filter_map(move |w| {
+            let idle = recent.is_none_or(|r| r[w] | self.touched[w].load(Ordering::Acquire) == 0);
+            let extra = self.oos.word(w) & !self.marks.word(w);
+            (idle && extra != 0).then_some((w, extra))
+        })
+    }
+
+    /// Whether a cleaning pass could drop any unmarked bit.
+    fn may_drop_unmarked(&self, keep_recent: bool) -> bool {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let any = self
+            .unmarked(keep_recent.then_some(&recent[..]))
+            .next()
+            .is_some();
+        any
+    }
+
+    /// Clears the unmarked bits (inside [`TrackBitmap::clear_with`], under
+    /// the write lock of `clean_lock`).
+    fn drop_unmarked(&self, oos: &TrackBitmap, recent: Option<&[u64]>) {
+        for (w, extra) in self.unmarked(recent) {
+            oos.clear_now(w, extra);
+        }
+    }
+
+    /// Drops every unmarked bit from the bitmap file, so it holds exactly
+    /// the tracks that may differ (when the pair stops mirroring, and
+    /// before its bitmap is handed over or outlives this process).
+    pub async fn narrow(&self) -> std::io::Result<()> {
+        self.oos
+            .clear_with(|oos| {
+                let _all = self.clean_lock.write().unwrap_or_else(|p| p.into_inner());
+                self.drop_unmarked(oos, None);
+            })
+            .await
     }
 
     /// A mirroring failure of the cleaner or copier: a pair of a
@@ -819,8 +910,8 @@ impl Pair {
     pub async fn run_copier(self: Arc<Self>, volume: Arc<Volume>, stop: CancellationToken) {
         self.cursor.store(0, Ordering::Release);
         *self.copy_clock.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((Instant::now(), self.oos.count()));
-        let tracks = self.oos.tracks();
+            Some((Instant::now(), self.marks.count()));
+        let tracks = self.marks.tracks();
         let per_chunk = (COPY_CHUNK / self.track_size).max(1);
         let mut inflight = tokio::task::JoinSet::new();
         // First tracks of the runs being copied: the cursor (below which
@@ -829,13 +920,13 @@ impl Pair {
         let mut copying = std::collections::BTreeSet::new();
         let mut next = 0u64;
         let mut failed: Option<Failure> = None;
-        while let Some(first) = self.oos.next_set(next) {
+        while let Some(first) = self.marks.next_set(next) {
             if failed.is_some() || stop.is_cancelled() || self.state() != PairState::DuplexPending {
                 break;
             }
             // A run of marked tracks, at most one chunk.
             let mut end = first + 1;
-            while end < tracks && end - first < per_chunk && self.oos.get(end) {
+            while end < tracks && end - first < per_chunk && self.marks.get(end) {
                 end += 1;
             }
             while inflight.len() >= COPY_DEPTH {
