@@ -433,7 +433,7 @@ impl PprcManager {
                     .ask_secondary(&pair.spec, volume.size(), false, true)
                     .await
                 {
-                    Ok(()) => me.start(&pair, &volume, PairState::DuplexPending),
+                    Ok(()) => me.start(&pair, &volume, PairState::DuplexPending).await,
                     Err(e) => {
                         tracing::warn!(volume = %pair.spec.volume, "PPRC pair stays suspended: {e}")
                     }
@@ -654,8 +654,8 @@ impl PprcManager {
     }
 
     /// Starts mirroring in `state` (duplex or duplex pending).
-    fn start(&self, pair: &Arc<Pair>, volume: &Arc<Volume>, state: PairState) {
-        pair.enter(state);
+    async fn start(&self, pair: &Arc<Pair>, volume: &Arc<Volume>, state: PairState) {
+        pair.start_mirroring(state).await;
         let stop = pair.restart_tasks();
         tokio::spawn(pair.clone().run_cleaner(stop.clone()));
         if state == PairState::DuplexPending {
@@ -728,7 +728,7 @@ impl PprcManager {
             self.check_path(&spec)?;
             self.ask_secondary(&pair.spec, volume.size(), req.permit_online, true)
                 .await?;
-            self.start(&pair, &volume, PairState::DuplexPending);
+            self.start(&pair, &volume, PairState::DuplexPending).await;
             self.save_locked(&entries)?;
             self.log.record(
                 "pprc.pair.resync",
@@ -778,22 +778,20 @@ impl PprcManager {
                 .await
                 .map_err(io_err(format!("cannot write {}", path.display())))?;
         }
-        let pair = self.new_pair(
-            spec.clone(),
-            &volume,
-            oos,
-            new_status(PairState::Simplex, None),
-        );
-        {
-            let _quiet = volume.gate().write().await;
-            volume.attach_pprc(pair.clone());
-        }
         let state = if req.mode == CopyOption::Copy {
             PairState::DuplexPending
         } else {
             PairState::Duplex
         };
-        self.start(&pair, &volume, state);
+        // Mirroring from the moment it is attached: no change is made on
+        // this volume alone in between (with no copy, none would ever
+        // reach the secondary).
+        let pair = self.new_pair(spec.clone(), &volume, oos, new_status(state, None));
+        {
+            let _quiet = volume.gate().write().await;
+            volume.attach_pprc(pair.clone());
+        }
+        self.start(&pair, &volume, state).await;
         entries.push(Entry::Primary(pair.clone()));
         self.save_locked(&entries)?;
         self.log.record(
@@ -1120,7 +1118,7 @@ impl PprcManager {
                 json!({"op": "handover-done", "volume": pair.spec.peer_volume}),
             )
             .await;
-        self.start(&pair, &vol, PairState::DuplexPending);
+        self.start(&pair, &vol, PairState::DuplexPending).await;
         self.save_locked(&entries)?;
         self.log.record(
             "pprc.pair.failback",

@@ -59,7 +59,7 @@ use super::paths::{PathManager, Route};
 use super::wire::{self, Message};
 use crate::copy::bitmap::{TrackBitmap, TrackBits};
 use crate::copy::flashcopy::Change;
-use crate::copy::locks::TrackLocks;
+use crate::copy::locks::{Overlaps, TrackLocks};
 use crate::nbd::proto::errno;
 use crate::pipeline::Batch;
 use crate::volume::{Volume, VolumeError, VolumeOp};
@@ -233,6 +233,13 @@ pub struct Pair {
     ended: Notify,
     clean_lock: RwLock<()>,
     locks: TrackLocks,
+    /// Held shared by changes made on the primary alone (the pair not
+    /// mirroring), exclusively while the pair starts mirroring.
+    local_only: tokio::sync::RwLock<()>,
+    /// Mirrored changes in flight: overlapping ones go one after another,
+    /// so both volumes apply them in the same order (requests spread over
+    /// several links may be applied in any order on the secondary).
+    overlaps: Overlaps,
     paths: Arc<PathManager>,
     timeout: Duration,
     bytes_sent: AtomicU64,
@@ -293,6 +300,8 @@ impl Pair {
             ended: Notify::new(),
             clean_lock: RwLock::new(()),
             locks: TrackLocks::default(),
+            local_only: tokio::sync::RwLock::new(()),
+            overlaps: Overlaps::default(),
             paths: env.paths,
             timeout: env.timeout,
             bytes_sent: AtomicU64::new(0),
@@ -383,7 +392,7 @@ impl Pair {
     }
 
     /// Enters `state` (not suspended), resetting the reason.
-    pub fn enter(&self, state: PairState) {
+    fn enter(&self, state: PairState) {
         self.set_status(|s| {
             s.state = state;
             s.reason = None;
@@ -400,6 +409,15 @@ impl Pair {
             s.write_inhibited = false;
         });
         self.inhibited.store(false, Ordering::Release);
+    }
+
+    /// Enters `state` (duplex or duplex pending) once no change made on the
+    /// primary alone is in flight: every such change has then been made
+    /// and marked before the copier can read its track, and none is made
+    /// alone from now on.
+    pub async fn start_mirroring(&self, state: PairState) {
+        let _none_alone = self.local_only.write().await;
+        self.enter(state);
     }
 
     /// Suspends the pair (if it is mirroring) and stops its copier and
@@ -531,17 +549,23 @@ impl Pair {
             offset,
             source,
         };
-        if !matches!(self.state(), PairState::Duplex | PairState::DuplexPending) {
-            self.apply_critical_mode(op)?;
-            // Suspended: record the change durably, then make it.
-            {
-                let _no_clearing = self.clean_lock.read().unwrap_or_else(|p| p.into_inner());
-                self.marks.set_range(first, end, |_| {});
-                self.oos.set_range(first, end);
+        let mirroring = || matches!(self.state(), PairState::Duplex | PairState::DuplexPending);
+        if !mirroring() {
+            let _alone = self.local_only.read().await;
+            // Checked again: the pair may have started mirroring meanwhile.
+            if !mirroring() {
+                self.apply_critical_mode(op)?;
+                // Suspended: record the change durably, then make it.
+                {
+                    let _no_clearing = self.clean_lock.read().unwrap_or_else(|p| p.into_inner());
+                    self.marks.set_range(first, end, |_| {});
+                    self.oos.set_range(first, end);
+                }
+                self.oos.commit_bits().await.map_err(io)?;
+                return local.await;
             }
-            self.oos.commit_bits().await.map_err(io)?;
-            return local.await;
         }
+        let _in_turn = self.overlaps.enter(offset, offset + len).await;
         let _ordered = self.locks.shared(first..end).await;
         let epoch = self.begin(first, end).await.map_err(io)?;
         let message = match &change {
