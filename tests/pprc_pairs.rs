@@ -160,48 +160,48 @@ h.shutdown()
 print(" ".join(map(str, tracks)))
 "#;
 
-/// Writes different data to the same places several times at once: in
-/// each round 8 writes to one range, in flight together (whole pages and
-/// single sectors, alternately). Prints how many completed.
-const OVERLAPPING_WRITES: &str = r#"
-import nbd, sys
+/// Start of a script sending batches of writes with libnbd's async API:
+/// `batch(writes)` sends `(data, offset)` writes together and waits for
+/// all of them.
+const AIO_WRITES: &str = r#"
+import nbd, random, sys, time
 h = nbd.NBD()
 h.connect_uri(sys.argv[1])
 done = 0
-for r in range(int(sys.argv[2])):
-    offset, size = (r % 64) * 8192 + (r % 2) * 512, 512 if r % 2 else 4096
-    cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray([1 + (r * 8 + k) % 255]) * size), offset)
-               for k in range(8)]
+def batch(writes):
+    global done
+    cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(d), o) for d, o in writes]
     while h.aio_in_flight() > 0:
         h.poll(-1)
     done += sum(1 for c in cookies if h.aio_command_completed(c))
-h.flush()
-h.shutdown()
-print(done)
+"#;
+
+/// Writes different data to the same places several times at once: in
+/// each round 8 writes to one range, in flight together (whole pages and
+/// single sectors, alternately).
+const OVERLAPPING_WRITES: &str = r#"
+for r in range(int(sys.argv[2])):
+    offset, size = (r % 64) * 8192 + (r % 2) * 512, 512 if r % 2 else 4096
+    batch([(bytearray([1 + (r * 8 + k) % 255]) * size, offset) for k in range(8)])
 "#;
 
 /// 4 KiB writes, 8 in flight, to the volume's blocks in random order, each
 /// at most once (so a write that misses the secondary is never covered by
-/// a later one), for `argv[2]` seconds. Prints how many completed.
+/// a later one), for `argv[2]` seconds.
 const KEEP_WRITING: &str = r#"
-import nbd, random, sys, time
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 end = time.time() + float(sys.argv[2])
 rnd = random.Random(5)
 blocks = list(range(h.get_size() // 4096))
 rnd.shuffle(blocks)
-done = 0
 while time.time() < end and len(blocks) >= 8:
-    cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(rnd.randbytes(4096)), blocks.pop() * 4096)
-               for _ in range(8)]
-    while h.aio_in_flight() > 0:
-        h.poll(-1)
-    done += sum(1 for c in cookies if h.aio_command_completed(c))
-h.flush()
-h.shutdown()
-print(done)
+    batch([(rnd.randbytes(4096), blocks.pop() * 4096) for _ in range(8)])
 "#;
+
+/// An [`AIO_WRITES`] script with `body`, flushing at the end; it prints
+/// how many writes completed.
+fn aio_script(body: &str) -> String {
+    format!("{AIO_WRITES}{body}h.flush()\nh.shutdown()\nprint(done)\n")
+}
 
 /// Tracks set in a primary's out-of-sync bitmap file (after its 4 KiB
 /// header), i.e. the marks that survive a crash.
@@ -449,7 +449,7 @@ fn broken_links_suspend_and_critical_modes_inhibit_writes() {
 
     // Overlapping writes in flight together, spread over both links: the
     // secondary applies them in the primary's order, so the volumes agree.
-    let out = python(OVERLAPPING_WRITES, &[&a.uri(&plain), "200"]);
+    let out = python(&aio_script(OVERLAPPING_WRITES), &[&a.uri(&plain), "200"]);
     assert_eq!(out.trim(), "1600");
     assert_eq!(show(a, &plain)["state"], "duplex");
     assert_eq!(volume_sha(a, &plain), volume_sha(b, &b.vol(0x10, 0)));
@@ -458,8 +458,8 @@ fn broken_links_suspend_and_critical_modes_inhibit_writes() {
     // resyncs miss no change made while the pair was suspended, nor one
     // made alone as it started mirroring again.
     let writer = {
-        let uri = a.uri(&plain);
-        std::thread::spawn(move || python(KEEP_WRITING, &[&uri, "3"]))
+        let (uri, script) = (a.uri(&plain), aio_script(KEEP_WRITING));
+        std::thread::spawn(move || python(&script, &[&uri, "3"]))
     };
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(300));
