@@ -57,6 +57,7 @@ async fn peers_authenticate_and_only_secondaries_take_changes() {
         volume: *b"000TST01",
         offset: 0,
         fua: false,
+        copy: false,
         data: Bytes::from_static(b"not a secondary"),
     };
     assert_eq!(

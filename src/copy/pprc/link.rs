@@ -612,6 +612,7 @@ mod tests {
                     volume: super::super::wire::volume_name("1000"),
                     offset: i as u64,
                     fua: false,
+                    copy: i % 2 == 0,
                     data: bytes::Bytes::from(vec![i as u8; len]),
                 },
             })

@@ -573,6 +573,7 @@ impl Pair {
                 volume: self.wire_volume,
                 offset,
                 fua: *fua,
+                copy: false,
                 data: data.clone(),
             },
             Change::Zero(punch, _, _) => Message::Zero {
@@ -1053,6 +1054,7 @@ impl Pair {
                         volume: self.wire_volume,
                         offset: at,
                         fua: false,
+                        copy: true,
                         data,
                     }
                 };

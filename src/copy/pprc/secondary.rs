@@ -220,11 +220,16 @@ async fn answer(
             volume,
             offset,
             fua,
+            copy,
             data,
         } => {
             let len = data.len() as u64;
             let change = Change::Write(data, fua);
-            ack(apply(server, requests, peer, &volume, offset, len, change).await)
+            let code = apply(server, requests, peer, &volume, offset, len, change).await;
+            if code == 0 && copy {
+                start_writeback(server, &volume, offset, len);
+            }
+            ack(code)
         }
         Message::Zero {
             volume,
@@ -313,6 +318,25 @@ fn lookup(
         return Err(requests.refusal(v.name()));
     }
     Ok(v)
+}
+
+/// Starts writing a copied range back to disk, without waiting for it:
+/// the copy's closing flush then finds little left to do. Host writes are
+/// left to the page cache (starting their write-back at once slows large
+/// mirrored writes by about a fifth).
+fn start_writeback(server: &StorageServer, volume: &[u8; 8], offset: u64, len: u64) {
+    let Some(v) = std::str::from_utf8(volume)
+        .ok()
+        .and_then(|id| server.lookup(id))
+        .cloned()
+    else {
+        return;
+    };
+    tokio::spawn(async move {
+        if let Err(e) = v.store().start_writeback(offset, len).await {
+            tracing::debug!(volume = %v.name(), "cannot start write-back: {e}");
+        }
+    });
 }
 
 async fn apply(
@@ -457,6 +481,7 @@ mod tests {
                     volume: vol,
                     offset: i * 65536,
                     fua: i % 8 == 0,
+                    copy: false,
                     data: Bytes::from(vec![i as u8 + 1; 65536]),
                 })
                 .await
@@ -492,6 +517,7 @@ mod tests {
             volume: vol,
             offset: 4 << 20,
             fua: false,
+            copy: false,
             data: Bytes::from_static(b"x"),
         };
         assert_eq!(link.request(past).await.unwrap(), errno::ENOSPC);
@@ -508,6 +534,7 @@ mod tests {
             volume: *b"001FCB02",
             offset: 0,
             fua: false,
+            copy: false,
             data: Bytes::from_static(b"no"),
         };
         assert_eq!(link.request(other).await.unwrap(), errno::EPERM);

@@ -50,6 +50,9 @@ mod kind {
 pub const FLAG_FUA: u16 = 1;
 /// Frame flag: zeroing may leave holes.
 pub const FLAG_PUNCH: u16 = 2;
+/// Frame flag: a write of an initial copy or resync (the secondary starts
+/// writing it back to disk at once).
+pub const FLAG_COPY: u16 = 4;
 
 /// A malformed frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -147,6 +150,8 @@ pub enum Message {
         offset: u64,
         /// Durable before acknowledging.
         fua: bool,
+        /// Part of an initial copy or resync.
+        copy: bool,
         /// The data.
         data: Bytes,
     },
@@ -297,7 +302,10 @@ impl Frame {
         match &self.message {
             Message::Hello { .. } => (kind::HELLO, 0),
             Message::Auth { .. } => (kind::AUTH, 0),
-            Message::Write { fua, .. } => (kind::WRITE, if *fua { FLAG_FUA } else { 0 }),
+            Message::Write { fua, copy, .. } => (
+                kind::WRITE,
+                if *fua { FLAG_FUA } else { 0 } | if *copy { FLAG_COPY } else { 0 },
+            ),
             Message::Zero { punch, .. } => (kind::ZERO, if *punch { FLAG_PUNCH } else { 0 }),
             Message::Trim { .. } => (kind::TRIM, 0),
             Message::Flush { .. } => (kind::FLUSH, 0),
@@ -418,7 +426,7 @@ impl Frame {
             return Err(WireError::TooLarge(length));
         }
         let allowed = match kind {
-            kind::WRITE => FLAG_FUA,
+            kind::WRITE => FLAG_FUA | FLAG_COPY,
             kind::ZERO => FLAG_PUNCH,
             kind::HELLO..=kind::REPLY => 0,
             other => return Err(WireError::UnknownKind(other)),
@@ -490,6 +498,7 @@ impl Frame {
                     volume,
                     offset,
                     fua: flags & FLAG_FUA != 0,
+                    copy: flags & FLAG_COPY != 0,
                     data: payload.slice(at..),
                 });
             }
@@ -600,6 +609,7 @@ mod tests {
                 volume: v,
                 offset: 1 << 33,
                 fua: true,
+                copy: true,
                 data: Bytes::from(vec![5u8; 4096]),
             },
             Message::Zero {
