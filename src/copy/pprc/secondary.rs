@@ -16,6 +16,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -320,6 +321,12 @@ fn lookup(
     Ok(v)
 }
 
+/// Most write-back starts in flight at once (each may block a thread of
+/// the blocking pool while the disk is busy); past it, copies are left to
+/// the closing flush.
+const MAX_WRITEBACKS: usize = 8;
+static WRITEBACKS: AtomicUsize = AtomicUsize::new(0);
+
 /// Starts writing a copied range back to disk, without waiting for it:
 /// the copy's closing flush then finds little left to do. Host writes are
 /// left to the page cache (starting their write-back at once slows large
@@ -332,10 +339,15 @@ fn start_writeback(server: &StorageServer, volume: &[u8; 8], offset: u64, len: u
     else {
         return;
     };
+    if WRITEBACKS.fetch_add(1, Ordering::AcqRel) >= MAX_WRITEBACKS {
+        WRITEBACKS.fetch_sub(1, Ordering::AcqRel);
+        return;
+    }
     tokio::spawn(async move {
         if let Err(e) = v.store().start_writeback(offset, len).await {
             tracing::debug!(volume = %v.name(), "cannot start write-back: {e}");
         }
+        WRITEBACKS.fetch_sub(1, Ordering::AcqRel);
     });
 }
 
