@@ -148,13 +148,9 @@ impl Overlaps {
     }
 
     /// Number of changes queued or in flight.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.lock().entries.len()
-    }
-
-    /// Whether no change is queued or in flight.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -202,7 +198,7 @@ mod tests {
         tokio::join!(second, third, release);
         assert_eq!(*order.lock().unwrap(), vec![2, 3]);
         drop(beside);
-        assert!(overlaps.is_empty());
+        assert_eq!(overlaps.len(), 0);
     }
 
     #[tokio::test]

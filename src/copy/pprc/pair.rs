@@ -342,10 +342,10 @@ impl Pair {
 
     /// Marks the tracks of `mask` in word `i` (a bitmap handed over at
     /// failback); the caller commits the bitmap before writing them.
-    pub fn import_marks(&self, i: usize, mask: u64) -> u64 {
+    pub fn import_marks(&self, i: usize, mask: u64) {
         let _no_clearing = self.clean_lock.read().unwrap_or_else(|p| p.into_inner());
         self.oos.set_word(i, mask);
-        self.marks.set_word(i, mask)
+        self.marks.set_word(i, mask);
     }
 
     /// Track size in bytes.

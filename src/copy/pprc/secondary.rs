@@ -31,6 +31,7 @@ use crate::nbd::{nbd_errno, proto::errno};
 use crate::pipeline::{write_batch, LowWater, Pipeline, ReadLowWater};
 use crate::volume::id::Serial;
 use crate::volume::server::StorageServer;
+use crate::volume::Volume;
 
 /// A boxed future, for the object-safe [`PeerRequests`].
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -226,11 +227,16 @@ async fn answer(
         } => {
             let len = data.len() as u64;
             let change = Change::Write(data, fua);
-            let code = apply(server, requests, peer, &volume, offset, len, change).await;
-            if code == 0 && copy {
-                start_writeback(server, &volume, offset, len);
-            }
-            ack(code)
+            ack(match lookup(server, requests, peer, &volume) {
+                Ok(v) => {
+                    let code = apply_to(&v, offset, len, change).await;
+                    if code == 0 && copy {
+                        start_writeback(v, offset, len);
+                    }
+                    code
+                }
+                Err(code) => code,
+            })
         }
         Message::Zero {
             volume,
@@ -309,7 +315,7 @@ fn lookup(
     requests: &Arc<dyn PeerRequests>,
     peer: &str,
     volume: &[u8; 8],
-) -> Result<Arc<crate::volume::Volume>, u32> {
+) -> Result<Arc<Volume>, u32> {
     let v = std::str::from_utf8(volume)
         .ok()
         .and_then(|id| server.lookup(id))
@@ -331,14 +337,7 @@ static WRITEBACKS: AtomicUsize = AtomicUsize::new(0);
 /// the copy's closing flush then finds little left to do. Host writes are
 /// left to the page cache (starting their write-back at once slows large
 /// mirrored writes by about a fifth).
-fn start_writeback(server: &StorageServer, volume: &[u8; 8], offset: u64, len: u64) {
-    let Some(v) = std::str::from_utf8(volume)
-        .ok()
-        .and_then(|id| server.lookup(id))
-        .cloned()
-    else {
-        return;
-    };
+fn start_writeback(v: Arc<Volume>, offset: u64, len: u64) {
     if WRITEBACKS.fetch_add(1, Ordering::AcqRel) >= MAX_WRITEBACKS {
         WRITEBACKS.fetch_sub(1, Ordering::AcqRel);
         return;
@@ -361,11 +360,16 @@ async fn apply(
     change: Change,
 ) -> u32 {
     match lookup(server, requests, peer, volume) {
-        Ok(v) => match v.apply_mirrored(offset, len, change).await {
-            Ok(()) => 0,
-            Err(e) => nbd_errno(&e),
-        },
+        Ok(v) => apply_to(&v, offset, len, change).await,
         Err(code) => code,
+    }
+}
+
+/// Applies a mirrored change to `v`; the errno to answer.
+async fn apply_to(v: &Volume, offset: u64, len: u64, change: Change) -> u32 {
+    match v.apply_mirrored(offset, len, change).await {
+        Ok(()) => 0,
+        Err(e) => nbd_errno(&e),
     }
 }
 
