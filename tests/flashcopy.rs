@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -297,32 +298,53 @@ except nbd.Error:
 
 const CRASH_CHECK: &str = r#"
 import nbd, sys
-uri, log_path = sys.argv[1], sys.argv[2]
+# The logs of the writers of one volume, one per round, in round order.
+uri, seed_path, log_paths = sys.argv[1], sys.argv[2], sys.argv[3:]
 h = nbd.NBD(); h.connect_uri(uri)
-with open(log_path, "rb") as f:
-    blob = f.read()
-flushed, maybe, pending = {}, {}, []
-i = 0
-while i + 9 <= len(blob):
-    kind, n = blob[i:i+1], int.from_bytes(blob[i+1:i+9], "big")
-    payload = blob[i+9:i+9+n]
-    i += 9 + n
-    if kind == b"P":
-        # An earlier batch without its F record never completed its flush.
-        for off, data in pending:
-            maybe.setdefault(off, []).append(data)
-        pending = [(int.from_bytes(payload[j:j+8], "big"), payload[j+8:j+8+4096])
-                   for j in range(0, len(payload), 8 + 4096)]
-    else:
-        for off, data in pending:
-            flushed[off] = data
-            maybe[off] = []
-        pending = []
-for off, data in pending:
-    maybe.setdefault(off, []).append(data)
+with open(seed_path, "rb") as f:
+    seed = f.read()
+flushed, maybe, older = {}, {}, {}
+for log_path in log_paths:
+    with open(log_path, "rb") as f:
+        blob = f.read()
+    pending = []
+    i = 0
+    while i < len(blob):
+        kind, n = blob[i:i+1], int.from_bytes(blob[i+1:i+9], "big")
+        if i + 9 + n > len(blob):
+            # The writer was killed while appending this record: a P record
+            # cut short came before any of its writes, an F record cut
+            # short confirms nothing.
+            break
+        payload = blob[i+9:i+9+n]
+        i += 9 + n
+        if kind == b"P":
+            assert not pending, f"{log_path}: two P records in a row"
+            pending = [(int.from_bytes(payload[j:j+8], "big"), payload[j+8:j+8+4096])
+                       for j in range(0, len(payload), 8 + 4096)]
+        else:
+            assert kind == b"F" and n == 0, f"{log_path}: bad record at {i - 9 - n}"
+            for off, data in pending:
+                if off in flushed:
+                    older.setdefault(off, []).append(flushed[off])
+                flushed[off] = data
+                maybe[off] = []
+            pending = []
+    # A batch without its F record never completed its flush: its writes
+    # may or may not be there.
+    for off, data in pending:
+        maybe.setdefault(off, []).append(data)
 missing = [off for off, data in flushed.items()
            if h.pread(4096, off) not in [data] + maybe.get(off, [])]
 print(len(flushed), len(missing))
+# What a lost block holds instead, to tell a lost write from a stale one.
+for off in missing[:8]:
+    got = h.pread(4096, off)
+    kind = ("zeroes" if got == bytes(4096)
+            else "its T0 content" if got == seed[off:off + 4096]
+            else "an older write" if got in older.get(off, [])
+            else "other data")
+    print(f"block {off // 4096} (track {off // 65536}): {kind}")
 "#;
 
 #[test]
@@ -347,24 +369,30 @@ fn kill_9_never_breaks_t0_or_loses_flushed_writes() {
         &essd,
         &["flashcopy", "establish", "002TST01:003TST01", "--rate", "2"],
     );
-    let log_a = dir.path().join("writes-a.log");
-    let log_b = dir.path().join("writes-b.log");
+    // One log per writer process: a writer killed while appending a record
+    // leaves it cut short at the end of its own log, not in the middle of
+    // the next writer's records.
+    let mut logs: [Vec<PathBuf>; 2] = [Vec::new(), Vec::new()];
     let mut rng_state = 0x1234_5678u64;
+    let mut flushed = [0u64; 2];
     for round in 0..20 {
-        let spawn = |uri: String, log: &std::path::Path, seed: u64| {
-            Command::new("/usr/bin/python3")
+        let spawn = |n: usize, vol: &str, logs: &mut [Vec<PathBuf>; 2]| {
+            let log = dir.path().join(format!("writes-{n}-{round}.log"));
+            let child = Command::new("/usr/bin/python3")
                 .arg("-c")
                 .arg(CRASH_WRITER)
-                .arg(uri)
-                .arg(log)
-                .arg(seed.to_string())
+                .arg(essd.uri(vol))
+                .arg(&log)
+                .arg((round * 2 + n as u64).to_string())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-                .unwrap()
+                .unwrap();
+            logs[n].push(log);
+            scopeguard_child(child)
         };
-        let wa = scopeguard_child(spawn(essd.uri("000TST01"), &log_a, round * 2));
-        let wb = scopeguard_child(spawn(essd.uri("002TST01"), &log_b, round * 2 + 1));
+        let wa = spawn(0, "000TST01", &mut logs);
+        let wb = spawn(1, "002TST01", &mut logs);
         rng_state ^= rng_state << 13;
         rng_state ^= rng_state >> 7;
         rng_state ^= rng_state << 17;
@@ -383,18 +411,35 @@ fn kill_9_never_breaks_t0_or_loses_flushed_writes() {
             b, t0_b,
             "round {round}: COPY target differs from T0 after kill -9"
         );
-        for (vol, log) in [("000TST01", &log_a), ("002TST01", &log_b)] {
-            if log.exists() {
-                let out = python(CRASH_CHECK, &[&essd.uri(vol), log.to_str().unwrap()]);
-                let f: Vec<u64> = out.split_whitespace().map(|x| x.parse().unwrap()).collect();
-                assert_eq!(
-                    f[1], 0,
-                    "round {round}: {} of {} flushed blocks lost on {vol}",
-                    f[1], f[0]
-                );
-            }
+        for (n, vol) in ["000TST01", "002TST01"].into_iter().enumerate() {
+            let seed = dir.path().join(format!("seed{n}.bin"));
+            let mut args = vec![essd.uri(vol), seed.to_str().unwrap().to_string()];
+            args.extend(
+                logs[n]
+                    .iter()
+                    .filter(|log| log.exists())
+                    .map(|log| log.to_str().unwrap().to_string()),
+            );
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = python(CRASH_CHECK, &args);
+            let f: Vec<u64> = out
+                .split_whitespace()
+                .take(2)
+                .map(|x| x.parse().unwrap())
+                .collect();
+            assert_eq!(
+                f[1], 0,
+                "round {round}: {} of {} flushed blocks lost on {vol}:\n{out}",
+                f[1], f[0]
+            );
+            flushed[n] = f[0];
         }
     }
+    // The writers got flushes through on both volumes.
+    assert!(
+        flushed.iter().all(|&n| n > 100),
+        "too few flushed writes to judge: {flushed:?}"
+    );
     // The background copy resumed after every restart and progressed.
     let list = relationships(&essd);
     let copy = list["relationships"]
