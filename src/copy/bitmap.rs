@@ -467,16 +467,6 @@ impl TrackBitmap {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// The first set track at or after `from`, if any.
-    pub fn next_set(&self, from: u64) -> Option<u64> {
-        self.bits.next_set(from)
-    }
-
-    /// Number of set tracks at or after `from`.
-    pub fn count_from(&self, from: u64) -> u64 {
-        self.bits.count_from(from)
-    }
-
     /// Whether every track in `[first, end)` is set and durable.
     pub fn all_durable(&self, first: u64, end: u64) -> bool {
         (first..end).all(|t| self.is_durable(t))
@@ -628,7 +618,7 @@ mod tests {
         bm.set_range(0, 200);
         bm.commit_bits().await.unwrap();
         assert!(bm.all_durable(0, 200));
-        assert_eq!(bm.next_set(0), Some(0));
+        assert_eq!(bm.bits().next_set(0), Some(0));
         // Clear tracks 0..64 and 100..110.
         let cleared = bm
             .clear_with(|b| b.clear_now(0, u64::MAX) + b.clear_now(1, 0x3ff << 36))
@@ -636,9 +626,9 @@ mod tests {
             .unwrap();
         assert_eq!(cleared, 74);
         assert_eq!(bm.count(), 126);
-        assert_eq!(bm.next_set(0), Some(64));
-        assert_eq!(bm.next_set(100), Some(110));
-        assert_eq!(bm.count_from(150), 50);
+        assert_eq!(bm.bits().next_set(0), Some(64));
+        assert_eq!(bm.bits().next_set(100), Some(110));
+        assert_eq!(bm.bits().count_from(150), 50);
         assert!(!bm.is_durable(5) && bm.is_durable(64));
         // On disk too.
         let again = TrackBitmap::open(&path, 65536, 1000).unwrap();

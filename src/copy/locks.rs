@@ -114,28 +114,31 @@ impl Overlaps {
     /// Queues a change of `[start, end)` and waits until every change that
     /// arrived before it and overlaps it has ended.
     pub async fn enter(&self, start: u64, end: u64) -> OverlapGuard<'_> {
-        let ticket = {
+        let overlaps = |(s, e, _): &(u64, u64, u64)| *s < end && start < *e;
+        let (guard, ticket) = {
             let mut q = self.lock();
             let ticket = q.next_ticket;
             q.next_ticket += 1;
+            // Everything queued arrived earlier: with no overlap it goes
+            // ahead at once, under this one lock.
+            let free = !q.entries.iter().any(overlaps);
             q.entries.push((start, end, ticket));
-            ticket
-        };
-        // The guard first, so a cancelled wait leaves the queue too.
-        let guard = OverlapGuard {
-            overlaps: self,
-            ticket,
+            // The guard at once, so a cancelled wait leaves the queue too.
+            let guard = OverlapGuard {
+                overlaps: self,
+                ticket,
+            };
+            if free {
+                return guard;
+            }
+            (guard, ticket)
         };
         loop {
             let released = self.released.notified();
             tokio::pin!(released);
             {
                 let q = self.lock();
-                let blocked = q
-                    .entries
-                    .iter()
-                    .take_while(|e| e.2 != ticket)
-                    .any(|&(s, e, _)| s < end && start < e);
+                let blocked = q.entries.iter().take_while(|e| e.2 != ticket).any(overlaps);
                 if !blocked {
                     return guard;
                 }
