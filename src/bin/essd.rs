@@ -9,6 +9,35 @@ use tokio_util::sync::CancellationToken;
 
 use essd::config::{self, Config};
 
+/// Buffers below this size come from the allocator's heaps, not from mappings
+/// of their own (requests up to 1 MiB are the common large case).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const HEAP_ALLOCATION_LIMIT: libc::c_int = 4 << 20;
+
+/// Free memory the allocator keeps at the top of a heap for reuse.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const KEPT_FREE_MEMORY: libc::c_int = 512 << 20;
+
+/// Keeps freed request buffers for reuse instead of returning them to the
+/// kernel. A mirrored write holds its buffer until the peer acknowledges it,
+/// so buffers are freed in bursts; by default glibc then gave the pages back
+/// (madvise) and the next requests faulted them in again: 14 page faults per
+/// mirrored 1 MiB write, 0.23 per 4 KiB write. Memory stays bounded by the
+/// peak of requests in flight.
+fn keep_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    for (option, value) in [
+        (libc::M_MMAP_THRESHOLD, HEAP_ALLOCATION_LIMIT),
+        (libc::M_TRIM_THRESHOLD, KEPT_FREE_MEMORY),
+    ] {
+        // SAFETY: mallopt only changes allocator tuning parameters; it is
+        // called before any other thread exists.
+        if unsafe { libc::mallopt(option, value) } != 1 {
+            eprintln!("essd: cannot tune the allocator (mallopt {option})");
+        }
+    }
+}
+
 /// Storage server exporting volumes over NBD with FlashCopy and PPRC copy services.
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -38,6 +67,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    keep_freed_buffers();
     let filter = args
         .log
         .clone()
