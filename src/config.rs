@@ -145,7 +145,14 @@ pub struct ServerConfig {
     /// `auto` (default), `uring` or `threads`.
     #[serde(default)]
     pub io_engine: IoEngineChoice,
+    /// Threads that run connections and peer links, 1..=[`MAX_WORKERS`].
+    /// Default: one per CPU.
+    #[serde(default)]
+    pub workers: Option<usize>,
 }
+
+/// Most worker threads `server.workers` may ask for.
+pub const MAX_WORKERS: usize = 256;
 
 /// `[nbd]` section.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -340,6 +347,14 @@ impl Config {
                     self.server.track_size
                 ),
             ));
+        }
+        if let Some(n) = self.server.workers {
+            if !(1..=MAX_WORKERS).contains(&n) {
+                return Err(fail(
+                    "server.workers".into(),
+                    format!("{n} must be between 1 and {MAX_WORKERS}"),
+                ));
+            }
         }
         if !self.server.state_dir.is_absolute() {
             return Err(fail(

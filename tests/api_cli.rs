@@ -32,6 +32,7 @@ name = "api-test"
 state_dir = "{d}/state"
 track_size = "64KiB"
 io_engine = "threads"
+workers = 3
 
 [nbd]
 listen = []
@@ -266,6 +267,7 @@ fn server_volume_lss_and_health_commands() {
     assert_eq!(field(&rows, "I/O engine"), "threads");
     assert_eq!(field(&rows, "Volumes"), "3");
     assert_eq!(field(&rows, "LSSs"), "2");
+    assert_eq!(field(&rows, "Workers"), "3");
     assert_eq!(field(&rows, "API TCP"), "-");
     let s = essctl(&sock, &["server", "--json"]).json();
     assert_eq!(s["serial"], SERIAL);
@@ -273,6 +275,7 @@ fn server_volume_lss_and_health_commands() {
     assert_eq!(s["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(s["device_type"], "2105");
     assert_eq!(s["io_engine"], "threads");
+    assert_eq!(s["workers"], 3);
     assert_eq!(s["track_size"], 65536);
     assert_eq!(s["counts"]["lss"], 2);
     assert_eq!(s["counts"]["volumes"], 3);

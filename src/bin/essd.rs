@@ -132,7 +132,11 @@ fn run(args: Args) -> anyhow::Result<usize> {
         );
         return Ok(0);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = cfg.raw.server.workers {
+        runtime.worker_threads(workers);
+    }
+    let runtime = runtime
         .enable_all()
         .thread_name("essd")
         .build()

@@ -432,6 +432,7 @@ impl Session {
             ("Device type", s.device_type.clone()),
             ("Version", s.version.clone()),
             ("I/O engine", s.io_engine.clone()),
+            ("Workers", s.workers.to_string()),
             (
                 "Track size",
                 format!("{} ({} bytes)", human_bytes(s.track_size), s.track_size),

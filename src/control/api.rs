@@ -95,6 +95,8 @@ pub struct ServerView {
     pub device_type: String,
     /// `io_uring` or `threads`.
     pub io_engine: String,
+    /// Worker threads running connections and peer links.
+    pub workers: usize,
     /// Copy-services track size in bytes.
     pub track_size: u64,
     /// State directory.
@@ -793,6 +795,7 @@ async fn server(State(ctx): State<Ctx>) -> Json<ServerView> {
         version: env!("CARGO_PKG_VERSION").into(),
         device_type: DEVICE_TYPE.into(),
         io_engine: s.engine.kind().to_string(),
+        workers: tokio::runtime::Handle::current().metrics().num_workers(),
         track_size: s.track_size,
         state_dir: api.state_dir.display().to_string(),
         config_file: api.config_file.display().to_string(),
