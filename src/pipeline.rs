@@ -23,7 +23,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::AsyncWrite;
 
@@ -108,6 +108,69 @@ impl ReadLowWater for tokio::net::tcp::OwnedReadHalf {
 impl ReadLowWater for tokio::net::UnixStream {}
 impl ReadLowWater for tokio::net::unix::OwnedReadHalf {}
 impl ReadLowWater for tokio::io::DuplexStream {}
+
+/// Requests of at least this many bytes are read into a buffer of their own.
+pub const LARGE_REQUEST: usize = 256 << 10;
+/// Receive buffer growth step while requests are small.
+pub const READ_CHUNK: usize = 256 << 10;
+/// Spare room below which a receive buffer grows before the next read.
+const MIN_SPARE: usize = 64 << 10;
+
+/// Plans the reads of a request stream (NBD requests, peer-link frames)
+/// into one growing receive buffer. Small requests are read many at a time.
+/// A large one is read into an allocation made for it, and its read stops
+/// where it ends; after it (and at the start), the next read takes only
+/// the next header. A stream of large requests is then never copied:
+/// reading on past a request's end would leave the start of the next one to
+/// be copied into a new buffer, and growing a buffer in place (realloc)
+/// copies all of it. A large request after small ones may have its first
+/// bytes copied once.
+#[derive(Debug)]
+pub struct ReadPlan {
+    header: usize,
+    header_first: bool,
+}
+
+impl ReadPlan {
+    /// A plan for a stream whose requests start with `header` bytes.
+    pub fn new(header: usize) -> ReadPlan {
+        ReadPlan {
+            header,
+            header_first: true,
+        }
+    }
+
+    /// Notes the size of a request just taken from the buffer.
+    pub fn took(&mut self, len: usize) {
+        self.header_first = len >= LARGE_REQUEST;
+    }
+
+    /// Makes room in `buf` for the next read and returns how many bytes it
+    /// may take; `need` is the size of the request at the front of `buf`
+    /// (or of its header while that is all that is known).
+    pub fn prepare(&self, buf: &mut BytesMut, need: usize) -> usize {
+        let missing = need.saturating_sub(buf.len()).max(1);
+        if need >= LARGE_REQUEST {
+            if buf.capacity() - buf.len() < missing {
+                // A new allocation for the request: only the bytes already
+                // buffered are copied (`reserve` could realloc and copy the
+                // whole old allocation).
+                let mut own = BytesMut::with_capacity(buf.len() + missing);
+                own.extend_from_slice(buf);
+                *buf = own;
+            }
+            return missing;
+        }
+        if buf.capacity() - buf.len() < missing.max(MIN_SPARE) {
+            buf.reserve(missing.max(READ_CHUNK));
+        }
+        if buf.is_empty() && self.header_first {
+            self.header
+        } else {
+            usize::MAX
+        }
+    }
+}
 
 /// Requests missing fewer bytes than this wake the reader for any byte.
 const LOW_WATER_MIN: usize = 64 << 10;
@@ -325,6 +388,7 @@ impl<T> Pipeline<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BufMut;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncWriteExt;
 
@@ -335,6 +399,109 @@ mod tests {
         fn send_queued(&self) {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    /// Reads a stream of requests (an 8-byte length, then that many bytes)
+    /// the way a connection does and returns their payloads, or the index of
+    /// the first large payload (starting the stream or following a large
+    /// one) that was not read in place by reads of its own: whose bytes
+    /// came with the request before it, or moved after its first read.
+    async fn read_requests(stream: &[u8], plan_reads: bool) -> Result<Vec<Bytes>, usize> {
+        const HEADER: usize = 8;
+        let mut reader = stream;
+        let mut plan = ReadPlan::new(HEADER);
+        // A buffer that grew large before: room alone does not stop a read.
+        let mut buf = BytesMut::with_capacity(4 << 20);
+        let mut payloads = Vec::new();
+        // Where the payload at the front of `buf` began to be read.
+        let mut payload_at: Option<usize> = None;
+        let mut after_large = true;
+        loop {
+            let need = loop {
+                if buf.len() < HEADER {
+                    break HEADER;
+                }
+                let len = u64::from_le_bytes(buf[..HEADER].try_into().unwrap()) as usize;
+                if buf.len() < HEADER + len {
+                    break HEADER + len;
+                }
+                buf.advance(HEADER);
+                let payload = buf.split_to(len).freeze();
+                if len >= LARGE_REQUEST
+                    && after_large
+                    && payload_at != Some(payload.as_ptr() as usize)
+                {
+                    return Err(payloads.len());
+                }
+                payload_at = None;
+                after_large = len >= LARGE_REQUEST;
+                plan.took(len);
+                payloads.push(payload);
+            };
+            let limit = plan.prepare(&mut buf, need);
+            let limit = if plan_reads { limit } else { usize::MAX };
+            let n = tokio::io::AsyncReadExt::read_buf(&mut reader, &mut (&mut buf).limit(limit))
+                .await
+                .unwrap();
+            if n == 0 {
+                assert!(buf.is_empty(), "the stream ended inside a request");
+                return Ok(payloads);
+            }
+            if payload_at.is_none() && buf.len() > HEADER {
+                payload_at = Some(buf[HEADER..].as_ptr() as usize);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_large_request_is_read_into_a_buffer_of_its_own_and_never_copied() {
+        let sizes = [
+            1 << 20,
+            300 << 10,
+            2 << 20,
+            1 << 20,
+            100,
+            0,
+            4096,
+            17,
+            300 << 10,
+            3,
+        ];
+        let mut stream = Vec::new();
+        let mut expected = Vec::new();
+        for (i, &len) in sizes.iter().enumerate() {
+            let payload: Vec<u8> = (0..len).map(|b| (b % 251) as u8 ^ i as u8).collect();
+            stream.extend_from_slice(&(len as u64).to_le_bytes());
+            stream.extend_from_slice(&payload);
+            expected.push(payload);
+        }
+        let payloads = read_requests(&stream, true)
+            .await
+            .expect("no payload moved");
+        assert_eq!(payloads.len(), sizes.len());
+        for (i, (got, want)) in payloads.iter().zip(&expected).enumerate() {
+            assert!(got[..] == want[..], "payload {i} differs");
+        }
+        // Reading ahead as for small requests runs into the next request.
+        assert!(read_requests(&stream, false).await.is_err());
+    }
+
+    #[test]
+    fn reads_stop_at_the_end_of_a_large_request_and_take_only_the_next_header() {
+        let mut plan = ReadPlan::new(28);
+        let mut buf = BytesMut::new();
+        assert_eq!(plan.prepare(&mut buf, 28), 28, "at the start: a header");
+        assert!(buf.capacity() >= READ_CHUNK);
+        buf.extend_from_slice(&[7; 28]);
+        let need = 28 + (1 << 20);
+        assert_eq!(plan.prepare(&mut buf, need), 1 << 20, "up to its end");
+        assert!(buf.capacity() >= need);
+        assert_eq!(&buf[..], &[7; 28], "the header moved with it");
+        buf.clear();
+        plan.took(1 << 20);
+        assert_eq!(plan.prepare(&mut buf, 28), 28, "after it: the next header");
+        plan.took(4096);
+        assert_eq!(plan.prepare(&mut buf, 28), usize::MAX, "small: read ahead");
     }
 
     #[test]

@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use tokio_util::sync::CancellationToken;
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::handshake::{Session, BASE_ALLOCATION_ID};
 use super::proto::{self, alloc, cflag, chunk, cmd, errno, Request};
 use super::{nbd_errno, ProtocolError};
-use crate::pipeline::{write_batch, Batch, LowWater, Pipeline, ReadLowWater};
+use crate::pipeline::{write_batch, Batch, LowWater, Pipeline, ReadLowWater, ReadPlan, READ_CHUNK};
 use crate::volume::VolumeError;
 
 /// Requests processed concurrently per connection.
@@ -33,8 +33,6 @@ pub const MAX_IN_FLIGHT: usize = 128;
 const SKIP_LIMIT: u64 = 256 << 20;
 /// Block-status descriptors per reply.
 const MAX_EXTENTS: usize = 1024;
-/// Receive buffer growth step.
-const READ_CHUNK: usize = 256 << 10;
 
 type Reply = Vec<Bytes>;
 
@@ -109,6 +107,7 @@ where
     let mut low_water = LowWater::default();
     let mut in_flight = Pipeline::default();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut plan = ReadPlan::new(proto::REQUEST_LEN);
     let mut replies: Reply = Vec::new();
     let mut skip: u64 = 0;
     // The error for an oversized write, sent once its payload is skipped
@@ -153,6 +152,10 @@ where
                 }
                 Ok(Parsed::Request(req, _)) if req.command == cmd::DISC => reading = false,
                 Ok(Parsed::Request(req, payload)) => {
+                    plan.took(match &payload {
+                        Payload::Data(data) => data.len(),
+                        Payload::None => 0,
+                    });
                     if let Some(reply) = in_flight.start(handle(session.clone(), req, payload)) {
                         replies.extend(reply);
                     }
@@ -173,18 +176,17 @@ where
             break Ok(());
         }
         let want = need.saturating_sub(buf.len());
-        if buf.capacity() - buf.len() < want.max(64 << 10) {
-            buf.reserve(want.max(READ_CHUNK));
-        }
+        let read_limit = plan.prepare(&mut buf, need);
         let may_read = reading && in_flight.len() < MAX_IN_FLIGHT;
         if may_read {
             low_water.expect(&reader, want);
         }
+        let mut room = (&mut buf).limit(read_limit);
         tokio::select! {
             biased;
             _ = shutdown.cancelled(), if reading => reading = false,
             () = in_flight.finished(|reply| replies.extend(reply)) => {}
-            n = reader.read_buf(&mut buf), if may_read => match n {
+            n = reader.read_buf(&mut room), if may_read => match n {
                 Ok(0) if buf.is_empty() && skip == 0 => reading = false,
                 Ok(0) => break Err(ProtocolError::Transmission("EOF inside a request".into())),
                 Ok(_) => {}

@@ -99,15 +99,21 @@ pub struct PeerInfo {
 /// Least free space offered to one socket read.
 const READ_CHUNK: usize = 256 << 10;
 
+/// The length of the frame at the front of `buf`, or of a frame header
+/// while its header is incomplete (or invalid: decoding reports that).
+pub fn next_frame_len(buf: &[u8]) -> usize {
+    match Frame::peek_header(buf) {
+        Ok(Some(header)) => HEADER_LEN + header.length as usize,
+        _ => HEADER_LEN,
+    }
+}
+
 /// Makes room in `buf` for the rest of the next frame (and at least
 /// 256 KiB), so a large frame arrives in one allocation instead of
 /// growing the buffer (and copying it) as it comes. Returns how many bytes
 /// of the next frame are still missing (at least one).
 pub fn reserve_frame(buf: &mut BytesMut) -> usize {
-    let next = match Frame::peek_header(buf) {
-        Ok(Some(header)) => HEADER_LEN + header.length as usize,
-        _ => HEADER_LEN,
-    };
+    let next = next_frame_len(buf);
     let missing = next.saturating_sub(buf.len()).max(1);
     let want = missing.max(READ_CHUNK);
     if buf.capacity() - buf.len() < want {

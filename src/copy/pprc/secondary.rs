@@ -20,15 +20,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::link::{handshake, reserve_frame, LinkError, PeerInfo};
+use super::link::{handshake, next_frame_len, LinkError, PeerInfo};
 use super::paths::HEARTBEAT;
-use super::wire::{Frame, Message, NONCE_LEN};
+use super::wire::{Frame, Message, HEADER_LEN, NONCE_LEN};
 use crate::copy::flashcopy::Change;
 use crate::nbd::{nbd_errno, proto::errno};
-use crate::pipeline::{write_batch, LowWater, Pipeline, ReadLowWater};
+use crate::pipeline::{write_batch, LowWater, Pipeline, ReadLowWater, ReadPlan};
 use crate::volume::id::Serial;
 use crate::volume::server::StorageServer;
 use crate::volume::Volume;
@@ -142,14 +142,17 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + ReadLowWater + Unpin + Send 
     let mut answers: Vec<Bytes> = Vec::new();
     let mut reading = true;
     let mut low_water = LowWater::default();
+    let mut plan = ReadPlan::new(HEADER_LEN);
     let mut heard = tokio::time::Instant::now();
     let result = 'link: loop {
         while reading && running.len() < LINK_CONCURRENCY {
+            let buffered = buf.len();
             let frame = match Frame::decode(&mut buf) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(e) => break 'link Err(e.into()),
             };
+            plan.took(buffered - buf.len());
             match frame.message {
                 Message::Goodbye => reading = false,
                 Message::Hello { .. } | Message::Auth { .. } => {
@@ -176,17 +179,20 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + ReadLowWater + Unpin + Send 
             break Ok(());
         }
         let may_read = reading && running.len() < LINK_CONCURRENCY;
+        let next = next_frame_len(&buf);
+        let read_limit = plan.prepare(&mut buf, next);
         if may_read {
-            low_water.expect(&stream, reserve_frame(&mut buf));
+            low_water.expect(&stream, next.saturating_sub(buf.len()));
         } else {
             // Silence counts only while this end is listening.
             heard = tokio::time::Instant::now();
         }
+        let mut room = (&mut buf).limit(read_limit);
         tokio::select! {
             biased;
             () = running.finished(|done| answers.extend(done.encode())) => {}
             // Reading is cancel-safe: bytes read stay in `buf`.
-            read = stream.read_buf(&mut buf), if may_read => match read {
+            read = stream.read_buf(&mut room), if may_read => match read {
                 Ok(0) => reading = false,
                 Ok(_) => heard = tokio::time::Instant::now(),
                 Err(e) => break Err(e.into()),
