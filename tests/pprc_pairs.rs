@@ -27,7 +27,7 @@ struct Sites {
     proxy: FaultProxy,
     back: FaultProxy,
     dir_a: tempfile::TempDir,
-    _dir_b: tempfile::TempDir,
+    dir_b: tempfile::TempDir,
 }
 
 fn site_config(serial: &'static str, listen: u16, peer: &str, peer_addr: SocketAddr) -> TestConfig {
@@ -64,7 +64,7 @@ impl Sites {
             proxy,
             back,
             dir_a,
-            _dir_b: dir_b,
+            dir_b,
         }
     }
 }
@@ -135,6 +135,36 @@ fn wait_duplex(essd: &Essd, volume: &str) {
 }
 
 /// SHA-256 of an export's whole content, read with nbdcopy.
+/// Pages of `path` in the page cache.
+fn cached_pages(path: &Path) -> usize {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    // SAFETY: a read-only shared mapping of an open file, never read through
+    // and unmapped below.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(addr, libc::MAP_FAILED, "mmap {}", path.display());
+    let mut resident = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `addr..addr + len` is the mapping above and `resident` has one
+    // byte per page of it.
+    let r = unsafe { libc::mincore(addr, len, resident.as_mut_ptr()) };
+    // SAFETY: unmaps the mapping made above, which nothing else uses.
+    unsafe { libc::munmap(addr, len) };
+    assert_eq!(r, 0, "mincore {}", path.display());
+    resident.iter().filter(|&&b| b & 1 == 1).count()
+}
+
 fn volume_sha(essd: &Essd, export: &str) -> String {
     let out = tempfile::NamedTempFile::new().unwrap();
     run(std::process::Command::new("nbdcopy")
@@ -354,9 +384,23 @@ fn pairs_copy_mirror_suspend_resync_and_terminate() {
     assert_eq!(try_write(b, &pb), "read-only EPERM");
 
     // Suspend, change 1% of the tracks, resync: ~1% crosses the link.
+    // The secondary drops its cached pages when the pair suspends (the
+    // checksums above read them all), so the resync writes new ones.
+    let secondary_file = s.dir_b.path().join("vol-10-0.img");
+    let cached = cached_pages(&secondary_file);
+    assert!(cached > 1000, "{cached} pages of the secondary cached");
     let v = essctl(a, &["--json", "pprc", "suspend", &pa]).json();
     assert_eq!(v["state"], "suspended");
     assert_eq!(v["reason"], "manual");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cached_pages(&secondary_file) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the suspended secondary still has {} of {cached} pages cached",
+            cached_pages(&secondary_file)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     write_tracks(a, &pa, 8, 10);
     let v = show(a, &pa);
     assert_eq!(v["out_of_sync_tracks"], 10, "{v}");

@@ -480,6 +480,20 @@ impl BackingStore {
 
     /// Asks the kernel to prefetch a range into the page cache.
     pub async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.advise(offset, len, libc::POSIX_FADV_WILLNEED).await
+    }
+
+    /// Asks the kernel to drop the backing's clean pages from the page
+    /// cache (it starts writing back dirty ones, which stay).
+    pub async fn drop_cached(&self) -> io::Result<()> {
+        if self.direct_align.is_some() {
+            return Ok(());
+        }
+        self.advise(0, 0, libc::POSIX_FADV_DONTNEED).await
+    }
+
+    /// Gives the kernel page-cache advice for a range (`len` 0: to the end).
+    async fn advise(&self, offset: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
         let file = self.file.clone();
         blocking(move || {
             // SAFETY: plain advisory syscall on an fd owned by `file`.
@@ -488,7 +502,7 @@ impl BackingStore {
                     file.as_raw_fd(),
                     offset as libc::off_t,
                     len as libc::off_t,
-                    libc::POSIX_FADV_WILLNEED,
+                    advice,
                 )
             };
             if r != 0 {

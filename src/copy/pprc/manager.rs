@@ -1303,6 +1303,7 @@ impl PprcManager {
             }
             "state" => {
                 let mut entries = self.entries.lock().await;
+                let mut suspended = false;
                 if let Some(Entry::Secondary(side)) =
                     entries.iter_mut().find(|e| e.volume() == volume)
                 {
@@ -1312,10 +1313,14 @@ impl PprcManager {
                             side.status.reason =
                                 serde_json::from_value(request["reason"].clone()).unwrap_or(None);
                             side.status.since = SystemTime::now();
+                            suspended = state == PairState::Suspended;
                         }
                     }
                 }
                 self.save_locked(&entries).map_err(|e| e.to_string())?;
+                if suspended {
+                    self.drop_secondary_cache(&volume);
+                }
                 Ok(json!({}))
             }
             "terminate" => {
@@ -1353,6 +1358,22 @@ impl PprcManager {
             }
             other => Err(format!("unknown pair request {other:?}")),
         }
+    }
+
+    /// Drops a suspended secondary's clean pages from the page cache, in
+    /// the background. Its resync writes scattered tracks; into the large
+    /// page-cache folios an earlier copy left, each such write costs several
+    /// times a write into new pages, and write-back writes whole folios
+    /// (on Linux 6.x ext4: a 1% resync took 14–20 ms instead of 9–11).
+    fn drop_secondary_cache(&self, volume: &str) {
+        let Some(v) = self.server.lookup(volume).cloned() else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Err(e) = v.store().drop_cached().await {
+                tracing::debug!(volume = %v.name(), "cannot drop cached pages: {e}");
+            }
+        });
     }
 
     async fn become_secondary(
