@@ -1364,7 +1364,7 @@ impl PprcManager {
     /// the background. Its resync writes scattered tracks; into the large
     /// page-cache folios an earlier copy left, each such write costs several
     /// times a write into new pages, and write-back writes whole folios
-    /// (on Linux 6.x ext4: a 1% resync took 14–20 ms instead of 9–11).
+    /// (on Linux 6.x ext4 a 1% resync took 24–27 ms instead of 16).
     fn drop_secondary_cache(&self, volume: &str) {
         let Some(v) = self.server.lookup(volume).cloned() else {
             return;
