@@ -39,7 +39,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::wire::{Frame, Message, WireError, HEADER_LEN, NONCE_LEN, VERSION};
-use crate::pipeline::{poll_write_parts, Batch, BatchSend};
+use crate::pipeline::{poll_write_parts, Batch, BatchSend, READ_CHUNK};
 use crate::volume::id::Serial;
 
 /// Domain-separation label of the proof.
@@ -96,9 +96,6 @@ pub struct PeerInfo {
     pub link_id: [u8; NONCE_LEN],
 }
 
-/// Least free space offered to one socket read.
-const READ_CHUNK: usize = 256 << 10;
-
 /// The length of the frame at the front of `buf`, or of a frame header
 /// while its header is incomplete (or invalid: decoding reports that).
 pub fn next_frame_len(buf: &[u8]) -> usize {
@@ -109,17 +106,14 @@ pub fn next_frame_len(buf: &[u8]) -> usize {
 }
 
 /// Makes room in `buf` for the rest of the next frame (and at least
-/// 256 KiB), so a large frame arrives in one allocation instead of
-/// growing the buffer (and copying it) as it comes. Returns how many bytes
-/// of the next frame are still missing (at least one).
-pub fn reserve_frame(buf: &mut BytesMut) -> usize {
-    let next = next_frame_len(buf);
-    let missing = next.saturating_sub(buf.len()).max(1);
+/// [`READ_CHUNK`]), so a large frame arrives in one allocation instead of
+/// growing the buffer (and copying it) as it comes.
+fn reserve_frame(buf: &mut BytesMut) {
+    let missing = next_frame_len(buf).saturating_sub(buf.len());
     let want = missing.max(READ_CHUNK);
     if buf.capacity() - buf.len() < want {
         buf.reserve(want);
     }
-    missing
 }
 
 /// Reads one frame, buffering in `buf`.
