@@ -165,6 +165,50 @@ fn cached_pages(path: &Path) -> usize {
     resident.iter().filter(|&&b| b & 1 == 1).count()
 }
 
+/// Pages of `path` in the page cache that are dirty or under write-back
+/// (`cachestat`, Linux 6.5).
+fn unwritten_pages(path: &Path) -> u64 {
+    use std::os::fd::AsRawFd;
+    /// `cachestat`'s number (the same on every architecture).
+    const SYS_CACHESTAT: libc::c_long = 451;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        cache: u64,
+        dirty: u64,
+        writeback: u64,
+        evicted: u64,
+        recently_evicted: u64,
+    }
+    let file = std::fs::File::open(path).unwrap();
+    let range = Range { off: 0, len: 0 };
+    let mut stat = Stat::default();
+    // SAFETY: `range` and `stat` are live, properly laid out structs the
+    // call reads and fills; the descriptor is open.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "cachestat {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    stat.dirty + stat.writeback
+}
+
 fn volume_sha(essd: &Essd, export: &str) -> String {
     let out = tempfile::NamedTempFile::new().unwrap();
     run(std::process::Command::new("nbdcopy")
@@ -174,7 +218,7 @@ fn volume_sha(essd: &Essd, export: &str) -> String {
 }
 
 /// Writes `count` 4 KiB blocks of random data, each in a different track,
-/// and flushes; prints how many.
+/// and flushes unless told `noflush`; prints the tracks.
 const WRITE_TRACKS: &str = r#"
 import nbd, random, sys
 uri, seed, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -185,9 +229,25 @@ rnd = random.Random(seed)
 tracks = rnd.sample(range(h.get_size() // track), count)
 for t in tracks:
     h.pwrite(rnd.randbytes(4096), t * track + rnd.randrange(0, track, 4096))
-h.flush()
+if sys.argv[4:] != ["noflush"]:
+    h.flush()
 h.shutdown()
 print(" ".join(map(str, tracks)))
+"#;
+
+/// Rewrites the 4 KiB at `argv[2]` every 50 ms for `argv[3]` seconds,
+/// never flushing; prints how many writes.
+const KEEP_BUSY: &str = r#"
+import nbd, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+end, n = time.time() + float(sys.argv[3]), 0
+while time.time() < end:
+    h.pwrite(bytes([n % 251]) * 4096, int(sys.argv[2]))
+    n += 1
+    time.sleep(0.05)
+h.shutdown()
+print(n)
 "#;
 
 /// Start of a script sending batches of writes with libnbd's async API:
@@ -246,9 +306,19 @@ fn durable_marks(essd: &Essd, volume: &str) -> BTreeSet<u64> {
 /// Writes 4 KiB into each of `count` random distinct tracks, then
 /// flushes; returns the tracks.
 fn write_tracks(essd: &Essd, export: &str, seed: u64, count: usize) -> Vec<u64> {
+    write_tracks_then(essd, export, seed, count, "flush")
+}
+
+/// [`write_tracks`], then `flush` or `noflush`.
+fn write_tracks_then(essd: &Essd, export: &str, seed: u64, count: usize, then: &str) -> Vec<u64> {
     let out = python(
         WRITE_TRACKS,
-        &[&essd.uri(export), &seed.to_string(), &count.to_string()],
+        &[
+            &essd.uri(export),
+            &seed.to_string(),
+            &count.to_string(),
+            then,
+        ],
     );
     let tracks: Vec<u64> = out.split_whitespace().map(|t| t.parse().unwrap()).collect();
     assert_eq!(tracks.len(), count, "{out}");
@@ -364,20 +434,42 @@ fn pairs_copy_mirror_suspend_resync_and_terminate() {
     // written tracks was marked durably before it was written — with the
     // rest of its 64-track region, so the next writes there need no bitmap
     // commit.
-    let written = write_tracks(a, &pa, 7, 5);
+    let written = write_tracks_then(a, &pa, 7, 5, "noflush");
     let regions: BTreeSet<u64> = written
         .iter()
         .flat_map(|t| t / 64 * 64..t / 64 * 64 + 64)
         .collect();
     assert_eq!(durable_marks(a, &pa), regions);
     assert_eq!(volume_sha(a, &pa), volume_sha(b, &pb));
-    // The cleaner flushes the secondary and clears those marks once the
-    // tracks are idle (duplex reports 0 out of sync either way: the
-    // bitmap file is what holds them).
+    // While the volume is being written, idle tracks keep their marks: the
+    // cleaner does not have both volumes written back every pass.
+    let busy = (0..).find(|t| !written.contains(t)).unwrap() * TRACK;
+    let keep_busy = {
+        let uri = a.uri(&pa);
+        let seconds = (CLEAN_INTERVAL * 3).as_secs_f64().to_string();
+        std::thread::spawn(move || python(KEEP_BUSY, &[&uri, &busy.to_string(), &seconds]))
+    };
+    let rewrites: u64 = keep_busy.join().unwrap().trim().parse().unwrap();
+    assert!(rewrites > 20, "{rewrites} rewrites");
+    let marks = durable_marks(a, &pa);
+    assert!(
+        written.iter().all(|t| marks.contains(t)),
+        "marks of idle tracks cleared while the volume was busy: {written:?} not all in {marks:?}"
+    );
+    // Once the volume is idle, the cleaner flushes both volumes and clears
+    // the marks (duplex reports 0 out of sync either way: the bitmap file
+    // is what holds them). Both flushed: a power loss of the primary must
+    // not undo writes the secondary keeps once their tracks are unmarked.
     let deadline = Instant::now() + CLEAN_INTERVAL * 4 + Duration::from_secs(5);
     while !durable_marks(a, &pa).is_empty() {
         assert!(Instant::now() < deadline, "marks never cleared");
         std::thread::sleep(Duration::from_millis(100));
+    }
+    for file in [
+        s.dir_a.path().join("vol-10-0.img"),
+        s.dir_b.path().join("vol-10-0.img"),
+    ] {
+        assert_eq!(unwritten_pages(&file), 0, "{} not flushed", file.display());
     }
 
     // The secondary is protected: read-only to hosts.

@@ -470,7 +470,7 @@ impl PprcManager {
         let group = if grouped { self.group.clone() } else { None };
         let pair = Arc::new(Pair::new(
             spec,
-            volume.size(),
+            volume.store().clone(),
             self.server.track_size,
             oos,
             status,

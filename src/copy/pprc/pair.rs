@@ -11,8 +11,9 @@
 //! its tracks the same way *before* it is sent to both sides — so that a
 //! crash of the primary mid-write, or a link lost mid-write, leaves the
 //! track recorded — and the [cleaner](Pair::clean) clears marks again once
-//! the secondary has flushed them and they have been idle for a whole
-//! cleaning interval.
+//! both volumes have been flushed and the tracks have been idle for a
+//! whole cleaning interval. While the volume is being written, the cleaner
+//! flushes at most every [`BUSY_FLUSH_INTERVAL`].
 //!
 //! **Activity regions.** A duplex write whose bits are not yet durable
 //! commits the whole 64-track word around them (4 MiB with 64 KiB
@@ -24,15 +25,15 @@
 //! Resyncs copy the marks only, so a link lost mid-write costs the tracks
 //! really written; only after a crash of the primary, when the marks are
 //! gone, does it resync whole regions from the file. A pass with nothing
-//! to clear does not flush the secondary.
+//! to clear flushes nothing.
 //!
 //! **Clearing safely**: every write marks its tracks in `touched` when it
 //! starts and when it ends, and counts itself in the current cleaning
 //! epoch. A cleaning pass resets `touched` and flips the epoch, waits for
-//! the writes of the old epoch to end, flushes the secondary, and then
+//! the writes of the old epoch to end, flushes both volumes, and then
 //! clears only marks that no write touched meanwhile — so a mark is never
 //! cleared while a write of that track is in flight or not yet durable on
-//! the secondary.
+//! either side.
 //!
 //! **Copy** (duplex pending): the copier walks the set bits from a cursor,
 //! reads each run of tracks through the volume's own read path (a
@@ -62,6 +63,7 @@ use crate::copy::flashcopy::Change;
 use crate::copy::locks::{Overlaps, TrackLocks};
 use crate::nbd::proto::errno;
 use crate::pipeline::Batch;
+use crate::volume::store::BackingStore;
 use crate::volume::{Volume, VolumeError, VolumeOp};
 
 /// The errno a secondary answers when its side of the pair was suspended
@@ -70,6 +72,9 @@ pub const ESHUTDOWN: u32 = 108;
 
 /// Interval between cleaning passes.
 pub const CLEAN_INTERVAL: Duration = Duration::from_secs(2);
+/// Least time between two flushes of the cleaner while the volume is being
+/// written (the kernel's own write-back age for dirty pages).
+pub const BUSY_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
 /// Most bytes the copier sends per request.
 const COPY_CHUNK: u64 = 1 << 20;
 /// Copies the copier keeps in flight.
@@ -241,6 +246,10 @@ pub struct Pair {
     /// several links may be applied in any order on the secondary).
     overlaps: Overlaps,
     paths: Arc<PathManager>,
+    /// The primary volume's backing, flushed before marks are cleared.
+    store: Arc<BackingStore>,
+    /// When the cleaner last flushed both volumes.
+    last_flush: Mutex<Instant>,
     timeout: Duration,
     bytes_sent: AtomicU64,
     cursor: AtomicU64,
@@ -271,10 +280,11 @@ pub struct PairEnv {
 }
 
 impl Pair {
-    /// A pair over an open OOS bitmap, in `status`.
+    /// A pair of the volume backed by `store`, over an open OOS bitmap, in
+    /// `status`.
     pub fn new(
         spec: PairSpec,
-        size: u64,
+        store: Arc<BackingStore>,
         track_size: u64,
         oos: TrackBitmap,
         status: Status,
@@ -286,7 +296,7 @@ impl Pair {
             spec,
             wire_volume,
             track_size,
-            size,
+            size: store.size(),
             heavy: env.heavy,
             group: env.group,
             inhibited: AtomicBool::new(status.write_inhibited),
@@ -303,6 +313,8 @@ impl Pair {
             local_only: tokio::sync::RwLock::new(()),
             overlaps: Overlaps::default(),
             paths: env.paths,
+            store,
+            last_flush: Mutex::new(Instant::now()),
             timeout: env.timeout,
             bytes_sent: AtomicU64::new(0),
             cursor: AtomicU64::new(0),
@@ -767,13 +779,54 @@ impl Pair {
         self.judge(answer)
     }
 
+    /// Makes both volumes durable before marks are cleared: a power loss
+    /// of the primary must not undo writes the secondary keeps while their
+    /// tracks are no longer marked.
+    async fn flush_both(&self) -> Result<(), Failure> {
+        let primary = async {
+            self.store.flush().await.map_err(|e| {
+                (
+                    SuspendReason::PrimaryIoError,
+                    format!("cannot flush the primary volume: {e}"),
+                )
+            })
+        };
+        let (secondary, primary) = tokio::join!(self.flush_secondary(), primary);
+        secondary?;
+        primary?;
+        *self.last_flush.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        Ok(())
+    }
+
+    /// Whether a periodic cleaning pass may flush the volumes to clear
+    /// marks: when no write touched the volume in the last interval, or
+    /// the last flush is [`BUSY_FLUSH_INTERVAL`] ago. A busy volume keeps
+    /// the marks of its idle tracks a little longer instead of having all
+    /// its dirty pages written back, on both sides, every pass.
+    fn flush_due(&self) -> bool {
+        let idle = self
+            .recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .all(|w| *w == 0);
+        idle || self
+            .last_flush
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+            >= BUSY_FLUSH_INTERVAL
+    }
+
     /// One cleaning pass (see the module docs): clears the marks of tracks
-    /// that are in sync and durable on the secondary — while duplex
-    /// pending, only of tracks the copier has passed — and drops the
-    /// bitmap's bits of tracks not marked. With `keep_recent`, tracks
-    /// written since the previous pass keep their marks too, and regions
-    /// written in this or the previous pass keep all their bits, so writes
-    /// there cost no bitmap commit. Returns how many marks were cleared.
+    /// that are in sync and durable on both sides — while duplex pending,
+    /// only of tracks the copier has passed — and drops the bitmap's bits
+    /// of tracks not marked. With `keep_recent` (the periodic pass),
+    /// tracks written since the previous pass keep their marks too,
+    /// regions written in this or the previous pass keep all their bits,
+    /// so writes there cost no bitmap commit, and on a busy volume marks
+    /// wait until the last flush is [`BUSY_FLUSH_INTERVAL`] ago. Returns
+    /// how many marks were cleared.
     pub async fn clean(&self, keep_recent: bool) -> Result<u64, Failure> {
         let old = {
             let _all = self.clean_lock.write().unwrap_or_else(|p| p.into_inner());
@@ -789,11 +842,11 @@ impl Pair {
             PairState::Duplex => self.oos.tracks(),
             _ => return Ok(0),
         };
-        let clear_marks = self.may_clear(below);
+        let clear_marks = self.may_clear(below) && (!keep_recent || self.flush_due());
         if !clear_marks && !self.may_drop_unmarked(keep_recent) {
             // Every mark is of a track written since the previous pass
-            // (steady writes) or there is none: flushing the secondary
-            // would clear nothing.
+            // (steady writes), or there is none, or the volume is busy and
+            // was flushed less than BUSY_FLUSH_INTERVAL ago.
             return Ok(0);
         }
         if clear_marks {
@@ -805,7 +858,7 @@ impl Pair {
                 }
                 let _ = tokio::time::timeout(Duration::from_millis(50), waiting).await;
             }
-            self.flush_secondary().await?;
+            self.flush_both().await?;
         }
         self.oos
             .clear_with(|oos| {
@@ -979,7 +1032,7 @@ impl Pair {
         if stop.is_cancelled() || self.state() != PairState::DuplexPending {
             return;
         }
-        // Everything is copied: flush the secondary and clear the marks of
+        // Everything is copied: flush both volumes and clear the marks of
         // every track no host write is changing right now, so a suspend
         // soon after this point resyncs only what changes from now on.
         self.cursor.store(tracks, Ordering::Release);
