@@ -346,12 +346,28 @@ fn try_write(essd: &Essd, export: &str) -> String {
         .to_string()
 }
 
+/// Writes `mib` MiB of random data at the start of the volume, flushed.
 fn fill(essd: &Essd, export: &str, dir: &Path, mib: usize, seed: u64) {
     let src = dir.join(format!("fill-{seed}.img"));
     random_file(&src, mib << 20, seed);
     run(std::process::Command::new("nbdcopy")
+        .arg("--flush")
         .arg(&src)
         .arg(essd.uri(export)));
+}
+
+/// Waits until no page of `path` is in the page cache.
+fn wait_uncached(path: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let before = cached_pages(path);
+    while cached_pages(path) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} of {before} pages still cached",
+            cached_pages(path)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -374,6 +390,10 @@ fn pairs_copy_mirror_suspend_resync_and_terminate() {
     ));
 
     // Initial copy; the 48 MiB of holes are sent as zeroing, not data.
+    let primary_file = s.dir_a.path().join("vol-10-0.img");
+    let secondary_file = s.dir_b.path().join("vol-10-0.img");
+    let filled = cached_pages(&primary_file);
+    assert!(filled > 1000, "{filled} pages of the primary cached");
     s.proxy.reset_counters();
     // A slow link keeps the pair duplex pending for a while: a wait with
     // a short timeout gives up with exit code 5.
@@ -406,6 +426,11 @@ fn pairs_copy_mirror_suspend_resync_and_terminate() {
         (16 << 20..20 << 20).contains(&sent),
         "initial copy sent {sent} bytes for 16 MiB of data"
     );
+    // The copy leaves neither volume in the page cache: the copier drops
+    // what it read, the secondary drops what it wrote once the copy is
+    // done (small writes into the large folios a copy leaves are slow).
+    wait_uncached(&primary_file, "the primary after its copy");
+    wait_uncached(&secondary_file, "the secondary after its copy");
     assert_eq!(volume_sha(a, &pa), volume_sha(b, &pb));
     let view = show(a, &pa);
     assert_eq!(view["role"], "primary");
@@ -465,11 +490,8 @@ fn pairs_copy_mirror_suspend_resync_and_terminate() {
         assert!(Instant::now() < deadline, "marks never cleared");
         std::thread::sleep(Duration::from_millis(100));
     }
-    for file in [
-        s.dir_a.path().join("vol-10-0.img"),
-        s.dir_b.path().join("vol-10-0.img"),
-    ] {
-        assert_eq!(unwritten_pages(&file), 0, "{} not flushed", file.display());
+    for file in [&primary_file, &secondary_file] {
+        assert_eq!(unwritten_pages(file), 0, "{} not flushed", file.display());
     }
 
     // The secondary is protected: read-only to hosts.
@@ -478,7 +500,6 @@ fn pairs_copy_mirror_suspend_resync_and_terminate() {
     // Suspend, change 1% of the tracks, resync: ~1% crosses the link.
     // The secondary drops its cached pages when the pair suspends (the
     // checksums above read them all), so the resync writes new ones.
-    let secondary_file = s.dir_b.path().join("vol-10-0.img");
     let cached = cached_pages(&secondary_file);
     assert!(cached > 1000, "{cached} pages of the secondary cached");
     let v = essctl(a, &["--json", "pprc", "suspend", &pa]).json();

@@ -483,13 +483,14 @@ impl BackingStore {
         self.advise(offset, len, libc::POSIX_FADV_WILLNEED).await
     }
 
-    /// Asks the kernel to drop the backing's clean pages from the page
-    /// cache (it starts writing back dirty ones, which stay).
-    pub async fn drop_cached(&self) -> io::Result<()> {
+    /// Asks the kernel to drop the clean pages of a range (`len` 0: to the
+    /// end) from the page cache; it starts writing back dirty ones, which
+    /// stay.
+    pub async fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.direct_align.is_some() {
             return Ok(());
         }
-        self.advise(0, 0, libc::POSIX_FADV_DONTNEED).await
+        self.advise(offset, len, libc::POSIX_FADV_DONTNEED).await
     }
 
     /// Gives the kernel page-cache advice for a range (`len` 0: to the end).

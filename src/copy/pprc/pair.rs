@@ -79,6 +79,9 @@ pub const BUSY_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
 const COPY_CHUNK: u64 = 1 << 20;
 /// Copies the copier keeps in flight.
 const COPY_DEPTH: usize = 8;
+/// Alignment of the ranges the copier drops from the primary's page cache:
+/// the largest page-cache folio on x86-64, so no folio straddles an edge.
+const DROP_BEHIND_ALIGN: u64 = 2 << 20;
 
 /// A pair's state, as in the array.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,6 +206,44 @@ pub struct PairSpec {
 
 /// Why background work stopped mirroring, and how to say it.
 type Failure = (SuspendReason, String);
+
+/// The byte ranges the copier has read and not yet dropped from the page
+/// cache, widened to [`DROP_BEHIND_ALIGN`], in order.
+#[derive(Debug, Default)]
+struct DropBehind {
+    pending: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl DropBehind {
+    /// Notes a range read (ranges come in increasing order).
+    fn note(&mut self, start: u64, end: u64) {
+        let start = start / DROP_BEHIND_ALIGN * DROP_BEHIND_ALIGN;
+        let end = end.div_ceil(DROP_BEHIND_ALIGN) * DROP_BEHIND_ALIGN;
+        match self.pending.back_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => self.pending.push_back((start, end)),
+        }
+    }
+
+    /// Takes the noted ranges' parts below `below`, rounded down to the
+    /// alignment (the rest may still be read).
+    fn take_below(&mut self, below: u64) -> Vec<(u64, u64)> {
+        let below = below / DROP_BEHIND_ALIGN * DROP_BEHIND_ALIGN;
+        let mut taken = Vec::new();
+        while let Some(front) = self.pending.front_mut() {
+            let cut = front.1.min(below);
+            if cut <= front.0 {
+                break;
+            }
+            taken.push((front.0, cut));
+            front.0 = cut;
+            if front.0 == front.1 {
+                self.pending.pop_front();
+            }
+        }
+        taken
+    }
+}
 
 /// Why a change could not be mirrored.
 #[derive(Debug)]
@@ -998,6 +1039,7 @@ impl Pair {
         let mut copying = std::collections::BTreeSet::new();
         let mut next = 0u64;
         let mut failed: Option<Failure> = None;
+        let mut behind = DropBehind::default();
         while let Some(first) = self.marks.next_set(next) {
             if failed.is_some() || stop.is_cancelled() || self.state() != PairState::DuplexPending {
                 break;
@@ -1012,6 +1054,12 @@ impl Pair {
                     failed = failed.or(self.settle(done, &mut copying, next));
                 }
             }
+            let read = self.cursor.load(Ordering::Acquire) * self.track_size;
+            self.drop_behind(&mut behind, read, &volume);
+            behind.note(
+                first * self.track_size,
+                (end * self.track_size).min(self.size),
+            );
             next = end;
             let guard = self.locks.exclusive(first..end).await;
             let (me, volume) = (self.clone(), volume.clone());
@@ -1025,6 +1073,7 @@ impl Pair {
         while let Some(done) = inflight.join_next().await {
             failed = failed.or(self.settle(done, &mut copying, next));
         }
+        self.drop_behind(&mut behind, u64::MAX, &volume);
         if let Some((reason, detail)) = failed {
             self.fail_in_background(reason, detail);
             return;
@@ -1042,6 +1091,24 @@ impl Pair {
         }
         self.enter(PairState::Duplex);
         tracing::info!(volume = %self.spec.volume, "PPRC pair duplex");
+    }
+
+    /// Drops from the primary's page cache, in the background, what the
+    /// copier has read below byte `read` (all of which it has read).
+    /// Besides sparing the cache a scan
+    /// of the whole volume, this removes the large folios readahead builds
+    /// for a sequential scan: on Linux 6.x ext4 every later small write
+    /// into one costs several times a write into a base page (4 KiB host
+    /// writes ran 3–4× slower right after an initial copy).
+    fn drop_behind(&self, behind: &mut DropBehind, read: u64, volume: &Arc<Volume>) {
+        for (start, end) in behind.take_below(read) {
+            let store = volume.store().clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.drop_cached(start, end - start).await {
+                    tracing::debug!(path = %store.path().display(), "cannot drop copied pages: {e}");
+                }
+            });
+        }
     }
 
     /// Accounts for a finished copy: moves the cursor to the oldest copy
@@ -1161,5 +1228,32 @@ pub fn errno_name(code: u32) -> String {
         errno::ENOSPC => "ENOSPC (beyond the end of the secondary)".into(),
         errno::ENOTSUP => "ENOTSUP".into(),
         other => format!("errno {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn drop_behind_gives_whole_aligned_ranges_once_read() {
+        let mut behind = DropBehind::default();
+        // Runs of a copy: adjacent ones merge, widened to 2 MiB.
+        behind.note(0, MIB);
+        behind.note(MIB, 2 * MIB + (64 << 10));
+        behind.note(9 * MIB, 9 * MIB + (64 << 10));
+        assert_eq!(behind.take_below(MIB), vec![]);
+        // Only whole 2 MiB regions below what was read go.
+        assert_eq!(behind.take_below(3 * MIB), vec![(0, 2 * MIB)]);
+        assert_eq!(behind.take_below(3 * MIB), vec![]);
+        assert_eq!(
+            behind.take_below(10 * MIB),
+            vec![(2 * MIB, 4 * MIB), (8 * MIB, 10 * MIB)]
+        );
+        behind.note(11 * MIB, 11 * MIB + 1);
+        assert_eq!(behind.take_below(u64::MAX), vec![(10 * MIB, 12 * MIB)]);
+        assert_eq!(behind.take_below(u64::MAX), vec![]);
     }
 }
