@@ -504,3 +504,37 @@ fn permit_if_target_online() {
         "001TST01"
     );
 }
+
+#[test]
+fn a_background_copy_leaves_neither_volume_in_the_page_cache() {
+    require("nbdcopy", "libnbd-bin");
+    let dir = tempdir("fc-cache");
+    let essd = Essd::start_in(dir.path(), &four_volumes("uring", "64MiB"));
+    let seed = dir.path().join("seed.bin");
+    random_file(&seed, 48 << 20, 8);
+    run(Command::new("nbdcopy")
+        .arg("--flush")
+        .arg(&seed)
+        .arg(essd.uri("000TST01")));
+    let (source, target) = (
+        dir.path().join("vol-10-0.img"),
+        dir.path().join("vol-10-1.img"),
+    );
+    let filled = cached_pages(&source);
+    assert!(filled > 10_000, "{filled} pages of the source cached");
+    let t0_sha = export_sha(&essd, "000TST01", &dir.path().join("t0.bin"));
+
+    // A COPY relationship ends by itself once every track is copied.
+    essctl_ok(&essd, &["flashcopy", "establish", "000TST01:001TST01"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !relationships(&essd)["relationships"][0].is_null() {
+        assert!(Instant::now() < deadline, "{}", relationships(&essd));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The copier drops what it copied from both volumes' cache: small
+    // writes into the large folios a copy leaves are slow.
+    wait_uncached(&source, "the source after the background copy");
+    wait_uncached(&target, "the target after the background copy");
+    let sha = export_sha(&essd, "001TST01", &dir.path().join("tgt.bin"));
+    assert_eq!(sha, t0_sha, "target after the background copy");
+}

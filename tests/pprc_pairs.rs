@@ -134,37 +134,6 @@ fn wait_duplex(essd: &Essd, volume: &str) {
     .ok();
 }
 
-/// SHA-256 of an export's whole content, read with nbdcopy.
-/// Pages of `path` in the page cache.
-fn cached_pages(path: &Path) -> usize {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(path).unwrap();
-    let len = file.metadata().unwrap().len() as usize;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-    // SAFETY: a read-only shared mapping of an open file, never read through
-    // and unmapped below.
-    let addr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(addr, libc::MAP_FAILED, "mmap {}", path.display());
-    let mut resident = vec![0u8; len.div_ceil(page)];
-    // SAFETY: `addr..addr + len` is the mapping above and `resident` has one
-    // byte per page of it.
-    let r = unsafe { libc::mincore(addr, len, resident.as_mut_ptr()) };
-    // SAFETY: unmaps the mapping made above, which nothing else uses.
-    unsafe { libc::munmap(addr, len) };
-    assert_eq!(r, 0, "mincore {}", path.display());
-    resident.iter().filter(|&&b| b & 1 == 1).count()
-}
-
 /// Pages of `path` in the page cache that are dirty or under write-back
 /// (`cachestat`, Linux 6.5).
 fn unwritten_pages(path: &Path) -> u64 {
@@ -209,6 +178,7 @@ fn unwritten_pages(path: &Path) -> u64 {
     stat.dirty + stat.writeback
 }
 
+/// SHA-256 of an export's whole content, read with nbdcopy.
 fn volume_sha(essd: &Essd, export: &str) -> String {
     let out = tempfile::NamedTempFile::new().unwrap();
     run(std::process::Command::new("nbdcopy")
@@ -356,20 +326,6 @@ fn fill(essd: &Essd, export: &str, dir: &Path, mib: usize, seed: u64) {
         .arg(essd.uri(export)));
 }
 
-/// Waits until no page of `path` is in the page cache.
-fn wait_uncached(path: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let before = cached_pages(path);
-    while cached_pages(path) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: {} of {before} pages still cached",
-            cached_pages(path)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn pairs_copy_mirror_suspend_resync_and_terminate() {
     let s = Sites::start("pprc-pairs", |_| {});
@@ -455,25 +411,40 @@ fn pairs_copy_mirror_suspend_resync_and_terminate() {
     std::thread::sleep(CLEAN_INTERVAL * 2 + Duration::from_millis(500));
     assert_eq!(show(a, &pa)["bytes_sent"].as_u64().unwrap(), idle_from);
 
-    // Duplex: every acknowledged write is on the secondary, and each of the
-    // written tracks was marked durably before it was written — with the
-    // rest of its 64-track region, so the next writes there need no bitmap
-    // commit.
+    // Duplex: every acknowledged write is on the secondary (checksums
+    // below). While the volume is being written, idle tracks keep their marks: the
+    // cleaner does not have both volumes written back every pass. A writer
+    // keeps rewriting one track (never flushing) for four cleaning
+    // intervals; once its mark is there, a host flush (the last flush of
+    // both volumes) and then five tracks written once, not flushed.
+    let busy_track = 1000;
+    let keep_busy = {
+        let uri = a.uri(&pa);
+        let seconds = (CLEAN_INTERVAL * 4).as_secs_f64().to_string();
+        let offset = (busy_track * TRACK).to_string();
+        std::thread::spawn(move || python(KEEP_BUSY, &[&uri, &offset, &seconds]))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !durable_marks(a, &pa).contains(&busy_track) {
+        assert!(
+            Instant::now() < deadline,
+            "the busy track never got its mark"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let flushed = write_tracks(a, &pa, 6, 1);
     let written = write_tracks_then(a, &pa, 7, 5, "noflush");
+    assert!(!written.contains(&busy_track), "{written:?}");
+    // Each written track was marked durably before it was written — with
+    // the rest of its 64-track region, so the next writes there need no
+    // bitmap commit.
     let regions: BTreeSet<u64> = written
         .iter()
+        .chain(&flushed)
+        .chain([&busy_track])
         .flat_map(|t| t / 64 * 64..t / 64 * 64 + 64)
         .collect();
     assert_eq!(durable_marks(a, &pa), regions);
-    assert_eq!(volume_sha(a, &pa), volume_sha(b, &pb));
-    // While the volume is being written, idle tracks keep their marks: the
-    // cleaner does not have both volumes written back every pass.
-    let busy = (0..).find(|t| !written.contains(t)).unwrap() * TRACK;
-    let keep_busy = {
-        let uri = a.uri(&pa);
-        let seconds = (CLEAN_INTERVAL * 3).as_secs_f64().to_string();
-        std::thread::spawn(move || python(KEEP_BUSY, &[&uri, &busy.to_string(), &seconds]))
-    };
     let rewrites: u64 = keep_busy.join().unwrap().trim().parse().unwrap();
     assert!(rewrites > 20, "{rewrites} rewrites");
     let marks = durable_marks(a, &pa);
@@ -481,6 +452,7 @@ fn pairs_copy_mirror_suspend_resync_and_terminate() {
         written.iter().all(|t| marks.contains(t)),
         "marks of idle tracks cleared while the volume was busy: {written:?} not all in {marks:?}"
     );
+    assert_eq!(volume_sha(a, &pa), volume_sha(b, &pb));
     // Once the volume is idle, the cleaner flushes both volumes and clears
     // the marks (duplex reports 0 out of sync either way: the bitmap file
     // is what holds them). Both flushed: a power loss of the primary must

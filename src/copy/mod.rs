@@ -4,13 +4,16 @@
 //!   directory, with group commit (one fsync pair covers many updates).
 //! * [`locks`] — per-track reader/writer locks so host I/O never races a
 //!   copy of the same track.
+//! * [`drop_behind`] — what background copies drop from the page cache
+//!   once they are through with it.
 //! * [`flashcopy`] — point-in-time copies: relationships, the data path
 //!   rules (copy-before-write, target redirect), the background copier and
 //!   the manager that establishes, withdraws and restores relationships.
-//! * [`pprc`] — synchronous remote mirroring (so far its peer protocol and
-//!   link authentication).
+//! * [`pprc`] — synchronous remote mirroring: the peer protocol and links,
+//!   paths, pairs and their out-of-sync bitmaps, the consistency group.
 
 pub mod bitmap;
+pub mod drop_behind;
 pub mod flashcopy;
 pub mod locks;
 pub mod pprc;

@@ -489,3 +489,47 @@ pub fn essctl(essd: &Essd, args: &[&str]) -> Run {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// Pages of `path` in the page cache.
+pub fn cached_pages(path: &Path) -> usize {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    // SAFETY: a read-only shared mapping of an open file, never read through
+    // and unmapped below.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(addr, libc::MAP_FAILED, "mmap {}", path.display());
+    let mut resident = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `addr..addr + len` is the mapping above and `resident` has one
+    // byte per page of it.
+    let r = unsafe { libc::mincore(addr, len, resident.as_mut_ptr()) };
+    // SAFETY: unmaps the mapping made above, which nothing else uses.
+    unsafe { libc::munmap(addr, len) };
+    assert_eq!(r, 0, "mincore {}", path.display());
+    resident.iter().filter(|&&b| b & 1 == 1).count()
+}
+
+/// Waits until no page of `path` is in the page cache.
+pub fn wait_uncached(path: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let before = cached_pages(path);
+    while cached_pages(path) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} of {before} pages still cached",
+            cached_pages(path)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

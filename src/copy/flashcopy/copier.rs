@@ -5,14 +5,17 @@
 //! target holes with one punch), marks them, and releases the locks before
 //! the next chunk, so host I/O keeps flowing. Copied ranges are pushed to
 //! disk right away (write-back started, not waited for), and bits are
-//! group-committed every 256 MiB copied or every second. The copy rate
-//! limit, if any, is applied to data bytes copied (holes are free).
+//! group-committed every 256 MiB copied or every second. After each
+//! commit (which flushes the target first) the copied ranges are dropped
+//! from both volumes' page cache ([`crate::copy::drop_behind`]). The copy
+//! rate limit, if any, is applied to data bytes copied (holes are free).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Relationship;
+use crate::copy::drop_behind::DropBehind;
 
 /// Tracks locked and copied together (fewer when a rate limit is set, so
 /// the limit is kept within about a tenth of a second).
@@ -59,6 +62,7 @@ async fn copy_all(rel: &Relationship) -> std::io::Result<CopierEnd> {
     let start_bytes = rel.bytes_copied();
     let mut last_commit = Instant::now();
     let mut bytes_at_commit = rel.bytes_copied();
+    let mut behind = DropBehind::default();
     let mut chunk = 0;
     while chunk < tracks {
         if rel.stop.is_cancelled() {
@@ -108,17 +112,23 @@ async fn copy_all(rel: &Relationship) -> std::io::Result<CopierEnd> {
                 }
                 i = j + 1;
             }
+            let (first, _) = rel.track_range(chunk);
+            let (last, last_len) = rel.track_range(end - 1);
+            behind.note(first, last + last_len);
         }
         let copied = rel.bytes_copied();
         if copied - bytes_at_commit >= COMMIT_BYTES || last_commit.elapsed() >= COMMIT_INTERVAL {
             rel.bitmap.commit(&rel.target).await?;
             bytes_at_commit = copied;
             last_commit = Instant::now();
+            let (last, last_len) = rel.track_range(end - 1);
+            drop_copied(rel, &mut behind, last + last_len).await;
         }
         chunk = end;
         tokio::task::yield_now().await;
     }
     rel.bitmap.commit(&rel.target).await?;
+    drop_copied(rel, &mut behind, u64::MAX).await;
     if rel.bitmap.all_set() {
         Ok(CopierEnd::Complete)
     } else {
@@ -127,6 +137,18 @@ async fn copy_all(rel: &Relationship) -> std::io::Result<CopierEnd> {
         Err(std::io::Error::other(
             "background copy finished with uncopied tracks",
         ))
+    }
+}
+
+/// Drops what the copier has copied (and committed) below byte `below`
+/// from the page cache of both volumes.
+async fn drop_copied(rel: &Relationship, behind: &mut DropBehind, below: u64) {
+    for (start, end) in behind.take_below(below) {
+        for store in [&rel.source, &rel.target] {
+            if let Err(e) = store.drop_cached(start, end - start).await {
+                tracing::debug!(path = %store.path().display(), "cannot drop copied pages: {e}");
+            }
+        }
     }
 }
 

@@ -59,6 +59,7 @@ use super::link::PeerLink;
 use super::paths::{PathManager, Route};
 use super::wire::{self, Message};
 use crate::copy::bitmap::{TrackBitmap, TrackBits};
+use crate::copy::drop_behind::DropBehind;
 use crate::copy::flashcopy::Change;
 use crate::copy::locks::{Overlaps, TrackLocks};
 use crate::nbd::proto::errno;
@@ -79,9 +80,6 @@ pub const BUSY_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
 const COPY_CHUNK: u64 = 1 << 20;
 /// Copies the copier keeps in flight.
 const COPY_DEPTH: usize = 8;
-/// Alignment of the ranges the copier drops from the primary's page cache:
-/// the largest page-cache folio on x86-64, so no folio straddles an edge.
-const DROP_BEHIND_ALIGN: u64 = 2 << 20;
 
 /// A pair's state, as in the array.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,44 +205,6 @@ pub struct PairSpec {
 /// Why background work stopped mirroring, and how to say it.
 type Failure = (SuspendReason, String);
 
-/// The byte ranges the copier has read and not yet dropped from the page
-/// cache, widened to [`DROP_BEHIND_ALIGN`], in order.
-#[derive(Debug, Default)]
-struct DropBehind {
-    pending: std::collections::VecDeque<(u64, u64)>,
-}
-
-impl DropBehind {
-    /// Notes a range read (ranges come in increasing order).
-    fn note(&mut self, start: u64, end: u64) {
-        let start = start / DROP_BEHIND_ALIGN * DROP_BEHIND_ALIGN;
-        let end = end.div_ceil(DROP_BEHIND_ALIGN) * DROP_BEHIND_ALIGN;
-        match self.pending.back_mut() {
-            Some(last) if start <= last.1 => last.1 = last.1.max(end),
-            _ => self.pending.push_back((start, end)),
-        }
-    }
-
-    /// Takes the noted ranges' parts below `below`, rounded down to the
-    /// alignment (the rest may still be read).
-    fn take_below(&mut self, below: u64) -> Vec<(u64, u64)> {
-        let below = below / DROP_BEHIND_ALIGN * DROP_BEHIND_ALIGN;
-        let mut taken = Vec::new();
-        while let Some(front) = self.pending.front_mut() {
-            let cut = front.1.min(below);
-            if cut <= front.0 {
-                break;
-            }
-            taken.push((front.0, cut));
-            front.0 = cut;
-            if front.0 == front.1 {
-                self.pending.pop_front();
-            }
-        }
-        taken
-    }
-}
-
 /// Why a change could not be mirrored.
 #[derive(Debug)]
 enum SendError {
@@ -289,7 +249,7 @@ pub struct Pair {
     paths: Arc<PathManager>,
     /// The primary volume's backing, flushed before marks are cleared.
     store: Arc<BackingStore>,
-    /// When the cleaner last flushed both volumes.
+    /// When both volumes were last flushed (by the cleaner or a host).
     last_flush: Mutex<Instant>,
     timeout: Duration,
     bytes_sent: AtomicU64,
@@ -687,7 +647,11 @@ impl Pair {
             })
         );
         self.after_send(VolumeOp::Flush, r).await?;
-        l
+        l?;
+        // Both volumes were just written back: the cleaner's next flush
+        // can wait as long as after one of its own.
+        self.flushed_both();
+        Ok(())
     }
 
     fn inhibited_error(&self, op: VolumeOp) -> VolumeError {
@@ -835,13 +799,19 @@ impl Pair {
         let (secondary, primary) = tokio::join!(self.flush_secondary(), primary);
         secondary?;
         primary?;
-        *self.last_flush.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.flushed_both();
         Ok(())
+    }
+
+    /// Notes that both volumes have just been flushed.
+    fn flushed_both(&self) {
+        *self.last_flush.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
     }
 
     /// Whether a periodic cleaning pass may flush the volumes to clear
     /// marks: when no write touched the volume in the last interval, or
-    /// the last flush is [`BUSY_FLUSH_INTERVAL`] ago. A busy volume keeps
+    /// the last flush of both (the cleaner's or a host's) is
+    /// [`BUSY_FLUSH_INTERVAL`] ago. A busy volume keeps
     /// the marks of its idle tracks a little longer instead of having all
     /// its dirty pages written back, on both sides, every pass.
     fn flush_due(&self) -> bool {
@@ -1094,12 +1064,7 @@ impl Pair {
     }
 
     /// Drops from the primary's page cache, in the background, what the
-    /// copier has read below byte `read` (all of which it has read).
-    /// Besides sparing the cache a scan
-    /// of the whole volume, this removes the large folios readahead builds
-    /// for a sequential scan: on Linux 6.x ext4 every later small write
-    /// into one costs several times a write into a base page (4 KiB host
-    /// writes ran 3–4× slower right after an initial copy).
+    /// copier has read below byte `read` (see [`crate::copy::drop_behind`]).
     fn drop_behind(&self, behind: &mut DropBehind, read: u64, volume: &Arc<Volume>) {
         for (start, end) in behind.take_below(read) {
             let store = volume.store().clone();
@@ -1228,32 +1193,5 @@ pub fn errno_name(code: u32) -> String {
         errno::ENOSPC => "ENOSPC (beyond the end of the secondary)".into(),
         errno::ENOTSUP => "ENOTSUP".into(),
         other => format!("errno {other}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MIB: u64 = 1 << 20;
-
-    #[test]
-    fn drop_behind_gives_whole_aligned_ranges_once_read() {
-        let mut behind = DropBehind::default();
-        // Runs of a copy: adjacent ones merge, widened to 2 MiB.
-        behind.note(0, MIB);
-        behind.note(MIB, 2 * MIB + (64 << 10));
-        behind.note(9 * MIB, 9 * MIB + (64 << 10));
-        assert_eq!(behind.take_below(MIB), vec![]);
-        // Only whole 2 MiB regions below what was read go.
-        assert_eq!(behind.take_below(3 * MIB), vec![(0, 2 * MIB)]);
-        assert_eq!(behind.take_below(3 * MIB), vec![]);
-        assert_eq!(
-            behind.take_below(10 * MIB),
-            vec![(2 * MIB, 4 * MIB), (8 * MIB, 10 * MIB)]
-        );
-        behind.note(11 * MIB, 11 * MIB + 1);
-        assert_eq!(behind.take_below(u64::MAX), vec![(10 * MIB, 12 * MIB)]);
-        assert_eq!(behind.take_below(u64::MAX), vec![]);
     }
 }
