@@ -122,13 +122,13 @@ async fn copy_all(rel: &Relationship) -> std::io::Result<CopierEnd> {
             bytes_at_commit = copied;
             last_commit = Instant::now();
             let (last, last_len) = rel.track_range(end - 1);
-            drop_copied(rel, &mut behind, last + last_len).await;
+            drop_copied(rel, &mut behind, last + last_len);
         }
         chunk = end;
         tokio::task::yield_now().await;
     }
     rel.bitmap.commit(&rel.target).await?;
-    drop_copied(rel, &mut behind, u64::MAX).await;
+    drop_copied(rel, &mut behind, u64::MAX);
     if rel.bitmap.all_set() {
         Ok(CopierEnd::Complete)
     } else {
@@ -141,13 +141,15 @@ async fn copy_all(rel: &Relationship) -> std::io::Result<CopierEnd> {
 }
 
 /// Drops what the copier has copied (and committed) below byte `below`
-/// from the page cache of both volumes.
-async fn drop_copied(rel: &Relationship, behind: &mut DropBehind, below: u64) {
+/// from the page cache of both volumes, in the background.
+fn drop_copied(rel: &Relationship, behind: &mut DropBehind, below: u64) {
     for (start, end) in behind.take_below(below) {
-        for store in [&rel.source, &rel.target] {
-            if let Err(e) = store.drop_cached(start, end - start).await {
-                tracing::debug!(path = %store.path().display(), "cannot drop copied pages: {e}");
-            }
+        for store in [rel.source.clone(), rel.target.clone()] {
+            tokio::spawn(async move {
+                if let Err(e) = store.drop_cached(start, end - start).await {
+                    tracing::debug!(path = %store.path().display(), "cannot drop copied pages: {e}");
+                }
+            });
         }
     }
 }
