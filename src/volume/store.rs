@@ -493,6 +493,17 @@ impl BackingStore {
         self.advise(offset, len, libc::POSIX_FADV_DONTNEED).await
     }
 
+    /// [`Self::drop_cached`] in the background; a failure is only logged
+    /// (the advice changes no data).
+    pub fn drop_cached_later(self: &Arc<Self>, offset: u64, len: u64) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.drop_cached(offset, len).await {
+                tracing::debug!(path = %store.path.display(), "cannot drop cached pages: {e}");
+            }
+        });
+    }
+
     /// Gives the kernel page-cache advice for a range (`len` 0: to the end).
     async fn advise(&self, offset: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
         let file = self.file.clone();

@@ -80,6 +80,11 @@ async fn copy_all(rel: &Relationship) -> std::io::Result<CopierEnd> {
             continue;
         }
         let end = (chunk + chunk_tracks).min(tracks);
+        let chunk_bytes = {
+            let (first, _) = rel.track_range(chunk);
+            let (last, last_len) = rel.track_range(end - 1);
+            first..last + last_len
+        };
         let pending = rel.uncopied(chunk, end - 1);
         if !pending.is_empty() {
             // Wait until the limit allows more, before (not after) copying.
@@ -112,17 +117,14 @@ async fn copy_all(rel: &Relationship) -> std::io::Result<CopierEnd> {
                 }
                 i = j + 1;
             }
-            let (first, _) = rel.track_range(chunk);
-            let (last, last_len) = rel.track_range(end - 1);
-            behind.note(first, last + last_len);
+            behind.note(chunk_bytes.start, chunk_bytes.end);
         }
         let copied = rel.bytes_copied();
         if copied - bytes_at_commit >= COMMIT_BYTES || last_commit.elapsed() >= COMMIT_INTERVAL {
             rel.bitmap.commit(&rel.target).await?;
             bytes_at_commit = copied;
             last_commit = Instant::now();
-            let (last, last_len) = rel.track_range(end - 1);
-            drop_copied(rel, &mut behind, last + last_len);
+            drop_copied(rel, &mut behind, chunk_bytes.end);
         }
         chunk = end;
         tokio::task::yield_now().await;
@@ -144,13 +146,8 @@ async fn copy_all(rel: &Relationship) -> std::io::Result<CopierEnd> {
 /// from the page cache of both volumes, in the background.
 fn drop_copied(rel: &Relationship, behind: &mut DropBehind, below: u64) {
     for (start, end) in behind.take_below(below) {
-        for store in [rel.source.clone(), rel.target.clone()] {
-            tokio::spawn(async move {
-                if let Err(e) = store.drop_cached(start, end - start).await {
-                    tracing::debug!(path = %store.path().display(), "cannot drop copied pages: {e}");
-                }
-            });
-        }
+        rel.source.drop_cached_later(start, end - start);
+        rel.target.drop_cached_later(start, end - start);
     }
 }
 

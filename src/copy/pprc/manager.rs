@@ -1372,14 +1372,9 @@ impl PprcManager {
     /// and 4 KiB host writes right after an initial copy ran 3–4× slower
     /// with the primary's copy reads also leaving large folios).
     fn drop_secondary_cache(&self, volume: &str) {
-        let Some(v) = self.server.lookup(volume).cloned() else {
-            return;
-        };
-        tokio::spawn(async move {
-            if let Err(e) = v.store().drop_cached(0, 0).await {
-                tracing::debug!(volume = %v.name(), "cannot drop cached pages: {e}");
-            }
-        });
+        if let Some(v) = self.server.lookup(volume) {
+            v.store().drop_cached_later(0, 0);
+        }
     }
 
     async fn become_secondary(

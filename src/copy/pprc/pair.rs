@@ -220,7 +220,6 @@ pub struct Pair {
     pub spec: PairSpec,
     wire_volume: wire::VolumeName,
     track_size: u64,
-    size: u64,
     /// Critical heavy mode of the primary's LSS.
     heavy: bool,
     group: Option<Arc<ConsistencyGroup>>,
@@ -297,7 +296,6 @@ impl Pair {
             spec,
             wire_volume,
             track_size,
-            size: store.size(),
             heavy: env.heavy,
             group: env.group,
             inhibited: AtomicBool::new(status.write_inhibited),
@@ -1025,10 +1023,10 @@ impl Pair {
                 }
             }
             let read = self.cursor.load(Ordering::Acquire) * self.track_size;
-            self.drop_behind(&mut behind, read, &volume);
+            self.drop_behind(&mut behind, read);
             behind.note(
                 first * self.track_size,
-                (end * self.track_size).min(self.size),
+                (end * self.track_size).min(self.store.size()),
             );
             next = end;
             let guard = self.locks.exclusive(first..end).await;
@@ -1043,7 +1041,7 @@ impl Pair {
         while let Some(done) = inflight.join_next().await {
             failed = failed.or(self.settle(done, &mut copying, next));
         }
-        self.drop_behind(&mut behind, u64::MAX, &volume);
+        self.drop_behind(&mut behind, u64::MAX);
         if let Some((reason, detail)) = failed {
             self.fail_in_background(reason, detail);
             return;
@@ -1065,14 +1063,9 @@ impl Pair {
 
     /// Drops from the primary's page cache, in the background, what the
     /// copier has read below byte `read` (see [`crate::copy::drop_behind`]).
-    fn drop_behind(&self, behind: &mut DropBehind, read: u64, volume: &Arc<Volume>) {
+    fn drop_behind(&self, behind: &mut DropBehind, read: u64) {
         for (start, end) in behind.take_below(read) {
-            let store = volume.store().clone();
-            tokio::spawn(async move {
-                if let Err(e) = store.drop_cached(start, end - start).await {
-                    tracing::debug!(path = %store.path().display(), "cannot drop copied pages: {e}");
-                }
-            });
+            self.store.drop_cached_later(start, end - start);
         }
     }
 
@@ -1102,7 +1095,7 @@ impl Pair {
     /// Copies tracks `[first, end)` (locked by the caller).
     async fn copy_run(&self, volume: &Volume, first: u64, end: u64) -> Result<(), Failure> {
         let start = first * self.track_size;
-        let stop = (end * self.track_size).min(self.size);
+        let stop = (end * self.track_size).min(self.store.size());
         if start >= stop {
             return Ok(());
         }
