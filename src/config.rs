@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::scheduling::Scheduling;
 use crate::units::{ByteSize, Seconds};
 use crate::volume::id::{Serial, VolumeId, LSS_MAX, LSS_MIN};
 
@@ -149,6 +150,10 @@ pub struct ServerConfig {
     /// Default: one per CPU.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// `normal` (default) or `batch`: the CPU scheduling policy of every
+    /// essd thread.
+    #[serde(default)]
+    pub scheduling: Scheduling,
 }
 
 /// Most worker threads `server.workers` may ask for.

@@ -20,6 +20,7 @@ pub mod daemon;
 pub mod io;
 pub mod nbd;
 pub mod pipeline;
+pub mod scheduling;
 pub mod state;
 pub mod units;
 pub mod volume;

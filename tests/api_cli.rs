@@ -33,6 +33,7 @@ state_dir = "{d}/state"
 track_size = "64KiB"
 io_engine = "threads"
 workers = 3
+scheduling = "batch"
 
 [nbd]
 listen = []
@@ -240,6 +241,28 @@ fn fields(text: &str, sep: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// `SCHED_BATCH` in `/proc/PID/task/TID/stat`.
+const SCHED_BATCH: u32 = 3;
+
+/// The scheduling policy of every thread of process `pid`.
+fn thread_policies(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|task| {
+            let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
+            // Field 41 (policy), counted from the state (field 3) after the
+            // parenthesised command name.
+            let after_comm = stat.rsplit_once(')').unwrap().1;
+            after_comm
+                .split_whitespace()
+                .nth(41 - 3)
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
 fn field<'a>(pairs: &'a [(String, String)], key: &str) -> &'a str {
     pairs
         .iter()
@@ -268,6 +291,14 @@ fn server_volume_lss_and_health_commands() {
     assert_eq!(field(&rows, "Volumes"), "3");
     assert_eq!(field(&rows, "LSSs"), "2");
     assert_eq!(field(&rows, "Workers"), "3");
+    assert_eq!(field(&rows, "Scheduling"), "batch");
+    let pid = essd.child.as_ref().unwrap().id();
+    let policies = thread_policies(pid);
+    assert!(policies.len() >= 4, "threads of essd: {policies:?}");
+    assert!(
+        policies.iter().all(|&p| p == SCHED_BATCH),
+        "every essd thread runs SCHED_BATCH: {policies:?}"
+    );
     assert_eq!(field(&rows, "API TCP"), "-");
     let s = essctl(&sock, &["server", "--json"]).json();
     assert_eq!(s["serial"], SERIAL);
@@ -276,6 +307,7 @@ fn server_volume_lss_and_health_commands() {
     assert_eq!(s["device_type"], "2105");
     assert_eq!(s["io_engine"], "threads");
     assert_eq!(s["workers"], 3);
+    assert_eq!(s["scheduling"], "batch");
     assert_eq!(s["track_size"], 65536);
     assert_eq!(s["counts"]["lss"], 2);
     assert_eq!(s["counts"]["volumes"], 3);

@@ -76,6 +76,8 @@ fn each_bad_field_gets_an_exact_message_and_nothing_is_created() {
          format!("essd: {f}: server.track_size: 48KiB must be a power of two between 4KiB and 1MiB")),
         (good.replace("[nbd]", "workers = 0\n[nbd]"),
          format!("essd: {f}: server.workers: 0 must be between 1 and 256")),
+        (good.replace("[nbd]", "scheduling = \"fast\"\n[nbd]"),
+         format!("essd: {f}: server.scheduling: unknown variant `fast`, expected `normal` or `batch` (line 5, column 14)")),
         (good.replace("size = \"1MiB\"\n", ""),
          format!("essd: {f}: volume[0] (000FCA31): {}/a.img: file does not exist and no size is configured", d.display())),
         ("this is not toml".to_string(),

@@ -132,6 +132,11 @@ fn run(args: Args) -> anyhow::Result<usize> {
         );
         return Ok(0);
     }
+    // Before the runtime starts its threads: they inherit the policy.
+    let scheduling = cfg.raw.server.scheduling;
+    scheduling
+        .apply_to_this_thread()
+        .with_context(|| format!("cannot set scheduling policy {}", scheduling.name()))?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(workers) = cfg.raw.server.workers {
         runtime.worker_threads(workers);

@@ -434,6 +434,10 @@ impl Session {
             ("I/O engine", s.io_engine.clone()),
             ("Workers", s.workers.to_string()),
             (
+                "Scheduling",
+                output::or_dash(Some(s.scheduling.as_str()).filter(|p| !p.is_empty())),
+            ),
+            (
                 "Track size",
                 format!("{} ({} bytes)", human_bytes(s.track_size), s.track_size),
             ),

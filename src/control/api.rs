@@ -55,6 +55,7 @@ use crate::copy::flashcopy::{CopyMode, Role};
 use crate::copy::pprc::group::GroupState;
 use crate::copy::pprc::manager::{EstablishPair, PairError, PairView};
 use crate::copy::pprc::paths::{PathError, PathRequest, PathView};
+use crate::scheduling::Scheduling;
 use crate::volume::id::VolumeId;
 use crate::volume::server::StorageServer;
 use crate::volume::store::BackingKind;
@@ -97,6 +98,9 @@ pub struct ServerView {
     pub io_engine: String,
     /// Worker threads running connections and peer links.
     pub workers: usize,
+    /// CPU scheduling policy of the server's threads: `normal` or `batch`.
+    #[serde(default)]
+    pub scheduling: String,
     /// Copy-services track size in bytes.
     pub track_size: u64,
     /// State directory.
@@ -796,6 +800,9 @@ async fn server(State(ctx): State<Ctx>) -> Json<ServerView> {
         device_type: DEVICE_TYPE.into(),
         io_engine: s.engine.kind().to_string(),
         workers: tokio::runtime::Handle::current().metrics().num_workers(),
+        scheduling: Scheduling::of_this_thread()
+            .map_or("other", Scheduling::name)
+            .into(),
         track_size: s.track_size,
         state_dir: api.state_dir.display().to_string(),
         config_file: api.config_file.display().to_string(),
