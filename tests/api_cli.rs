@@ -244,12 +244,13 @@ fn fields(text: &str, sep: &str) -> Vec<(String, String)> {
 /// `SCHED_BATCH` in `/proc/PID/task/TID/stat`.
 const SCHED_BATCH: u32 = 3;
 
-/// The scheduling policy of every thread of process `pid`.
+/// The scheduling policy of every thread of process `pid` (a thread that
+/// ends while they are read is left out).
 fn thread_policies(pid: u32) -> Vec<u32> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
-        .map(|task| {
-            let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("stat")).ok())
+        .map(|stat| {
             // Field 41 (policy), counted from the state (field 3) after the
             // parenthesised command name.
             let after_comm = stat.rsplit_once(')').unwrap().1;
