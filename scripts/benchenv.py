@@ -1,4 +1,5 @@
-"""Machine settings that change benchmark figures, shared by the bench scripts.
+"""Machine state the bench scripts share: the page cache they start runs
+from, and settings that change their figures.
 
 Free page reporting (virtio-balloon): a guest kernel with it on hands free
 memory blocks back to the hypervisor, which unmaps them; the next use of
@@ -10,12 +11,33 @@ slower and more variable, and more so the more fresh pages a run fills.
 See docs/BENCHMARKS.md, "Free page reporting".
 """
 
+import os
 from pathlib import Path
 
 REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_order")
 # Largest buddy order on x86-64 (4 MiB blocks); a reporting order above it
 # reports nothing.
 MAX_PAGE_ORDER = 10
+
+
+def drop_page_cache():
+    """Writes back and drops the page cache (needs root)."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def prime(source: Path, length: int = -1):
+    """Drops the page cache, then reads the first `length` bytes of `source`
+    (all of it by default) into it: a copy then starts with the volume it
+    reads cached and the one it writes not."""
+    drop_page_cache()
+    left = os.path.getsize(source) if length < 0 else length
+    with open(source, "rb", buffering=0) as f:
+        while left > 0:
+            chunk = f.read(min(8 << 20, left))
+            if not chunk:
+                break
+            left -= len(chunk)
 
 
 def free_page_reporting() -> str:
