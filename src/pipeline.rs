@@ -299,27 +299,41 @@ impl Drop for Batch {
 type Request<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The requests of one connection that are in flight.
+///
+/// The set also holds one future that never finishes (the anchor).
+/// `FuturesUnordered` yields to the executor, waking its task, whenever
+/// one poll has polled as many futures as the set holds; after a batch
+/// the set usually holds just the requests it started, all waiting for
+/// their peer or disk, so every batch ended with the connection's task
+/// rescheduled, and the runtime woke another worker thread that took it
+/// over. The anchor is never ready to poll, so such a sweep stops one
+/// short of the count (a future that wakes itself still makes the set
+/// yield).
 pub struct Pipeline<'a, T> {
     in_flight: FuturesUnordered<Request<'a, T>>,
 }
 
-impl<T> Default for Pipeline<'_, T> {
+impl<'a, T: 'a> Default for Pipeline<'a, T> {
     fn default() -> Self {
-        Pipeline {
-            in_flight: FuturesUnordered::new(),
-        }
+        let mut in_flight = FuturesUnordered::new();
+        let anchor: Request<'a, T> = Box::pin(std::future::pending());
+        in_flight.push(anchor);
+        // Its first poll, here: from now on it is never ready to poll.
+        let _ = in_flight.poll_next_unpin(&mut Context::from_waker(Waker::noop()));
+        Pipeline { in_flight }
     }
 }
 
 impl<'a, T> Pipeline<'a, T> {
     /// Number of requests in flight.
     pub fn len(&self) -> usize {
-        self.in_flight.len()
+        // Less the anchor.
+        self.in_flight.len() - 1
     }
 
     /// Whether no request is in flight.
     pub fn is_empty(&self) -> bool {
-        self.in_flight.is_empty()
+        self.len() == 0
     }
 
     /// Starts a request: polls it once in place and returns its answer if
@@ -519,6 +533,58 @@ mod tests {
         assert_eq!(first.0.load(Ordering::SeqCst), 1);
         assert_eq!(second.0.load(Ordering::SeqCst), 1);
         assert!(!Batch::defer_send(a));
+    }
+
+    /// Counts the wake-ups of a task.
+    #[derive(Default)]
+    struct CountingWaker(AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn waiting_requests_do_not_make_the_connection_yield() {
+        let mut pipeline = Pipeline::default();
+        assert!(pipeline.is_empty());
+        let mut senders = Vec::new();
+        for _ in 0..32 {
+            let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+            senders.push(tx);
+            assert_eq!(pipeline.start(async move { rx.await.unwrap() }), None);
+        }
+        assert_eq!(pipeline.len(), 32);
+        let counter = Arc::new(CountingWaker::default());
+        let waker = Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut answers = Vec::new();
+        {
+            let mut finished = std::pin::pin!(pipeline.finished(|a| answers.push(a)));
+            // Every request is polled once (they were just started) and
+            // waits: nothing to report, and no reason to wake the task.
+            assert!(finished.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(
+            counter.0.load(Ordering::SeqCst),
+            0,
+            "the connection was woken"
+        );
+        for (i, tx) in senders.drain(..3).enumerate() {
+            tx.send(i as u32).unwrap();
+        }
+        assert!(
+            counter.0.load(Ordering::SeqCst) >= 1,
+            "answers wake the connection"
+        );
+        {
+            let mut finished = std::pin::pin!(pipeline.finished(|a| answers.push(a)));
+            assert!(finished.as_mut().poll(&mut cx).is_ready());
+        }
+        answers.sort_unstable();
+        assert_eq!(answers, vec![0, 1, 2]);
+        assert_eq!(pipeline.len(), 29);
     }
 
     #[test]
