@@ -401,6 +401,9 @@ fn pairs_copy_mirror_suspend_resync_and_terminate() {
     essctl(a, &["pprc", "establish", &pa, &b.vol(0x10, 1)]).refused(&format!(
         "volume {pa} is already the primary of a pair with TSTB2 {pb} (duplex)"
     ));
+    essctl(a, &["pprc", "establish", &pa, &pb]).refused(&format!(
+        "volume {pa} is already the primary of a pair with TSTB2 {pb} (duplex)"
+    ));
     essctl(a, &["pprc", "establish", &a.vol(0x10, 1), &pb]).refused(&format!(
         "TSTB2 refused: volume {pb} is already the secondary of a pair with TSTA1 {pa}"
     ));
@@ -466,8 +469,20 @@ fn pairs_copy_mirror_suspend_resync_and_terminate() {
         assert_eq!(unwritten_pages(file), 0, "{} not flushed", file.display());
     }
 
-    // The secondary is protected: read-only to hosts.
+    // The secondary is protected: read-only to hosts, and shown so.
     assert_eq!(try_write(b, &pb), "read-only EPERM");
+    let shown = essctl_json(b, &["volume", "show", &pb]);
+    assert_eq!(
+        (shown["read_only"].clone(), shown["pprc_secondary"].clone()),
+        (false.into(), true.into())
+    );
+    let listed = essctl(b, &["volume", "list"]);
+    let row = listed
+        .ok()
+        .lines()
+        .find(|l| l.starts_with(pb.as_str()))
+        .expect("secondary listed");
+    assert!(row.contains("yes (PPRC secondary)"), "{row}");
 
     // Suspend, change 1% of the tracks, resync: ~1% crosses the link.
     // The secondary drops its cached pages when the pair suspends (the
@@ -477,6 +492,10 @@ fn pairs_copy_mirror_suspend_resync_and_terminate() {
     let v = essctl(a, &["--json", "pprc", "suspend", &pa]).json();
     assert_eq!(v["state"], "suspended");
     assert_eq!(v["reason"], "manual");
+    essctl(a, &["pprc", "establish", &pa, &pb]).refused(&format!(
+        "volume {pa} is already the primary of a pair with TSTB2 {pb} (suspended); \
+         resume it with mode resync"
+    ));
     let deadline = Instant::now() + Duration::from_secs(10);
     while cached_pages(&secondary_file) > 0 {
         assert!(
@@ -813,6 +832,8 @@ fn terminate_at_the_secondary_with_the_primary_dead_makes_it_writable() {
     let v = essctl_json(&s.b, &["pprc", "terminate", &vb]);
     assert_eq!(v["state"], "simplex");
     assert_eq!(try_write(&s.b, &vb), "writable ok");
+    let shown = essctl_json(&s.b, &["volume", "show", &vb]);
+    assert_eq!(shown["pprc_secondary"], false);
 }
 
 /// Writes a block of one letter to the first volume, then (dependent) a

@@ -11,12 +11,13 @@
 //! relationship is withdrawn before its copy completed; it times out with
 //! exit code 5.
 
-use std::io::{self, IsTerminal, Write};
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::time::Duration;
 
 use clap::Subcommand;
 
 use super::output;
+use super::wait::{Pace, Progress};
 use super::{client, CliError, Session};
 use crate::control::api::{
     EstablishRequest, EventList, FlashCopyList, FlashCopyPair, RelationshipList, WithdrawRequest,
@@ -24,9 +25,6 @@ use crate::control::api::{
 use crate::copy::flashcopy::manager::{RelationshipState, RelationshipView};
 use crate::copy::flashcopy::CopyMode;
 use crate::units::human_bytes;
-
-/// Width of the `flashcopy wait` progress bar, in characters.
-const BAR_WIDTH: usize = 30;
 
 /// `essctl flashcopy ...`.
 #[derive(Subcommand, Debug, Clone)]
@@ -168,56 +166,6 @@ fn incomplete_warning(v: &RelationshipView) -> Option<String> {
         "warning: target {} is incomplete ({why})",
         v.target
     ))
-}
-
-/// Draws `flashcopy wait` and `pprc wait` progress on stderr.
-pub(super) struct Progress {
-    /// Redraw one bar in place (stderr is a terminal) or print lines.
-    tty: bool,
-    /// A bar is on screen and needs a newline before other output.
-    drawn: bool,
-}
-
-impl Progress {
-    pub(super) fn new() -> Self {
-        Progress {
-            tty: io::stderr().is_terminal(),
-            drawn: false,
-        }
-    }
-
-    /// Shows the current progress. Failing to draw is not worth failing the
-    /// wait for, so write errors are ignored.
-    pub(super) fn update(&mut self, what: &str, copied: u64, total: u64, speed: Option<f64>) {
-        let fraction = if total == 0 {
-            1.0
-        } else {
-            copied as f64 / total as f64
-        };
-        let percent = output::percent(fraction * 100.0);
-        let speed = speed.map(|s| format!("  {}", output::mib_per_s(s)));
-        let speed = speed.unwrap_or_default();
-        let mut err = io::stderr().lock();
-        if self.tty {
-            let bar = output::progress_bar(fraction, BAR_WIDTH);
-            let _ = write!(
-                err,
-                "\r[{bar}] {percent:>6}  {copied}/{total} tracks{speed}\x1b[K"
-            );
-            self.drawn = true;
-        } else {
-            let _ = writeln!(err, "{what}: {percent}  {copied}/{total} tracks{speed}");
-        }
-        let _ = err.flush();
-    }
-
-    /// Ends the bar's line, if one is drawn.
-    pub(super) fn finish(&mut self) {
-        if self.drawn {
-            let _ = writeln!(io::stderr());
-            self.drawn = false;
-        }
-    }
 }
 
 /// What one poll of `flashcopy wait` found.
@@ -412,16 +360,12 @@ impl Session {
         timeout: Option<Duration>,
     ) -> Result<(), CliError> {
         let path = format!("/v1/flashcopy/{}", client::encode_segment(selector));
-        let started = Instant::now();
+        let mut pace = Pace::new(interval, timeout);
         let mut progress = Progress::new();
         // The relationships found at the first poll, as last seen.
         let mut watched: Vec<RelationshipView> = Vec::new();
-        // When the first poll was made and how many tracks were copied then:
-        // the speed shown is the average since (the copier works in bursts).
-        let mut first: Option<(Instant, u64)> = None;
         loop {
             let response = self.client.get(&path)?;
-            let polled = Instant::now();
             let current = if response.status == 404 && !watched.is_empty() {
                 // Nothing involves the selector any more: the watched
                 // relationships ended.
@@ -449,40 +393,27 @@ impl Session {
             let copied: u64 = watched.iter().map(|v| v.tracks_copied).sum();
             let total: u64 = watched.iter().map(|v| v.tracks_total).sum();
             let track_size = watched.first().map_or(0, |v| v.track_size);
-            let speed = first.and_then(|(at, before)| {
-                let secs = polled.duration_since(at).as_secs_f64();
-                (secs > 0.0).then(|| {
-                    copied.saturating_sub(before) as f64 * track_size as f64
-                        / secs
-                        / (1u64 << 20) as f64
-                })
-            });
-            first.get_or_insert((polled, copied));
+            let speed = pace.polled(copied, track_size);
             let what = watched.iter().map(pair_name).collect::<Vec<_>>().join(", ");
             match outcome {
                 Poll::Complete => {
                     progress.update(&what, total, total, speed);
                     progress.finish();
-                    return self.wait_done(out, &watched, started);
+                    return self.wait_done(out, &watched, pace.elapsed());
                 }
                 Poll::Copying => progress.update(&what, copied, total, speed),
             }
-            let elapsed = started.elapsed();
-            let nap = match timeout {
-                Some(limit) if elapsed >= limit => {
-                    progress.finish();
-                    return Err(CliError::Timeout(format!(
-                        "timed out after {} s waiting for the background copy of {what} ({} copied)",
-                        limit.as_secs_f64(),
-                        output::percent(if total == 0 {
-                            100.0
-                        } else {
-                            copied as f64 * 100.0 / total as f64
-                        })
-                    )));
-                }
-                Some(limit) => interval.min(limit - elapsed),
-                None => interval,
+            let Some(nap) = pace.nap(total.saturating_sub(copied)) else {
+                progress.finish();
+                return Err(CliError::Timeout(format!(
+                    "timed out after {} s waiting for the background copy of {what} ({} copied)",
+                    timeout.unwrap_or_default().as_secs_f64(),
+                    output::percent(if total == 0 {
+                        100.0
+                    } else {
+                        copied as f64 * 100.0 / total as f64
+                    })
+                )));
             };
             std::thread::sleep(nap);
         }
@@ -556,9 +487,9 @@ impl Session {
         &self,
         out: &mut dyn Write,
         watched: &[RelationshipView],
-        started: Instant,
+        waited: Duration,
     ) -> Result<(), CliError> {
-        let seconds = started.elapsed().as_secs_f64();
+        let seconds = waited.as_secs_f64();
         if self.json {
             let pairs: Vec<FlashCopyPair> = watched
                 .iter()

@@ -21,6 +21,7 @@ pub mod client;
 pub mod flashcopy;
 pub mod output;
 pub mod pprc;
+mod wait;
 
 use std::io::{self, BufRead, IsTerminal, Write};
 use std::process::ExitCode;
@@ -259,6 +260,15 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Flashcopy(command) => session.flashcopy(out, command),
         Command::Pprc(command) => session.pprc(out, command),
         Command::Log { limit } => session.log(out, *limit),
+    }
+}
+
+/// Whether hosts get a read-only export: `yes` for a volume configured
+/// read-only, `yes (PPRC secondary)` while it is a PPRC secondary.
+fn host_read_only(v: &VolumeView) -> String {
+    match (v.read_only, v.pprc_secondary) {
+        (false, true) => "yes (PPRC secondary)".to_string(),
+        (read_only, _) => output::yes_no(read_only),
     }
 }
 
@@ -514,7 +524,7 @@ impl Session {
                     output::or_dash(v.alias.as_deref()),
                     v.lss.clone(),
                     human_bytes(v.size),
-                    output::yes_no(v.read_only),
+                    host_read_only(v),
                     v.clients.to_string(),
                 ];
                 if flashcopy {
@@ -550,7 +560,7 @@ impl Session {
             ),
             ("backing", v.backing_path.clone()),
             ("backing kind", v.backing_kind.clone()),
-            ("read-only", output::yes_no(v.read_only)),
+            ("read-only", host_read_only(&v)),
             ("alignment", v.alignment.to_string()),
             ("description", output::or_dash(v.description.as_deref())),
             ("clients", v.clients.to_string()),

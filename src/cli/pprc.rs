@@ -6,11 +6,12 @@
 //! code 1) if the pair suspends or ends, and times out with exit code 5.
 
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Subcommand;
 
-use super::flashcopy::{parse_timeout, Progress};
+use super::flashcopy::parse_timeout;
+use super::wait::{Pace, Progress};
 use super::{output, CliError, Session};
 use crate::control::api::{PairList, PathList};
 use crate::copy::pprc::manager::{CopyOption, EstablishPair, PairView};
@@ -493,9 +494,8 @@ impl Session {
         timeout: Option<Duration>,
     ) -> Result<(), CliError> {
         let path = format!("/v1/pprc/pairs/{}", super::client::encode_segment(volume));
-        let started = Instant::now();
+        let mut pace = Pace::new(interval, timeout);
         let mut progress = Progress::new();
-        let mut first: Option<(Instant, u64)> = None;
         loop {
             let v: PairView = match self.get(&path) {
                 Ok(r) => self.decode(&r)?,
@@ -504,17 +504,8 @@ impl Session {
                     return Err(e);
                 }
             };
-            let polled = Instant::now();
             let in_sync = v.tracks - v.out_of_sync_tracks.min(v.tracks);
-            let speed = first.and_then(|(at, before)| {
-                let secs = polled.duration_since(at).as_secs_f64();
-                (secs > 0.0).then(|| {
-                    in_sync.saturating_sub(before) as f64 * v.track_size as f64
-                        / secs
-                        / (1u64 << 20) as f64
-                })
-            });
-            first.get_or_insert((polled, in_sync));
+            let speed = pace.polled(in_sync, v.track_size);
             let what = format!("{} → {} {}", v.volume, v.peer, v.peer_volume);
             if v.state == "suspended" || v.state == "simplex" {
                 progress.finish();
@@ -533,7 +524,7 @@ impl Session {
                         "complete": v.state == "duplex",
                         "state": v.state,
                         "copied_percent": v.copied_percent,
-                        "waited_seconds": started.elapsed().as_secs_f64(),
+                        "waited_seconds": pace.elapsed().as_secs_f64(),
                     });
                     writeln!(out, "{answer:#}")?;
                 } else {
@@ -542,23 +533,20 @@ impl Session {
                         "{what}: {} ({} in sync, {:.1} s)",
                         v.state,
                         output::percent(v.copied_percent),
-                        started.elapsed().as_secs_f64()
+                        pace.elapsed().as_secs_f64()
                     )?;
                 }
                 return Ok(());
             }
-            let elapsed = started.elapsed();
-            let nap = match timeout {
-                Some(limit) if elapsed >= limit => {
-                    progress.finish();
-                    return Err(CliError::Timeout(format!(
-                        "timed out after {} s waiting for {what} ({} in sync)",
-                        limit.as_secs_f64(),
-                        output::percent(v.copied_percent)
-                    )));
-                }
-                Some(limit) => interval.min(limit - elapsed),
-                None => interval,
+            // Tracks left before the wait is over: to the threshold, or all.
+            let goal = (v.tracks as f64 * threshold.min(100.0) / 100.0).ceil() as u64;
+            let Some(nap) = pace.nap(goal.saturating_sub(in_sync)) else {
+                progress.finish();
+                return Err(CliError::Timeout(format!(
+                    "timed out after {} s waiting for {what} ({} in sync)",
+                    timeout.unwrap_or_default().as_secs_f64(),
+                    output::percent(v.copied_percent)
+                )));
             };
             std::thread::sleep(nap);
         }

@@ -190,8 +190,12 @@ pub struct VolumeView {
     pub backing_path: String,
     /// `file` or `block-device`.
     pub backing_kind: String,
-    /// Whether hosts are refused writes.
+    /// Whether the volume is configured read-only.
     pub read_only: bool,
+    /// Whether the volume is a PPRC secondary now: hosts get a read-only
+    /// export (also when a server without PPRC leaves it out).
+    #[serde(default)]
+    pub pprc_secondary: bool,
     /// Required request alignment in bytes (1 unless `direct_io`).
     pub alignment: usize,
     /// Export description.
@@ -865,6 +869,7 @@ fn volume_view(v: &Volume, incomplete: bool) -> VolumeView {
         }
         .into(),
         read_only: info.read_only,
+        pprc_secondary: v.is_secondary(),
         alignment: store.alignment(),
         description: info.description.clone(),
         clients: v.clients(),

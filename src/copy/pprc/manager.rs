@@ -709,7 +709,9 @@ impl PprcManager {
                     what: format!(
                         "{}{}",
                         Self::describe(&entries[i]),
-                        if pair.spec.peer_volume == spec.peer_volume {
+                        if pair.spec.peer_volume == spec.peer_volume
+                            && pair.state() == PairState::Suspended
+                        {
                             "; resume it with mode resync"
                         } else {
                             ""
