@@ -167,6 +167,10 @@ fn paths_open_monitor_and_reopen_their_links() {
         .refused("peer ZZZ99 is not configured ([[peer]] in the configuration)");
     essctl(&a, &["pprc", "path", "establish", "0x12", "TSTB2", "0x10"])
         .refused("LSS 0x12 is not defined on this server");
+    essctl(&a, &["pprc", "path", "establish", "0x10", "TSTB2", "0x11"])
+        .refused("TSTB2 refused the path: no LSS 0x11 is configured");
+    let paths = essctl(&a, &["--json", "pprc", "path", "list"]).json();
+    assert_eq!(paths["paths"].as_array().map(Vec::len), Some(1), "{paths}");
 
     // The peer dies: every link goes down, with a reason.
     b.kill();

@@ -675,6 +675,7 @@ fn broken_links_suspend_and_critical_modes_inhibit_writes() {
         (v["state"].as_str(), v["reason"].as_str()),
         (Some("suspended"), Some("link lost"))
     );
+    assert_eq!(v["detail"], "TSTB2 did not answer within 2s");
     assert_eq!(v["write_inhibited"], false);
     // Suspended, the bitmap file drops the rest of the regions it kept
     // for duplex writes: it holds exactly the tracks out of sync.

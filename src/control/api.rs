@@ -648,6 +648,7 @@ impl From<PathError> for ApiError {
             PathError::BadPeerLss(_) | PathError::BadLinks(_) => StatusCode::BAD_REQUEST,
             PathError::Exists { .. } | PathError::NoSecret => StatusCode::CONFLICT,
             PathError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+            PathError::PeerRefused { .. } => StatusCode::CONFLICT,
             PathError::State(_) | PathError::Corrupt(_) => {
                 tracing::error!("PPRC path request failed: {e}");
                 StatusCode::INTERNAL_SERVER_ERROR

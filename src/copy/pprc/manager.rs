@@ -1347,6 +1347,16 @@ impl PprcManager {
                 );
                 Ok(json!({}))
             }
+            "lss" => {
+                let id = request.get("lss").and_then(|v| v.as_u64());
+                match id {
+                    Some(id) if self.server.lss().iter().any(|l| u64::from(l.id) == id) => {
+                        Ok(json!({}))
+                    }
+                    Some(id) => Err(format!("no LSS 0x{id:02X} is configured")),
+                    None => Err("an LSS request without an LSS".to_string()),
+                }
+            }
             "failback" => self.hand_over(peer, &volume, &primary).await,
             "handover-done" => {
                 let mut entries = self.entries.lock().await;

@@ -706,7 +706,8 @@ impl Pair {
             Message::Write { data, .. } => data.len() as u64,
             _ => 0,
         } + wire::HEADER_LEN as u64;
-        let mut last = String::from("no live link");
+        // The error of the last link this request failed on, if any.
+        let mut last: Option<String> = None;
         for _ in 0..=super::paths::MAX_LINKS {
             let Some(route) = self.route() else {
                 return Err(SendError::NoLink(format!(
@@ -715,8 +716,9 @@ impl Pair {
                 )));
             };
             let Some((at, link)) = route.pick() else {
+                let after = last.map(|e| format!(" ({e})")).unwrap_or_default();
                 return Err(SendError::NoLink(format!(
-                    "no live link to {} ({last})",
+                    "no live link to {}{after}",
                     self.spec.peer
                 )));
             };
@@ -726,14 +728,15 @@ impl Pair {
                     return Ok(code);
                 }
                 Ok(Err(e)) => {
-                    last = e.to_string();
-                    route.fail(at, &link, last.clone());
+                    let error = e.to_string();
+                    route.fail(at, &link, error.clone());
                     // The secondary may still be applying what the broken
                     // link carried: let it finish before this request goes
                     // again, so the older copy cannot land last.
                     if let Err(why) = self.await_drained(&route, &link).await {
-                        return Err(SendError::NoLink(format!("{last}; {why}")));
+                        return Err(SendError::NoLink(format!("{error}; {why}")));
                     }
+                    last = Some(error);
                 }
                 Err(_) => {
                     let why = format!(
@@ -745,7 +748,9 @@ impl Pair {
                 }
             }
         }
-        Err(SendError::NoLink(last))
+        Err(SendError::NoLink(
+            last.unwrap_or_else(|| "no live link".to_string()),
+        ))
     }
 
     /// Waits until the secondary has applied everything `broken` carried,

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -71,6 +72,14 @@ pub enum PathError {
     /// The path record could not be read.
     #[error("{0}")]
     Corrupt(String),
+    /// The peer refused the path (it has no such LSS).
+    #[error("{peer} refused the path: {reason}")]
+    PeerRefused {
+        /// Peer serial.
+        peer: String,
+        /// The peer's answer.
+        reason: String,
+    },
     /// No such path.
     #[error("no path 0x{lss:02X} → {peer} 0x{peer_lss:02X}")]
     NotFound {
@@ -463,13 +472,14 @@ impl PathManager {
             };
             slots.push(Slot::new(state, link));
         }
-        if !slots.iter().any(|s| s.is_up()) {
+        let Some(link) = slots.iter().find_map(|s| s.link()) else {
             return Err(PathError::Unreachable {
                 peer: req.peer.clone(),
                 address,
                 reason: last_error,
             });
-        }
+        };
+        Self::check_peer_lss(&link, &req.peer, address, req.peer_lss).await?;
         if req.force {
             if let Some(i) = paths.iter().position(same) {
                 paths.remove(i).stop.cancel();
@@ -502,6 +512,40 @@ impl PathManager {
             None,
         );
         Ok(view)
+    }
+
+    /// Asks the peer, over a link just opened, whether it has the path's
+    /// LSS: a path to an LSS the peer lacks is refused at once rather than
+    /// at the first pair over it.
+    async fn check_peer_lss(
+        link: &PeerLink,
+        peer: &str,
+        address: SocketAddr,
+        peer_lss: u8,
+    ) -> Result<(), PathError> {
+        let body = serde_json::json!({"op": "lss", "lss": peer_lss}).to_string();
+        let unreachable = |reason: String| PathError::Unreachable {
+            peer: peer.to_string(),
+            address,
+            reason,
+        };
+        let answer = tokio::time::timeout(
+            LINK_TIMEOUT,
+            link.call(Message::Control {
+                body: Bytes::from(body),
+            }),
+        )
+        .await
+        .map_err(|_| unreachable(format!("no answer within {LINK_TIMEOUT:?}")))?
+        .map_err(|e| unreachable(e.to_string()))?;
+        match answer {
+            Message::Reply { error: 0, .. } => Ok(()),
+            Message::Reply { body, .. } => Err(PathError::PeerRefused {
+                peer: peer.to_string(),
+                reason: String::from_utf8_lossy(&body).into_owned(),
+            }),
+            other => Err(unreachable(format!("unexpected answer {other:?}"))),
+        }
     }
 
     async fn connect(
