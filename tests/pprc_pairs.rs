@@ -828,7 +828,28 @@ fn terminate_at_the_secondary_with_the_primary_dead_makes_it_writable() {
     path(&s.a, "0x10", "TSTB2", "0x10", "1");
     essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
     wait_state(&s.b, &vb, "duplex");
+    let v = show(&s.b, &vb);
+    assert_eq!(
+        (&v["primary_links"], &v["replication_status"]),
+        (&1.into(), &"current".into())
+    );
     s.a.kill();
+    // Without a link from its primary the secondary cannot know that it
+    // is current (the primary may be writing on, suspended).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = show(&s.b, &vb);
+        if v["primary_links"] == 0 {
+            assert_eq!(
+                (&v["state"], &v["replication_status"]),
+                (&"duplex".into(), &"not current".into())
+            );
+            assert!(v["primary_unreachable_since"].is_string(), "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the primary's link stays: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(try_write(&s.b, &vb), "read-only EPERM");
     let v = essctl_json(&s.b, &["pprc", "terminate", &vb]);
     assert_eq!(v["state"], "simplex");

@@ -389,10 +389,19 @@ impl Session {
                 let Some(v) = self.table_data::<PairView>(out, &response)? else {
                     return Ok(());
                 };
-                let links = v.path.as_ref().map(|p| {
-                    let up = p.links.iter().filter(|l| l.state == "up").count();
-                    format!("{} ({up}/{} links up)", p.state, p.links.len())
-                });
+                let links = match (&v.path, v.primary_links) {
+                    (Some(p), _) => {
+                        let up = p.links.iter().filter(|l| l.state == "up").count();
+                        Some(format!("{} ({up}/{} links up)", p.state, p.links.len()))
+                    }
+                    // The secondary side: the links its primary opened.
+                    (None, Some(0)) => Some(format!(
+                        "no link from the primary since {}",
+                        output::or_dash(v.primary_unreachable_since.as_deref())
+                    )),
+                    (None, Some(n)) => Some(format!("{n} link(s) from the primary")),
+                    (None, None) => None,
+                };
                 let rows = [
                     ("volume", v.volume.clone()),
                     ("role", role_name(&v)),

@@ -231,8 +231,16 @@ pub struct PairView {
     pub write_inhibited: bool,
     /// The primary's LSS is in the consistency group.
     pub consistency_group: bool,
-    /// `current` (duplex, nothing out of sync) or `not current`.
+    /// `current` (duplex, nothing out of sync; on the secondary side
+    /// also a link from the primary open) or `not current`.
     pub replication_status: String,
+    /// Secondary side: links from the primary's server open now.
+    #[serde(default)]
+    pub primary_links: Option<u64>,
+    /// Secondary side, with no link from the primary open: since when
+    /// (RFC 3339; the server's start if it has had none).
+    #[serde(default)]
+    pub primary_unreachable_since: Option<String>,
 }
 
 /// One pair in the record.
@@ -1199,6 +1207,8 @@ impl PprcManager {
             write_inhibited: status.write_inhibited,
             consistency_group: self.lss_props(pair.spec.lss).1,
             replication_status: if current { "current" } else { "not current" }.into(),
+            primary_links: None,
+            primary_unreachable_since: None,
         }
     }
 
@@ -1207,7 +1217,11 @@ impl PprcManager {
             .server
             .lookup(&side.spec.volume)
             .map_or(0, |v| v.size().div_ceil(self.server.track_size));
-        let current = side.status.state == PairState::Duplex;
+        let in_sync = side.status.state == PairState::Duplex;
+        // Without a link the primary may be writing on, suspended: this
+        // side cannot know that it is current.
+        let (links, last_ended) = super::secondary::links_from(&side.spec.peer);
+        let current = in_sync && links > 0;
         PairView {
             volume: side.spec.volume.clone(),
             role: PairRole::Secondary,
@@ -1222,7 +1236,7 @@ impl PprcManager {
             out_of_sync_tracks: 0,
             tracks,
             track_size: self.server.track_size,
-            copied_percent: if current { 100.0 } else { 0.0 },
+            copied_percent: if in_sync { 100.0 } else { 0.0 },
             rate_tracks_per_second: None,
             bytes_sent: 0,
             copy_started: None,
@@ -1231,6 +1245,9 @@ impl PprcManager {
             write_inhibited: false,
             consistency_group: false,
             replication_status: if current { "current" } else { "not current" }.into(),
+            primary_links: Some(links as u64),
+            primary_unreachable_since: (links == 0)
+                .then(|| rfc3339(last_ended.unwrap_or(self.server.started))),
         }
     }
 

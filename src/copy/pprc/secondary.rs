@@ -18,7 +18,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -70,20 +70,54 @@ pub async fn link_drained(id: &[u8; NONCE_LEN]) {
     }
 }
 
+/// Per peer: links from it served now, and when the last one ended.
+static FROM_PEERS: std::sync::Mutex<Vec<PeerLinks>> = std::sync::Mutex::new(Vec::new());
+
+struct PeerLinks {
+    peer: String,
+    open: usize,
+    last_ended: Option<SystemTime>,
+}
+
+/// Links from `peer` served now, and when the last of its links ended
+/// (`None` if none has since this process started).
+pub fn links_from(peer: &str) -> (usize, Option<SystemTime>) {
+    FROM_PEERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .find(|p| p.peer == peer)
+        .map_or((0, None), |p| (p.open, p.last_ended))
+}
+
 /// Registers a served link until it has drained.
 struct Served {
     id: [u8; NONCE_LEN],
+    peer: String,
     done: tokio::sync::watch::Sender<bool>,
 }
 
 impl Served {
-    fn new(id: [u8; NONCE_LEN]) -> Served {
+    fn new(id: [u8; NONCE_LEN], peer: &str) -> Served {
         let (done, watch) = tokio::sync::watch::channel(false);
         LINKS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push((id, watch));
-        Served { id, done }
+        let mut peers = FROM_PEERS.lock().unwrap_or_else(|p| p.into_inner());
+        match peers.iter_mut().find(|p| p.peer == peer) {
+            Some(p) => p.open += 1,
+            None => peers.push(PeerLinks {
+                peer: peer.to_string(),
+                open: 1,
+                last_ended: None,
+            }),
+        }
+        Served {
+            id,
+            peer: peer.to_string(),
+            done,
+        }
     }
 }
 
@@ -94,6 +128,13 @@ impl Drop for Served {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(l, _)| *l != self.id);
+        let mut peers = FROM_PEERS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = peers.iter_mut().find(|p| p.peer == self.peer) {
+            p.open -= 1;
+            if p.open == 0 {
+                p.last_ended = Some(SystemTime::now());
+            }
+        }
     }
 }
 
@@ -132,7 +173,7 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + ReadLowWater + Unpin + Send 
     tracing::info!(peer = %peer.serial, "peer link authenticated");
     // Dropped (marking the link drained) only after every request this
     // link carried has been applied.
-    let served = Served::new(peer.link_id);
+    let served = Served::new(peer.link_id, peer.serial.as_str());
     // Requests are applied inside this task, up to LINK_CONCURRENCY at a
     // time; the answers of the requests one wake-up finished go out in one
     // vectored write.
