@@ -731,11 +731,18 @@ fn broken_links_suspend_and_critical_modes_inhibit_writes() {
         assert_eq!(volume_sha(a, vol), volume_sha(b, &peer), "{vol}");
     }
 
+    // A duplex secondary whose primary is connected cannot be terminated
+    // there: its primary would go on as if duplex.
+    essctl(b, &["pprc", "terminate", &b.vol(0x10, 1)]).refused(&format!(
+        "{} is the duplex secondary of TSTA1 {critical}, which is connected: suspend the \
+         pair first, terminate it at TSTA1, or fail over here",
+        b.vol(0x10, 1)
+    ));
     // The secondary fails to apply a change (its volume was taken over by
-    // a terminate at B): critical without heavy only suspends while links
+    // a failover at B): critical without heavy only suspends while links
     // are up; heavy inhibits.
-    essctl(b, &["pprc", "terminate", &b.vol(0x10, 1)]).ok();
-    essctl(b, &["pprc", "terminate", &b.vol(0x11, 0)]).ok();
+    essctl(b, &["pprc", "failover", &b.vol(0x10, 1)]).ok();
+    essctl(b, &["pprc", "failover", &b.vol(0x11, 0)]).ok();
     assert_eq!(try_write(a, &critical), "writable ok");
     assert_eq!(show(a, &critical)["reason"], "secondary I/O error");
     assert_eq!(try_write(a, &heavy), "writable EIO");
@@ -856,6 +863,37 @@ fn terminate_at_the_secondary_with_the_primary_dead_makes_it_writable() {
     assert_eq!(try_write(&s.b, &vb), "writable ok");
     let shown = essctl_json(&s.b, &["volume", "show", &vb]);
     assert_eq!(shown["pprc_secondary"], false);
+}
+
+/// The redbook's split mirror: suspend, terminate at the secondary with
+/// the primary still connected (the copy is then a host's), re-establish
+/// with the out-of-sync tracks only.
+#[test]
+fn a_split_mirror_is_terminated_at_the_secondary_and_resynced() {
+    let s = Sites::start("pprc-split", |_| {});
+    let (a, b) = (&s.a, &s.b);
+    let (va, vb) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    essctl(a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    write_tracks(a, &va, 51, 8);
+    assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
+    essctl(a, &["pprc", "suspend", &va]).ok();
+    wait_state(b, &vb, "suspended");
+    let v = essctl_json(b, &["pprc", "terminate", &vb]);
+    assert_eq!(v["state"], "simplex");
+    let shown = essctl_json(b, &["volume", "show", &vb]);
+    assert_eq!(shown["pprc_secondary"], false);
+    write_tracks(a, &va, 52, 5);
+    let sent = s.proxy.bytes_forward();
+    essctl(a, &["pprc", "resume", &va]).ok();
+    wait_duplex(a, &va);
+    assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
+    // At most the 5 tracks changed meanwhile crossed the link.
+    let resync = s.proxy.bytes_forward() - sent;
+    assert!(
+        resync < 5 * TRACK + (64 << 10),
+        "resync sent {resync} bytes"
+    );
 }
 
 /// Writes a block of one letter to the first volume, then (dependent) a

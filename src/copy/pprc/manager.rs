@@ -910,13 +910,32 @@ impl PprcManager {
     /// Ends a pair. From the primary both sides become simplex (the
     /// secondary is told; if it cannot be reached it keeps its side until
     /// terminated there). From the secondary, its side ends and the volume
-    /// is writable again — for a recovery site whose primary is gone.
+    /// is writable again — for a recovery site whose primary is gone, or
+    /// a split mirror suspended first; a secondary still mirrored by a
+    /// connected primary is refused (that primary would go on as if
+    /// duplex while hosts write here).
     pub async fn terminate(&self, volume: &str) -> Result<PairView, PairError> {
         let mut entries = self.entries.lock().await;
         let i = entries
             .iter()
             .position(|e| e.volume() == volume)
             .ok_or_else(|| PairError::NoPair(volume.to_string()))?;
+        if let Entry::Secondary(side) = &entries[i] {
+            let mirrored = matches!(
+                side.status.state,
+                PairState::Duplex | PairState::DuplexPending
+            );
+            if mirrored && super::secondary::links_from(&side.spec.peer).0 > 0 {
+                return Err(PairError::Invalid(format!(
+                    "{volume} is the {} secondary of {} {}, which is connected: suspend the \
+                     pair first, terminate it at {}, or fail over here",
+                    side.status.state.name(),
+                    side.spec.peer,
+                    side.spec.peer_volume,
+                    side.spec.peer
+                )));
+            }
+        }
         let vol = self.volume(volume)?;
         let mut view = match &entries[i] {
             Entry::Primary(pair) => self.view_primary(pair).await,
