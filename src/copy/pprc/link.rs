@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use hmac::{Hmac, Mac};
 use rand_core::{OsRng, RngCore};
 use sha2::Sha256;
@@ -80,6 +80,9 @@ pub enum LinkError {
     /// The handshake took too long.
     #[error("peer link handshake timed out")]
     Timeout,
+    /// A request got no answer in time.
+    #[error("no answer within {0:?}")]
+    NoAnswer(Duration),
     /// Nothing arrived on an open link for this long (a primary sends a
     /// heartbeat every few seconds).
     #[error("no frame from the peer within {0:?}")]
@@ -518,6 +521,27 @@ impl PeerLink {
             Message::Ack { error } | Message::Reply { error, .. } => Ok(error),
             _ => Err(LinkError::WrongAnswer(
                 "a bitmap instead of an acknowledgement",
+            )),
+        }
+    }
+
+    /// Sends a control request (JSON) and waits up to `limit` for its
+    /// answer: `Ok(body)` if the peer accepted it, `Err(reason)` if it
+    /// refused.
+    pub async fn control(
+        &self,
+        request: &serde_json::Value,
+        limit: Duration,
+    ) -> Result<Result<Bytes, String>, LinkError> {
+        let body = Bytes::from(request.to_string());
+        let answer = tokio::time::timeout(limit, self.call(Message::Control { body }))
+            .await
+            .map_err(|_| LinkError::NoAnswer(limit))??;
+        match answer {
+            Message::Reply { error: 0, body } => Ok(Ok(body)),
+            Message::Reply { body, .. } => Ok(Err(String::from_utf8_lossy(&body).into_owned())),
+            _ => Err(LinkError::WrongAnswer(
+                "an acknowledgement instead of a reply",
             )),
         }
     }

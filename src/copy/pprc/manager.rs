@@ -30,7 +30,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 
 use super::group::{ConsistencyGroup, GroupState};
-use super::link::PeerLink;
+use super::link::{LinkError, PeerLink};
 use super::pair::{Pair, PairEnv, PairSpec, PairState, Status, SuspendReason, ESHUTDOWN};
 use super::paths::{PathManager, PathView, LINK_TIMEOUT};
 use super::secondary::{BoxFuture, PeerRequests};
@@ -616,31 +616,20 @@ impl PprcManager {
         request: serde_json::Value,
     ) -> Result<serde_json::Value, PairError> {
         let (route, at, link) = self.live_link(spec)?;
-        let body = Bytes::from(request.to_string());
-        let answer = tokio::time::timeout(LINK_TIMEOUT, link.call(Message::Control { body }))
-            .await
-            .map_err(|_| PairError::Peer {
-                peer: spec.peer.clone(),
-                message: format!("no answer within {LINK_TIMEOUT:?}"),
-            })?;
-        match answer {
-            Ok(Message::Reply { error: 0, body }) => {
-                Ok(serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+        let refused = |message: String| PairError::Peer {
+            peer: spec.peer.clone(),
+            message,
+        };
+        match link.control(&request, LINK_TIMEOUT).await {
+            Ok(Ok(body)) => Ok(serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null)),
+            Ok(Err(reason)) => Err(refused(reason)),
+            // The link itself may be fine.
+            Err(e @ (LinkError::NoAnswer(_) | LinkError::WrongAnswer(_))) => {
+                Err(refused(e.to_string()))
             }
-            Ok(Message::Reply { body, .. }) => Err(PairError::Peer {
-                peer: spec.peer.clone(),
-                message: String::from_utf8_lossy(&body).into_owned(),
-            }),
-            Ok(other) => Err(PairError::Peer {
-                peer: spec.peer.clone(),
-                message: format!("unexpected answer {other:?}"),
-            }),
             Err(e) => {
                 route.fail(at, &link, e.to_string());
-                Err(PairError::Peer {
-                    peer: spec.peer.clone(),
-                    message: e.to_string(),
-                })
+                Err(refused(e.to_string()))
             }
         }
     }

@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -523,28 +522,18 @@ impl PathManager {
         address: SocketAddr,
         peer_lss: u8,
     ) -> Result<(), PathError> {
-        let body = serde_json::json!({"op": "lss", "lss": peer_lss}).to_string();
-        let unreachable = |reason: String| PathError::Unreachable {
-            peer: peer.to_string(),
-            address,
-            reason,
-        };
-        let answer = tokio::time::timeout(
-            LINK_TIMEOUT,
-            link.call(Message::Control {
-                body: Bytes::from(body),
-            }),
-        )
-        .await
-        .map_err(|_| unreachable(format!("no answer within {LINK_TIMEOUT:?}")))?
-        .map_err(|e| unreachable(e.to_string()))?;
-        match answer {
-            Message::Reply { error: 0, .. } => Ok(()),
-            Message::Reply { body, .. } => Err(PathError::PeerRefused {
+        let request = serde_json::json!({"op": "lss", "lss": peer_lss});
+        match link.control(&request, LINK_TIMEOUT).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(reason)) => Err(PathError::PeerRefused {
                 peer: peer.to_string(),
-                reason: String::from_utf8_lossy(&body).into_owned(),
+                reason,
             }),
-            other => Err(unreachable(format!("unexpected answer {other:?}"))),
+            Err(e) => Err(PathError::Unreachable {
+                peer: peer.to_string(),
+                address,
+                reason: e.to_string(),
+            }),
         }
     }
 

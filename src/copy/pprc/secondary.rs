@@ -51,43 +51,48 @@ pub trait PeerRequests: Send + Sync + 'static {
     fn bitmap(self: Arc<Self>, peer: String, volume: String) -> BoxFuture<Result<Message, u32>>;
 }
 
-/// Links being served, by link ID; the flag turns true once a link has
-/// ended and every request it carried has been applied.
-static LINKS: std::sync::Mutex<Vec<([u8; NONCE_LEN], tokio::sync::watch::Receiver<bool>)>> =
-    std::sync::Mutex::new(Vec::new());
+/// The links being served, and when the last link from each peer ended.
+static SERVED: std::sync::Mutex<ServedLinks> = std::sync::Mutex::new(ServedLinks {
+    links: Vec::new(),
+    last_ended: Vec::new(),
+});
+
+struct ServedLinks {
+    /// By link ID, with its peer; the flag turns true once a link has
+    /// ended and every request it carried has been applied.
+    links: Vec<([u8; NONCE_LEN], String, tokio::sync::watch::Receiver<bool>)>,
+    /// Per peer, when its last served link ended.
+    last_ended: Vec<(String, SystemTime)>,
+}
+
+fn served() -> std::sync::MutexGuard<'static, ServedLinks> {
+    SERVED.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Waits until the link `id` has ended and applied everything it carried
 /// (at once for a link this server does not serve).
 pub async fn link_drained(id: &[u8; NONCE_LEN]) {
-    let watch = LINKS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+    let watch = served()
+        .links
         .iter()
-        .find(|(l, _)| l == id)
-        .map(|(_, w)| w.clone());
+        .find(|(l, _, _)| l == id)
+        .map(|(_, _, w)| w.clone());
     if let Some(mut watch) = watch {
         let _ = watch.wait_for(|done| *done).await;
     }
 }
 
-/// Per peer: links from it served now, and when the last one ended.
-static FROM_PEERS: std::sync::Mutex<Vec<PeerLinks>> = std::sync::Mutex::new(Vec::new());
-
-struct PeerLinks {
-    peer: String,
-    open: usize,
-    last_ended: Option<SystemTime>,
-}
-
 /// Links from `peer` served now, and when the last of its links ended
 /// (`None` if none has since this process started).
 pub fn links_from(peer: &str) -> (usize, Option<SystemTime>) {
-    FROM_PEERS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+    let served = served();
+    let open = served.links.iter().filter(|(_, p, _)| p == peer).count();
+    let ended = served
+        .last_ended
         .iter()
-        .find(|p| p.peer == peer)
-        .map_or((0, None), |p| (p.open, p.last_ended))
+        .find(|(p, _)| p == peer)
+        .map(|(_, at)| *at);
+    (open, ended)
 }
 
 /// Registers a served link until it has drained.
@@ -100,19 +105,7 @@ struct Served {
 impl Served {
     fn new(id: [u8; NONCE_LEN], peer: &str) -> Served {
         let (done, watch) = tokio::sync::watch::channel(false);
-        LINKS
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((id, watch));
-        let mut peers = FROM_PEERS.lock().unwrap_or_else(|p| p.into_inner());
-        match peers.iter_mut().find(|p| p.peer == peer) {
-            Some(p) => p.open += 1,
-            None => peers.push(PeerLinks {
-                peer: peer.to_string(),
-                open: 1,
-                last_ended: None,
-            }),
-        }
+        served().links.push((id, peer.to_string(), watch));
         Served {
             id,
             peer: peer.to_string(),
@@ -124,15 +117,13 @@ impl Served {
 impl Drop for Served {
     fn drop(&mut self) {
         let _ = self.done.send(true);
-        LINKS
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(l, _)| *l != self.id);
-        let mut peers = FROM_PEERS.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = peers.iter_mut().find(|p| p.peer == self.peer) {
-            p.open -= 1;
-            if p.open == 0 {
-                p.last_ended = Some(SystemTime::now());
+        let mut served = served();
+        served.links.retain(|(l, _, _)| *l != self.id);
+        if !served.links.iter().any(|(_, p, _)| *p == self.peer) {
+            let now = SystemTime::now();
+            match served.last_ended.iter_mut().find(|(p, _)| *p == self.peer) {
+                Some((_, at)) => *at = now,
+                None => served.last_ended.push((self.peer.clone(), now)),
             }
         }
     }
