@@ -1,86 +1,311 @@
 //! Per-track reader/writer locks, and the queue that orders overlapping
 //! changes.
 //!
-//! [`TrackLocks`]: tracks hash onto a fixed table of async RwLocks. A
-//! request locks the shards of all its tracks in ascending shard order, so
-//! two requests can never wait on each other in a cycle. Unrelated tracks
-//! may share a shard; that only costs a little concurrency.
+//! [`TrackLocks`]: tracks hash onto a fixed table of reader/writer locks,
+//! one atomic word each in one allocation, so taking a free lock is a
+//! single atomic operation on a small table. A request locks the shards of
+//! all its tracks in ascending shard order, so two requests can never wait
+//! on each other in a cycle. Unrelated tracks may share a shard; that only
+//! costs a little concurrency. A waiting writer (a copier) keeps new
+//! readers (host writes) out, so a busy track cannot starve its copy.
 //!
 //! [`Overlaps`]: byte ranges of changes in flight, in arrival order. A
 //! change goes ahead once no change that arrived before it overlaps its
 //! range, so two copies of a volume that apply the same changes apply
 //! overlapping ones in the same order.
 
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Notify, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
+use tokio::sync::Notify;
 
 /// Number of lock shards.
 const SHARDS: usize = 1024;
 
+/// A shard's word: readers holding it in the low 32 bits, writers waiting
+/// for it above, and the top bit while a writer holds it.
+const READER: u64 = 1;
+const READERS: u64 = (1 << 32) - 1;
+const WAITING_WRITER: u64 = 1 << 32;
+const WAITING_WRITERS: u64 = ((1 << 31) - 1) << 32;
+const WRITER: u64 = 1 << 63;
+
+/// The shared table of a [`TrackLocks`].
+#[derive(Debug)]
+struct Table {
+    shards: Box<[AtomicU64]>,
+    /// Wakes waiters: a lock was released or a writer stopped waiting.
+    released: Notify,
+}
+
 /// A table of track locks.
 #[derive(Debug)]
 pub struct TrackLocks {
-    shards: Vec<Arc<RwLock<()>>>,
+    table: Arc<Table>,
 }
 
-/// Held locks; released on drop.
+/// Whether a guard holds its shards shared or exclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Shared,
+    Exclusive,
+}
+
+/// The shards a guard holds, in ascending order.
 #[derive(Debug)]
-pub enum TrackGuard {
-    /// Shared locks.
-    Shared(Vec<OwnedRwLockReadGuard<()>>),
-    /// Exclusive locks.
-    Exclusive(Vec<OwnedRwLockWriteGuard<()>>),
+enum Shards {
+    /// Up to two ascending runs (a track range that wraps around the
+    /// table is two).
+    Runs([Range<usize>; 2]),
+    /// Sorted, without duplicates.
+    List(Vec<usize>),
 }
 
-impl Default for TrackLocks {
-    fn default() -> Self {
-        TrackLocks {
-            shards: (0..SHARDS).map(|_| Arc::new(RwLock::new(()))).collect(),
+impl Shards {
+    /// The shards of tracks `[first, end)`.
+    fn of_range(first: u64, end: u64) -> Shards {
+        let shards = SHARDS as u64;
+        if end <= first {
+            return Shards::Runs([0..0, 0..0]);
+        }
+        if end - first >= shards {
+            return Shards::Runs([0..SHARDS, 0..0]);
+        }
+        let (a, b) = ((first % shards) as usize, ((end - 1) % shards) as usize);
+        if a <= b {
+            Shards::Runs([a..b + 1, 0..0])
+        } else {
+            Shards::Runs([0..b + 1, a..SHARDS])
         }
     }
-}
 
-impl TrackLocks {
-    fn shard_order(tracks: impl IntoIterator<Item = u64>) -> Vec<usize> {
+    /// The shards of `tracks`.
+    fn of_tracks(tracks: impl IntoIterator<Item = u64>) -> Shards {
         let mut shards: Vec<usize> = tracks
             .into_iter()
             .map(|t| (t % SHARDS as u64) as usize)
             .collect();
         shards.sort_unstable();
         shards.dedup();
-        shards
+        Shards::List(shards)
     }
 
-    /// Locks every track in `[first, end)` for writing; a range covering
-    /// every shard locks the whole table without listing its tracks.
-    pub async fn exclusive_range(&self, first: u64, end: u64) -> TrackGuard {
-        if end - first >= SHARDS as u64 {
-            let mut guards = Vec::with_capacity(SHARDS);
-            for shard in &self.shards {
-                guards.push(shard.clone().write_owned().await);
-            }
-            return TrackGuard::Exclusive(guards);
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        let (runs, list): (&[Range<usize>], &[usize]) = match self {
+            Shards::Runs(runs) => (runs, &[]),
+            Shards::List(list) => (&[], list),
+        };
+        runs.iter()
+            .flat_map(Clone::clone)
+            .chain(list.iter().copied())
+    }
+}
+
+/// How a guard reaches its table: borrowed, or owned so it can move into
+/// another task.
+#[derive(Debug)]
+enum TableRef<'a> {
+    Borrowed(&'a Table),
+    Owned(Arc<Table>),
+}
+
+impl std::ops::Deref for TableRef<'_> {
+    type Target = Table;
+
+    fn deref(&self) -> &Table {
+        match self {
+            TableRef::Borrowed(t) => t,
+            TableRef::Owned(t) => t,
         }
-        self.exclusive(first..end).await
+    }
+}
+
+/// Held locks; released on drop.
+#[derive(Debug)]
+pub struct TrackGuard<'a> {
+    table: TableRef<'a>,
+    shards: Shards,
+    /// Shards of `shards` locked so far, in order.
+    held: usize,
+    mode: Mode,
+}
+
+impl Drop for TrackGuard<'_> {
+    fn drop(&mut self) {
+        let mut wake = false;
+        for s in self.shards.iter().take(self.held) {
+            let word = &self.table.shards[s];
+            wake |= match self.mode {
+                Mode::Shared => {
+                    let before = word.fetch_sub(READER, Ordering::Release);
+                    // The last reader out lets a waiting writer in.
+                    before & READERS == READER && before & WAITING_WRITERS != 0
+                }
+                Mode::Exclusive => {
+                    word.fetch_and(!WRITER, Ordering::Release);
+                    true
+                }
+            };
+        }
+        if wake {
+            self.table.released.notify_waiters();
+        }
+    }
+}
+
+/// A writer counted as waiting for a shard; uncounted on drop (also when
+/// its wait is cancelled), so readers are not kept out for nothing.
+struct WaitingWriter<'a> {
+    table: &'a Table,
+    shard: usize,
+    counted: bool,
+}
+
+impl Drop for WaitingWriter<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.table.shards[self.shard].fetch_sub(WAITING_WRITER, Ordering::Release);
+            self.table.released.notify_waiters();
+        }
+    }
+}
+
+impl Table {
+    /// Takes one shard for reading: at once unless a writer holds it or
+    /// waits for it.
+    async fn read(&self, shard: usize) {
+        let word = &self.shards[shard];
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            let mut current = word.load(Ordering::Relaxed);
+            while current & (WRITER | WAITING_WRITERS) == 0 {
+                match word.compare_exchange_weak(
+                    current,
+                    current + READER,
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => return,
+                    Err(now) => current = now,
+                }
+            }
+            // Registered before the word is read again: a release after
+            // this point wakes this wait.
+            released.as_mut().enable();
+            if word.load(Ordering::Acquire) & (WRITER | WAITING_WRITERS) == 0 {
+                continue;
+            }
+            released.await;
+        }
+    }
+
+    /// Takes one shard for writing, counted as waiting meanwhile.
+    async fn write(&self, shard: usize) {
+        let word = &self.shards[shard];
+        if word
+            .compare_exchange(0, WRITER, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            return;
+        }
+        word.fetch_add(WAITING_WRITER, Ordering::AcqRel);
+        let mut waiting = WaitingWriter {
+            table: self,
+            shard,
+            counted: true,
+        };
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            let mut current = word.load(Ordering::Acquire);
+            while current & (WRITER | READERS) == 0 {
+                match word.compare_exchange_weak(
+                    current,
+                    current - WAITING_WRITER + WRITER,
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => {
+                        waiting.counted = false;
+                        return;
+                    }
+                    Err(now) => current = now,
+                }
+            }
+            released.await;
+        }
+    }
+}
+
+impl Default for TrackLocks {
+    fn default() -> Self {
+        TrackLocks {
+            table: Arc::new(Table {
+                shards: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
+                released: Notify::new(),
+            }),
+        }
+    }
+}
+
+impl TrackLocks {
+    async fn lock<'a>(table: TableRef<'a>, shards: Shards, mode: Mode) -> TrackGuard<'a> {
+        let mut guard = TrackGuard {
+            table,
+            shards,
+            held: 0,
+            mode,
+        };
+        // `held` counts as it goes, so a cancelled wait releases exactly
+        // what was taken.
+        for s in guard.shards.iter() {
+            match mode {
+                Mode::Shared => guard.table.read(s).await,
+                Mode::Exclusive => guard.table.write(s).await,
+            }
+            guard.held += 1;
+        }
+        guard
+    }
+
+    fn borrowed(&self) -> TableRef<'_> {
+        TableRef::Borrowed(&self.table)
+    }
+
+    /// Locks tracks `[first, end)` for reading.
+    pub async fn shared_range(&self, first: u64, end: u64) -> TrackGuard<'_> {
+        Self::lock(self.borrowed(), Shards::of_range(first, end), Mode::Shared).await
     }
 
     /// Locks `tracks` for reading.
-    pub async fn shared(&self, tracks: impl IntoIterator<Item = u64>) -> TrackGuard {
-        let mut guards = Vec::new();
-        for s in Self::shard_order(tracks) {
-            guards.push(self.shards[s].clone().read_owned().await);
-        }
-        TrackGuard::Shared(guards)
+    pub async fn shared(&self, tracks: impl IntoIterator<Item = u64>) -> TrackGuard<'_> {
+        Self::lock(self.borrowed(), Shards::of_tracks(tracks), Mode::Shared).await
+    }
+
+    /// Locks tracks `[first, end)` for writing; a range covering every
+    /// shard locks the whole table without listing its tracks.
+    pub async fn exclusive_range(&self, first: u64, end: u64) -> TrackGuard<'_> {
+        Self::lock(
+            self.borrowed(),
+            Shards::of_range(first, end),
+            Mode::Exclusive,
+        )
+        .await
+    }
+
+    /// Like [`TrackLocks::exclusive_range`], with a guard that may move to
+    /// another task.
+    pub async fn exclusive_range_owned(&self, first: u64, end: u64) -> TrackGuard<'static> {
+        let table = TableRef::Owned(self.table.clone());
+        Self::lock(table, Shards::of_range(first, end), Mode::Exclusive).await
     }
 
     /// Locks `tracks` for writing (copying or changing them).
-    pub async fn exclusive(&self, tracks: impl IntoIterator<Item = u64>) -> TrackGuard {
-        let mut guards = Vec::new();
-        for s in Self::shard_order(tracks) {
-            guards.push(self.shards[s].clone().write_owned().await);
-        }
-        TrackGuard::Exclusive(guards)
+    pub async fn exclusive(&self, tracks: impl IntoIterator<Item = u64>) -> TrackGuard<'_> {
+        Self::lock(self.borrowed(), Shards::of_tracks(tracks), Mode::Exclusive).await
     }
 }
 
@@ -214,6 +439,99 @@ mod tests {
         assert_eq!(overlaps.len(), 1);
         drop(first);
         let _again = overlaps.enter(5, 15).await;
+    }
+
+    /// Polls `future` once: whether it finished.
+    fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
+        let mut future = std::pin::pin!(future);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match future.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    #[test]
+    fn a_track_range_maps_to_ascending_shards() {
+        let of = |first, end| Shards::of_range(first, end).iter().collect::<Vec<_>>();
+        assert_eq!(of(5, 8), vec![5, 6, 7]);
+        assert_eq!(of(1024 + 5, 1024 + 6), vec![5]);
+        // Wrapping around the table: the low run first.
+        assert_eq!(of(1022, 1026), vec![0, 1, 1022, 1023]);
+        assert_eq!(of(3, 3), Vec::<usize>::new());
+        assert_eq!(of(7, 7 + 5000), (0..SHARDS).collect::<Vec<_>>());
+        let listed = Shards::of_tracks([1030, 2, 6, 1026])
+            .iter()
+            .collect::<Vec<_>>();
+        assert_eq!(listed, vec![2, 6]);
+    }
+
+    #[tokio::test]
+    async fn readers_share_and_a_writer_waits_for_them() {
+        let locks = TrackLocks::default();
+        let a = locks.shared_range(0, 2).await;
+        let b = locks.shared(1..2).await;
+        let writer = locks.exclusive_range(1, 2);
+        tokio::pin!(writer);
+        assert!(
+            ready_now(writer.as_mut()).is_none(),
+            "writer went in with readers"
+        );
+        drop(a);
+        assert!(
+            ready_now(writer.as_mut()).is_none(),
+            "writer went in with a reader"
+        );
+        // A disjoint shard is free all along.
+        let other = ready_now(locks.exclusive_range(2, 3)).expect("a free shard");
+        drop(b);
+        let w = ready_now(writer.as_mut()).expect("readers gone");
+        assert!(
+            ready_now(locks.shared_range(1, 2)).is_none(),
+            "read under a writer"
+        );
+        drop((w, other));
+        assert!(ready_now(locks.shared_range(1, 3)).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_writer_keeps_new_readers_out_until_it_is_done_or_gone() {
+        let locks = TrackLocks::default();
+        let reader = locks.shared_range(4, 5).await;
+        {
+            let writer = locks.exclusive_range(4, 5);
+            tokio::pin!(writer);
+            assert!(ready_now(writer.as_mut()).is_none());
+            assert!(
+                ready_now(locks.shared_range(4, 5)).is_none(),
+                "a new reader overtook a waiting writer"
+            );
+            // Cancelled here: the wait is dropped.
+        }
+        let again = ready_now(locks.shared_range(4, 5)).expect("a cancelled writer blocks readers");
+        drop((reader, again));
+        // Nothing is left held: a writer goes in at once.
+        assert!(ready_now(locks.exclusive_range(0, SHARDS as u64)).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_wakes_when_the_lock_is_released() {
+        let locks = Arc::new(TrackLocks::default());
+        let held = locks.exclusive_range_owned(9, 10).await;
+        let waiter = {
+            let locks = locks.clone();
+            tokio::spawn(async move {
+                let _r = locks.shared_range(9, 10).await;
+            })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        // The owned guard moves to another task, which releases it.
+        tokio::spawn(async move { drop(held) }).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the reader was never woken")
+            .unwrap();
     }
 
     #[tokio::test]

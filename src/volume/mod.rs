@@ -527,7 +527,7 @@ impl Volume {
         let _gate = self.gate.read().await;
         match self.pprc() {
             Some(pair) => {
-                let local = self.change_below_pprc(op, offset, len, change.clone());
+                let local = |change| self.change_below_pprc(op, offset, len, change);
                 pair.mirror(op, offset, len, change, local).await
             }
             None => self.change_below_pprc(op, offset, len, change).await,

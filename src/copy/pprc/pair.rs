@@ -536,15 +536,19 @@ impl Pair {
         }
     }
 
-    /// The mirroring layer: applies a host change locally (`local`) and on
-    /// the secondary, as the pair's state requires.
+    /// The mirroring layer: applies a host change locally (the future
+    /// `local` makes of it) and on the secondary, as the pair's state
+    /// requires.
+    ///
+    /// `local` makes its future only where it is awaited, so the future is
+    /// built in place instead of being moved (large) into this one's state.
     pub async fn mirror<F>(
         &self,
         op: VolumeOp,
         offset: u64,
         len: u64,
         change: Change,
-        local: F,
+        local: impl FnOnce(Change) -> F,
     ) -> Result<(), VolumeError>
     where
         F: Future<Output = Result<(), VolumeError>>,
@@ -573,11 +577,11 @@ impl Pair {
                     self.oos.set_range(first, end);
                 }
                 self.oos.commit_bits().await.map_err(io)?;
-                return local.await;
+                return local(change).await;
             }
         }
         let _in_turn = self.overlaps.enter(offset, offset + len).await;
-        let _ordered = self.locks.shared(first..end).await;
+        let _ordered = self.locks.shared_range(first, end).await;
         let epoch = self.begin(first, end).await.map_err(io)?;
         let message = match &change {
             Change::Write(data, fua) => Message::Write {
@@ -602,7 +606,7 @@ impl Pair {
         let (local_result, remote) = if matches!(change, Change::Zero(_, true, _)) {
             // Fast-only zeroing may be refused locally: only mirror what
             // was done.
-            let l = local.await;
+            let l = local(change).await;
             let r = if l.is_ok() {
                 self.send(message).await
             } else {
@@ -614,7 +618,7 @@ impl Pair {
             // batch), so the peer works on it while the local write runs.
             let local = async {
                 Batch::local_turn().await;
-                local.await
+                local(change).await
             };
             let (remote, local_result) = tokio::join!(self.send(message), local);
             (local_result, remote)
@@ -1034,7 +1038,7 @@ impl Pair {
                 (end * self.track_size).min(self.store.size()),
             );
             next = end;
-            let guard = self.locks.exclusive(first..end).await;
+            let guard = self.locks.exclusive_range_owned(first, end).await;
             let (me, volume) = (self.clone(), volume.clone());
             copying.insert(first);
             inflight.spawn(async move {
