@@ -397,6 +397,7 @@ impl Drop for OverlapGuard<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
 
     #[tokio::test]
     async fn overlapping_changes_go_in_arrival_order_and_others_at_once() {
@@ -441,16 +442,6 @@ mod tests {
         let _again = overlaps.enter(5, 15).await;
     }
 
-    /// Polls `future` once: whether it finished.
-    fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
-        let mut future = std::pin::pin!(future);
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match future.as_mut().poll(&mut cx) {
-            std::task::Poll::Ready(v) => Some(v),
-            std::task::Poll::Pending => None,
-        }
-    }
-
     #[test]
     fn a_track_range_maps_to_ascending_shards() {
         let of = |first, end| Shards::of_range(first, end).iter().collect::<Vec<_>>();
@@ -474,24 +465,27 @@ mod tests {
         let writer = locks.exclusive_range(1, 2);
         tokio::pin!(writer);
         assert!(
-            ready_now(writer.as_mut()).is_none(),
+            writer.as_mut().now_or_never().is_none(),
             "writer went in with readers"
         );
         drop(a);
         assert!(
-            ready_now(writer.as_mut()).is_none(),
+            writer.as_mut().now_or_never().is_none(),
             "writer went in with a reader"
         );
         // A disjoint shard is free all along.
-        let other = ready_now(locks.exclusive_range(2, 3)).expect("a free shard");
+        let other = locks
+            .exclusive_range(2, 3)
+            .now_or_never()
+            .expect("a free shard");
         drop(b);
-        let w = ready_now(writer.as_mut()).expect("readers gone");
+        let w = writer.as_mut().now_or_never().expect("readers gone");
         assert!(
-            ready_now(locks.shared_range(1, 2)).is_none(),
+            locks.shared_range(1, 2).now_or_never().is_none(),
             "read under a writer"
         );
         drop((w, other));
-        assert!(ready_now(locks.shared_range(1, 3)).is_some());
+        assert!(locks.shared_range(1, 3).now_or_never().is_some());
     }
 
     #[tokio::test]
@@ -501,17 +495,23 @@ mod tests {
         {
             let writer = locks.exclusive_range(4, 5);
             tokio::pin!(writer);
-            assert!(ready_now(writer.as_mut()).is_none());
+            assert!(writer.as_mut().now_or_never().is_none());
             assert!(
-                ready_now(locks.shared_range(4, 5)).is_none(),
+                locks.shared_range(4, 5).now_or_never().is_none(),
                 "a new reader overtook a waiting writer"
             );
             // Cancelled here: the wait is dropped.
         }
-        let again = ready_now(locks.shared_range(4, 5)).expect("a cancelled writer blocks readers");
+        let again = locks
+            .shared_range(4, 5)
+            .now_or_never()
+            .expect("a cancelled writer blocks readers");
         drop((reader, again));
         // Nothing is left held: a writer goes in at once.
-        assert!(ready_now(locks.exclusive_range(0, SHARDS as u64)).is_some());
+        assert!(locks
+            .exclusive_range(0, SHARDS as u64)
+            .now_or_never()
+            .is_some());
     }
 
     #[tokio::test]
