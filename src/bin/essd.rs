@@ -182,12 +182,9 @@ fn print_demo_banner(dir: &Path, state: &essd::control::ApiState) {
     println!("  nbdinfo nbd://{tcp}/000FCA31");
     println!("  nbdinfo --list nbd://{tcp}");
     println!("  nbd-client {host} {port} /dev/nbd0 -N 000FCA31     # Linux kernel client, as root");
-    // Name essctl by the path it was built to, when it sits beside essd.
     let essctl = std::env::current_exe()
-        .ok()
-        .map(|exe| exe.with_file_name("essctl"))
-        .filter(|p| p.exists())
-        .map_or_else(|| "essctl".to_string(), |p| p.display().to_string());
+        .map(|exe| essctl_command(&exe))
+        .unwrap_or_else(|_| "essctl".into());
     let api = dir.join("api.sock");
     println!("  {essctl} --server {} volume list", api.display());
     println!();
@@ -198,4 +195,55 @@ fn print_demo_banner(dir: &Path, state: &essd::control::ApiState) {
     );
     println!();
     println!("Stop with Ctrl-C.");
+}
+
+/// How to run essctl beside the essd at `exe`: by the path it was built to
+/// when it sits beside essd; through cargo when essd runs from a cargo build
+/// that has not built essctl yet (as after the README's first command); else
+/// from the PATH.
+fn essctl_command(exe: &Path) -> String {
+    let beside = exe.with_file_name("essctl");
+    if beside.exists() {
+        return beside.display().to_string();
+    }
+    let dir = exe.parent();
+    let profile = dir.and_then(|d| d.file_name()).and_then(|n| n.to_str());
+    let in_target = dir
+        .and_then(|d| d.parent())
+        .and_then(|d| d.file_name())
+        .is_some_and(|n| n == "target");
+    match profile {
+        Some("release") if in_target => "cargo run -q --release --bin essctl --".into(),
+        Some("debug") if in_target => "cargo run -q --bin essctl --".into(),
+        _ => "essctl".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_names_an_essctl_that_runs() {
+        let root = tempfile::tempdir().unwrap();
+        let release = root.path().join("target/release");
+        std::fs::create_dir_all(&release).unwrap();
+        let essd = release.join("essd");
+        // A fresh clone after `cargo run --bin essd`: no essctl built yet.
+        assert_eq!(
+            essctl_command(&essd),
+            "cargo run -q --release --bin essctl --"
+        );
+        assert_eq!(
+            essctl_command(&root.path().join("target/debug/essd")),
+            "cargo run -q --bin essctl --"
+        );
+        std::fs::write(release.join("essctl"), b"").unwrap();
+        assert_eq!(
+            essctl_command(&essd),
+            release.join("essctl").display().to_string()
+        );
+        // Installed elsewhere without essctl beside it: from the PATH.
+        assert_eq!(essctl_command(&root.path().join("bin/essd")), "essctl");
+    }
 }
