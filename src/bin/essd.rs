@@ -206,16 +206,16 @@ fn essctl_command(exe: &Path) -> String {
     if beside.exists() {
         return beside.display().to_string();
     }
-    let dir = exe.parent();
-    let profile = dir.and_then(|d| d.file_name()).and_then(|n| n.to_str());
-    let in_target = dir
-        .and_then(|d| d.parent())
-        .and_then(|d| d.file_name())
-        .is_some_and(|n| n == "target");
-    match profile {
-        Some("release") if in_target => "cargo run -q --release --bin essctl --".into(),
-        Some("debug") if in_target => "cargo run -q --bin essctl --".into(),
-        _ => "essctl".into(),
+    let built_in = |profile: &str| {
+        exe.parent()
+            .is_some_and(|dir| dir.ends_with(Path::new("target").join(profile)))
+    };
+    if built_in("release") {
+        "cargo run -q --release --bin essctl --".into()
+    } else if built_in("debug") {
+        "cargo run -q --bin essctl --".into()
+    } else {
+        "essctl".into()
     }
 }
 

@@ -646,9 +646,10 @@ impl From<PathError> for ApiError {
                 StatusCode::NOT_FOUND
             }
             PathError::BadPeerLss(_) | PathError::BadLinks(_) => StatusCode::BAD_REQUEST,
-            PathError::Exists { .. } | PathError::NoSecret => StatusCode::CONFLICT,
+            PathError::Exists { .. } | PathError::NoSecret | PathError::PeerRefused { .. } => {
+                StatusCode::CONFLICT
+            }
             PathError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
-            PathError::PeerRefused { .. } => StatusCode::CONFLICT,
             PathError::State(_) | PathError::Corrupt(_) => {
                 tracing::error!("PPRC path request failed: {e}");
                 StatusCode::INTERNAL_SERVER_ERROR

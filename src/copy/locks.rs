@@ -46,7 +46,7 @@ pub struct TrackLocks {
 }
 
 /// Whether a guard holds its shards shared or exclusive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 enum Mode {
     Shared,
     Exclusive,
@@ -172,30 +172,35 @@ impl Drop for WaitingWriter<'_> {
 }
 
 impl Table {
+    /// Takes one shard for reading if no writer holds it or waits for it.
+    fn try_read(&self, shard: usize) -> bool {
+        let word = &self.shards[shard];
+        let mut current = word.load(Ordering::Relaxed);
+        while current & (WRITER | WAITING_WRITERS) == 0 {
+            match word.compare_exchange_weak(
+                current,
+                current + READER,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => current = now,
+            }
+        }
+        false
+    }
+
     /// Takes one shard for reading: at once unless a writer holds it or
     /// waits for it.
     async fn read(&self, shard: usize) {
-        let word = &self.shards[shard];
-        loop {
+        while !self.try_read(shard) {
             let released = self.released.notified();
             tokio::pin!(released);
-            let mut current = word.load(Ordering::Relaxed);
-            while current & (WRITER | WAITING_WRITERS) == 0 {
-                match word.compare_exchange_weak(
-                    current,
-                    current + READER,
-                    Ordering::Acquire,
-                    Ordering::Relaxed,
-                ) {
-                    Ok(_) => return,
-                    Err(now) => current = now,
-                }
-            }
-            // Registered before the word is read again: a release after
-            // this point wakes this wait.
+            // Registered before trying again: a release after this point
+            // wakes this wait.
             released.as_mut().enable();
-            if word.load(Ordering::Acquire) & (WRITER | WAITING_WRITERS) == 0 {
-                continue;
+            if self.try_read(shard) {
+                return;
             }
             released.await;
         }
