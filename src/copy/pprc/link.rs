@@ -165,7 +165,9 @@ struct OutboxState<W> {
     parts: Vec<bytes::Bytes>,
     first: usize,
     /// The socket was full: only the writer task (with its own waker) may
-    /// write until it drained the queue.
+    /// write until it drained the queue. A socket wakes only the last
+    /// waker that polled it, so a direct send (with a no-op waker) while
+    /// the writer task waits would leave that task asleep.
     blocked: bool,
     /// The writer task ended (write error or the link closed).
     closed: bool,
@@ -233,9 +235,10 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Outbox<W> {
                 let drained = std::future::poll_fn(|cx| {
                     let mut s = task.lock();
                     let r = s.poll_drain(cx);
-                    if r.is_ready() {
-                        s.blocked = false;
-                    }
+                    // While this task waits for room, its waker is the one
+                    // the socket keeps: no direct send may poll it with
+                    // another until the queue is drained.
+                    s.blocked = r.is_pending();
                     r.map(|r| r.map(|()| s.closed))
                 })
                 .await;
@@ -659,6 +662,45 @@ mod tests {
         outbox.close();
         assert!(matches!(outbox.send(&frames[0]), Err(LinkError::Closed)));
         assert_eq!(read.await.unwrap(), expected);
+    }
+
+    #[tokio::test]
+    async fn a_direct_send_leaves_the_writer_task_waiting_on_a_full_socket_alone() {
+        // The writer task is draining a frame into a full pipe (waiting for
+        // room with its own waker) when a large frame is queued: the
+        // sending task must not write itself then. A socket keeps only the
+        // last waker that polled it, so a write attempt with another waker
+        // would leave the writer task asleep with frames queued.
+        let (writer, mut reader) = tokio::io::duplex(4096);
+        let outbox = Outbox::spawn(writer);
+        let frame = |id: u64, len: usize| Frame {
+            id,
+            message: Message::Write {
+                volume: super::super::wire::volume_name("1000"),
+                offset: 0,
+                fua: false,
+                copy: false,
+                data: bytes::Bytes::from(vec![id as u8; len]),
+            },
+        };
+        let frames = [frame(1, 64 << 10), frame(2, DIRECT_BYTES)];
+        // Below DIRECT_BYTES and outside a batch: the writer task sends it.
+        outbox.send(&frames[0]).unwrap();
+        // This runtime has one thread: let the writer task fill the pipe
+        // and wait for room.
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+        assert!(outbox.lock().queued_bytes() > 0, "the pipe should be full");
+        outbox.send(&frames[1]).unwrap();
+        let mut buf = BytesMut::new();
+        for expected in &frames {
+            let got = tokio::time::timeout(LIMIT, read_frame(&mut reader, &mut buf))
+                .await
+                .expect("every queued frame arrives")
+                .unwrap();
+            assert_eq!(&got, expected);
+        }
     }
 
     #[tokio::test]
