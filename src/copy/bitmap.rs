@@ -195,6 +195,24 @@ impl TrackBits {
     }
 }
 
+/// Pages taken for a commit; put back into the dirty set on drop unless
+/// the commit made them durable.
+struct PutBack<'a> {
+    dirty: &'a Mutex<BTreeSet<u64>>,
+    pages: Option<Vec<u64>>,
+}
+
+impl Drop for PutBack<'_> {
+    fn drop(&mut self) {
+        if let Some(pages) = self.pages.take() {
+            self.dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(pages);
+        }
+    }
+}
+
 /// A persistent bitmap over `tracks` tracks.
 #[derive(Debug)]
 pub struct TrackBitmap {
@@ -480,6 +498,13 @@ impl TrackBitmap {
             std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()))
                 .into_iter()
                 .collect();
+        // Until the pages are durable they go back to `dirty` on any exit:
+        // an error, or this future being dropped at an await (otherwise a
+        // later commit would find nothing dirty and return Ok).
+        let mut put_back = PutBack {
+            dirty: &self.dirty,
+            pages: Some(pages.clone()),
+        };
         let words: Vec<(usize, Vec<u64>)> = pages
             .iter()
             .map(|&p| {
@@ -517,6 +542,7 @@ impl TrackBitmap {
         .await;
         match result {
             Ok(()) => {
+                put_back.pages = None;
                 for (first, snapshot) in &words {
                     for (i, w) in snapshot.iter().enumerate() {
                         self.durable_words[first + i].fetch_or(*w, Ordering::AcqRel);
@@ -525,14 +551,8 @@ impl TrackBitmap {
                 self.durable.fetch_max(generation, Ordering::AcqRel);
                 Ok(())
             }
-            Err(e) => {
-                // Put the pages back so a later commit retries them.
-                self.dirty
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend(pages);
-                Err(e)
-            }
+            // `put_back` returns the pages so a later commit retries them.
+            Err(e) => Err(e),
         }
     }
 
@@ -640,5 +660,34 @@ mod tests {
         bm.commit_bits().await.unwrap();
         assert!(bm.all_durable(5, 6));
         assert!(TrackBitmap::open(&path, 65536, 1000).unwrap().get(5));
+    }
+
+    /// A commit whose future is dropped while it waits (a request future
+    /// dropped by an unwinding connection task, say) keeps the pages it
+    /// took dirty: the next commit writes them, instead of finding nothing
+    /// to do and answering Ok while the bit is not in the file.
+    #[tokio::test]
+    async fn a_dropped_commit_leaves_its_pages_to_the_next() {
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bitmap");
+        let engine = crate::io::Engine::start(crate::config::IoEngineChoice::Threads).unwrap();
+        let volume = dir.path().join("volume");
+        let probe = BackingStore::probe(&volume, Some(4096), false, false).unwrap();
+        let data = BackingStore::open(&volume, probe, false, false, engine).unwrap();
+        let bm = TrackBitmap::create(&path, 4096, 100).unwrap();
+        bm.set(7);
+        {
+            let first = bm.commit(&data);
+            tokio::pin!(first);
+            // Waiting for the data flush (on the thread pool), then dropped.
+            assert!(first.as_mut().now_or_never().is_none());
+        }
+        bm.commit(&data).await.unwrap();
+        assert!(bm.is_durable(7));
+        assert!(
+            TrackBitmap::open(&path, 4096, 100).unwrap().get(7),
+            "the commit answered Ok but bit 7 is not in the file"
+        );
     }
 }
