@@ -143,6 +143,14 @@ print("multi-conn ok")
 # FUA writes and flushes succeed.
 h.pwrite(b"fua", 0, nbd.CMD_FLAG_FUA)
 h.flush()
+# FUA is valid on every command once SEND_FUA is negotiated (the server
+# MUST accept it, if only by ignoring it; some clients set it on FLUSH).
+h.flush(nbd.CMD_FLAG_FUA)
+h.cache(4096, 0, nbd.CMD_FLAG_FUA)
+assert extents(h, 4096, 0)[0][1] == 0
+h.block_status(4096, 0, lambda *a: 0, nbd.CMD_FLAG_FUA)
+assert h.pread(3, 0) == b"fua"
+print("fua-everywhere ok")
 h.shutdown()
 
 # Read-only export: writes, trims and zeroes get EPERM, reads work.
@@ -181,6 +189,7 @@ fn libnbd_edge_cases_on_both_engines() {
             "trim/block-status ok",
             "pipelining ok",
             "multi-conn ok",
+            "fua-everywhere ok",
             "read-only ok",
             "simple-replies ok",
         ] {

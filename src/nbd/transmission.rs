@@ -218,8 +218,9 @@ fn allowed_flags(command: u16, structured: bool) -> u16 {
         }
         cmd::WRITE | cmd::TRIM => cflag::FUA,
         cmd::WRITE_ZEROES => cflag::FUA | cflag::NO_HOLE | cflag::FAST_ZERO,
-        cmd::BLOCK_STATUS => cflag::REQ_ONE,
-        _ => 0,
+        cmd::BLOCK_STATUS => cflag::FUA | cflag::REQ_ONE,
+        // FUA is valid on every command (SEND_FUA is always advertised).
+        _ => cflag::FUA,
     }
 }
 
