@@ -538,3 +538,167 @@ fn a_background_copy_leaves_neither_volume_in_the_page_cache() {
     let sha = export_sha(&essd, "001TST01", &dir.path().join("tgt.bin"));
     assert_eq!(sha, t0_sha, "target after the background copy");
 }
+
+/// Fills the source with 4 KiB of data every 8 KiB (so each chunk the
+/// copier takes is thousands of small copies: a long window), establishes
+/// a background copy onto the attached target, withdraws it 250 ms later,
+/// then overwrites the target around the copier's position (its chunk
+/// first, backwards), flushes, and checks that every byte written after
+/// the withdraw is still there a second later.
+const WITHDRAW_RACE: &str = r#"
+import http.client, json, socket, sys, time
+import nbd
+
+api_sock, base, src, tgt = sys.argv[1:5]
+MiB = 1 << 20
+
+class UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path):
+        super().__init__("localhost")
+        self.path = path
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.path)
+
+def api(method, url, body=None):
+    c = UnixHTTP(api_sock)
+    c.request(method, url, body=json.dumps(body) if body is not None else None,
+              headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    data = r.read()
+    assert r.status < 300, f"{method} {url}: {r.status} {data!r}"
+    return json.loads(data)
+
+def connect(name):
+    h = nbd.NBD()
+    h.connect_uri(f"{base}/{name}")
+    return h
+
+s = connect(src)
+size = s.get_size()
+for off in range(0, size, 8192):
+    s.aio_pwrite(b"S" * 4096, off)
+    while s.aio_in_flight() > 32:
+        s.poll(-1)
+while s.aio_in_flight() > 0:
+    s.poll(-1)
+s.flush()
+
+t = connect(tgt)
+api("POST", "/v1/flashcopy", {"pairs": [{"source": src, "target": tgt}], "permit_online": True})
+time.sleep(0.25)
+rel = api("DELETE", f"/v1/flashcopy/{tgt}")["relationships"][0]
+track = rel["track_size"]
+chunk = 256 * track
+cur = rel["tracks_copied"] * track // chunk * chunk
+start, end = max(0, cur - chunk), min(size, cur + 2 * chunk)
+order = list(range(cur, min(size, cur + chunk), MiB))[::-1]
+order += [o for o in range(start, end, MiB) if o not in order]
+for off in order:
+    t.aio_pwrite(b"H" * MiB, off)
+while t.aio_in_flight() > 0:
+    t.poll(-1)
+t.flush()
+time.sleep(1.0)
+for off in range(start, end, MiB):
+    got = t.pread(MiB, off)
+    if got != b"H" * MiB:
+        i = next(k for k in range(MiB) if got[k:k+1] != b"H")
+        sys.exit(f"offset {off + i} written after the withdraw now holds {got[i:i+1]!r}")
+print(f"withdrawn at {rel['tracks_copied']}/{rel['tracks_total']}: target writes intact")
+"#;
+
+#[test]
+fn withdraw_stops_the_background_copy_before_it_answers() {
+    let dir = tempdir("fc-withdraw-copier");
+    let mut cfg = TestConfig::new("uring");
+    cfg.tcp = true;
+    cfg.volumes = vec![Vol::new(0x10, 0, "256MiB"), Vol::new(0x10, 1, "256MiB")];
+    let essd = Essd::start_in(dir.path(), &cfg);
+    let base = essd.tcp_uri("");
+    let base = base.trim_end_matches('/');
+    for _ in 0..3 {
+        let out = python(
+            WITHDRAW_RACE,
+            &[
+                essd.api_sock.to_str().unwrap(),
+                base,
+                "000TST01",
+                "001TST01",
+            ],
+        );
+        assert!(out.contains("target writes intact"), "{out}");
+    }
+}
+
+#[test]
+fn a_withdraw_that_cannot_save_its_record_changes_nothing() {
+    require_root("making the state directory immutable (chattr +i)");
+    require("chattr", "e2fsprogs");
+    let dir = tempdir("fc-withdraw-fails");
+    let essd = Essd::start_in(dir.path(), &four_volumes("uring", "64MiB"));
+    python(
+        "import sys, nbd\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+         for o in range(0, 64 << 20, 1 << 20): h.pwrite(b'S' * (1 << 20), o)\nh.flush()\n",
+        &[&essd.uri("000TST01")],
+    );
+    // 8 MiB/s: the copy of 64 MiB lasts about 8 s.
+    essctl_ok(
+        &essd,
+        &["flashcopy", "establish", "000TST01:001TST01", "--rate", "8"],
+    );
+    let copied = || relationships(&essd)["relationships"][0]["tracks_copied"].as_u64();
+    std::thread::sleep(Duration::from_millis(500));
+    let state = dir.path().join("state/flashcopy");
+    run(Command::new("chattr").arg("+i").arg(&state));
+    let withdraw = essctl(&essd, &["flashcopy", "withdraw", "000TST01"]);
+    run(Command::new("chattr").arg("-i").arg(&state));
+    assert_eq!(withdraw.code, 1, "the withdraw should fail: {withdraw:?}");
+    // Still there, and still copying.
+    let before = copied().expect("the relationship is still listed");
+    std::thread::sleep(Duration::from_secs(2));
+    let after = copied().expect("the relationship is still listed");
+    assert!(
+        after > before,
+        "the background copy stalled at {before} tracks after a failed withdraw"
+    );
+    essctl_ok(&essd, &["flashcopy", "withdraw", "000TST01"]);
+    assert!(relationships(&essd)["relationships"][0].is_null());
+}
+
+#[test]
+fn zero_length_trim_and_zero_on_flashcopy_volumes_answer_and_change_nothing() {
+    let dir = tempdir("fc-zero-length");
+    let essd = Essd::start_in(dir.path(), &four_volumes("uring", "16MiB"));
+    python(
+        "import sys, nbd\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+         h.pwrite(b'T' * 65536, 0)\nh.flush()\n",
+        &[&essd.uri("000TST01")],
+    );
+    essctl_ok(
+        &essd,
+        &["flashcopy", "establish", "000TST01:001TST01", "--nocopy"],
+    );
+    // Zero-length requests are outside what the protocol defines, but
+    // they must not cost the connection (or requests in flight on it).
+    let out = python(
+        r#"
+import sys, nbd
+for uri in sys.argv[1:]:
+    h = nbd.NBD()
+    h.set_strict_mode(0)
+    h.connect_uri(uri)
+    for op in (lambda: h.trim(0, 0), lambda: h.zero(0, 0), lambda: h.trim(0, 65536)):
+        cookie = h.aio_pread(nbd.Buffer(65536), 0)
+        op()
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        assert h.aio_command_completed(cookie)
+    assert h.pread(65536, 0) == b"T" * 65536, uri
+    h.shutdown()
+    print(uri, "ok")
+"#,
+        &[&essd.uri("000TST01"), &essd.uri("001TST01")],
+    );
+    assert_eq!(out.matches(" ok").count(), 2, "{out}");
+}

@@ -42,6 +42,8 @@ pub enum CopierEnd {
 
 /// Copies every uncopied track of `rel`.
 pub async fn run(rel: Arc<Relationship>) -> CopierEnd {
+    // Withdraw waits for this: no copy may reach the target after detach.
+    let _stopped = rel.copier_stopped.clone().drop_guard();
     match copy_all(&rel).await {
         Ok(end) => end,
         Err(e) => {

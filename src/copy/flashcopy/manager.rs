@@ -594,29 +594,19 @@ impl FlashCopyManager {
         }
     }
 
-    /// Removes relationships: detaches them from their volumes (draining
-    /// in-flight I/O), rewrites the record, deletes the bitmaps.
+    /// Removes relationships: rewrites the record (nothing changes if that
+    /// fails), stops their background copiers and waits until they have,
+    /// detaches them from their volumes (draining in-flight I/O), deletes
+    /// the bitmaps.
     async fn detach(
         &self,
         inner: &mut Inner,
         rels: &[Arc<Relationship>],
         mark_incomplete: bool,
     ) -> Result<(), FlashCopyError> {
-        let mut volumes = Vec::new();
-        for rel in rels {
-            rel.stop.cancel();
-            for id in [&rel.source_id, &rel.target_id] {
-                if let Some(v) = self.server.lookup(id) {
-                    volumes.push(v.clone());
-                }
-            }
-        }
-        volumes.sort_by(|a, b| a.name().cmp(b.name()));
-        volumes.dedup_by(|a, b| a.name() == b.name());
-        let mut gates = Vec::new();
-        for v in &volumes {
-            gates.push(v.gate().write().await);
-        }
+        // The record first: if it cannot be written nothing has changed
+        // (the background copy goes on). A crash after it leaves the
+        // relationships withdrawn, which is what was asked.
         let mut incomplete = inner.incomplete.clone();
         for rel in rels {
             if mark_incomplete && !rel.bitmap().all_set() {
@@ -631,6 +621,28 @@ impl FlashCopyManager {
             .collect();
         self.save(&remaining, &incomplete)?;
         inner.incomplete = incomplete;
+        for rel in rels {
+            rel.stop.cancel();
+        }
+        // A copier stops between chunks: wait, or the rest of its current
+        // chunk would overwrite host writes to the detached target.
+        for rel in rels {
+            rel.copier_stopped.cancelled().await;
+        }
+        let mut volumes = Vec::new();
+        for rel in rels {
+            for id in [&rel.source_id, &rel.target_id] {
+                if let Some(v) = self.server.lookup(id) {
+                    volumes.push(v.clone());
+                }
+            }
+        }
+        volumes.sort_by(|a, b| a.name().cmp(b.name()));
+        volumes.dedup_by(|a, b| a.name() == b.name());
+        let mut gates = Vec::new();
+        for v in &volumes {
+            gates.push(v.gate().write().await);
+        }
         for v in &volumes {
             v.detach_flashcopy();
         }

@@ -117,6 +117,8 @@ pub struct Relationship {
     failure: Mutex<Option<String>>,
     /// Stops the background copier.
     pub(crate) stop: CancellationToken,
+    /// Cancelled once no background copier runs (at once for NOCOPY).
+    pub(crate) copier_stopped: CancellationToken,
 }
 
 impl Relationship {
@@ -149,6 +151,13 @@ impl Relationship {
             bytes_copied: AtomicU64::new(0),
             failure: Mutex::new(None),
             stop: CancellationToken::new(),
+            copier_stopped: {
+                let t = CancellationToken::new();
+                if mode == CopyMode::NoCopy {
+                    t.cancel();
+                }
+                t
+            },
         }
     }
 
@@ -228,7 +237,7 @@ impl Relationship {
 
     /// Host read through `role`.
     pub async fn read(&self, role: Role, offset: u64, len: usize) -> io::Result<Bytes> {
-        if role == Role::Source || offset >= self.size {
+        if role == Role::Source || offset >= self.size || len == 0 {
             return self.store(role).read(offset, len).await;
         }
         let end = offset + len as u64;
@@ -286,7 +295,7 @@ impl Relationship {
         change: Change,
     ) -> io::Result<()> {
         let store = self.store(role);
-        if offset >= self.size {
+        if offset >= self.size || len == 0 {
             return change.apply(store, offset, len).await;
         }
         let end = offset + len;
@@ -341,7 +350,7 @@ impl Relationship {
         len: u64,
         max: usize,
     ) -> io::Result<Vec<Extent>> {
-        if role == Role::Source || offset >= self.size {
+        if role == Role::Source || offset >= self.size || len == 0 {
             return self.store(role).extents(offset, len, max).await;
         }
         let end = offset + len;
