@@ -199,7 +199,9 @@ pub struct Volume {
     store: Arc<BackingStore>,
     stats: VolumeStats,
     /// Shared by host I/O; exclusive while copy services change the volume.
-    gate: tokio::sync::RwLock<()>,
+    /// Taken before any track lock of the copy services, by host I/O and
+    /// copies alike ([`Volume::hold_gate`]).
+    gate: Arc<tokio::sync::RwLock<()>>,
     flashcopy: RwLock<Option<FlashCopyLink>>,
     pprc: RwLock<Option<Arc<Pair>>>,
     secondary: AtomicBool,
@@ -213,7 +215,7 @@ impl Volume {
             info,
             store: Arc::new(store),
             stats: VolumeStats::default(),
-            gate: tokio::sync::RwLock::new(()),
+            gate: Arc::new(tokio::sync::RwLock::new(())),
             flashcopy: RwLock::new(None),
             pprc: RwLock::new(None),
             secondary: AtomicBool::new(false),
@@ -243,6 +245,24 @@ impl Volume {
     /// The I/O gate (see the module docs).
     pub fn gate(&self) -> &tokio::sync::RwLock<()> {
         &self.gate
+    }
+
+    /// Holds the I/O gate shared, for a copy that then takes track locks
+    /// and reads with [`Volume::read_for_copy`] and
+    /// [`Volume::extents_for_copy`]. The order gate, then track locks, is
+    /// the one host I/O keeps: a copy that took the gate for each read
+    /// while holding its track locks would wait forever behind a queued
+    /// exclusive holder (a terminate) that waits for a host write that
+    /// waits for those track locks.
+    pub async fn hold_gate(&self) -> GateGuard {
+        GateGuard(self.gate.clone().read_owned().await)
+    }
+
+    fn holds(&self, gate: &GateGuard) -> bool {
+        Arc::ptr_eq(
+            tokio::sync::OwnedRwLockReadGuard::rwlock(&gate.0),
+            &self.gate,
+        )
     }
 
     /// The volume's FlashCopy relationship, if any.
@@ -478,6 +498,28 @@ impl Volume {
     ) -> Result<Vec<Extent>, VolumeError> {
         self.check(VolumeOp::BlockStatus, offset, len)?;
         let _gate = self.gate.read().await;
+        self.extents_below_gate(offset, len, max).await
+    }
+
+    /// [`Volume::extents`] for a copy holding `gate` (of this volume).
+    pub async fn extents_for_copy(
+        &self,
+        gate: &GateGuard,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Result<Vec<Extent>, VolumeError> {
+        debug_assert!(self.holds(gate), "another volume's gate");
+        self.check(VolumeOp::BlockStatus, offset, len)?;
+        self.extents_below_gate(offset, len, max).await
+    }
+
+    async fn extents_below_gate(
+        &self,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Result<Vec<Extent>, VolumeError> {
         match self.flashcopy() {
             Some(fc) => fc.relationship.extents(fc.role, offset, len, max).await,
             None => self.store.extents(offset, len, max).await,
@@ -485,11 +527,27 @@ impl Volume {
         .map_err(self.io_error(VolumeOp::BlockStatus, offset))
     }
 
-    /// Reads for copy services: range-checked, through the FlashCopy
-    /// layer, not counted as host I/O.
-    pub async fn read_uncounted(&self, offset: u64, len: usize) -> Result<Bytes, VolumeError> {
+    /// Reads `len` bytes at `offset`, not counted as host I/O.
+    async fn read_uncounted(&self, offset: u64, len: usize) -> Result<Bytes, VolumeError> {
         self.check_range(VolumeOp::Read, offset, len as u64)?;
         let _gate = self.gate.read().await;
+        self.read_below_gate(offset, len).await
+    }
+
+    /// Reads for copy services holding `gate` (of this volume):
+    /// range-checked, through the FlashCopy layer, not counted as host I/O.
+    pub async fn read_for_copy(
+        &self,
+        gate: &GateGuard,
+        offset: u64,
+        len: usize,
+    ) -> Result<Bytes, VolumeError> {
+        debug_assert!(self.holds(gate), "another volume's gate");
+        self.check_range(VolumeOp::Read, offset, len as u64)?;
+        self.read_below_gate(offset, len).await
+    }
+
+    async fn read_below_gate(&self, offset: u64, len: usize) -> Result<Bytes, VolumeError> {
         match self.flashcopy() {
             Some(fc) => fc.relationship.read(fc.role, offset, len).await,
             None => self.store.read(offset, len).await,
@@ -554,6 +612,11 @@ impl Volume {
         .map_err(self.io_error(op, offset))
     }
 }
+
+/// A shared hold on a volume's I/O gate that may move into a task
+/// ([`Volume::hold_gate`]).
+#[derive(Debug)]
+pub struct GateGuard(tokio::sync::OwnedRwLockReadGuard<()>);
 
 /// Counts an attached client while alive.
 #[derive(Debug)]

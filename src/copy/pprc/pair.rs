@@ -65,7 +65,7 @@ use crate::copy::locks::{Overlaps, TrackLocks};
 use crate::nbd::proto::errno;
 use crate::pipeline::Batch;
 use crate::volume::store::BackingStore;
-use crate::volume::{Volume, VolumeError, VolumeOp};
+use crate::volume::{GateGuard, Volume, VolumeError, VolumeOp};
 
 /// The errno a secondary answers when its side of the pair was suspended
 /// or terminated there.
@@ -237,6 +237,8 @@ pub struct Pair {
     active: [AtomicU64; 2],
     ended: Notify,
     clean_lock: RwLock<()>,
+    /// One cleaning pass at a time.
+    passes: tokio::sync::Mutex<()>,
     locks: TrackLocks,
     /// Held shared by changes made on the primary alone (the pair not
     /// mirroring), exclusively while the pair starts mirroring.
@@ -308,6 +310,7 @@ impl Pair {
             active: [AtomicU64::new(0), AtomicU64::new(0)],
             ended: Notify::new(),
             clean_lock: RwLock::new(()),
+            passes: tokio::sync::Mutex::new(()),
             locks: TrackLocks::default(),
             local_only: tokio::sync::RwLock::new(()),
             overlaps: Overlaps::default(),
@@ -404,22 +407,41 @@ impl Pair {
 
     /// Enters `state` (not suspended), resetting the reason.
     fn enter(&self, state: PairState) {
-        self.set_status(|s| {
-            s.state = state;
-            s.reason = None;
-            s.detail = None;
-            s.since = SystemTime::now();
-            if state == PairState::DuplexPending {
-                s.copy_started = Some(SystemTime::now());
-                s.copy_completed = None;
-            }
-            if state == PairState::Duplex && s.copy_started.is_some() && s.copy_completed.is_none()
-            {
-                s.copy_completed = Some(SystemTime::now());
-            }
-            s.write_inhibited = false;
-        });
+        self.set_status(|s| Self::entered(s, state));
         self.inhibited.store(false, Ordering::Release);
+    }
+
+    /// Enters `state` only if the pair is in `from` (checked and changed
+    /// under the status lock, so a suspend cannot slip in between).
+    /// Returns whether it did.
+    fn enter_from(&self, from: PairState, state: PairState) -> bool {
+        let mut entered = false;
+        self.set_status(|s| {
+            if s.state == from {
+                Self::entered(s, state);
+                entered = true;
+            }
+        });
+        if entered {
+            self.inhibited.store(false, Ordering::Release);
+        }
+        entered
+    }
+
+    /// `s` changed to `state` (not suspended).
+    fn entered(s: &mut Status, state: PairState) {
+        s.state = state;
+        s.reason = None;
+        s.detail = None;
+        s.since = SystemTime::now();
+        if state == PairState::DuplexPending {
+            s.copy_started = Some(SystemTime::now());
+            s.copy_completed = None;
+        }
+        if state == PairState::Duplex && s.copy_started.is_some() && s.copy_completed.is_none() {
+            s.copy_completed = Some(SystemTime::now());
+        }
+        s.write_inhibited = false;
     }
 
     /// Enters `state` (duplex or duplex pending) once no change made on the
@@ -573,6 +595,7 @@ impl Pair {
                 // Suspended: record the change durably, then make it.
                 {
                     let _no_clearing = self.clean_lock.read().unwrap_or_else(|p| p.into_inner());
+                    self.mark_touched(first, end);
                     self.marks.set_range(first, end, |_| {});
                     self.oos.set_range(first, end);
                 }
@@ -677,6 +700,7 @@ impl Pair {
             // Hold this write (and every write of the group) until the
             // group is frozen by an operator or its timeout.
             if self.state() != PairState::Suspended {
+                self.stop_tasks();
                 group.trip(&self.spec.volume, &detail).await;
             }
         }
@@ -846,6 +870,7 @@ impl Pair {
     /// wait until the last flush is [`BUSY_FLUSH_INTERVAL`] ago. Returns
     /// how many marks were cleared.
     pub async fn clean(&self, keep_recent: bool) -> Result<u64, Failure> {
+        let _one_pass = self.passes.lock().await;
         let old = {
             let _all = self.clean_lock.write().unwrap_or_else(|p| p.into_inner());
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
@@ -855,6 +880,15 @@ impl Pair {
             }
             self.epoch.fetch_add(1, Ordering::AcqRel)
         };
+        // Wait for the writes of the old epoch to end, also in a pass that
+        // clears nothing: the next pass waits only for this epoch's.
+        loop {
+            let waiting = self.ended.notified();
+            if self.active[(old & 1) as usize].load(Ordering::Acquire) == 0 {
+                break;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), waiting).await;
+        }
         let below = match self.state() {
             PairState::DuplexPending => self.cursor.load(Ordering::Acquire),
             PairState::Duplex => self.oos.tracks(),
@@ -868,14 +902,6 @@ impl Pair {
             return Ok(0);
         }
         if clear_marks {
-            // Wait for the writes of the old epoch to end.
-            loop {
-                let waiting = self.ended.notified();
-                if self.active[(old & 1) as usize].load(Ordering::Acquire) == 0 {
-                    break;
-                }
-                let _ = tokio::time::timeout(Duration::from_millis(50), waiting).await;
-            }
             self.flush_both().await?;
         }
         self.oos
@@ -977,7 +1003,12 @@ impl Pair {
     /// the pair); any other pair suspends.
     fn fail_in_background(&self, reason: SuspendReason, detail: String) {
         match &self.group {
-            Some(group) => group.hold(&self.spec.volume, &detail),
+            Some(group) => {
+                // Not in sync any more: nothing may be cleared until the
+                // freeze suspends the pair.
+                self.stop_tasks();
+                group.hold(&self.spec.volume, &detail)
+            }
             None => {
                 self.suspend(reason, Some(detail));
             }
@@ -1038,12 +1069,19 @@ impl Pair {
                 (end * self.track_size).min(self.store.size()),
             );
             next = end;
-            let guard = self.locks.exclusive_range_owned(first, end).await;
+            // The gate first, then the track locks: the order host writes
+            // take them in (see `Volume::hold_gate`).
+            let gate = volume.hold_gate().await;
+            let tracks_held = self.locks.exclusive_range_owned(first, end).await;
+            if stop.is_cancelled() {
+                break;
+            }
             let (me, volume) = (self.clone(), volume.clone());
             copying.insert(first);
             inflight.spawn(async move {
-                let r = me.copy_run(&volume, first, end).await;
-                drop(guard);
+                let r = me.copy_run(&volume, &gate, first, end).await;
+                drop(tracks_held);
+                drop(gate);
                 (first, r)
             });
         }
@@ -1066,7 +1104,12 @@ impl Pair {
             self.fail_in_background(reason, detail);
             return;
         }
-        self.enter(PairState::Duplex);
+        // Only if nothing suspended the pair during that last pass: a
+        // suspend meanwhile stands, and the writes made since on the
+        // primary alone are marked for the next resync.
+        if stop.is_cancelled() || !self.enter_from(PairState::DuplexPending, PairState::Duplex) {
+            return;
+        }
         tracing::info!(volume = %self.spec.volume, "PPRC pair duplex");
     }
 
@@ -1088,7 +1131,10 @@ impl Pair {
     ) -> Option<Failure> {
         let failure = match done {
             Ok((first, outcome)) => {
-                copying.remove(&first);
+                // A failed run keeps the cursor below it: its marks stay.
+                if outcome.is_ok() {
+                    copying.remove(&first);
+                }
                 outcome.err()
             }
             Err(e) => Some((
@@ -1101,8 +1147,15 @@ impl Pair {
         failure
     }
 
-    /// Copies tracks `[first, end)` (locked by the caller).
-    async fn copy_run(&self, volume: &Volume, first: u64, end: u64) -> Result<(), Failure> {
+    /// Copies tracks `[first, end)` (locked by the caller, who holds the
+    /// volume's `gate`).
+    async fn copy_run(
+        &self,
+        volume: &Volume,
+        gate: &GateGuard,
+        first: u64,
+        end: u64,
+    ) -> Result<(), Failure> {
         let start = first * self.track_size;
         let stop = (end * self.track_size).min(self.store.size());
         if start >= stop {
@@ -1113,7 +1166,10 @@ impl Pair {
         while at < stop {
             // Holes go as zeroing, data as writes; a fragmented range takes
             // several allocation queries.
-            let extents = volume.extents(at, stop - at, 64).await.map_err(local)?;
+            let extents = volume
+                .extents_for_copy(gate, at, stop - at, 64)
+                .await
+                .map_err(local)?;
             if extents.is_empty() {
                 return Err((
                     SuspendReason::PrimaryIoError,
@@ -1134,7 +1190,7 @@ impl Pair {
                     }
                 } else {
                     let data: Bytes = volume
-                        .read_uncounted(at, len as usize)
+                        .read_for_copy(gate, at, len as usize)
                         .await
                         .map_err(local)?;
                     Message::Write {
@@ -1197,3 +1253,7 @@ pub fn errno_name(code: u32) -> String {
         other => format!("errno {other}"),
     }
 }
+
+#[cfg(test)]
+#[path = "pair_tests.rs"]
+mod tests;

@@ -1,0 +1,342 @@
+//! Races between the cleaner, the copier's end and host writes, against a
+//! fake secondary that holds its answers to writes or flushes until told.
+
+use super::*;
+use crate::copy::pprc::link::handshake;
+use crate::copy::pprc::wire::Frame;
+use crate::volume::id::Serial;
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SECRET: &[u8] = b"a test secret of enough bytes";
+const TRACK: u64 = 64 << 10;
+const TRACKS: u64 = 256;
+
+/// A secondary that acknowledges everything, except writes or flushes
+/// while told to hold them.
+#[derive(Default)]
+struct FakePeer {
+    hold_writes: AtomicBool,
+    hold_flushes: AtomicBool,
+    held_writes: Mutex<Vec<u64>>,
+    held_flushes: Mutex<Vec<u64>>,
+    writes: AtomicU64,
+    flushes: AtomicU64,
+    outbox: Mutex<Vec<Frame>>,
+    kick: Notify,
+}
+
+impl FakePeer {
+    fn answer(&self, ids: Vec<u64>, error: u32) {
+        let mut out = self.outbox.lock().unwrap();
+        for id in ids {
+            out.push(Frame {
+                id,
+                message: Message::Ack { error },
+            });
+        }
+        drop(out);
+        self.kick.notify_one();
+    }
+
+    /// Answers the held writes with `error` (and holds no more).
+    fn release_writes(&self, error: u32) {
+        self.hold_writes.store(false, Ordering::SeqCst);
+        let ids = std::mem::take(&mut *self.held_writes.lock().unwrap());
+        self.answer(ids, error);
+    }
+
+    /// Answers the held flushes (and holds no more).
+    fn release_flushes(&self) {
+        self.hold_flushes.store(false, Ordering::SeqCst);
+        let ids = std::mem::take(&mut *self.held_flushes.lock().unwrap());
+        self.answer(ids, 0);
+    }
+
+    async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(self.clone().connection(stream));
+        }
+    }
+
+    async fn connection(self: Arc<Self>, mut stream: tokio::net::TcpStream) {
+        let mut buf = BytesMut::new();
+        let me = Serial::new("TSTB2").unwrap();
+        if handshake(
+            &mut stream,
+            &mut buf,
+            &me,
+            None,
+            SECRET,
+            Duration::from_secs(5),
+        )
+        .await
+        .is_err()
+        {
+            return;
+        }
+        loop {
+            while let Ok(Some(frame)) = Frame::decode(&mut buf) {
+                let id = frame.id;
+                let answer = match frame.message {
+                    Message::Write { .. } | Message::Zero { .. } | Message::Trim { .. } => {
+                        self.writes.fetch_add(1, Ordering::SeqCst);
+                        if self.hold_writes.load(Ordering::SeqCst) {
+                            self.held_writes.lock().unwrap().push(id);
+                            None
+                        } else {
+                            Some(Message::Ack { error: 0 })
+                        }
+                    }
+                    Message::Flush { .. } => {
+                        self.flushes.fetch_add(1, Ordering::SeqCst);
+                        if self.hold_flushes.load(Ordering::SeqCst) {
+                            self.held_flushes.lock().unwrap().push(id);
+                            None
+                        } else {
+                            Some(Message::Ack { error: 0 })
+                        }
+                    }
+                    Message::Control { .. } => Some(Message::Reply {
+                        error: 0,
+                        body: Bytes::from_static(b"{}"),
+                    }),
+                    _ => Some(Message::Ack { error: 0 }),
+                };
+                if let Some(message) = answer {
+                    self.outbox.lock().unwrap().push(Frame { id, message });
+                }
+            }
+            let frames = std::mem::take(&mut *self.outbox.lock().unwrap());
+            for f in frames {
+                for part in f.encode() {
+                    if stream.write_all(&part).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            tokio::select! {
+                n = stream.read_buf(&mut buf) => match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
+                () = self.kick.notified() => {}
+            }
+        }
+    }
+}
+
+struct Harness {
+    peer: Arc<FakePeer>,
+    pair: Arc<Pair>,
+    _dir: tempfile::TempDir,
+}
+
+async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A duplex pair over one link to a fake secondary.
+async fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let peer = Arc::new(FakePeer::default());
+    tokio::spawn(peer.clone().serve(listener));
+    std::fs::create_dir_all(dir.path().join("pprc")).unwrap();
+    std::fs::write(
+        dir.path().join("pprc/paths.json"),
+        r#"[{"lss":16,"peer":"TSTB2","peer_lss":16,"links":1}]"#,
+    )
+    .unwrap();
+    let log = Arc::new(crate::control::log::EventLog::open(dir.path()).unwrap());
+    let paths = Arc::new(
+        PathManager::open(
+            dir.path(),
+            Serial::new("TSTA1").unwrap(),
+            vec![0x10],
+            vec![(Serial::new("TSTB2").unwrap(), addr)],
+            Some(SECRET.to_vec()),
+            log,
+        )
+        .unwrap(),
+    );
+    let p = paths.clone();
+    wait_until("the link", move || {
+        p.route(0x10, "TSTB2", 0x10).is_some_and(|r| r.live() > 0)
+    })
+    .await;
+    let engine = crate::io::Engine::start(crate::config::IoEngineChoice::Threads).unwrap();
+    let data = dir.path().join("data");
+    let probe = BackingStore::probe(&data, Some(TRACK * TRACKS), false, false).unwrap();
+    let store = Arc::new(BackingStore::open(&data, probe, false, false, engine).unwrap());
+    let oos = TrackBitmap::create(&dir.path().join("v.oos"), TRACK, TRACKS).unwrap();
+    let pair = Arc::new(Pair::new(
+        PairSpec {
+            volume: "000TSTA1".into(),
+            peer: "TSTB2".into(),
+            peer_volume: "000TSTB2".into(),
+            lss: 0x10,
+            peer_lss: 0x10,
+            critical: false,
+        },
+        store,
+        TRACK,
+        oos,
+        Status {
+            state: PairState::Duplex,
+            reason: None,
+            detail: None,
+            since: SystemTime::now(),
+            copy_started: None,
+            copy_completed: None,
+            write_inhibited: false,
+        },
+        PairEnv {
+            paths,
+            timeout: Duration::from_secs(30),
+            heavy: false,
+            group: None,
+            changed: Arc::new(Notify::new()),
+        },
+    ));
+    Harness {
+        peer,
+        pair,
+        _dir: dir,
+    }
+}
+
+/// A host write of 4 KiB into `track` (the local part does nothing).
+fn write(pair: &Arc<Pair>, track: u64) -> tokio::task::JoinHandle<Result<(), VolumeError>> {
+    let pair = pair.clone();
+    tokio::spawn(async move {
+        pair.mirror(
+            VolumeOp::Write,
+            track * TRACK,
+            4096,
+            Change::Write(Bytes::from(vec![7u8; 4096]), false),
+            |_| async { Ok(()) },
+        )
+        .await
+    })
+}
+
+/// A pass that returns early (nothing it may clear yet) flips the
+/// cleaning epoch without waiting for the writes of the old one; the
+/// next pass then waits only for the other epoch's writes and clears
+/// the mark of a write still in flight. When that write then fails on
+/// the secondary it is acknowledged on the primary alone, unrecorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_in_flight_keeps_its_mark_across_two_cleaning_passes() {
+    let h = harness().await;
+    h.peer.hold_writes.store(true, Ordering::SeqCst);
+    let w = write(&h.pair, 5);
+    let peer = h.peer.clone();
+    wait_until("the write at the secondary", move || {
+        peer.writes.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(h.pair.marked(), 1);
+    // Two periodic passes while the write is in flight.
+    let passes = {
+        let pair = h.pair.clone();
+        tokio::spawn(async move {
+            pair.clean(true).await.unwrap();
+            pair.clean(true).await.unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let marked_in_flight = h.pair.marked();
+    // The secondary fails the write: the pair suspends, and the host
+    // gets success (not critical) for a write only the primary has.
+    h.peer.release_writes(crate::nbd::proto::errno::EIO);
+    w.await.unwrap().unwrap();
+    passes.await.unwrap();
+    assert_eq!(h.pair.state(), PairState::Suspended);
+    assert_eq!(
+        (marked_in_flight, h.pair.marked(), h.pair.oos().get(5)),
+        (1, 1, true),
+        "the track of a write acknowledged on the primary alone is not recorded"
+    );
+}
+
+/// Two cleaning passes at once (the periodic one, and the copier's last
+/// or a manual suspend's): the second resets what the first relies on
+/// (`touched`, `recent`, the epoch), so the first clears the mark of a
+/// write that began between them and is still in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_cleaning_passes_keep_the_mark_of_a_write_in_flight() {
+    let h = harness().await;
+    write(&h.pair, 10).await.unwrap().unwrap();
+    // Track 10 written before the previous pass: clearable now.
+    h.pair.clean(true).await.unwrap();
+    h.peer.hold_flushes.store(true, Ordering::SeqCst);
+    let periodic = {
+        let pair = h.pair.clone();
+        tokio::spawn(async move { pair.clean(true).await })
+    };
+    let peer = h.peer.clone();
+    wait_until("the periodic pass's flush", move || {
+        peer.flushes.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    h.peer.hold_writes.store(true, Ordering::SeqCst);
+    let w = write(&h.pair, 20);
+    let peer = h.peer.clone();
+    wait_until("the write at the secondary", move || {
+        peer.writes.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    let other = {
+        let pair = h.pair.clone();
+        tokio::spawn(async move { pair.clean(false).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.peer.release_flushes();
+    periodic.await.unwrap().unwrap();
+    let marked_in_flight = h.pair.oos().get(20);
+    h.peer.release_writes(crate::nbd::proto::errno::EIO);
+    w.await.unwrap().unwrap();
+    other.await.unwrap().unwrap();
+    assert_eq!(h.pair.state(), PairState::Suspended);
+    assert!(
+        marked_in_flight && h.pair.oos().get(20),
+        "the track of a write acknowledged on the primary alone is not recorded \
+         (marked while in flight: {marked_in_flight})"
+    );
+}
+
+/// A cleaning pass that started while the pair was duplex goes on after
+/// it suspends, and clears the marks that writes made on the primary
+/// alone meanwhile (they do not count as touched).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_running_when_the_pair_suspends_keeps_the_marks_of_suspended_writes() {
+    let h = harness().await;
+    write(&h.pair, 10).await.unwrap().unwrap();
+    h.pair.clean(true).await.unwrap();
+    h.peer.hold_flushes.store(true, Ordering::SeqCst);
+    let periodic = {
+        let pair = h.pair.clone();
+        tokio::spawn(async move { pair.clean(true).await })
+    };
+    let peer = h.peer.clone();
+    wait_until("the periodic pass's flush", move || {
+        peer.flushes.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    h.pair.suspend(SuspendReason::Manual, None);
+    // A write on the primary alone: recorded durably, then made.
+    write(&h.pair, 30).await.unwrap().unwrap();
+    assert!(h.pair.oos().get(30) && h.pair.oos().is_durable(30));
+    h.peer.release_flushes();
+    periodic.await.unwrap().unwrap();
+    assert!(
+        h.pair.oos().get(30) && h.pair.oos().is_durable(30),
+        "a track written on the primary alone while suspended is no longer recorded"
+    );
+}
