@@ -1237,3 +1237,246 @@ fn a_secondary_is_a_flashcopy_source_while_duplex_and_suspended() {
     assert_eq!(volume_sha(b, &t2), second);
     assert_ne!(first, second);
 }
+
+/// Writes `argv[3]` (a byte) × 4096 at offset `argv[2]`, flushes, prints ok.
+const ONE_WRITE: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(bytes([int(sys.argv[3])]) * 4096, int(sys.argv[2]))
+h.flush()
+h.shutdown()
+print("ok", flush=True)
+"#;
+
+/// One write of `byte` at `offset`, in the background.
+fn spawn_write(essd: &Essd, export: &str, offset: u64, byte: u8) -> std::process::Child {
+    std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(ONE_WRITE)
+        .args([essd.uri(export), offset.to_string(), byte.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// `[replication] timeout` of both sites.
+fn with_timeout(cfg: &mut TestConfig, timeout: &str) {
+    cfg.extra = cfg
+        .extra
+        .replace("timeout = \"2s\"", &format!("timeout = \"{timeout}\""));
+}
+
+/// While a consistency group holds writes after one of its pairs failed,
+/// that pair is still duplex; its cleaner must not go on, or once the link
+/// is back it clears the mark of the very write that failed (the write has
+/// ended), the freeze suspends the pair without it and the resync never
+/// copies it.
+#[test]
+fn a_write_held_by_the_consistency_group_stays_recorded_until_the_freeze() {
+    let s = Sites::start("pprc-group-held", |cfg| {
+        cfg.lss_extra = vec![(
+            0x10,
+            "consistency_group = true\nconsistency_timeout = \"60s\"".into(),
+        )];
+    });
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    essctl(a, &["pprc", "establish", &v, &sv, "--mode", "nocopy"]).ok();
+    assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
+    // The write is sent into a stalled link, which then breaks: it never
+    // reaches the secondary, and the group holds it.
+    s.proxy.stall();
+    let mut w = spawn_write(a, &v, 5 * TRACK, 0xAB);
+    std::thread::sleep(Duration::from_millis(500));
+    s.proxy.drop_all();
+    s.proxy.heal();
+    let g = essctl_json(a, &["pprc", "group"]);
+    assert_eq!(g["group"]["state"], "holding", "{g}");
+    // The link comes back; cleaning passes would run meanwhile.
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    std::thread::sleep(CLEAN_INTERVAL * 4);
+    let durable = durable_marks(a, &v);
+    let f = essctl_json(a, &["pprc", "freeze"]);
+    assert_eq!(f["suspended"], 1, "{f}");
+    assert!(w.wait().unwrap().success());
+    let p = show(a, &v);
+    assert_eq!(p["state"], "suspended", "{p}");
+    let recorded = p["out_of_sync_tracks"].as_u64().unwrap();
+    essctl(a, &["pprc", "resume", &v]).ok();
+    wait_duplex(a, &v);
+    let (sa, sb) = (volume_sha(a, &v), volume_sha(b, &sv));
+    assert!(
+        recorded >= 1 && durable.contains(&5) && sa == sb,
+        "the held write's track: out of sync after the freeze {recorded}, durable marks \
+         before it {durable:?}; after the resync primary {sa} secondary {sb}"
+    );
+}
+
+/// The copier ends with a cleaning pass (a flush of both sides) before the
+/// pair turns duplex: a suspend during that pass stands, and the writes
+/// made on the primary alone after it are resynced, not forgotten.
+#[test]
+fn a_suspend_during_the_copys_last_flush_stays_suspended() {
+    let s = Sites::start("pprc-copy-end", |cfg| with_timeout(cfg, "10s"));
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    essctl(a, &["pprc", "establish", &v, &sv, "--mode", "nocopy"]).ok();
+    essctl(a, &["pprc", "suspend", &v]).ok();
+    write_tracks(a, &v, 11, 3);
+    // A slow link: each round trip takes about 3 s.
+    s.proxy.delay(Duration::from_millis(1500));
+    essctl(a, &["pprc", "resume", &v]).ok();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = show(a, &v);
+        if p["state"] == "duplex pending" && p["out_of_sync_tracks"] == 0 {
+            break;
+        }
+        assert!(p["state"] == "duplex pending", "{p}");
+        assert!(Instant::now() < deadline, "{p}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Everything is copied; the copier's last flush is under way.
+    let p = essctl_json(a, &["pprc", "suspend", &v]);
+    assert_eq!(p["state"], "suspended", "{p}");
+    write_tracks(a, &v, 12, 2);
+    std::thread::sleep(Duration::from_secs(8));
+    s.proxy.delay(Duration::ZERO);
+    let p = show(a, &v);
+    assert_eq!(
+        p["state"], "suspended",
+        "suspended by the operator during the copy's last flush: {p}"
+    );
+    essctl(a, &["pprc", "resume", &v]).ok();
+    wait_duplex(a, &v);
+    assert_eq!(volume_sha(a, &v), volume_sha(b, &sv), "after the resync");
+}
+
+/// A copy of tracks 0..16 (data, hole, data; each request takes about 3 s
+/// over the slow link) with a host write to track 2 waiting for the copy's
+/// track lock while it holds the volume's gate; then `terminate`, which
+/// takes the gate exclusively. Returns the volume, the host write and
+/// essctl terminate's output when it comes.
+fn copy_write_terminate(
+    s: &Sites,
+) -> (
+    String,
+    std::process::Child,
+    std::sync::mpsc::Receiver<std::io::Result<std::process::Output>>,
+) {
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    assert!(spawn_write(a, &v, 0, 1).wait().unwrap().success());
+    assert!(spawn_write(a, &v, 2 * TRACK, 2).wait().unwrap().success());
+    s.proxy.delay(Duration::from_millis(1500));
+    essctl(a, &["pprc", "establish", &v, &sv]).ok();
+    std::thread::sleep(Duration::from_millis(300));
+    let host = spawn_write(a, &v, 2 * TRACK + 4096, 3);
+    std::thread::sleep(Duration::from_millis(700));
+    let (api, volume) = (a.api_sock.clone(), v.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_essctl"))
+            .arg("--server")
+            .arg(&api)
+            .args(["pprc", "terminate", &volume])
+            .output();
+        let _ = tx.send(out);
+    });
+    (v, host, rx)
+}
+
+/// Host writes take the volume's gate, then track locks; the copier must
+/// take them in the same order. When it took the gate for each read while
+/// holding its track locks, a terminate queued for the gate between them
+/// made the three wait on each other for ever.
+#[test]
+fn terminate_during_a_copy_with_a_host_write_to_the_copied_tracks_answers() {
+    let s = Sites::start("pprc-copy-gate", |cfg| with_timeout(cfg, "10s"));
+    let (v, mut host, rx) = copy_write_terminate(&s);
+    let answer = rx.recv_timeout(Duration::from_secs(25));
+    s.proxy.delay(Duration::ZERO);
+    let host_done = host.wait().unwrap();
+    let answer = answer
+        .expect("terminate did not answer within 25 s")
+        .unwrap();
+    assert!(
+        answer.status.success(),
+        "{}",
+        String::from_utf8_lossy(&answer.stderr)
+    );
+    assert!(host_done.success(), "the host write failed");
+    assert_eq!(show_code(&s.a, &v), 1, "{v} is still in a pair");
+}
+
+/// `pprc show`'s exit code (1: not in a pair).
+fn show_code(essd: &Essd, volume: &str) -> i32 {
+    essctl(essd, &["pprc", "show", volume]).code
+}
+
+/// Sends `DELETE /v1/pprc/pairs/VOLUME` and closes the connection after
+/// half a second, whether answered or not.
+const IMPATIENT_TERMINATE: &str = r#"
+import http.client, socket, sys
+class Unix(http.client.HTTPConnection):
+    def __init__(self, path):
+        super().__init__("localhost", timeout=0.5)
+        self.path = path
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(0.5)
+        self.sock.connect(self.path)
+c = Unix(sys.argv[1])
+c.request("DELETE", "/v1/pprc/pairs/" + sys.argv[2])
+try:
+    print("answered", c.getresponse().status)
+except (socket.timeout, TimeoutError):
+    print("gave up")
+c.close()
+"#;
+
+/// A terminate whose client goes away before the answer (the secondary
+/// is slow to reach) still completes: the primary's record, the secondary's
+/// side and the log all show it. Stopped half-way, it left the pair gone
+/// from the primary's list but not from its record, and the secondary
+/// holding its side (read-only to hosts) for good.
+#[test]
+fn a_terminate_whose_client_goes_away_still_completes() {
+    let s = Sites::start("pprc-terminate-dropped", |cfg| with_timeout(cfg, "10s"));
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    essctl(a, &["pprc", "establish", &v, &sv, "--mode", "nocopy"]).ok();
+    // Telling the secondary takes about 3 s over this link.
+    s.proxy.delay(Duration::from_millis(1500));
+    let out = python(IMPATIENT_TERMINATE, &[a.api_sock.to_str().unwrap(), &v]);
+    assert!(out.contains("gave up"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while essctl_json(b, &["pprc", "list"])["pairs"]
+        .as_array()
+        .is_some_and(|p| !p.is_empty())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the secondary still holds its side: {}",
+            essctl_json(b, &["pprc", "list"])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.proxy.delay(Duration::ZERO);
+    assert_eq!(show_code(a, &v), 1, "{v} is still in a pair");
+    let record = std::fs::read_to_string(s.dir_a.path().join("state/pprc/pairs.json")).unwrap();
+    assert!(
+        !record.contains(&v),
+        "the primary's record still has the pair: {record}"
+    );
+    let log = essctl(a, &["log"]).ok().to_string();
+    assert!(log.contains("pprc.pair.terminate"), "{log}");
+    // The secondary is an ordinary volume again: hosts may write it.
+    assert!(spawn_write(b, &sv, 0, 9).wait().unwrap().success());
+}

@@ -398,6 +398,30 @@ impl From<FlashCopyError> for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
+/// Runs a state-changing operation in a task of its own, so it finishes
+/// even if its client goes away: the server drops a request's future when
+/// the connection closes, which would stop the operation between two of
+/// its steps (a pair out of the manager's list but still in the write
+/// path, a secondary never told).
+async fn to_completion<T, E>(
+    operation: impl std::future::Future<Output = Result<T, E>> + Send + 'static,
+) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    E: Into<ApiError> + Send + 'static,
+{
+    match tokio::spawn(operation).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(e) => {
+            tracing::error!("management operation failed: {e}");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the operation failed: {e}"),
+            ))
+        }
+    }
+}
+
 /// Unwraps a JSON body, turning a rejection into a 400 (415 without a JSON
 /// content type) with a JSON error.
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
@@ -588,24 +612,37 @@ async fn pair_establish(
     body: Result<Json<EstablishPair>, JsonRejection>,
 ) -> Result<(StatusCode, Json<PairView>), ApiError> {
     let request = json_body(body)?;
-    let view = ctx.api.pprc.establish(&request).await?;
+    let api = ctx.api.clone();
+    let view = to_completion(async move { api.pprc.establish(&request).await }).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
 async fn pair_suspend(State(ctx): State<Ctx>, Path(volume): Path<String>) -> ApiResult<PairView> {
-    Ok(Json(ctx.api.pprc.suspend(&volume).await?))
+    let api = ctx.api.clone();
+    Ok(Json(
+        to_completion(async move { api.pprc.suspend(&volume).await }).await?,
+    ))
 }
 
 async fn pair_terminate(State(ctx): State<Ctx>, Path(volume): Path<String>) -> ApiResult<PairView> {
-    Ok(Json(ctx.api.pprc.terminate(&volume).await?))
+    let api = ctx.api.clone();
+    Ok(Json(
+        to_completion(async move { api.pprc.terminate(&volume).await }).await?,
+    ))
 }
 
 async fn pair_failover(State(ctx): State<Ctx>, Path(volume): Path<String>) -> ApiResult<PairView> {
-    Ok(Json(ctx.api.pprc.failover(&volume).await?))
+    let api = ctx.api.clone();
+    Ok(Json(
+        to_completion(async move { api.pprc.failover(&volume).await }).await?,
+    ))
 }
 
 async fn pair_failback(State(ctx): State<Ctx>, Path(volume): Path<String>) -> ApiResult<PairView> {
-    Ok(Json(ctx.api.pprc.failback(&volume).await?))
+    let api = ctx.api.clone();
+    Ok(Json(
+        to_completion(async move { api.pprc.failback(&volume).await }).await?,
+    ))
 }
 
 fn group_view(ctx: &Ctx, suspended: Option<usize>) -> GroupView {
@@ -670,7 +707,8 @@ async fn path_establish(
     body: Result<Json<PathRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<PathView>), ApiError> {
     let request = json_body(body)?;
-    let view = ctx.api.paths.establish(&request).await?;
+    let api = ctx.api.clone();
+    let view = to_completion(async move { api.paths.establish(&request).await }).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
@@ -683,11 +721,9 @@ async fn path_remove(
     State(ctx): State<Ctx>,
     Path((lss, peer, peer_lss)): Path<(String, String, String)>,
 ) -> ApiResult<PathView> {
-    let view = ctx
-        .api
-        .paths
-        .remove(parse_lss(&lss)?, &peer, parse_lss(&peer_lss)?)
-        .await?;
+    let (lss, peer_lss) = (parse_lss(&lss)?, parse_lss(&peer_lss)?);
+    let api = ctx.api.clone();
+    let view = to_completion(async move { api.paths.remove(lss, &peer, peer_lss).await }).await?;
     Ok(Json(view))
 }
 
@@ -976,7 +1012,9 @@ async fn flashcopy_establish(
             )
         })
         .collect();
-    let relationships = ctx.api.flashcopy.establish(&pairs, opts).await?;
+    let api = ctx.api.clone();
+    let relationships =
+        to_completion(async move { api.flashcopy.establish(&pairs, opts).await }).await?;
     Ok((
         StatusCode::CREATED,
         Json(RelationshipList { relationships }),
@@ -1007,7 +1045,9 @@ async fn withdraw(ctx: &Ctx, selectors: &[String]) -> ApiResult<RelationshipList
         .iter()
         .map(|s| canonical_selector(&ctx.api.server, s))
         .collect();
-    let relationships = ctx.api.flashcopy.withdraw(&selectors).await?;
+    let api = ctx.api.clone();
+    let relationships =
+        to_completion(async move { api.flashcopy.withdraw(&selectors).await }).await?;
     Ok(Json(RelationshipList { relationships }))
 }
 
