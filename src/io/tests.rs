@@ -183,3 +183,60 @@ proptest! {
         })?;
     }
 }
+
+/// A pipe as (read end, write end).
+fn pipe() -> (Arc<File>, File) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe() writes two fresh descriptors into `fds`.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: the descriptors are fresh and owned by nothing else.
+    unsafe {
+        (
+            Arc::new(File::from_raw_fd(fds[0])),
+            File::from_raw_fd(fds[1]),
+        )
+    }
+}
+
+/// A one-byte read of `file` through `engine`, in a task.
+fn read_one(engine: &Arc<uring::UringEngine>, file: Arc<File>) -> tokio::task::JoinHandle<usize> {
+    let engine = engine.clone();
+    tokio::spawn(async move {
+        let op = Op::Read {
+            file,
+            offset: 0,
+            buf: IoBuffer::with_capacity(1, 1),
+        };
+        engine.run(op).await.result.unwrap()
+    })
+}
+
+/// More operations complete at once than the completion queue holds: the
+/// rest wait on the kernel's overflow list, which only a system call
+/// flushes. They are delivered with no later submission, and so is a
+/// completion that comes after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_beyond_the_completion_queue_are_delivered() {
+    const OPS: usize = 2 * uring::CQ_ENTRIES as usize;
+    let engine = Arc::new(uring::UringEngine::new().unwrap());
+    let (many, mut many_in) = pipe();
+    let (one, mut one_in) = pipe();
+    let reads: Vec<_> = (0..OPS).map(|_| read_one(&engine, many.clone())).collect();
+    let later = read_one(&engine, one);
+    // Every read is submitted and waits for data.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    std::io::Write::write_all(&mut many_in, &vec![1u8; OPS]).unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut done = 0;
+    for read in reads {
+        if let Ok(n) = tokio::time::timeout_at(deadline, read).await {
+            assert_eq!(n.unwrap(), 1);
+            done += 1;
+        }
+    }
+    assert_eq!(done, OPS, "completions beyond the queue were not delivered");
+    std::io::Write::write_all(&mut one_in, &[1u8]).unwrap();
+    let later = tokio::time::timeout(std::time::Duration::from_secs(5), later).await;
+    assert_eq!(later.expect("the completion after the burst").unwrap(), 1);
+}

@@ -33,8 +33,10 @@ use super::{Completion, EngineError, Op};
 
 /// Submission queue entries.
 const SQ_ENTRIES: u32 = 256;
-/// Completion queue entries (twice the SQ so bursts never overflow).
-const CQ_ENTRIES: u32 = 1024;
+/// Completion queue entries. Nothing bounds the operations in flight to
+/// this: completions beyond it wait on the kernel's overflow list
+/// (`IORING_FEAT_NODROP`) until [`RingState::reap`] flushes them.
+pub(crate) const CQ_ENTRIES: u32 = 1024;
 
 /// Poll interval of the reaper while some operation waits for a CQE.
 const SAFETY_TICK: std::time::Duration = std::time::Duration::from_millis(5);
@@ -240,6 +242,21 @@ impl RingState {
     /// Reaps every available CQE. The completion for `mine` is returned
     /// instead of being sent to its waiter.
     fn reap(&mut self, mine: Option<usize>) -> Option<Completion> {
+        let mut own = self.reap_cq(mine);
+        // Completions the CQ had no room for wait on the kernel's overflow
+        // list (IORING_FEAT_NODROP), and later ones join them, until an
+        // io_uring_enter flushes them; `submit` enters with GETEVENTS while
+        // the overflow flag is set. The reaper never enters otherwise.
+        let mut rounds = 0;
+        while self.ring.submission().cq_overflow() && rounds < 64 && self.ring.submit().is_ok() {
+            own = own.or(self.reap_cq(mine));
+            rounds += 1;
+        }
+        own
+    }
+
+    /// Reaps the CQEs in the completion ring.
+    fn reap_cq(&mut self, mine: Option<usize>) -> Option<Completion> {
         let mut own = None;
         let ready: Vec<(u64, i32)> = self
             .ring
