@@ -1480,3 +1480,37 @@ fn a_terminate_whose_client_goes_away_still_completes() {
     // The secondary is an ordinary volume again: hosts may write it.
     assert!(spawn_write(b, &sv, 0, 9).wait().unwrap().success());
 }
+
+/// A duplex write whose tracks cannot be recorded (the out-of-sync bitmap
+/// file refuses the write) is refused with EIO before it is made on either
+/// side, and the pair suspends with the reason; once the file can be
+/// written again a resync leaves both volumes equal.
+#[test]
+fn a_bitmap_that_cannot_be_written_suspends_the_pair() {
+    require_root("making the bitmap file immutable (chattr +i)");
+    require("chattr", "e2fsprogs");
+    let s = Sites::start("pprc-bitmap-fails", |_| {});
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    essctl(a, &["pprc", "establish", &v, &sv, "--mode", "nocopy"]).ok();
+    let oos = s.dir_a.path().join(format!("state/pprc/{v}.oos"));
+    run(std::process::Command::new("chattr").arg("+i").arg(&oos));
+    let answer = try_write(a, &v);
+    run(std::process::Command::new("chattr").arg("-i").arg(&oos));
+    assert_eq!(answer, "writable EIO");
+    let p = show(a, &v);
+    assert_eq!(
+        (p["state"].as_str(), p["reason"].as_str()),
+        (Some("suspended"), Some("primary I/O error")),
+        "{p}"
+    );
+    assert!(
+        p["detail"].as_str().unwrap_or("").contains(".oos"),
+        "the detail names the bitmap file: {p}"
+    );
+    assert_eq!(try_write(a, &v), "writable ok");
+    essctl(a, &["pprc", "resume", &v]).ok();
+    wait_duplex(a, &v);
+    assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
+}

@@ -39,7 +39,9 @@ pub fn nbd_errno(e: &VolumeError) -> u32 {
             _ => errno::EINVAL,
         },
         VolumeError::ReadOnly { .. } | VolumeError::Secondary { .. } => errno::EPERM,
-        VolumeError::WriteInhibited { .. } => errno::EIO,
+        // The server's own bookkeeping failed: nothing the client can
+        // change (an EPERM from the file would suggest a read-only export).
+        VolumeError::WriteInhibited { .. } | VolumeError::Unrecorded { .. } => errno::EIO,
         VolumeError::NotFast { .. } => errno::ENOTSUP,
         VolumeError::Io { source, .. } => match source.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => errno::ENOSPC,

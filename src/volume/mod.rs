@@ -119,6 +119,20 @@ pub enum VolumeError {
         /// Volume ID.
         volume: String,
     },
+    /// The change could not be recorded in the copy services' metadata (a
+    /// PPRC pair's out-of-sync bitmap), so it was not made.
+    #[error("{op} at offset {offset} refused: cannot record the change in {path}: {source}")]
+    Unrecorded {
+        /// Operation.
+        op: VolumeOp,
+        /// The metadata file.
+        path: String,
+        /// Request offset.
+        offset: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// The backing store failed.
     #[error("{op} at offset {offset} on {path}: {source}")]
     Io {

@@ -580,7 +580,7 @@ impl Pair {
         }
         self.group_gate().await;
         let (first, end) = self.track_range(offset, len);
-        let io = |source: std::io::Error| VolumeError::Io {
+        let unrecorded = |source: std::io::Error| VolumeError::Unrecorded {
             op,
             path: self.oos.path().display().to_string(),
             offset,
@@ -599,13 +599,22 @@ impl Pair {
                     self.marks.set_range(first, end, |_| {});
                     self.oos.set_range(first, end);
                 }
-                self.oos.commit_bits().await.map_err(io)?;
+                self.oos.commit_bits().await.map_err(unrecorded)?;
                 return local(change).await;
             }
         }
         let _in_turn = self.overlaps.enter(offset, offset + len).await;
         let _ordered = self.locks.shared_range(first, end).await;
-        let epoch = self.begin(first, end).await.map_err(io)?;
+        let epoch = match self.begin(first, end).await {
+            Ok(epoch) => epoch,
+            Err(e) => {
+                // Nothing was written on either side; the pair cannot go on
+                // recording changes, so it says why.
+                let e = unrecorded(e);
+                self.suspend(SuspendReason::PrimaryIoError, Some(e.to_string()));
+                return Err(e);
+            }
+        };
         let message = match &change {
             Change::Write(data, fua) => Message::Write {
                 volume: self.wire_volume,
