@@ -865,11 +865,12 @@ fn terminate_at_the_secondary_with_the_primary_dead_makes_it_writable() {
     assert_eq!(shown["pprc_secondary"], false);
 }
 
-/// The redbook's split mirror: suspend, terminate at the secondary with
-/// the primary still connected (the copy is then a host's), re-establish
-/// with the out-of-sync tracks only.
+/// The redbook's split mirror: suspended (here at the backup site's
+/// server), the secondary keeps its image while the primary writes on
+/// (it can be read or FlashCopied meanwhile); `resume` at the primary
+/// copies only the tracks changed meanwhile.
 #[test]
-fn a_split_mirror_is_terminated_at_the_secondary_and_resynced() {
+fn a_split_mirror_is_suspended_at_the_secondary_and_resynced() {
     let s = Sites::start("pprc-split", |_| {});
     let (a, b) = (&s.a, &s.b);
     let (va, vb) = (a.vol(0x10, 0), b.vol(0x10, 0));
@@ -877,13 +878,25 @@ fn a_split_mirror_is_terminated_at_the_secondary_and_resynced() {
     essctl(a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
     write_tracks(a, &va, 51, 8);
     assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
-    essctl(a, &["pprc", "suspend", &va]).ok();
-    wait_state(b, &vb, "suspended");
-    let v = essctl_json(b, &["pprc", "terminate", &vb]);
-    assert_eq!(v["state"], "simplex");
-    let shown = essctl_json(b, &["volume", "show", &vb]);
-    assert_eq!(shown["pprc_secondary"], false);
+    // The backup site splits the mirror: its image stays as it was.
+    assert_eq!(
+        essctl_json(b, &["pprc", "suspend", &vb])["state"],
+        "suspended"
+    );
+    let split = volume_sha(b, &vb);
     write_tracks(a, &va, 52, 5);
+    let v = show(a, &va);
+    assert_eq!(
+        (v["state"].as_str(), v["reason"].as_str()),
+        (Some("suspended"), Some("suspended at the secondary")),
+        "{v}"
+    );
+    assert_eq!(volume_sha(b, &vb), split);
+    // The secondary is still protected while split.
+    assert_eq!(
+        essctl_json(b, &["volume", "show", &vb])["pprc_secondary"],
+        true
+    );
     let sent = s.proxy.bytes_forward();
     essctl(a, &["pprc", "resume", &va]).ok();
     wait_duplex(a, &va);
@@ -894,6 +907,43 @@ fn a_split_mirror_is_terminated_at_the_secondary_and_resynced() {
         resync < 5 * TRACK + (64 << 10),
         "resync sent {resync} bytes"
     );
+}
+
+/// `terminate` at the secondary ends the pair for good: hosts may write
+/// the volume from then on and nothing records where, so a `resume` at the
+/// primary (which would copy only the primary's changes) is refused and
+/// the pair is established again with a full copy.
+#[test]
+fn a_pair_terminated_at_the_secondary_is_established_again_with_a_full_copy() {
+    let s = Sites::start("pprc-split-terminated", |_| {});
+    let (a, b) = (&s.a, &s.b);
+    let (va, vb) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    essctl(a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    write_tracks(a, &va, 51, 8);
+    essctl(a, &["pprc", "suspend", &va]).ok();
+    wait_state(b, &vb, "suspended");
+    assert_eq!(
+        essctl_json(b, &["pprc", "terminate", &vb])["state"],
+        "simplex"
+    );
+    assert_eq!(
+        essctl_json(b, &["volume", "show", &vb])["pprc_secondary"],
+        false
+    );
+    // A backup host mounts the copy (a journal replay writes it).
+    write_tracks(b, &vb, 61, 3);
+    write_tracks(a, &va, 62, 2);
+    essctl(a, &["pprc", "resume", &va]).refused(&format!(
+        "TSTB2 refused: volume {vb} is no longer the secondary of TSTA1 {va} \
+         (its side was terminated here and the volume may have been written since); establish \
+         the pair again with mode copy"
+    ));
+    assert_eq!(show(a, &va)["state"], "suspended");
+    essctl(a, &["pprc", "terminate", &va]).ok();
+    essctl(a, &["pprc", "establish", &va, &vb, "--mode", "copy"]).ok();
+    wait_duplex(a, &va);
+    assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
 }
 
 /// Writes a block of one letter to the first volume, then (dependent) a
@@ -1513,4 +1563,215 @@ fn a_bitmap_that_cannot_be_written_suspends_the_pair() {
     essctl(a, &["pprc", "resume", &v]).ok();
     wait_duplex(a, &v);
     assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
+}
+
+/// A secondary suspended at its own server stays suspended across a
+/// restart of that server: the primary's next write suspends the primary
+/// and the secondary's image does not change.
+#[test]
+fn a_suspend_at_the_secondary_survives_its_restart() {
+    let mut s = Sites::start("pprc-secondary-suspend-restart", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_state(&s.b, &vb, "duplex");
+    essctl(&s.b, &["pprc", "suspend", &vb]).ok();
+    let split = volume_sha(&s.b, &vb);
+    s.b.kill_and_restart("TSTB2");
+    assert_eq!(show(&s.b, &vb)["state"], "suspended");
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    write_tracks(&s.a, &va, 71, 4);
+    let v = show(&s.a, &va);
+    assert_eq!(volume_sha(&s.b, &vb), split, "primary: {v}");
+    assert_eq!(v["state"], "suspended", "{v}");
+}
+
+/// A suspend at the secondary (a split for a backup) is not undone by a
+/// restart of the primary: its automatic resync is refused by the
+/// secondary, and the split image stays as it was.
+#[test]
+fn a_primary_restart_does_not_undo_a_suspend_at_the_secondary() {
+    let mut s = Sites::start("pprc-primary-restart-split", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_state(&s.b, &vb, "duplex");
+    essctl(&s.b, &["pprc", "suspend", &vb]).ok();
+    let split = volume_sha(&s.b, &vb);
+    s.a.kill_and_restart("TSTA1");
+    // The automatic resync is tried within a few seconds of the restart.
+    std::thread::sleep(Duration::from_secs(6));
+    write_tracks(&s.a, &va, 75, 4);
+    let (pa, pb) = (show(&s.a, &va), show(&s.b, &vb));
+    assert_eq!(volume_sha(&s.b, &vb), split, "primary {pa}, secondary {pb}");
+    assert_eq!(pa["state"], "suspended", "{pa}");
+    assert_eq!(pb["state"], "suspended", "{pb}");
+}
+
+/// The primary is killed; the recovery site terminates its secondary and
+/// hosts write it. The restarted primary's automatic resync must not make
+/// that volume its secondary again (copying only its own out-of-sync
+/// tracks over the recovery site's data).
+#[test]
+fn a_restarted_primary_does_not_resync_a_secondary_terminated_meanwhile() {
+    let mut s = Sites::start("pprc-restart-terminated", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_state(&s.b, &vb, "duplex");
+    write_tracks(&s.a, &va, 80, 4);
+    s.a.crash();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while show(&s.b, &vb)["primary_links"] != 0 {
+        assert!(Instant::now() < deadline, "the primary's link stays");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        essctl_json(&s.b, &["pprc", "terminate", &vb])["state"],
+        "simplex"
+    );
+    write_tracks(&s.b, &vb, 81, 6);
+    let recovery = volume_sha(&s.b, &vb);
+    s.a.kill_and_restart("TSTA1");
+    std::thread::sleep(Duration::from_secs(6));
+    let pa = show(&s.a, &va);
+    assert_eq!(pa["state"], "suspended", "{pa}");
+    assert_eq!(show_code(&s.b, &vb), 1, "{vb} is in a pair again ({pa})");
+    assert_eq!(
+        volume_sha(&s.b, &vb),
+        recovery,
+        "the recovery site's data changed"
+    );
+}
+
+/// `terminate` at the primary records the end of the pair before it
+/// tells the secondary: a crash of the primary once the secondary has
+/// ended its side does not bring the pair back at the primary's restart.
+#[test]
+fn a_terminate_told_to_the_secondary_is_not_undone_by_a_crash() {
+    let mut s = Sites::start("pprc-terminate-crash", |cfg| with_timeout(cfg, "10s"));
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_state(&s.b, &vb, "duplex");
+    write_tracks(&s.a, &va, 90, 4);
+    // The answer takes 1.5 s to come back.
+    s.proxy.delay(Duration::from_millis(1500));
+    let mut terminate = spawn_essctl(&s.a, &["pprc", "terminate", &va]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while show_code(&s.b, &vb) == 0 {
+        assert!(Instant::now() < deadline, "the secondary was never told");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.a.crash();
+    let _ = terminate.wait();
+    s.proxy.heal();
+    // Hosts use the (now simplex) volume at B.
+    write_tracks(&s.b, &vb, 91, 6);
+    let b_data = volume_sha(&s.b, &vb);
+    s.a.kill_and_restart("TSTA1");
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(show_code(&s.a, &va), 1, "{}", show(&s.a, &va));
+    assert_eq!(
+        show_code(&s.b, &vb),
+        1,
+        "the pair came back at the secondary"
+    );
+    assert_eq!(volume_sha(&s.b, &vb), b_data, "B's data was overwritten");
+}
+
+/// A pair terminated while duplex and established again without a copy
+/// (duplex at once) is shown duplex and current at the secondary too.
+#[test]
+fn a_pair_established_again_without_copy_is_duplex_at_the_secondary() {
+    let s = Sites::start("pprc-established-again", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_state(&s.b, &vb, "duplex");
+    essctl(&s.a, &["pprc", "terminate", &va]).ok();
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    assert_eq!(show(&s.a, &va)["state"], "duplex");
+    let v = wait_state(&s.b, &vb, "duplex");
+    assert_eq!(v["replication_status"], "current", "{v}");
+}
+
+/// A failback interrupted after the old primary became the secondary
+/// (keeping its unmirrored tracks as the hand-over bitmap) and before the
+/// new primary fetched them: a failover at the old primary keeps those
+/// tracks marked, and its later failback leaves both volumes equal.
+#[test]
+fn a_failover_keeps_the_handed_over_tracks() {
+    let mut s = Sites::start("pprc-handover-failover", |cfg| with_timeout(cfg, "10s"));
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_state(&s.b, &vb, "duplex");
+    write_tracks(&s.a, &va, 12, 4);
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+    // A loses its links and writes on: 5 tracks never mirrored.
+    s.proxy.drop_all();
+    write_tracks(&s.a, &va, 13, 5);
+    assert_eq!(show(&s.a, &va)["reason"], "link lost");
+    // Failover at B; hosts write B.
+    essctl(&s.b, &["pprc", "failover", &vb]).ok();
+    write_tracks(&s.b, &vb, 14, 7);
+    s.proxy.heal();
+    path(&s.b, "0x10", "TSTA1", "0x10", "1");
+    // Failback at B over a slow link; B dies once A took the secondary role.
+    s.back.delay(Duration::from_millis(1500));
+    let mut failback = spawn_essctl(&s.b, &["pprc", "failback", &vb]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while show(&s.a, &va)["role"] != "secondary" {
+        assert!(Instant::now() < deadline, "A never became the secondary");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.b.crash();
+    let _ = failback.wait();
+    s.back.heal();
+    let handover = s.dir_a.path().join(format!("state/pprc/{va}.handover"));
+    assert!(handover.exists());
+    // Production back to A, then B returns and A fails back to it.
+    essctl(&s.a, &["pprc", "failover", &va]).ok();
+    assert!(
+        !handover.exists(),
+        "the hand-over bitmap outlived the failover"
+    );
+    write_tracks(&s.a, &va, 15, 3);
+    s.b.kill_and_restart("TSTB2");
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "failback", &va]).ok();
+    wait_duplex(&s.a, &va);
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}
+
+/// `unfreeze` of a group frozen on demand releases held writes and leaves
+/// a pair resumed while the group was frozen mirroring.
+#[test]
+fn unfreeze_does_not_suspend_a_pair_resumed_meanwhile() {
+    let s = Sites::start("pprc-unfreeze-resumed", |cfg| {
+        cfg.lss_extra = vec![(
+            0x10,
+            "consistency_group = true\nconsistency_timeout = \"60s\"".into(),
+        )];
+    });
+    let (a, b) = (&s.a, &s.b);
+    let (va, vb) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    essctl(a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    assert_eq!(
+        essctl_json(a, &["pprc", "freeze"])["group"]["state"],
+        "frozen"
+    );
+    assert_eq!(show(a, &va)["reason"], "freeze");
+    essctl(a, &["pprc", "resume", &va]).ok();
+    wait_state(a, &va, "duplex");
+    assert_eq!(
+        essctl_json(a, &["pprc", "unfreeze"])["group"]["state"],
+        "normal"
+    );
+    let v = show(a, &va);
+    assert_eq!(v["state"], "duplex", "{v}");
+    write_tracks(a, &va, 77, 3);
+    assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
 }

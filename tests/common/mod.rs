@@ -274,6 +274,15 @@ impl Essd {
         let _ = child.wait();
     }
 
+    /// Kills the process with SIGKILL (a crash) and reaps it; the handle
+    /// can be started again with `kill_and_restart`.
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Kills the process with SIGKILL and starts it again from the same
     /// directory and configuration.
     pub fn kill_and_restart(&mut self, serial: &str) {
@@ -488,6 +497,23 @@ pub fn essctl(essd: &Essd, args: &[&str]) -> Run {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// Starts `essctl --server API_SOCKET args...` in the background, its
+/// output discarded.
+pub fn spawn_essctl(essd: &Essd, args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_essctl"))
+        .arg("--server")
+        .arg(&essd.api_sock)
+        .args(args)
+        .env_remove("ESSCTL_SERVER")
+        .env_remove("ESSCTL_USER")
+        .env_remove("ESSCTL_PASSWORD")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run essctl")
 }
 
 /// Pages of `path` in the page cache.

@@ -127,7 +127,9 @@ impl ConsistencyGroup {
     /// A pair of the group could not update its secondary: holds every
     /// write of the group, if not held already.
     pub fn hold(self: &Arc<Self>, volume: &str, detail: &str) {
-        if self.state() == GroupState::Normal {
+        // Also when frozen on demand: the unfreeze must then suspend the
+        // group's pairs (a pair resumed meanwhile failed).
+        if matches!(self.state(), GroupState::Normal | GroupState::Frozen { .. }) {
             tracing::warn!(volume, "consistency group holds writes: {detail}");
             self.enter(GroupState::Holding {
                 volume: volume.to_string(),
@@ -175,7 +177,12 @@ impl ConsistencyGroup {
     /// Releases held writes (after suspending the group's pairs if a
     /// failure was holding them).
     pub fn unfreeze(self: &Arc<Self>) -> usize {
-        let n = self.suspend_all();
+        // A group frozen on demand has its pairs suspended already; a pair
+        // resumed since is left mirroring.
+        let n = match self.state() {
+            GroupState::Holding { .. } => self.suspend_all(),
+            _ => 0,
+        };
         self.enter(GroupState::Normal);
         n
     }

@@ -253,6 +253,28 @@ struct Record {
     /// primary's bitmap awaiting hand-over.
     #[serde(default)]
     bitmap: Option<String>,
+    /// Secondary: accepting the primary's changes (false once suspended
+    /// here; a restart must not undo that).
+    #[serde(default = "accepting_default")]
+    accepting: bool,
+}
+
+fn accepting_default() -> bool {
+    true
+}
+
+/// How a primary asks this server to take (back) the secondary side of a
+/// pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Joining {
+    /// A new pair (copy or no copy): the volume becomes a secondary.
+    New,
+    /// An operator's resync: only a volume that still holds its side of
+    /// this pair (suspended or not) may take it back.
+    Resync,
+    /// The automatic resync of a restarted primary: as `Resync`, and not
+    /// when the side was suspended here (only an operator ends that).
+    Restart,
 }
 
 /// The secondary side of a pair.
@@ -382,7 +404,7 @@ impl PprcManager {
                     let side = SecondarySide {
                         spec: rec.spec,
                         status: rec.status,
-                        accepting: true,
+                        accepting: rec.accepting,
                         handover: rec.bitmap,
                     };
                     mgr.publish_secondary(&side);
@@ -437,10 +459,7 @@ impl PprcManager {
                 if !still {
                     return;
                 }
-                match me
-                    .ask_secondary(&pair.spec, volume.size(), false, true)
-                    .await
-                {
+                match me.ask_secondary_again(&pair.spec, volume.size()).await {
                     Ok(()) => me.start(&pair, &volume, PairState::DuplexPending).await,
                     Err(e) => {
                         tracing::warn!(volume = %pair.spec.volume, "PPRC pair stays suspended: {e}")
@@ -532,12 +551,14 @@ impl PprcManager {
                         .path()
                         .file_name()
                         .map(|n| n.to_string_lossy().into_owned()),
+                    accepting: true,
                 },
                 Entry::Secondary(s) => Record {
                     role: PairRole::Secondary,
                     spec: s.spec.clone(),
                     status: s.status.clone(),
                     bitmap: s.handover.clone(),
+                    accepting: s.accepting,
                 },
             })
             .collect();
@@ -552,7 +573,10 @@ impl PprcManager {
 
     /// Records status changes and tells secondaries about them.
     async fn recorder(self: Arc<Self>) {
-        let mut told: HashMap<String, (PairState, Option<SuspendReason>)> = HashMap::new();
+        // Per volume, the pair last told about (a terminated pair's
+        // successor on the same volume is told afresh) and what.
+        type Told = (std::sync::Weak<Pair>, PairState, Option<SuspendReason>);
+        let mut told: HashMap<String, Told> = HashMap::new();
         loop {
             self.changed.notified().await;
             if let Err(e) = self.save().await {
@@ -568,13 +592,23 @@ impl PprcManager {
                     Entry::Secondary(_) => None,
                 })
                 .collect();
+            told.retain(|v, _| pairs.iter().any(|p| p.spec.volume == *v));
             for pair in pairs {
                 let status = pair.status();
                 let now = (status.state, status.reason);
-                if told.get(&pair.spec.volume) == Some(&now) {
+                let same = told
+                    .get(&pair.spec.volume)
+                    .is_some_and(|(w, state, reason)| {
+                        w.upgrade().is_some_and(|p| Arc::ptr_eq(&p, &pair))
+                            && (*state, *reason) == now
+                    });
+                if same {
                     continue;
                 }
-                told.insert(pair.spec.volume.clone(), now);
+                told.insert(
+                    pair.spec.volume.clone(),
+                    (Arc::downgrade(&pair), now.0, now.1),
+                );
                 if status.state == PairState::Suspended {
                     // Only the marks need to stay durable now: drop the
                     // regions kept for duplex writes.
@@ -645,6 +679,20 @@ impl PprcManager {
             spec,
             json!({"op": "become-secondary", "volume": spec.peer_volume, "primary": spec.volume,
                    "size": size, "permit_online": permit_online, "resync": resync}),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Asks the peer to take the pair back after this server restarted:
+    /// only a volume that still holds its side of this very pair may (one
+    /// terminated there meanwhile may have been written by hosts; a resync
+    /// of this side's marks alone would leave the volumes different).
+    async fn ask_secondary_again(&self, spec: &PairSpec, size: u64) -> Result<(), PairError> {
+        self.tell(
+            spec,
+            json!({"op": "become-secondary", "volume": spec.peer_volume, "primary": spec.volume,
+                   "size": size, "permit_online": false, "resync": true, "restart": true}),
         )
         .await
         .map(|_| ())
@@ -937,11 +985,13 @@ impl PprcManager {
                     let _quiet = vol.gate().write().await;
                     vol.detach_pprc();
                 }
+                // Recorded first: a crash after the secondary was told
+                // must not bring the pair back here at restart.
+                self.save_locked(&entries)?;
                 let told = self
                     .tell(&pair.spec, json!({"op": "terminate", "volume": pair.spec.peer_volume, "primary": volume}))
                     .await;
                 let _ = pair.oos().remove_file();
-                self.save_locked(&entries)?;
                 self.log.record(
                     "pprc.pair.terminate",
                     format!(
@@ -1014,11 +1064,24 @@ impl PprcManager {
         let file = format!("{volume}.oos");
         let path = self.dir.join(&file);
         let _ = std::fs::remove_file(&path);
-        let oos = TrackBitmap::create(
-            &path,
-            self.server.track_size,
-            vol.size().div_ceil(self.server.track_size),
-        )?;
+        let tracks = vol.size().div_ceil(self.server.track_size);
+        let oos = TrackBitmap::create(&path, self.server.track_size, tracks)?;
+        // A failback that was interrupted before its new primary fetched
+        // this volume's hand-over bitmap: those tracks (changed here, never
+        // mirrored) differ from the peer and stay marked.
+        let handover = side.handover.clone();
+        if let Some(h) = &handover {
+            let old = TrackBitmap::open(&self.dir.join(h), self.server.track_size, tracks)?;
+            for w in 0..old.words() {
+                let mask = old.word(w);
+                if mask != 0 {
+                    oos.set_word(w, mask);
+                }
+            }
+            oos.commit_bits()
+                .await
+                .map_err(io_err(format!("cannot write {}", path.display())))?;
+        }
         let mut status = new_status(PairState::Suspended, Some(SuspendReason::Failover));
         status.detail = Some(format!("took over from {} {}", old.peer, old.peer_volume));
         let pair = self.new_pair(spec, &vol, oos, status);
@@ -1028,13 +1091,11 @@ impl PprcManager {
             self.unpublish_secondary(volume);
             vol.set_secondary(false);
         }
-        if let Entry::Secondary(side) = &entries[i] {
-            if let Some(h) = &side.handover {
-                let _ = std::fs::remove_file(self.dir.join(h));
-            }
-        }
         entries[i] = Entry::Primary(pair.clone());
         self.save_locked(&entries)?;
+        if let Some(h) = &handover {
+            let _ = std::fs::remove_file(self.dir.join(h));
+        }
         self.log.record(
             "pprc.pair.failover",
             format!(
@@ -1325,7 +1386,15 @@ impl PprcManager {
                     .get("permit_online")
                     .and_then(|v| v.as_bool())
                     .unwrap_or(false);
-                self.become_secondary(peer, &volume, &primary, size, permit)
+                let flag = |name: &str| request.get(name).and_then(|v| v.as_bool()) == Some(true);
+                let joining = if flag("restart") {
+                    Joining::Restart
+                } else if flag("resync") {
+                    Joining::Resync
+                } else {
+                    Joining::New
+                };
+                self.become_secondary(peer, &volume, &primary, size, permit, joining)
                     .await
             }
             "state" => {
@@ -1385,8 +1454,10 @@ impl PprcManager {
             "failback" => self.hand_over(peer, &volume, &primary).await,
             "handover-done" => {
                 let mut entries = self.entries.lock().await;
-                if let Some(Entry::Secondary(side)) =
-                    entries.iter_mut().find(|e| e.volume() == volume)
+                if let Some(Entry::Secondary(side)) = entries
+                    .iter_mut()
+                    .find(|e| e.volume() == volume)
+                    .filter(|e| matches!(e, Entry::Secondary(s) if s.spec.peer == peer))
                 {
                     if let Some(h) = side.handover.take() {
                         let _ = std::fs::remove_file(self.dir.join(h));
@@ -1421,6 +1492,7 @@ impl PprcManager {
         primary: &str,
         size: u64,
         permit_online: bool,
+        joining: Joining,
     ) -> Result<serde_json::Value, String> {
         let vol =
             self.server.lookup(volume).cloned().ok_or_else(|| {
@@ -1429,6 +1501,18 @@ impl PprcManager {
         let mut entries = self.entries.lock().await;
         if let Some(e) = entries.iter_mut().find(|e| e.volume() == volume) {
             return match e {
+                Entry::Secondary(side)
+                    if side.spec.peer == peer
+                        && side.spec.peer_volume == primary
+                        && joining == Joining::Restart
+                        && !side.accepting =>
+                {
+                    // An operator suspended this side; only an operator's
+                    // resume at the primary ends that, not its restart.
+                    Err(format!(
+                        "secondary {volume} was suspended here; resume the pair at {peer}"
+                    ))
+                }
                 Entry::Secondary(side)
                     if side.spec.peer == peer && side.spec.peer_volume == primary =>
                 {
@@ -1444,6 +1528,16 @@ impl PprcManager {
                     Self::describe(other)
                 )),
             };
+        }
+        if joining != Joining::New {
+            // Its side was terminated here: hosts may have written the
+            // volume since, and no record says where, so copying the
+            // primary's out-of-sync tracks alone could leave them different.
+            return Err(format!(
+                "volume {volume} is no longer the secondary of {peer} {primary} (its side was \
+                 terminated here and the volume may have been written since); establish the \
+                 pair again with mode copy"
+            ));
         }
         if vol.size() < size {
             return Err(format!(
@@ -1533,7 +1627,13 @@ impl PprcManager {
             .await
             .map_err(|e| format!("cannot write the out-of-sync bitmap: {e}"))?;
         let handover = format!("{volume}.handover");
-        std::fs::rename(pair.oos().path(), self.dir.join(&handover))
+        // Linked, not renamed: until the record below names the hand-over
+        // file, the recorded primary's bitmap must still be there (a crash
+        // in between left a record whose bitmap was missing, and essd
+        // refused to start).
+        let target = self.dir.join(&handover);
+        let _ = std::fs::remove_file(&target);
+        std::fs::hard_link(pair.oos().path(), &target)
             .map_err(|e| format!("cannot keep the out-of-sync bitmap: {e}"))?;
         let side = SecondarySide {
             spec: PairSpec {
@@ -1551,6 +1651,7 @@ impl PprcManager {
         self.publish_secondary(&side);
         entries[i] = Entry::Secondary(side);
         self.save_locked(&entries).map_err(|e| e.to_string())?;
+        let _ = pair.oos().remove_file();
         self.log.record(
             "pprc.pair.failback",
             format!(
