@@ -391,6 +391,12 @@ impl Config {
         if !self.api.unix.is_absolute() {
             return Err(fail("api.unix".into(), "must be an absolute path".into()));
         }
+        if self.nbd.unix.as_deref().map(normalize) == Some(normalize(&self.api.unix)) {
+            return Err(fail(
+                "api.unix".into(),
+                format!("{} is also nbd.unix", self.api.unix.display()),
+            ));
+        }
         let api_listen = match &self.api.listen {
             None => None,
             Some(addr) => Some(addr.parse::<SocketAddr>().map_err(|_| {
@@ -482,7 +488,8 @@ impl Config {
                         "must be 1..4096 bytes without NUL".into(),
                     ));
                 }
-                if alias.parse::<VolumeId>().is_ok() {
+                // The API also takes IDs typed in lower case.
+                if alias.to_ascii_uppercase().parse::<VolumeId>().is_ok() {
                     return Err(fail(
                         at("alias"),
                         format!("{alias:?} looks like a volume ID; choose another name"),
@@ -573,6 +580,12 @@ impl Config {
             }
             return Ok((None, None, peers));
         };
+        if rep.timeout.0.is_zero() {
+            return Err(fail(
+                "replication.timeout".into(),
+                "must be greater than zero".into(),
+            ));
+        }
         let listen = match &rep.listen {
             None => None,
             Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
@@ -810,5 +823,26 @@ size = "1GiB"
         assert_eq!(cfg.volumes.len(), 3);
         assert!(cfg.volumes[2].config.read_only);
         assert_eq!(cfg.volumes[2].id.to_string(), "100FCA31");
+    }
+
+    #[test]
+    fn values_that_would_misbehave_later_are_refused() {
+        // A zero replication timeout suspends every pair at its first
+        // mirrored write ("did not answer within 0ns").
+        let e = err(&format!(
+            "{GOOD}[replication]\nsecret = \"0123456789abcdef\"\ntimeout = \"0s\"\n"
+        ));
+        assert_eq!(e, "t.toml: replication.timeout: must be greater than zero");
+        // One socket path for the NBD and the API listener: start-up fails
+        // with "another process is listening on this socket".
+        let e = err(&GOOD.replace("[[lss]]", "[nbd]\nunix = \"/run/essd/api.sock\"\n[[lss]]"));
+        assert_eq!(e, "t.toml: api.unix: /run/essd/api.sock is also nbd.unix");
+        // An alias that is another volume's ID in lower case, which the API
+        // accepts for that volume, would name this one instead.
+        let e = err(&format!("{GOOD}alias = \"001fca31\"\n"));
+        assert_eq!(
+            e,
+            "t.toml: volume[0].alias: \"001fca31\" looks like a volume ID; choose another name"
+        );
     }
 }

@@ -51,6 +51,8 @@ pub async fn run(
     std::fs::create_dir_all(&state_dir)
         .and_then(|()| std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)))
         .map_err(|e| StartError(format!("state directory {}: {e}", state_dir.display())))?;
+    // Held until the process ends.
+    let _state_lock = crate::state::lock_dir(&state_dir).map_err(start_err)?;
     let users = UserStore::open(&state_dir).map_err(start_err)?;
     let log = Arc::new(
         EventLog::open(&state_dir)
@@ -73,6 +75,7 @@ pub async fn run(
                     cfg.source.display()
                 )));
             }
+            crate::control::users::prepare_decoy();
             Some(
                 tokio::net::TcpListener::bind(addr)
                     .await

@@ -52,6 +52,40 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StateIoE
     sync_dir(dir)
 }
 
+/// Name of the lock file [`lock_dir`] holds in the state directory.
+pub const LOCK_FILE: &str = "essd.lock";
+
+/// Takes an exclusive lock on the state directory for as long as the
+/// returned file stays open, so that two servers never share one (each
+/// would save its records over the other's). Fails at once if another
+/// process holds it.
+pub fn lock_dir(dir: &Path) -> Result<File, StateIoError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(err(&path, "cannot open"))?;
+    // SAFETY: flock on an fd owned by `file`.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        let e = if e.kind() == io::ErrorKind::WouldBlock {
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "another essd uses this state directory",
+            )
+        } else {
+            e
+        };
+        return Err(err(&path, "cannot lock")(e));
+    }
+    Ok(file)
+}
+
 /// fsyncs a directory so created, renamed or removed entries are durable.
 pub fn sync_dir(dir: &Path) -> Result<(), StateIoError> {
     File::open(dir)

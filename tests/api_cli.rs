@@ -730,3 +730,34 @@ fn bad_config_names_file_field_and_problem() {
     assert!(stderr.contains("5 characters"), "{stderr}");
     assert!(!dir.path().join("state").exists(), "nothing is created");
 }
+
+/// A server that closes the connection without answering (as one shutting
+/// down does) is a broken connection, exit code 3 — not 1, which `pprc
+/// wait` uses for "the pair suspended or ended".
+#[test]
+fn a_connection_closed_without_an_answer_exits_3() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let mut conn = conn.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request);
+        }
+    });
+    for args in [&["health"][..], &["pprc", "wait", "000FCA31"]] {
+        let out = essctl(&sock, args);
+        assert_eq!(out.code, 3, "{args:?}: {out:?}");
+        assert_eq!(
+            out.stderr.trim_end(),
+            format!(
+                "essctl: connection to {} failed: the server closed the connection without \
+                 answering (is essd running?)",
+                sock.display()
+            ),
+            "{args:?}"
+        );
+    }
+}

@@ -1,10 +1,12 @@
-//! Process life cycle: systemd notification, and SIGTERM/SIGINT finishing
-//! in-flight requests, flushing and exiting 0.
+//! Process life cycle: systemd notification, SIGTERM/SIGINT finishing
+//! in-flight requests, flushing and exiting 0, and one server per state
+//! directory.
 
 mod common;
 
 use std::os::unix::net::UnixDatagram;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -83,4 +85,87 @@ fn sigterm_and_sigint_finish_in_flight_writes_and_exit_zero() {
             acked.len()
         );
     }
+}
+
+/// Two servers configured with one state directory would save their
+/// records over each other's (the second's FlashCopy establish replaced
+/// the first's relationships file): the second is refused at start-up
+/// (exit 2), and the first keeps its records.
+#[test]
+fn a_second_server_on_the_same_state_directory_is_refused() {
+    let (dir_a, dir_b) = (tempdir("state-owner"), tempdir("state-intruder"));
+    let mut cfg_a = TestConfig::new("threads");
+    cfg_a.volumes = vec![Vol::new(0x10, 0, "4MiB"), Vol::new(0x10, 1, "4MiB")];
+    let mut a = Essd::start_in(dir_a.path(), &cfg_a);
+
+    // Server B: another serial, its own volumes and sockets, A's state.
+    let mut cfg_b = cfg_a.clone();
+    cfg_b.serial = "TST02";
+    let text = cfg_b.render(dir_b.path()).replace(
+        &format!("state_dir = \"{}/state\"", dir_b.path().display()),
+        &format!("state_dir = \"{}/state\"", dir_a.path().display()),
+    );
+    assert!(text.contains(&format!("{}/state", dir_a.path().display())));
+    let config_b = dir_b.path().join("essd.toml");
+    std::fs::write(&config_b, text).unwrap();
+    let log_b = dir_b.path().join("essd.log");
+    let mut b = Command::new(essd_bin())
+        .arg("--config")
+        .arg(&config_b)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_b).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exited = loop {
+        if let Some(status) = b.try_wait().unwrap() {
+            break Some(status);
+        }
+        let log = std::fs::read_to_string(&log_b).unwrap_or_default();
+        if log.contains("essd ready") || Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (source, target) = (a.vol(0x10, 0), a.vol(0x10, 1));
+    essctl(
+        &a,
+        &[
+            "flashcopy",
+            "establish",
+            &format!("{source}:{target}"),
+            "--nocopy",
+        ],
+    )
+    .ok();
+    if exited.is_none() {
+        // B runs: a relationship of its own saves its records over A's.
+        let out = Command::new(env!("CARGO_BIN_EXE_essctl"))
+            .arg("--server")
+            .arg(dir_b.path().join("api.sock"))
+            .args(["flashcopy", "establish", "000TST02:001TST02", "--nocopy"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let _ = b.kill();
+        let _ = b.wait();
+    }
+    // A, restarted, still holds its relationship.
+    a.kill_and_restart(cfg_a.serial);
+    let list = essctl(&a, &["flashcopy", "list", "--json"]).json();
+    assert_eq!(
+        list["relationships"].as_array().map(Vec::len),
+        Some(1),
+        "server A lost its FlashCopy relationship: {list}"
+    );
+    let status = exited.expect("server B started on server A's state directory");
+    let log = std::fs::read_to_string(&log_b).unwrap();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains(&format!(
+            "{}/state/essd.lock: cannot lock: another essd uses this state directory",
+            dir_a.path().display()
+        )),
+        "{log}"
+    );
 }

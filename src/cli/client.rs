@@ -330,6 +330,14 @@ impl Client {
             .take(MAX_RESPONSE)
             .read_to_end(&mut raw)
             .map_err(io_err)?;
+        if raw.is_empty() {
+            // The connection broke (a server shutting down closes it so),
+            // which is not an answer.
+            return Err(io_err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the server closed the connection without answering",
+            )));
+        }
         parse_response(&raw).map_err(|message| ClientError::Protocol { server, message })
     }
 }

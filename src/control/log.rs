@@ -30,7 +30,9 @@ pub struct Event {
 #[derive(Debug)]
 pub struct EventLog {
     path: PathBuf,
-    file: Mutex<File>,
+    /// The file, and whether its last line may be unfinished (a failed
+    /// append), so the next event must start on a new line.
+    file: Mutex<(File, bool)>,
 }
 
 /// Formats a time as RFC 3339 in UTC with milliseconds.
@@ -61,10 +63,27 @@ impl EventLog {
     /// Opens (creating) the log in `state_dir`.
     pub fn open(state_dir: &Path) -> io::Result<Self> {
         let path = state_dir.join("log.jsonl");
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&path)?;
+        // A crash in the middle of an append leaves an unfinished last
+        // line: end it, so the next event is a line of its own.
+        let len = file.metadata()?.len();
+        if len > 0 {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut last = [0u8];
+            file.seek(SeekFrom::Start(len - 1))?;
+            file.read_exact(&mut last)?;
+            if last[0] != b'\n' {
+                file.write_all(b"\n")?;
+                file.sync_data()?;
+            }
+        }
         Ok(EventLog {
             path,
-            file: Mutex::new(file),
+            file: Mutex::new((file, false)),
         })
     }
 
@@ -87,9 +106,17 @@ impl EventLog {
             return;
         };
         line.push(b'\n');
-        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(err) = file.write_all(&line).and_then(|()| file.sync_data()) {
-            tracing::warn!(path = %self.path.display(), "cannot append to the event log: {err}");
+        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let (file, torn) = &mut *guard;
+        if *torn {
+            line.insert(0, b'\n');
+        }
+        match file.write_all(&line).and_then(|()| file.sync_data()) {
+            Ok(()) => *torn = false,
+            Err(err) => {
+                *torn = true;
+                tracing::warn!(path = %self.path.display(), "cannot append to the event log: {err}");
+            }
         }
     }
 
@@ -97,8 +124,11 @@ impl EventLog {
     pub fn tail(&self, limit: usize) -> io::Result<Vec<Event>> {
         let file = File::open(&self.path)?;
         let mut events: std::collections::VecDeque<Event> = std::collections::VecDeque::new();
-        for line in io::BufReader::new(file).lines() {
-            let Ok(e) = serde_json::from_str::<Event>(&line?) else {
+        // Split on bytes: an unfinished line (a crash during an append)
+        // may end inside a UTF-8 sequence; it is skipped like any line that
+        // is not an event.
+        for line in io::BufReader::new(file).split(b'\n') {
+            let Ok(e) = serde_json::from_slice::<Event>(&line?) else {
                 continue;
             };
             events.push_back(e);
@@ -138,5 +168,26 @@ mod tests {
         assert_eq!(tail.len(), 2);
         assert_eq!(tail[0].detail, "n=3");
         assert_eq!(tail[1].duration_ms, Some(4.0));
+    }
+
+    #[test]
+    fn a_torn_last_line_costs_neither_the_next_event_nor_the_log() {
+        // A crash, power loss or ENOSPC in the middle of `record` leaves a
+        // partial last line, here cut inside the "→" of a FlashCopy detail.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = EventLog::open(dir.path()).unwrap();
+            log.record("flashcopy.establish", "000FCA31 → 001FCA31", None);
+        }
+        let path = dir.path().join("log.jsonl");
+        let mut text = std::fs::read(&path).unwrap();
+        let whole = text.clone();
+        text.extend_from_slice(&whole[..whole.iter().position(|&b| b == 0xE2).unwrap() + 1]);
+        std::fs::write(&path, &text).unwrap();
+        let log = EventLog::open(dir.path()).unwrap();
+        log.record("flashcopy.withdraw", "after the restart", None);
+        let tail = log.tail(10).expect("the log stays readable");
+        let names: Vec<&str> = tail.iter().map(|e| e.event.as_str()).collect();
+        assert_eq!(names, ["flashcopy.establish", "flashcopy.withdraw"]);
     }
 }

@@ -117,6 +117,13 @@ fn decoy_hash() -> Option<&'static str> {
         .as_deref()
 }
 
+/// Computes the decoy hash now, so that the first login of an unknown user
+/// does not also pay for making it (twice the time of a wrong password).
+/// Call before the TCP API takes requests.
+pub fn prepare_decoy() {
+    let _ = decoy_hash();
+}
+
 fn check(hash: &str, password: &str) -> bool {
     match PasswordHash::new(hash) {
         Ok(parsed) => Argon2::default()

@@ -189,9 +189,28 @@ pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
         }
         Err(_) => {}
     }
-    let l = UnixListener::bind(path).map_err(err)?;
+    // Bind, set the mode, and only then listen: a client that connects
+    // before the mode is set (the socket file is created with the
+    // process's umask) is refused instead of being served.
+    use nix::sys::socket::{
+        bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    };
+    let nix_err = |e: nix::errno::Errno| err(std::io::Error::from(e));
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(nix_err)?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &UnixAddr::new(path).map_err(nix_err)?,
+    )
+    .map_err(nix_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
-    Ok(l)
+    listen(&fd, Backlog::MAXCONN).map_err(nix_err)?;
+    UnixListener::from_std(std::os::unix::net::UnixListener::from(fd)).map_err(err)
 }
 
 async fn accept_failed(e: std::io::Error) {
