@@ -63,11 +63,19 @@ pub fn poll_write_parts<W: AsyncWrite + Unpin>(
             .take(MAX_SLICES)
             .map(|b| IoSlice::new(b))
             .collect();
-        let mut n = match Pin::new(&mut *writer).poll_write_vectored(cx, &slices) {
+        let polled = Pin::new(&mut *writer).poll_write_vectored(cx, &slices);
+        drop(slices);
+        let mut n = match polled {
             Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
             Poll::Ready(Ok(n)) => n,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => {
+                // Let go of the parts already sent: a queue that never runs
+                // empty (a link always a little behind) would keep them all.
+                parts.drain(..*first);
+                *first = 0;
+                return Poll::Pending;
+            }
         };
         while n > 0 {
             let len = parts[*first].len();

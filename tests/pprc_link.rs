@@ -211,3 +211,101 @@ fn paths_open_monitor_and_reopen_their_links() {
     assert_eq!(a.stop().code(), Some(0));
     assert_eq!(b.stop().code(), Some(0));
 }
+
+/// A client without the secret claims the listener's own serial and
+/// nonce and sends back the proof the listener sent it; then it makes a
+/// volume "its" secondary and writes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reflected_proof_does_not_reach_a_volume() {
+    use bytes::BytesMut;
+    use essd::copy::pprc::link::{read_frame, write_frame};
+    use essd::copy::pprc::wire::{Frame, VERSION};
+    let dir = tempdir("pprc-reflect");
+    let (essd, addr) = start(dir.path());
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = BytesMut::new();
+    let Message::Hello { serial, nonce, .. } =
+        read_frame(&mut stream, &mut buf).await.unwrap().message
+    else {
+        panic!("no hello")
+    };
+    let hello = Message::Hello {
+        version: VERSION,
+        serial,
+        peer: serial,
+        nonce,
+    };
+    write_frame(
+        &mut stream,
+        &Frame {
+            id: 0,
+            message: hello,
+        },
+    )
+    .await
+    .unwrap();
+    let mut owned = false;
+    if let Ok(Frame {
+        message: Message::Auth { proof },
+        ..
+    }) = read_frame(&mut stream, &mut buf).await
+    {
+        let _ = write_frame(
+            &mut stream,
+            &Frame {
+                id: 0,
+                message: Message::Auth { proof },
+            },
+        )
+        .await;
+        let request = serde_json::json!({"op": "become-secondary", "volume": "000TST01",
+            "primary": "000TST01", "size": 0, "permit_online": true});
+        let control = Message::Control {
+            body: Bytes::from(request.to_string()),
+        };
+        let _ = write_frame(
+            &mut stream,
+            &Frame {
+                id: 1,
+                message: control,
+            },
+        )
+        .await;
+        let write = Message::Write {
+            volume: *b"000TST01",
+            offset: 0,
+            fua: true,
+            copy: false,
+            data: Bytes::from(vec![0xAB; 4096]),
+        };
+        let _ = write_frame(
+            &mut stream,
+            &Frame {
+                id: 2,
+                message: write,
+            },
+        )
+        .await;
+        let mut answers = Vec::new();
+        while let Ok(Ok(frame)) =
+            tokio::time::timeout(Duration::from_secs(3), read_frame(&mut stream, &mut buf)).await
+        {
+            answers.push(frame);
+            if answers.len() == 2 {
+                break;
+            }
+        }
+        owned = answers
+            .iter()
+            .any(|f| f.id == 2 && f.message == Message::Ack { error: 0 });
+        eprintln!("answers: {answers:?}");
+    }
+    drop(stream);
+    let image = std::fs::read(dir.path().join("vol-10-0.img")).unwrap();
+    let written = image.iter().take(4096).all(|&b| b == 0xAB);
+    assert_eq!(essd.stop().code(), Some(0));
+    assert!(
+        !owned && !written,
+        "a client without the secret wrote 000TST01 (acknowledged: {owned}, on disk: {written})"
+    );
+}

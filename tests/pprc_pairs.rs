@@ -1775,3 +1775,62 @@ fn unfreeze_does_not_suspend_a_pair_resumed_meanwhile() {
     write_tracks(a, &va, 77, 3);
     assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
 }
+
+/// One 4 KiB write of `argv[3]` at `argv[2]`, no flush.
+const WRITE_NO_FLUSH: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(bytes([int(sys.argv[3])]) * 4096, int(sys.argv[2]))
+h.shutdown()
+print("ok", flush=True)
+"#;
+
+/// A write whose link stalls past the timeout suspends the pair
+/// (the link is dropped from the path, but its request is still on its
+/// way). The resync copies the track over another link and the pair is
+/// duplex; then the stalled link delivers the old write, which must not
+/// land over the newer copy.
+#[test]
+fn a_write_stuck_on_a_timed_out_link_never_lands_after_the_resync() {
+    let s = Sites::start("pprc-stale-link", |cfg| with_timeout(cfg, "1s"));
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "2");
+    let vol = a.vol(0x10, 0);
+    let sec = b.vol(0x10, 0);
+    essctl(a, &["pprc", "establish", &vol, &sec, "--mode", "nocopy"]).ok();
+    assert_eq!(show(a, &vol)["state"], "duplex");
+    // One of the two links stops delivering (both ways); the other flows.
+    s.proxy.stall_oldest();
+    let started = Instant::now();
+    let mut stuck = None;
+    for byte in 1..=8u8 {
+        let out = python(WRITE_NO_FLUSH, &[&a.uri(&vol), "0", &byte.to_string()]);
+        assert_eq!(out.trim(), "ok");
+        if show(a, &vol)["state"] == "suspended" {
+            stuck = Some(byte);
+            break;
+        }
+    }
+    let stuck = stuck.expect("no write went over the stalled link");
+    // The host's newest data at offset 0, recorded while suspended.
+    assert_eq!(
+        python(WRITE_NO_FLUSH, &[&a.uri(&vol), "0", "238"]).trim(),
+        "ok"
+    );
+    essctl(a, &["pprc", "resume", &vol]).ok();
+    wait_duplex(a, &vol);
+    assert_eq!(block_at(a, &vol, 0), vec![238u8; 4096]);
+    assert_eq!(block_at(b, &sec, 0), vec![238u8; 4096]);
+    let elapsed = started.elapsed();
+    // The stalled link delivers what it held.
+    s.proxy.heal();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(show(a, &vol)["state"], "duplex");
+    let now = block_at(b, &sec, 0);
+    assert!(
+        now == vec![238u8; 4096],
+        "duplex, the primary holds 238 at offset 0, the secondary {} (the write of {stuck} stuck on the stalled link; resync done {elapsed:?} after the stall)",
+        now[0]
+    );
+}

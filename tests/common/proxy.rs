@@ -50,6 +50,8 @@ struct Conn {
     abort: AtomicBool,
     /// Pumps still running; the last one out removes the entry.
     alive: AtomicUsize,
+    /// This connection alone is stalled (see `FaultProxy::stall_oldest`).
+    stalled: AtomicBool,
 }
 
 impl Conn {
@@ -143,6 +145,9 @@ impl FaultProxy {
 
     /// Normal forwarding (undoes stall/drop/delay).
     pub fn heal(&self) {
+        for conn in self.shared.snapshot() {
+            conn.stalled.store(false, SeqCst);
+        }
         self.shared.delay_nanos.store(0, SeqCst);
         self.shared.set_mode(Mode::Normal);
     }
@@ -173,6 +178,14 @@ impl FaultProxy {
     pub fn reset_one(&self) {
         let oldest: Vec<Arc<Conn>> = self.shared.snapshot().into_iter().take(1).collect();
         reset_all(&oldest);
+    }
+
+    /// Stalls only the oldest open connection (both ways), as `stall` does
+    /// for all; `heal` ends it. Other and new connections flow.
+    pub fn stall_oldest(&self) {
+        if let Some(conn) = self.shared.snapshot().first() {
+            conn.stalled.store(true, SeqCst);
+        }
     }
 
     /// Delays every forwarded chunk by `d` (counted from when it was read).
@@ -283,6 +296,7 @@ fn handle(client: TcpStream, target: SocketAddr, shared: &Arc<Shared>) {
         upstream: Arc::downgrade(&upstream),
         abort: AtomicBool::new(false),
         alive: AtomicUsize::new(2),
+        stalled: AtomicBool::new(false),
     });
     {
         // Checked under the lock, so a concurrent drop_all either sees this
@@ -428,6 +442,7 @@ fn hold(shared: &Shared, conn: &Conn, read_at: Option<Instant>) -> Result<(), Ex
         match shared.mode() {
             Mode::Dropping => return Err(Exit::Dropped),
             Mode::Stall => thread::sleep(HOLD_POLL),
+            Mode::Normal if conn.stalled.load(SeqCst) => thread::sleep(HOLD_POLL),
             Mode::Normal => {
                 let Some(read_at) = read_at else {
                     return Ok(());

@@ -388,6 +388,14 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             });
         }
     }
+    // A peer claiming this server's own serial (and echoing its nonce)
+    // would be sent the very proof it must return: a reflection.
+    if theirs == me {
+        return Err(LinkError::WrongPeer {
+            expected: "another server than this one".into(),
+            found: their_serial,
+        });
+    }
     if they_expect != me && they_expect != [b'?'; 5] {
         return Err(LinkError::WrongPeer {
             expected: String::from_utf8_lossy(&they_expect).into_owned(),
@@ -486,9 +494,12 @@ impl PeerLink {
                     },
                     Err(e) => {
                         tracing::info!("peer link closed: {e}");
+                        // Under the waiters' lock: a request registers only
+                        // while the link is open.
+                        let mut waiters = acks.lock().unwrap_or_else(|p| p.into_inner());
                         still_open.store(false, Ordering::Release);
                         // Dropping the waiters fails every outstanding request.
-                        acks.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                        waiters.clear();
                         return;
                     }
                 }
@@ -554,10 +565,14 @@ impl PeerLink {
     pub async fn call(&self, message: Message) -> Result<Message, LinkError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx);
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            // The reader has ended: no answer would ever be delivered.
+            if !self.open.load(Ordering::Acquire) {
+                return Err(LinkError::Closed);
+            }
+            pending.insert(id, tx);
+        }
         if self.outbox.send(&Frame { id, message }).is_err() {
             self.pending
                 .lock()
@@ -782,6 +797,129 @@ mod tests {
         )
         .await;
         assert!(matches!(r, Err(LinkError::Timeout)), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_proof_reflected_to_the_accepting_side_is_rejected() {
+        // An attacker without the secret connects to a replication
+        // listener, claims the listener's own serial, echoes the
+        // listener's nonce as its own, and sends back the proof it got.
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let attacker = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            let hello = read_frame(&mut b, &mut buf).await.unwrap();
+            let Message::Hello { serial, nonce, .. } = hello.message else {
+                panic!()
+            };
+            let fake = Message::Hello {
+                version: VERSION,
+                serial,
+                peer: serial,
+                nonce,
+            };
+            write_frame(
+                &mut b,
+                &Frame {
+                    id: 0,
+                    message: fake,
+                },
+            )
+            .await
+            .unwrap();
+            if let Ok(auth) = read_frame(&mut b, &mut buf).await {
+                let _ = write_frame(&mut b, &auth).await;
+            }
+            b
+        });
+        let mut buf = BytesMut::new();
+        let r = handshake(&mut a, &mut buf, &serial("FCB02"), None, b"s3cret", LIMIT).await;
+        attacker.abort();
+        assert!(r.is_err(), "authenticated without the secret: {r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_request_on_a_link_whose_reader_ended_fails_at_once() {
+        // The reader task ended (here: a malformed frame from the
+        // peer) and cleared the waiters; a request registered after that
+        // must not wait forever for an answer no one will deliver.
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let peer = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            handshake(&mut b, &mut buf, &serial("FCB02"), None, b"s3cret", LIMIT)
+                .await
+                .unwrap();
+            b.write_all(&[0u8; HEADER_LEN]).await.unwrap();
+            // Keep reading (never answering) so the primary's writes go.
+            let mut sink = vec![0u8; 1 << 16];
+            while let Ok(n) = tokio::io::AsyncReadExt::read(&mut b, &mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        let link = PeerLink::open(a, &serial("FCA31"), &serial("FCB02"), b"s3cret", LIMIT)
+            .await
+            .unwrap();
+        while link.is_open() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let r = tokio::time::timeout(
+            Duration::from_secs(2),
+            link.request(Message::Heartbeat { unix_ms: 1 }),
+        )
+        .await;
+        assert!(
+            matches!(r, Ok(Err(LinkError::Closed))),
+            "a request on a link whose reader ended: {r:?}"
+        );
+        drop(link);
+        peer.abort();
+    }
+
+    #[tokio::test]
+    async fn sent_frames_are_released_while_the_queue_stays_busy() {
+        // A link whose socket is always a little behind (the queue
+        // never runs empty) must not keep every frame it has sent.
+        use tokio::io::AsyncReadExt;
+        let (writer, mut reader) = tokio::io::duplex(64 << 10);
+        let outbox = Outbox::spawn(writer);
+        const DATA: usize = 60 << 10;
+        let frame = |id: u64| Frame {
+            id,
+            message: Message::Write {
+                volume: super::super::wire::volume_name("1000"),
+                offset: 0,
+                fua: false,
+                copy: false,
+                data: bytes::Bytes::from(vec![id as u8; DATA]),
+            },
+        };
+        let len = frame(0).encode().iter().map(|p| p.len()).sum::<usize>();
+        for id in 0..3 {
+            outbox.send(&frame(id)).unwrap();
+        }
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+        let mut got = vec![0u8; len];
+        let mut sent = 3u64;
+        for _ in 0..400 {
+            // One frame out of the pipe, one more in: the queue never empties.
+            reader.read_exact(&mut got).await.unwrap();
+            outbox.send(&frame(sent)).unwrap();
+            sent += 1;
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+            assert!(outbox.lock().queued_bytes() > 0, "the queue ran empty");
+        }
+        let s = outbox.lock();
+        let kept: usize = s.parts[..s.first].iter().map(|p| p.len()).sum();
+        let total: usize = s.parts.iter().map(|p| p.len()).sum();
+        assert!(
+            total < 8 * len,
+            "{sent} frames of {len} bytes sent; the outbox still holds {total} bytes, {kept} of them already sent"
+        );
     }
 
     #[tokio::test]

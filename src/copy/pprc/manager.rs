@@ -773,6 +773,14 @@ impl PprcManager {
                 )));
             }
             self.check_path(&spec)?;
+            // A request of a link that timed out must not land after the
+            // resync's copy of its track.
+            pair.await_unanswered()
+                .await
+                .map_err(|message| PairError::Peer {
+                    peer: spec.peer.clone(),
+                    message,
+                })?;
             self.ask_secondary(&pair.spec, volume.size(), req.permit_online, true)
                 .await?;
             self.start(&pair, &volume, PairState::DuplexPending).await;

@@ -780,7 +780,9 @@ impl Pair {
                         "{} did not answer within {:?}",
                         self.spec.peer, self.timeout
                     );
-                    route.fail(at, &link, why.clone());
+                    // Its requests may still land: a resync waits for the
+                    // secondary to end this link first.
+                    route.fail_unanswered(at, &link, why.clone()).await;
                     return Err(SendError::Timeout(why));
                 }
             }
@@ -811,6 +813,38 @@ impl Pair {
                 self.timeout
             )),
         }
+    }
+
+    /// Waits until the secondary has ended every link of the path that was
+    /// dropped with a request unanswered (and applied what it carried), so
+    /// that a resync's copies cannot be overtaken by such a request.
+    pub async fn await_unanswered(&self) -> Result<(), String> {
+        let Some(route) = self.route() else {
+            return Ok(());
+        };
+        let limit = super::secondary::SILENCE_LIMIT + self.timeout;
+        for id in route.unanswered() {
+            let Some((at, link)) = route.pick() else {
+                return Err("no live link left".into());
+            };
+            let ask = Message::Control {
+                body: super::secondary::drained_body(&id),
+            };
+            match tokio::time::timeout(limit, link.request(ask)).await {
+                Ok(Ok(0)) => route.answered(&id),
+                Ok(Ok(code)) => return Err(format!("the secondary answered {}", errno_name(code))),
+                Ok(Err(e)) => {
+                    route.fail(at, &link, e.to_string());
+                    return Err(e.to_string());
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "the secondary did not end a link that timed out within {limit:?}"
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Sends a flush and reports whether the secondary made everything it

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::link::{LinkError, PeerLink};
-use super::wire::Message;
+use super::wire::{Message, NONCE_LEN};
 use crate::control::log::{rfc3339, EventLog};
 use crate::state::{write_atomic, StateIoError};
 use crate::volume::id::{Serial, LSS_MAX, LSS_MIN};
@@ -209,6 +209,9 @@ impl Slot {
 pub struct Route {
     slots: Vec<Arc<Slot>>,
     next: std::sync::atomic::AtomicUsize,
+    /// Links dropped because a request on them got no answer in time:
+    /// what they carried may still reach the secondary.
+    unanswered: Mutex<Vec<[u8; NONCE_LEN]>>,
 }
 
 impl Route {
@@ -216,7 +219,38 @@ impl Route {
         Arc::new(Route {
             slots,
             next: Default::default(),
+            unanswered: Default::default(),
         })
+    }
+
+    /// Records that a request on link `at` got no answer in time: the link
+    /// is dropped and told goodbye (the secondary ends it once it has
+    /// applied what it carried), and remembered until the secondary has
+    /// confirmed that ([`Route::unanswered`]).
+    pub async fn fail_unanswered(&self, at: usize, link: &Arc<PeerLink>, reason: String) {
+        self.fail(at, link, reason);
+        let _ = link.close().await;
+        let id = link.peer().link_id;
+        let mut unanswered = self.unanswered.lock().unwrap_or_else(|p| p.into_inner());
+        if !unanswered.contains(&id) {
+            unanswered.push(id);
+        }
+    }
+
+    /// The links dropped with requests unanswered, not yet confirmed ended.
+    pub fn unanswered(&self) -> Vec<[u8; NONCE_LEN]> {
+        self.unanswered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The secondary has ended link `id` and applied all it carried.
+    pub fn answered(&self, id: &[u8; NONCE_LEN]) {
+        self.unanswered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|u| u != id);
     }
 
     /// The next live link, round robin; `None` when every link is down.
