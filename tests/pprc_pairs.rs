@@ -1565,18 +1565,25 @@ fn a_bitmap_that_cannot_be_written_suspends_the_pair() {
     assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
 }
 
-/// A secondary suspended at its own server stays suspended across a
-/// restart of that server: the primary's next write suspends the primary
-/// and the secondary's image does not change.
-#[test]
-fn a_suspend_at_the_secondary_survives_its_restart() {
-    let mut s = Sites::start("pprc-secondary-suspend-restart", |_| {});
+/// Establishes 0x10 volume 0 of A → B without copy, suspends it at B and
+/// returns both volumes and the checksum of B's split image.
+fn split_at_the_secondary(s: &Sites) -> (String, String, String) {
     let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
     path(&s.a, "0x10", "TSTB2", "0x10", "1");
     essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
     wait_state(&s.b, &vb, "duplex");
     essctl(&s.b, &["pprc", "suspend", &vb]).ok();
     let split = volume_sha(&s.b, &vb);
+    (va, vb, split)
+}
+
+/// A secondary suspended at its own server stays suspended across a
+/// restart of that server: the primary's next write suspends the primary
+/// and the secondary's image does not change.
+#[test]
+fn a_suspend_at_the_secondary_survives_its_restart() {
+    let mut s = Sites::start("pprc-secondary-suspend-restart", |_| {});
+    let (va, vb, split) = split_at_the_secondary(&s);
     s.b.kill_and_restart("TSTB2");
     assert_eq!(show(&s.b, &vb)["state"], "suspended");
     path(&s.a, "0x10", "TSTB2", "0x10", "1");
@@ -1592,12 +1599,7 @@ fn a_suspend_at_the_secondary_survives_its_restart() {
 #[test]
 fn a_primary_restart_does_not_undo_a_suspend_at_the_secondary() {
     let mut s = Sites::start("pprc-primary-restart-split", |_| {});
-    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
-    path(&s.a, "0x10", "TSTB2", "0x10", "1");
-    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
-    wait_state(&s.b, &vb, "duplex");
-    essctl(&s.b, &["pprc", "suspend", &vb]).ok();
-    let split = volume_sha(&s.b, &vb);
+    let (va, vb, split) = split_at_the_secondary(&s);
     s.a.kill_and_restart("TSTA1");
     // The automatic resync is tried within a few seconds of the restart.
     std::thread::sleep(Duration::from_secs(6));

@@ -480,18 +480,22 @@ impl Run {
     }
 }
 
-/// Runs `essctl --server API_SOCKET args...` with a clean environment.
-pub fn essctl(essd: &Essd, args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_essctl"))
-        .arg("--server")
+/// `essctl --server API_SOCKET args...` with a clean environment.
+fn essctl_command(essd: &Essd, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_essctl"));
+    cmd.arg("--server")
         .arg(&essd.api_sock)
         .args(args)
         .env_remove("ESSCTL_SERVER")
         .env_remove("ESSCTL_USER")
         .env_remove("ESSCTL_PASSWORD")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run essctl");
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs `essctl --server API_SOCKET args...` with a clean environment.
+pub fn essctl(essd: &Essd, args: &[&str]) -> Run {
+    let out = essctl_command(essd, args).output().expect("run essctl");
     Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -502,14 +506,7 @@ pub fn essctl(essd: &Essd, args: &[&str]) -> Run {
 /// Starts `essctl --server API_SOCKET args...` in the background, its
 /// output discarded.
 pub fn spawn_essctl(essd: &Essd, args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_essctl"))
-        .arg("--server")
-        .arg(&essd.api_sock)
-        .args(args)
-        .env_remove("ESSCTL_SERVER")
-        .env_remove("ESSCTL_USER")
-        .env_remove("ESSCTL_PASSWORD")
-        .stdin(Stdio::null())
+    essctl_command(essd, args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

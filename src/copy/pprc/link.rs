@@ -688,16 +688,7 @@ mod tests {
         // would leave the writer task asleep with frames queued.
         let (writer, mut reader) = tokio::io::duplex(4096);
         let outbox = Outbox::spawn(writer);
-        let frame = |id: u64, len: usize| Frame {
-            id,
-            message: Message::Write {
-                volume: super::super::wire::volume_name("1000"),
-                offset: 0,
-                fua: false,
-                copy: false,
-                data: bytes::Bytes::from(vec![id as u8; len]),
-            },
-        };
+        let frame = write_frame_of;
         let frames = [frame(1, 64 << 10), frame(2, DIRECT_BYTES)];
         // Below DIRECT_BYTES and outside a batch: the writer task sends it.
         outbox.send(&frames[0]).unwrap();
@@ -799,42 +790,47 @@ mod tests {
         assert!(matches!(r, Err(LinkError::Timeout)), "{r:?}");
     }
 
-    #[tokio::test]
-    async fn a_proof_reflected_to_the_accepting_side_is_rejected() {
-        // An attacker without the secret connects to a replication
-        // listener, claims the listener's own serial, echoes the
-        // listener's nonce as its own, and sends back the proof it got.
-        let (mut a, mut b) = tokio::io::duplex(1 << 16);
-        let attacker = tokio::spawn(async move {
+    /// A peer without the secret: it answers the hello with the nonce it
+    /// was sent, as serial `claim` expecting peer `of` (the sender's own
+    /// serial for both when `None`), and echoes the proof it gets, if any.
+    fn reflector(
+        mut b: tokio::io::DuplexStream,
+        claim: Option<[u8; 5]>,
+        of: Option<[u8; 5]>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
             let mut buf = BytesMut::new();
             let hello = read_frame(&mut b, &mut buf).await.unwrap();
             let Message::Hello { serial, nonce, .. } = hello.message else {
-                panic!()
+                panic!("no hello")
             };
-            let fake = Message::Hello {
+            let message = Message::Hello {
                 version: VERSION,
-                serial,
-                peer: serial,
+                serial: claim.unwrap_or(serial),
+                peer: of.unwrap_or(serial),
                 nonce,
             };
-            write_frame(
-                &mut b,
-                &Frame {
-                    id: 0,
-                    message: fake,
-                },
-            )
-            .await
-            .unwrap();
+            write_frame(&mut b, &Frame { id: 0, message })
+                .await
+                .unwrap();
             if let Ok(auth) = read_frame(&mut b, &mut buf).await {
                 let _ = write_frame(&mut b, &auth).await;
             }
-            b
-        });
+        })
+    }
+
+    #[tokio::test]
+    async fn a_proof_reflected_to_the_accepting_side_is_rejected() {
+        // Claiming the listener's own serial makes both proofs the same.
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let attacker = reflector(b, None, None);
         let mut buf = BytesMut::new();
         let r = handshake(&mut a, &mut buf, &serial("FCB02"), None, b"s3cret", LIMIT).await;
         attacker.abort();
-        assert!(r.is_err(), "authenticated without the secret: {r:?}");
+        assert!(
+            matches!(r, Err(LinkError::WrongPeer { .. })),
+            "authenticated without the secret: {r:?}"
+        );
     }
 
     #[tokio::test]
@@ -876,6 +872,20 @@ mod tests {
         peer.abort();
     }
 
+    /// Request `id`: a write of `len` bytes of `id`.
+    fn write_frame_of(id: u64, len: usize) -> Frame {
+        Frame {
+            id,
+            message: Message::Write {
+                volume: super::super::wire::volume_name("1000"),
+                offset: 0,
+                fua: false,
+                copy: false,
+                data: bytes::Bytes::from(vec![id as u8; len]),
+            },
+        }
+    }
+
     #[tokio::test]
     async fn sent_frames_are_released_while_the_queue_stays_busy() {
         // A link whose socket is always a little behind (the queue
@@ -884,16 +894,7 @@ mod tests {
         let (writer, mut reader) = tokio::io::duplex(64 << 10);
         let outbox = Outbox::spawn(writer);
         const DATA: usize = 60 << 10;
-        let frame = |id: u64| Frame {
-            id,
-            message: Message::Write {
-                volume: super::super::wire::volume_name("1000"),
-                offset: 0,
-                fua: false,
-                copy: false,
-                data: bytes::Bytes::from(vec![id as u8; DATA]),
-            },
-        };
+        let frame = |id: u64| write_frame_of(id, DATA);
         let len = frame(0).encode().iter().map(|p| p.len()).sum::<usize>();
         for id in 0..3 {
             outbox.send(&frame(id)).unwrap();
@@ -925,31 +926,8 @@ mod tests {
     #[tokio::test]
     async fn a_reflected_proof_is_rejected() {
         // A peer that answers with our own hello nonce and echoes our proof.
-        let (mut a, mut b) = tokio::io::duplex(1 << 16);
-        let attacker = tokio::spawn(async move {
-            let mut buf = BytesMut::new();
-            let hello = read_frame(&mut b, &mut buf).await.unwrap();
-            let Message::Hello { nonce, .. } = hello.message else {
-                panic!()
-            };
-            let fake = Message::Hello {
-                version: VERSION,
-                serial: *b"FCB02",
-                peer: *b"FCA31",
-                nonce,
-            };
-            write_frame(
-                &mut b,
-                &Frame {
-                    id: 0,
-                    message: fake,
-                },
-            )
-            .await
-            .unwrap();
-            let auth = read_frame(&mut b, &mut buf).await.unwrap();
-            write_frame(&mut b, &auth).await.unwrap();
-        });
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let attacker = reflector(b, Some(*b"FCB02"), Some(*b"FCA31"));
         let mut buf = BytesMut::new();
         let r = handshake(
             &mut a,
