@@ -249,3 +249,102 @@ print("ok")
         assert_eq!(essd.stop().code(), Some(0));
     }
 }
+
+#[test]
+fn direct_io_unaligned_write_zeroes_survive_a_concurrent_write_to_the_same_block() {
+    // A WRITE_ZEROES and a WRITE to disjoint sectors of one 4 KiB block,
+    // in flight together: both must be there afterwards (the write's
+    // read-modify-write of the block must not put back the old bytes of
+    // the zeroed range).
+    for engine in ENGINES {
+        let dir = tempdir("direct-zero");
+        let mut cfg = TestConfig::new(engine);
+        cfg.volumes = vec![Vol {
+            direct_io: true,
+            ..Vol::new(0x10, 0, "16MiB")
+        }];
+        let essd = Essd::start_in(dir.path(), &cfg);
+        let out = python(
+            r#"
+import nbd, sys
+h = nbd.NBD()
+h.set_strict_mode(0)
+h.connect_uri(sys.argv[1])
+lost = 0
+for i in range(500):
+    base = (i % 1024) * 8192
+    h.pwrite(b"\xff" * 4096, base)
+    h.aio_zero(512, base)
+    h.aio_pwrite(b"\x11" * 512, base + 512)
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    got = h.pread(1024, base)
+    assert got[512:] == b"\x11" * 512, i
+    if got[:512] != bytes(512):
+        lost += 1
+print("zeroes lost", lost)
+"#,
+            &[&essd.uri("000TST01")],
+        );
+        assert_eq!(out.trim(), "zeroes lost 0", "{engine}");
+        assert_eq!(essd.stop().code(), Some(0));
+    }
+}
+
+#[test]
+fn direct_io_write_to_a_partial_last_block_keeps_the_backing_file_size() {
+    // A direct-I/O file volume whose size is not a multiple of the 4 KiB
+    // direct-I/O block: writing its last bytes (a read-modify-write of the
+    // whole last block) must not grow the file, or essd refuses the
+    // volume when it next starts; one grown by a crash is cut back.
+    let dir = tempdir("direct-tail");
+    let mut cfg = TestConfig::new("uring");
+    cfg.volumes = vec![Vol {
+        direct_io: true,
+        ..Vol::new(0x10, 0, "10000")
+    }];
+    let mut essd = Essd::start_in(dir.path(), &cfg);
+    let backing = dir.path().join("vol-10-0.img");
+    let out = python(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.set_strict_mode(0)
+h.connect_uri(sys.argv[1])
+h.pwrite(b"\x42" * 1808, 8192)
+h.zero(100, 9900)
+h.flush()
+assert h.pread(1808, 8192) == b"\x42" * 1708 + bytes(100)
+print("ok")
+"#,
+        &[&essd.uri("000TST01")],
+    );
+    assert_eq!(out.trim(), "ok");
+    assert_eq!(std::fs::metadata(&backing).unwrap().len(), 10000);
+    // A crash between the block's write and the cut-back leaves the file
+    // grown to the block's end: the next start cuts it back.
+    essd.crash();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&backing)
+        .unwrap()
+        .set_len(12288)
+        .unwrap();
+    essd.kill_and_restart("TST01");
+    assert_eq!(std::fs::metadata(&backing).unwrap().len(), 10000);
+    assert!(essd.log().contains("cut back to the volume's size"));
+    let out = python(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.set_strict_mode(0)
+h.connect_uri(sys.argv[1])
+assert h.get_size() == 10000
+assert h.pread(1808, 8192) == b"\x42" * 1708 + bytes(100)
+print("ok")
+"#,
+        &[&essd.uri("000TST01")],
+    );
+    assert_eq!(out.trim(), "ok");
+    assert_eq!(essd.stop().code(), Some(0));
+}

@@ -331,3 +331,67 @@ fn malformed_traffic_closes_only_that_connection() {
     drop(hang);
     run(std::process::Command::new("nbdinfo").arg(essd.tcp_uri("000TST01")));
 }
+
+#[test]
+fn oversized_write_after_a_large_write_is_skipped_in_large_reads() {
+    // The payload of a refused oversized write is read and thrown away;
+    // after a large write (whose end the reads stop at) it must still be
+    // read in large pieces, not one request header's worth at a time.
+    let dir = tempdir("skip");
+    let essd = server("uring", dir.path());
+    let mut s = raw_connect(&essd);
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    read_greeting(&mut s);
+    s.write_all(&3u32.to_be_bytes()).unwrap(); // NO_ZEROES
+    send_option(&mut s, proto::opt::EXPORT_NAME, b"000TST01");
+    let mut export = [0u8; 10];
+    s.read_exact(&mut export).unwrap();
+    let write = |s: &mut UnixStream, cookie: u64, len: u32| {
+        let req = proto::Request {
+            flags: 0,
+            command: proto::cmd::WRITE,
+            cookie,
+            offset: 0,
+            length: len,
+        };
+        s.write_all(&req.encode()).unwrap();
+        let chunk = vec![0x33u8; 1 << 20];
+        let mut left = len as usize;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            s.write_all(&chunk[..n]).unwrap();
+            left -= n;
+        }
+    };
+    let error = |s: &mut UnixStream, cookie: u64| {
+        let mut reply = [0u8; 16];
+        s.read_exact(&mut reply).unwrap();
+        assert_eq!(u64::from_be_bytes(reply[8..16].try_into().unwrap()), cookie);
+        u32::from_be_bytes(reply[4..8].try_into().unwrap())
+    };
+    write(&mut s, 1, 1 << 20);
+    assert_eq!(error(&mut s, 1), 0);
+    let before = cpu_seconds(essd.pid());
+    write(&mut s, 2, 256 << 20);
+    assert_eq!(error(&mut s, 2), proto::errno::EINVAL);
+    // Read in buffers of 256 KiB, 256 MiB cost the server well under a
+    // tenth of a second of CPU; one header's worth (28 bytes) at a time,
+    // nearly ten million reads, seconds.
+    let spent = cpu_seconds(essd.pid()) - before;
+    assert!(spent < 1.0, "skipping 256 MiB took {spent:.2} s of CPU");
+    write(&mut s, 3, 4096);
+    assert_eq!(error(&mut s, 3), 0);
+    assert_eq!(essd.stop().code(), Some(0));
+}
+
+/// The CPU time process `pid` has used (user and system, all threads).
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name (which may hold spaces).
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    // utime and stime, fields 14 and 15 of the line, in clock ticks.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64 / hz as f64
+}

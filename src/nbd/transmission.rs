@@ -138,6 +138,9 @@ where
                 }
                 Ok(Parsed::Skip(req, len)) => {
                     skip = len;
+                    // Skipped bytes are read in full buffers, not one
+                    // header at a time (as after a large request).
+                    plan.took(0);
                     let code = if session.structured {
                         errno::EOVERFLOW
                     } else {

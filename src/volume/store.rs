@@ -20,6 +20,8 @@ use crate::io::{Engine, IoBuf, IoBuffer};
 
 /// Largest single zero-fill write when the file system cannot zero a range.
 const ZERO_CHUNK: u64 = 1 << 20;
+/// The block of direct I/O on a regular file.
+const DIRECT_FILE_BLOCK: u64 = 4096;
 
 /// Regular file or block device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -205,7 +207,14 @@ impl BackingStore {
                 message: "size is required for file-backed volumes".into(),
             });
         };
-        if meta.len() != size {
+        // A direct-I/O write of a partial last block writes the whole
+        // block and then cuts the file back; a crash in between leaves it
+        // grown to the block's end, past the volume, which is cut back here.
+        let grown_tail = direct
+            && !read_only
+            && size % DIRECT_FILE_BLOCK != 0
+            && meta.len() == size.next_multiple_of(DIRECT_FILE_BLOCK);
+        if meta.len() != size && !grown_tail {
             return Err(OpenError::Mismatch {
                 path: path.to_path_buf(),
                 message: format!(
@@ -218,6 +227,17 @@ impl BackingStore {
             .open(path)
             .map_err(os(path, "cannot open backing file"))?;
         lock_exclusive(&file, path)?;
+        if grown_tail {
+            file.set_len(size)
+                .and_then(|()| file.sync_all())
+                .map_err(os(path, "cannot cut back the last block"))?;
+            tracing::warn!(
+                path = %path.display(),
+                size,
+                "backing file had grown to the end of its last direct-I/O block (a write \
+                 interrupted by a crash); cut back to the volume's size"
+            );
+        }
         Ok(Probe {
             kind: BackingKind::File,
             missing: false,
@@ -253,7 +273,7 @@ impl BackingStore {
         };
         let direct_align = if direct {
             Some(match probe.kind {
-                BackingKind::File => 4096,
+                BackingKind::File => DIRECT_FILE_BLOCK as usize,
                 BackingKind::BlockDevice => {
                     let mut sector: libc::c_int = 0;
                     // SAFETY: BLKSSZGET writes one int through the pointer.
@@ -338,7 +358,18 @@ impl BackingStore {
         buf.as_mut_slice()[skip..skip + data.len()].copy_from_slice(&data);
         self.engine
             .write_at(&self.file, start, IoBuf::Owned(buf), fua)
-            .await
+            .await?;
+        if self.kind == BackingKind::File && end > self.size {
+            // The whole last block went out and grew the file past the
+            // volume's end: cut it back (still holding `rmw`, the only way
+            // to write that block), or the next start refuses the file.
+            let (file, size) = (self.file.clone(), self.size);
+            blocking(move || file.set_len(size)).await?;
+            if fua {
+                self.flush().await?;
+            }
+        }
+        Ok(())
     }
 
     /// Makes every completed write durable (fdatasync).
@@ -386,11 +417,14 @@ impl BackingStore {
         may_punch: bool,
         fast_only: bool,
     ) -> io::Result<()> {
+        // Unaligned head and tail are written as data: a device cannot
+        // fallocate part of a block, and with direct I/O a part of a block
+        // zeroed beside a concurrent unaligned write (a read-modify-write of
+        // that block, serialised by `rmw`) would be overwritten by it.
         let a = match self.kind {
-            BackingKind::File => 1,
+            BackingKind::File => self.alignment() as u64,
             BackingKind::BlockDevice => self.alignment().max(512) as u64,
         };
-        // Unaligned head and tail of a device range are written as data.
         let end = offset + len;
         let mid_start = offset.div_ceil(a) * a;
         if mid_start >= end {
