@@ -16,9 +16,13 @@ use essd::volume::id::Serial;
 const SECRET: &str = "correct horse battery staple";
 
 fn start(dir: &std::path::Path) -> (Essd, SocketAddr) {
-    let mut cfg = TestConfig::new("uring");
+    start_config(dir, TestConfig::new("uring"))
+}
+
+/// Starts `cfg` with a replication listener and the peers FCA31 and FCC03.
+fn start_config(dir: &std::path::Path, mut cfg: TestConfig) -> (Essd, SocketAddr) {
     cfg.extra = format!(
-        "\n[replication]\nlisten = \"127.0.0.1:0\"\nsecret = \"{SECRET}\"\n\n[[peer]]\nserial = \"FCA31\"\naddress = \"127.0.0.1:9\"\n"
+        "\n[replication]\nlisten = \"127.0.0.1:0\"\nsecret = \"{SECRET}\"\n\n[[peer]]\nserial = \"FCA31\"\naddress = \"127.0.0.1:9\"\n\n[[peer]]\nserial = \"FCC03\"\naddress = \"127.0.0.1:9\"\n"
     );
     let essd = Essd::start_in(dir, &cfg);
     let server = essctl(&essd, &["--json", "server"]).json();
@@ -308,4 +312,97 @@ async fn a_reflected_proof_does_not_reach_a_volume() {
         !owned && !written,
         "a client without the secret wrote 000TST01 (acknowledged: {owned}, on disk: {written})"
     );
+}
+
+/// Opens a link to the listener at `addr` as peer `serial`.
+async fn link_as(addr: SocketAddr, serial: &str) -> PeerLink {
+    let me = Serial::new(serial).unwrap();
+    let them = Serial::new("TST01").unwrap();
+    PeerLink::connect(addr, &me, &them, SECRET.as_bytes(), Duration::from_secs(5))
+        .await
+        .unwrap()
+}
+
+/// Asks the listener to make `volume` the secondary of `primary`.
+async fn become_secondary(link: &PeerLink, volume: &str, primary: &str) -> Result<Bytes, String> {
+    let request = serde_json::json!({"op": "become-secondary", "volume": volume,
+        "primary": primary, "size": 1 << 20, "permit_online": true});
+    link.control(&request, Duration::from_secs(5))
+        .await
+        .unwrap()
+}
+
+/// A 4 KiB mirrored write of `byte` at offset 0 of 000TST01.
+fn write_of(byte: u8) -> Message {
+    Message::Write {
+        volume: *b"000TST01",
+        offset: 0,
+        fua: true,
+        copy: false,
+        data: Bytes::from(vec![byte; 4096]),
+    }
+}
+
+/// The secondary of one peer, named by its alias, is not another peer's to
+/// take: neither a second pair nor a terminate reaches it that way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_peer_cannot_take_a_secondary_by_its_alias() {
+    let dir = tempdir("pprc-alias");
+    let mut cfg = TestConfig::new("uring");
+    cfg.volumes[0].alias = Some("db");
+    let (essd, addr) = start_config(dir.path(), cfg);
+    let owner = link_as(addr, "FCA31").await;
+    become_secondary(&owner, "000TST01", "000FCA31")
+        .await
+        .unwrap();
+
+    let intruder = link_as(addr, "FCC03").await;
+    let taken = become_secondary(&intruder, "db", "000FCC03").await;
+    assert!(
+        taken.is_err(),
+        "FCC03 made 000TST01 its secondary too: {taken:?}"
+    );
+    let request = serde_json::json!({"op": "terminate", "volume": "db", "primary": "000FCC03"});
+    let _ = intruder
+        .control(&request, Duration::from_secs(5))
+        .await
+        .unwrap();
+
+    // Still the secondary of FCA31 alone: read-only to hosts, FCA31's
+    // changes land.
+    let show = essctl(&essd, &["--json", "volume", "show", "000TST01"]).json();
+    assert_eq!(show["pprc_secondary"], true, "{show}");
+    let pairs = essctl(&essd, &["--json", "pprc", "list"]).json();
+    assert_eq!(pairs["pairs"].as_array().unwrap().len(), 1, "{pairs}");
+    assert_eq!(owner.request(write_of(0xAB)).await.unwrap(), 0);
+    owner.close().await.unwrap();
+    intruder.close().await.unwrap();
+    assert_eq!(essd.stop().code(), Some(0));
+}
+
+/// A change from a peer whose secondary the volume is not answers EPERM,
+/// also when the volume is the suspended secondary of another peer (whose
+/// own changes answer ESHUTDOWN, "suspended at the secondary").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_peers_secondary_refuses_changes_with_eperm() {
+    use essd::nbd::proto::errno;
+    let dir = tempdir("pprc-other-peer");
+    let (essd, addr) = start(dir.path());
+    let owner = link_as(addr, "FCA31").await;
+    become_secondary(&owner, "000TST01", "000FCA31")
+        .await
+        .unwrap();
+    let other = link_as(addr, "FCC03").await;
+    assert_eq!(other.request(write_of(0xCD)).await.unwrap(), errno::EPERM);
+    essctl(&essd, &["pprc", "suspend", "000TST01"]).ok();
+    assert_eq!(
+        owner.request(write_of(0xAB)).await.unwrap(),
+        errno::ESHUTDOWN
+    );
+    assert_eq!(other.request(write_of(0xCD)).await.unwrap(), errno::EPERM);
+    let image = std::fs::read(dir.path().join("vol-10-0.img")).unwrap();
+    assert!(image.iter().take(4096).all(|&b| b == 0));
+    owner.close().await.unwrap();
+    other.close().await.unwrap();
+    assert_eq!(essd.stop().code(), Some(0));
 }

@@ -1836,3 +1836,31 @@ fn a_write_stuck_on_a_timed_out_link_never_lands_after_the_resync() {
         now[0]
     );
 }
+
+/// A failback makes the old primary the secondary of the volume that took
+/// over; an old primary smaller than that volume is refused, as a
+/// secondary smaller than its primary is at establish, and stays as it was.
+#[test]
+fn a_failback_to_a_smaller_old_primary_is_refused() {
+    let s = Sites::start("pprc-failback-size", |cfg| {
+        if cfg.serial == "TSTA1" {
+            cfg.volumes[1] = Vol::new(0x10, 1, "32MiB");
+        }
+    });
+    let (a, b) = (&s.a, &s.b);
+    let (va, vb) = (a.vol(0x10, 1), b.vol(0x10, 1));
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    essctl(a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    essctl(b, &["pprc", "failover", &vb]).ok();
+    path(b, "0x10", "TSTA1", "0x10", "1");
+    let failback = essctl(b, &["pprc", "failback", &vb]);
+    assert_eq!(failback.code, 1, "{failback:?}");
+    assert!(
+        failback.stderr.contains(&format!(
+            "secondary {va} (33554432 bytes) is smaller than primary {vb}"
+        )),
+        "{failback:?}"
+    );
+    assert_eq!(show(a, &va)["role"], "primary");
+    assert_eq!(try_write(a, &va), "writable ok");
+}

@@ -422,7 +422,6 @@ impl Volume {
     /// Writes `data` at `offset`; with `fua` it is durable on return.
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), VolumeError> {
         let len = data.len() as u64;
-        self.check(VolumeOp::Write, offset, len)?;
         self.change(VolumeOp::Write, offset, len, Change::Write(data, fua))
             .await?;
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
@@ -457,7 +456,6 @@ impl Volume {
 
     /// Discards a range (advisory).
     pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
-        self.check(VolumeOp::Trim, offset, len)?;
         self.change(VolumeOp::Trim, offset, len, Change::Trim)
             .await?;
         if fua {
@@ -477,7 +475,6 @@ impl Volume {
         fast_only: bool,
         fua: bool,
     ) -> Result<(), VolumeError> {
-        self.check(VolumeOp::WriteZeroes, offset, len)?;
         self.change(
             VolumeOp::WriteZeroes,
             offset,
@@ -588,7 +585,9 @@ impl Volume {
         self.change_below_pprc(op, offset, len, change).await
     }
 
-    /// Applies a host change through the copy-services layers.
+    /// Applies a host change through the copy-services layers, checked
+    /// under the gate: a volume becomes a PPRC secondary under the
+    /// exclusive gate, so a change waiting for it then is refused.
     async fn change(
         &self,
         op: VolumeOp,
@@ -597,6 +596,7 @@ impl Volume {
         change: Change,
     ) -> Result<(), VolumeError> {
         let _gate = self.gate.read().await;
+        self.check(op, offset, len)?;
         match self.pprc() {
             Some(pair) => {
                 let local = |change| self.change_below_pprc(op, offset, len, change);
@@ -639,5 +639,52 @@ pub struct ClientGuard(std::sync::Arc<Volume>);
 impl Drop for ClientGuard {
     fn drop(&mut self) {
         self.0.stats.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::io::Engine;
+    use crate::volume::server::StorageServer;
+
+    fn server(dir: &Path) -> Arc<StorageServer> {
+        let text = format!(
+            "[server]\nserial = \"FCB02\"\nstate_dir = \"{d}/state\"\n[nbd]\nlisten = []\nunix = \"{d}/nbd.sock\"\n[api]\nunix = \"{d}/api.sock\"\n[[lss]]\nid = 0x10\n[[volume]]\nlss = 0x10\nnumber = 0\npath = \"{d}/v.img\"\nsize = \"4MiB\"\n",
+            d = dir.display()
+        );
+        let cfg = Config::parse(&text, Path::new("<test>")).unwrap();
+        let engine = Engine::start(cfg.raw.server.io_engine).unwrap();
+        Arc::new(StorageServer::open(&cfg, engine).unwrap())
+    }
+
+    /// A host write that was waiting at the gate while the volume became a
+    /// PPRC secondary (which happens under the exclusive gate) is refused:
+    /// it could otherwise land over the primary's copy of its track.
+    #[tokio::test]
+    async fn a_host_write_waiting_while_the_volume_becomes_a_secondary_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let srv = server(dir.path());
+        let v = srv.lookup("000FCB02").unwrap().clone();
+        let quiet = v.gate().write().await;
+        let write = tokio::spawn({
+            let v = v.clone();
+            async move { v.write(0, Bytes::from(vec![0xAB; 4096]), true).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!write.is_finished());
+        v.set_secondary(true);
+        drop(quiet);
+        let written = write.await.unwrap();
+        assert!(
+            matches!(written, Err(VolumeError::Secondary { .. })),
+            "{written:?}"
+        );
+        let image = std::fs::read(dir.path().join("v.img")).unwrap();
+        assert!(image.iter().all(|&b| b == 0));
     }
 }

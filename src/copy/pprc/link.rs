@@ -135,6 +135,30 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
+/// The largest payload of a handshake frame (a hello is 44 bytes, a
+/// proof 32).
+const MAX_HANDSHAKE_PAYLOAD: u32 = 64;
+
+/// Reads one frame of the handshake. The peer is not authenticated yet: a
+/// header announcing a longer frame than a handshake needs ends it before
+/// any of that frame is buffered.
+async fn read_handshake_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Frame, LinkError> {
+    loop {
+        if Frame::peek_header(buf)?.is_some_and(|h| h.length > MAX_HANDSHAKE_PAYLOAD) {
+            return Err(LinkError::Unexpected("a handshake frame too long"));
+        }
+        if let Some(frame) = Frame::decode(buf)? {
+            return Ok(frame);
+        }
+        if reader.read_buf(buf).await? == 0 {
+            return Err(LinkError::Closed);
+        }
+    }
+}
+
 /// Bytes queued on a link that the requesting task sends itself, at once,
 /// instead of waking the writer task for them: a large write starts on its
 /// way to the peer while the local copy is made. Small frames go when their
@@ -372,7 +396,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         serial: theirs,
         peer: they_expect,
         nonce: their_nonce,
-    } = read_frame(stream, buf).await?.message
+    } = read_handshake_frame(stream, buf).await?.message
     else {
         return Err(LinkError::Unexpected("another frame than hello"));
     };
@@ -415,7 +439,8 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         },
     )
     .await?;
-    let Message::Auth { proof: their_proof } = read_frame(stream, buf).await?.message else {
+    let Message::Auth { proof: their_proof } = read_handshake_frame(stream, buf).await?.message
+    else {
         return Err(LinkError::Unexpected("another frame than auth"));
     };
     proof(secret, &theirs, &me, &their_nonce, &nonce)
@@ -788,6 +813,37 @@ mod tests {
         )
         .await;
         assert!(matches!(r, Err(LinkError::Timeout)), "{r:?}");
+    }
+
+    /// A connection that has not authenticated yet announces a hello of
+    /// the largest payload a frame may have: the handshake ends at once,
+    /// without buffering (or waiting for) what it announced.
+    #[tokio::test]
+    async fn an_oversized_handshake_frame_is_refused_before_it_is_buffered() {
+        use super::super::wire::{MAGIC, MAX_PAYLOAD};
+        use bytes::BufMut;
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let mut header = BytesMut::new();
+        header.put_u32(MAGIC);
+        header.put_u16(1); // hello
+        header.put_u16(0);
+        header.put_u64(0);
+        header.put_u32(MAX_PAYLOAD);
+        b.write_all(&header).await.unwrap();
+        b.write_all(&vec![0u8; 60 << 10]).await.unwrap();
+        let mut buf = BytesMut::new();
+        let limit = Duration::from_secs(1);
+        let r = handshake(&mut a, &mut buf, &serial("FCA31"), None, b"k", limit).await;
+        assert!(
+            matches!(r, Err(LinkError::Unexpected(_))),
+            "{r:?} (buffer of {} bytes)",
+            buf.capacity()
+        );
+        assert!(
+            buf.capacity() < 1 << 20,
+            "{} bytes buffered",
+            buf.capacity()
+        );
     }
 
     /// A peer without the secret: it answers the hello with the nonce it

@@ -1459,7 +1459,10 @@ impl PprcManager {
                     None => Err("an LSS request without an LSS".to_string()),
                 }
             }
-            "failback" => self.hand_over(peer, &volume, &primary).await,
+            "failback" => match request.get("size").and_then(|v| v.as_u64()) {
+                Some(size) => self.hand_over(peer, &volume, &primary, size).await,
+                None => Err("a failback request without the primary's size".to_string()),
+            },
             "handover-done" => {
                 let mut entries = self.entries.lock().await;
                 if let Some(Entry::Secondary(side)) = entries
@@ -1502,10 +1505,14 @@ impl PprcManager {
         permit_online: bool,
         joining: Joining,
     ) -> Result<serde_json::Value, String> {
-        let vol =
-            self.server.lookup(volume).cloned().ok_or_else(|| {
-                format!("volume {volume} is not defined on {}", self.server.serial)
-            })?;
+        // By its ID only: pairs are recorded under the ID, so an alias
+        // would get past the check that the volume is in no pair.
+        let vol = self
+            .server
+            .lookup(volume)
+            .filter(|v| v.name() == volume)
+            .cloned()
+            .ok_or_else(|| format!("volume {volume} is not defined on {}", self.server.serial))?;
         let mut entries = self.entries.lock().await;
         if let Some(e) = entries.iter_mut().find(|e| e.volume() == volume) {
             return match e {
@@ -1584,7 +1591,12 @@ impl PprcManager {
             accepting: true,
             handover: None,
         };
-        vol.set_secondary(true);
+        {
+            // Host changes that passed the access gate are done first; the
+            // primary's copy must not be overwritten by one of them.
+            let _quiet = vol.gate().write().await;
+            vol.set_secondary(true);
+        }
         self.publish_secondary(&side);
         entries.push(Entry::Secondary(side));
         self.save_locked(&entries).map_err(|e| e.to_string())?;
@@ -1604,6 +1616,7 @@ impl PprcManager {
         peer: &str,
         volume: &str,
         primary: &str,
+        size: u64,
     ) -> Result<serde_json::Value, String> {
         let mut entries = self.entries.lock().await;
         let i = entries
@@ -1621,6 +1634,12 @@ impl PprcManager {
             other => return Err(format!("volume {volume} is {}", Self::describe(other))),
         };
         let vol = self.volume(volume).map_err(|e| e.to_string())?;
+        if vol.size() < size {
+            return Err(format!(
+                "secondary {volume} ({} bytes) is smaller than primary {primary} ({size} bytes)",
+                vol.size()
+            ));
+        }
         pair.suspend(
             SuspendReason::Failover,
             Some(format!("{peer} {primary} took over")),
@@ -1713,12 +1732,13 @@ impl PeerRequests for PprcManager {
             .is_some_and(|(p, ok)| p == peer && *ok)
     }
 
-    fn refusal(&self, volume: &str) -> u32 {
+    fn refusal(&self, peer: &str, volume: &str) -> u32 {
         if self
             .accepting
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .contains_key(volume)
+            .get(volume)
+            .is_some_and(|(p, _)| p == peer)
         {
             ESHUTDOWN
         } else {

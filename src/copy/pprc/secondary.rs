@@ -16,7 +16,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -40,9 +40,10 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub trait PeerRequests: Send + Sync + 'static {
     /// Whether `volume` is a secondary of `peer` and accepts its changes.
     fn accepts(&self, peer: &str, volume: &str) -> bool;
-    /// The errno for a change `volume` does not accept: EPERM, or
-    /// ESHUTDOWN when its side of the pair was suspended here.
-    fn refusal(&self, _volume: &str) -> u32 {
+    /// The errno for a change of `peer` that `volume` does not accept:
+    /// EPERM, or ESHUTDOWN when its side of a pair with `peer` was
+    /// suspended here.
+    fn refusal(&self, _peer: &str, _volume: &str) -> u32 {
         errno::EPERM
     }
     /// Handles a pair-management request: `(0, JSON)` or `(errno, message)`.
@@ -58,26 +59,38 @@ static SERVED: std::sync::Mutex<ServedLinks> = std::sync::Mutex::new(ServedLinks
 });
 
 struct ServedLinks {
-    /// By link ID, with its peer; the flag turns true once a link has
-    /// ended and every request it carried has been applied.
-    links: Vec<([u8; NONCE_LEN], String, tokio::sync::watch::Receiver<bool>)>,
+    /// By link ID (chosen by the connecting peer, so not unique across
+    /// peers), with its peer and a number of its own; the flag turns true
+    /// once a link has ended and every request it carried has been applied.
+    links: Vec<ServedLink>,
     /// Per peer, when its last served link ended.
     last_ended: Vec<(String, SystemTime)>,
 }
+
+type ServedLink = (
+    u64,
+    [u8; NONCE_LEN],
+    String,
+    tokio::sync::watch::Receiver<bool>,
+);
+
+/// Numbers the served links.
+static NEXT_SERVED: AtomicU64 = AtomicU64::new(0);
 
 fn served() -> std::sync::MutexGuard<'static, ServedLinks> {
     SERVED.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Waits until the link `id` has ended and applied everything it carried
-/// (at once for a link this server does not serve).
-pub async fn link_drained(id: &[u8; NONCE_LEN]) {
-    let watch = served()
+/// Waits until the links `id` of `peer` have ended and applied everything
+/// they carried (at once if this server serves none).
+pub async fn link_drained(peer: &str, id: &[u8; NONCE_LEN]) {
+    let watches: Vec<_> = served()
         .links
         .iter()
-        .find(|(l, _, _)| l == id)
-        .map(|(_, _, w)| w.clone());
-    if let Some(mut watch) = watch {
+        .filter(|(_, l, p, _)| l == id && p == peer)
+        .map(|(_, _, _, w)| w.clone())
+        .collect();
+    for mut watch in watches {
         let _ = watch.wait_for(|done| *done).await;
     }
 }
@@ -86,7 +99,7 @@ pub async fn link_drained(id: &[u8; NONCE_LEN]) {
 /// (`None` if none has since this process started).
 pub fn links_from(peer: &str) -> (usize, Option<SystemTime>) {
     let served = served();
-    let open = served.links.iter().filter(|(_, p, _)| p == peer).count();
+    let open = served.links.iter().filter(|(_, _, p, _)| p == peer).count();
     let ended = served
         .last_ended
         .iter()
@@ -97,7 +110,7 @@ pub fn links_from(peer: &str) -> (usize, Option<SystemTime>) {
 
 /// Registers a served link until it has drained.
 struct Served {
-    id: [u8; NONCE_LEN],
+    number: u64,
     peer: String,
     done: tokio::sync::watch::Sender<bool>,
 }
@@ -105,9 +118,10 @@ struct Served {
 impl Served {
     fn new(id: [u8; NONCE_LEN], peer: &str) -> Served {
         let (done, watch) = tokio::sync::watch::channel(false);
-        served().links.push((id, peer.to_string(), watch));
+        let number = NEXT_SERVED.fetch_add(1, Ordering::Relaxed);
+        served().links.push((number, id, peer.to_string(), watch));
         Served {
-            id,
+            number,
             peer: peer.to_string(),
             done,
         }
@@ -118,8 +132,8 @@ impl Drop for Served {
     fn drop(&mut self) {
         let _ = self.done.send(true);
         let mut served = served();
-        served.links.retain(|(l, _, _)| *l != self.id);
-        if !served.links.iter().any(|(_, p, _)| *p == self.peer) {
+        served.links.retain(|(n, _, _, _)| *n != self.number);
+        if !served.links.iter().any(|(_, _, p, _)| *p == self.peer) {
             let now = SystemTime::now();
             match served.last_ended.iter_mut().find(|(p, _)| *p == self.peer) {
                 Some((_, at)) => *at = now,
@@ -299,7 +313,7 @@ async fn answer(
                 // The primary retries a request of a broken link on
                 // another one only after the broken link's requests are
                 // all applied, so a stale copy never lands last.
-                link_drained(&id).await;
+                link_drained(peer, &id).await;
                 return Message::Reply {
                     error: 0,
                     body: Bytes::from_static(b"{}"),
@@ -360,7 +374,7 @@ fn lookup(
         .cloned()
         .ok_or(errno::EINVAL)?;
     if !requests.accepts(peer, v.name()) {
-        return Err(requests.refusal(v.name()));
+        return Err(requests.refusal(peer, v.name()));
     }
     Ok(v)
 }
@@ -652,6 +666,33 @@ mod tests {
         assert!(quiet.elapsed() < SILENCE_LIMIT + HEARTBEAT);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(!link.is_open());
+    }
+
+    /// Link IDs are the connecting peers' nonces: a link of another peer
+    /// with the same ID neither ends this peer's link in the records (which
+    /// count it as connected and answer whether it has drained) nor holds
+    /// this peer's drained request.
+    #[tokio::test]
+    async fn another_peers_link_with_the_same_id_leaves_this_peers_link_alone() {
+        let id = [0x5A; NONCE_LEN];
+        let mine = Served::new(id, "ZZA01");
+        let theirs = Served::new(id, "ZZC03");
+        assert_eq!(links_from("ZZA01").0, 1);
+        // Their open link does not hold a question about ours...
+        drop(mine);
+        tokio::time::timeout(Duration::from_secs(1), link_drained("ZZA01", &id))
+            .await
+            .expect("held by another peer's link");
+        let mine = Served::new(id, "ZZA01");
+        // ...and its end does not end ours.
+        drop(theirs);
+        assert_eq!(links_from("ZZA01").0, 1);
+        let asked = tokio::spawn(async move { link_drained("ZZA01", &id).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!asked.is_finished());
+        drop(mine);
+        asked.await.unwrap();
+        assert_eq!(links_from("ZZA01").0, 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
