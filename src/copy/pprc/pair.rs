@@ -575,10 +575,12 @@ impl Pair {
     where
         F: Future<Output = Result<(), VolumeError>>,
     {
+        self.group_gate().await;
+        // After the gate: a failure that held the group may have
+        // inhibited the pair meanwhile.
         if self.write_inhibited() {
             return Err(self.inhibited_error(op));
         }
-        self.group_gate().await;
         let (first, end) = self.track_range(offset, len);
         let unrecorded = |source: std::io::Error| VolumeError::Unrecorded {
             op,
@@ -600,7 +602,11 @@ impl Pair {
                     self.oos.set_range(first, end);
                 }
                 self.oos.commit_bits().await.map_err(unrecorded)?;
-                return local(change).await;
+                let result = local(change).await;
+                // Like a mirrored write: not answered while the group
+                // holds writes.
+                self.group_gate().await;
+                return result;
             }
         }
         let _in_turn = self.overlaps.enter(offset, offset + len).await;
@@ -705,16 +711,37 @@ impl Pair {
         let Err((reason, detail)) = self.judge(remote) else {
             return Ok(());
         };
+        let mut inhibited = false;
         if let Some(group) = &self.group {
             // Hold this write (and every write of the group) until the
             // group is frozen by an operator or its timeout.
             if self.state() != PairState::Suspended {
                 self.stop_tasks();
+                // The critical mode judges this failure now: the freeze
+                // suspends the pair with reason `freeze`, which never
+                // inhibits.
+                inhibited = self.critical_inhibits(Some(reason));
+                if inhibited {
+                    self.inhibit();
+                }
                 group.trip(&self.spec.volume, &detail).await;
             }
         }
         self.suspend(reason, Some(detail));
+        if inhibited {
+            return Err(self.inhibited_error(op));
+        }
         self.apply_critical_mode(op)
+    }
+
+    /// Whether the critical mode write-inhibits the primary of a pair
+    /// suspended for `reason`: a critical pair that could not update its
+    /// secondary does — with critical heavy at once, else once its path
+    /// has no live link left.
+    fn critical_inhibits(&self, reason: Option<SuspendReason>) -> bool {
+        self.spec.critical
+            && reason.is_some_and(SuspendReason::is_failure)
+            && (self.heavy || self.route().map_or(0, |r| r.live()) == 0)
     }
 
     /// The critical-mode table for a suspended pair: a critical pair that
@@ -726,10 +753,7 @@ impl Pair {
             return Ok(());
         }
         let reason = self.status.lock().unwrap_or_else(|p| p.into_inner()).reason;
-        if !reason.is_some_and(SuspendReason::is_failure) {
-            return Ok(());
-        }
-        if self.heavy || self.route().map_or(0, |r| r.live()) == 0 {
+        if self.critical_inhibits(reason) {
             self.inhibit();
             return Err(self.inhibited_error(op));
         }
@@ -1050,6 +1074,10 @@ impl Pair {
                 // Not in sync any more: nothing may be cleared until the
                 // freeze suspends the pair.
                 self.stop_tasks();
+                // Judged now: the freeze's reason never inhibits.
+                if self.critical_inhibits(Some(reason)) {
+                    self.inhibit();
+                }
                 group.hold(&self.spec.volume, &detail)
             }
             None => {

@@ -2,6 +2,7 @@
 //! fake secondary that holds its answers to writes or flushes until told.
 
 use super::*;
+use crate::copy::pprc::group::GroupState;
 use crate::copy::pprc::link::handshake;
 use crate::copy::pprc::wire::Frame;
 use crate::volume::id::Serial;
@@ -142,6 +143,16 @@ async fn wait_until(what: &str, cond: impl Fn() -> bool) {
 
 /// A duplex pair over one link to a fake secondary.
 async fn harness() -> Harness {
+    harness_with(false, false, None).await
+}
+
+/// A duplex pair over one link to a fake secondary, in critical mode
+/// (`critical`, `heavy`) and consistency group `group` as given.
+async fn harness_with(
+    critical: bool,
+    heavy: bool,
+    group: Option<Arc<ConsistencyGroup>>,
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -182,7 +193,7 @@ async fn harness() -> Harness {
             peer_volume: "000TSTB2".into(),
             lss: 0x10,
             peer_lss: 0x10,
-            critical: false,
+            critical,
         },
         store,
         TRACK,
@@ -199,11 +210,14 @@ async fn harness() -> Harness {
         PairEnv {
             paths,
             timeout: Duration::from_secs(30),
-            heavy: false,
-            group: None,
+            heavy,
+            group: group.clone(),
             changed: Arc::new(Notify::new()),
         },
     ));
+    if let Some(g) = group {
+        g.join(&pair);
+    }
     Harness {
         peer,
         pair,
@@ -339,4 +353,88 @@ async fn a_pass_running_when_the_pair_suspends_keeps_the_marks_of_suspended_writ
         h.pair.oos().get(30) && h.pair.oos().is_durable(30),
         "a track written on the primary alone while suspended is no longer recorded"
     );
+}
+
+/// Critical heavy mode in a consistency group: the secondary cannot be
+/// updated, the group holds the write until the freeze, which suspends the
+/// pair (reason `freeze`). The primary must still be write-inhibited — the
+/// write that could not be mirrored answered `EIO`, and a write held by the
+/// group meanwhile too — not left writable because the freeze came first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn critical_heavy_in_a_consistency_group_inhibits_writes_after_the_freeze() {
+    let group = ConsistencyGroup::new(Duration::from_secs(60));
+    let h = harness_with(true, true, Some(group.clone())).await;
+    h.peer.hold_writes.store(true, Ordering::SeqCst);
+    let failed = write(&h.pair, 5);
+    let peer = h.peer.clone();
+    wait_until("the write at the secondary", move || {
+        peer.writes.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    h.peer.release_writes(crate::nbd::proto::errno::EIO);
+    let g = group.clone();
+    wait_until("the group holding writes", move || {
+        matches!(g.state(), GroupState::Holding { .. })
+    })
+    .await;
+    let held = write(&h.pair, 6);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!failed.is_finished() && !held.is_finished());
+    assert_eq!(group.freeze(), 1);
+    let failed = failed.await.unwrap();
+    let held = held.await.unwrap();
+    assert_eq!(h.pair.state(), PairState::Suspended);
+    assert!(
+        matches!(failed, Err(VolumeError::WriteInhibited { .. }))
+            && matches!(held, Err(VolumeError::WriteInhibited { .. }))
+            && h.pair.write_inhibited(),
+        "critical heavy pair writable after the freeze: the write that failed {failed:?}, \
+         the held one {held:?}, inhibited {}",
+        h.pair.write_inhibited()
+    );
+    assert!(matches!(
+        write(&h.pair, 7).await.unwrap(),
+        Err(VolumeError::WriteInhibited { .. })
+    ));
+}
+
+/// A write to a suspended primary of a consistency group, made locally
+/// when another pair of the group fails, is held like every write of the
+/// group: it completes only after the freeze.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_a_suspended_group_primary_does_not_complete_while_the_group_holds() {
+    let group = ConsistencyGroup::new(Duration::from_secs(60));
+    let h = harness_with(false, false, Some(group.clone())).await;
+    h.pair.suspend(SuspendReason::Manual, None);
+    let (in_local, mut reached) = tokio::sync::mpsc::channel::<()>(1);
+    let go = Arc::new(Notify::new());
+    let w = {
+        let (pair, go) = (h.pair.clone(), go.clone());
+        tokio::spawn(async move {
+            pair.mirror(
+                VolumeOp::Write,
+                5 * TRACK,
+                4096,
+                Change::Write(Bytes::from(vec![7u8; 4096]), false),
+                |_| async move {
+                    let _ = in_local.send(()).await;
+                    go.notified().await;
+                    Ok(())
+                },
+            )
+            .await
+        })
+    };
+    reached.recv().await.unwrap();
+    // Another pair of the group cannot update its secondary.
+    group.hold("001TSTA1", "link lost");
+    go.notify_one();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !w.is_finished(),
+        "a write to a group primary completed while the group holds writes"
+    );
+    group.freeze();
+    w.await.unwrap().unwrap();
+    assert!(h.pair.oos().get(5) && h.pair.oos().is_durable(5));
 }
