@@ -279,15 +279,13 @@ async fn a_write_in_flight_keeps_its_mark_across_two_cleaning_passes() {
     );
 }
 
-/// Two cleaning passes at once (the periodic one, and the copier's last
-/// or a manual suspend's): the second resets what the first relies on
-/// (`touched`, `recent`, the epoch), so the first clears the mark of a
-/// write that began between them and is still in flight.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overlapping_cleaning_passes_keep_the_mark_of_a_write_in_flight() {
-    let h = harness().await;
+/// Writes track 10 and cleans (clearable now, written before the pass),
+/// then starts a periodic pass and returns it held at its secondary
+/// flush.
+async fn a_pass_held_at_its_flush(
+    h: &Harness,
+) -> tokio::task::JoinHandle<Result<u64, super::Failure>> {
     write(&h.pair, 10).await.unwrap().unwrap();
-    // Track 10 written before the previous pass: clearable now.
     h.pair.clean(true).await.unwrap();
     h.peer.hold_flushes.store(true, Ordering::SeqCst);
     let periodic = {
@@ -299,6 +297,17 @@ async fn overlapping_cleaning_passes_keep_the_mark_of_a_write_in_flight() {
         peer.flushes.load(Ordering::SeqCst) == 1
     })
     .await;
+    periodic
+}
+
+/// Two cleaning passes at once (the periodic one, and the copier's last
+/// or a manual suspend's): the second resets what the first relies on
+/// (`touched`, `recent`, the epoch), so the first clears the mark of a
+/// write that began between them and is still in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_cleaning_passes_keep_the_mark_of_a_write_in_flight() {
+    let h = harness().await;
+    let periodic = a_pass_held_at_its_flush(&h).await;
     h.peer.hold_writes.store(true, Ordering::SeqCst);
     let w = write(&h.pair, 20);
     let peer = h.peer.clone();
@@ -331,18 +340,7 @@ async fn overlapping_cleaning_passes_keep_the_mark_of_a_write_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pass_running_when_the_pair_suspends_keeps_the_marks_of_suspended_writes() {
     let h = harness().await;
-    write(&h.pair, 10).await.unwrap().unwrap();
-    h.pair.clean(true).await.unwrap();
-    h.peer.hold_flushes.store(true, Ordering::SeqCst);
-    let periodic = {
-        let pair = h.pair.clone();
-        tokio::spawn(async move { pair.clean(true).await })
-    };
-    let peer = h.peer.clone();
-    wait_until("the periodic pass's flush", move || {
-        peer.flushes.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    let periodic = a_pass_held_at_its_flush(&h).await;
     h.pair.suspend(SuspendReason::Manual, None);
     // A write on the primary alone: recorded durably, then made.
     write(&h.pair, 30).await.unwrap().unwrap();
