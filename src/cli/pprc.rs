@@ -52,7 +52,8 @@ pub enum PprcCommand {
         volume: String,
     },
     /// End a pair. At the primary both sides become simplex; at the
-    /// secondary (primary unreachable) the secondary becomes writable.
+    /// secondary (primary unreachable) the secondary becomes writable and
+    /// the pair cannot be resumed (establish it again with a full copy).
     #[command(visible_alias = "rm")]
     Terminate {
         /// Volume of either side.
