@@ -644,23 +644,10 @@ impl Drop for ClientGuard {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
     use std::time::Duration;
 
     use super::*;
-    use crate::config::Config;
-    use crate::io::Engine;
-    use crate::volume::server::StorageServer;
-
-    fn server(dir: &Path) -> Arc<StorageServer> {
-        let text = format!(
-            "[server]\nserial = \"FCB02\"\nstate_dir = \"{d}/state\"\n[nbd]\nlisten = []\nunix = \"{d}/nbd.sock\"\n[api]\nunix = \"{d}/api.sock\"\n[[lss]]\nid = 0x10\n[[volume]]\nlss = 0x10\nnumber = 0\npath = \"{d}/v.img\"\nsize = \"4MiB\"\n",
-            d = dir.display()
-        );
-        let cfg = Config::parse(&text, Path::new("<test>")).unwrap();
-        let engine = Engine::start(cfg.raw.server.io_engine).unwrap();
-        Arc::new(StorageServer::open(&cfg, engine).unwrap())
-    }
+    use crate::volume::server::test_server;
 
     /// A host write that was waiting at the gate while the volume became a
     /// PPRC secondary (which happens under the exclusive gate) is refused:
@@ -668,7 +655,7 @@ mod tests {
     #[tokio::test]
     async fn a_host_write_waiting_while_the_volume_becomes_a_secondary_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let srv = server(dir.path());
+        let srv = test_server(dir.path(), &["v.img"]);
         let v = srv.lookup("000FCB02").unwrap().clone();
         let quiet = v.gate().write().await;
         let write = tokio::spawn({

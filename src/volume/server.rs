@@ -173,3 +173,23 @@ impl StorageServer {
         failed
     }
 }
+
+/// Server FCB02 in `dir` with one 4 MiB volume of LSS 0x10 per file name
+/// (volume 0 first), for unit tests.
+#[cfg(test)]
+pub(crate) fn test_server(dir: &std::path::Path, files: &[&str]) -> Arc<StorageServer> {
+    use std::fmt::Write as _;
+    let d = dir.display();
+    let mut text = format!(
+        "[server]\nserial = \"FCB02\"\nstate_dir = \"{d}/state\"\n[nbd]\nlisten = []\nunix = \"{d}/nbd.sock\"\n[api]\nunix = \"{d}/api.sock\"\n[[lss]]\nid = 0x10\n"
+    );
+    for (number, file) in files.iter().enumerate() {
+        let _ = write!(
+            text,
+            "[[volume]]\nlss = 0x10\nnumber = {number}\npath = \"{d}/{file}\"\nsize = \"4MiB\"\n"
+        );
+    }
+    let cfg = crate::config::Config::parse(&text, std::path::Path::new("<test>")).unwrap();
+    let engine = Engine::start(cfg.raw.server.io_engine).unwrap();
+    Arc::new(StorageServer::open(&cfg, engine).unwrap())
+}

@@ -240,6 +240,23 @@ fn write(pair: &Arc<Pair>, track: u64) -> tokio::task::JoinHandle<Result<(), Vol
     })
 }
 
+/// Starts a write of `track` that the secondary holds, and waits until it
+/// is the secondary's `nth` write.
+async fn a_write_held_at_the_secondary(
+    h: &Harness,
+    track: u64,
+    nth: u64,
+) -> tokio::task::JoinHandle<Result<(), VolumeError>> {
+    h.peer.hold_writes.store(true, Ordering::SeqCst);
+    let w = write(&h.pair, track);
+    let peer = h.peer.clone();
+    wait_until("the write at the secondary", move || {
+        peer.writes.load(Ordering::SeqCst) == nth
+    })
+    .await;
+    w
+}
+
 /// A pass that returns early (nothing it may clear yet) flips the
 /// cleaning epoch without waiting for the writes of the old one; the
 /// next pass then waits only for the other epoch's writes and clears
@@ -248,13 +265,7 @@ fn write(pair: &Arc<Pair>, track: u64) -> tokio::task::JoinHandle<Result<(), Vol
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_in_flight_keeps_its_mark_across_two_cleaning_passes() {
     let h = harness().await;
-    h.peer.hold_writes.store(true, Ordering::SeqCst);
-    let w = write(&h.pair, 5);
-    let peer = h.peer.clone();
-    wait_until("the write at the secondary", move || {
-        peer.writes.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    let w = a_write_held_at_the_secondary(&h, 5, 1).await;
     assert_eq!(h.pair.marked(), 1);
     // Two periodic passes while the write is in flight.
     let passes = {
@@ -308,13 +319,7 @@ async fn a_pass_held_at_its_flush(
 async fn overlapping_cleaning_passes_keep_the_mark_of_a_write_in_flight() {
     let h = harness().await;
     let periodic = a_pass_held_at_its_flush(&h).await;
-    h.peer.hold_writes.store(true, Ordering::SeqCst);
-    let w = write(&h.pair, 20);
-    let peer = h.peer.clone();
-    wait_until("the write at the secondary", move || {
-        peer.writes.load(Ordering::SeqCst) == 2
-    })
-    .await;
+    let w = a_write_held_at_the_secondary(&h, 20, 2).await;
     let other = {
         let pair = h.pair.clone();
         tokio::spawn(async move { pair.clean(false).await })
@@ -362,13 +367,7 @@ async fn a_pass_running_when_the_pair_suspends_keeps_the_marks_of_suspended_writ
 async fn critical_heavy_in_a_consistency_group_inhibits_writes_after_the_freeze() {
     let group = ConsistencyGroup::new(Duration::from_secs(60));
     let h = harness_with(true, true, Some(group.clone())).await;
-    h.peer.hold_writes.store(true, Ordering::SeqCst);
-    let failed = write(&h.pair, 5);
-    let peer = h.peer.clone();
-    wait_until("the write at the secondary", move || {
-        peer.writes.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    let failed = a_write_held_at_the_secondary(&h, 5, 1).await;
     h.peer.release_writes(crate::nbd::proto::errno::EIO);
     let g = group.clone();
     wait_until("the group holding writes", move || {

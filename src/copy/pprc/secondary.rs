@@ -467,18 +467,10 @@ mod tests {
             Box::pin(async { Err(errno::ENOTSUP) })
         }
     }
-    use crate::config::Config;
     use crate::copy::pprc::link::PeerLink;
-    use crate::io::Engine;
 
     fn server(dir: &Path) -> Arc<StorageServer> {
-        let text = format!(
-            "[server]\nserial = \"FCB02\"\nstate_dir = \"{d}/state\"\n[nbd]\nlisten = []\nunix = \"{d}/nbd.sock\"\n[api]\nunix = \"{d}/api.sock\"\n[[lss]]\nid = 0x10\n[[volume]]\nlss = 0x10\nnumber = 0\npath = \"{d}/v.img\"\nsize = \"4MiB\"\n[[volume]]\nlss = 0x10\nnumber = 1\npath = \"{d}/w.img\"\nsize = \"4MiB\"\n",
-            d = dir.display()
-        );
-        let cfg = Config::parse(&text, Path::new("<test>")).unwrap();
-        let engine = Engine::start(cfg.raw.server.io_engine).unwrap();
-        Arc::new(StorageServer::open(&cfg, engine).unwrap())
+        crate::volume::server::test_server(dir, &["v.img", "w.img"])
     }
 
     /// The secret both test servers share.
