@@ -395,3 +395,112 @@ fn cpu_seconds(pid: i32) -> f64 {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     ticks as f64 / hz as f64
 }
+
+/// Sends NBD_OPT_SET_META_CONTEXT for `export` with `queries`; returns the
+/// reply types, the final one last.
+fn set_meta_context(s: &mut UnixStream, export: &str, queries: &[&str]) -> Vec<u32> {
+    let mut d = (export.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    send_option(s, proto::opt::SET_META_CONTEXT, &d);
+    let mut kinds = Vec::new();
+    loop {
+        let (opt, kind, _) = read_option_reply(s);
+        assert_eq!(opt, proto::opt::SET_META_CONTEXT);
+        kinds.push(kind);
+        if kind != proto::rep::META_CONTEXT {
+            return kinds;
+        }
+    }
+}
+
+/// Sends NBD_OPT_GO for `export` and reads its replies up to the ACK.
+fn go(s: &mut UnixStream, export: &str) {
+    let mut d = (export.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes());
+    send_option(s, proto::opt::GO, &d);
+    loop {
+        let (opt, kind, _) = read_option_reply(s);
+        assert_eq!(opt, proto::opt::GO);
+        match kind {
+            proto::rep::INFO => {}
+            proto::rep::ACK => return,
+            other => panic!("GO {export}: reply 0x{other:x}"),
+        }
+    }
+}
+
+/// Reads one structured reply chunk: (flags, type, cookie, payload).
+fn read_chunk(s: &mut UnixStream) -> (u16, u16, u64, Vec<u8>) {
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(&h[..4], &proto::STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    let flags = u16::from_be_bytes([h[4], h[5]]);
+    let kind = u16::from_be_bytes([h[6], h[7]]);
+    let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).unwrap();
+    (flags, kind, cookie, payload)
+}
+
+#[test]
+fn a_failed_set_meta_context_leaves_no_context_selected() {
+    // NBD_OPT_SET_META_CONTEXT "replaces all previously-set metadata
+    // contexts (including when this command fails)": after a failed one,
+    // BLOCK_STATUS has no context to report on and is refused (EINVAL),
+    // not answered from the context an earlier, successful one selected.
+    let dir = tempdir("meta");
+    let essd = server("uring", dir.path());
+    let mut s = raw_connect(&essd);
+    read_greeting(&mut s);
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    send_option(&mut s, proto::opt::STRUCTURED_REPLY, &[]);
+    assert_eq!(read_option_reply(&mut s).1, proto::rep::ACK);
+    assert_eq!(
+        set_meta_context(&mut s, "000TST01", &[proto::BASE_ALLOCATION]),
+        [proto::rep::META_CONTEXT, proto::rep::ACK]
+    );
+    assert_eq!(
+        set_meta_context(&mut s, "777TST01", &[proto::BASE_ALLOCATION]),
+        [proto::rep::ERR_UNKNOWN]
+    );
+    go(&mut s, "000TST01");
+    let req = proto::Request {
+        flags: 0,
+        command: proto::cmd::BLOCK_STATUS,
+        cookie: 7,
+        offset: 0,
+        length: 4096,
+    };
+    s.write_all(&req.encode()).unwrap();
+    let (flags, kind, cookie, payload) = read_chunk(&mut s);
+    assert_eq!(cookie, 7);
+    assert_eq!(flags, proto::chunk::FLAG_DONE);
+    assert_eq!(
+        kind,
+        proto::chunk::ERROR,
+        "block status answered with no context selected"
+    );
+    assert_eq!(
+        u32::from_be_bytes(payload[..4].try_into().unwrap()),
+        proto::errno::EINVAL
+    );
+    // The same session still works.
+    let req = proto::Request {
+        command: proto::cmd::READ,
+        cookie: 8,
+        length: 512,
+        ..req
+    };
+    s.write_all(&req.encode()).unwrap();
+    let (_, kind, cookie, payload) = read_chunk(&mut s);
+    assert_eq!((kind, cookie), (proto::chunk::OFFSET_DATA, 8));
+    assert_eq!(payload.len(), 8 + 512);
+    assert_eq!(essd.stop().code(), Some(0));
+}

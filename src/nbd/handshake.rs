@@ -259,6 +259,10 @@ async fn meta_context<S: AsyncWrite + Unpin>(
     server: &StorageServer,
     st: &mut State,
 ) -> Result<(), ProtocolError> {
+    if option == opt::SET_META_CONTEXT {
+        // SET replaces every context selected before, also when it fails.
+        st.meta = None;
+    }
     if option == opt::SET_META_CONTEXT && !st.structured {
         return reply(
             stream,
