@@ -504,3 +504,39 @@ fn a_failed_set_meta_context_leaves_no_context_selected() {
     assert_eq!(payload.len(), 8 + 512);
     assert_eq!(essd.stop().code(), Some(0));
 }
+
+#[test]
+fn an_export_name_too_long_to_buffer_closes_the_connection() {
+    // NBD_OPT_EXPORT_NAME has no option reply: the client reads the export
+    // size and flags next, and "if the server is unwilling to allow the
+    // export, it MUST terminate the session". An option reply (the
+    // ERR_TOO_BIG other options get for data too large to buffer) would be
+    // read as an export of 0x0003e889045565a9 bytes.
+    let dir = tempdir("longname");
+    let essd = server("uring", dir.path());
+    let mut s = raw_connect(&essd);
+    read_greeting(&mut s);
+    s.write_all(&3u32.to_be_bytes()).unwrap(); // NO_ZEROES
+    let name = vec![b'a'; proto::MAX_OPTION_LEN as usize + 1];
+    send_option(&mut s, proto::opt::EXPORT_NAME, &name);
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(
+        got.is_empty(),
+        "the server answered an EXPORT_NAME it refused with {} bytes: {:02x?}",
+        got.len(),
+        &got[..got.len().min(20)]
+    );
+    // Other clients are still served.
+    let mut s = raw_connect(&essd);
+    read_greeting(&mut s);
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    send_option(&mut s, proto::opt::EXPORT_NAME, b"000TST01");
+    let mut export = [0u8; 10];
+    s.read_exact(&mut export).unwrap();
+    assert_eq!(
+        u64::from_be_bytes(export[..8].try_into().unwrap()),
+        64 << 20
+    );
+    assert_eq!(essd.stop().code(), Some(0));
+}

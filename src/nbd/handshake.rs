@@ -80,7 +80,9 @@ where
         let h = proto::OptionHeader::decode(&header)?;
         if h.length > proto::MAX_OPTION_LEN {
             // Too large to buffer: say so if we can skip it, else hang up.
-            if h.length > 16 << 20 {
+            // EXPORT_NAME has no option reply (the client reads the export
+            // size next): an export it cannot have ends the session.
+            if h.length > 16 << 20 || h.option == opt::EXPORT_NAME {
                 return Err(ProtocolError::Handshake(format!(
                     "option {} with {} bytes of data",
                     h.option, h.length
