@@ -65,8 +65,8 @@ print("out-of-range ok")
 big = bytes(range(256)) * (128 << 10)          # 32 MiB
 h.pwrite(big, 1 << 20)
 assert h.pread(32 << 20, 1 << 20) == big
-expect_errno(errno.EOVERFLOW, h.pread, (32 << 20) + 1, 0)
-expect_errno(errno.EOVERFLOW, h.pwrite, b"\1" * ((32 << 20) + 1), 0)
+expect_errno(errno.EINVAL, h.pread, (32 << 20) + 1, 0)
+expect_errno(errno.EINVAL, h.pwrite, b"\1" * ((32 << 20) + 1), 0)
 assert h.pread(11, 0) == b"still alive"
 print("max-size ok")
 
@@ -502,6 +502,49 @@ fn a_failed_set_meta_context_leaves_no_context_selected() {
     let (_, kind, cookie, payload) = read_chunk(&mut s);
     assert_eq!((kind, cookie), (proto::chunk::OFFSET_DATA, 8));
     assert_eq!(payload.len(), 8 + 512);
+    assert_eq!(essd.stop().code(), Some(0));
+}
+
+const OVERSIZED: &str = r#"
+import errno, sys, nbd
+
+def errno_of(fn, *args):
+    try:
+        fn(*args)
+    except nbd.Error as e:
+        return e.errno if isinstance(e.errno, int) else getattr(errno, str(e.errno), e.errno)
+    raise AssertionError(f"{fn.__name__} succeeded")
+
+h = nbd.NBD()
+h.set_strict_mode(0)
+h.connect_uri(sys.argv[1])
+assert h.get_structured_replies_negotiated()
+too_big = (32 << 20) + 1
+got = {
+    "read": errno_of(h.pread, too_big, 0),
+    "write": errno_of(h.pwrite, b"\1" * too_big, 0),
+    "read-df": errno_of(h.pread, too_big, 0, nbd.CMD_FLAG_DF),
+}
+assert h.pread(4, 0) == bytes(4)
+print(" ".join(f"{k}={errno.errorcode[v]}" for k, v in got.items()))
+"#;
+
+#[test]
+fn requests_over_the_maximum_block_size_get_einval() {
+    // proto.md, "Block size constraints": "The server SHOULD report an
+    // NBD_EINVAL error if the client's request ... is larger than the
+    // advertised maximum block size", and "Error values": "The server
+    // SHOULD NOT return NBD_EOVERFLOW except as documented in response to
+    // NBD_CMD_READ when NBD_CMD_FLAG_DF is supported". So an oversized
+    // READ or WRITE gets EINVAL with structured replies too; only a READ
+    // with DF may get EOVERFLOW.
+    let dir = tempdir("oversized");
+    let essd = server("uring", dir.path());
+    let out = python(OVERSIZED, &[&essd.uri("000TST01")]);
+    assert!(
+        out.contains("read=EINVAL write=EINVAL read-df=EOVERFLOW"),
+        "{out}"
+    );
     assert_eq!(essd.stop().code(), Some(0));
 }
 

@@ -141,17 +141,14 @@ where
                     // Skipped bytes are read in full buffers, not one
                     // header at a time (as after a large request).
                     plan.took(0);
-                    let code = if session.structured {
-                        errno::EOVERFLOW
-                    } else {
-                        errno::EINVAL
-                    };
+                    // EINVAL, as for any request over the maximum block
+                    // size (EOVERFLOW is only for a READ with DF).
                     let msg = format!(
                         "write of {} bytes exceeds the maximum {}",
                         req.length,
                         proto::MAX_PAYLOAD
                     );
-                    skipped_reply = Some(error_reply(&session, req.cookie, code, &msg));
+                    skipped_reply = Some(error_reply(&session, req.cookie, errno::EINVAL, &msg));
                 }
                 Ok(Parsed::Request(req, _)) if req.command == cmd::DISC => reading = false,
                 Ok(Parsed::Request(req, payload)) => {
@@ -246,7 +243,10 @@ async fn handle(session: Arc<Session>, req: Request, payload: Payload) -> Reply 
     let outcome: Result<Option<Reply>, VolumeError> = match req.command {
         cmd::READ => {
             if req.length > proto::MAX_PAYLOAD {
-                let code = if s.structured {
+                // A READ that may not be fragmented may get EOVERFLOW;
+                // otherwise a request over the maximum block size gets
+                // EINVAL (proto.md, "Block size constraints").
+                let code = if req.flags & cflag::DF != 0 {
                     errno::EOVERFLOW
                 } else {
                     errno::EINVAL
