@@ -348,3 +348,53 @@ print("ok")
     assert_eq!(out.trim(), "ok");
     assert_eq!(essd.stop().code(), Some(0));
 }
+
+#[test]
+fn direct_io_volume_of_a_size_off_the_4k_block_copies_whole_with_nbdcopy() {
+    // A direct-I/O volume advertised a minimum block size of 4096 whatever
+    // its size; a client that honours it (nbdcopy, qemu: libnbd's strict
+    // alignment) cannot reach the last bytes of a 1,000,000-byte volume
+    // and fails. proto.md: "If a server advertises a minimum block size,
+    // the advertised export size SHOULD be an integer multiple of that
+    // block size, since otherwise, the client would be unable to access
+    // the final few bytes of the export."
+    require("nbdcopy", "libnbd-bin");
+    const SIZE: usize = 1_000_000;
+    for engine in ENGINES {
+        let dir = tempdir("direct-odd");
+        let mut cfg = TestConfig::new(engine);
+        cfg.volumes = vec![Vol {
+            direct_io: true,
+            ..Vol::new(0x10, 0, "1000000")
+        }];
+        let essd = Essd::start_in(dir.path(), &cfg);
+        let src = dir.path().join("src.bin");
+        let back = dir.path().join("back.bin");
+        random_file(&src, SIZE, 11);
+        for (from, to) in [
+            (src.display().to_string(), essd.uri("000TST01")),
+            (essd.uri("000TST01"), back.display().to_string()),
+        ] {
+            let out = Command::new("nbdcopy")
+                .arg(&from)
+                .arg(&to)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{engine}: nbdcopy {from} {to}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert_eq!(sha256_file(&src), sha256_file(&back), "{engine}");
+        let json = run_text(
+            Command::new("nbdinfo")
+                .arg("--json")
+                .arg(essd.uri("000TST01")),
+        );
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let min = v["exports"][0]["block_size_minimum"].as_u64().unwrap();
+        assert_eq!(SIZE as u64 % min, 0, "{engine}: minimum block {min}");
+        assert_eq!(essd.stop().code(), Some(0));
+    }
+}

@@ -233,7 +233,7 @@ async fn send_infos<S: AsyncWrite + Unpin>(
     // Block sizes are always sent; the spec allows it unrequested.
     let mut bs = BytesMut::new();
     bs.put_u16(info::BLOCK_SIZE);
-    bs.put_u32(v.store().alignment() as u32);
+    bs.put_u32(minimum_block(v.store().alignment() as u64, v.size()));
     bs.put_u32(settings.preferred_block.max(v.store().alignment() as u32));
     bs.put_u32(proto::MAX_PAYLOAD);
     reply(stream, option, rep::INFO, &bs).await?;
@@ -252,6 +252,22 @@ async fn send_infos<S: AsyncWrite + Unpin>(
         }
     }
     Ok(())
+}
+
+/// The minimum block size advertised for an export of `size` bytes whose
+/// store prefers requests aligned to `alignment` (a power of two): the
+/// alignment, lowered until it divides the size. A client that honours the
+/// minimum must still reach the export's last bytes (the store serves
+/// unaligned requests with a read-modify-write).
+fn minimum_block(alignment: u64, size: u64) -> u32 {
+    // The largest power of two dividing the size (none for size 0).
+    let size_align = size & size.wrapping_neg();
+    let min = if size_align == 0 {
+        alignment
+    } else {
+        alignment.min(size_align)
+    };
+    min.min(u64::from(u32::MAX)) as u32
 }
 
 async fn meta_context<S: AsyncWrite + Unpin>(
@@ -322,4 +338,19 @@ async fn skip<S: AsyncRead + Unpin>(stream: &mut S, mut n: u64) -> Result<(), Pr
         n -= want as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::minimum_block;
+
+    #[test]
+    fn the_minimum_block_divides_the_export_size() {
+        assert_eq!(minimum_block(4096, 16 << 20), 4096);
+        assert_eq!(minimum_block(1, 1_000_000), 1);
+        assert_eq!(minimum_block(4096, 1_000_000), 64);
+        assert_eq!(minimum_block(4096, 10_000), 16);
+        assert_eq!(minimum_block(512, 4096 + 512), 512);
+        assert_eq!(minimum_block(4096, 4097), 1);
+    }
 }
