@@ -260,3 +260,55 @@ fn loop_device_backing_serves_and_persists_data() {
         );
     }
 }
+
+#[test]
+fn fast_zero_with_no_hole_does_not_deprovision_a_block_device() {
+    // NBD_CMD_FLAG_NO_HOLE: "the area MUST be fully provisioned". On a
+    // block device a fast-only WRITE_ZEROES was done with PUNCH_HOLE (a
+    // zero-out that may unmap) even with NO_HOLE: on a loop device (like a
+    // thin volume) that punched a hole in the storage behind it. A fast
+    // request may instead fail with ENOTSUP ("MAY depend on ... whether
+    // the NBD_CMD_FLAG_NO_HOLE flag was present"), without changing the
+    // export.
+    require_root("losetup");
+    require("losetup", "mount");
+    for engine in ENGINES {
+        let dir = tempdir("blk-nohole");
+        let image = dir.path().join("disk.img");
+        random_file(&image, 16 << 20, 5);
+        let lo = LoopDev::attach(&image);
+        let mut cfg = TestConfig::new(engine);
+        cfg.volumes = vec![Vol {
+            size: None,
+            path: Some(lo.dev.clone()),
+            ..Vol::new(0x10, 0, "")
+        }];
+        let essd = Essd::start_in(dir.path(), &cfg);
+        let out = python(
+            r#"
+import errno, nbd, os, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+before = h.pread(4 << 20, 1 << 20)
+try:
+    h.zero(4 << 20, 1 << 20, nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FAST_ZERO)
+    done = True
+except nbd.Error as e:
+    assert e.errno == errno.ENOTSUP or e.errno == "ENOTSUP", e
+    done = False
+h.flush()
+after = h.pread(4 << 20, 1 << 20)
+assert after == (bytes(4 << 20) if done else before), "contents"
+fd = os.open(sys.argv[2], os.O_RDONLY)
+print("first hole at", os.lseek(fd, 0, os.SEEK_HOLE))
+"#,
+            &[&essd.uri("000TST01"), &image.display().to_string()],
+        );
+        assert_eq!(
+            out.trim(),
+            format!("first hole at {}", 16 << 20),
+            "{engine}: NO_HOLE zeroing left a hole behind the device"
+        );
+        assert_eq!(essd.stop().code(), Some(0));
+    }
+}

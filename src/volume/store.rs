@@ -425,6 +425,12 @@ impl BackingStore {
             BackingKind::File => self.alignment() as u64,
             BackingKind::BlockDevice => self.alignment().max(512) as u64,
         };
+        if fast_only && !may_punch && self.kind == BackingKind::BlockDevice {
+            // On a block device only PUNCH_HOLE zeroes without falling back
+            // to writes, and it may unmap (deprovision a thin device), which
+            // NO_HOLE forbids: not fast, and nothing is changed.
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
         let end = offset + len;
         let mid_start = offset.div_ceil(a) * a;
         if mid_start >= end {
@@ -435,7 +441,7 @@ impl BackingStore {
             self.write_zero_bytes(offset, mid_start - offset).await?;
         }
         if mid_end > mid_start {
-            let mode = if may_punch || (self.kind == BackingKind::BlockDevice && fast_only) {
+            let mode = if may_punch {
                 // On block devices PUNCH_HOLE zeroes without falling back to writes.
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
             } else {
