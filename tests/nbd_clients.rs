@@ -398,3 +398,56 @@ fn direct_io_volume_of_a_size_off_the_4k_block_copies_whole_with_nbdcopy() {
         assert_eq!(essd.stop().code(), Some(0));
     }
 }
+
+#[test]
+fn a_refused_fast_zero_leaves_an_unaligned_direct_io_range_unchanged() {
+    // NBD_CMD_FLAG_FAST_ZERO: the server "MUST fail quickly with
+    // NBD_ENOTSUP unless the request can be serviced in less time than a
+    // corresponding NBD_CMD_WRITE, and SHOULD NOT alter the contents of the
+    // export when returning this failure". On a direct-I/O volume the
+    // unaligned head of the range was zeroed (written) before the
+    // file system refused to zero the aligned middle quickly (tmpfs has no
+    // FALLOC_FL_ZERO_RANGE, which NO_HOLE asks for).
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("skipped: no /dev/shm");
+        return;
+    }
+    for engine in ENGINES {
+        let dir = tempdir("fast-zero");
+        let backing = tempfile::Builder::new()
+            .prefix("essd-fast-zero-")
+            .tempdir_in(shm)
+            .unwrap();
+        let mut cfg = TestConfig::new(engine);
+        cfg.volumes = vec![Vol {
+            direct_io: true,
+            path: Some(backing.path().join("v.img")),
+            ..Vol::new(0x10, 0, "1MiB")
+        }];
+        let essd = Essd::start_in(dir.path(), &cfg);
+        let out = python(
+            r#"
+import errno, nbd, sys
+h = nbd.NBD()
+h.set_strict_mode(0)
+h.connect_uri(sys.argv[1])
+h.pwrite(b"\x77" * 16384, 0)
+try:
+    h.zero(8192, 100, nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FAST_ZERO)
+    print("zeroed" if h.pread(8192, 100) == bytes(8192) else "not zeroed")
+except nbd.Error as e:
+    assert e.errno in (errno.ENOTSUP, "ENOTSUP"), e
+    got = h.pread(16384, 0)
+    print("refused,", "unchanged" if got == b"\x77" * 16384 else
+          f"changed at {[i for i in range(16384) if got[i] != 0x77][:1]}")
+"#,
+            &[&essd.uri("000TST01")],
+        );
+        assert!(
+            out.trim() == "refused, unchanged" || out.trim() == "zeroed",
+            "{engine}: {out}"
+        );
+        assert_eq!(essd.stop().code(), Some(0));
+    }
+}

@@ -437,9 +437,8 @@ impl BackingStore {
             return self.write_zero_bytes(offset, len).await;
         }
         let mid_end = end / a * a;
-        if mid_start > offset {
-            self.write_zero_bytes(offset, mid_start - offset).await?;
-        }
+        // The aligned middle first: a fast-only request refused there has
+        // not changed the head yet.
         if mid_end > mid_start {
             let mode = if may_punch {
                 // On block devices PUNCH_HOLE zeroes without falling back to writes.
@@ -459,6 +458,9 @@ impl BackingStore {
                 }
                 Err(e) => return Err(e),
             }
+        }
+        if mid_start > offset {
+            self.write_zero_bytes(offset, mid_start - offset).await?;
         }
         if end > mid_end {
             self.write_zero_bytes(mid_end, end - mid_end).await?;
