@@ -583,3 +583,42 @@ fn an_export_name_too_long_to_buffer_closes_the_connection() {
     );
     assert_eq!(essd.stop().code(), Some(0));
 }
+
+#[test]
+fn an_error_reply_quoting_a_long_export_name_stays_within_4096_bytes() {
+    // proto.md, "Conventions": a string (export names and error messages
+    // alike) "MUST be no longer than 4096 bytes". The ERR_UNKNOWN message
+    // quoted the client's export name whole: with a 4096-byte name it was
+    // longer, and libnbd refused it ("option error string too long")
+    // instead of reporting the unknown export.
+    let dir = tempdir("longmsg");
+    let essd = server("uring", dir.path());
+    let out = python(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.set_export_name("a" * 4096)
+try:
+    h.connect_unix(sys.argv[1])
+    print("connected?")
+except nbd.Error as e:
+    print(e.string[:80])
+"#,
+        &[&essd.nbd_sock.display().to_string()],
+    );
+    assert!(out.contains("no export named"), "{out}");
+    // The raw reply: ERR_UNKNOWN with a message of at most 4096 bytes.
+    let mut s = raw_connect(&essd);
+    read_greeting(&mut s);
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    let name = "é".repeat(2048);
+    let mut info = (name.len() as u32).to_be_bytes().to_vec();
+    info.extend_from_slice(name.as_bytes());
+    info.extend_from_slice(&0u16.to_be_bytes());
+    send_option(&mut s, proto::opt::INFO, &info);
+    let (_, kind, msg) = read_option_reply(&mut s);
+    assert_eq!(kind, proto::rep::ERR_UNKNOWN);
+    assert!(msg.len() <= 4096, "{} bytes", msg.len());
+    assert!(std::str::from_utf8(&msg).is_ok());
+    assert_eq!(essd.stop().code(), Some(0));
+}
