@@ -1864,3 +1864,31 @@ fn a_failback_to_a_smaller_old_primary_is_refused() {
     assert_eq!(show(a, &va)["role"], "primary");
     assert_eq!(try_write(a, &va), "writable ok");
 }
+
+/// A FlashCopy onto the primary of a duplex pair gives the primary the
+/// source's content at T0 in an instant, without a host write: unless it
+/// is refused, the secondary must follow. Either way, once the pair is
+/// duplex the two volumes are equal.
+#[test]
+fn a_flashcopy_onto_a_duplex_primary_leaves_the_secondary_equal() {
+    let s = Sites::start("pprc-fc-onto-primary", |_| {});
+    let (a, b) = (&s.a, &s.b);
+    let (src, pa, pb) = (a.vol(0x10, 0), a.vol(0x10, 1), b.vol(0x10, 0));
+    fill(a, &src, s.dir_a.path(), 8, 61);
+    fill(a, &pa, s.dir_a.path(), 8, 62);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    essctl(a, &["pprc", "establish", &pa, &pb]).ok();
+    wait_duplex(a, &pa);
+    assert_eq!(volume_sha(a, &pa), volume_sha(b, &pb));
+    // Refused, or done with the secondary kept equal.
+    let fc = essctl(
+        a,
+        &["flashcopy", "establish", &format!("{src}:{pa}"), "--nocopy"],
+    );
+    wait_duplex(a, &pa);
+    assert_eq!(
+        volume_sha(a, &pa),
+        volume_sha(b, &pb),
+        "duplex pair differs after a FlashCopy onto its primary ({fc:?})"
+    );
+}

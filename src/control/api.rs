@@ -382,6 +382,7 @@ impl From<FlashCopyError> for ApiError {
             | FlashCopyError::TargetTooSmall { .. }
             | FlashCopyError::InRelationship { .. }
             | FlashCopyError::ReadOnlyTarget(_)
+            | FlashCopyError::PprcPrimaryTarget { .. }
             | FlashCopyError::TargetOnline { .. } => StatusCode::CONFLICT,
             FlashCopyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             FlashCopyError::Bitmap(_)

@@ -79,6 +79,17 @@ pub enum FlashCopyError {
     /// The target is a read-only volume.
     #[error("target {0} is a read-only volume")]
     ReadOnlyTarget(String),
+    /// The target is the primary of a PPRC pair: a FlashCopy would change
+    /// its content with no write its secondary could follow.
+    #[error("target {target} is the primary of PPRC pair {target} → {peer} {peer_volume}: a FlashCopy onto it would leave its secondary different; terminate the pair first")]
+    PprcPrimaryTarget {
+        /// Target ID.
+        target: String,
+        /// The pair's secondary server.
+        peer: String,
+        /// The pair's secondary volume.
+        peer_volume: String,
+    },
     /// The target has NBD clients and the request did not permit it.
     #[error("target {target} has {clients} connected NBD client(s); disconnect them or permit establishing onto an online target")]
     TargetOnline {
@@ -438,6 +449,21 @@ impl FlashCopyManager {
         let mut gates = Vec::new();
         for v in &volumes {
             gates.push(v.gate().write().await);
+        }
+        // Under the gates: a pair attaches (and a volume becomes a
+        // secondary) under its volume's gate, so none can slip in before
+        // the relationship is attached.
+        for (_, target) in &resolved {
+            if let Some(pair) = target.pprc() {
+                return Err(FlashCopyError::PprcPrimaryTarget {
+                    target: target.name().to_string(),
+                    peer: pair.spec.peer.clone(),
+                    peer_volume: pair.spec.peer_volume.clone(),
+                });
+            }
+            if !target.writable() {
+                return Err(FlashCopyError::ReadOnlyTarget(target.name().to_string()));
+            }
         }
         // Writes acknowledged before T0 become durable with it.
         for (source, _) in &resolved {
