@@ -1892,3 +1892,34 @@ fn a_flashcopy_onto_a_duplex_primary_leaves_the_secondary_equal() {
         "duplex pair differs after a FlashCopy onto its primary ({fc:?})"
     );
 }
+
+/// The redbook's FlashCopy target as a PPRC primary: a withdraw of the
+/// NOCOPY relationship while the pair is still duplex turns the target's
+/// uncopied tracks back into whatever its own blocks hold, without a host
+/// write. Unless that is refused, the secondary must follow.
+#[test]
+fn withdrawing_a_flashcopy_from_a_duplex_primary_leaves_the_secondary_equal() {
+    let s = Sites::start("pprc-fc-withdraw", |_| {});
+    let (a, b) = (&s.a, &s.b);
+    let (src, pa, pb) = (a.vol(0x10, 0), a.vol(0x10, 1), b.vol(0x10, 0));
+    fill(a, &src, s.dir_a.path(), 8, 63);
+    fill(a, &pa, s.dir_a.path(), 8, 64);
+    essctl(
+        a,
+        &["flashcopy", "establish", &format!("{src}:{pa}"), "--nocopy"],
+    )
+    .ok();
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    essctl(a, &["pprc", "establish", &pa, &pb]).ok();
+    wait_duplex(a, &pa);
+    // Some tracks are copied (copy-before-write), most are not.
+    write_tracks(a, &src, 65, 20);
+    assert_eq!(volume_sha(a, &pa), volume_sha(b, &pb));
+    let withdraw = essctl(a, &["flashcopy", "withdraw", &format!("{src}:{pa}")]);
+    wait_duplex(a, &pa);
+    assert_eq!(
+        volume_sha(a, &pa),
+        volume_sha(b, &pb),
+        "duplex pair differs after a withdraw on its primary ({withdraw:?})"
+    );
+}

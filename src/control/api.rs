@@ -383,6 +383,7 @@ impl From<FlashCopyError> for ApiError {
             | FlashCopyError::InRelationship { .. }
             | FlashCopyError::ReadOnlyTarget(_)
             | FlashCopyError::PprcPrimaryTarget { .. }
+            | FlashCopyError::MirroredTarget { .. }
             | FlashCopyError::TargetOnline { .. } => StatusCode::CONFLICT,
             FlashCopyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             FlashCopyError::Bitmap(_)

@@ -90,6 +90,18 @@ pub enum FlashCopyError {
         /// The pair's secondary volume.
         peer_volume: String,
     },
+    /// Withdrawing would change a target that is in a PPRC pair: its
+    /// uncopied tracks would no longer read the source's T0 content, with
+    /// no write the other side of the pair could follow.
+    #[error("target {target} of {source_id} → {target} is in a PPRC pair and {uncopied} of its tracks are not copied yet: a withdraw would leave the pair's volumes different; terminate the pair first, or wait for the background copy")]
+    MirroredTarget {
+        /// The relationship's source.
+        source_id: String,
+        /// Target ID.
+        target: String,
+        /// Tracks still read from the source.
+        uncopied: u64,
+    },
     /// The target has NBD clients and the request did not permit it.
     #[error("target {target} has {clients} connected NBD client(s); disconnect them or permit establishing onto an online target")]
     TargetOnline {
@@ -713,6 +725,19 @@ impl FlashCopyManager {
                 if !chosen.iter().any(|c| Arc::ptr_eq(c, &r)) {
                     chosen.push(r);
                 }
+            }
+        }
+        for rel in &chosen {
+            let mirrored = self
+                .server
+                .lookup(&rel.target_id)
+                .is_some_and(|t| t.pprc().is_some() || t.is_secondary());
+            if mirrored && !rel.bitmap().all_set() {
+                return Err(FlashCopyError::MirroredTarget {
+                    source_id: rel.source_id.clone(),
+                    target: rel.target_id.clone(),
+                    uncopied: rel.bitmap().tracks() - rel.bitmap().count(),
+                });
             }
         }
         let views: Vec<RelationshipView> = chosen.iter().map(|r| RelationshipView::of(r)).collect();
