@@ -38,7 +38,9 @@ pub fn nbd_errno(e: &VolumeError) -> u32 {
             crate::volume::VolumeOp::Write | crate::volume::VolumeOp::WriteZeroes => errno::ENOSPC,
             _ => errno::EINVAL,
         },
-        VolumeError::ReadOnly { .. } | VolumeError::Secondary { .. } => errno::EPERM,
+        VolumeError::ReadOnly { .. }
+        | VolumeError::Secondary { .. }
+        | VolumeError::NotSecondary { .. } => errno::EPERM,
         // The server's own bookkeeping failed: nothing the client can
         // change (an EPERM from the file would suggest a read-only export).
         VolumeError::WriteInhibited { .. } | VolumeError::Unrecorded { .. } => errno::EIO,

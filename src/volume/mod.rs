@@ -103,6 +103,15 @@ pub enum VolumeError {
         /// Volume ID.
         volume: String,
     },
+    /// A change mirrored from a PPRC primary reached a volume that is no
+    /// longer a secondary (it took over while the change waited).
+    #[error("{op} mirrored to volume {volume} refused: it is no longer a PPRC secondary")]
+    NotSecondary {
+        /// Operation.
+        op: VolumeOp,
+        /// Volume ID.
+        volume: String,
+    },
     /// A critical PPRC pair could not update its secondary.
     #[error("{op} refused: volume {volume} is write-inhibited (critical PPRC pair cannot update its secondary)")]
     WriteInhibited {
@@ -569,6 +578,7 @@ impl Volume {
     /// Applies a change mirrored from a PPRC primary: range-checked, then
     /// through the FlashCopy layer, but not subject to the host access
     /// gate (a secondary refuses host writes and takes its primary's).
+    /// Refused once the volume is no longer a secondary.
     pub async fn apply_mirrored(
         &self,
         offset: u64,
@@ -582,6 +592,16 @@ impl Volume {
         };
         self.check_range(op, offset, len)?;
         let _gate = self.gate.read().await;
+        // Checked under the gate: a secondary takes over (failover) under
+        // the exclusive gate, and a change that waited for it then would
+        // land, unrecorded, over what hosts write there from now on.
+        if !self.is_secondary() {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            return Err(VolumeError::NotSecondary {
+                op,
+                volume: self.id_text.clone(),
+            });
+        }
         self.change_below_pprc(op, offset, len, change).await
     }
 

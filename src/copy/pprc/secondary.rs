@@ -447,6 +447,14 @@ mod tests {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(volume.to_string());
         }
+
+        /// Stops `volume` accepting mirrored changes.
+        fn remove(&self, volume: &str) {
+            self.0
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(volume);
+        }
     }
 
     impl PeerRequests for Secondaries {
@@ -514,6 +522,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let secondaries = Arc::new(Secondaries::default());
         secondaries.insert("000FCB02");
+        server.lookup("000FCB02").unwrap().set_secondary(true);
         let task = tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
             serve_as_fcb02(stream, server, secondaries).await
@@ -731,5 +740,58 @@ mod tests {
         drop(first);
         let answer = tokio::time::timeout(Duration::from_secs(5), ask).await;
         assert_eq!(answer.unwrap().unwrap().unwrap(), 0);
+    }
+
+    /// A mirrored write that was accepted while the volume was a
+    /// secondary, but waited at its gate while the volume took over (a
+    /// failover flips it under the exclusive gate), is refused: landing
+    /// after the failover it would overwrite, unrecorded, what hosts
+    /// write to the volume that took over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mirrored_write_waiting_while_the_volume_takes_over_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let srv = server(dir.path());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let secondaries = Arc::new(Secondaries::default());
+        secondaries.insert("000FCB02");
+        let v = srv.lookup("000FCB02").unwrap().clone();
+        v.set_secondary(true);
+        tokio::spawn({
+            let (srv, secondaries) = (srv.clone(), secondaries.clone());
+            async move {
+                let (stream, _) = listener.accept().await.unwrap();
+                serve_as_fcb02(stream, srv, secondaries).await
+            }
+        });
+        let link = Arc::new(open_as_fca31(tcp(addr).await, SECRET).await.unwrap());
+        let quiet = v.gate().write().await;
+        let write = tokio::spawn({
+            let link = link.clone();
+            async move {
+                link.request(Message::Write {
+                    volume: *b"000FCB02",
+                    offset: 0,
+                    fua: true,
+                    copy: false,
+                    data: Bytes::from(vec![0xAB; 4096]),
+                })
+                .await
+                .unwrap()
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!write.is_finished());
+        // The failover, under the gate: no longer a secondary.
+        secondaries.remove("000FCB02");
+        v.set_secondary(false);
+        drop(quiet);
+        let answer = tokio::time::timeout(Duration::from_secs(5), write)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(answer, 0, "the stale mirrored write was applied");
+        let image = std::fs::read(dir.path().join("v.img")).unwrap();
+        assert!(image.iter().all(|&b| b == 0));
     }
 }
