@@ -1923,3 +1923,35 @@ fn withdrawing_a_flashcopy_from_a_duplex_primary_leaves_the_secondary_equal() {
         "duplex pair differs after a withdraw on its primary ({withdraw:?})"
     );
 }
+
+/// A terminate whose record cannot be written changes nothing: the pair
+/// goes on mirroring. (It used to detach the pair first and answer the
+/// error after: hosts then wrote the primary alone, unrecorded, and the
+/// restart brought the pair back from the old record and resynced only
+/// its marks, so the duplex pair's volumes differed.)
+#[test]
+fn a_terminate_that_cannot_be_recorded_leaves_the_pair_mirroring() {
+    let mut s = Sites::start("pprc-terminate-unrecorded", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    fill(&s.a, &va, s.dir_a.path(), 4, 81);
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb]).ok();
+    wait_duplex(&s.a, &va);
+    // The record's temporary file cannot be created.
+    let blocker = s.dir_a.path().join("state/pprc/.pairs.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let terminate = essctl(&s.a, &["pprc", "terminate", &va]);
+    std::fs::remove_dir(&blocker).unwrap();
+    assert_ne!(terminate.code, 0, "{terminate:?}");
+    write_tracks(&s.a, &va, 82, 20);
+    s.a.kill_and_restart("TSTA1");
+    let v = show(&s.a, &va);
+    if v["role"] == "primary" {
+        wait_state(&s.a, &va, "duplex");
+        assert_eq!(
+            volume_sha(&s.a, &va),
+            volume_sha(&s.b, &vb),
+            "duplex pair differs after a terminate that failed ({terminate:?})"
+        );
+    }
+}

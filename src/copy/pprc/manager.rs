@@ -986,16 +986,23 @@ impl PprcManager {
             Entry::Primary(pair) => self.view_primary(pair).await,
             Entry::Secondary(side) => self.view_secondary(side),
         };
-        match entries.remove(i) {
+        // Recorded first: if the record cannot be written nothing changes
+        // (a pair ended here but still in the record would come back at
+        // restart and resync only its marks, not what hosts wrote here
+        // meanwhile); and a crash after the secondary was told must not
+        // bring the pair back here at restart.
+        let entry = entries.remove(i);
+        if let Err(e) = self.save_locked(&entries) {
+            entries.insert(i, entry);
+            return Err(e);
+        }
+        match entry {
             Entry::Primary(pair) => {
                 pair.stop_tasks();
                 {
                     let _quiet = vol.gate().write().await;
                     vol.detach_pprc();
                 }
-                // Recorded first: a crash after the secondary was told
-                // must not bring the pair back here at restart.
-                self.save_locked(&entries)?;
                 let told = self
                     .tell(&pair.spec, json!({"op": "terminate", "volume": pair.spec.peer_volume, "primary": volume}))
                     .await;
@@ -1027,7 +1034,6 @@ impl PprcManager {
                 if let Some(h) = &side.handover {
                     let _ = std::fs::remove_file(self.dir.join(h));
                 }
-                self.save_locked(&entries)?;
                 self.log.record(
                     "pprc.pair.terminate",
                     format!(
