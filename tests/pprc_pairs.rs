@@ -1955,3 +1955,40 @@ fn a_terminate_that_cannot_be_recorded_leaves_the_pair_mirroring() {
         );
     }
 }
+
+/// A failover whose record cannot be written changes nothing: the volume
+/// stays a protected secondary. (It used to make the volume a writable
+/// primary first and answer the error after: hosts wrote it, the restart
+/// made it the secondary again from the old record, and the resumed pair
+/// went duplex with those writes on the secondary only.)
+#[test]
+fn a_failover_that_cannot_be_recorded_leaves_the_secondary_protected() {
+    let mut s = Sites::start("pprc-failover-unrecorded", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_state(&s.b, &vb, "duplex");
+    essctl(&s.a, &["pprc", "suspend", &va]).ok();
+    // The record's temporary file cannot be created.
+    let blocker = s.dir_b.path().join("state/pprc/.pairs.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let failover = essctl(&s.b, &["pprc", "failover", &vb]);
+    std::fs::remove_dir(&blocker).unwrap();
+    assert_ne!(failover.code, 0, "{failover:?}");
+    let answer = try_write(&s.b, &vb);
+    assert_eq!(
+        show(&s.b, &vb)["role"],
+        "secondary",
+        "failover answered {failover:?}"
+    );
+    s.b.kill_and_restart("TSTB2");
+    assert_eq!(show(&s.b, &vb)["role"], "secondary", "after the restart");
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "resume", &va]).ok();
+    wait_duplex(&s.a, &va);
+    assert_eq!(
+        volume_sha(&s.a, &va),
+        volume_sha(&s.b, &vb),
+        "duplex pair differs; a host write at B after the failed failover answered {answer:?}"
+    );
+}

@@ -1099,14 +1099,23 @@ impl PprcManager {
         let mut status = new_status(PairState::Suspended, Some(SuspendReason::Failover));
         status.detail = Some(format!("took over from {} {}", old.peer, old.peer_volume));
         let pair = self.new_pair(spec, &vol, oos, status);
+        // Recorded before the volume takes over: if the record cannot be
+        // written nothing changes (a volume written by hosts here that the
+        // record still calls a secondary would be the secondary again at
+        // restart, with those writes on it alone).
+        let side = std::mem::replace(&mut entries[i], Entry::Primary(pair.clone()));
+        if let Err(e) = self.save_locked(&entries) {
+            entries[i] = side;
+            pair.stop_tasks();
+            let _ = pair.oos().remove_file();
+            return Err(e);
+        }
         {
             let _quiet = vol.gate().write().await;
             vol.attach_pprc(pair.clone());
             self.unpublish_secondary(volume);
             vol.set_secondary(false);
         }
-        entries[i] = Entry::Primary(pair.clone());
-        self.save_locked(&entries)?;
         if let Some(h) = &handover {
             let _ = std::fs::remove_file(self.dir.join(h));
         }
