@@ -240,3 +240,17 @@ async fn completions_beyond_the_completion_queue_are_delivered() {
     let later = tokio::time::timeout(std::time::Duration::from_secs(5), later).await;
     assert_eq!(later.expect("the completion after the burst").unwrap(), 1);
 }
+
+#[test]
+fn a_ring_without_an_operation_the_engine_submits_is_refused() {
+    use io_uring::opcode;
+    assert!(uring::missing_operations(|_| true).is_empty());
+    assert_eq!(
+        uring::missing_operations(|code| code != opcode::Fallocate::CODE),
+        ["IORING_OP_FALLOCATE"]
+    );
+    assert_eq!(
+        uring::missing_operations(|code| code > opcode::Write::CODE).len(),
+        4
+    );
+}

@@ -65,6 +65,24 @@ pub struct UringEngine {
     reaper: tokio::task::JoinHandle<()>,
 }
 
+/// The io_uring operations [`build_sqe`] submits, with their names.
+const OPERATIONS: [(u8, &str); 4] = [
+    (opcode::Read::CODE, "IORING_OP_READ"),
+    (opcode::Write::CODE, "IORING_OP_WRITE"),
+    (opcode::Fsync::CODE, "IORING_OP_FSYNC"),
+    (opcode::Fallocate::CODE, "IORING_OP_FALLOCATE"),
+];
+
+/// The names of the [`OPERATIONS`] that `supported` says the kernel lacks:
+/// a ring without one of them would fail every request that needs it.
+pub(crate) fn missing_operations(supported: impl Fn(u8) -> bool) -> Vec<&'static str> {
+    OPERATIONS
+        .iter()
+        .filter(|(code, _)| !supported(*code))
+        .map(|(_, name)| *name)
+        .collect()
+}
+
 /// Why io_uring is unusable here, or `None` if it looks usable.
 fn disabled_by_sysctl() -> Option<String> {
     match std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
@@ -88,6 +106,19 @@ impl UringEngine {
             return Err(EngineError::UringUnavailable(
                 "kernel lacks IORING_FEAT_NODROP (needs Linux 5.5 or later)".into(),
             ));
+        }
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe).map_err(|e| {
+            EngineError::UringUnavailable(format!(
+                "cannot ask io_uring which operations it has (needs Linux 5.6 or later): {e}"
+            ))
+        })?;
+        let missing = missing_operations(|code| probe.is_supported(code));
+        if !missing.is_empty() {
+            return Err(EngineError::UringUnavailable(format!(
+                "kernel's io_uring lacks {}",
+                missing.join(", ")
+            )));
         }
         // SAFETY: eventfd has no memory-safety preconditions.
         let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
