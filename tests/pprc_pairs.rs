@@ -1992,3 +1992,43 @@ fn a_failover_that_cannot_be_recorded_leaves_the_secondary_protected() {
         "duplex pair differs; a host write at B after the failed failover answered {answer:?}"
     );
 }
+
+/// A primary named by its alias (or its ID in lower case, as `volume show`
+/// and FlashCopy accept it) is the same volume as by its ID: show, wait and
+/// suspend find its pair ("volume db is not in a PPRC pair" before), and a
+/// second pair on it is refused as in a pair (before, the peer refused the
+/// alias it was sent as the primary's volume ID).
+#[test]
+fn a_primary_named_by_its_alias_is_the_volume_of_its_pair() {
+    let s = Sites::start("pprc-primary-alias", |cfg| {
+        cfg.volumes[0].alias = Some("db");
+    });
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    let vb1 = s.b.vol(0x10, 1);
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    essctl(&s.a, &["pprc", "establish", "db", &vb1, "--mode", "nocopy"]).refused(&format!(
+        "volume {va} is already the primary of a pair with TSTB2 {vb} (duplex)"
+    ));
+    let pairs = essctl(&s.a, &["--json", "pprc", "list"]).json();
+    assert_eq!(pairs["pairs"].as_array().unwrap().len(), 1, "{pairs}");
+    // A host write still reaches the first pair's secondary.
+    write_tracks(&s.a, &va, 7, 4);
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+    let lower = va.to_ascii_lowercase();
+    for name in ["db", lower.as_str()] {
+        let v = show(&s.a, name);
+        assert_eq!(
+            (&v["volume"], &v["state"]),
+            (&va.as_str().into(), &"duplex".into()),
+            "{name}: {v}"
+        );
+        essctl(&s.a, &["pprc", "wait", name, "--timeout", "10"]).ok();
+    }
+    let v = essctl(&s.a, &["--json", "pprc", "suspend", "db"]).json();
+    assert_eq!(
+        (&v["volume"], &v["state"]),
+        (&va.as_str().into(), &"suspended".into()),
+        "{v}"
+    );
+}

@@ -606,6 +606,7 @@ async fn pair_list(State(ctx): State<Ctx>) -> Json<PairList> {
 }
 
 async fn pair_show(State(ctx): State<Ctx>, Path(volume): Path<String>) -> ApiResult<PairView> {
+    let volume = volume_id(&ctx.api.server, &volume);
     Ok(Json(ctx.api.pprc.show(&volume).await?))
 }
 
@@ -613,13 +614,15 @@ async fn pair_establish(
     State(ctx): State<Ctx>,
     body: Result<Json<EstablishPair>, JsonRejection>,
 ) -> Result<(StatusCode, Json<PairView>), ApiError> {
-    let request = json_body(body)?;
+    let mut request = json_body(body)?;
+    request.volume = volume_id(&ctx.api.server, &request.volume);
     let api = ctx.api.clone();
     let view = to_completion(async move { api.pprc.establish(&request).await }).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
 async fn pair_suspend(State(ctx): State<Ctx>, Path(volume): Path<String>) -> ApiResult<PairView> {
+    let volume = volume_id(&ctx.api.server, &volume);
     let api = ctx.api.clone();
     Ok(Json(
         to_completion(async move { api.pprc.suspend(&volume).await }).await?,
@@ -627,6 +630,7 @@ async fn pair_suspend(State(ctx): State<Ctx>, Path(volume): Path<String>) -> Api
 }
 
 async fn pair_terminate(State(ctx): State<Ctx>, Path(volume): Path<String>) -> ApiResult<PairView> {
+    let volume = volume_id(&ctx.api.server, &volume);
     let api = ctx.api.clone();
     Ok(Json(
         to_completion(async move { api.pprc.terminate(&volume).await }).await?,
@@ -634,6 +638,7 @@ async fn pair_terminate(State(ctx): State<Ctx>, Path(volume): Path<String>) -> A
 }
 
 async fn pair_failover(State(ctx): State<Ctx>, Path(volume): Path<String>) -> ApiResult<PairView> {
+    let volume = volume_id(&ctx.api.server, &volume);
     let api = ctx.api.clone();
     Ok(Json(
         to_completion(async move { api.pprc.failover(&volume).await }).await?,
@@ -641,6 +646,7 @@ async fn pair_failover(State(ctx): State<Ctx>, Path(volume): Path<String>) -> Ap
 }
 
 async fn pair_failback(State(ctx): State<Ctx>, Path(volume): Path<String>) -> ApiResult<PairView> {
+    let volume = volume_id(&ctx.api.server, &volume);
     let api = ctx.api.clone();
     Ok(Json(
         to_completion(async move { api.pprc.failback(&volume).await }).await?,
@@ -945,6 +951,17 @@ fn canonical_volume(server: &StorageServer, name: &str) -> String {
         upper
     } else {
         name.to_string()
+    }
+}
+
+/// The ID of the volume `name` (an ID in either case, or an alias) names;
+/// anything else is returned unchanged. The PPRC manager knows pairs by
+/// their volume's ID only: a pair asked for by alias would not be found,
+/// and a second pair on the same volume would not be refused.
+fn volume_id(server: &StorageServer, name: &str) -> String {
+    match server.lookup(&canonical_volume(server, name)) {
+        Some(v) => v.name().to_string(),
+        None => name.to_string(),
     }
 }
 
