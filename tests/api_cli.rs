@@ -761,3 +761,36 @@ fn a_connection_closed_without_an_answer_exits_3() {
         );
     }
 }
+
+/// A misspelt field of a PPRC request body is refused, as those of
+/// FlashCopy requests are, not ignored: `"critcal": true` established a
+/// pair that is not critical, `"link": 2` a path of one link, and the
+/// answer said nothing about it.
+#[test]
+fn pprc_request_bodies_refuse_unknown_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let essd = Essd::start(dir.path(), None);
+    let client = essd.unix_client();
+    for (path, body, field) in [
+        (
+            "/v1/pprc/pairs",
+            r#"{"volume": "000APIT1", "secondary": "000ZZZ99", "critcal": true}"#,
+            "critcal",
+        ),
+        (
+            "/v1/pprc/paths",
+            r#"{"lss": 16, "peer": "ZZZ99", "peer_lss": 16, "link": 2}"#,
+            "link",
+        ),
+    ] {
+        let r = client.post_json(path, body.as_bytes()).unwrap();
+        let message = r.error_message();
+        assert_eq!(r.status, 400, "{path}: {message}");
+        assert!(
+            message.starts_with("invalid request body")
+                && message.contains(&format!("unknown field `{field}`")),
+            "{path}: {message}"
+        );
+    }
+    essd.stop();
+}

@@ -154,6 +154,7 @@ pub enum CopyOption {
 
 /// An establish-pair request.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EstablishPair {
     /// Primary volume (here).
     pub volume: String,

@@ -93,6 +93,7 @@ pub enum PathError {
 
 /// An establish-path request.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PathRequest {
     /// Local LSS.
     pub lss: u8,
