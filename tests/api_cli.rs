@@ -794,3 +794,38 @@ fn pprc_request_bodies_refuse_unknown_fields() {
     }
     essd.stop();
 }
+
+/// `--timeout` bounds a wait also when the server takes its time to
+/// answer a poll (a pair's entries are locked while a peer is asked
+/// something): the wait ends by its deadline with exit code 5, not after
+/// the client's 30 s read timeout with exit code 3.
+#[test]
+fn a_wait_timeout_bounds_a_poll_the_server_does_not_answer() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            let mut conn = conn.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request);
+            held.push(conn);
+        }
+    });
+    for args in [
+        &["pprc", "wait", "000FCA31", "--timeout", "1"][..],
+        &["flashcopy", "wait", "000FCA31", "--timeout", "1"],
+    ] {
+        let started = Instant::now();
+        let out = essctl(&sock, args);
+        let took = started.elapsed();
+        assert_eq!(out.code, 5, "{args:?}: {out:?}");
+        assert!(
+            out.stderr.starts_with("essctl: timed out after 1 s"),
+            "{args:?}: {out:?}"
+        );
+        assert!(took < Duration::from_secs(5), "{args:?} took {took:?}");
+    }
+}

@@ -365,7 +365,15 @@ impl Session {
         // The relationships found at the first poll, as last seen.
         let mut watched: Vec<RelationshipView> = Vec::new();
         loop {
-            let response = self.client.get(&path)?;
+            let response = self
+                .client
+                .clone()
+                .with_timeout(pace.request_timeout())
+                .get(&path)
+                .map_err(|e| {
+                    progress.finish();
+                    pace.poll_error(e, &format!("the background copy of {selector}"))
+                })?;
             let current = if response.status == 404 && !watched.is_empty() {
                 // Nothing involves the selector any more: the watched
                 // relationships ended.

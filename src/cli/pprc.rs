@@ -507,8 +507,16 @@ impl Session {
         let mut pace = Pace::new(interval, timeout);
         let mut progress = Progress::new();
         loop {
-            let v: PairView = match self.get(&path) {
-                Ok(r) => self.decode(&r)?,
+            let answer = self
+                .client
+                .clone()
+                .with_timeout(pace.request_timeout())
+                .get(&path)
+                .map_err(|e| pace.poll_error(e, &format!("the pair of {volume}")))
+                .and_then(|r| self.check(r))
+                .and_then(|r| self.decode::<PairView>(&r));
+            let v = match answer {
+                Ok(v) => v,
                 Err(e) => {
                     progress.finish();
                     return Err(e);

@@ -4,7 +4,8 @@
 use std::io::{self, IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use super::output;
+use super::client::{ClientError, DEFAULT_TIMEOUT};
+use super::{output, CliError};
 
 /// Width of the progress bar, in characters.
 const BAR_WIDTH: usize = 30;
@@ -15,6 +16,10 @@ const FIRST_LOOK: Duration = Duration::from_millis(250);
 
 /// Least time between polls when the copy should end before the next one.
 const SOON: Duration = Duration::from_millis(100);
+
+/// Least time one poll's request is given, also when the wait's timeout
+/// is nearer.
+const MIN_REQUEST: Duration = Duration::from_millis(500);
 
 /// Draws `flashcopy wait` and `pprc wait` progress on stderr.
 pub(super) struct Progress {
@@ -105,6 +110,38 @@ impl Pace {
         self.rate = (secs > 0.0).then(|| done.saturating_sub(before) as f64 / secs);
         self.rate
             .map(|tracks| tracks * track_size as f64 / (1u64 << 20) as f64)
+    }
+
+    /// How long the next poll's request may take: what is left of the
+    /// timeout (at least [`MIN_REQUEST`]), so that a server slow to answer
+    /// does not hold the wait past it; the client's default without one.
+    pub(super) fn request_timeout(&self) -> Duration {
+        match self.timeout {
+            None => DEFAULT_TIMEOUT,
+            Some(limit) => limit
+                .saturating_sub(self.elapsed())
+                .clamp(MIN_REQUEST, DEFAULT_TIMEOUT.max(MIN_REQUEST)),
+        }
+    }
+
+    /// The error of a poll whose request failed: the wait timing out if its
+    /// timeout has passed while the server did not answer, else the
+    /// client's error.
+    pub(super) fn poll_error(&self, e: ClientError, what: &str) -> CliError {
+        let unanswered = match &e {
+            ClientError::Connect { source, .. } | ClientError::Io { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            _ => false,
+        };
+        match self.timeout {
+            Some(limit) if unanswered && self.elapsed() >= limit => CliError::Timeout(format!(
+                "timed out after {} s waiting for {what}: the server did not answer in time",
+                limit.as_secs_f64()
+            )),
+            _ => e.into(),
+        }
     }
 
     /// How long to sleep before the next poll, with `left` tracks to go;
