@@ -829,3 +829,24 @@ fn a_wait_timeout_bounds_a_poll_the_server_does_not_answer() {
         assert!(took < Duration::from_secs(5), "{args:?} took {took:?}");
     }
 }
+
+/// The peer of `pprc path remove` goes into the request path encoded, as
+/// every other name does: a serial with a space (or `/`, `?`) got the
+/// server's answer to a broken request line or to another endpoint
+/// instead of its refusal.
+#[test]
+fn path_remove_sends_the_peer_as_one_path_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let essd = Essd::start(dir.path(), None);
+    let sock = essd.api_socket();
+    for peer in ["ZZ 99", "ZZ/99", "ZZ99?x"] {
+        let run = essctl(&sock, &["pprc", "path", "remove", "0x10", peer, "0x10"]);
+        assert_eq!(run.code, 1, "{peer:?}: {run:?}");
+        assert_eq!(
+            run.stderr.trim_end(),
+            format!("essctl: no path 0x10 → {peer} 0x10"),
+            "{peer:?}"
+        );
+    }
+    essd.stop();
+}

@@ -279,7 +279,10 @@ impl Session {
                 peer,
                 peer_lss,
             } => {
-                let path = format!("/v1/pprc/paths/0x{lss:02X}/{peer}/0x{peer_lss:02X}");
+                let path = format!(
+                    "/v1/pprc/paths/0x{lss:02X}/{}/0x{peer_lss:02X}",
+                    super::client::encode_segment(peer)
+                );
                 let response = self.delete(&path)?;
                 let Some(view) = self.table_data::<PathView>(out, &response)? else {
                     return Ok(());
