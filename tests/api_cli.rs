@@ -92,10 +92,34 @@ struct Essd {
 impl Essd {
     /// Starts `essd` on `dir` and waits until the API socket answers.
     fn start(dir: &Path, api_listen: Option<&str>) -> Essd {
+        Essd::start_limited(dir, api_listen, None)
+    }
+
+    /// [`Essd::start`] with at most `nofile` open file descriptors.
+    fn start_limited(dir: &Path, api_listen: Option<&str>, nofile: Option<u64>) -> Essd {
+        use std::os::unix::process::CommandExt;
         let config = write_config(dir, api_listen);
         let log = dir.join("essd.log");
         let stderr = std::fs::File::create(&log).expect("create log");
-        let child = Command::new(ESSD)
+        let mut command = Command::new(ESSD);
+        if let Some(limit) = nofile {
+            // SAFETY: setrlimit is async-signal-safe and only touches the
+            // child's own limits.
+            unsafe {
+                command.pre_exec(move || {
+                    let rlim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = command
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "info")
@@ -848,5 +872,95 @@ fn path_remove_sends_the_peer_as_one_path_segment() {
             "{peer:?}"
         );
     }
+    essd.stop();
+}
+
+/// Connections to the TCP management port that send nothing, or a request
+/// head that never ends, do not use up the server's file descriptors: the
+/// API serves a limited number at once, and closes those whose request
+/// head is overdue. Before, each was held open for as long as the client
+/// liked, without authenticating, until the server could accept nothing
+/// else: no NBD client, no `essctl` even over the Unix socket.
+#[test]
+fn idle_tcp_connections_to_the_api_do_not_starve_the_server() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    let essd = Essd::start(dir.path(), None);
+    let run = essctl_with(
+        &[
+            "--server",
+            essd.api_socket().to_str().unwrap(),
+            "user",
+            "add",
+            "alice",
+            "--password-stdin",
+        ],
+        &[],
+        Some("s3cret-pass\n"),
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    essd.stop();
+    let essd = Essd::start_limited(dir.path(), Some("127.0.0.1:0"), Some(128));
+    let addr = essd.get_json("/v1/server")["listeners"]["api_tcp"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let mut idle = Vec::new();
+    for i in 0..180 {
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        if i % 2 == 0 {
+            conn.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+        }
+        idle.push(conn);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // The Unix socket API and the NBD listener still accept.
+    let run = essctl(&essd.api_socket(), &["health"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let mut nbd = UnixStream::connect(dir.path().join("nbd.sock")).unwrap();
+    nbd.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut magic = [0u8; 8];
+    nbd.read_exact(&mut magic).expect("NBD greeting");
+    assert_eq!(&magic, b"NBDMAGIC");
+    drop(nbd);
+
+    // The server closes the connections whose head is overdue (the first
+    // ones it accepted: one sent nothing, one half a head); once the rest
+    // are gone, a user gets in again.
+    let started = Instant::now();
+    let mut byte = [0u8; 1];
+    for conn in &mut idle[..2] {
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let closed = match conn.read(&mut byte) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        };
+        assert!(closed, "an idle connection was not closed");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "idle connections held for {:?}",
+        started.elapsed()
+    );
+    drop(idle);
+    let run = essctl_with(
+        &[
+            "--server",
+            &format!("http://{addr}"),
+            "-u",
+            "alice",
+            "-p",
+            "s3cret-pass",
+            "health",
+        ],
+        &[],
+        None,
+    );
+    assert_eq!(run.code, 0, "{run:?}");
     essd.stop();
 }

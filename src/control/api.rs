@@ -490,7 +490,7 @@ pub fn spawn(
             logins,
         });
         tracker.spawn(async move {
-            let served = axum::serve(tcp, tcp_app)
+            let served = axum::serve(super::conn::ApiTcpListener::new(tcp), tcp_app)
                 .with_graceful_shutdown(shutdown.cancelled_owned())
                 .await;
             if let Err(e) = served {

@@ -3,9 +3,11 @@
 //! passwords required), and the user store.
 //!
 //! * [`api`] — routes and handlers.
+//! * [`conn`] — limits on the TCP listener's connections.
 //! * [`users`] — users and password hashes in the state directory.
 
 pub mod api;
+pub mod conn;
 pub mod log;
 pub mod users;
 
