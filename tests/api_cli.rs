@@ -964,3 +964,38 @@ fn idle_tcp_connections_to_the_api_do_not_starve_the_server() {
     assert_eq!(run.code, 0, "{run:?}");
     essd.stop();
 }
+
+/// A path parameter that is not valid (percent-encoded bytes that are not
+/// UTF-8) gets a JSON error like every other failed request, as the API
+/// promises; it was axum's plain text.
+#[test]
+fn a_malformed_path_parameter_gets_a_json_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let essd = Essd::start(dir.path(), None);
+    let client = essd.unix_client();
+    for (method, path) in [
+        ("GET", "/v1/volumes/%FF"),
+        ("GET", "/v1/flashcopy/%FF"),
+        ("DELETE", "/v1/flashcopy/%FF"),
+        ("GET", "/v1/pprc/pairs/%FF"),
+        ("POST", "/v1/pprc/pairs/%FF/suspend"),
+        ("DELETE", "/v1/pprc/paths/0x10/%FF/0x10"),
+        ("DELETE", "/v1/users/%FF"),
+    ] {
+        let body: &[u8] = if method == "POST" { b"{}" } else { b"" };
+        let r = client.request(method, path, Some(body)).unwrap();
+        assert_eq!(r.status, 400, "{method} {path}");
+        assert_eq!(
+            r.header("content-type"),
+            Some("application/json"),
+            "{method} {path}"
+        );
+        let error: Value = serde_json::from_slice(&r.body).expect("a JSON body");
+        let message = error["error"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with("invalid request path: ") && message.contains("UTF-8"),
+            "{method} {path}: {error}"
+        );
+    }
+    essd.stop();
+}

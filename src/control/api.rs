@@ -442,6 +442,31 @@ fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     }
 }
 
+/// A path parameter; a malformed one (invalid percent-encoding, say) is
+/// answered like every other error, with a JSON body, not axum's text.
+struct ApiPath<T>(T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
+            Err(e) => Err(ApiError::new(
+                e.status(),
+                format!("invalid request path: {}", e.body_text()),
+            )),
+        }
+    }
+}
+
 /// How a request reached the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Transport {
@@ -605,7 +630,10 @@ async fn pair_list(State(ctx): State<Ctx>) -> Json<PairList> {
     })
 }
 
-async fn pair_show(State(ctx): State<Ctx>, Path(volume): Path<String>) -> ApiResult<PairView> {
+async fn pair_show(
+    State(ctx): State<Ctx>,
+    ApiPath(volume): ApiPath<String>,
+) -> ApiResult<PairView> {
     let volume = volume_id(&ctx.api.server, &volume);
     Ok(Json(ctx.api.pprc.show(&volume).await?))
 }
@@ -621,7 +649,10 @@ async fn pair_establish(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
-async fn pair_suspend(State(ctx): State<Ctx>, Path(volume): Path<String>) -> ApiResult<PairView> {
+async fn pair_suspend(
+    State(ctx): State<Ctx>,
+    ApiPath(volume): ApiPath<String>,
+) -> ApiResult<PairView> {
     let volume = volume_id(&ctx.api.server, &volume);
     let api = ctx.api.clone();
     Ok(Json(
@@ -629,7 +660,10 @@ async fn pair_suspend(State(ctx): State<Ctx>, Path(volume): Path<String>) -> Api
     ))
 }
 
-async fn pair_terminate(State(ctx): State<Ctx>, Path(volume): Path<String>) -> ApiResult<PairView> {
+async fn pair_terminate(
+    State(ctx): State<Ctx>,
+    ApiPath(volume): ApiPath<String>,
+) -> ApiResult<PairView> {
     let volume = volume_id(&ctx.api.server, &volume);
     let api = ctx.api.clone();
     Ok(Json(
@@ -637,7 +671,10 @@ async fn pair_terminate(State(ctx): State<Ctx>, Path(volume): Path<String>) -> A
     ))
 }
 
-async fn pair_failover(State(ctx): State<Ctx>, Path(volume): Path<String>) -> ApiResult<PairView> {
+async fn pair_failover(
+    State(ctx): State<Ctx>,
+    ApiPath(volume): ApiPath<String>,
+) -> ApiResult<PairView> {
     let volume = volume_id(&ctx.api.server, &volume);
     let api = ctx.api.clone();
     Ok(Json(
@@ -645,7 +682,10 @@ async fn pair_failover(State(ctx): State<Ctx>, Path(volume): Path<String>) -> Ap
     ))
 }
 
-async fn pair_failback(State(ctx): State<Ctx>, Path(volume): Path<String>) -> ApiResult<PairView> {
+async fn pair_failback(
+    State(ctx): State<Ctx>,
+    ApiPath(volume): ApiPath<String>,
+) -> ApiResult<PairView> {
     let volume = volume_id(&ctx.api.server, &volume);
     let api = ctx.api.clone();
     Ok(Json(
@@ -727,7 +767,7 @@ fn parse_lss(text: &str) -> Result<u8, ApiError> {
 
 async fn path_remove(
     State(ctx): State<Ctx>,
-    Path((lss, peer, peer_lss)): Path<(String, String, String)>,
+    ApiPath((lss, peer, peer_lss)): ApiPath<(String, String, String)>,
 ) -> ApiResult<PathView> {
     let (lss, peer_lss) = (parse_lss(&lss)?, parse_lss(&peer_lss)?);
     let api = ctx.api.clone();
@@ -977,7 +1017,10 @@ fn canonical_selector(server: &StorageServer, selector: &str) -> String {
     }
 }
 
-async fn volume_show(State(ctx): State<Ctx>, Path(id): Path<String>) -> ApiResult<VolumeView> {
+async fn volume_show(
+    State(ctx): State<Ctx>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<VolumeView> {
     let server = &ctx.api.server;
     match server.lookup(&canonical_volume(server, &id)) {
         Some(v) => {
@@ -1052,7 +1095,7 @@ async fn flashcopy_list(State(ctx): State<Ctx>) -> Json<FlashCopyList> {
 
 async fn flashcopy_show(
     State(ctx): State<Ctx>,
-    Path(selector): Path<String>,
+    ApiPath(selector): ApiPath<String>,
 ) -> ApiResult<RelationshipList> {
     let selector = canonical_selector(&ctx.api.server, &selector);
     let relationships = ctx.api.flashcopy.show(&selector).await?;
@@ -1080,7 +1123,7 @@ async fn flashcopy_withdraw(
 
 async fn flashcopy_withdraw_one(
     State(ctx): State<Ctx>,
-    Path(selector): Path<String>,
+    ApiPath(selector): ApiPath<String>,
 ) -> ApiResult<RelationshipList> {
     withdraw(&ctx, &[selector]).await
 }
@@ -1158,7 +1201,10 @@ async fn user_add(
     Ok((StatusCode::CREATED, Json(UserView { name })))
 }
 
-async fn user_remove(State(ctx): State<Ctx>, Path(name): Path<String>) -> ApiResult<UserView> {
+async fn user_remove(
+    State(ctx): State<Ctx>,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<UserView> {
     require_unix(&ctx)?;
     let api = ctx.api.clone();
     let who = name.clone();
