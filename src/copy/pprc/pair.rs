@@ -225,6 +225,10 @@ pub struct Pair {
     group: Option<Arc<ConsistencyGroup>>,
     status: Mutex<Status>,
     inhibited: AtomicBool,
+    /// Why this pair of a consistency group could not update its
+    /// secondary, when the group's freeze then suspended it (reason
+    /// `freeze`): the critical mode still judges that failure.
+    group_failure: Mutex<Option<SuspendReason>>,
     /// Durable: every mark, plus whole active regions while mirroring.
     oos: TrackBitmap,
     /// The tracks that may differ (a subset of `oos`), changed only
@@ -301,6 +305,7 @@ impl Pair {
             heavy: env.heavy,
             group: env.group,
             inhibited: AtomicBool::new(status.write_inhibited),
+            group_failure: Mutex::new(None),
             status: Mutex::new(status),
             marks: oos.bits().snapshot(),
             oos,
@@ -409,6 +414,11 @@ impl Pair {
     fn enter(&self, state: PairState) {
         self.set_status(|s| Self::entered(s, state));
         self.inhibited.store(false, Ordering::Release);
+        self.set_group_failure(None);
+    }
+
+    fn set_group_failure(&self, reason: Option<SuspendReason>) {
+        *self.group_failure.lock().unwrap_or_else(|p| p.into_inner()) = reason;
     }
 
     /// Enters `state` only if the pair is in `from` (checked and changed
@@ -424,6 +434,7 @@ impl Pair {
         });
         if entered {
             self.inhibited.store(false, Ordering::Release);
+            self.set_group_failure(None);
         }
         entered
     }
@@ -720,6 +731,7 @@ impl Pair {
                 // The critical mode judges this failure now: the freeze
                 // suspends the pair with reason `freeze`, which never
                 // inhibits.
+                self.set_group_failure(Some(reason));
                 inhibited = self.critical_inhibits(Some(reason));
                 if inhibited {
                     self.inhibit();
@@ -752,7 +764,17 @@ impl Pair {
         if !self.spec.critical {
             return Ok(());
         }
-        let reason = self.status.lock().unwrap_or_else(|p| p.into_inner()).reason;
+        let reason = match self.status.lock().unwrap_or_else(|p| p.into_inner()).reason {
+            // Frozen after this pair could not update its secondary: that
+            // failure is what the critical mode judges.
+            Some(SuspendReason::Freeze) => Some(
+                self.group_failure
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .unwrap_or(SuspendReason::Freeze),
+            ),
+            other => other,
+        };
         if self.critical_inhibits(reason) {
             self.inhibit();
             return Err(self.inhibited_error(op));
@@ -1075,6 +1097,7 @@ impl Pair {
                 // freeze suspends the pair.
                 self.stop_tasks();
                 // Judged now: the freeze's reason never inhibits.
+                self.set_group_failure(Some(reason));
                 if self.critical_inhibits(Some(reason)) {
                     self.inhibit();
                 }

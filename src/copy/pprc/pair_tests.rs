@@ -19,6 +19,9 @@ const TRACKS: u64 = 256;
 struct FakePeer {
     hold_writes: AtomicBool,
     hold_flushes: AtomicBool,
+    /// Closes every link and refuses new ones (the secondary's server is
+    /// gone).
+    gone: AtomicBool,
     held_writes: Mutex<Vec<u64>>,
     held_flushes: Mutex<Vec<u64>>,
     writes: AtomicU64,
@@ -60,7 +63,16 @@ impl FakePeer {
         }
     }
 
+    /// Closes every link and refuses new ones.
+    fn vanish(&self) {
+        self.gone.store(true, Ordering::SeqCst);
+        self.kick.notify_waiters();
+    }
+
     async fn connection(self: Arc<Self>, mut stream: tokio::net::TcpStream) {
+        if self.gone.load(Ordering::SeqCst) {
+            return;
+        }
         let mut buf = BytesMut::new();
         let me = Serial::new("TSTB2").unwrap();
         if handshake(
@@ -122,6 +134,9 @@ impl FakePeer {
                     Ok(_) => {}
                 },
                 () = self.kick.notified() => {}
+            }
+            if self.gone.load(Ordering::SeqCst) {
+                return;
             }
         }
     }
@@ -434,4 +449,38 @@ async fn a_write_to_a_suspended_group_primary_does_not_complete_while_the_group_
     group.freeze();
     w.await.unwrap().unwrap();
     assert!(h.pair.oos().get(5) && h.pair.oos().is_durable(5));
+}
+
+/// Critical volume mode (not heavy) in a consistency group: the secondary
+/// answers an error while the link is up, so the pair is not inhibited and
+/// the group's freeze suspends it (reason `freeze`). Once the last link of
+/// its path is lost too, the primary must be write-inhibited, as it is for
+/// the same pair outside a group — the freeze's reason must not hide that
+/// this pair could not update its secondary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_critical_group_pair_is_inhibited_once_its_last_link_is_lost_after_the_freeze() {
+    let group = ConsistencyGroup::new(Duration::from_secs(60));
+    let h = harness_with(true, false, Some(group.clone())).await;
+    let failed = a_write_held_at_the_secondary(&h, 5, 1).await;
+    h.peer.release_writes(crate::nbd::proto::errno::EIO);
+    let g = group.clone();
+    wait_until("the group holding writes", move || {
+        matches!(g.state(), GroupState::Holding { .. })
+    })
+    .await;
+    assert_eq!(group.freeze(), 1);
+    // The link is still up: suspended, not inhibited.
+    failed.await.unwrap().unwrap();
+    assert!(!h.pair.write_inhibited());
+    write(&h.pair, 6).await.unwrap().unwrap();
+    // The last (only) link of the path is lost.
+    h.peer.vanish();
+    let route = h.pair.route().unwrap();
+    wait_until("the link down", move || route.live() == 0).await;
+    let after = write(&h.pair, 7).await.unwrap();
+    assert!(
+        matches!(after, Err(VolumeError::WriteInhibited { .. })) && h.pair.write_inhibited(),
+        "critical pair that could not update its secondary is writable with no live link \
+         left: {after:?}"
+    );
 }
