@@ -1837,6 +1837,64 @@ fn a_write_stuck_on_a_timed_out_link_never_lands_after_the_resync() {
     );
 }
 
+/// As above, but the operator re-establishes the path with "force removal
+/// of existing paths" before the resume: the new path's links must still
+/// know that a link of the old one was dropped with a write unanswered, or
+/// the resync does not wait for it and the stale write lands over the
+/// resync's copy of its track.
+#[test]
+fn a_forced_path_establish_does_not_forget_a_timed_out_link() {
+    let s = Sites::start("pprc-stale-force", |cfg| with_timeout(cfg, "1s"));
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "2");
+    let vol = a.vol(0x10, 0);
+    let sec = b.vol(0x10, 0);
+    essctl(a, &["pprc", "establish", &vol, &sec, "--mode", "nocopy"]).ok();
+    assert_eq!(show(a, &vol)["state"], "duplex");
+    s.proxy.stall_oldest();
+    let mut stuck = None;
+    for byte in 1..=8u8 {
+        let out = python(WRITE_NO_FLUSH, &[&a.uri(&vol), "0", &byte.to_string()]);
+        assert_eq!(out.trim(), "ok");
+        if show(a, &vol)["state"] == "suspended" {
+            stuck = Some(byte);
+            break;
+        }
+    }
+    let stuck = stuck.expect("no write went over the stalled link");
+    assert_eq!(
+        python(WRITE_NO_FLUSH, &[&a.uri(&vol), "0", "238"]).trim(),
+        "ok"
+    );
+    essctl(
+        a,
+        &[
+            "pprc",
+            "path",
+            "establish",
+            "0x10",
+            "TSTB2",
+            "0x10",
+            "--links",
+            "2",
+            "--force",
+        ],
+    )
+    .ok();
+    essctl(a, &["pprc", "resume", &vol]).ok();
+    wait_duplex(a, &vol);
+    assert_eq!(block_at(a, &vol, 0), vec![238u8; 4096]);
+    s.proxy.heal();
+    std::thread::sleep(Duration::from_secs(2));
+    let now = block_at(b, &sec, 0);
+    assert!(
+        now == vec![238u8; 4096],
+        "duplex, the primary holds 238 at offset 0, the secondary {} (the write of {stuck} \
+         stuck on a link of the path replaced with --force)",
+        now[0]
+    );
+}
+
 /// A failback makes the old primary the secondary of the volume that took
 /// over; an old primary smaller than that volume is refused, as a
 /// secondary smaller than its primary is at establish, and stays as it was.

@@ -514,9 +514,16 @@ impl PathManager {
             });
         };
         Self::check_peer_lss(&link, &req.peer, address, req.peer_lss).await?;
+        let route = Route::new(slots.clone());
         if req.force {
             if let Some(i) = paths.iter().position(same) {
-                paths.remove(i).stop.cancel();
+                let old = paths.remove(i);
+                old.stop.cancel();
+                // Links of the old path dropped with requests unanswered
+                // may still deliver them: a resync over the new links
+                // must still wait for the secondary to end them.
+                *route.unanswered.lock().unwrap_or_else(|p| p.into_inner()) =
+                    old.route.unanswered();
             }
         }
         let stop = spawn_monitors(&slots, address, &self.serial, &peer, &secret);
@@ -525,7 +532,7 @@ impl PathManager {
             peer,
             address,
             peer_lss: req.peer_lss,
-            route: Route::new(slots),
+            route,
             stop,
         };
         let view = path.view();
