@@ -1844,7 +1844,17 @@ fn a_write_stuck_on_a_timed_out_link_never_lands_after_the_resync() {
 /// resync's copy of its track.
 #[test]
 fn a_forced_path_establish_does_not_forget_a_timed_out_link() {
-    let s = Sites::start("pprc-stale-force", |cfg| with_timeout(cfg, "1s"));
+    a_replaced_path_does_not_forget_a_timed_out_link("pprc-stale-force", false);
+}
+
+/// The same when the operator removes the path and establishes it again.
+#[test]
+fn a_removed_and_reestablished_path_does_not_forget_a_timed_out_link() {
+    a_replaced_path_does_not_forget_a_timed_out_link("pprc-stale-remove", true);
+}
+
+fn a_replaced_path_does_not_forget_a_timed_out_link(tag: &str, remove_first: bool) {
+    let s = Sites::start(tag, |cfg| with_timeout(cfg, "1s"));
     let (a, b) = (&s.a, &s.b);
     path(a, "0x10", "TSTB2", "0x10", "2");
     let vol = a.vol(0x10, 0);
@@ -1866,21 +1876,22 @@ fn a_forced_path_establish_does_not_forget_a_timed_out_link() {
         python(WRITE_NO_FLUSH, &[&a.uri(&vol), "0", "238"]).trim(),
         "ok"
     );
-    essctl(
-        a,
-        &[
-            "pprc",
-            "path",
-            "establish",
-            "0x10",
-            "TSTB2",
-            "0x10",
-            "--links",
-            "2",
-            "--force",
-        ],
-    )
-    .ok();
+    let mut establish = vec![
+        "pprc",
+        "path",
+        "establish",
+        "0x10",
+        "TSTB2",
+        "0x10",
+        "--links",
+        "2",
+    ];
+    if remove_first {
+        essctl(a, &["pprc", "path", "remove", "0x10", "TSTB2", "0x10"]).ok();
+    } else {
+        establish.push("--force");
+    }
+    essctl(a, &establish).ok();
     essctl(a, &["pprc", "resume", &vol]).ok();
     wait_duplex(a, &vol);
     assert_eq!(block_at(a, &vol, 0), vec![238u8; 4096]);
@@ -1890,7 +1901,7 @@ fn a_forced_path_establish_does_not_forget_a_timed_out_link() {
     assert!(
         now == vec![238u8; 4096],
         "duplex, the primary holds 238 at offset 0, the secondary {} (the write of {stuck} \
-         stuck on a link of the path replaced with --force)",
+         stuck on a link of the path replaced)",
         now[0]
     );
 }

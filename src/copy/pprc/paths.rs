@@ -361,6 +361,10 @@ pub struct PathManager {
     paths: tokio::sync::Mutex<Vec<Path>>,
     /// The paths' links by (local LSS, peer serial, peer LSS).
     routes: std::sync::RwLock<Vec<(RouteKey, Arc<Route>)>>,
+    /// Links of removed paths that were dropped with requests unanswered,
+    /// by the path they belonged to: the path established again takes
+    /// them over, so a resync over it still waits for them to end.
+    retired: std::sync::Mutex<Vec<(RouteKey, Vec<[u8; NONCE_LEN]>)>>,
 }
 
 impl std::fmt::Debug for PathManager {
@@ -402,6 +406,7 @@ impl PathManager {
             log,
             paths: tokio::sync::Mutex::new(Vec::new()),
             routes: Default::default(),
+            retired: Default::default(),
         };
         let mut paths = Vec::new();
         for r in records {
@@ -515,17 +520,19 @@ impl PathManager {
         };
         Self::check_peer_lss(&link, &req.peer, address, req.peer_lss).await?;
         let route = Route::new(slots.clone());
+        // Links of the path this one replaces (or of a removed one) that
+        // were dropped with requests unanswered may still deliver them: a
+        // resync over the new links must still wait for the secondary to
+        // end them.
+        let mut unanswered = self.take_retired(&(req.lss, peer.to_string(), req.peer_lss));
         if req.force {
             if let Some(i) = paths.iter().position(same) {
                 let old = paths.remove(i);
                 old.stop.cancel();
-                // Links of the old path dropped with requests unanswered
-                // may still deliver them: a resync over the new links
-                // must still wait for the secondary to end them.
-                *route.unanswered.lock().unwrap_or_else(|p| p.into_inner()) =
-                    old.route.unanswered();
+                unanswered.extend(old.route.unanswered());
             }
         }
+        *route.unanswered.lock().unwrap_or_else(|p| p.into_inner()) = unanswered;
         let stop = spawn_monitors(&slots, address, &self.serial, &peer, &secret);
         let path = Path {
             lss: req.lss,
@@ -540,6 +547,7 @@ impl PathManager {
         if let Err(e) = self.save(&paths) {
             if let Some(p) = paths.pop() {
                 p.stop.cancel();
+                self.retire(&p);
             }
             return Err(e);
         }
@@ -588,6 +596,32 @@ impl PathManager {
         PeerLink::connect(address, &self.serial, peer, secret, LINK_TIMEOUT).await
     }
 
+    /// Keeps the unanswered links of a path being removed for the path
+    /// established again in its place.
+    fn retire(&self, path: &Path) {
+        let unanswered = path.route.unanswered();
+        if !unanswered.is_empty() {
+            let key = (path.lss, path.peer.to_string(), path.peer_lss);
+            self.retired
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((key, unanswered));
+        }
+    }
+
+    /// Takes the unanswered links of removed paths that were `key`.
+    fn take_retired(&self, key: &RouteKey) -> Vec<[u8; NONCE_LEN]> {
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let mut taken = Vec::new();
+        retired.retain(|(k, ids)| {
+            if k == key {
+                taken.extend_from_slice(ids);
+            }
+            k != key
+        });
+        taken
+    }
+
     /// Removes a path, closing its links.
     pub async fn remove(&self, lss: u8, peer: &str, peer_lss: u8) -> Result<PathView, PathError> {
         let mut paths = self.paths.lock().await;
@@ -603,6 +637,7 @@ impl PathManager {
         };
         let path = paths.remove(i);
         path.stop.cancel();
+        self.retire(&path);
         self.save(&paths)?;
         self.publish(&paths);
         for slot in &path.route.slots {
