@@ -622,3 +622,28 @@ except nbd.Error as e:
     assert!(std::str::from_utf8(&msg).is_ok());
     assert_eq!(essd.stop().code(), Some(0));
 }
+
+#[test]
+fn an_abort_with_data_too_large_to_buffer_is_acknowledged() {
+    // proto.md, NBD_OPT_ABORT: "the server SHOULD ignore any data sent by
+    // the client with this option" and reply NBD_REP_ACK, then close. Data
+    // too large to buffer is skipped like any other option's, but an ABORT
+    // is still an ABORT: no ERR_TOO_BIG, and no further option is read.
+    let dir = tempdir("abort-big");
+    let essd = server("uring", dir.path());
+    let mut s = raw_connect(&essd);
+    read_greeting(&mut s);
+    s.write_all(&3u32.to_be_bytes()).unwrap(); // NO_ZEROES
+    let data = vec![0u8; proto::MAX_OPTION_LEN as usize + 1];
+    send_option(&mut s, proto::opt::ABORT, &data);
+    let (opt, kind, msg) = read_option_reply(&mut s);
+    assert_eq!(
+        (opt, kind),
+        (proto::opt::ABORT, proto::rep::ACK),
+        "{}",
+        String::from_utf8_lossy(&msg)
+    );
+    assert!(msg.is_empty(), "{msg:?}");
+    assert!(closed(&mut s), "the connection stayed open after the ACK");
+    assert_eq!(essd.stop().code(), Some(0));
+}

@@ -79,7 +79,8 @@ where
         stream.read_exact(&mut header).await?;
         let h = proto::OptionHeader::decode(&header)?;
         if h.length > proto::MAX_OPTION_LEN {
-            // Too large to buffer: say so if we can skip it, else hang up.
+            // Too large to buffer: say so if we can skip it (an ABORT is
+            // acknowledged, its data ignored), else hang up.
             // EXPORT_NAME has no option reply (the client reads the export
             // size next): an export it cannot have ends the session.
             if h.length > 16 << 20 || h.option == opt::EXPORT_NAME {
@@ -89,6 +90,11 @@ where
                 )));
             }
             skip(stream, h.length as u64).await?;
+            if h.option == opt::ABORT {
+                // The server SHOULD ignore ABORT's data and ACK it (proto.md).
+                let _ = reply(stream, h.option, rep::ACK, &[]).await;
+                return Ok(None);
+            }
             reply(stream, h.option, rep::ERR_TOO_BIG, b"option data too large").await?;
             continue;
         }
