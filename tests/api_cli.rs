@@ -999,3 +999,68 @@ fn a_malformed_path_parameter_gets_a_json_error() {
     }
     essd.stop();
 }
+
+/// `flashcopy wait --timeout` also bounds the request made when a watched
+/// relationship ends (was it withdrawn or did it complete?): a server that
+/// does not answer it ends the wait at the deadline with exit code 5, not
+/// after the client's 30 s read timeout with exit code 3.
+#[test]
+fn a_wait_timeout_bounds_the_poll_made_when_a_relationship_ends() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        let copying = r#"{"relationships":[{"source":"000FCA31","target":"001FCA31","state":"copying","mode":"copy","rate_mib_s":null,"t0":"2026-12-06T00:00:00Z","t0_unix":0.0,"track_size":65536,"tracks_total":16,"tracks_copied":0,"tracks_remaining":16,"percent":0.0,"bytes_copied":0}]}"#;
+        let ended = r#"{"error":"no FlashCopy relationship involves 000FCA31"}"#;
+        let mut polls = 0;
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            let mut conn = conn.unwrap();
+            let mut request = [0u8; 4096];
+            let n = conn.read(&mut request).unwrap_or(0);
+            let line = String::from_utf8_lossy(&request[..n]).to_string();
+            if line.starts_with("GET /v1/flashcopy/000FCA31 ") {
+                // The relationship is copying at the first poll, then gone.
+                polls += 1;
+                let (status, body) = if polls == 1 {
+                    ("200 OK", copying)
+                } else {
+                    ("404 Not Found", ended)
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            } else {
+                // GET /v1/flashcopy: never answered.
+                held.push(conn);
+            }
+        }
+    });
+    let started = Instant::now();
+    let out = essctl(
+        &sock,
+        &[
+            "flashcopy",
+            "wait",
+            "000FCA31",
+            "--interval",
+            "0.1",
+            "--timeout",
+            "2",
+        ],
+    );
+    let took = started.elapsed();
+    assert_eq!(out.code, 5, "{out:?}");
+    // The first poll's progress line, then the error.
+    assert!(
+        out.stderr
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("essctl: timed out after 2 s")),
+        "{out:?}"
+    );
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+}

@@ -390,7 +390,7 @@ impl Session {
                 }
                 watched.clone_from(&current);
             }
-            let outcome = self.wait_poll(&mut watched, &current);
+            let outcome = self.wait_poll(&mut watched, &current, &pace, selector);
             let outcome = match outcome {
                 Ok(outcome) => outcome,
                 Err(e) => {
@@ -434,6 +434,8 @@ impl Session {
         &self,
         watched: &mut [RelationshipView],
         current: &[RelationshipView],
+        pace: &Pace,
+        selector: &str,
     ) -> Result<Poll, CliError> {
         let mut ended = Vec::new();
         let mut all_copied = true;
@@ -462,8 +464,15 @@ impl Session {
         }
         if !ended.is_empty() {
             // Ended by completion or by a withdraw? A withdraw before the
-            // copy completed leaves the target incomplete.
-            let list: FlashCopyList = self.decode(&self.get("/v1/flashcopy")?)?;
+            // copy completed leaves the target incomplete. Like the other
+            // polls, this one is given only what is left of the timeout.
+            let response = self
+                .client
+                .clone()
+                .with_timeout(pace.request_timeout())
+                .get("/v1/flashcopy")
+                .map_err(|e| pace.poll_error(e, &format!("the background copy of {selector}")))?;
+            let list: FlashCopyList = self.decode(&self.check(response)?)?;
             for e in &ended {
                 if list.incomplete_targets.contains(&e.target) {
                     return Err(CliError::Server(format!(
