@@ -2101,3 +2101,37 @@ fn a_primary_named_by_its_alias_is_the_volume_of_its_pair() {
         "{v}"
     );
 }
+
+/// Serials and secondary volume IDs typed in lower case are taken like
+/// primaries: `pprc path establish|remove` with a lower-case peer serial
+/// and `pprc establish` with a lower-case secondary work, and the pair and
+/// path are shown and kept in upper case.
+#[test]
+fn lower_case_serials_and_secondary_ids_are_accepted() {
+    let s = Sites::start("pprc-lower-case", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    essctl(
+        &s.a,
+        &["pprc", "path", "establish", "0x10", "tstb2", "0x10"],
+    )
+    .ok();
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(
+        &s.a,
+        &[
+            "pprc",
+            "establish",
+            &va.to_lowercase(),
+            &vb.to_lowercase(),
+            "--mode",
+            "nocopy",
+        ],
+    )
+    .ok();
+    assert_eq!(show(&s.a, &va)["peer_volume"], vb.as_str());
+    wait_state(&s.b, &vb.to_lowercase(), "duplex");
+    essctl(&s.a, &["pprc", "terminate", &va]).ok();
+    essctl(&s.a, &["pprc", "path", "remove", "0x10", "tstb2", "0x10"]).ok();
+    let list = essctl_json(&s.a, &["pprc", "path", "list"]);
+    assert_eq!(list["paths"].as_array().unwrap().len(), 0, "{list}");
+}

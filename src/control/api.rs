@@ -56,7 +56,7 @@ use crate::copy::pprc::group::GroupState;
 use crate::copy::pprc::manager::{EstablishPair, PairError, PairView};
 use crate::copy::pprc::paths::{PathError, PathRequest, PathView};
 use crate::scheduling::Scheduling;
-use crate::volume::id::VolumeId;
+use crate::volume::id::{Serial, VolumeId};
 use crate::volume::server::StorageServer;
 use crate::volume::store::BackingKind;
 use crate::volume::{StatsSnapshot, Volume};
@@ -644,6 +644,7 @@ async fn pair_establish(
 ) -> Result<(StatusCode, Json<PairView>), ApiError> {
     let mut request = json_body(body)?;
     request.volume = volume_id(&ctx.api.server, &request.volume);
+    request.secondary = peer_volume_id(&request.secondary);
     let api = ctx.api.clone();
     let view = to_completion(async move { api.pprc.establish(&request).await }).await?;
     Ok((StatusCode::CREATED, Json(view)))
@@ -754,7 +755,8 @@ async fn path_establish(
     State(ctx): State<Ctx>,
     body: Result<Json<PathRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<PathView>), ApiError> {
-    let request = json_body(body)?;
+    let mut request = json_body(body)?;
+    request.peer = peer_serial(&request.peer);
     let api = ctx.api.clone();
     let view = to_completion(async move { api.paths.establish(&request).await }).await?;
     Ok((StatusCode::CREATED, Json(view)))
@@ -770,6 +772,7 @@ async fn path_remove(
     ApiPath((lss, peer, peer_lss)): ApiPath<(String, String, String)>,
 ) -> ApiResult<PathView> {
     let (lss, peer_lss) = (parse_lss(&lss)?, parse_lss(&peer_lss)?);
+    let peer = peer_serial(&peer);
     let api = ctx.api.clone();
     let view = to_completion(async move { api.paths.remove(lss, &peer, peer_lss).await }).await?;
     Ok(Json(view))
@@ -1002,6 +1005,29 @@ fn volume_id(server: &StorageServer, name: &str) -> String {
     match server.lookup(&canonical_volume(server, name)) {
         Some(v) => v.name().to_string(),
         None => name.to_string(),
+    }
+}
+
+/// A volume ID on a peer (a pair's secondary), also typed in lower case,
+/// in upper case; anything else is returned unchanged (and refused as a
+/// malformed ID as typed).
+fn peer_volume_id(id: &str) -> String {
+    let upper = id.to_ascii_uppercase();
+    if upper.parse::<VolumeId>().is_ok() {
+        upper
+    } else {
+        id.to_string()
+    }
+}
+
+/// A peer's serial, also typed in lower case, in upper case; anything
+/// else is returned unchanged (and refused as an unknown peer as typed).
+fn peer_serial(serial: &str) -> String {
+    let upper = serial.to_ascii_uppercase();
+    if Serial::new(&upper).is_ok() {
+        upper
+    } else {
+        serial.to_string()
     }
 }
 
