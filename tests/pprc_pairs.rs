@@ -2135,3 +2135,22 @@ fn lower_case_serials_and_secondary_ids_are_accepted() {
     let list = essctl_json(&s.a, &["pprc", "path", "list"]);
     assert_eq!(list["paths"].as_array().unwrap().len(), 0, "{list}");
 }
+
+/// `pprc resume` given the secondary's volume at the secondary's server
+/// says that a pair is resumed at its primary's server, naming the primary,
+/// and changes nothing.
+#[test]
+fn resume_at_the_secondary_names_the_primary() {
+    let s = Sites::start("pprc-resume-at-secondary", |_| {});
+    let (va, vb, _) = split_at_the_secondary(&s);
+    essctl(&s.b, &["pprc", "resume", &vb]).refused(&format!(
+        "volume {vb} is the secondary of a pair with TSTA1 {va}; a pair is resumed at its primary's server: essctl pprc resume {va} on TSTA1"
+    ));
+    assert_eq!(show(&s.b, &vb)["state"], "suspended");
+    // Resumed at the primary (suspended at its next write), it syncs.
+    write_tracks(&s.a, &va, 91, 2);
+    wait_state(&s.a, &va, "suspended");
+    essctl(&s.a, &["pprc", "resume", &va]).ok();
+    wait_duplex(&s.a, &va);
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}

@@ -743,6 +743,13 @@ impl PprcManager {
         let existing = entries.iter().position(|e| e.volume() == req.volume);
         if let Some(i) = existing {
             let Entry::Primary(pair) = &entries[i] else {
+                if let (Entry::Secondary(s), CopyOption::Resync) = (&entries[i], req.mode) {
+                    // `pprc resume` given the secondary: say where to resume.
+                    return Err(PairError::Invalid(format!(
+                        "volume {} is the secondary of a pair with {} {}; a pair is resumed at its primary's server: essctl pprc resume {} on {}",
+                        req.volume, s.spec.peer, s.spec.peer_volume, s.spec.peer_volume, s.spec.peer
+                    )));
+                }
                 return Err(PairError::InPair {
                     volume: req.volume.clone(),
                     what: Self::describe(&entries[i]),
