@@ -2012,17 +2012,20 @@ fn a_terminate_that_cannot_be_recorded_leaves_the_pair_mirroring() {
     let terminate = essctl(&s.a, &["pprc", "terminate", &va]);
     std::fs::remove_dir(&blocker).unwrap();
     assert_ne!(terminate.code, 0, "{terminate:?}");
+    assert_eq!(show(&s.a, &va)["state"], "duplex", "{terminate:?}");
     write_tracks(&s.a, &va, 82, 20);
+    assert_eq!(
+        volume_sha(&s.a, &va),
+        volume_sha(&s.b, &vb),
+        "writes after a terminate that failed were not mirrored ({terminate:?})"
+    );
     s.a.kill_and_restart("TSTA1");
-    let v = show(&s.a, &va);
-    if v["role"] == "primary" {
-        wait_state(&s.a, &va, "duplex");
-        assert_eq!(
-            volume_sha(&s.a, &va),
-            volume_sha(&s.b, &vb),
-            "duplex pair differs after a terminate that failed ({terminate:?})"
-        );
-    }
+    wait_state(&s.a, &va, "duplex");
+    assert_eq!(
+        volume_sha(&s.a, &va),
+        volume_sha(&s.b, &vb),
+        "duplex pair differs after a terminate that failed and a restart ({terminate:?})"
+    );
 }
 
 /// A failover whose record cannot be written changes nothing: the volume
