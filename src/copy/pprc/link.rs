@@ -469,6 +469,8 @@ pub struct PeerLink {
     next_id: AtomicU64,
     peer: PeerInfo,
     open: Arc<std::sync::atomic::AtomicBool>,
+    /// When the reader saw the link end.
+    closed_at: Arc<Mutex<Option<std::time::SystemTime>>>,
     reader: tokio::task::JoinHandle<()>,
 }
 
@@ -505,6 +507,8 @@ impl PeerLink {
         let acks = pending.clone();
         let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let still_open = open.clone();
+        let closed_at: Arc<Mutex<Option<std::time::SystemTime>>> = Arc::default();
+        let closing = closed_at.clone();
         let reader = tokio::spawn(async move {
             loop {
                 match read_frame(&mut read_half, &mut buf).await {
@@ -522,6 +526,8 @@ impl PeerLink {
                         // Under the waiters' lock: a request registers only
                         // while the link is open.
                         let mut waiters = acks.lock().unwrap_or_else(|p| p.into_inner());
+                        *closing.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(std::time::SystemTime::now());
                         still_open.store(false, Ordering::Release);
                         // Dropping the waiters fails every outstanding request.
                         waiters.clear();
@@ -539,8 +545,14 @@ impl PeerLink {
             next_id: AtomicU64::new(1),
             peer,
             open,
+            closed_at,
             reader,
         })
+    }
+
+    /// When the link ended, if it has.
+    pub fn closed_at(&self) -> Option<std::time::SystemTime> {
+        *self.closed_at.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether the link is still open (its reader has seen no error).

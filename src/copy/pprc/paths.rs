@@ -177,14 +177,15 @@ impl Slot {
     }
 
     /// The link's state, counting an up link whose connection has closed
-    /// (not yet noticed by its monitor) as down.
+    /// (not yet noticed by its monitor) as down since it closed.
     fn current(&self) -> LinkState {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let link = self.link();
         match state {
-            LinkState::Up { since } if !self.link().is_some_and(|l| l.is_open()) => {
+            LinkState::Up { .. } if !link.as_ref().is_some_and(|l| l.is_open()) => {
                 LinkState::Down {
                     reason: "the connection closed".into(),
-                    since,
+                    since: closed_since(link.as_deref()),
                 }
             }
             other => other,
@@ -203,6 +204,13 @@ impl Slot {
             };
         }
     }
+}
+
+/// When a link that is no longer usable went down: when its connection
+/// closed, if it did, else now.
+fn closed_since(link: Option<&PeerLink>) -> SystemTime {
+    link.and_then(PeerLink::closed_at)
+        .unwrap_or_else(SystemTime::now)
 }
 
 /// The links of one path, for the data path: requests are spread over the
@@ -778,12 +786,12 @@ async fn monitor(
                 };
             }
             Err(reason) => {
-                let had = link.take().is_some();
-                if had || !matches!(*state, LinkState::Down { .. }) {
+                let had = link.take();
+                if had.is_some() || !matches!(*state, LinkState::Down { .. }) {
                     tracing::warn!(%peer, %address, "peer link down: {reason}");
                     *state = LinkState::Down {
                         reason,
-                        since: SystemTime::now(),
+                        since: closed_since(had.as_deref()),
                     };
                 } else if let LinkState::Down { reason: r, .. } = &mut *state {
                     // Still down: keep the time it went down, refresh why.
@@ -791,5 +799,48 @@ async fn monitor(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copy::pprc::link::handshake;
+    use bytes::BytesMut;
+
+    #[tokio::test]
+    async fn a_link_whose_connection_closed_is_down_since_it_closed() {
+        let limit = Duration::from_secs(5);
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let peer = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            let me = Serial::new("FCB02").unwrap();
+            handshake(&mut b, &mut buf, &me, None, b"s3cret", limit)
+                .await
+                .unwrap();
+            b
+        });
+        let (me, them) = (Serial::new("FCA31").unwrap(), Serial::new("FCB02").unwrap());
+        let link = PeerLink::open(a, &me, &them, b"s3cret", limit)
+            .await
+            .unwrap();
+        let up_since = SystemTime::now();
+        let slot = Slot::new(LinkState::Up { since: up_since }, Some(link));
+        assert!(matches!(slot.current(), LinkState::Up { since } if since == up_since));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before_close = SystemTime::now();
+        drop(peer.await.unwrap());
+        while slot.link().is_some_and(|l| l.is_open()) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let LinkState::Down { reason, since } = slot.current() else {
+            panic!("a closed link counts as up");
+        };
+        assert_eq!(reason, "the connection closed");
+        assert!(
+            since >= before_close && since < SystemTime::now() - Duration::from_millis(150),
+            "down since {since:?}: the link came up at {up_since:?}, closed after {before_close:?}"
+        );
     }
 }
