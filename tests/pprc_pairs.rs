@@ -1949,11 +1949,14 @@ fn a_flashcopy_onto_a_duplex_primary_leaves_the_secondary_equal() {
     essctl(a, &["pprc", "establish", &pa, &pb]).ok();
     wait_duplex(a, &pa);
     assert_eq!(volume_sha(a, &pa), volume_sha(b, &pb));
-    // Refused, or done with the secondary kept equal.
+    // Refused: the primary would change with nothing its secondary
+    // could follow.
     let fc = essctl(
         a,
         &["flashcopy", "establish", &format!("{src}:{pa}"), "--nocopy"],
     );
+    assert_eq!(fc.code, 1, "{fc:?}");
+    assert!(fc.stderr.contains("terminate the pair first"), "{fc:?}");
     wait_duplex(a, &pa);
     assert_eq!(
         volume_sha(a, &pa),
@@ -1985,6 +1988,11 @@ fn withdrawing_a_flashcopy_from_a_duplex_primary_leaves_the_secondary_equal() {
     write_tracks(a, &src, 65, 20);
     assert_eq!(volume_sha(a, &pa), volume_sha(b, &pb));
     let withdraw = essctl(a, &["flashcopy", "withdraw", &format!("{src}:{pa}")]);
+    assert_eq!(withdraw.code, 1, "{withdraw:?}");
+    assert!(
+        withdraw.stderr.contains("terminate the pair first"),
+        "{withdraw:?}"
+    );
     wait_duplex(a, &pa);
     assert_eq!(
         volume_sha(a, &pa),
