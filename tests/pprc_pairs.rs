@@ -2001,6 +2001,26 @@ fn withdrawing_a_flashcopy_from_a_duplex_primary_leaves_the_secondary_equal() {
     );
 }
 
+/// Makes the server's next save of its pair records fail: a directory
+/// where the record's temporary file goes. The server may be saving a
+/// record of its own just then (a state change it was told of): the
+/// directory is made once that temporary file is renamed away.
+fn block_pair_records(state_dir: &std::path::Path) -> std::path::PathBuf {
+    let blocker = state_dir.join("state/pprc/.pairs.json.tmp");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::fs::create_dir(&blocker) {
+            Ok(()) => return blocker,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AlreadyExists && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("cannot block {}: {e}", blocker.display()),
+        }
+    }
+}
+
 /// A terminate whose record cannot be written changes nothing: the pair
 /// goes on mirroring. (It used to detach the pair first and answer the
 /// error after: hosts then wrote the primary alone, unrecorded, and the
@@ -2015,8 +2035,7 @@ fn a_terminate_that_cannot_be_recorded_leaves_the_pair_mirroring() {
     essctl(&s.a, &["pprc", "establish", &va, &vb]).ok();
     wait_duplex(&s.a, &va);
     // The record's temporary file cannot be created.
-    let blocker = s.dir_a.path().join("state/pprc/.pairs.json.tmp");
-    std::fs::create_dir(&blocker).unwrap();
+    let blocker = block_pair_records(s.dir_a.path());
     let terminate = essctl(&s.a, &["pprc", "terminate", &va]);
     std::fs::remove_dir(&blocker).unwrap();
     assert_ne!(terminate.code, 0, "{terminate:?}");
@@ -2049,9 +2068,9 @@ fn a_failover_that_cannot_be_recorded_leaves_the_secondary_protected() {
     essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
     wait_state(&s.b, &vb, "duplex");
     essctl(&s.a, &["pprc", "suspend", &va]).ok();
+    wait_state(&s.b, &vb, "suspended");
     // The record's temporary file cannot be created.
-    let blocker = s.dir_b.path().join("state/pprc/.pairs.json.tmp");
-    std::fs::create_dir(&blocker).unwrap();
+    let blocker = block_pair_records(s.dir_b.path());
     let failover = essctl(&s.b, &["pprc", "failover", &vb]);
     std::fs::remove_dir(&blocker).unwrap();
     assert_ne!(failover.code, 0, "{failover:?}");
