@@ -272,6 +272,28 @@ async fn a_write_held_at_the_secondary(
     w
 }
 
+/// A critical pair (`heavy` or not) of a consistency group whose write of
+/// track 5 failed at the secondary (EIO) while its link stayed up: the
+/// group now holds writes. Returns the group, the harness and the write.
+async fn a_group_holding_after_a_failed_write(
+    heavy: bool,
+) -> (
+    Arc<ConsistencyGroup>,
+    Harness,
+    tokio::task::JoinHandle<Result<(), VolumeError>>,
+) {
+    let group = ConsistencyGroup::new(Duration::from_secs(60));
+    let h = harness_with(true, heavy, Some(group.clone())).await;
+    let failed = a_write_held_at_the_secondary(&h, 5, 1).await;
+    h.peer.release_writes(crate::nbd::proto::errno::EIO);
+    let g = group.clone();
+    wait_until("the group holding writes", move || {
+        matches!(g.state(), GroupState::Holding { .. })
+    })
+    .await;
+    (group, h, failed)
+}
+
 /// A pass that returns early (nothing it may clear yet) flips the
 /// cleaning epoch without waiting for the writes of the old one; the
 /// next pass then waits only for the other epoch's writes and clears
@@ -380,15 +402,7 @@ async fn a_pass_running_when_the_pair_suspends_keeps_the_marks_of_suspended_writ
 /// group meanwhile too — not left writable because the freeze came first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn critical_heavy_in_a_consistency_group_inhibits_writes_after_the_freeze() {
-    let group = ConsistencyGroup::new(Duration::from_secs(60));
-    let h = harness_with(true, true, Some(group.clone())).await;
-    let failed = a_write_held_at_the_secondary(&h, 5, 1).await;
-    h.peer.release_writes(crate::nbd::proto::errno::EIO);
-    let g = group.clone();
-    wait_until("the group holding writes", move || {
-        matches!(g.state(), GroupState::Holding { .. })
-    })
-    .await;
+    let (group, h, failed) = a_group_holding_after_a_failed_write(true).await;
     let held = write(&h.pair, 6);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!failed.is_finished() && !held.is_finished());
@@ -459,15 +473,7 @@ async fn a_write_to_a_suspended_group_primary_does_not_complete_while_the_group_
 /// this pair could not update its secondary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_critical_group_pair_is_inhibited_once_its_last_link_is_lost_after_the_freeze() {
-    let group = ConsistencyGroup::new(Duration::from_secs(60));
-    let h = harness_with(true, false, Some(group.clone())).await;
-    let failed = a_write_held_at_the_secondary(&h, 5, 1).await;
-    h.peer.release_writes(crate::nbd::proto::errno::EIO);
-    let g = group.clone();
-    wait_until("the group holding writes", move || {
-        matches!(g.state(), GroupState::Holding { .. })
-    })
-    .await;
+    let (group, h, failed) = a_group_holding_after_a_failed_write(false).await;
     assert_eq!(group.freeze(), 1);
     // The link is still up: suspended, not inhibited.
     failed.await.unwrap().unwrap();
