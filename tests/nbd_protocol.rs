@@ -647,3 +647,81 @@ fn an_abort_with_data_too_large_to_buffer_is_acknowledged() {
     assert!(closed(&mut s), "the connection stayed open after the ACK");
     assert_eq!(essd.stop().code(), Some(0));
 }
+
+/// Sends NBD_OPT_LIST_META_CONTEXT for `export` with `queries`; returns
+/// every reply (type, data), the final one last.
+fn list_meta_context(s: &mut UnixStream, export: &str, queries: &[&str]) -> Vec<(u32, Vec<u8>)> {
+    let mut d = (export.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    send_option(s, proto::opt::LIST_META_CONTEXT, &d);
+    let mut replies = Vec::new();
+    loop {
+        let (opt, kind, data) = read_option_reply(s);
+        assert_eq!(opt, proto::opt::LIST_META_CONTEXT);
+        replies.push((kind, data));
+        if kind != proto::rep::META_CONTEXT {
+            return replies;
+        }
+    }
+}
+
+#[test]
+fn list_meta_context_replies_carry_context_id_zero() {
+    // proto.md, NBD_OPT_LIST_META_CONTEXT: "The metadata context ID in
+    // these replies is reserved and SHOULD be set to zero". Only
+    // NBD_OPT_SET_META_CONTEXT assigns IDs, and BLOCK_STATUS uses the one
+    // it assigned.
+    let dir = tempdir("list-meta");
+    let essd = server("uring", dir.path());
+    let mut s = raw_connect(&essd);
+    read_greeting(&mut s);
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    send_option(&mut s, proto::opt::STRUCTURED_REPLY, &[]);
+    assert_eq!(read_option_reply(&mut s).1, proto::rep::ACK);
+    let mut listed = 0u32.to_be_bytes().to_vec();
+    listed.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
+    for queries in [&[][..], &["base:"][..], &[proto::BASE_ALLOCATION][..]] {
+        assert_eq!(
+            list_meta_context(&mut s, "000TST01", queries),
+            [
+                (proto::rep::META_CONTEXT, listed.clone()),
+                (proto::rep::ACK, Vec::new())
+            ],
+            "LIST_META_CONTEXT {queries:?}"
+        );
+    }
+    // SET assigns a nonzero ID; BLOCK_STATUS reports under it.
+    let mut d = 8u32.to_be_bytes().to_vec();
+    d.extend_from_slice(b"000TST01");
+    d.extend_from_slice(&1u32.to_be_bytes());
+    d.extend_from_slice(&(proto::BASE_ALLOCATION.len() as u32).to_be_bytes());
+    d.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
+    send_option(&mut s, proto::opt::SET_META_CONTEXT, &d);
+    let (_, kind, data) = read_option_reply(&mut s);
+    assert_eq!(kind, proto::rep::META_CONTEXT);
+    assert_eq!(&data[4..], proto::BASE_ALLOCATION.as_bytes());
+    let id = u32::from_be_bytes(data[..4].try_into().unwrap());
+    assert_ne!(id, 0);
+    assert_eq!(read_option_reply(&mut s).1, proto::rep::ACK);
+    go(&mut s, "000TST01");
+    let req = proto::Request {
+        flags: 0,
+        command: proto::cmd::BLOCK_STATUS,
+        cookie: 5,
+        offset: 0,
+        length: 4096,
+    };
+    s.write_all(&req.encode()).unwrap();
+    let (flags, kind, cookie, payload) = read_chunk(&mut s);
+    assert_eq!(
+        (flags, kind, cookie),
+        (proto::chunk::FLAG_DONE, proto::chunk::BLOCK_STATUS, 5)
+    );
+    assert_eq!(u32::from_be_bytes(payload[..4].try_into().unwrap()), id);
+    assert_eq!(essd.stop().code(), Some(0));
+}

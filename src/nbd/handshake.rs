@@ -313,8 +313,15 @@ async fn meta_context<S: AsyncWrite + Unpin>(
         })
     };
     if matches {
+        // Only SET assigns IDs: in a LIST reply the ID "is reserved and
+        // SHOULD be set to zero" (proto.md).
+        let id = if option == opt::SET_META_CONTEXT {
+            BASE_ALLOCATION_ID
+        } else {
+            0
+        };
         let mut d = BytesMut::new();
-        d.put_u32(BASE_ALLOCATION_ID);
+        d.put_u32(id);
         d.put_slice(proto::BASE_ALLOCATION.as_bytes());
         reply(stream, option, rep::META_CONTEXT, &d).await?;
     }
