@@ -725,3 +725,138 @@ fn list_meta_context_replies_carry_context_id_zero() {
     assert_eq!(u32::from_be_bytes(payload[..4].try_into().unwrap()), id);
     assert_eq!(essd.stop().code(), Some(0));
 }
+
+/// Block `i` (64 KiB) of the shutdown test's volume holds byte `i + 1`.
+const BLOCK: usize = 64 << 10;
+
+#[test]
+fn requests_pipelined_before_sigterm_are_all_answered() {
+    // proto.md, "Terminating the transmission phase": "On a server
+    // shutdown, the server SHOULD wait for inflight requests to be
+    // serviced prior to initiating a hard disconnect. A server MAY speed
+    // this process up by issuing error replies. The error value issued in
+    // respect of these requests and any subsequently received requests
+    // SHOULD be NBD_ESHUTDOWN." A client pipelines 300 reads and 100
+    // writes and reads no reply until the server got SIGTERM: the server
+    // blocks writing replies with requests in its receive buffer and more
+    // in the socket. Every request gets exactly one reply: those essd had
+    // received when the shutdown began are served, in order, every later
+    // one gets ESHUTDOWN; acknowledged writes are on disk.
+    const READS: u64 = 300;
+    const WRITES: u64 = 100;
+    let dir = tempdir("shutdown-pipeline");
+    let mut cfg = TestConfig::new("uring");
+    cfg.volumes = vec![Vol::new(0x10, 0, "16MiB")];
+    let image: Vec<u8> = (0..16 << 20).map(|i| (i / BLOCK + 1) as u8).collect();
+    std::fs::write(dir.path().join("vol-10-0.img"), &image).unwrap();
+    let essd = Essd::start_in(dir.path(), &cfg);
+    let mut s = raw_connect(&essd);
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    read_greeting(&mut s);
+    s.write_all(&3u32.to_be_bytes()).unwrap(); // NO_ZEROES
+    send_option(&mut s, proto::opt::EXPORT_NAME, b"000TST01");
+    let mut export = [0u8; 10];
+    s.read_exact(&mut export).unwrap();
+
+    // Cookies 0..READS are reads of blocks 0..128 (round robin), then
+    // writes of blocks 128..228, then DISC; sent in order by one thread.
+    let mut sender = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut reads = Vec::new();
+        for i in 0..READS {
+            let req = proto::Request {
+                flags: 0,
+                command: proto::cmd::READ,
+                cookie: i,
+                offset: (i % 128) * BLOCK as u64,
+                length: BLOCK as u32,
+            };
+            reads.extend_from_slice(&req.encode());
+        }
+        sender.write_all(&reads)?;
+        for j in 0..WRITES {
+            let req = proto::Request {
+                flags: 0,
+                command: proto::cmd::WRITE,
+                cookie: READS + j,
+                offset: (128 + j) * BLOCK as u64,
+                length: BLOCK as u32,
+            };
+            sender.write_all(&req.encode())?;
+            sender.write_all(&[0xC0 ^ j as u8; BLOCK])?;
+        }
+        let disc = proto::Request {
+            flags: 0,
+            command: proto::cmd::DISC,
+            cookie: u64::MAX,
+            offset: 0,
+            length: 0,
+        };
+        sender.write_all(&disc.encode())
+    });
+    // Both directions fill up: the server stops reading while its replies
+    // wait, and the client's writes stop.
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(essd.pid(), libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(200));
+
+    let mut errors: Vec<Option<u32>> = vec![None; (READS + WRITES) as usize];
+    let mut data = vec![0u8; BLOCK];
+    loop {
+        let mut reply = [0u8; 16];
+        match s.read_exact(&mut reply) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => panic!("reading replies: {e}"),
+        }
+        assert_eq!(&reply[..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+        let error = u32::from_be_bytes(reply[4..8].try_into().unwrap());
+        let cookie = u64::from_be_bytes(reply[8..16].try_into().unwrap());
+        assert!(cookie < READS + WRITES, "reply to unknown cookie {cookie}");
+        assert_eq!(errors[cookie as usize], None, "second reply to {cookie}");
+        errors[cookie as usize] = Some(error);
+        if cookie < READS && error == 0 {
+            s.read_exact(&mut data).unwrap();
+            let byte = (cookie % 128 + 1) as u8;
+            assert!(data.iter().all(|&b| b == byte), "read {cookie}: wrong data");
+        }
+    }
+    let _ = writer.join().unwrap();
+    let unanswered: Vec<usize> = (0..errors.len()).filter(|&i| errors[i].is_none()).collect();
+    assert!(
+        unanswered.is_empty(),
+        "{} of {} requests never answered (first {:?})",
+        unanswered.len(),
+        errors.len(),
+        unanswered.first()
+    );
+    let errors: Vec<u32> = errors.into_iter().map(Option::unwrap).collect();
+    assert!(
+        errors
+            .iter()
+            .all(|&e| e == 0 || e == proto::errno::ESHUTDOWN),
+        "{errors:?}"
+    );
+    // Served: a prefix of the requests, ESHUTDOWN: all the rest.
+    let served = errors.iter().take_while(|&&e| e == 0).count();
+    assert!(served >= 128, "only {served} served");
+    assert!(served < errors.len(), "no request got ESHUTDOWN");
+    assert!(
+        errors[served..]
+            .iter()
+            .all(|&e| e == proto::errno::ESHUTDOWN),
+        "{errors:?}"
+    );
+    assert_eq!(essd.stop().code(), Some(0));
+    let after = std::fs::read(dir.path().join("vol-10-0.img")).unwrap();
+    for j in 0..WRITES as usize {
+        let block = &after[(128 + j) * BLOCK..(129 + j) * BLOCK];
+        let want = if READS as usize + j < served {
+            0xC0 ^ j as u8
+        } else {
+            (129 + j) as u8
+        };
+        assert!(block.iter().all(|&b| b == want), "write {j}");
+    }
+}

@@ -94,8 +94,9 @@ impl NbdListeners {
         self.unix.as_ref().map(|(_, p)| p.as_path())
     }
 
-    /// Starts accept loops on `tracker`. Connections stop reading new
-    /// requests when `shutdown` fires and finish what is in flight.
+    /// Starts accept loops on `tracker`. When `shutdown` fires, connections
+    /// serve the requests already received and answer later ones
+    /// `ESHUTDOWN` (see [`transmission`]) before they close.
     pub fn spawn(
         self,
         server: Arc<StorageServer>,

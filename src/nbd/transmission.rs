@@ -9,14 +9,22 @@
 //! errors). The replies of everything one wake-up finished leave in one
 //! vectored write. While a large WRITE is still arriving over TCP, the
 //! socket wakes the task only once all of it is there ([`LowWater`]). On
-//! DISC, EOF, shutdown or a malformed header reading stops; requests in
-//! flight finish and their replies are written before the connection
-//! closes.
+//! DISC, EOF or a malformed header reading stops; requests in flight
+//! finish and their replies are written before the connection closes.
+//!
+//! When the server shuts down, the requests it had received by then are
+//! served; every request received later is answered `NBD_ESHUTDOWN` without
+//! being carried out (the protocol's wording for "any subsequently received
+//! requests"), until the client disconnects (as it must on `ESHUTDOWN`) or
+//! sends nothing for [`SHUTDOWN_LINGER`] with nothing in flight. No request
+//! the client sent before the connection closes is left unanswered.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +41,9 @@ pub const MAX_IN_FLIGHT: usize = 128;
 const SKIP_LIMIT: u64 = 256 << 20;
 /// Block-status descriptors per reply.
 const MAX_EXTENTS: usize = 1024;
+/// Once the server shuts down, how long a connection with nothing in flight
+/// waits for more requests (to answer them `ESHUTDOWN`) before it closes.
+pub const SHUTDOWN_LINGER: Duration = Duration::from_millis(500);
 
 type Reply = Vec<Bytes>;
 
@@ -114,7 +125,19 @@ where
     // (clients match replies only to requests they finished sending).
     let mut skipped_reply: Option<Reply> = None;
     let mut reading = true;
+    // Shutting down: requests received from now on get ESHUTDOWN.
+    let mut draining = false;
+    // Bytes of `buf` that had been received when the shutdown began and
+    // are not yet taken: the requests they complete are still served.
+    let mut received_before: usize = 0;
+    // The last time the client sent something or a request finished.
+    let mut last_activity = Instant::now();
     let result: Result<(), ProtocolError> = 'conn: loop {
+        if !draining && shutdown.is_cancelled() {
+            draining = true;
+            received_before = buf.len();
+            last_activity = Instant::now();
+        }
         // Start every complete request in the buffer, up to the limit.
         let mut need = 1;
         let batch = Batch::begin();
@@ -122,6 +145,7 @@ where
             if skip > 0 {
                 let n = skip.min(buf.len() as u64);
                 buf.advance(n as usize);
+                received_before = received_before.saturating_sub(n as usize);
                 skip -= n;
                 if skip > 0 {
                     break;
@@ -130,7 +154,14 @@ where
             if let Some(reply) = skipped_reply.take() {
                 replies.extend(reply);
             }
-            match parse(&mut buf) {
+            let buffered = buf.len();
+            let parsed = parse(&mut buf);
+            // Whether the request just taken (if any) arrived after the
+            // shutdown began.
+            let taken = buffered - buf.len();
+            let late = draining && taken > received_before;
+            received_before = received_before.saturating_sub(taken);
+            match parsed {
                 Err(e) => break 'conn Err(e),
                 Ok(Parsed::NeedMore(n)) => {
                     need = n;
@@ -156,7 +187,12 @@ where
                         Payload::Data(data) => data.len(),
                         Payload::None => 0,
                     });
-                    if let Some(reply) = in_flight.start(handle(session.clone(), req, payload)) {
+                    if late {
+                        let msg = "the server is shutting down";
+                        replies.extend(error_reply(&session, req.cookie, errno::ESHUTDOWN, msg));
+                    } else if let Some(reply) =
+                        in_flight.start(handle(session.clone(), req, payload))
+                    {
                         replies.extend(reply);
                     }
                 }
@@ -167,10 +203,6 @@ where
             if let Err(e) = write_batch(&mut writer, &mut replies).await {
                 break Err(e.into());
             }
-        }
-        if shutdown.is_cancelled() {
-            // Shutting down: the requests already received are served.
-            reading = false;
         }
         if !reading && in_flight.is_empty() {
             break Ok(());
@@ -184,12 +216,15 @@ where
         let mut room = (&mut buf).limit(read_limit);
         tokio::select! {
             biased;
-            _ = shutdown.cancelled(), if reading => reading = false,
-            () = in_flight.finished(|reply| replies.extend(reply)) => {}
+            // Noted at the top of the loop.
+            _ = shutdown.cancelled(), if !draining => {}
+            () = in_flight.finished(|reply| replies.extend(reply)) => last_activity = Instant::now(),
+            () = tokio::time::sleep_until(last_activity + SHUTDOWN_LINGER),
+                if draining && in_flight.is_empty() => reading = false,
             n = reader.read_buf(&mut room), if may_read => match n {
                 Ok(0) if buf.is_empty() && skip == 0 => reading = false,
                 Ok(0) => break Err(ProtocolError::Transmission("EOF inside a request".into())),
-                Ok(_) => {}
+                Ok(_) => last_activity = Instant::now(),
                 Err(e) => break Err(e.into()),
             },
         }
