@@ -860,3 +860,50 @@ fn requests_pipelined_before_sigterm_are_all_answered() {
         assert!(block.iter().all(|&b| b == want), "write {j}");
     }
 }
+
+#[test]
+fn options_after_sigterm_get_err_shutdown_and_abort_is_acknowledged() {
+    // proto.md, option haggling: "If the server is in the process of being
+    // shut down it MAY error any inflight option and SHOULD error further
+    // options received (other than an NBD_OPT_ABORT) with
+    // NBD_REP_ERR_SHUTDOWN", after which the client "MUST initiate a soft
+    // disconnect"; and "A party MUST NOT initiate a hard disconnect save
+    // where set out in this section". A client haggling when the server
+    // gets SIGTERM has its next options refused with ERR_SHUTDOWN and its
+    // ABORT acknowledged; then the server closes and exits 0.
+    let dir = tempdir("shutdown-haggle");
+    let essd = server("uring", dir.path());
+    let mut s = raw_connect(&essd);
+    read_greeting(&mut s);
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    send_option(&mut s, proto::opt::STRUCTURED_REPLY, &[]);
+    assert_eq!(read_option_reply(&mut s).1, proto::rep::ACK);
+    // Another client that never answers the greeting does not hold the
+    // shutdown up: it is closed once it has been silent for a while.
+    let mut idle = raw_connect(&essd);
+    read_greeting(&mut idle);
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(essd.pid(), libc::SIGTERM) };
+    let signalled = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut d = 8u32.to_be_bytes().to_vec();
+    d.extend_from_slice(b"000TST01");
+    d.extend_from_slice(&0u16.to_be_bytes());
+    send_option(&mut s, proto::opt::GO, &d);
+    let (opt, kind, _) = read_option_reply(&mut s);
+    assert_eq!((opt, kind), (proto::opt::GO, proto::rep::ERR_SHUTDOWN));
+    send_option(&mut s, proto::opt::LIST, &[]);
+    let (opt, kind, _) = read_option_reply(&mut s);
+    assert_eq!((opt, kind), (proto::opt::LIST, proto::rep::ERR_SHUTDOWN));
+    send_option(&mut s, proto::opt::ABORT, &[]);
+    let (opt, kind, _) = read_option_reply(&mut s);
+    assert_eq!((opt, kind), (proto::opt::ABORT, proto::rep::ACK));
+    assert!(closed(&mut s));
+    assert_eq!(
+        idle.read(&mut [0u8; 1]).unwrap(),
+        0,
+        "idle client not closed"
+    );
+    assert!(signalled.elapsed() < Duration::from_secs(3));
+    assert_eq!(essd.stop().code(), Some(0));
+}

@@ -3,13 +3,20 @@
 //! Unknown exports are refused with `NBD_REP_ERR_UNKNOWN` (there is no
 //! default export); STARTTLS is answered `NBD_REP_ERR_UNSUP` until TLS is
 //! configured; any malformed message ends this connection only.
+//!
+//! Once the server shuts down, every further option but `NBD_OPT_ABORT`
+//! is answered `NBD_REP_ERR_SHUTDOWN` (an `NBD_OPT_EXPORT_NAME`, which has no
+//! error reply, closes the connection), until the client aborts, closes, or
+//! sends nothing for [`SHUTDOWN_LINGER`].
 
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 
 use super::proto::{self, info, opt, rep, tflag};
+use super::transmission::SHUTDOWN_LINGER;
 use super::ProtocolError;
 use crate::volume::server::StorageServer;
 use crate::volume::Volume;
@@ -54,6 +61,21 @@ pub async fn negotiate<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    negotiate_until(stream, server, settings, &CancellationToken::new()).await
+}
+
+/// [`negotiate`] for a server that shuts down when `shutdown` fires: from
+/// then on options are refused with `NBD_REP_ERR_SHUTDOWN` (see the module
+/// docs), and `Ok(None)` is returned once the client is done.
+pub async fn negotiate_until<S>(
+    stream: &mut S,
+    server: &StorageServer,
+    settings: &NegotiationSettings,
+    shutdown: &CancellationToken,
+) -> Result<Option<Session>, ProtocolError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut greeting = BytesMut::with_capacity(18);
     greeting.put_u64(proto::NBD_MAGIC);
     greeting.put_u64(proto::IHAVEOPT);
@@ -61,7 +83,11 @@ where
     stream.write_all(&greeting).await?;
     stream.flush().await?;
 
-    let client_flags = stream.read_u32().await?;
+    let mut flags = [0u8; 4];
+    if !read_full(stream, &mut flags, shutdown).await? {
+        return Ok(None);
+    }
+    let client_flags = u32::from_be_bytes(flags);
     let known = proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES;
     if client_flags & !known != 0 {
         return Err(ProtocolError::Handshake(format!(
@@ -76,7 +102,9 @@ where
 
     loop {
         let mut header = [0u8; 16];
-        stream.read_exact(&mut header).await?;
+        if !read_full(stream, &mut header, shutdown).await? {
+            return Ok(None);
+        }
         let h = proto::OptionHeader::decode(&header)?;
         if h.length > proto::MAX_OPTION_LEN {
             // Too large to buffer: say so if we can skip it (an ABORT is
@@ -89,7 +117,9 @@ where
                     h.option, h.length
                 )));
             }
-            skip(stream, h.length as u64).await?;
+            if !skip(stream, h.length as u64, shutdown).await? {
+                return Ok(None);
+            }
             if h.option == opt::ABORT {
                 // The server SHOULD ignore ABORT's data and ACK it (proto.md).
                 let _ = reply(stream, h.option, rep::ACK, &[]).await;
@@ -99,7 +129,24 @@ where
             continue;
         }
         let mut data = vec![0u8; h.length as usize];
-        stream.read_exact(&mut data).await?;
+        if !read_full(stream, &mut data, shutdown).await? {
+            return Ok(None);
+        }
+        if shutdown.is_cancelled() && h.option != opt::ABORT {
+            if h.option == opt::EXPORT_NAME {
+                return Err(ProtocolError::Handshake(
+                    "EXPORT_NAME while the server shuts down".into(),
+                ));
+            }
+            reply(
+                stream,
+                h.option,
+                rep::ERR_SHUTDOWN,
+                b"the server is shutting down",
+            )
+            .await?;
+            continue;
+        }
         match h.option {
             opt::EXPORT_NAME => {
                 let name = String::from_utf8(data).unwrap_or_default();
@@ -196,6 +243,29 @@ where
             }
         }
     }
+}
+
+/// Fills `buf` from the client. Once `shutdown` has fired, gives up
+/// (`Ok(false)`) when the client sends nothing for [`SHUTDOWN_LINGER`].
+async fn read_full<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut [u8],
+    shutdown: &CancellationToken,
+) -> Result<bool, ProtocolError> {
+    let mut got = 0;
+    while got < buf.len() {
+        // `read` is cancel-safe: a shutdown between bytes loses none.
+        tokio::select! {
+            biased;
+            n = stream.read(&mut buf[got..]) => match n? {
+                0 => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+                n => got += n,
+            },
+            () = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
+            () = tokio::time::sleep(SHUTDOWN_LINGER), if shutdown.is_cancelled() => return Ok(false),
+        }
+    }
+    Ok(true)
 }
 
 fn make_session(volume: Arc<Volume>, st: &State, name: &str) -> Session {
@@ -365,14 +435,21 @@ fn truncate_message(message: &[u8]) -> &[u8] {
     &message[..end]
 }
 
-async fn skip<S: AsyncRead + Unpin>(stream: &mut S, mut n: u64) -> Result<(), ProtocolError> {
+/// Reads and drops `n` bytes; `Ok(false)` as for [`read_full`].
+async fn skip<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    mut n: u64,
+    shutdown: &CancellationToken,
+) -> Result<bool, ProtocolError> {
     let mut sink = [0u8; 8192];
     while n > 0 {
         let want = n.min(sink.len() as u64) as usize;
-        stream.read_exact(&mut sink[..want]).await?;
+        if !read_full(stream, &mut sink[..want], shutdown).await? {
+            return Ok(false);
+        }
         n -= want as u64;
     }
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::handshake::{negotiate, NegotiationSettings};
+use super::handshake::{negotiate_until, NegotiationSettings};
 use super::{transmission, ProtocolError};
 use crate::pipeline::ReadLowWater;
 use crate::volume::server::StorageServer;
@@ -227,12 +227,12 @@ async fn connection<S: SplitStream>(
     settings: Arc<NegotiationSettings>,
     shutdown: CancellationToken,
 ) {
-    let negotiated = tokio::select! {
-        _ = shutdown.cancelled() => return,
-        r = tokio::time::timeout(NEGOTIATION_TIMEOUT, negotiate(&mut stream, &server, &settings)) => {
-            r.unwrap_or(Err(ProtocolError::Timeout))
-        }
-    };
+    let negotiated = tokio::time::timeout(
+        NEGOTIATION_TIMEOUT,
+        negotiate_until(&mut stream, &server, &settings, &shutdown),
+    )
+    .await
+    .unwrap_or(Err(ProtocolError::Timeout));
     let session = match negotiated {
         Ok(Some(session)) => session,
         Ok(None) => return,
