@@ -907,3 +907,54 @@ fn options_after_sigterm_get_err_shutdown_and_abort_is_acknowledged() {
     assert!(signalled.elapsed() < Duration::from_secs(3));
     assert_eq!(essd.stop().code(), Some(0));
 }
+
+#[test]
+fn a_client_that_keeps_sending_after_eshutdown_is_cut_off_after_a_grace_period() {
+    // A client MUST soft-disconnect on ESHUTDOWN; one that goes on sending
+    // requests (each answered ESHUTDOWN) does not keep the server from
+    // exiting: its connection closes 5 s after the shutdown began.
+    let dir = tempdir("shutdown-grace");
+    let essd = server("uring", dir.path());
+    let mut s = raw_connect(&essd);
+    read_greeting(&mut s);
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    send_option(&mut s, proto::opt::EXPORT_NAME, b"000TST01");
+    let mut export = [0u8; 10];
+    s.read_exact(&mut export).unwrap();
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(essd.pid(), libc::SIGTERM) };
+    let signalled = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut answered = 0;
+    for cookie in 0.. {
+        assert!(
+            signalled.elapsed() < Duration::from_secs(15),
+            "still served"
+        );
+        let req = proto::Request {
+            flags: 0,
+            command: proto::cmd::FLUSH,
+            cookie,
+            offset: 0,
+            length: 0,
+        };
+        let mut reply = [0u8; 16];
+        if s.write_all(&req.encode()).is_err() || s.read_exact(&mut reply).is_err() {
+            break;
+        }
+        assert_eq!(u64::from_be_bytes(reply[8..16].try_into().unwrap()), cookie);
+        assert_eq!(
+            u32::from_be_bytes(reply[4..8].try_into().unwrap()),
+            proto::errno::ESHUTDOWN
+        );
+        answered += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let elapsed = signalled.elapsed();
+    assert!(answered >= 10, "{answered} requests answered ESHUTDOWN");
+    assert!(
+        elapsed > Duration::from_secs(4) && elapsed < Duration::from_secs(8),
+        "closed after {elapsed:?}"
+    );
+    assert_eq!(essd.stop().code(), Some(0));
+}

@@ -17,7 +17,9 @@
 //! being carried out (the protocol's wording for "any subsequently received
 //! requests"), until the client disconnects (as it must on `ESHUTDOWN`) or
 //! sends nothing for [`SHUTDOWN_LINGER`] with nothing in flight. No request
-//! the client sent before the connection closes is left unanswered.
+//! the client sent before the connection closes is left unanswered. A
+//! client that goes on sending regardless is cut off [`SHUTDOWN_GRACE`]
+//! after the shutdown began.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +46,9 @@ const MAX_EXTENTS: usize = 1024;
 /// Once the server shuts down, how long a connection with nothing in flight
 /// waits for more requests (to answer them `ESHUTDOWN`) before it closes.
 pub const SHUTDOWN_LINGER: Duration = Duration::from_millis(500);
+/// Once the server shuts down, how long a connection reads requests at
+/// most (to answer them `ESHUTDOWN`), however busy its client.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 type Reply = Vec<Bytes>;
 
@@ -132,11 +137,14 @@ where
     let mut received_before: usize = 0;
     // The last time the client sent something or a request finished.
     let mut last_activity = Instant::now();
+    // When reading stops at the latest once the shutdown began.
+    let mut drain_deadline = Instant::now();
     let result: Result<(), ProtocolError> = 'conn: loop {
         if !draining && shutdown.is_cancelled() {
             draining = true;
             received_before = buf.len();
             last_activity = Instant::now();
+            drain_deadline = last_activity + SHUTDOWN_GRACE;
         }
         // Start every complete request in the buffer, up to the limit.
         let mut need = 1;
@@ -174,12 +182,17 @@ where
                     plan.took(0);
                     // EINVAL, as for any request over the maximum block
                     // size (EOVERFLOW is only for a READ with DF).
-                    let msg = format!(
-                        "write of {} bytes exceeds the maximum {}",
-                        req.length,
-                        proto::MAX_PAYLOAD
-                    );
-                    skipped_reply = Some(error_reply(&session, req.cookie, errno::EINVAL, &msg));
+                    let (code, msg) = if late {
+                        (errno::ESHUTDOWN, "the server is shutting down".to_string())
+                    } else {
+                        let msg = format!(
+                            "write of {} bytes exceeds the maximum {}",
+                            req.length,
+                            proto::MAX_PAYLOAD
+                        );
+                        (errno::EINVAL, msg)
+                    };
+                    skipped_reply = Some(error_reply(&session, req.cookie, code, &msg));
                 }
                 Ok(Parsed::Request(req, _)) if req.command == cmd::DISC => reading = false,
                 Ok(Parsed::Request(req, payload)) => {
@@ -219,7 +232,7 @@ where
             // Noted at the top of the loop.
             _ = shutdown.cancelled(), if !draining => {}
             () = in_flight.finished(|reply| replies.extend(reply)) => last_activity = Instant::now(),
-            () = tokio::time::sleep_until(last_activity + SHUTDOWN_LINGER),
+            () = tokio::time::sleep_until((last_activity + SHUTDOWN_LINGER).min(drain_deadline)),
                 if draining && in_flight.is_empty() => reading = false,
             n = reader.read_buf(&mut room), if may_read => match n {
                 Ok(0) if buf.is_empty() && skip == 0 => reading = false,
