@@ -840,7 +840,13 @@ fn requests_pipelined_before_sigterm_are_all_answered() {
     );
     // Served: a prefix of the requests, ESHUTDOWN: all the rest.
     let served = errors.iter().take_while(|&&e| e == 0).count();
-    assert!(served >= 128, "only {served} served");
+    eprintln!(
+        "{served} of {} requests served, the rest ESHUTDOWN",
+        errors.len()
+    );
+    // Every read was in essd's receive buffer (128 of them in flight)
+    // before the signal: all are served.
+    assert!(served >= READS as usize, "only {served} served");
     assert!(served < errors.len(), "no request got ESHUTDOWN");
     assert!(
         errors[served..]
