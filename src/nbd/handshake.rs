@@ -410,7 +410,7 @@ async fn reply<S: AsyncWrite + Unpin>(
     // An error reply's data is a message string: at most 4096 bytes (it
     // may quote a client's export name of that length).
     let data = if kind & (1 << 31) != 0 {
-        truncate_message(data)
+        proto::truncate_string(data)
     } else {
         data
     };
@@ -420,22 +420,6 @@ async fn reply<S: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// The longest prefix of `message` that is a string the protocol allows
-/// (4096 bytes), cut at a character boundary.
-fn truncate_message(message: &[u8]) -> &[u8] {
-    const MAX_STRING: usize = 4096;
-    if message.len() <= MAX_STRING {
-        return message;
-    }
-    let mut end = MAX_STRING;
-    // A UTF-8 continuation byte is 0b10xx_xxxx.
-    while end > 0 && message[end] & 0xC0 == 0x80 {
-        end -= 1;
-    }
-    &message[..end]
-}
-
-/// Reads and drops `n` bytes; `Ok(false)` as for [`read_full`].
 async fn skip<S: AsyncRead + Unpin>(
     stream: &mut S,
     mut n: u64,
@@ -454,20 +438,7 @@ async fn skip<S: AsyncRead + Unpin>(
 
 #[cfg(test)]
 mod tests {
-    use super::{minimum_block, truncate_message};
-
-    #[test]
-    fn error_messages_are_cut_to_4096_bytes_at_a_character() {
-        assert_eq!(truncate_message(b"short"), b"short");
-        let long = "é".repeat(3000);
-        let cut = truncate_message(long.as_bytes());
-        assert_eq!(cut.len(), 4096);
-        assert!(std::str::from_utf8(cut).is_ok());
-        let odd = format!("x{long}");
-        let cut = truncate_message(odd.as_bytes());
-        assert_eq!(cut.len(), 4095);
-        assert!(std::str::from_utf8(cut).is_ok());
-    }
+    use super::minimum_block;
 
     #[test]
     fn the_minimum_block_divides_the_export_size() {

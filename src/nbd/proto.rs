@@ -376,9 +376,27 @@ pub fn chunk_header(flags: u16, kind: u16, cookie: u64, length: u32) -> BytesMut
     out
 }
 
-/// Encodes a final structured error chunk with a message.
+/// Longest string the protocol allows, in bytes.
+pub const MAX_STRING: usize = 4096;
+
+/// The longest prefix of `message` that is a string the protocol allows
+/// ([`MAX_STRING`] bytes), cut at a character boundary.
+pub fn truncate_string(message: &[u8]) -> &[u8] {
+    if message.len() <= MAX_STRING {
+        return message;
+    }
+    let mut end = MAX_STRING;
+    // A UTF-8 continuation byte is 0b10xx_xxxx.
+    while end > 0 && message[end] & 0xC0 == 0x80 {
+        end -= 1;
+    }
+    &message[..end]
+}
+
+/// Encodes a final structured error chunk with a message (cut to a string
+/// the protocol allows).
 pub fn structured_error(cookie: u64, error: u32, message: &str) -> Bytes {
-    let msg = &message.as_bytes()[..message.len().min(4096)];
+    let msg = truncate_string(message.as_bytes());
     let mut out = chunk_header(chunk::FLAG_DONE, chunk::ERROR, cookie, 6 + msg.len() as u32);
     out.put_u32(error);
     out.put_u16(msg.len() as u16);
@@ -456,6 +474,31 @@ mod tests {
             ("x".to_string(), vec![BASE_ALLOCATION.to_string()])
         );
         assert!(decode_meta_request(&d[..d.len() - 2]).is_err());
+    }
+
+    #[test]
+    fn error_messages_are_cut_to_4096_bytes_at_a_character() {
+        assert_eq!(truncate_string(b"short"), b"short");
+        let long = "é".repeat(3000);
+        let cut = truncate_string(long.as_bytes());
+        assert_eq!(cut.len(), 4096);
+        assert!(std::str::from_utf8(cut).is_ok());
+        let odd = format!("x{long}");
+        let cut = truncate_string(odd.as_bytes());
+        assert_eq!(cut.len(), 4095);
+        assert!(std::str::from_utf8(cut).is_ok());
+    }
+
+    #[test]
+    fn a_structured_error_message_is_cut_to_4096_bytes_at_a_character() {
+        // An error message is a string: valid UTF-8, at most 4096 bytes.
+        let long = format!("x{}", "é".repeat(3000));
+        let e = structured_error(3, errno::EIO, &long);
+        let len = u16::from_be_bytes([e[24], e[25]]) as usize;
+        assert_eq!(len, 4095);
+        assert_eq!(e.len(), 20 + 6 + len);
+        assert_eq!(&e[16..20], &(6 + len as u32).to_be_bytes());
+        assert!(std::str::from_utf8(&e[26..]).is_ok());
     }
 
     #[test]
