@@ -216,6 +216,9 @@ where
             if let Err(e) = write_batch(&mut writer, &mut replies).await {
                 break Err(e.into());
             }
+            // The client took replies: it is still there (and what it sent
+            // meanwhile is read before it counts as silent).
+            last_activity = Instant::now();
         }
         if !reading && in_flight.is_empty() {
             break Ok(());
@@ -232,14 +235,18 @@ where
             // Noted at the top of the loop.
             _ = shutdown.cancelled(), if !draining => {}
             () = in_flight.finished(|reply| replies.extend(reply)) => last_activity = Instant::now(),
-            () = tokio::time::sleep_until((last_activity + SHUTDOWN_LINGER).min(drain_deadline)),
-                if draining && in_flight.is_empty() => reading = false,
+            // Before reading: a client that never stops sending is cut off.
+            () = tokio::time::sleep_until(drain_deadline), if draining && reading => reading = false,
             n = reader.read_buf(&mut room), if may_read => match n {
                 Ok(0) if buf.is_empty() && skip == 0 => reading = false,
                 Ok(0) => break Err(ProtocolError::Transmission("EOF inside a request".into())),
                 Ok(_) => last_activity = Instant::now(),
                 Err(e) => break Err(e.into()),
             },
+            // After reading: a client counts as silent only with nothing
+            // to read.
+            () = tokio::time::sleep_until(last_activity + SHUTDOWN_LINGER),
+                if draining && in_flight.is_empty() => reading = false,
         }
     };
     // Requests in flight finish, and their replies go out while the client
