@@ -2184,3 +2184,47 @@ fn resume_at_the_secondary_names_the_primary() {
     wait_duplex(&s.a, &va);
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
 }
+
+/// A manual suspend of a pair whose write failed while its consistency
+/// group holds (the link back meanwhile) keeps that write's track out of
+/// sync: the resync copies it and both volumes end equal.
+#[test]
+fn a_suspend_while_the_group_holds_keeps_the_failed_writes_track() {
+    let s = Sites::start("pprc-group-suspend", |cfg| {
+        cfg.lss_extra = vec![(
+            0x10,
+            "consistency_group = true\nconsistency_timeout = \"60s\"".into(),
+        )];
+    });
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    essctl(a, &["pprc", "establish", &v, &sv, "--mode", "nocopy"]).ok();
+    s.proxy.stall();
+    let mut w = spawn_write(a, &v, 5 * TRACK, 0xAB);
+    std::thread::sleep(Duration::from_millis(500));
+    s.proxy.drop_all();
+    s.proxy.heal();
+    let g = essctl_json(a, &["pprc", "group"]);
+    assert_eq!(g["group"]["state"], "holding", "{g}");
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    let p = essctl_json(a, &["pprc", "suspend", &v]);
+    assert_eq!(p["state"], "suspended", "{p}");
+    assert_eq!(
+        w.try_wait().unwrap(),
+        None,
+        "the held write completed before the freeze"
+    );
+    let f = essctl_json(a, &["pprc", "freeze"]);
+    assert_eq!(f["group"]["state"], "normal", "{f}");
+    assert!(w.wait().unwrap().success());
+    let recorded = show(a, &v)["out_of_sync_tracks"].as_u64().unwrap();
+    essctl(a, &["pprc", "resume", &v]).ok();
+    wait_duplex(a, &v);
+    let (sa, sb) = (volume_sha(a, &v), volume_sha(b, &sv));
+    assert!(
+        recorded >= 1 && sa == sb,
+        "out of sync after the suspend and freeze: {recorded}; after the resync primary {sa} \
+         secondary {sb}"
+    );
+}

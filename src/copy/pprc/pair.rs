@@ -417,6 +417,17 @@ impl Pair {
         self.set_group_failure(None);
     }
 
+    /// Whether this pair of a consistency group could not update its
+    /// secondary and waits for the group's freeze (or was frozen since):
+    /// it is not in sync, so no mark may be cleared — not by the cleaner,
+    /// nor by the pass of a manual suspend.
+    fn failed_in_group(&self) -> bool {
+        self.group_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     fn set_group_failure(&self, reason: Option<SuspendReason>) {
         *self.group_failure.lock().unwrap_or_else(|p| p.into_inner()) = reason;
     }
@@ -960,6 +971,9 @@ impl Pair {
     /// how many marks were cleared.
     pub async fn clean(&self, keep_recent: bool) -> Result<u64, Failure> {
         let _one_pass = self.passes.lock().await;
+        if self.failed_in_group() {
+            return Ok(0);
+        }
         let old = {
             let _all = self.clean_lock.write().unwrap_or_else(|p| p.into_inner());
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
@@ -998,7 +1012,8 @@ impl Pair {
                 let _all = self.clean_lock.write().unwrap_or_else(|p| p.into_inner());
                 let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
                 let mut cleared = 0;
-                if clear_marks {
+                // Checked again: the pair may have failed during the flush.
+                if clear_marks && !self.failed_in_group() {
                     for (w, mask) in self.clearable(below, &recent) {
                         cleared += self.marks.clear_word(w, mask);
                     }
