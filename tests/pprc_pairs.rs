@@ -2185,6 +2185,122 @@ fn resume_at_the_secondary_names_the_primary() {
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
 }
 
+/// Two LSSs in one consistency group (timeout `timeout`), a nocopy pair
+/// in each: returns the primaries and the secondaries.
+fn group_of_two(name: &str, timeout: &str) -> (Sites, [String; 2], [String; 2]) {
+    let lss = format!("consistency_group = true\nconsistency_timeout = \"{timeout}\"");
+    let s = Sites::start(name, |cfg| {
+        cfg.lss_extra = vec![(0x10, lss.clone()), (0x11, lss.clone())];
+    });
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    path(&s.a, "0x11", "TSTB2", "0x11", "1");
+    let primaries = [s.a.vol(0x10, 0), s.a.vol(0x11, 0)];
+    let secondaries = [s.b.vol(0x10, 0), s.b.vol(0x11, 0)];
+    for (p, sp) in primaries.iter().zip(&secondaries) {
+        essctl(&s.a, &["pprc", "establish", p, sp, "--mode", "nocopy"]).ok();
+    }
+    (s, primaries, secondaries)
+}
+
+/// Runs `essctl ARGS` against `essd` in a thread; the receiver gets its
+/// output.
+fn essctl_async(
+    essd: &Essd,
+    args: &[&str],
+) -> std::sync::mpsc::Receiver<std::io::Result<std::process::Output>> {
+    let api = essd.api_sock.clone();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_essctl"))
+            .arg("--server")
+            .arg(&api)
+            .args(&args)
+            .output();
+        let _ = tx.send(out);
+    });
+    rx
+}
+
+/// Waits up to `secs` for a background write; `None` if still running.
+fn wait_child(child: &mut std::process::Child, secs: u64) -> Option<bool> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status.success());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A terminate of a pair whose consistency group holds writes acts at
+/// once: the pair leaves the group and is simplex, its held write goes on
+/// to the primary alone, and the other pairs' writes stay held until the
+/// freeze.
+#[test]
+fn terminate_while_the_group_holds_acts_at_once_and_keeps_the_others_held() {
+    let (s, [v1, v2], _) = group_of_two("pprc-group-terminate", "60s");
+    let a = &s.a;
+    s.proxy.drop_all();
+    let mut w1 = spawn_write(a, &v1, TRACK, 0xA1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while essctl_json(a, &["pprc", "group"])["group"]["state"] != "holding" {
+        assert!(Instant::now() < deadline, "the group never held writes");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut w2 = spawn_write(a, &v2, TRACK, 0xA2);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(w1.try_wait().unwrap(), None, "a held write completed");
+    assert_eq!(w2.try_wait().unwrap(), None, "a held write completed");
+
+    let started = Instant::now();
+    let out = essctl_async(a, &["pprc", "terminate", &v1])
+        .recv_timeout(Duration::from_secs(15))
+        .expect("terminate did not answer within 15 s while the group held writes")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert_eq!(show_code(a, &v1), 1, "{v1} is still in a pair");
+    assert_eq!(
+        wait_child(&mut w1, 10),
+        Some(true),
+        "the terminated volume's write"
+    );
+    assert_eq!(block_at(a, &v1, TRACK), vec![0xA1; 4096]);
+    // The rest of the group still holds.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        w2.try_wait().unwrap(),
+        None,
+        "{v2}'s write completed before the freeze"
+    );
+    let g = essctl_json(a, &["pprc", "group"]);
+    assert_eq!(g["group"]["state"], "holding", "{g}");
+    assert_eq!(g["volumes"], serde_json::json!([v2]), "{g}");
+    let f = essctl_json(a, &["pprc", "freeze"]);
+    assert_eq!(f["suspended"], 1, "{f}");
+    assert_eq!(
+        wait_child(&mut w2, 10),
+        Some(true),
+        "{v2}'s write after the freeze"
+    );
+    let p = show(a, &v2);
+    assert_eq!(
+        (p["state"].as_str(), p["reason"].as_str()),
+        (Some("suspended"), Some("freeze")),
+        "{p}"
+    );
+    // The terminated volume is an ordinary volume: writes go straight on.
+    assert_eq!(try_write(a, &v1), "writable ok");
+}
+
 /// A manual suspend of a pair whose write failed while its consistency
 /// group holds (the link back meanwhile) keeps that write's track out of
 /// sync: the resync copies it and both volumes end equal.

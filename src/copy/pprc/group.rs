@@ -71,6 +71,12 @@ impl ConsistencyGroup {
         members.push(Arc::downgrade(pair));
     }
 
+    /// Takes a terminated pair out of the group.
+    pub fn leave(&self, pair: &Arc<Pair>) {
+        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        members.retain(|m| m.strong_count() > 0 && !std::ptr::eq(m.as_ptr(), Arc::as_ptr(pair)));
+    }
+
     /// The current state.
     pub fn state(&self) -> GroupState {
         self.state.borrow().1.clone()

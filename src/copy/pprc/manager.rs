@@ -1006,7 +1006,9 @@ impl PprcManager {
         }
         match entry {
             Entry::Primary(pair) => {
-                pair.stop_tasks();
+                // Writes the consistency group holds for this pair go on
+                // (they hold the gate).
+                pair.terminate();
                 {
                     let _quiet = vol.gate().write().await;
                     vol.detach_pprc();

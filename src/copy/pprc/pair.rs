@@ -263,6 +263,8 @@ pub struct Pair {
     /// Rings when the status changes (the manager records it).
     pub changed: Arc<Notify>,
     tasks: Mutex<CancellationToken>,
+    /// Cancelled when the pair is terminated (see [`Pair::terminate`]).
+    terminated: CancellationToken,
 }
 
 impl std::fmt::Debug for Pair {
@@ -328,6 +330,7 @@ impl Pair {
             copy_clock: Mutex::new(None),
             changed: env.changed,
             tasks: Mutex::new(CancellationToken::new()),
+            terminated: CancellationToken::new(),
         }
     }
 
@@ -519,6 +522,22 @@ impl Pair {
         token
     }
 
+    /// The pair is terminated: its tasks stop, it leaves its consistency
+    /// group, and its writes held by the group go on — to the primary
+    /// alone. The other pairs of the group stay held until the freeze.
+    pub fn terminate(self: &Arc<Self>) {
+        self.stop_tasks();
+        if let Some(group) = &self.group {
+            group.leave(self);
+        }
+        self.terminated.cancel();
+    }
+
+    /// Whether the pair was terminated.
+    pub fn is_terminated(&self) -> bool {
+        self.terminated.is_cancelled()
+    }
+
     /// Stops the copier and cleaner.
     pub fn stop_tasks(&self) {
         self.tasks
@@ -573,10 +592,14 @@ impl Pair {
         }
     }
 
-    /// Holds the caller while the consistency group holds writes.
+    /// Holds the caller while the consistency group holds writes, until
+    /// the pair is terminated.
     async fn group_gate(&self) {
         if let Some(group) = &self.group {
-            group.pass().await;
+            tokio::select! {
+                _ = group.pass() => {}
+                _ = self.terminated.cancelled() => {}
+            }
         }
     }
 
@@ -598,6 +621,10 @@ impl Pair {
         F: Future<Output = Result<(), VolumeError>>,
     {
         self.group_gate().await;
+        if self.is_terminated() {
+            // Terminated while held: the volume is simplex.
+            return local(change).await;
+        }
         // After the gate: a failure that held the group may have
         // inhibited the pair meanwhile.
         if self.write_inhibited() {
@@ -733,6 +760,10 @@ impl Pair {
         let Err((reason, detail)) = self.judge(remote) else {
             return Ok(());
         };
+        if self.is_terminated() {
+            // The change was made on the primary, which is simplex now.
+            return Ok(());
+        }
         let mut inhibited = false;
         if let Some(group) = &self.group {
             // Hold this write (and every write of the group) until the
@@ -747,7 +778,11 @@ impl Pair {
                 if inhibited {
                     self.inhibit();
                 }
-                group.trip(&self.spec.volume, &detail).await;
+                group.hold(&self.spec.volume, &detail);
+                self.group_gate().await;
+                if self.is_terminated() {
+                    return Ok(());
+                }
             }
         }
         self.suspend(reason, Some(detail));
