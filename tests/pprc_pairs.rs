@@ -2344,3 +2344,45 @@ fn a_suspend_while_the_group_holds_keeps_the_failed_writes_track() {
          secondary {sb}"
     );
 }
+
+/// A terminate at the secondary's server, its primary cut off while the
+/// primary's consistency group holds writes, acts at once there (the
+/// volume is writable); the primary's held write stays held until the
+/// freeze, which suspends its pair.
+#[test]
+fn terminate_at_the_secondary_while_the_primarys_group_holds_acts_there_only() {
+    let (s, [v1, _], [s1, _]) = group_of_two("pprc-group-terminate-sec", "60s");
+    let (a, b) = (&s.a, &s.b);
+    s.proxy.drop_all();
+    let mut w1 = spawn_write(a, &v1, TRACK, 0xB1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while essctl_json(a, &["pprc", "group"])["group"]["state"] != "holding" {
+        assert!(Instant::now() < deadline, "the group never held writes");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = essctl_async(b, &["pprc", "terminate", &s1])
+        .recv_timeout(Duration::from_secs(10))
+        .expect("terminate at the secondary did not answer within 10 s")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(show_code(b, &s1), 1, "{s1} is still in a pair");
+    assert_eq!(try_write(b, &s1), "writable ok");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        w1.try_wait().unwrap(),
+        None,
+        "the held write completed before the freeze"
+    );
+    let f = essctl_json(a, &["pprc", "freeze"]);
+    assert_eq!(f["suspended"], 2, "{f}");
+    assert_eq!(
+        wait_child(&mut w1, 10),
+        Some(true),
+        "the held write after the freeze"
+    );
+    assert_eq!(show(a, &v1)["reason"], "freeze");
+}
