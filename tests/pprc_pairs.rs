@@ -2386,3 +2386,46 @@ fn terminate_at_the_secondary_while_the_primarys_group_holds_acts_there_only() {
     );
     assert_eq!(show(a, &v1)["reason"], "freeze");
 }
+
+/// A primary restarts while its consistency group's pairs are duplex, and
+/// one of them cannot resume (its secondary was suspended there
+/// meanwhile): the group's pairs resume together or not at all. Resuming
+/// the other alone let a write that depends on one made on the first
+/// primary alone reach its secondary.
+#[test]
+fn after_a_restart_the_pairs_of_a_group_resume_together_or_not_at_all() {
+    let (mut s, [v1, v2], [s1, s2]) = group_of_two("pprc-group-restart", "60s");
+    s.a.crash();
+    essctl(&s.b, &["pprc", "suspend", &s1]).ok();
+    s.a.kill_and_restart("TSTA1");
+    let a = &s.a;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !a.log().contains("stays suspended") {
+        assert!(
+            Instant::now() < deadline,
+            "no resume was refused: {}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    for v in [&v1, &v2] {
+        let p = show(a, v);
+        assert_eq!(
+            (p["state"].as_str(), p["reason"].as_str()),
+            (Some("suspended"), Some("primary restarted")),
+            "{p}"
+        );
+    }
+    // A write to the first primary (alone), then a dependent one to the
+    // second: its secondary must not have it.
+    assert!(spawn_write(a, &v1, TRACK, 0xC1).wait().unwrap().success());
+    assert!(spawn_write(a, &v2, TRACK, 0xC2).wait().unwrap().success());
+    assert_ne!(block_at(&s.b, &s2, TRACK), vec![0xC2; 4096]);
+    // Resumed by the operator, both end equal.
+    for (v, sv) in [(&v1, &s1), (&v2, &s2)] {
+        essctl(a, &["pprc", "resume", v]).ok();
+        wait_duplex(a, v);
+        assert_eq!(volume_sha(a, v), volume_sha(&s.b, sv));
+    }
+}

@@ -17,7 +17,8 @@
 //! Pairs are recorded in `STATE_DIR/pprc/pairs.json` on every change. A
 //! primary that restarts while mirroring comes back suspended ("primary
 //! restarted") and resynchronises its recorded tracks by itself as soon as
-//! the path is up.
+//! the path is up — the pairs of the consistency group all together, or
+//! none of them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -439,37 +440,83 @@ impl PprcManager {
         *mgr.entries.lock().await = entries;
         mgr.save().await?;
         tokio::spawn(mgr.clone().recorder());
-        for (pair, volume) in resume {
-            let me = mgr.clone();
-            tokio::spawn(async move {
-                let deadline = tokio::time::Instant::now() + LINK_TIMEOUT * 2;
-                while pair.route().is_none_or(|r| r.live() == 0) {
-                    if tokio::time::Instant::now() > deadline {
-                        tracing::warn!(volume = %pair.spec.volume, "PPRC pair stays suspended: no live link after restart");
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                // Under the entries lock: an operator's terminate or resume
-                // meanwhile wins.
-                let entries = me.entries.lock().await;
-                let still = entries
-                    .iter()
-                    .any(|e| matches!(e, Entry::Primary(p) if Arc::ptr_eq(p, &pair)))
-                    && pair.status().reason == Some(SuspendReason::PrimaryRestart);
-                if !still {
-                    return;
-                }
-                match me.ask_secondary_again(&pair.spec, volume.size()).await {
-                    Ok(()) => me.start(&pair, &volume, PairState::DuplexPending).await,
-                    Err(e) => {
-                        tracing::warn!(volume = %pair.spec.volume, "PPRC pair stays suspended: {e}")
-                    }
-                }
-                drop(entries);
-            });
+        // The pairs of the consistency group resume together or not at
+        // all: one resumed alone would mirror a write that depends on one
+        // made on another's primary alone.
+        let (grouped, single): (Vec<_>, Vec<_>) =
+            resume.into_iter().partition(|(p, _)| p.in_group());
+        let mut batches: Vec<_> = single.into_iter().map(|r| vec![r]).collect();
+        if !grouped.is_empty() {
+            batches.push(grouped);
+        }
+        for batch in batches {
+            tokio::spawn(mgr.clone().resume_after_restart(batch));
         }
         Ok(mgr)
+    }
+
+    /// Resumes pairs that were mirroring when this server stopped, as
+    /// soon as their paths are up: all of `pairs` or none (they stay
+    /// suspended, reason "primary restarted", until an operator resumes
+    /// them).
+    async fn resume_after_restart(self: Arc<Self>, pairs: Vec<(Arc<Pair>, Arc<Volume>)>) {
+        let deadline = tokio::time::Instant::now() + LINK_TIMEOUT * 2;
+        while let Some((pair, _)) = pairs
+            .iter()
+            .find(|(p, _)| p.route().is_none_or(|r| r.live() == 0))
+        {
+            if tokio::time::Instant::now() > deadline {
+                tracing::warn!(volume = %pair.spec.volume, "PPRC pair stays suspended: no live link after restart");
+                self.stay_suspended(&pairs, &pair.spec.volume);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Under the entries lock: an operator's terminate or resume
+        // meanwhile wins.
+        let entries = self.entries.lock().await;
+        let pairs: Vec<_> = pairs
+            .into_iter()
+            .filter(|(pair, _)| {
+                entries
+                    .iter()
+                    .any(|e| matches!(e, Entry::Primary(p) if Arc::ptr_eq(p, pair)))
+                    && pair.status().reason == Some(SuspendReason::PrimaryRestart)
+            })
+            .collect();
+        for (i, (pair, volume)) in pairs.iter().enumerate() {
+            if let Err(e) = self.ask_secondary_again(&pair.spec, volume.size()).await {
+                tracing::warn!(volume = %pair.spec.volume, "PPRC pair stays suspended: {e}");
+                self.stay_suspended(&pairs, &pair.spec.volume);
+                // The secondaries asked already expect a resync: they
+                // are told the pair stays suspended.
+                for (asked, _) in &pairs[..i] {
+                    let _ = self
+                        .tell(
+                            &asked.spec,
+                            json!({"op": "state", "volume": asked.spec.peer_volume, "primary": asked.spec.volume,
+                                   "state": PairState::Suspended, "reason": SuspendReason::PrimaryRestart}),
+                        )
+                        .await;
+                }
+                return;
+            }
+        }
+        for (pair, volume) in &pairs {
+            self.start(pair, volume, PairState::DuplexPending).await;
+        }
+        drop(entries);
+    }
+
+    /// Says why the pairs of a consistency group other than `failed` stay
+    /// suspended after a restart.
+    fn stay_suspended(&self, pairs: &[(Arc<Pair>, Arc<Volume>)], failed: &str) {
+        for (pair, _) in pairs.iter().filter(|(p, _)| p.spec.volume != failed) {
+            tracing::warn!(
+                volume = %pair.spec.volume,
+                "PPRC pair stays suspended: {failed} of its consistency group cannot resume"
+            );
+        }
     }
 
     fn volume(&self, id: &str) -> Result<Arc<Volume>, PairError> {

@@ -533,6 +533,11 @@ impl Pair {
         self.terminated.cancel();
     }
 
+    /// Whether the primary's LSS is in the consistency group.
+    pub fn in_group(&self) -> bool {
+        self.group.is_some()
+    }
+
     /// Whether the pair was terminated.
     pub fn is_terminated(&self) -> bool {
         self.terminated.is_cancelled()
