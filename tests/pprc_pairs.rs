@@ -1887,7 +1887,12 @@ fn a_replaced_path_does_not_forget_a_timed_out_link(tag: &str, remove_first: boo
         "2",
     ];
     if remove_first {
-        essctl(a, &["pprc", "path", "remove", "0x10", "TSTB2", "0x10"]).ok();
+        // The suspended pair still uses the path.
+        essctl(
+            a,
+            &["pprc", "path", "remove", "0x10", "TSTB2", "0x10", "--force"],
+        )
+        .ok();
     } else {
         establish.push("--force");
     }
@@ -2428,4 +2433,120 @@ fn after_a_restart_the_pairs_of_a_group_resume_together_or_not_at_all() {
         wait_duplex(a, v);
         assert_eq!(volume_sha(a, v), volume_sha(&s.b, sv));
     }
+
+/// A path that pairs use is not removed unless the removal is forced: the
+/// refusal names the pairs (suspended ones too, which need the path to
+/// resume), and nothing changes. Replacing the path's links (`establish
+/// --force`) is no removal: the pairs go on mirroring over the new links.
+/// Removed by force, a critical pair is write-inhibited at its next write.
+#[test]
+fn a_path_that_pairs_use_is_removed_only_by_force() {
+    let s = Sites::start("pprc-path-in-use", |_| {});
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    let (plain, critical) = (a.vol(0x10, 0), a.vol(0x10, 1));
+    let (sec_plain, sec_critical) = (b.vol(0x10, 0), b.vol(0x10, 1));
+    essctl(
+        a,
+        &["pprc", "establish", &plain, &sec_plain, "--mode", "nocopy"],
+    )
+    .ok();
+    essctl(
+        a,
+        &[
+            "pprc",
+            "establish",
+            &critical,
+            &sec_critical,
+            "--mode",
+            "nocopy",
+            "--critical",
+        ],
+    )
+    .ok();
+    let remove = ["pprc", "path", "remove", "0x10", "TSTB2", "0x10"];
+    let in_use = |pairs: &str| {
+        format!(
+            "path 0x10 → TSTB2 0x10 is used by the pair(s) {pairs}; terminate them first, or use \
+             \"force\" to remove it anyway (they stop mirroring: they suspend, and critical ones \
+             are write-inhibited)"
+        )
+    };
+    essctl(a, &remove).refused(&in_use(&format!(
+        "{plain} → {sec_plain} (duplex), {critical} → {sec_critical} (duplex)"
+    )));
+    // Nothing changed: the path is up and both pairs mirror.
+    let paths = essctl_json(a, &["pprc", "path", "list"]);
+    assert_eq!(paths["paths"].as_array().unwrap().len(), 1, "{paths}");
+    assert_eq!(paths["paths"][0]["state"], "up", "{paths}");
+    assert_eq!(try_write(a, &critical), "writable ok");
+    write_tracks(a, &plain, 71, 4);
+    for (vol, sec) in [(&plain, &sec_plain), (&critical, &sec_critical)] {
+        assert_eq!(show(a, vol)["state"], "duplex");
+        assert_eq!(volume_sha(a, vol), volume_sha(b, sec));
+    }
+
+    // New links in the path's place: the pairs mirror over them.
+    essctl(
+        a,
+        &[
+            "pprc",
+            "path",
+            "establish",
+            "0x10",
+            "TSTB2",
+            "0x10",
+            "--links",
+            "2",
+            "--force",
+        ],
+    )
+    .ok();
+    write_tracks(a, &plain, 72, 4);
+    assert_eq!(try_write(a, &critical), "writable ok");
+    for (vol, sec) in [(&plain, &sec_plain), (&critical, &sec_critical)] {
+        let v = show(a, vol);
+        assert_eq!(
+            (
+                v["state"].as_str(),
+                v["path"]["links"].as_array().map(Vec::len)
+            ),
+            (Some("duplex"), Some(2)),
+            "{v}"
+        );
+        assert_eq!(volume_sha(a, vol), volume_sha(b, sec));
+    }
+
+    // A suspended pair still holds the path; a terminated one does not.
+    essctl(a, &["pprc", "suspend", &plain]).ok();
+    essctl(a, &remove).refused(&in_use(&format!(
+        "{plain} → {sec_plain} (suspended), {critical} → {sec_critical} (duplex)"
+    )));
+    essctl(a, &["pprc", "terminate", &plain]).ok();
+    essctl(a, &remove).refused(&in_use(&format!("{critical} → {sec_critical} (duplex)")));
+    assert_eq!(try_write(a, &critical), "writable ok");
+
+    // Forced: the path goes, and the critical pair cannot mirror.
+    let mut forced = remove.to_vec();
+    forced.push("--force");
+    assert_eq!(essctl(a, &forced).ok(), "removed path 0x10 → TSTB2 0x10\n");
+    assert_eq!(essctl(a, &["pprc", "path", "list"]).ok(), "no PPRC paths\n");
+    assert_eq!(try_write(a, &critical), "writable EIO");
+    let v = show(a, &critical);
+    assert_eq!(
+        (
+            v["state"].as_str(),
+            v["reason"].as_str(),
+            &v["write_inhibited"]
+        ),
+        (Some("suspended"), Some("link lost"), &true.into()),
+        "{v}"
+    );
+    let log = essctl(a, &["log"]).ok().to_string();
+    assert!(
+        log.contains(&format!(
+            "path 0x10 → TSTB2 0x10 removed by force; pairs over it: {critical} → {sec_critical} (duplex)"
+        )),
+        "{log}"
+    );
 }

@@ -188,7 +188,8 @@ pub enum PathCommand {
     /// List paths and the state of each link.
     #[command(alias = "ls")]
     List,
-    /// Remove a path and close its links.
+    /// Remove a path and close its links (refused while pairs use it,
+    /// unless --force).
     #[command(alias = "rm")]
     Remove {
         /// Local LSS.
@@ -199,6 +200,10 @@ pub enum PathCommand {
         /// Peer LSS.
         #[arg(value_parser = parse_lss)]
         peer_lss: u8,
+        /// Remove the path although pairs use it: they stop mirroring
+        /// (suspend; critical ones are write-inhibited).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -278,10 +283,12 @@ impl Session {
                 lss,
                 peer,
                 peer_lss,
+                force,
             } => {
                 let path = format!(
-                    "/v1/pprc/paths/0x{lss:02X}/{}/0x{peer_lss:02X}",
-                    super::client::encode_segment(peer)
+                    "/v1/pprc/paths/0x{lss:02X}/{}/0x{peer_lss:02X}{}",
+                    super::client::encode_segment(peer),
+                    if *force { "?force=true" } else { "" }
                 );
                 let response = self.delete(&path)?;
                 let Some(view) = self.table_data::<PathView>(out, &response)? else {

@@ -732,9 +732,10 @@ impl From<PathError> for ApiError {
                 StatusCode::NOT_FOUND
             }
             PathError::BadPeerLss(_) | PathError::BadLinks(_) => StatusCode::BAD_REQUEST,
-            PathError::Exists { .. } | PathError::NoSecret | PathError::PeerRefused { .. } => {
-                StatusCode::CONFLICT
-            }
+            PathError::Exists { .. }
+            | PathError::InUse { .. }
+            | PathError::NoSecret
+            | PathError::PeerRefused { .. } => StatusCode::CONFLICT,
             PathError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
             PathError::State(_) | PathError::Corrupt(_) => {
                 tracing::error!("PPRC path request failed: {e}");
@@ -767,14 +768,35 @@ fn parse_lss(text: &str) -> Result<u8, ApiError> {
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
+/// Query of `DELETE /v1/pprc/paths/{lss}/{peer}/{peer_lss}`.
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PathRemoveQuery {
+    /// Remove the path although pairs use it.
+    #[serde(default)]
+    force: bool,
+}
+
 async fn path_remove(
     State(ctx): State<Ctx>,
     ApiPath((lss, peer, peer_lss)): ApiPath<(String, String, String)>,
+    query: Result<Query<PathRemoveQuery>, QueryRejection>,
 ) -> ApiResult<PathView> {
+    let Query(query) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid query: {}", e.body_text()),
+        )
+    })?;
     let (lss, peer_lss) = (parse_lss(&lss)?, parse_lss(&peer_lss)?);
     let peer = peer_serial(&peer);
     let api = ctx.api.clone();
-    let view = to_completion(async move { api.paths.remove(lss, &peer, peer_lss).await }).await?;
+    let view = to_completion(async move {
+        api.pprc
+            .remove_path(lss, &peer, peer_lss, query.force)
+            .await
+    })
+    .await?;
     Ok(Json(view))
 }
 

@@ -33,7 +33,7 @@ use tokio::sync::Notify;
 use super::group::{ConsistencyGroup, GroupState};
 use super::link::{LinkError, PeerLink};
 use super::pair::{Pair, PairEnv, PairSpec, PairState, Status, SuspendReason, ESHUTDOWN};
-use super::paths::{PathManager, PathView, LINK_TIMEOUT};
+use super::paths::{PathError, PathManager, PathView, LINK_TIMEOUT};
 use super::secondary::{BoxFuture, PeerRequests};
 use super::wire::Message;
 use crate::control::log::{rfc3339, EventLog};
@@ -947,6 +947,50 @@ impl PprcManager {
             peer_lss: spec.peer_lss,
         })?;
         Ok((route, at, link))
+    }
+
+    /// Removes the path `lss` → `peer` `peer_lss`. Refused while pairs of
+    /// this server use it (as the path of their primary, in any state),
+    /// naming them, unless `force`: their mirroring then stops as if every
+    /// link were lost (they suspend, critical ones are write-inhibited), and
+    /// a resume needs the path again.
+    pub async fn remove_path(
+        &self,
+        lss: u8,
+        peer: &str,
+        peer_lss: u8,
+        force: bool,
+    ) -> Result<PathView, PathError> {
+        // Held throughout: no pair is established over the path meanwhile.
+        let entries = self.entries.lock().await;
+        let pairs: Vec<String> = entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Primary(p)
+                    if p.spec.lss == lss && p.spec.peer == peer && p.spec.peer_lss == peer_lss =>
+                {
+                    Some(format!(
+                        "{} → {} ({})",
+                        p.spec.volume,
+                        p.spec.peer_volume,
+                        p.state().name()
+                    ))
+                }
+                _ => None,
+            })
+            .collect();
+        let exists = self.paths.view(lss, peer, peer_lss).await.is_some();
+        if exists && !pairs.is_empty() && !force {
+            return Err(PathError::InUse {
+                lss,
+                peer: peer.to_string(),
+                peer_lss,
+                pairs,
+            });
+        }
+        let view = self.paths.remove(lss, peer, peer_lss, &pairs).await?;
+        drop(entries);
+        Ok(view)
     }
 
     /// Suspends a pair: from the primary (mirroring stops, changes are

@@ -79,6 +79,23 @@ pub enum PathError {
         /// The peer's answer.
         reason: String,
     },
+    /// Pairs use the path and its removal was not forced.
+    #[error(
+        "path 0x{lss:02X} → {peer} 0x{peer_lss:02X} is used by the pair(s) {}; terminate them \
+         first, or use \"force\" to remove it anyway (they stop mirroring: they suspend, and \
+         critical ones are write-inhibited)",
+        .pairs.join(", ")
+    )]
+    InUse {
+        /// Local LSS.
+        lss: u8,
+        /// Peer serial.
+        peer: String,
+        /// Peer LSS.
+        peer_lss: u8,
+        /// The pairs over the path, as `PRIMARY → SECONDARY (state)`.
+        pairs: Vec<String>,
+    },
     /// No such path.
     #[error("no path 0x{lss:02X} → {peer} 0x{peer_lss:02X}")]
     NotFound {
@@ -630,8 +647,17 @@ impl PathManager {
         taken
     }
 
-    /// Removes a path, closing its links.
-    pub async fn remove(&self, lss: u8, peer: &str, peer_lss: u8) -> Result<PathView, PathError> {
+    /// Removes a path, closing its links. `in_use` names the pairs that
+    /// still use it (a forced removal; see
+    /// [`PprcManager::remove_path`](super::manager::PprcManager::remove_path),
+    /// which refuses an unforced one), for the event log.
+    pub async fn remove(
+        &self,
+        lss: u8,
+        peer: &str,
+        peer_lss: u8,
+        in_use: &[String],
+    ) -> Result<PathView, PathError> {
         let mut paths = self.paths.lock().await;
         let Some(i) = paths
             .iter()
@@ -657,10 +683,20 @@ impl PathManager {
         let view = path.view();
         self.log.record(
             "pprc.path.remove",
-            format!(
-                "path {} → {} {} removed",
-                view.lss, view.peer, view.peer_lss
-            ),
+            if in_use.is_empty() {
+                format!(
+                    "path {} → {} {} removed",
+                    view.lss, view.peer, view.peer_lss
+                )
+            } else {
+                format!(
+                    "path {} → {} {} removed by force; pairs over it: {}",
+                    view.lss,
+                    view.peer,
+                    view.peer_lss,
+                    in_use.join(", ")
+                )
+            },
             None,
         );
         Ok(view)
