@@ -2433,6 +2433,7 @@ fn after_a_restart_the_pairs_of_a_group_resume_together_or_not_at_all() {
         wait_duplex(a, v);
         assert_eq!(volume_sha(a, v), volume_sha(&s.b, sv));
     }
+}
 
 /// A path that pairs use is not removed unless the removal is forced: the
 /// refusal names the pairs (suspended ones too, which need the path to
@@ -2549,4 +2550,124 @@ fn a_path_that_pairs_use_is_removed_only_by_force() {
         )),
         "{log}"
     );
+}
+
+/// The fan-out limit (a primary server mirrors to at most 4 peers) never
+/// refuses a failover: a recovery site takes over a volume although it
+/// mirrors to 4 other peers already, and then has pairs with 5. What
+/// would mirror to a fifth at once is refused: the failback, until a pair
+/// with one of the others is suspended; then a resume, or a new pair, with
+/// that one.
+#[test]
+fn a_failover_beyond_four_peers_is_taken_but_mirrors_to_at_most_four() {
+    let serials = ["TSTB1", "TSTB2", "TSTB3", "TSTB4", "TSTB5"];
+    let ports: Vec<u16> = serials.iter().map(|_| free_port()).collect();
+    let port_x = free_port();
+    let mut keep = Vec::new();
+    let mut peers = Vec::new();
+    for (serial, port) in serials.iter().zip(&ports) {
+        let dir = tempdir("pprc-fan-peer");
+        let mut cfg = TestConfig::new("uring");
+        cfg.serial = serial;
+        cfg.volumes = vec![Vol::new(0x10, 0, "16MiB"), Vol::new(0x10, 1, "16MiB")];
+        cfg.extra = format!(
+            "\n[replication]\nlisten = \"127.0.0.1:{port}\"\nsecret = \"{SECRET}\"\n\n\
+             [[peer]]\nserial = \"TSTA1\"\naddress = \"127.0.0.1:{port_x}\"\n"
+        );
+        peers.push(Essd::start_in(dir.path(), &cfg));
+        keep.push(dir);
+    }
+    let dir = tempdir("pprc-fan-failover");
+    let mut cfg = TestConfig::new("uring");
+    cfg.serial = "TSTA1";
+    cfg.volumes = (0..6).map(|n| Vol::new(0x10, n, "16MiB")).collect();
+    cfg.extra =
+        format!("\n[replication]\nlisten = \"127.0.0.1:{port_x}\"\nsecret = \"{SECRET}\"\n");
+    for (serial, port) in serials.iter().zip(&ports) {
+        cfg.extra +=
+            &format!("\n[[peer]]\nserial = \"{serial}\"\naddress = \"127.0.0.1:{port}\"\n");
+    }
+    let x = Essd::start_in(dir.path(), &cfg);
+    for (n, serial) in serials[..4].iter().enumerate() {
+        path(&x, "0x10", serial, "0x10", "1");
+        let primary = x.vol(0x10, n as u8);
+        let secondary = format!("000{serial}");
+        essctl(
+            &x,
+            &[
+                "pprc",
+                "establish",
+                &primary,
+                &secondary,
+                "--mode",
+                "nocopy",
+            ],
+        )
+        .ok();
+    }
+    // TSTB5 mirrors its volume to X.
+    let b5 = &peers[4];
+    let (taken, old) = (x.vol(0x10, 4), b5.vol(0x10, 0));
+    path(b5, "0x10", "TSTA1", "0x10", "1");
+    essctl(b5, &["pprc", "establish", &old, &taken, "--mode", "nocopy"]).ok();
+    assert_eq!(show(&x, &taken)["role"], "secondary");
+
+    // X takes over: a failover is never refused.
+    let v = essctl_json(&x, &["pprc", "failover", &taken]);
+    assert_eq!(
+        (
+            v["role"].as_str(),
+            v["state"].as_str(),
+            v["reason"].as_str()
+        ),
+        (Some("primary"), Some("suspended"), Some("failover")),
+        "{v}"
+    );
+    assert_eq!(try_write(&x, &taken), "writable ok");
+
+    // Failing back would mirror to a fifth peer while the 4 others are
+    // duplex.
+    path(&x, "0x10", "TSTB5", "0x10", "1");
+    let limit = |peers: &str| {
+        format!(
+            "this server is mirroring to 4 peers ({peers}); a primary server mirrors to at most \
+             4 at once: suspend or terminate its pairs with one of them first"
+        )
+    };
+    essctl(&x, &["pprc", "failback", &taken]).refused(&limit("TSTB1, TSTB2, TSTB3, TSTB4"));
+    let v = show(&x, &taken);
+    assert_eq!(
+        (v["state"].as_str(), v["reason"].as_str()),
+        (Some("suspended"), Some("failover")),
+        "{v}"
+    );
+    assert_eq!(show(b5, &old)["role"], "primary");
+
+    // With the pair to TSTB1 suspended, the failback is made.
+    let to_b1 = x.vol(0x10, 0);
+    essctl(&x, &["pprc", "suspend", &to_b1]).ok();
+    essctl(&x, &["pprc", "failback", &taken]).ok();
+    wait_duplex(&x, &taken);
+    assert_eq!(show(b5, &old)["role"], "secondary");
+    assert_eq!(volume_sha(&x, &taken), volume_sha(b5, &old));
+
+    // Now TSTB1 would be the fifth: neither a resume nor a new pair with
+    // it is made.
+    let others = limit("TSTB2, TSTB3, TSTB4, TSTB5");
+    essctl(&x, &["pprc", "resume", &to_b1]).refused(&others);
+    assert_eq!(show(&x, &to_b1)["state"], "suspended");
+    let new = [
+        "pprc",
+        "establish",
+        &x.vol(0x10, 5),
+        "001TSTB1",
+        "--mode",
+        "nocopy",
+    ];
+    essctl(&x, &new).refused(&others);
+    assert_eq!(
+        essctl_json(&peers[0], &["volume", "show", "001TSTB1"])["pprc_secondary"],
+        false
+    );
+    drop(peers);
 }

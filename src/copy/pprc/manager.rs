@@ -90,6 +90,14 @@ pub enum PairError {
     /// The volume is in no pair.
     #[error("volume {0} is not in a PPRC pair")]
     NoPair(String),
+    /// Mirroring the pair would make this server mirror to more than
+    /// [`MAX_PEERS`] peers at once.
+    #[error(
+        "this server is mirroring to {MAX_PEERS} peers ({}); a primary server mirrors to at most \
+         {MAX_PEERS} at once: suspend or terminate its pairs with one of them first",
+        .0.join(", ")
+    )]
+    MirrorLimit(Vec<String>),
     /// The request does not fit the pair's role or state.
     #[error("{0}")]
     Invalid(String),
@@ -484,6 +492,13 @@ impl PprcManager {
                     && pair.status().reason == Some(SuspendReason::PrimaryRestart)
             })
             .collect();
+        for (pair, _) in &pairs {
+            if let Err(e) = Self::check_mirror_limit(&entries, &pair.spec.peer) {
+                tracing::warn!(volume = %pair.spec.volume, "PPRC pair stays suspended: {e}");
+                self.stay_suspended(&pairs, &pair.spec.volume);
+                return;
+            }
+        }
         for (i, (pair, volume)) in pairs.iter().enumerate() {
             if let Err(e) = self.ask_secondary_again(&pair.spec, volume.size()).await {
                 tracing::warn!(volume = %pair.spec.volume, "PPRC pair stays suspended: {e}");
@@ -827,6 +842,7 @@ impl PprcManager {
                     pair.state().name()
                 )));
             }
+            Self::check_mirror_limit(&entries, &spec.peer)?;
             self.check_path(&spec)?;
             // A request of a link that timed out must not land after the
             // resync's copy of its track.
@@ -870,10 +886,12 @@ impl PprcManager {
         peers.dedup();
         if !peers.contains(&spec.peer.as_str()) && peers.len() >= MAX_PEERS {
             return Err(PairError::Invalid(format!(
-                "this server already mirrors to {MAX_PEERS} peers ({}); a primary server mirrors to at most {MAX_PEERS}",
+                "this server already mirrors to {} peers ({}); a primary server mirrors to at most {MAX_PEERS}",
+                peers.len(),
                 peers.join(", ")
             )));
         }
+        Self::check_mirror_limit(&entries, &spec.peer)?;
         self.check_path(&spec)?;
         self.ask_secondary(&spec, volume.size(), req.permit_online, false)
             .await?;
@@ -921,6 +939,35 @@ impl PprcManager {
         );
         drop(entries);
         Ok(self.view_primary(&pair).await)
+    }
+
+    /// Refuses to start mirroring to `peer` (establish, resume, failback)
+    /// while pairs of this server mirror (duplex or duplex pending) to
+    /// [`MAX_PEERS`] other peers. A failover may leave this server with
+    /// pairs with a fifth peer (a recovery site must be able to take over
+    /// whatever else it mirrors); this keeps the peers it mirrors to at
+    /// once within the limit.
+    fn check_mirror_limit(entries: &[Entry], peer: &str) -> Result<(), PairError> {
+        let mut peers: Vec<&str> = entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Primary(p)
+                    if p.spec.peer != peer
+                        && matches!(p.state(), PairState::Duplex | PairState::DuplexPending) =>
+                {
+                    Some(p.spec.peer.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        peers.sort_unstable();
+        peers.dedup();
+        if peers.len() >= MAX_PEERS {
+            return Err(PairError::MirrorLimit(
+                peers.into_iter().map(str::to_string).collect(),
+            ));
+        }
+        Ok(())
     }
 
     fn check_path(&self, spec: &PairSpec) -> Result<(), PairError> {
@@ -1254,6 +1301,7 @@ impl PprcManager {
                 pair.state().name()
             )));
         }
+        Self::check_mirror_limit(&entries, &pair.spec.peer)?;
         let vol = self.volume(volume)?;
         self.check_path(&pair.spec)?;
         self.tell(
