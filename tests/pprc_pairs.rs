@@ -2671,3 +2671,55 @@ fn a_failover_beyond_four_peers_is_taken_but_mirrors_to_at_most_four() {
     );
     drop(peers);
 }
+
+/// `failback` belongs to a volume that took over by a failover. Given the
+/// primary of a pair that merely suspended (here: a write stuck on a link
+/// that timed out), it is refused, pointing to `resume` — which waits for
+/// the stuck write before it copies, so the write cannot land over the
+/// copy of its track.
+#[test]
+fn a_failback_of_a_pair_not_failed_over_is_refused() {
+    let s = Sites::start("pprc-failback-no-failover", |cfg| with_timeout(cfg, "1s"));
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "2");
+    let vol = a.vol(0x10, 0);
+    let sec = b.vol(0x10, 0);
+    essctl(a, &["pprc", "establish", &vol, &sec, "--mode", "nocopy"]).ok();
+    s.proxy.stall_oldest();
+    let mut stuck = None;
+    for byte in 1..=8u8 {
+        let out = python(WRITE_NO_FLUSH, &[&a.uri(&vol), "0", &byte.to_string()]);
+        assert_eq!(out.trim(), "ok");
+        if show(a, &vol)["state"] == "suspended" {
+            stuck = Some(byte);
+            break;
+        }
+    }
+    let stuck = stuck.expect("no write went over the stalled link");
+    assert_eq!(
+        python(WRITE_NO_FLUSH, &[&a.uri(&vol), "0", "238"]).trim(),
+        "ok"
+    );
+    essctl(a, &["pprc", "failback", &vol]).refused(&format!(
+        "pair {vol} → {sec} is suspended (link lost), not taken over by a failover; \
+         failback is done at a volume that took over: resume this pair with essctl pprc \
+         resume {vol}"
+    ));
+    let v = show(a, &vol);
+    assert_eq!(
+        (v["state"].as_str(), v["reason"].as_str()),
+        (Some("suspended"), Some("link lost")),
+        "{v}"
+    );
+    essctl(a, &["pprc", "resume", &vol]).ok();
+    wait_duplex(a, &vol);
+    s.proxy.heal();
+    std::thread::sleep(Duration::from_secs(2));
+    let now = block_at(b, &sec, 0);
+    assert!(
+        now == vec![238u8; 4096],
+        "duplex, the primary holds 238 at offset 0, the secondary {} (the write of {stuck} \
+         stuck on the stalled link)",
+        now[0]
+    );
+}

@@ -1301,6 +1301,18 @@ impl PprcManager {
                 pair.state().name()
             )));
         }
+        // Any other suspended pair is resumed: a resume first waits for the
+        // secondary to end links dropped with writes unanswered, which
+        // could otherwise land over the copy of their tracks.
+        let reason = pair.status().reason;
+        if reason != Some(SuspendReason::Failover) {
+            return Err(PairError::Invalid(format!(
+                "pair {volume} → {} is suspended ({}), not taken over by a failover; failback is \
+                 done at a volume that took over: resume this pair with essctl pprc resume {volume}",
+                pair.spec.peer_volume,
+                reason.map_or("no reason", SuspendReason::name)
+            )));
+        }
         Self::check_mirror_limit(&entries, &pair.spec.peer)?;
         let vol = self.volume(volume)?;
         self.check_path(&pair.spec)?;
