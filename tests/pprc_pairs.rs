@@ -2723,3 +2723,56 @@ fn a_failback_of_a_pair_not_failed_over_is_refused() {
         now[0]
     );
 }
+
+/// A path change whose record cannot be written changes nothing: a forced
+/// establish keeps the old path, a forced remove keeps the path, both
+/// listed and carrying the pair's writes. (Both used to drop the path from
+/// the list and stop watching its links while the data path went on
+/// using them, and a restart brought back the recorded path.)
+#[test]
+fn a_path_change_that_cannot_be_recorded_changes_nothing() {
+    let s = Sites::start("pprc-path-unrecorded", |_| {});
+    let (a, b) = (&s.a, &s.b);
+    let (va, vb) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    essctl(a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    let blocker = s.dir_a.path().join("state/pprc/.paths.json.tmp");
+    let attempts: [&[&str]; 2] = [
+        &[
+            "pprc",
+            "path",
+            "establish",
+            "0x10",
+            "TSTB2",
+            "0x10",
+            "--links",
+            "2",
+            "--force",
+        ],
+        &["pprc", "path", "remove", "0x10", "TSTB2", "0x10", "--force"],
+    ];
+    for (n, args) in attempts.iter().enumerate() {
+        std::fs::create_dir(&blocker).unwrap();
+        let run = essctl(a, args);
+        std::fs::remove_dir(&blocker).unwrap();
+        assert_eq!(run.code, 1, "{run:?}");
+        assert!(
+            run.stderr.contains(".paths.json.tmp") && run.stdout.is_empty(),
+            "{run:?}"
+        );
+        let list = essctl_json(a, &["pprc", "path", "list"]);
+        let paths = list["paths"].as_array().unwrap();
+        assert_eq!(paths.len(), 1, "{args:?}: {list}");
+        assert_eq!(
+            (
+                paths[0]["state"].as_str(),
+                paths[0]["links"].as_array().map(Vec::len)
+            ),
+            (Some("up"), Some(1)),
+            "{args:?}: {list}"
+        );
+        write_tracks(a, &va, 90 + n as u64, 4);
+        assert_eq!(show(a, &va)["state"], "duplex");
+        assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
+    }
+}

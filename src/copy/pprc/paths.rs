@@ -549,13 +549,16 @@ impl PathManager {
         // were dropped with requests unanswered may still deliver them: a
         // resync over the new links must still wait for the secondary to
         // end them.
-        let mut unanswered = self.take_retired(&(req.lss, peer.to_string(), req.peer_lss));
-        if req.force {
-            if let Some(i) = paths.iter().position(same) {
-                let old = paths.remove(i);
-                old.stop.cancel();
-                unanswered.extend(old.route.unanswered());
-            }
+        let key = (req.lss, peer.to_string(), req.peer_lss);
+        let retired = self.take_retired(&key);
+        let mut unanswered = retired.clone();
+        let replaced = if req.force {
+            paths.iter().position(same)
+        } else {
+            None
+        };
+        if let Some(i) = replaced {
+            unanswered.extend(paths[i].route.unanswered());
         }
         *route.unanswered.lock().unwrap_or_else(|p| p.into_inner()) = unanswered;
         let stop = spawn_monitors(&slots, address, &self.serial, &peer, &secret);
@@ -568,13 +571,27 @@ impl PathManager {
             stop,
         };
         let view = path.view();
+        // The old path goes only once the record says so: if it cannot be
+        // written, the old path stays as it was and the new links close.
+        let old = replaced.map(|i| (i, paths.remove(i)));
         paths.push(path);
         if let Err(e) = self.save(&paths) {
             if let Some(p) = paths.pop() {
                 p.stop.cancel();
-                self.retire(&p);
+            }
+            if let Some((i, old)) = old {
+                paths.insert(i, old);
+            }
+            if !retired.is_empty() {
+                self.retired
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((key, retired));
             }
             return Err(e);
+        }
+        if let Some((_, old)) = old {
+            old.stop.cancel();
         }
         self.publish(&paths);
         self.log.record(
@@ -670,9 +687,14 @@ impl PathManager {
             });
         };
         let path = paths.remove(i);
+        // Recorded first: if the record cannot be written the path stays,
+        // its links watched and carrying its pairs' writes.
+        if let Err(e) = self.save(&paths) {
+            paths.insert(i, path);
+            return Err(e);
+        }
         path.stop.cancel();
         self.retire(&path);
-        self.save(&paths)?;
         self.publish(&paths);
         for slot in &path.route.slots {
             let link = slot.link.lock().unwrap_or_else(|p| p.into_inner()).take();
