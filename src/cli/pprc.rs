@@ -181,7 +181,8 @@ pub enum PathCommand {
         /// Do not establish if the path already exists.
         #[arg(long, conflicts_with = "force")]
         if_not_exists: bool,
-        /// Force removal of an existing path first.
+        /// Force removal of an existing path: its links are replaced by
+        /// the new ones, opened first (pairs over it go on over them).
         #[arg(long)]
         force: bool,
     },
