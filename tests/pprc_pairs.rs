@@ -2776,3 +2776,87 @@ fn a_path_change_that_cannot_be_recorded_changes_nothing() {
         assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
     }
 }
+
+/// The secondary's view of a pair once a link from its primary is open:
+/// (state, reason, replication status), waited for until `state` (at most
+/// 10 s, then whatever it shows).
+fn secondary_view_once_linked(
+    essd: &Essd,
+    volume: &str,
+    state: &str,
+) -> (serde_json::Value, serde_json::Value, serde_json::Value) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = show(essd, volume);
+        let linked = v["primary_links"].as_u64().unwrap_or(0) > 0;
+        if (linked && v["state"] == state) || Instant::now() > deadline {
+            assert!(linked, "no link from the primary: {v}");
+            return (
+                v["state"].clone(),
+                v["reason"].clone(),
+                v["replication_status"].clone(),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A primary that suspends while every link is down cannot tell its
+/// secondary then: it tells it once a link is back, so the recovery site
+/// does not show a duplex, current secondary whose primary writes on alone.
+#[test]
+fn a_suspend_while_the_links_are_down_reaches_the_secondary_when_they_return() {
+    let s = Sites::start("pprc-retell", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    assert_eq!(
+        secondary_view_once_linked(&s.b, &vb, "duplex"),
+        ("duplex".into(), serde_json::Value::Null, "current".into())
+    );
+    s.proxy.drop_all();
+    write_tracks(&s.a, &va, 101, 3);
+    let v = show(&s.a, &va);
+    assert_eq!(
+        (&v["state"], &v["reason"], &v["out_of_sync_tracks"]),
+        (&"suspended".into(), &"link lost".into(), &3.into()),
+        "{v}"
+    );
+    s.proxy.heal();
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    assert_eq!(
+        secondary_view_once_linked(&s.b, &vb, "suspended"),
+        ("suspended".into(), "link lost".into(), "not current".into())
+    );
+    let list = essctl(&s.b, &["pprc", "list"]).ok().to_string();
+    let row: Vec<&str> = list
+        .lines()
+        .find(|l| l.starts_with(vb.as_str()))
+        .unwrap_or_else(|| panic!("{list}"))
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(
+        row,
+        [
+            vb.as_str(),
+            "secondary",
+            "suspended",
+            "TSTA1",
+            va.as_str(),
+            "0",
+            "not current",
+            "link lost"
+        ]
+    );
+    // Resumed, both sides are duplex and current again.
+    essctl(&s.a, &["pprc", "resume", &va]).ok();
+    wait_duplex(&s.a, &va);
+    assert_eq!(show(&s.a, &va)["replication_status"], "current");
+    assert_eq!(
+        secondary_view_once_linked(&s.b, &vb, "duplex"),
+        ("duplex".into(), serde_json::Value::Null, "current".into())
+    );
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}

@@ -47,6 +47,10 @@ use crate::volume::Volume;
 /// Most peer servers one primary server mirrors to.
 pub const MAX_PEERS: usize = 4;
 
+/// How often a pair's state is told again to a secondary's server that
+/// could not be told.
+pub const RETELL_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Why a pair request was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PairError {
@@ -448,6 +452,8 @@ impl PprcManager {
         *mgr.entries.lock().await = entries;
         mgr.save().await?;
         tokio::spawn(mgr.clone().recorder());
+        // Tell every secondary the state its primary restarted in.
+        mgr.changed.notify_one();
         // The pairs of the consistency group resume together or not at
         // all: one resumed alone would mirror a write that depends on one
         // made on another's primary alone.
@@ -635,15 +641,33 @@ impl PprcManager {
     }
 
     /// Records status changes and tells secondaries about them.
+    ///
+    /// A secondary that could not be told (no live link, or no answer) is
+    /// told again every [`RETELL_INTERVAL`] until its server answers, also
+    /// after a restart of this server: otherwise a secondary whose primary
+    /// suspended while the links were down would show itself duplex, and
+    /// current, once they came back.
     async fn recorder(self: Arc<Self>) {
-        // Per volume, the pair last told about (a terminated pair's
-        // successor on the same volume is told afresh) and what.
+        // Per volume, the pair last seen (a terminated pair's successor on
+        // the same volume is new) and in what state; `seen` for the log,
+        // `told` for what its secondary's server has answered.
         type Told = (std::sync::Weak<Pair>, PairState, Option<SuspendReason>);
+        let mut seen: HashMap<String, Told> = HashMap::new();
         let mut told: HashMap<String, Told> = HashMap::new();
+        let mut untold = false;
         loop {
-            self.changed.notified().await;
-            if let Err(e) = self.save().await {
-                tracing::error!("cannot record PPRC pairs: {e}");
+            let changed = if untold {
+                tokio::time::timeout(RETELL_INTERVAL, self.changed.notified())
+                    .await
+                    .is_ok()
+            } else {
+                self.changed.notified().await;
+                true
+            };
+            if changed {
+                if let Err(e) = self.save().await {
+                    tracing::error!("cannot record PPRC pairs: {e}");
+                }
             }
             let pairs: Vec<Arc<Pair>> = self
                 .entries
@@ -655,52 +679,73 @@ impl PprcManager {
                     Entry::Secondary(_) => None,
                 })
                 .collect();
+            seen.retain(|v, _| pairs.iter().any(|p| p.spec.volume == *v));
             told.retain(|v, _| pairs.iter().any(|p| p.spec.volume == *v));
+            untold = false;
             for pair in pairs {
                 let status = pair.status();
                 let now = (status.state, status.reason);
-                let same = told
-                    .get(&pair.spec.volume)
-                    .is_some_and(|(w, state, reason)| {
-                        w.upgrade().is_some_and(|p| Arc::ptr_eq(&p, &pair))
-                            && (*state, *reason) == now
-                    });
-                if same {
+                let is = |map: &HashMap<String, Told>| {
+                    map.get(&pair.spec.volume)
+                        .is_some_and(|(w, state, reason)| {
+                            w.upgrade().is_some_and(|p| Arc::ptr_eq(&p, &pair))
+                                && (*state, *reason) == now
+                        })
+                };
+                let entry = (Arc::downgrade(&pair), now.0, now.1);
+                if !is(&seen) {
+                    seen.insert(pair.spec.volume.clone(), entry.clone());
+                    if status.state == PairState::Suspended {
+                        // Only the marks need to stay durable now: drop the
+                        // regions kept for duplex writes.
+                        if let Err(e) = pair.narrow().await {
+                            tracing::warn!(volume = %pair.spec.volume, "cannot narrow the out-of-sync bitmap: {e}");
+                        }
+                    }
+                    let detail = match status.reason {
+                        Some(r) => format!(", {}", r.name()),
+                        None => String::new(),
+                    };
+                    self.log.record(
+                        "pprc.pair.state",
+                        format!(
+                            "{} → {} {}: {}{detail}",
+                            pair.spec.volume,
+                            pair.spec.peer,
+                            pair.spec.peer_volume,
+                            status.state.name()
+                        ),
+                        None,
+                    );
+                }
+                if is(&told) {
                     continue;
                 }
-                told.insert(
-                    pair.spec.volume.clone(),
-                    (Arc::downgrade(&pair), now.0, now.1),
-                );
-                if status.state == PairState::Suspended {
-                    // Only the marks need to stay durable now: drop the
-                    // regions kept for duplex writes.
-                    if let Err(e) = pair.narrow().await {
-                        tracing::warn!(volume = %pair.spec.volume, "cannot narrow the out-of-sync bitmap: {e}");
-                    }
-                }
-                let detail = match status.reason {
-                    Some(r) => format!(", {}", r.name()),
-                    None => String::new(),
-                };
-                self.log.record(
-                    "pprc.pair.state",
-                    format!(
-                        "{} → {} {}: {}{detail}",
-                        pair.spec.volume,
-                        pair.spec.peer,
-                        pair.spec.peer_volume,
-                        status.state.name()
-                    ),
-                    None,
-                );
                 // In order, so the secondary sees the states as they came.
-                let _ = self
-                    .tell(
-                        &pair.spec,
-                        json!({"op": "state", "volume": pair.spec.peer_volume, "primary": pair.spec.volume, "state": status.state, "reason": status.reason}),
-                    )
-                    .await;
+                if self.tell_state(&pair.spec, &status).await {
+                    told.insert(pair.spec.volume.clone(), entry);
+                } else {
+                    untold = true;
+                }
+            }
+        }
+    }
+
+    /// Tells the secondary's server the pair's state. True once that
+    /// server answered (a refusal too: asking again would change nothing);
+    /// false if there was no live link or no answer.
+    async fn tell_state(&self, spec: &PairSpec, status: &Status) -> bool {
+        let Ok((route, at, link)) = self.live_link(spec) else {
+            return false;
+        };
+        let request = json!({"op": "state", "volume": spec.peer_volume, "primary": spec.volume,
+                             "state": status.state, "reason": status.reason});
+        match link.control(&request, LINK_TIMEOUT).await {
+            Ok(_) => true,
+            Err(LinkError::NoAnswer(_) | LinkError::WrongAnswer(_)) => false,
+            Err(e) => {
+                route.fail(at, &link, e.to_string());
+                false
             }
         }
     }
