@@ -1608,6 +1608,16 @@ fn a_primary_restart_does_not_undo_a_suspend_at_the_secondary() {
     assert_eq!(volume_sha(&s.b, &vb), split, "primary {pa}, secondary {pb}");
     assert_eq!(pa["state"], "suspended", "{pa}");
     assert_eq!(pb["state"], "suspended", "{pb}");
+    // The primary says why it did not resume by itself.
+    assert_eq!(pa["reason"], "primary restarted", "{pa}");
+    assert_eq!(
+        pa["detail"],
+        format!(
+            "the resync after the restart failed: TSTB2 refused: secondary {vb} was suspended \
+             here; resume the pair at TSTA1"
+        ),
+        "{pa}"
+    );
 }
 
 /// The primary is killed; the recovery site terminates its secondary and
@@ -2858,5 +2868,67 @@ fn a_suspend_while_the_links_are_down_reaches_the_secondary_when_they_return() {
         secondary_view_once_linked(&s.b, &vb, "duplex"),
         ("duplex".into(), serde_json::Value::Null, "current".into())
     );
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}
+
+/// A primary killed while duplex whose path stays down through its
+/// restart: it comes back suspended and says why it is not resuming by
+/// itself; once the path is up again the secondary shows the suspend too
+/// (not duplex and current, which it was when the primary died).
+#[test]
+fn a_restarted_primary_whose_path_stays_down_is_suspended_on_both_sides() {
+    let mut s = Sites::start("pprc-restart-path-down", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    assert_eq!(secondary_view_once_linked(&s.b, &vb, "duplex").2, "current");
+    write_tracks(&s.a, &va, 102, 2);
+    s.proxy.drop_all();
+    s.a.kill_and_restart("TSTA1");
+    let v = show(&s.a, &va);
+    assert_eq!(
+        (&v["state"], &v["reason"], &v["detail"]),
+        (
+            &"suspended".into(),
+            &"primary restarted".into(),
+            &"waiting for the path to resume".into()
+        ),
+        "{v}"
+    );
+    // It waits 10 s for a live link, then stays suspended.
+    std::thread::sleep(Duration::from_secs(12));
+    let v = show(&s.a, &va);
+    assert_eq!(
+        (&v["state"], &v["reason"], &v["detail"]),
+        (
+            &"suspended".into(),
+            &"primary restarted".into(),
+            &format!(
+                "no live link within 10s of the restart; resume it with essctl pprc resume {va}"
+            )
+            .into()
+        ),
+        "{v}"
+    );
+    let text = essctl(&s.a, &["pprc", "show", &va]).ok().to_string();
+    assert!(
+        text.contains(&format!(
+            "detail:             no live link within 10s of the restart; resume it with essctl pprc resume {va}\n"
+        )),
+        "{text}"
+    );
+    s.proxy.heal();
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    assert_eq!(
+        secondary_view_once_linked(&s.b, &vb, "suspended"),
+        (
+            "suspended".into(),
+            "primary restarted".into(),
+            "not current".into()
+        )
+    );
+    essctl(&s.a, &["pprc", "resume", &va]).ok();
+    wait_duplex(&s.a, &va);
+    assert_eq!(secondary_view_once_linked(&s.b, &vb, "duplex").2, "current");
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
 }

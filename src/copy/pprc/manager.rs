@@ -480,8 +480,12 @@ impl PprcManager {
             .find(|(p, _)| p.route().is_none_or(|r| r.live() == 0))
         {
             if tokio::time::Instant::now() > deadline {
-                tracing::warn!(volume = %pair.spec.volume, "PPRC pair stays suspended: no live link after restart");
-                self.stay_suspended(&pairs, &pair.spec.volume);
+                let why = format!(
+                    "no live link within {}s of the restart; resume it with essctl pprc resume {}",
+                    (LINK_TIMEOUT * 2).as_secs(),
+                    pair.spec.volume
+                );
+                self.stay_suspended(&pairs, &pair.spec.volume, &why);
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -500,15 +504,15 @@ impl PprcManager {
             .collect();
         for (pair, _) in &pairs {
             if let Err(e) = Self::check_mirror_limit(&entries, &pair.spec.peer) {
-                tracing::warn!(volume = %pair.spec.volume, "PPRC pair stays suspended: {e}");
-                self.stay_suspended(&pairs, &pair.spec.volume);
+                let why = format!("the resync after the restart was not started: {e}");
+                self.stay_suspended(&pairs, &pair.spec.volume, &why);
                 return;
             }
         }
         for (i, (pair, volume)) in pairs.iter().enumerate() {
             if let Err(e) = self.ask_secondary_again(&pair.spec, volume.size()).await {
-                tracing::warn!(volume = %pair.spec.volume, "PPRC pair stays suspended: {e}");
-                self.stay_suspended(&pairs, &pair.spec.volume);
+                let why = format!("the resync after the restart failed: {e}");
+                self.stay_suspended(&pairs, &pair.spec.volume, &why);
                 // The secondaries asked already expect a resync: they
                 // are told the pair stays suspended.
                 for (asked, _) in &pairs[..i] {
@@ -529,14 +533,18 @@ impl PprcManager {
         drop(entries);
     }
 
-    /// Says why the pairs of a consistency group other than `failed` stay
-    /// suspended after a restart.
-    fn stay_suspended(&self, pairs: &[(Arc<Pair>, Arc<Volume>)], failed: &str) {
-        for (pair, _) in pairs.iter().filter(|(p, _)| p.spec.volume != failed) {
-            tracing::warn!(
-                volume = %pair.spec.volume,
-                "PPRC pair stays suspended: {failed} of its consistency group cannot resume"
-            );
+    /// Says, in the log and in each pair's detail, why `pairs` stay
+    /// suspended after a restart: `why` for `failed`, and for the other
+    /// pairs of its consistency group that they resume only with it.
+    fn stay_suspended(&self, pairs: &[(Arc<Pair>, Arc<Volume>)], failed: &str, why: &str) {
+        for (pair, _) in pairs {
+            let detail = if pair.spec.volume == failed {
+                why.to_string()
+            } else {
+                format!("{failed} of its consistency group cannot resume: {why}")
+            };
+            tracing::warn!(volume = %pair.spec.volume, "PPRC pair stays suspended: {detail}");
+            pair.explain(SuspendReason::PrimaryRestart, detail);
         }
     }
 

@@ -413,6 +413,16 @@ impl Pair {
         self.changed.notify_one();
     }
 
+    /// Replaces the detail of a pair suspended for `reason`; a pair in any
+    /// other state or suspended for another reason is left as it is.
+    pub fn explain(&self, reason: SuspendReason, detail: String) {
+        self.set_status(|s| {
+            if s.state == PairState::Suspended && s.reason == Some(reason) {
+                s.detail = Some(detail);
+            }
+        });
+    }
+
     /// Enters `state` (not suspended), resetting the reason.
     fn enter(&self, state: PairState) {
         self.set_status(|s| Self::entered(s, state));
