@@ -604,14 +604,27 @@ impl Config {
             }
             (Some(s), None) => s.as_bytes().to_vec(),
             (None, Some(path)) => {
-                let mut bytes = std::fs::read(path).map_err(|e| {
-                    fail(
-                        "replication.secret_file".into(),
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
+                let field = || "replication.secret_file".to_string();
+                if !path.is_absolute() {
+                    return Err(fail(
+                        field(),
+                        format!("{} must be an absolute path", path.display()),
+                    ));
+                }
+                let mut bytes = std::fs::read(path)
+                    .map_err(|e| fail(field(), format!("cannot read {}: {e}", path.display())))?;
                 while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
                     bytes.pop();
+                }
+                if bytes.len() < MIN_SECRET_LEN {
+                    return Err(fail(
+                        field(),
+                        format!(
+                            "the shared secret in {} must be at least {MIN_SECRET_LEN} bytes, not {}",
+                            path.display(),
+                            bytes.len()
+                        ),
+                    ));
                 }
                 bytes
             }

@@ -151,3 +151,66 @@ fn missing_file_and_size_mismatch() {
     );
     assert!(!d.join("c.img").exists());
 }
+
+/// Runs essd on each text: exit status 2, exactly the expected last line
+/// on stderr, and no state directory or volume file created.
+fn expect_refused(d: &Path, cases: Vec<(String, String)>) {
+    let mut wrong = Vec::new();
+    for (text, expected) in cases {
+        let (code, stderr) = start(d, &text);
+        assert_eq!(code, Some(2), "exit code for:\n{text}\nstderr: {stderr}");
+        if stderr != expected {
+            wrong.push(format!("got:  {stderr}\nwant: {expected}"));
+        }
+        assert!(
+            !d.join("state").exists() && !d.join("a.img").exists(),
+            "state dir or volume created for:\n{text}\nstderr: {stderr}"
+        );
+    }
+    assert!(wrong.is_empty(), "wrong messages:\n{}", wrong.join("\n"));
+}
+
+/// `[replication]` and `[[peer]]` problems, each named by its key; nothing
+/// is created and no listener opened. A secret file must be absolute (a
+/// service's working directory is `/`) and hold a secret long enough, and
+/// is named when it does not.
+#[test]
+fn replication_settings_are_checked_before_anything_is_created() {
+    let dir = common::tempdir("badcfg-pprc");
+    let d = dir.path();
+    let port = common::free_port();
+    let good = base(d).replace("listen = []", &format!("listen = [\"127.0.0.1:{port}\"]"));
+    let secret = "secret = \"0123456789abcdef\"";
+    let rep = |body: &str| format!("{good}\n[replication]\n{body}\n");
+    let peer = |serial: &str, address: &str| {
+        format!("\n[[peer]]\nserial = \"{serial}\"\naddress = \"{address}\"\n")
+    };
+    std::fs::write(d.join("short.secret"), "too short\n").unwrap();
+    let file = d.join("bad.toml");
+    let f = file.display();
+    let cases: Vec<(String, String)> = vec![
+        (rep("secret_file = \"pprc.secret\""),
+         format!("essd: {f}: replication.secret_file: pprc.secret must be an absolute path")),
+        (rep(&format!("secret_file = \"{}/short.secret\"", d.display())),
+         format!("essd: {f}: replication.secret_file: the shared secret in {}/short.secret must be at least 16 bytes, not 9", d.display())),
+        (rep(&format!("secret_file = \"{}/none.secret\"", d.display())),
+         format!("essd: {f}: replication.secret_file: cannot read {}/none.secret: No such file or directory (os error 2)", d.display())),
+        (rep("secret = \"\""),
+         format!("essd: {f}: replication.secret: the shared secret must be at least 16 bytes")),
+        (rep("listen = \"127.0.0.1:7410\""),
+         format!("essd: {f}: replication.secret: a shared secret is required")),
+        (rep(&format!("{secret}\nlisten = \"peer-a:7410\"")),
+         format!("essd: {f}: replication.listen: \"peer-a:7410\" is not an address:port such as \"0.0.0.0:7410\"")),
+        (rep(&format!("{secret}\ntimeout = \"5 secs\"")),
+         format!("essd: {f}: replication.timeout: invalid duration \"5 secs\": unknown unit (examples: \"5s\", \"500ms\", \"2m\") (line 23, column 11)")),
+        (format!("{}{}", rep(secret), peer("FCA31", "127.0.0.1:7411")),
+         format!("essd: {f}: peer[0].serial: FCA31 is this server's own serial")),
+        (format!("{}{}{}", rep(secret), peer("FCB02", "127.0.0.1:7411"), peer("FCB02", "127.0.0.1:7412")),
+         format!("essd: {f}: peer[1].serial: duplicate peer FCB02")),
+        (format!("{}{}", rep(secret), peer("FCB02", "192.0.2.7")),
+         format!("essd: {f}: peer[0].address: \"192.0.2.7\" is not an address:port such as \"192.0.2.7:7410\"")),
+        (format!("{good}{}", peer("FCB02", "127.0.0.1:7411")),
+         format!("essd: {f}: replication: peers are configured but [replication] (with the shared secret) is missing")),
+    ];
+    expect_refused(d, cases);
+}
