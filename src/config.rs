@@ -510,6 +510,22 @@ impl Config {
         }
         let (replication_listen, replication_secret, peers) =
             self.validate_replication(source, &serial)?;
+        // Every TCP listener with the key that sets it, in file order.
+        let mut listeners: Vec<(String, SocketAddr)> = nbd_listen
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (format!("nbd.listen[{i}]"), *a))
+            .collect();
+        listeners.extend(api_listen.map(|a| ("api.listen".to_string(), a)));
+        listeners.extend(replication_listen.map(|a| ("replication.listen".to_string(), a)));
+        for (i, (key, addr)) in listeners.iter().enumerate() {
+            if let Some((other, at)) = listeners[..i].iter().find(|(_, b)| same_port(addr, b)) {
+                return Err(fail(
+                    key.clone(),
+                    format!("{addr} takes the port of {other} ({at}); each listener needs its own"),
+                ));
+            }
+        }
         Ok(ValidConfig {
             source: source.to_path_buf(),
             replication_listen,
@@ -643,6 +659,15 @@ impl Config {
         }
         Ok((listen, Some(secret), peers))
     }
+}
+
+/// Whether two TCP listeners would ask for the same port: equal fixed
+/// ports on the same address, or on any address when one of them is the
+/// wildcard (`0.0.0.0`, `[::]`). Port 0 (any free port) never clashes.
+fn same_port(a: &SocketAddr, b: &SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// Lexically normalizes a path (removes `.` and resolves `..`) so two

@@ -214,3 +214,63 @@ fn replication_settings_are_checked_before_anything_is_created() {
     ];
     expect_refused(d, cases);
 }
+
+/// Two listeners on one port (the replication listener on the NBD port,
+/// say) are refused by name before anything is created: essd used to fail
+/// at the second bind, after creating its state directory and volumes.
+#[test]
+fn listeners_sharing_a_port_are_refused_before_anything_is_created() {
+    let dir = common::tempdir("badcfg-listen");
+    let d = dir.path();
+    let port = common::free_port();
+    let good = base(d).replace("listen = []", &format!("listen = [\"127.0.0.1:{port}\"]"));
+    let rep = |listen: &str| {
+        format!("{good}\n[replication]\nsecret = \"0123456789abcdef\"\nlisten = \"{listen}\"\n")
+    };
+    let f = d.join("bad.toml");
+    let f = f.display();
+    let taken = |key: &str, addr: &str| {
+        format!(
+            "essd: {f}: {key}: {addr} takes the port of nbd.listen[0] (127.0.0.1:{port}); each listener needs its own"
+        )
+    };
+    let cases: Vec<(String, String)> = vec![
+        (
+            rep(&format!("127.0.0.1:{port}")),
+            taken("replication.listen", &format!("127.0.0.1:{port}")),
+        ),
+        (
+            rep(&format!("0.0.0.0:{port}")),
+            taken("replication.listen", &format!("0.0.0.0:{port}")),
+        ),
+        (
+            good.replace(
+                "[api]\n",
+                &format!("[api]\nlisten = \"127.0.0.1:{port}\"\n"),
+            ),
+            taken("api.listen", &format!("127.0.0.1:{port}")),
+        ),
+    ];
+    expect_refused(d, cases);
+    // Other addresses on the same port, and port 0 twice, are fine.
+    let ok =
+        rep(&format!("127.0.0.2:{port}")).replace("[api]\n", "[api]\nlisten = \"127.0.0.1:0\"\n");
+    let ok = ok.replace(
+        &format!("listen = [\"127.0.0.1:{port}\"]"),
+        &format!("listen = [\"127.0.0.1:0\", \"127.0.0.1:{port}\"]"),
+    );
+    let path = d.join("ok.toml");
+    std::fs::write(&path, ok).unwrap();
+    let out = Command::new(common::essd_bin())
+        .arg("--config")
+        .arg(&path)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
