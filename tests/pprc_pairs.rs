@@ -2932,3 +2932,36 @@ fn a_restarted_primary_whose_path_stays_down_is_suspended_on_both_sides() {
     assert_eq!(secondary_view_once_linked(&s.b, &vb, "duplex").2, "current");
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
 }
+
+/// The bytes a primary has sent its secondary are recorded with the pair:
+/// a restart (kill -9 here) does not set them back to zero, and the
+/// automatic resync after it adds to them.
+#[test]
+fn bytes_sent_are_kept_across_a_restart_of_the_primary() {
+    let mut s = Sites::start("pprc-bytes-sent", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    fill(&s.a, &va, s.dir_a.path(), 4, 103);
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb]).ok();
+    wait_duplex(&s.a, &va);
+    let before = show(&s.a, &va);
+    let sent = before["bytes_sent"].as_u64().unwrap();
+    assert!(sent >= 4 << 20, "{before}");
+    s.a.kill_and_restart("TSTA1");
+    let v = show(&s.a, &va);
+    assert!(
+        v["bytes_sent"].as_u64().unwrap() >= sent,
+        "before {before}\nafter {v}"
+    );
+    wait_state(&s.a, &va, "duplex");
+    let text = essctl(&s.a, &["pprc", "show", &va]).ok().to_string();
+    let shown: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("bytes sent:"))
+        .unwrap_or_else(|| panic!("{text}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(shown >= sent, "{text}");
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}

@@ -271,6 +271,9 @@ struct Record {
     /// here; a restart must not undo that).
     #[serde(default = "accepting_default")]
     accepting: bool,
+    /// Primary: bytes sent to the secondary so far (as of this record).
+    #[serde(default)]
+    bytes_sent: u64,
 }
 
 fn accepting_default() -> bool {
@@ -441,6 +444,7 @@ impl PprcManager {
                         status.since = SystemTime::now();
                     }
                     let pair = mgr.new_pair(rec.spec, &volume, oos, status);
+                    pair.restore_bytes_sent(rec.bytes_sent);
                     volume.attach_pprc(pair.clone());
                     if was_mirroring {
                         resume.push((pair.clone(), volume.clone()));
@@ -629,6 +633,7 @@ impl PprcManager {
                         .file_name()
                         .map(|n| n.to_string_lossy().into_owned()),
                     accepting: true,
+                    bytes_sent: p.bytes_sent(),
                 },
                 Entry::Secondary(s) => Record {
                     role: PairRole::Secondary,
@@ -636,6 +641,7 @@ impl PprcManager {
                     status: s.status.clone(),
                     bitmap: s.handover.clone(),
                     accepting: s.accepting,
+                    bytes_sent: 0,
                 },
             })
             .collect();

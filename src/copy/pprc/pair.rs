@@ -385,9 +385,15 @@ impl Pair {
         }
     }
 
-    /// Bytes of changes and copies sent to the secondary.
+    /// Bytes of changes and copies sent to the secondary since the pair
+    /// was established (across restarts of this server).
     pub fn bytes_sent(&self) -> u64 {
         self.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    /// Adds the bytes a recorded pair had sent before this server started.
+    pub fn restore_bytes_sent(&self, bytes: u64) {
+        self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Copy rate in tracks per second since the copy started, if copying.
