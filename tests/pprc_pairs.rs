@@ -2965,3 +2965,25 @@ fn bytes_sent_are_kept_across_a_restart_of_the_primary() {
     assert!(shown >= sent, "{text}");
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
 }
+
+/// The secondary's side shows its primary's server with the address it
+/// is configured at (`[[peer]]`), in text and JSON, as the primary's side
+/// shows the secondary's.
+#[test]
+fn the_secondary_shows_the_address_of_its_primarys_server() {
+    let s = Sites::start("pprc-peer-address", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    let (at_a, at_b) = (show(&s.a, &va), wait_state(&s.b, &vb, "duplex"));
+    assert_eq!(at_a["peer_address"], s.proxy.addr().to_string(), "{at_a}");
+    assert_eq!(at_b["peer_address"], s.back.addr().to_string(), "{at_b}");
+    let text = essctl(&s.b, &["pprc", "show", &vb]).ok().to_string();
+    assert!(
+        text.contains(&format!(
+            "peer:               TSTA1\npeer address:       {}\n",
+            s.back.addr()
+        )),
+        "{text}"
+    );
+}

@@ -1542,7 +1542,12 @@ impl PprcManager {
             detail: side.status.detail.clone(),
             since: rfc3339(side.status.since),
             peer: side.spec.peer.clone(),
-            peer_address: None,
+            // Where the primary's server listens for this server's links
+            // (a path back, e.g. for a failback).
+            peer_address: self
+                .paths
+                .peer_address(&side.spec.peer)
+                .map(|a| a.to_string()),
             peer_volume: side.spec.peer_volume.clone(),
             path: None,
             out_of_sync_tracks: 0,

@@ -733,6 +733,14 @@ impl PathManager {
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = routes;
     }
 
+    /// The replication address configured for a peer (`[[peer]]`).
+    pub fn peer_address(&self, peer: &str) -> Option<SocketAddr> {
+        self.peers
+            .iter()
+            .find(|(s, _)| s.as_str() == peer)
+            .map(|(_, a)| *a)
+    }
+
     /// The links of the path `lss` → `peer` `peer_lss`, if it exists
     /// (looked up on every mirrored request: no allocation).
     pub fn route(&self, lss: u8, peer: &str, peer_lss: u8) -> Option<Arc<Route>> {
