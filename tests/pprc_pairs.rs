@@ -2947,6 +2947,18 @@ fn bytes_sent_are_kept_across_a_restart_of_the_primary() {
     let before = show(&s.a, &va);
     let sent = before["bytes_sent"].as_u64().unwrap();
     assert!(sent >= 4 << 20, "{before}");
+    // The pair is recorded (in the background) once it is duplex.
+    let record = s.a.dir.join("state/pprc/pairs.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pairs: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+        if pairs[0]["bytes_sent"].as_u64().unwrap_or(0) >= sent {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not recorded: {pairs}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     s.a.kill_and_restart("TSTA1");
     let v = show(&s.a, &va);
     assert!(
