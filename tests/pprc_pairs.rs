@@ -2999,3 +2999,88 @@ fn the_secondary_shows_the_address_of_its_primarys_server() {
         "{text}"
     );
 }
+
+/// Writes 64 KiB of random data (seed `argv[3]`) at `argv[2]` without
+/// FUA, then flushes; prints `ok` or the flush's errno name.
+const WRITE_THEN_FLUSH: &str = r#"
+import nbd, random, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(random.Random(int(sys.argv[3])).randbytes(65536), int(sys.argv[2]))
+try:
+    h.flush()
+    print("ok")
+except nbd.Error as e:
+    print(errno.errorcode.get(e.errnum, e.string))
+h.shutdown()
+"#;
+
+/// A raw-disk primary whose storage fails at write-back: a loop device over
+/// a sparse file on a tmpfs that is full. The host's write lands in the
+/// device's page cache and on the secondary; its FLUSH fails on the
+/// primary. The host gets the error, and the pair must not stay `duplex,
+/// current` — the secondary holds the write durably, the primary may not
+/// (the failed pages are not written back again, and the error is
+/// reported once, so the cleaner's next flush would succeed and clear the
+/// track). It suspends (`primary I/O error`) with the track recorded; once
+/// the storage has room again a resync leaves both volumes equal.
+#[test]
+fn a_flush_that_fails_on_the_primary_suspends_the_pair() {
+    let dir = tempdir("pprc-primary-flush-fails");
+    let fs = ScratchMount::mount("tmpfs", "size=8m", &dir.path().join("fs"));
+    let backing = fs.dir.join("primary.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let dev = LoopDevice::attach(&backing);
+    let s = Sites::start("pprc-primary-flush-fails", |cfg| {
+        if cfg.serial == "TSTA1" {
+            cfg.volumes[0].path = Some(dev.dev.clone());
+        }
+    });
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    essctl(a, &["pprc", "establish", &v, &sv]).ok();
+    wait_duplex(a, &v);
+    // The copy's marks are cleared: the pair is current.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while show(a, &v)["replication_status"] != "current" {
+        assert!(Instant::now() < deadline, "never current: {}", show(a, &v));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    fs.fill("filler");
+    let answer = python(
+        WRITE_THEN_FLUSH,
+        &[&a.uri(&v), &(5 * TRACK).to_string(), "7"],
+    );
+    let p = show(a, &v);
+    assert_ne!(
+        answer.trim(),
+        "ok",
+        "the flush must fail on the full storage"
+    );
+    assert_eq!(
+        (
+            p["state"].as_str(),
+            p["reason"].as_str(),
+            p["replication_status"].as_str()
+        ),
+        (
+            Some("suspended"),
+            Some("primary I/O error"),
+            Some("not current")
+        ),
+        "after a failed flush ({}): {p}",
+        answer.trim()
+    );
+    assert!(p["out_of_sync_tracks"].as_u64() >= Some(1), "{p}");
+    std::fs::remove_file(fs.dir.join("filler")).unwrap();
+    essctl(a, &["pprc", "resume", &v]).ok();
+    wait_duplex(a, &v);
+    assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
+    drop(s);
+    drop(dev);
+    drop(fs);
+}

@@ -556,3 +556,68 @@ pub fn wait_uncached(path: &Path, what: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A small file system mounted for a test (`tmpfs` with a size limit, or
+/// `ramfs`, which has no `fallocate`); unmounted on drop.
+pub struct ScratchMount {
+    pub dir: PathBuf,
+}
+
+impl ScratchMount {
+    /// Mounts `fstype` with `options` on `dir` (created).
+    pub fn mount(fstype: &str, options: &str, dir: &Path) -> ScratchMount {
+        require_root("mounting a scratch file system");
+        require("mount", "mount");
+        std::fs::create_dir_all(dir).unwrap();
+        run(Command::new("mount")
+            .args(["-t", fstype, "-o", options, fstype])
+            .arg(dir));
+        ScratchMount {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Fills the file system with `filler` until it has no space left.
+    pub fn fill(&self, filler: &str) {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(self.dir.join(filler)).unwrap();
+        let block = vec![0x5Au8; 64 << 10];
+        loop {
+            match f.write(&block) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", self.dir.display()),
+            }
+        }
+    }
+}
+
+impl Drop for ScratchMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// A loop device over a file; detached on drop.
+pub struct LoopDevice {
+    pub dev: PathBuf,
+}
+
+impl LoopDevice {
+    /// Attaches a loop device to `file`.
+    pub fn attach(file: &Path) -> LoopDevice {
+        require_root("losetup");
+        require("losetup", "mount");
+        let out = run_text(Command::new("losetup").args(["-f", "--show"]).arg(file));
+        LoopDevice {
+            dev: PathBuf::from(out.trim()),
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}

@@ -756,12 +756,35 @@ impl Pair {
                 volume: self.wire_volume
             })
         );
+        if let Err(e) = &l {
+            // The primary's flush failed: writes the secondary now holds
+            // durably may never reach the primary's disk (its failed pages
+            // are not written back again, and the error is reported only
+            // once). The written tracks stay marked: the pair suspends
+            // rather than letting the cleaner clear them as in sync.
+            self.suspend(SuspendReason::PrimaryIoError, Some(e.to_string()));
+            self.forget_unwritten().await;
+        }
         self.after_send(VolumeOp::Flush, r).await?;
         l?;
         // Both volumes were just written back: the cleaner's next flush
         // can wait as long as after one of its own.
         self.flushed_both();
         Ok(())
+    }
+
+    /// After the primary's storage failed a flush: the pages it could not
+    /// write back may stay cached, clean, with data its disk does not
+    /// hold, until the kernel evicts them. They are dropped at once, so
+    /// that hosts and the resync read what the disk holds, and the resync
+    /// leaves both volumes equal.
+    async fn forget_unwritten(&self) {
+        if let Err(e) = self.store.drop_cached(0, 0).await {
+            tracing::warn!(
+                volume = %self.spec.volume,
+                "cannot drop the primary's cached pages after a failed flush: {e}"
+            );
+        }
     }
 
     fn inhibited_error(&self, op: VolumeOp) -> VolumeError {
@@ -976,12 +999,16 @@ impl Pair {
     /// tracks are no longer marked.
     async fn flush_both(&self) -> Result<(), Failure> {
         let primary = async {
-            self.store.flush().await.map_err(|e| {
-                (
-                    SuspendReason::PrimaryIoError,
-                    format!("cannot flush the primary volume: {e}"),
-                )
-            })
+            match self.store.flush().await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    self.forget_unwritten().await;
+                    Err((
+                        SuspendReason::PrimaryIoError,
+                        format!("cannot flush the primary volume: {e}"),
+                    ))
+                }
+            }
         };
         let (secondary, primary) = tokio::join!(self.flush_secondary(), primary);
         secondary?;
