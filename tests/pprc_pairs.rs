@@ -3084,3 +3084,76 @@ fn a_flush_that_fails_on_the_primary_suspends_the_pair() {
     drop(dev);
     drop(fs);
 }
+
+/// Writes 4 tracks of random data at track 3, flushes, then trims
+/// `argv[2]` bytes at `argv[3]` and flushes.
+const WRITE_THEN_TRIM: &str = r#"
+import nbd, random, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(random.Random(11).randbytes(4 * 65536), 3 * 65536)
+h.flush()
+h.trim(int(sys.argv[2]), int(sys.argv[3]))
+h.flush()
+h.shutdown()
+print("ok")
+"#;
+
+/// A secondary on a raw device that cannot discard (a loop device over a
+/// file on ramfs, which has no fallocate) and a primary file that can:
+/// a TRIM zeroes the primary's range, so the secondary must end zeroed
+/// there too — the pair must not stay `duplex, current` with different
+/// contents. Trimmed ranges are checked whole and unaligned.
+#[test]
+fn a_trim_at_a_secondary_that_cannot_discard_leaves_the_volumes_equal() {
+    trim_with_one_side_unable_to_discard("TSTB2");
+}
+
+/// The other way round: the primary cannot discard, so its data stays,
+/// and the secondary, which could, must keep it too.
+#[test]
+fn a_trim_at_a_primary_that_cannot_discard_leaves_the_volumes_equal() {
+    trim_with_one_side_unable_to_discard("TSTA1");
+}
+
+/// Volume 0x10/0 of `serial` is a loop device over a file on ramfs (no
+/// discard); the other side's is a file. Writes and trims the primary and
+/// compares both volumes, whole, after each trim.
+fn trim_with_one_side_unable_to_discard(serial: &'static str) {
+    let dir = tempdir(&format!("pprc-trim-no-discard-{serial}"));
+    let fs = ScratchMount::mount("ramfs", "mode=0700", &dir.path().join("fs"));
+    let backing = fs.dir.join("volume.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let dev = LoopDevice::attach(&backing);
+    let s = Sites::start(&format!("pprc-trim-no-discard-{serial}"), |cfg| {
+        if cfg.serial == serial {
+            cfg.volumes[0].path = Some(dev.dev.clone());
+        }
+    });
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    essctl(a, &["pprc", "establish", &v, &sv]).ok();
+    wait_duplex(a, &v);
+    for (offset, len) in [(3 * TRACK, TRACK), (4 * TRACK + 1000, 2 * TRACK)] {
+        let answer = python(
+            WRITE_THEN_TRIM,
+            &[&a.uri(&v), &offset.to_string(), &len.to_string()],
+        );
+        assert_eq!(answer.trim(), "ok");
+        let p = show(a, &v);
+        assert_eq!(p["state"], "duplex", "{p}");
+        let (pa, pb) = (volume_sha(a, &v), volume_sha(b, &sv));
+        assert_eq!(
+            pa, pb,
+            "after a trim of {len} bytes at {offset}, the pair is {} and {}, the volumes differ",
+            p["state"], p["replication_status"]
+        );
+    }
+    drop(s);
+    drop(dev);
+    drop(fs);
+}

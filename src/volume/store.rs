@@ -11,6 +11,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -91,6 +92,8 @@ pub struct BackingStore {
     /// Shared by aligned writes, exclusive for read-modify-write (direct only).
     rmw: RwLock<()>,
     engine: Engine,
+    /// Set once a discard was refused as unsupported: trims change nothing.
+    discard_refused: AtomicBool,
 }
 
 fn os<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> OpenError + 'a {
@@ -285,6 +288,8 @@ impl BackingStore {
         } else {
             None
         };
+        // Known at once for a device; a file's is learnt at its first trim.
+        let discard_refused = probe.kind == BackingKind::BlockDevice && !device_zeroes(&file);
         Ok(BackingStore {
             file: Arc::new(file),
             path: path.to_path_buf(),
@@ -293,6 +298,7 @@ impl BackingStore {
             direct_align,
             rmw: RwLock::new(()),
             engine,
+            discard_refused: AtomicBool::new(discard_refused),
         })
     }
 
@@ -377,17 +383,34 @@ impl BackingStore {
         self.engine.sync(&self.file, true).await
     }
 
-    /// Discards a range; advisory, so unsupported discards succeed silently.
-    pub async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
-        let (start, end) = match self.kind {
+    /// The part of `[offset, offset + len)` a trim discards: all of it in
+    /// a file, the whole logical blocks inside it on a device.
+    fn discard_span(&self, offset: u64, len: u64) -> (u64, u64) {
+        match self.kind {
             BackingKind::File => (offset, offset + len),
             // Devices only discard whole logical blocks: shrink inwards.
             BackingKind::BlockDevice => {
                 let a = self.alignment().max(512) as u64;
                 (offset.div_ceil(a) * a, (offset + len) / a * a)
             }
-        };
-        if end <= start {
+        }
+    }
+
+    /// The range a completed [`Self::trim`] of `[offset, offset + len)`
+    /// left reading zeroes, or `None` if it changed nothing (the backing
+    /// cannot discard, or the range holds no whole block). A discard is a
+    /// hole punched in a file, or a zeroing on a device (the kernel's
+    /// `PUNCH_HOLE` on a block device), so the range then reads zeroes.
+    pub fn discarded(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        let (start, end) = self.discard_span(offset, len);
+        (end > start && !self.discard_refused.load(Ordering::Acquire)).then_some((start, end))
+    }
+
+    /// Discards a range; advisory, so unsupported discards succeed silently
+    /// ([`Self::discarded`] tells what a trim changed).
+    pub async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (start, end) = self.discard_span(offset, len);
+        if end <= start || self.discard_refused.load(Ordering::Acquire) {
             return Ok(());
         }
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -402,6 +425,7 @@ impl BackingStore {
                     Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
                 ) =>
             {
+                self.discard_refused.store(true, Ordering::Release);
                 Ok(())
             }
             other => other,
@@ -595,6 +619,30 @@ fn widen(offset: u64, len: usize, align: usize) -> (u64, u64) {
 const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Retries `attempt` while it fails with `busy_errno`, for up to [`RELEASE_WAIT`].
+/// Whether a block device can zero ranges without writing them (its
+/// queue's `write_zeroes_max_bytes` is not 0), which the kernel's
+/// `PUNCH_HOLE` on a block device needs. Where it cannot, a punch first
+/// drops the range from the page cache — dirty pages and the zeroed part
+/// of partial ones included — and then fails, leaving the range's content
+/// to chance; a trim then must not try. Unknown (no sysfs): assumed able.
+fn device_zeroes(file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = file.metadata() else {
+        return true;
+    };
+    let dev = meta.rdev();
+    let base = format!("/sys/dev/block/{}:{}", libc::major(dev), libc::minor(dev));
+    // A partition has no queue of its own: its disk's is one level up.
+    ["queue", "../queue"]
+        .iter()
+        .find_map(|q| {
+            std::fs::read_to_string(format!("{base}/{q}/write_zeroes_max_bytes"))
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .is_none_or(|max| max > 0)
+}
+
 fn retry_while_busy<T>(
     busy_errno: i32,
     mut attempt: impl FnMut() -> io::Result<T>,

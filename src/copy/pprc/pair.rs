@@ -711,7 +711,26 @@ impl Pair {
                 len,
             },
         };
-        let (local_result, remote) = if matches!(change, Change::Zero(_, true, _)) {
+        let (local_result, remote) = if matches!(change, Change::Trim) {
+            // A trim is advisory: what it changes depends on the backing
+            // (a file punches a hole, a device without discard keeps its
+            // data). The secondary is told what the primary's did: the
+            // range it zeroed, or nothing.
+            let l = local(change).await;
+            let r = match l.as_ref().ok().and(self.store.discarded(offset, len)) {
+                Some((start, end)) => {
+                    self.send(Message::Zero {
+                        volume: self.wire_volume,
+                        offset: start,
+                        len: end - start,
+                        punch: true,
+                    })
+                    .await
+                }
+                None => Ok(0),
+            };
+            (l, r)
+        } else if matches!(change, Change::Zero(_, true, _)) {
             // Fast-only zeroing may be refused locally: only mirror what
             // was done.
             let l = local(change).await;
