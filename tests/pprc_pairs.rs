@@ -3157,3 +3157,162 @@ fn trim_with_one_side_unable_to_discard(serial: &'static str) {
     drop(dev);
     drop(fs);
 }
+
+/// Tries one 64 KiB write of random data (seed `argv[3]`) at `argv[2]`,
+/// then a flush; prints `ok` or the errno name.
+const TRY_WRITE_AT: &str = r#"
+import nbd, random, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+try:
+    h.pwrite(random.Random(int(sys.argv[3])).randbytes(65536), int(sys.argv[2]))
+    h.flush()
+    print("ok")
+except nbd.Error as e:
+    print(errno.errorcode.get(e.errnum, e.string))
+h.shutdown()
+"#;
+
+fn try_write_at(essd: &Essd, export: &str, offset: u64, seed: u64) -> String {
+    python(
+        TRY_WRITE_AT,
+        &[&essd.uri(export), &offset.to_string(), &seed.to_string()],
+    )
+    .trim()
+    .to_string()
+}
+
+/// Waits until a duplex primary's marks are cleared: it is `current`.
+fn wait_current(essd: &Essd, volume: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while show(essd, volume)["replication_status"] != "current" {
+        assert!(
+            Instant::now() < deadline,
+            "never current: {}",
+            show(essd, volume)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The secondaries' storage is full (files on a tmpfs with no space
+/// left): the secondary's write into a hole fails with ENOSPC while the
+/// pairs are duplex. Each pair suspends with `secondary I/O error` (time
+/// shown) and is `not current`; the host's write is answered per the
+/// critical-mode table: not critical and `--critical` with a live link, it
+/// succeeds on the primary and its track is recorded; `--critical` on a
+/// critical heavy LSS, it fails with EIO and the primary is
+/// write-inhibited. Once the storage has room again a resync copies the
+/// recorded tracks and each pair's volumes are equal.
+#[test]
+fn a_secondary_write_that_fails_suspends_the_pair_per_the_critical_mode() {
+    let dir = tempdir("pprc-secondary-enospc");
+    let fs = ScratchMount::mount("tmpfs", "size=8m", &dir.path().join("fs"));
+    let s = Sites::start("pprc-secondary-enospc", |cfg| {
+        cfg.lss_extra = vec![(0x11, "critical_heavy = true".into())];
+        if cfg.serial == "TSTB2" {
+            cfg.volumes[0].path = Some(fs.dir.join("plain.img"));
+            cfg.volumes[1].path = Some(fs.dir.join("critical.img"));
+            cfg.volumes[2].path = Some(fs.dir.join("heavy.img"));
+        }
+    });
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    path(a, "0x11", "TSTB2", "0x11", "1");
+    let pairs = [
+        (a.vol(0x10, 0), b.vol(0x10, 0), false),
+        (a.vol(0x10, 1), b.vol(0x10, 1), true),
+        (a.vol(0x11, 0), b.vol(0x11, 0), true),
+    ];
+    for (v, sv, critical) in &pairs {
+        let mut args = vec!["pprc", "establish", v.as_str(), sv.as_str()];
+        if *critical {
+            args.push("--critical");
+        }
+        essctl(a, &args).ok();
+        wait_duplex(a, v);
+        wait_current(a, v);
+    }
+    fs.fill("filler");
+    let expected = ["ok", "ok", "EIO"];
+    for ((v, _, _), want) in pairs.iter().zip(expected) {
+        assert_eq!(try_write_at(a, v, 7 * TRACK, 3), want, "{v}");
+        let p = show(a, v);
+        assert_eq!(
+            (
+                p["state"].as_str(),
+                p["reason"].as_str(),
+                p["replication_status"].as_str(),
+                p["write_inhibited"].as_bool(),
+            ),
+            (
+                Some("suspended"),
+                Some("secondary I/O error"),
+                Some("not current"),
+                Some(want == "EIO"),
+            ),
+            "{v}: {p}"
+        );
+        assert!(p["since"].as_str().is_some_and(|t| t.ends_with('Z')), "{p}");
+        assert!(
+            p["detail"].as_str().unwrap_or("").contains("ENOSPC"),
+            "the detail names the secondary's error: {p}"
+        );
+        assert_eq!(p["out_of_sync_tracks"].as_u64(), Some(1), "{v}: {p}");
+    }
+    std::fs::remove_file(fs.dir.join("filler")).unwrap();
+    for (v, sv, _) in &pairs {
+        essctl(a, &["pprc", "resume", v]).ok();
+        wait_duplex(a, v);
+        assert_eq!(show(a, v)["write_inhibited"], false);
+        assert_eq!(volume_sha(a, v), volume_sha(b, sv), "{v}");
+    }
+    drop(s);
+    drop(fs);
+}
+
+/// The primary's storage is full (its file on a tmpfs with no space
+/// left) while the secondary's is not: the write, sent to both in
+/// parallel, lands on the secondary only. The host gets the primary's
+/// ENOSPC, and the pair must not stay `duplex, current` with different
+/// volumes: it suspends (`primary I/O error`) with the track recorded;
+/// once the primary has room again a resync makes the volumes equal.
+#[test]
+fn a_primary_write_that_fails_suspends_the_pair_with_the_track_recorded() {
+    let dir = tempdir("pprc-primary-enospc");
+    let fs = ScratchMount::mount("tmpfs", "size=8m", &dir.path().join("fs"));
+    let s = Sites::start("pprc-primary-enospc", |cfg| {
+        if cfg.serial == "TSTA1" {
+            cfg.volumes[0].path = Some(fs.dir.join("primary.img"));
+        }
+    });
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    essctl(a, &["pprc", "establish", &v, &sv]).ok();
+    wait_duplex(a, &v);
+    wait_current(a, &v);
+    fs.fill("filler");
+    assert_eq!(try_write_at(a, &v, 9 * TRACK, 4), "ENOSPC");
+    let p = show(a, &v);
+    assert_eq!(
+        (
+            p["state"].as_str(),
+            p["reason"].as_str(),
+            p["replication_status"].as_str()
+        ),
+        (
+            Some("suspended"),
+            Some("primary I/O error"),
+            Some("not current")
+        ),
+        "{p}"
+    );
+    assert_eq!(p["out_of_sync_tracks"].as_u64(), Some(1), "{p}");
+    std::fs::remove_file(fs.dir.join("filler")).unwrap();
+    essctl(a, &["pprc", "resume", &v]).ok();
+    wait_duplex(a, &v);
+    assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
+    drop(s);
+    drop(fs);
+}
