@@ -3316,3 +3316,55 @@ fn a_primary_write_that_fails_suspends_the_pair_with_the_track_recorded() {
     drop(s);
     drop(fs);
 }
+
+/// The primary's state directory for pairs (`STATE_DIR/pprc`, on a tmpfs)
+/// is full, and the out-of-sync bitmap's bits are still a hole in its
+/// file (a pair established without copy has not written them): a host
+/// write whose track cannot be recorded fails with EIO and is made on
+/// neither volume; the pair suspends (`primary I/O error`). Once the file
+/// system has room again the primary takes writes and a resync leaves the
+/// volumes equal.
+#[test]
+fn a_write_whose_track_cannot_be_recorded_on_a_full_file_system_fails() {
+    let s = Sites::start("pprc-bitmap-enospc", |_| {});
+    let (a, b) = (&s.a, &s.b);
+    let fs = ScratchMount::mount("tmpfs", "size=1m", &s.dir_a.path().join("state/pprc"));
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    essctl(a, &["pprc", "establish", &v, &sv, "--mode", "nocopy"]).ok();
+    let before = volume_sha(a, &v);
+    fs.fill("filler");
+    assert_eq!(try_write_at(a, &v, 11 * TRACK, 5), "EIO");
+    let p = show(a, &v);
+    assert_eq!(
+        (
+            p["state"].as_str(),
+            p["reason"].as_str(),
+            p["replication_status"].as_str()
+        ),
+        (
+            Some("suspended"),
+            Some("primary I/O error"),
+            Some("not current")
+        ),
+        "{p}"
+    );
+    assert!(
+        p["detail"].as_str().unwrap_or("").contains(".oos"),
+        "the detail names the bitmap file: {p}"
+    );
+    assert_eq!(volume_sha(a, &v), before, "the write landed on the primary");
+    assert_eq!(
+        volume_sha(b, &sv),
+        before,
+        "the write landed on the secondary"
+    );
+    std::fs::remove_file(fs.dir.join("filler")).unwrap();
+    assert_eq!(try_write_at(a, &v, 11 * TRACK, 5), "ok");
+    essctl(a, &["pprc", "resume", &v]).ok();
+    wait_duplex(a, &v);
+    assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
+    // Unmounted first (also when the test fails: declared last).
+    drop(fs);
+    drop(s);
+}
