@@ -3368,3 +3368,61 @@ fn a_write_whose_track_cannot_be_recorded_on_a_full_file_system_fails() {
     drop(fs);
     drop(s);
 }
+
+/// A raw-disk secondary whose storage fails at write-back (a loop device
+/// over a sparse file on a full tmpfs): the mirrored write lands in its
+/// page cache, and the host's FLUSH fails there. The pair (not critical)
+/// suspends with `secondary I/O error` and is `not current`; the FLUSH
+/// succeeds, as the write is durable on the primary, and its track stays
+/// recorded: once the storage has room again a resync leaves the volumes
+/// equal.
+#[test]
+fn a_flush_that_fails_on_the_secondary_suspends_the_pair() {
+    let dir = tempdir("pprc-secondary-flush-fails");
+    let fs = ScratchMount::mount("tmpfs", "size=8m", &dir.path().join("fs"));
+    let backing = fs.dir.join("secondary.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let dev = LoopDevice::attach(&backing);
+    let s = Sites::start("pprc-secondary-flush-fails", |cfg| {
+        if cfg.serial == "TSTB2" {
+            cfg.volumes[0].path = Some(dev.dev.clone());
+        }
+    });
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    essctl(a, &["pprc", "establish", &v, &sv]).ok();
+    wait_duplex(a, &v);
+    wait_current(a, &v);
+    fs.fill("filler");
+    let answer = python(
+        WRITE_THEN_FLUSH,
+        &[&a.uri(&v), &(5 * TRACK).to_string(), "8"],
+    );
+    assert_eq!(answer.trim(), "ok");
+    let p = show(a, &v);
+    assert_eq!(
+        (
+            p["state"].as_str(),
+            p["reason"].as_str(),
+            p["replication_status"].as_str()
+        ),
+        (
+            Some("suspended"),
+            Some("secondary I/O error"),
+            Some("not current")
+        ),
+        "{p}"
+    );
+    assert!(p["out_of_sync_tracks"].as_u64() >= Some(1), "{p}");
+    std::fs::remove_file(fs.dir.join("filler")).unwrap();
+    essctl(a, &["pprc", "resume", &v]).ok();
+    wait_duplex(a, &v);
+    assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
+    drop(s);
+    drop(dev);
+    drop(fs);
+}
