@@ -3426,3 +3426,121 @@ fn a_flush_that_fails_on_the_secondary_suspends_the_pair() {
     drop(dev);
     drop(fs);
 }
+
+/// Writes 64 KiB of random data (seed `argv[3]`) at `argv[2]` with FUA;
+/// prints `ok` or the errno name.
+const WRITE_FUA: &str = r#"
+import nbd, random, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+try:
+    h.pwrite(random.Random(int(sys.argv[3])).randbytes(65536), int(sys.argv[2]), nbd.CMD_FLAG_FUA)
+    print("ok")
+except nbd.Error as e:
+    print(errno.errorcode.get(e.errnum, e.string))
+h.shutdown()
+"#;
+
+/// A FUA write to a raw-disk primary whose storage fails at write-back (a
+/// loop device over a sparse file on a full tmpfs): the data reaches the
+/// device's page cache and the secondary, its write-back fails. The host
+/// gets the error, the pair suspends (`primary I/O error`), and a resync
+/// once the storage has room leaves the volumes equal — also after the
+/// primary's page cache is dropped (the failed page is not kept cached as
+/// data its disk does not hold).
+#[test]
+fn a_fua_write_that_fails_on_the_primary_leaves_the_resynced_volumes_equal() {
+    let dir = tempdir("pprc-primary-fua-fails");
+    let fs = ScratchMount::mount("tmpfs", "size=8m", &dir.path().join("fs"));
+    let backing = fs.dir.join("primary.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let dev = LoopDevice::attach(&backing);
+    let s = Sites::start("pprc-primary-fua-fails", |cfg| {
+        if cfg.serial == "TSTA1" {
+            cfg.volumes[0].path = Some(dev.dev.clone());
+        }
+    });
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    essctl(a, &["pprc", "establish", &v, &sv]).ok();
+    wait_duplex(a, &v);
+    wait_current(a, &v);
+    fs.fill("filler");
+    let answer = python(WRITE_FUA, &[&a.uri(&v), &(6 * TRACK).to_string(), "9"]);
+    assert_ne!(answer.trim(), "ok");
+    let p = show(a, &v);
+    assert_eq!(
+        (p["state"].as_str(), p["reason"].as_str()),
+        (Some("suspended"), Some("primary I/O error")),
+        "after a failed FUA write ({}): {p}",
+        answer.trim()
+    );
+    std::fs::remove_file(fs.dir.join("filler")).unwrap();
+    essctl(a, &["pprc", "resume", &v]).ok();
+    wait_duplex(a, &v);
+    assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
+    // What the primary's disk holds, not its page cache.
+    run(std::process::Command::new("blockdev")
+        .arg("--flushbufs")
+        .arg(&dev.dev));
+    assert_eq!(
+        volume_sha(a, &v),
+        volume_sha(b, &sv),
+        "after dropping the cache"
+    );
+    drop(s);
+    drop(dev);
+    drop(fs);
+}
+
+/// [`a_flush_that_fails_on_the_primary_suspends_the_pair`] with the pair
+/// already suspended by an operator: the write is recorded, its FLUSH
+/// fails on the primary's storage, and the resync once the storage has
+/// room copies what the primary's disk holds, so the volumes stay equal
+/// after the primary's page cache is dropped.
+#[test]
+fn a_flush_that_fails_on_a_suspended_primary_leaves_the_resynced_volumes_equal() {
+    let dir = tempdir("pprc-suspended-flush-fails");
+    let fs = ScratchMount::mount("tmpfs", "size=8m", &dir.path().join("fs"));
+    let backing = fs.dir.join("primary.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let dev = LoopDevice::attach(&backing);
+    let s = Sites::start("pprc-suspended-flush-fails", |cfg| {
+        if cfg.serial == "TSTA1" {
+            cfg.volumes[0].path = Some(dev.dev.clone());
+        }
+    });
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    essctl(a, &["pprc", "establish", &v, &sv]).ok();
+    wait_duplex(a, &v);
+    essctl(a, &["pprc", "suspend", &v]).ok();
+    fs.fill("filler");
+    let answer = python(
+        WRITE_THEN_FLUSH,
+        &[&a.uri(&v), &(5 * TRACK).to_string(), "7"],
+    );
+    assert_ne!(
+        answer.trim(),
+        "ok",
+        "the flush must fail on the full storage"
+    );
+    std::fs::remove_file(fs.dir.join("filler")).unwrap();
+    essctl(a, &["pprc", "resume", &v]).ok();
+    wait_duplex(a, &v);
+    run(std::process::Command::new("blockdev")
+        .arg("--flushbufs")
+        .arg(&dev.dev));
+    assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
+    drop(s);
+    drop(dev);
+    drop(fs);
+}

@@ -673,6 +673,9 @@ impl Pair {
                 }
                 self.oos.commit_bits().await.map_err(unrecorded)?;
                 let result = local(change).await;
+                if result.is_err() {
+                    self.forget_unwritten().await;
+                }
                 // Like a mirrored write: not answered while the group
                 // holds writes.
                 self.group_gate().await;
@@ -754,6 +757,9 @@ impl Pair {
         if let Err(e) = &local_result {
             if !matches!(e, VolumeError::NotFast { .. }) {
                 self.suspend(SuspendReason::PrimaryIoError, Some(e.to_string()));
+                // A FUA write whose write-back failed leaves its pages
+                // cached with data the disk does not hold.
+                self.forget_unwritten().await;
             }
         }
         self.after_send(op, remote).await?;
@@ -767,7 +773,12 @@ impl Pair {
         F: Future<Output = Result<(), VolumeError>>,
     {
         if !matches!(self.state(), PairState::Duplex | PairState::DuplexPending) {
-            return local.await;
+            let l = local.await;
+            if l.is_err() {
+                // The resync must copy what the disk holds.
+                self.forget_unwritten().await;
+            }
+            return l;
         }
         let (l, r) = tokio::join!(
             local,
@@ -792,11 +803,11 @@ impl Pair {
         Ok(())
     }
 
-    /// After the primary's storage failed a flush: the pages it could not
-    /// write back may stay cached, clean, with data its disk does not
-    /// hold, until the kernel evicts them. They are dropped at once, so
-    /// that hosts and the resync read what the disk holds, and the resync
-    /// leaves both volumes equal.
+    /// After the primary's storage failed a flush or a write (a FUA
+    /// write's write-back): the pages it could not write back may stay
+    /// cached, clean, with data its disk does not hold, until the kernel
+    /// evicts them. They are dropped at once, so that hosts and a resync
+    /// read what the disk holds, and the resync leaves both volumes equal.
     async fn forget_unwritten(&self) {
         if let Err(e) = self.store.drop_cached(0, 0).await {
             tracing::warn!(
