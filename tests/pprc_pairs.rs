@@ -3544,3 +3544,135 @@ fn a_flush_that_fails_on_a_suspended_primary_leaves_the_resynced_volumes_equal()
     drop(dev);
     drop(fs);
 }
+
+/// 4 KiB writes, 32 in flight, each block once with data derived from its
+/// number, until `argv[2]` seconds have passed or the connection ends
+/// (a server shutting down answers ESHUTDOWN, then closes). Prints one
+/// JSON object: the blocks whose write was acknowledged, and the errors
+/// (errno names) the others got.
+const WRITE_UNTIL_GONE: &str = r#"
+import errno, hashlib, json, nbd, random, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+end = time.time() + float(sys.argv[2])
+def data(b):
+    return hashlib.sha256(str(b).encode()).digest() * 128
+blocks = list(range(h.get_size() // 4096))
+random.Random(7).shuffle(blocks)
+acked, errors, pending = [], {}, {}
+def reap():
+    for b, c in list(pending.items()):
+        try:
+            if h.aio_command_completed(c):
+                acked.append(b)
+                del pending[b]
+        except nbd.Error as e:
+            name = errno.errorcode.get(e.errnum, e.string) if e.errnum else e.string
+            errors[name] = errors.get(name, 0) + 1
+            del pending[b]
+try:
+    while time.time() < end and blocks:
+        while len(pending) < 32 and blocks:
+            b = blocks.pop()
+            pending[b] = h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data(b))), b * 4096)
+        h.poll(-1)
+        reap()
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+        reap()
+    h.flush()
+    h.shutdown()
+except nbd.Error as e:
+    pass
+reap()
+print(json.dumps({"acked": acked, "errors": errors, "lost": len(pending)}))
+"#;
+
+/// Reads the given 4 KiB blocks of an export and returns those whose
+/// content is not the data [`WRITE_UNTIL_GONE`] wrote there.
+const MISSING_BLOCKS: &str = r#"
+import hashlib, json, nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+blocks = json.loads(sys.stdin.read())
+missing = [b for b in blocks if h.pread(4096, b * 4096) != hashlib.sha256(str(b).encode()).digest() * 128]
+print(json.dumps(missing))
+"#;
+
+fn missing_blocks(essd: &Essd, export: &str, blocks: &serde_json::Value) -> Vec<u64> {
+    use std::io::Write;
+    let file = tempfile::Builder::new().suffix(".py").tempfile().unwrap();
+    std::fs::write(file.path(), MISSING_BLOCKS).unwrap();
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .arg(file.path())
+        .arg(essd.uri(export))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(blocks.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Starts [`WRITE_UNTIL_GONE`] against `export` for at most `secs`.
+fn spawn_writer(
+    essd: &Essd,
+    export: &str,
+    secs: &str,
+) -> std::thread::JoinHandle<serde_json::Value> {
+    let (uri, secs) = (essd.uri(export), secs.to_string());
+    std::thread::spawn(move || {
+        serde_json::from_str(&python(WRITE_UNTIL_GONE, &[&uri, &secs])).unwrap()
+    })
+}
+
+/// A primary stopped with SIGTERM (`systemctl stop`) while a host writes
+/// to its duplex volume: the requests received before the signal are
+/// served and mirrored (the links stay up until they are), later ones are
+/// answered `ESHUTDOWN`, never `EIO`; every write the host saw
+/// acknowledged is on the secondary; the restarted primary comes back
+/// `primary restarted`, resynchronises by itself and ends equal.
+#[test]
+fn sigterm_of_a_duplex_primary_under_load_loses_nothing() {
+    let mut s = Sites::start("pprc-term-primary", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    let writer = spawn_writer(&s.a, &va, "20");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(s.a.terminate().code(), Some(0));
+    let out = writer.join().unwrap();
+    let acked = out["acked"].as_array().unwrap().len();
+    assert!(acked > 100, "only {acked} writes before the signal: {out}");
+    let errors = out["errors"].as_object().unwrap();
+    assert!(
+        errors.keys().all(|e| e == "ESHUTDOWN"),
+        "the host saw errors other than ESHUTDOWN: {out}"
+    );
+    assert_eq!(out["lost"], 0, "requests left unanswered: {out}");
+    let missing = missing_blocks(&s.b, &vb, &out["acked"]);
+    assert!(
+        missing.is_empty(),
+        "{} of {acked} acknowledged writes are not on the secondary",
+        missing.len()
+    );
+    s.a.restart("TSTA1");
+    let v = show(&s.a, &va);
+    assert!(
+        matches!(
+            (v["state"].as_str(), v["reason"].as_str()),
+            (Some("suspended"), Some("primary restarted"))
+                | (Some("duplex pending" | "duplex"), None)
+        ),
+        "{v}"
+    );
+    wait_state(&s.a, &va, "duplex");
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}

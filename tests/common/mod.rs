@@ -267,6 +267,22 @@ impl Essd {
         wait_timeout(&mut child, Duration::from_secs(40))
     }
 
+    /// SIGTERM (as `systemctl stop` sends) and wait; the handle can be
+    /// started again with [`Essd::restart`].
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        wait_timeout(&mut child, Duration::from_secs(40))
+    }
+
+    /// Starts a stopped server again from the same directory and
+    /// configuration.
+    pub fn restart(&mut self, serial: &str) {
+        assert!(self.child.is_none(), "still running");
+        *self = Essd::start_config(&self.dir.clone(), &self.config.clone(), serial);
+    }
+
     /// SIGKILL and wait.
     pub fn kill(mut self) {
         let mut child = self.child.take().unwrap();
