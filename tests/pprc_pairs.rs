@@ -3676,3 +3676,47 @@ fn sigterm_of_a_duplex_primary_under_load_loses_nothing() {
     wait_state(&s.a, &va, "duplex");
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
 }
+
+/// A secondary stopped with SIGTERM while a host writes to its primary:
+/// the host sees no error (the pair is not critical), the primary suspends
+/// and records the changes; once the secondary is back and the path up,
+/// its server says suspended and not current (it was told, although no
+/// link was left when the primary suspended), not duplex; a resume copies
+/// the changes and the volumes end equal.
+#[test]
+fn sigterm_of_a_secondary_under_load_leaves_both_sides_truthful() {
+    let mut s = Sites::start("pprc-term-secondary", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    let writer = spawn_writer(&s.a, &va, "4");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(s.b.terminate().code(), Some(0));
+    let v = wait_state(&s.a, &va, "suspended");
+    assert_eq!(v["reason"], "link lost", "{v}");
+    let out = writer.join().unwrap();
+    assert_eq!(out["errors"], serde_json::json!({}), "{out}");
+    assert_eq!(out["lost"], 0, "{out}");
+    s.b.restart("TSTB2");
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = show(&s.b, &vb);
+        if v["state"] == "suspended" {
+            assert_eq!(v["reason"], "link lost", "{v}");
+            assert_eq!(v["replication_status"], "not current", "{v}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the secondary still says {} / {} while its primary is suspended: {v}",
+            v["state"],
+            v["replication_status"]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(show(&s.a, &va)["state"], "suspended");
+    essctl(&s.a, &["pprc", "resume", &va]).ok();
+    wait_duplex(&s.a, &va);
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}
