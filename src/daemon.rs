@@ -221,14 +221,13 @@ fn spawn_replication(
                 secondaries.clone(),
                 shutdown.clone(),
             );
+            // At shutdown a link applies and answers what it received,
+            // says goodbye and closes (within the drain time).
             t.spawn(async move {
                 let serial = server.serial.clone();
-                tokio::select! {
-                    _ = stop.cancelled() => {}
-                    r = serve_link(stream, server, serial, secret, secondaries) => match r {
-                        Ok(p) => tracing::info!(%peer, serial = %p.serial, "peer link closed"),
-                        Err(e) => tracing::warn!(%peer, "peer link refused or failed: {e}"),
-                    },
+                match serve_link(stream, server, serial, secret, secondaries, stop).await {
+                    Ok(p) => tracing::info!(%peer, serial = %p.serial, "peer link closed"),
+                    Err(e) => tracing::warn!(%peer, "peer link refused or failed: {e}"),
                 }
             });
         }

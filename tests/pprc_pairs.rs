@@ -3548,6 +3548,12 @@ fn a_flush_that_fails_on_a_suspended_primary_leaves_the_resynced_volumes_equal()
 /// 4 KiB writes, 32 in flight, each block once with data derived from its
 /// number, until `argv[2]` seconds have passed or the connection ends
 /// (a server shutting down answers ESHUTDOWN, then closes). Prints one
+
+/// 4 KiB writes, up to 32 in flight, each block once with data derived
+/// from its number (paced: a 64 MiB volume takes several seconds), until
+/// `argv[2]` seconds have passed, a write fails (a server shutting down
+/// answers ESHUTDOWN; what is in flight is still awaited) or the
+/// connection ends. Prints one
 /// JSON object: the blocks whose write was acknowledged, and the errors
 /// (errno names) the others got.
 const WRITE_UNTIL_GONE: &str = r#"
@@ -3571,12 +3577,13 @@ def reap():
             errors[name] = errors.get(name, 0) + 1
             del pending[b]
 try:
-    while time.time() < end and blocks:
+    while time.time() < end and blocks and not errors:
         while len(pending) < 32 and blocks:
             b = blocks.pop()
             pending[b] = h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data(b))), b * 4096)
         h.poll(-1)
         reap()
+        time.sleep(0.002)
     while h.aio_in_flight() > 0:
         h.poll(-1)
         reap()
@@ -3657,6 +3664,11 @@ fn sigterm_of_a_duplex_primary_under_load_loses_nothing() {
         "the host saw errors other than ESHUTDOWN: {out}"
     );
     assert_eq!(out["lost"], 0, "requests left unanswered: {out}");
+    let log = s.a.log();
+    assert!(
+        !log.contains("PPRC pair suspended"),
+        "the pair suspended during the stop:\n{log}"
+    );
     let missing = missing_blocks(&s.b, &vb, &out["acked"]);
     assert!(
         missing.is_empty(),
@@ -3679,7 +3691,8 @@ fn sigterm_of_a_duplex_primary_under_load_loses_nothing() {
 
 /// A secondary stopped with SIGTERM while a host writes to its primary:
 /// the host sees no error (the pair is not critical), the primary suspends
-/// and records the changes; once the secondary is back and the path up,
+/// and records the changes, saying that the secondary's server shut down
+/// (it answered what it had received and said goodbye); once the secondary is back and the path up,
 /// its server says suspended and not current (it was told, although no
 /// link was left when the primary suspended), not duplex; a resume copies
 /// the changes and the volumes end equal.
@@ -3694,6 +3707,11 @@ fn sigterm_of_a_secondary_under_load_leaves_both_sides_truthful() {
     assert_eq!(s.b.terminate().code(), Some(0));
     let v = wait_state(&s.a, &va, "suspended");
     assert_eq!(v["reason"], "link lost", "{v}");
+    let detail = v["detail"].as_str().unwrap_or("");
+    assert!(
+        detail.contains("peer server shut down"),
+        "the primary does not say that its secondary's server shut down: {v}"
+    );
     let out = writer.join().unwrap();
     assert_eq!(out["errors"], serde_json::json!({}), "{out}");
     assert_eq!(out["lost"], 0, "{out}");

@@ -77,6 +77,10 @@ pub enum LinkError {
     /// The peer closed the link.
     #[error("peer closed the link")]
     Closed,
+    /// The peer said goodbye, as a server does when it shuts down, and
+    /// closed the link.
+    #[error("peer server shut down")]
+    PeerShutDown,
     /// The handshake took too long.
     #[error("peer link handshake timed out")]
     Timeout,
@@ -469,6 +473,8 @@ pub struct PeerLink {
     next_id: AtomicU64,
     peer: PeerInfo,
     open: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether the peer said goodbye (its server shuts down).
+    farewell: Arc<std::sync::atomic::AtomicBool>,
     /// When the reader saw the link end.
     closed_at: Arc<Mutex<Option<std::time::SystemTime>>>,
     reader: tokio::task::JoinHandle<()>,
@@ -507,11 +513,30 @@ impl PeerLink {
         let acks = pending.clone();
         let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let still_open = open.clone();
+        let farewell = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let said_goodbye = farewell.clone();
         let closed_at: Arc<Mutex<Option<std::time::SystemTime>>> = Arc::default();
         let closing = closed_at.clone();
+        // The writer task ends (after sending what is queued) when the
+        // link is dropped, or when the peer said goodbye.
+        let outbox = Outbox::spawn(Box::new(write_half) as Box<dyn AsyncWrite + Unpin + Send>);
+        let farewell_outbox = outbox.clone();
         let reader = tokio::spawn(async move {
             loop {
-                match read_frame(&mut read_half, &mut buf).await {
+                let read = match read_frame(&mut read_half, &mut buf).await {
+                    Ok(Frame {
+                        message: Message::Goodbye,
+                        ..
+                    }) => {
+                        // The peer answered every request it read and
+                        // reads no more: the rest will not be answered.
+                        said_goodbye.store(true, Ordering::Release);
+                        farewell_outbox.close();
+                        Err(LinkError::PeerShutDown)
+                    }
+                    other => other,
+                };
+                match read {
                     Ok(Frame { id, message }) => match message {
                         Message::Ack { .. } | Message::Reply { .. } | Message::Bitmap { .. } => {
                             let waiter = acks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
@@ -536,15 +561,13 @@ impl PeerLink {
                 }
             }
         });
-        // The writer task ends (after sending what is queued) when the
-        // link is dropped.
-        let outbox = Outbox::spawn(Box::new(write_half) as Box<dyn AsyncWrite + Unpin + Send>);
         Ok(PeerLink {
             outbox,
             pending,
             next_id: AtomicU64::new(1),
             peer,
             open,
+            farewell,
             closed_at,
             reader,
         })
@@ -606,7 +629,7 @@ impl PeerLink {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             // The reader has ended: no answer would ever be delivered.
             if !self.open.load(Ordering::Acquire) {
-                return Err(LinkError::Closed);
+                return Err(self.closed());
             }
             pending.insert(id, tx);
         }
@@ -615,9 +638,24 @@ impl PeerLink {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
-            return Err(LinkError::Closed);
+            return Err(self.closed());
         }
-        rx.await.map_err(|_| LinkError::Closed)
+        rx.await.map_err(|_| self.closed())
+    }
+
+    /// Whether the peer ended the link saying goodbye, as a server does
+    /// when it shuts down.
+    pub fn peer_shut_down(&self) -> bool {
+        self.farewell.load(Ordering::Acquire)
+    }
+
+    /// Why a request got no answer on a link that ended.
+    fn closed(&self) -> LinkError {
+        if self.farewell.load(Ordering::Acquire) {
+            LinkError::PeerShutDown
+        } else {
+            LinkError::Closed
+        }
     }
 }
 

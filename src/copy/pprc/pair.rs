@@ -919,6 +919,7 @@ impl Pair {
                 )));
             };
             let Some((at, link)) = route.pick() else {
+                let last = last.or_else(|| route.down_reason());
                 let after = last.map(|e| format!(" ({e})")).unwrap_or_default();
                 return Err(SendError::NoLink(format!(
                     "no live link to {}{after}",
@@ -937,7 +938,13 @@ impl Pair {
                     // link carried: let it finish before this request goes
                     // again, so the older copy cannot land last.
                     if let Err(why) = self.await_drained(&route, &link).await {
-                        return Err(SendError::NoLink(format!("{error}; {why}")));
+                        // Every link of a peer that shut down says so.
+                        let detail = if why == error {
+                            error
+                        } else {
+                            format!("{error}; {why}")
+                        };
+                        return Err(SendError::NoLink(detail));
                     }
                     last = Some(error);
                 }

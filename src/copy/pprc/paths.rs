@@ -200,8 +200,13 @@ impl Slot {
         let link = self.link();
         match state {
             LinkState::Up { .. } if !link.as_ref().is_some_and(|l| l.is_open()) => {
+                let shut_down = link.as_ref().is_some_and(|l| l.peer_shut_down());
                 LinkState::Down {
-                    reason: "the connection closed".into(),
+                    reason: if shut_down {
+                        LinkError::PeerShutDown.to_string()
+                    } else {
+                        "the connection closed".into()
+                    },
                     since: closed_since(link.as_deref()),
                 }
             }
@@ -297,6 +302,18 @@ impl Route {
     pub fn fail(&self, at: usize, link: &Arc<PeerLink>, reason: String) {
         tracing::warn!("peer link down: {reason}");
         self.slots[at].fail(link, reason);
+    }
+
+    /// Why the link that went down last is down, if one is.
+    pub fn down_reason(&self) -> Option<String> {
+        self.slots
+            .iter()
+            .filter_map(|s| match s.current() {
+                LinkState::Down { reason, since } => Some((since, reason)),
+                LinkState::Up { .. } => None,
+            })
+            .max()
+            .map(|(_, reason)| reason)
     }
 
     /// Number of links that are up.

@@ -22,8 +22,9 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 
-use super::link::{handshake, next_frame_len, LinkError, PeerInfo};
+use super::link::{handshake, next_frame_len, write_frame, LinkError, PeerInfo};
 use super::paths::HEARTBEAT;
 use super::wire::{Frame, Message, HEADER_LEN, NONCE_LEN};
 use crate::copy::flashcopy::Change;
@@ -155,14 +156,22 @@ const LINK_CONCURRENCY: usize = 128;
 /// the link, and its link-drained answer, forever).
 pub const SILENCE_LIMIT: Duration = Duration::from_secs(5 * HEARTBEAT.as_secs());
 
-/// Serves one incoming link until the peer says goodbye or the link fails.
-/// Returns the authenticated peer.
+/// How long a link closed by this server's shutdown waits for the
+/// primary to close its end after the goodbye.
+const GOODBYE_LINGER: Duration = Duration::from_secs(1);
+
+/// Serves one incoming link until the peer says goodbye, the link fails,
+/// or `stop` fires (this server shuts down): then nothing more is read,
+/// the requests already received are applied and answered, and this end
+/// says goodbye before it closes, so the primary learns that its peer shut
+/// down rather than that the link broke. Returns the authenticated peer.
 pub async fn serve_link<S: AsyncRead + AsyncWrite + ReadLowWater + Unpin + Send + 'static>(
     stream: S,
     server: Arc<StorageServer>,
     local: Serial,
     secret: Arc<[u8]>,
     requests: Arc<dyn PeerRequests>,
+    stop: CancellationToken,
 ) -> Result<PeerInfo, LinkError> {
     let mut stream = stream;
     let mut buf = BytesMut::with_capacity(1 << 20);
@@ -187,6 +196,9 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + ReadLowWater + Unpin + Send 
     let mut running = Pipeline::default();
     let mut answers: Vec<Bytes> = Vec::new();
     let mut reading = true;
+    // Cleared when this server shuts down: frames already read are still
+    // served, no more are read.
+    let mut listening = true;
     let mut low_water = LowWater::default();
     let mut plan = ReadPlan::new(HEADER_LEN);
     let mut heard = tokio::time::Instant::now();
@@ -195,7 +207,10 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + ReadLowWater + Unpin + Send 
             let buffered = buf.len();
             let frame = match Frame::decode(&mut buf) {
                 Ok(Some(frame)) => frame,
-                Ok(None) => break,
+                Ok(None) => {
+                    reading = listening;
+                    break;
+                }
                 Err(e) => break 'link Err(e.into()),
             };
             plan.took(buffered - buf.len());
@@ -224,7 +239,7 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + ReadLowWater + Unpin + Send 
         if !reading && running.is_empty() {
             break Ok(());
         }
-        let may_read = reading && running.len() < LINK_CONCURRENCY;
+        let may_read = reading && listening && running.len() < LINK_CONCURRENCY;
         let next = next_frame_len(&buf);
         let read_limit = plan.prepare(&mut buf, next);
         if may_read {
@@ -237,6 +252,7 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + ReadLowWater + Unpin + Send 
         tokio::select! {
             biased;
             () = running.finished(|done| answers.extend(done.encode())) => {}
+            () = stop.cancelled(), if listening => listening = false,
             // Reading is cancel-safe: bytes read stay in `buf`.
             read = stream.read_buf(&mut room), if may_read => match read {
                 Ok(0) => reading = false,
@@ -255,7 +271,29 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + ReadLowWater + Unpin + Send 
         .await;
     drop(served);
     if writable {
-        let _ = stream.shutdown().await;
+        if !listening {
+            let goodbye = Frame {
+                id: 0,
+                message: Message::Goodbye,
+            };
+            let _ = write_frame(&mut stream, &goodbye).await;
+            let _ = stream.shutdown().await;
+            // Closing with unread frames would reset the connection, and
+            // the primary could lose the goodbye: read (and drop) what it
+            // still sends until it closes its end, which it does on the
+            // goodbye.
+            let _ = tokio::time::timeout(GOODBYE_LINGER, async {
+                while let Ok(n) = stream.read_buf(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    buf.clear();
+                }
+            })
+            .await;
+        } else {
+            let _ = stream.shutdown().await;
+        }
     }
     result.map(|()| peer)
 }
@@ -491,7 +529,14 @@ mod tests {
         secondaries: Arc<dyn PeerRequests>,
     ) -> impl Future<Output = Result<PeerInfo, LinkError>> {
         let local = Serial::new("FCB02").unwrap();
-        serve_link(stream, server, local, Arc::from(SECRET), secondaries)
+        serve_link(
+            stream,
+            server,
+            local,
+            Arc::from(SECRET),
+            secondaries,
+            CancellationToken::new(),
+        )
     }
 
     /// Opens a link from FCA31 to FCB02 over `stream`, proving `secret`.
