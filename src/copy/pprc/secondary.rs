@@ -578,6 +578,71 @@ mod tests {
     use std::net::SocketAddr;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_link_stopped_by_a_shutdown_answers_what_it_read_then_says_goodbye() {
+        let dir = tempfile::tempdir().unwrap();
+        let srv = server(dir.path());
+        let secondaries = Arc::new(Secondaries::default());
+        secondaries.insert("000FCB02");
+        srv.lookup("000FCB02").unwrap().set_secondary(true);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let (srv2, stop2) = (srv.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let local = Serial::new("FCB02").unwrap();
+            serve_link(stream, srv2, local, Arc::from(SECRET), secondaries, stop2).await
+        });
+        let link = Arc::new(open_as_fca31(tcp(addr).await, SECRET).await.unwrap());
+        let vol = *b"000FCB02";
+        let mut tasks = Vec::new();
+        for i in 0..64u64 {
+            let link = link.clone();
+            tasks.push(tokio::spawn(async move {
+                let write = Message::Write {
+                    volume: vol,
+                    offset: i * 65536,
+                    fua: false,
+                    copy: false,
+                    data: Bytes::from(vec![i as u8 + 1; 65536]),
+                };
+                (i, link.request(write).await)
+            }));
+            if i == 31 {
+                // Stop once the secondary is applying: the first write
+                // is answered, the others may be in flight.
+                while !tasks[0].is_finished() {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                stop.cancel();
+            }
+        }
+        // Every write is answered, or refused as sent to a server that
+        // shut down; none is cut off (`Closed`).
+        let mut acked = Vec::new();
+        for t in tasks {
+            match t.await.unwrap() {
+                (i, Ok(0)) => acked.push(i as usize),
+                (_, Err(LinkError::PeerShutDown)) => {}
+                (i, other) => panic!("write {i}: {other:?}"),
+            }
+        }
+        assert_eq!(acked.first(), Some(&0), "the first write was answered");
+        assert!(link.peer_shut_down());
+        assert!(!link.is_open());
+        assert_eq!(task.await.unwrap().unwrap().serial, "FCA31");
+        let image = std::fs::read(dir.path().join("v.img")).unwrap();
+        for i in acked {
+            assert!(
+                image[i * 65536..(i + 1) * 65536]
+                    .iter()
+                    .all(|&b| b == i as u8 + 1),
+                "acknowledged block {i}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mirrored_writes_land_in_order_and_errors_come_back() {
         let dir = tempfile::tempdir().unwrap();
         let srv = server(dir.path());
