@@ -71,7 +71,8 @@ impl ConsistencyGroup {
         members.push(Arc::downgrade(pair));
     }
 
-    /// Takes a terminated pair out of the group.
+    /// Takes a pair out of the group (terminated, or taken over by a
+    /// failback).
     pub fn leave(&self, pair: &Arc<Pair>) {
         let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
         members.retain(|m| m.strong_count() > 0 && !std::ptr::eq(m.as_ptr(), Arc::as_ptr(pair)));

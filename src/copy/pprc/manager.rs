@@ -1885,6 +1885,11 @@ impl PprcManager {
             Some(format!("{peer} {primary} took over")),
         );
         pair.stop_tasks();
+        // Writes the consistency group holds for this volume hold its
+        // gate: they go on now, recorded (the pair is suspended), and the
+        // hand-over below carries their tracks. The other pairs of the
+        // group stay held until the freeze.
+        pair.leave_group();
         {
             let _quiet = vol.gate().write().await;
             vol.detach_pprc();

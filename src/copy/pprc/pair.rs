@@ -265,6 +265,9 @@ pub struct Pair {
     tasks: Mutex<CancellationToken>,
     /// Cancelled when the pair is terminated (see [`Pair::terminate`]).
     terminated: CancellationToken,
+    /// Cancelled when the pair leaves its consistency group (see
+    /// [`Pair::leave_group`]): the group no longer holds its writes.
+    left_group: CancellationToken,
 }
 
 impl std::fmt::Debug for Pair {
@@ -331,6 +334,7 @@ impl Pair {
             changed: env.changed,
             tasks: Mutex::new(CancellationToken::new()),
             terminated: CancellationToken::new(),
+            left_group: CancellationToken::new(),
         }
     }
 
@@ -543,10 +547,21 @@ impl Pair {
     /// alone. The other pairs of the group stay held until the freeze.
     pub fn terminate(self: &Arc<Self>) {
         self.stop_tasks();
+        // Before the release: a released write must find the pair ended.
+        self.terminated.cancel();
+        self.leave_group();
+    }
+
+    /// The pair leaves its consistency group and the group no longer
+    /// holds its writes: they go on as the pair's state says (a suspended
+    /// pair records them). The other pairs of the group stay held until
+    /// the freeze. For a pair taken over by a failback: suspend it first,
+    /// so that no released write is mirrored.
+    pub fn leave_group(self: &Arc<Self>) {
         if let Some(group) = &self.group {
             group.leave(self);
         }
-        self.terminated.cancel();
+        self.left_group.cancel();
     }
 
     /// Whether the primary's LSS is in the consistency group.
@@ -614,12 +629,12 @@ impl Pair {
     }
 
     /// Holds the caller while the consistency group holds writes, until
-    /// the pair is terminated.
+    /// the pair leaves the group.
     async fn group_gate(&self) {
         if let Some(group) = &self.group {
             tokio::select! {
                 _ = group.pass() => {}
-                _ = self.terminated.cancelled() => {}
+                _ = self.left_group.cancelled() => {}
             }
         }
     }
