@@ -3738,3 +3738,88 @@ fn sigterm_of_a_secondary_under_load_leaves_both_sides_truthful() {
     wait_duplex(&s.a, &va);
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
 }
+
+/// A failback to an old primary whose consistency group holds writes (it
+/// lost its links; site B took over meanwhile) acts at once: the old
+/// primary's pair leaves the group and hands over its tracks, the held
+/// write of that volume goes on to it, recorded and then copied over, and
+/// both volumes end equal; the other pair of the group stays held until
+/// the freeze.
+#[test]
+fn failback_to_an_old_primary_whose_group_holds_acts_at_once() {
+    let (s, [v1, v2], [s1, _]) = group_of_two("pprc-group-failback", "60s");
+    let (a, b) = (&s.a, &s.b);
+    write_tracks(a, &v1, 31, 4);
+    s.proxy.drop_all();
+    let mut w1 = spawn_write(a, &v1, TRACK, 0xC1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while essctl_json(a, &["pprc", "group"])["group"]["state"] != "holding" {
+        assert!(Instant::now() < deadline, "the group never held writes");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut w2 = spawn_write(a, &v2, TRACK, 0xC2);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(w1.try_wait().unwrap(), None, "a held write completed");
+
+    // Site B takes over and writes; then fails back to A.
+    let f = essctl_json(b, &["pprc", "failover", &s1]);
+    assert_eq!(
+        (f["role"].as_str(), f["state"].as_str()),
+        (Some("primary"), Some("suspended")),
+        "{f}"
+    );
+    write_tracks(b, &s1, 32, 6);
+    path(b, "0x10", "TSTA1", "0x10", "1");
+    s.back.reset_counters();
+    let started = Instant::now();
+    let out = essctl_async(b, &["pprc", "failback", &s1])
+        .recv_timeout(Duration::from_secs(20))
+        .expect("failback did not answer within 20 s while A's group held writes")
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "failback after {took:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(took < Duration::from_secs(4), "failback took {took:?}");
+    assert_eq!(
+        wait_child(&mut w1, 10),
+        Some(true),
+        "the write held on the old primary"
+    );
+    wait_duplex(b, &s1);
+    let side = show(a, &v1);
+    assert_eq!(
+        (side["role"].as_str(), side["state"].as_str()),
+        (Some("secondary"), Some("duplex")),
+        "{side}"
+    );
+    assert_eq!(volume_sha(a, &v1), volume_sha(b, &s1));
+    // Only changed tracks crossed: B's 6, A's held one and its 4 mirrored
+    // ones whose marks may not have been cleared yet.
+    let sent = s.back.bytes_forward();
+    assert!(
+        sent <= 11 * TRACK + (64 << 10),
+        "failback sent {sent} bytes"
+    );
+    assert_eq!(try_write(a, &v1), "read-only EPERM");
+
+    // The rest of A's group still holds until the freeze.
+    assert_eq!(
+        w2.try_wait().unwrap(),
+        None,
+        "{v2}'s write completed before the freeze"
+    );
+    let g = essctl_json(a, &["pprc", "group"]);
+    assert_eq!(g["group"]["state"], "holding", "{g}");
+    assert_eq!(g["volumes"], serde_json::json!([v2]), "{g}");
+    let f = essctl_json(a, &["pprc", "freeze"]);
+    assert_eq!(f["suspended"], 1, "{f}");
+    assert_eq!(
+        wait_child(&mut w2, 10),
+        Some(true),
+        "{v2}'s write after the freeze"
+    );
+}
