@@ -3823,3 +3823,185 @@ fn failback_to_an_old_primary_whose_group_holds_acts_at_once() {
         "{v2}'s write after the freeze"
     );
 }
+
+/// Waits until `essd`'s consistency group is in `state`.
+fn wait_group(essd: &Essd, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let g = essctl_json(essd, &["pprc", "group"]);
+        if g["group"]["state"] == state {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the group never got {state}: {g}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Tracks a copy may send again after a cut: those in flight (8 requests
+/// of 1 MiB, 16 tracks each) may have reached the secondary unanswered.
+const CUT_RESENT: u64 = 8 * 16 + 4;
+
+/// Fails back `took_over` (the volumes that took over on `from`, in
+/// consistency-group LSSs 0x10 and 0x11) over `link`, cuts the link once
+/// the first volume's copy is under way, freezes `from`'s group, heals
+/// and resumes. Returns the bytes that crossed `link`.
+fn fail_back_with_a_cut(from: &Essd, to: &str, link: &FaultProxy, took_over: &[String; 2]) -> u64 {
+    link.heal();
+    path(from, "0x10", to, "0x10", "1");
+    path(from, "0x11", to, "0x11", "1");
+    link.reset_counters();
+    // A slow link, so the cut comes in the middle of the copy.
+    link.delay(Duration::from_millis(20));
+    let mut marked = Vec::new();
+    for v in took_over {
+        let p = essctl_json(from, &["pprc", "failback", v]);
+        assert_eq!(
+            (p["role"].as_str(), p["state"].as_str()),
+            (Some("primary"), Some("duplex pending")),
+            "{p}"
+        );
+        marked.push(p["out_of_sync_tracks"].as_u64().unwrap());
+    }
+    assert!(marked[0] >= 64, "{marked:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = show(from, &took_over[0])["out_of_sync_tracks"]
+            .as_u64()
+            .unwrap();
+        if left + 16 <= marked[0] {
+            assert!(left > 0, "the copy ended before the cut");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the copy never got under way: {left} of {marked:?} left, {} bytes sent",
+            link.bytes_forward()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    link.drop_all();
+    // The copier's failure holds the group (no host writes here: they
+    // are stopped) until the freeze suspends both pairs.
+    wait_group(from, "holding");
+    let f = essctl_json(from, &["pprc", "freeze"]);
+    assert_eq!(f["suspended"], 2, "{f}");
+    for v in took_over {
+        let p = show(from, v);
+        assert_eq!(
+            (p["state"].as_str(), p["reason"].as_str()),
+            (Some("suspended"), Some("freeze")),
+            "{p}"
+        );
+    }
+    link.heal();
+    path(from, "0x10", to, "0x10", "1");
+    path(from, "0x11", to, "0x11", "1");
+    for v in took_over {
+        essctl(from, &["pprc", "resume", v]).ok();
+    }
+    for v in took_over {
+        wait_duplex(from, v);
+    }
+    link.bytes_forward()
+}
+
+/// The whole cycle with a consistency group over two LSSs on each site:
+/// A → B, A's links lost (the group holds, then freezes), failover to B,
+/// writes on B, failback B → A with the link cut in the middle of the
+/// copy, then the switch back to A → B with the link cut in the middle of
+/// its copy. Every pair ends duplex with equal volumes, and only changed
+/// tracks crossed the links.
+#[test]
+fn group_failover_failback_and_switch_back_survive_link_cuts_mid_copy() {
+    let lss = "consistency_group = true\nconsistency_timeout = \"60s\"".to_string();
+    let s = Sites::start("pprc-group-cycle", |cfg| {
+        cfg.lss_extra = vec![(0x10, lss.clone()), (0x11, lss.clone())];
+    });
+    let (a, b) = (&s.a, &s.b);
+    let va = [a.vol(0x10, 0), a.vol(0x11, 0)];
+    let vb = [b.vol(0x10, 0), b.vol(0x11, 0)];
+    fill(a, &va[0], s.dir_a.path(), 4, 51);
+    fill(a, &va[1], s.dir_a.path(), 4, 52);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    path(a, "0x11", "TSTB2", "0x11", "1");
+    for (p, sp) in va.iter().zip(&vb) {
+        essctl(a, &["pprc", "establish", p, sp]).ok();
+    }
+    for p in &va {
+        wait_duplex(a, p);
+    }
+
+    // Site A loses its links: a write holds A's group until the freeze;
+    // then A goes on writing, recorded.
+    s.proxy.drop_all();
+    let mut held = spawn_write(a, &va[0], 3 * TRACK, 0xD1);
+    wait_group(a, "holding");
+    let f = essctl_json(a, &["pprc", "freeze"]);
+    assert_eq!(f["suspended"], 2, "{f}");
+    assert_eq!(wait_child(&mut held, 10), Some(true), "the held write");
+    write_tracks(a, &va[0], 53, 3);
+    write_tracks(a, &va[1], 54, 3);
+    let on_a: Vec<u64> = va
+        .iter()
+        .map(|v| show(a, v)["out_of_sync_tracks"].as_u64().unwrap())
+        .collect();
+
+    // Failover at B; hosts write there (most of the first volume).
+    for v in &vb {
+        let p = essctl_json(b, &["pprc", "failover", v]);
+        assert_eq!(
+            (p["state"].as_str(), p["reason"].as_str()),
+            (Some("suspended"), Some("failover")),
+            "{p}"
+        );
+    }
+    fill(b, &vb[0], s.dir_b.path(), 16, 55);
+    write_tracks(b, &vb[1], 56, 5);
+    let on_b: Vec<u64> = vb
+        .iter()
+        .map(|v| show(b, v)["out_of_sync_tracks"].as_u64().unwrap())
+        .collect();
+    assert_eq!(on_b, [256, 5]);
+
+    // Failback B → A, cut in the middle of the copy, resumed.
+    let sent = fail_back_with_a_cut(b, "TSTA1", &s.back, &vb);
+    let union: u64 = on_a.iter().sum::<u64>() + on_b.iter().sum::<u64>();
+    assert!(
+        sent <= (union + CUT_RESENT) * TRACK,
+        "failback sent {sent} bytes for at most {union} changed tracks"
+    );
+    for (p, sp) in vb.iter().zip(&va) {
+        assert_eq!(volume_sha(b, p), volume_sha(a, sp), "{p} and {sp}");
+        assert_eq!(show(a, sp)["role"], "secondary");
+    }
+
+    // Switch back, hosts stopped at B: failover at A, hosts write at A,
+    // failback A → B cut in the middle of its copy.
+    for v in &va {
+        let p = essctl_json(a, &["pprc", "failover", v]);
+        assert_eq!(p["reason"], "failover", "{p}");
+    }
+    fill(a, &va[0], s.dir_a.path(), 8, 57);
+    write_tracks(a, &va[1], 58, 2);
+    let on_a: u64 = va
+        .iter()
+        .map(|v| show(a, v)["out_of_sync_tracks"].as_u64().unwrap())
+        .sum();
+    assert_eq!(on_a, 128 + 2);
+    let sent = fail_back_with_a_cut(a, "TSTB2", &s.proxy, &va);
+    assert!(
+        sent <= (on_a + CUT_RESENT) * TRACK,
+        "switch-back sent {sent} bytes for at most {on_a} changed tracks"
+    );
+    for (p, sp) in va.iter().zip(&vb) {
+        assert_eq!(volume_sha(a, p), volume_sha(b, sp), "{p} and {sp}");
+        assert_eq!(show(b, sp)["role"], "secondary");
+        assert_eq!(try_write(b, sp), "read-only EPERM");
+    }
+    // Mirroring again.
+    write_tracks(a, &va[1], 59, 4);
+    assert_eq!(volume_sha(a, &va[1]), volume_sha(b, &vb[1]));
+}
