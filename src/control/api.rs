@@ -384,6 +384,7 @@ impl From<FlashCopyError> for ApiError {
             | FlashCopyError::ReadOnlyTarget(_)
             | FlashCopyError::PprcPrimaryTarget { .. }
             | FlashCopyError::MirroredTarget { .. }
+            | FlashCopyError::HeldByGroup { .. }
             | FlashCopyError::TargetOnline { .. } => StatusCode::CONFLICT,
             FlashCopyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             FlashCopyError::Bitmap(_)

@@ -23,6 +23,7 @@ use super::copier::{self, CopierEnd};
 use super::{CopyMode, Relationship, Role};
 use crate::control::log::{rfc3339, EventLog};
 use crate::copy::bitmap::{BitmapError, TrackBitmap};
+use crate::copy::pprc::group::GroupState;
 use crate::state::{write_atomic, StateIoError};
 use crate::volume::id::VolumeId;
 use crate::volume::server::StorageServer;
@@ -89,6 +90,18 @@ pub enum FlashCopyError {
         peer: String,
         /// The pair's secondary volume.
         peer_volume: String,
+    },
+    /// A volume is the primary of a PPRC pair whose consistency group
+    /// holds writes: its held writes keep it from the quiet instant T0
+    /// needs until the group is frozen (or unfrozen).
+    #[error("writes to {volume} are held by its PPRC consistency group ({state}): T0 needs them done; {release}, then establish again")]
+    HeldByGroup {
+        /// Volume ID.
+        volume: String,
+        /// The group's state (`holding` or `frozen`).
+        state: String,
+        /// What releases them.
+        release: String,
     },
     /// Withdrawing would change a target that is in a PPRC pair: its
     /// uncopied tracks would no longer read the source's T0 content, with
@@ -460,7 +473,7 @@ impl FlashCopyManager {
         volumes.sort_by(|a, b| a.name().cmp(b.name()));
         let mut gates = Vec::new();
         for v in &volumes {
-            gates.push(v.gate().write().await);
+            gates.push(quiet(v).await?);
         }
         // Under the gates: a pair attaches (and a volume becomes a
         // secondary) under its volume's gate, so none can slip in before
@@ -816,6 +829,38 @@ impl FlashCopyManager {
         let inner = self.inner.lock().await;
         for (rel, _) in &inner.rels {
             rel.stop.cancel();
+        }
+    }
+}
+
+/// How long a FlashCopy waits for a volume's gate while the volume's PPRC
+/// consistency group holds writes before it is refused.
+const HELD_GRACE: Duration = Duration::from_millis(500);
+
+/// Takes `volume`'s gate exclusively: every change in progress is done.
+/// Refused if it is the primary of a PPRC pair whose consistency group
+/// holds writes that keep the gate (they wait for the freeze, or the
+/// unfreeze, up to the consistency timeout).
+async fn quiet(
+    volume: &Arc<Volume>,
+) -> Result<tokio::sync::RwLockWriteGuard<'_, ()>, FlashCopyError> {
+    let Some(pair) = volume.pprc().filter(|p| p.in_group()) else {
+        return Ok(volume.gate().write().await);
+    };
+    tokio::select! {
+        gate = volume.gate().write() => Ok(gate),
+        state = pair.group_held_for(HELD_GRACE) => {
+            let (state, release) = match state {
+                GroupState::Frozen { .. } => {
+                    ("frozen", "unfreeze the group (essctl pprc unfreeze)")
+                }
+                _ => ("holding", "freeze the group (essctl pprc freeze)"),
+            };
+            Err(FlashCopyError::HeldByGroup {
+                volume: volume.name().to_string(),
+                state: state.into(),
+                release: release.into(),
+            })
         }
     }
 }

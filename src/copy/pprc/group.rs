@@ -100,6 +100,26 @@ impl ConsistencyGroup {
         let _ = rx.wait_for(|(_, s)| *s == GroupState::Normal).await;
     }
 
+    /// Returns once the group has held writes (after a failure or on
+    /// demand) for `grace` without a break, with its state then.
+    pub async fn held_for(&self, grace: Duration) -> GroupState {
+        let mut rx = self.state.subscribe();
+        loop {
+            if rx
+                .wait_for(|(_, s)| *s != GroupState::Normal)
+                .await
+                .is_err()
+            {
+                return self.state();
+            }
+            tokio::time::sleep(grace).await;
+            let state = self.state();
+            if state != GroupState::Normal {
+                return state;
+            }
+        }
+    }
+
     fn enter(self: &Arc<Self>, next: GroupState) {
         let holds = next != GroupState::Normal;
         let mut generation = 0;

@@ -569,6 +569,19 @@ impl Pair {
         self.group.is_some()
     }
 
+    /// Returns once the pair's consistency group has held writes for
+    /// `grace` without a break (never if the pair is in no group or left
+    /// it), with the group's state then.
+    pub async fn group_held_for(&self, grace: Duration) -> super::group::GroupState {
+        match &self.group {
+            Some(group) => tokio::select! {
+                state = group.held_for(grace) => state,
+                _ = self.left_group.cancelled() => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    }
+
     /// Whether the pair was terminated.
     pub fn is_terminated(&self) -> bool {
         self.terminated.is_cancelled()
