@@ -4005,3 +4005,73 @@ fn group_failover_failback_and_switch_back_survive_link_cuts_mid_copy() {
     write_tracks(a, &va[1], 59, 4);
     assert_eq!(volume_sha(a, &va[1]), volume_sha(b, &vb[1]));
 }
+
+/// A FlashCopy from a primary whose consistency group holds writes is
+/// refused at once, saying what releases them (it waited for the gate the
+/// held writes keep until the freeze; the client gave up after 30 s and
+/// the relationship appeared later, at the consistency timeout). After
+/// the freeze it is taken, its T0 after the held write; the same on a
+/// group frozen on demand, until the unfreeze.
+#[test]
+fn flashcopy_from_a_primary_whose_group_holds_writes_is_refused_at_once() {
+    let (s, [v1, _], _) = group_of_two("pprc-group-flashcopy", "60s");
+    let a = &s.a;
+    let target = a.vol(0x10, 1);
+    let rel = format!("{v1}:{target}");
+    let establish = |expect: i32, message: &str| {
+        let started = Instant::now();
+        let out = essctl_async(a, &["flashcopy", "establish", &rel, "--nocopy"])
+            .recv_timeout(Duration::from_secs(20))
+            .expect("flashcopy establish did not answer within 20 s")
+            .unwrap();
+        let took = started.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(expect), "after {took:?}: {stderr}");
+        assert!(stderr.contains(message), "{stderr}");
+        assert!(took < Duration::from_secs(5), "establish took {took:?}");
+    };
+
+    s.proxy.drop_all();
+    let mut w = spawn_write(a, &v1, TRACK, 0xE1);
+    wait_group(a, "holding");
+    establish(
+        1,
+        &format!(
+            "writes to {v1} are held by its PPRC consistency group (holding): T0 needs them \
+             done; freeze the group (essctl pprc freeze), then establish again"
+        ),
+    );
+    assert_eq!(w.try_wait().unwrap(), None, "the held write completed");
+    // Nothing was established, then or later.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(essctl(a, &["flashcopy", "show", &rel]).code, 1);
+    let f = essctl_json(a, &["pprc", "freeze"]);
+    assert_eq!(f["suspended"], 2, "{f}");
+    assert_eq!(wait_child(&mut w, 10), Some(true), "the held write");
+    establish(0, "");
+    assert_eq!(block_at(a, &target, TRACK), vec![0xE1; 4096]);
+    assert_eq!(volume_sha(a, &v1), volume_sha(a, &target));
+    essctl(a, &["flashcopy", "withdraw", &rel]).ok();
+
+    // Frozen on demand, a write held: refused until the unfreeze.
+    s.proxy.heal();
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    path(a, "0x11", "TSTB2", "0x11", "1");
+    essctl(a, &["pprc", "resume", &v1]).ok();
+    wait_duplex(a, &v1);
+    essctl(a, &["pprc", "freeze"]).ok();
+    let mut w = spawn_write(a, &v1, 2 * TRACK, 0xE2);
+    std::thread::sleep(Duration::from_millis(300));
+    establish(
+        1,
+        &format!("writes to {v1} are held by its PPRC consistency group (frozen)"),
+    );
+    essctl(a, &["pprc", "unfreeze"]).ok();
+    assert_eq!(
+        wait_child(&mut w, 10),
+        Some(true),
+        "the write held by the freeze"
+    );
+    establish(0, "");
+    assert_eq!(volume_sha(a, &v1), volume_sha(a, &target));
+}
