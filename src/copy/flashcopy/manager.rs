@@ -92,9 +92,10 @@ pub enum FlashCopyError {
         peer_volume: String,
     },
     /// A volume is the primary of a PPRC pair whose consistency group
-    /// holds writes: its held writes keep it from the quiet instant T0
-    /// needs until the group is frozen (or unfrozen).
-    #[error("writes to {volume} are held by its PPRC consistency group ({state}): T0 needs them done; {release}, then establish again")]
+    /// holds writes: its held writes keep it from the quiet instant an
+    /// establish (T0) or a withdraw needs until the group is frozen (or
+    /// unfrozen).
+    #[error("writes to {volume} are held by its PPRC consistency group ({state}): the FlashCopy needs them done; {release}, then try again")]
     HeldByGroup {
         /// Volume ID.
         volume: String,
@@ -751,6 +752,16 @@ impl FlashCopyManager {
                     target: rel.target_id.clone(),
                     uncopied: rel.bitmap().tracks() - rel.bitmap().count(),
                 });
+            }
+        }
+        // Refused before anything changes if a volume's writes are held by
+        // its PPRC consistency group (the detach below would wait for them
+        // until the freeze).
+        for rel in &chosen {
+            for id in [&rel.source_id, &rel.target_id] {
+                if let Some(v) = self.server.lookup(id) {
+                    drop(quiet(v).await?);
+                }
             }
         }
         let views: Vec<RelationshipView> = chosen.iter().map(|r| RelationshipView::of(r)).collect();
