@@ -4006,39 +4006,47 @@ fn group_failover_failback_and_switch_back_survive_link_cuts_mid_copy() {
     assert_eq!(volume_sha(a, &va[1]), volume_sha(b, &vb[1]));
 }
 
-/// A FlashCopy from a primary whose consistency group holds writes is
-/// refused at once, saying what releases them (it waited for the gate the
-/// held writes keep until the freeze; the client gave up after 30 s and
-/// the relationship appeared later, at the consistency timeout). After
-/// the freeze it is taken, its T0 after the held write; the same on a
-/// group frozen on demand, until the unfreeze.
+/// A FlashCopy establish from (or withdraw of) a primary whose
+/// consistency group holds writes is refused at once, saying what
+/// releases them (it waited for the gate the held writes keep until the
+/// freeze; the client gave up after 30 s and the change was made later,
+/// at the consistency timeout). After the freeze it is taken, its T0
+/// after the held write; the same on a group frozen on demand, until the
+/// unfreeze.
 #[test]
 fn flashcopy_from_a_primary_whose_group_holds_writes_is_refused_at_once() {
     let (s, [v1, _], _) = group_of_two("pprc-group-flashcopy", "60s");
     let a = &s.a;
     let target = a.vol(0x10, 1);
     let rel = format!("{v1}:{target}");
-    let establish = |expect: i32, message: &str| {
+    // Runs `essctl flashcopy ARGS`: answered within 5 s, with `code` and
+    // `message` on stderr.
+    let flashcopy = |args: &[&str], code: i32, message: &str| {
+        let mut all = vec!["flashcopy"];
+        all.extend_from_slice(args);
         let started = Instant::now();
-        let out = essctl_async(a, &["flashcopy", "establish", &rel, "--nocopy"])
+        let out = essctl_async(a, &all)
             .recv_timeout(Duration::from_secs(20))
-            .expect("flashcopy establish did not answer within 20 s")
+            .unwrap_or_else(|_| panic!("{all:?} did not answer within 20 s"))
             .unwrap();
         let took = started.elapsed();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(expect), "after {took:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(code), "after {took:?}: {stderr}");
         assert!(stderr.contains(message), "{stderr}");
-        assert!(took < Duration::from_secs(5), "establish took {took:?}");
+        assert!(took < Duration::from_secs(5), "{all:?} took {took:?}");
     };
+    let establish: [&str; 3] = ["establish", &rel, "--nocopy"];
+    let withdraw: [&str; 2] = ["withdraw", &rel];
 
     s.proxy.drop_all();
     let mut w = spawn_write(a, &v1, TRACK, 0xE1);
     wait_group(a, "holding");
-    establish(
+    flashcopy(
+        &establish,
         1,
         &format!(
-            "writes to {v1} are held by its PPRC consistency group (holding): T0 needs them \
-             done; freeze the group (essctl pprc freeze), then establish again"
+            "writes to {v1} are held by its PPRC consistency group (holding): the FlashCopy \
+             needs them done; freeze the group (essctl pprc freeze), then try again"
         ),
     );
     assert_eq!(w.try_wait().unwrap(), None, "the held write completed");
@@ -4048,30 +4056,45 @@ fn flashcopy_from_a_primary_whose_group_holds_writes_is_refused_at_once() {
     let f = essctl_json(a, &["pprc", "freeze"]);
     assert_eq!(f["suspended"], 2, "{f}");
     assert_eq!(wait_child(&mut w, 10), Some(true), "the held write");
-    establish(0, "");
+    flashcopy(&establish, 0, "");
     assert_eq!(block_at(a, &target, TRACK), vec![0xE1; 4096]);
     assert_eq!(volume_sha(a, &v1), volume_sha(a, &target));
-    essctl(a, &["flashcopy", "withdraw", &rel]).ok();
 
-    // Frozen on demand, a write held: refused until the unfreeze.
+    // Frozen on demand, a write held: a withdraw and an establish are
+    // refused until the unfreeze.
     s.proxy.heal();
     path(a, "0x10", "TSTB2", "0x10", "1");
     path(a, "0x11", "TSTB2", "0x11", "1");
     essctl(a, &["pprc", "resume", &v1]).ok();
     wait_duplex(a, &v1);
+    let frozen = format!(
+        "writes to {v1} are held by its PPRC consistency group (frozen): the FlashCopy needs \
+         them done; unfreeze the group (essctl pprc unfreeze), then try again"
+    );
     essctl(a, &["pprc", "freeze"]).ok();
     let mut w = spawn_write(a, &v1, 2 * TRACK, 0xE2);
     std::thread::sleep(Duration::from_millis(300));
-    establish(
-        1,
-        &format!("writes to {v1} are held by its PPRC consistency group (frozen)"),
-    );
+    flashcopy(&withdraw, 1, &frozen);
+    assert_eq!(essctl(a, &["flashcopy", "show", &rel]).code, 0);
     essctl(a, &["pprc", "unfreeze"]).ok();
     assert_eq!(
         wait_child(&mut w, 10),
         Some(true),
         "the write held by the freeze"
     );
-    establish(0, "");
+    flashcopy(&withdraw, 0, "");
+
+    essctl(a, &["pprc", "freeze"]).ok();
+    let mut w = spawn_write(a, &v1, 3 * TRACK, 0xE3);
+    std::thread::sleep(Duration::from_millis(300));
+    flashcopy(&establish, 1, &frozen);
+    assert_eq!(essctl(a, &["flashcopy", "show", &rel]).code, 1);
+    essctl(a, &["pprc", "unfreeze"]).ok();
+    assert_eq!(
+        wait_child(&mut w, 10),
+        Some(true),
+        "the write held by the freeze"
+    );
+    flashcopy(&establish, 0, "");
     assert_eq!(volume_sha(a, &v1), volume_sha(a, &target));
 }
