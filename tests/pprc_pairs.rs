@@ -3853,8 +3853,10 @@ fn fail_back_with_a_cut(from: &Essd, to: &str, link: &FaultProxy, took_over: &[S
     path(from, "0x10", to, "0x10", "1");
     path(from, "0x11", to, "0x11", "1");
     link.reset_counters();
-    // A slow link, so the cut comes in the middle of the copy.
-    link.delay(Duration::from_millis(20));
+    // A slow link, so the cut comes in the middle of the copy (slow
+    // enough, a request would miss the 2 s timeout: the copy would fail
+    // by itself).
+    link.delay(Duration::from_millis(5));
     let mut marked = Vec::new();
     for v in took_over {
         let p = essctl_json(from, &["pprc", "failback", v]);
@@ -3875,6 +3877,11 @@ fn fail_back_with_a_cut(from: &Essd, to: &str, link: &FaultProxy, took_over: &[S
             assert!(left > 0, "the copy ended before the cut");
             break;
         }
+        let g = essctl_json(from, &["pprc", "group"]);
+        assert_eq!(
+            g["group"]["state"], "normal",
+            "the copy failed before the cut: {g}"
+        );
         assert!(
             Instant::now() < deadline,
             "the copy never got under way: {left} of {marked:?} left, {} bytes sent",
