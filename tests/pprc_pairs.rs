@@ -3545,10 +3545,6 @@ fn a_flush_that_fails_on_a_suspended_primary_leaves_the_resynced_volumes_equal()
     drop(fs);
 }
 
-/// 4 KiB writes, 32 in flight, each block once with data derived from its
-/// number, until `argv[2]` seconds have passed or the connection ends
-/// (a server shutting down answers ESHUTDOWN, then closes). Prints one
-
 /// 4 KiB writes, up to 32 in flight, each block once with data derived
 /// from its number (paced: a 64 MiB volume takes several seconds), until
 /// `argv[2]` seconds have passed, a write fails (a server shutting down
