@@ -4101,3 +4101,84 @@ fn flashcopy_from_a_primary_whose_group_holds_writes_is_refused_at_once() {
     flashcopy(&establish, 0, "");
     assert_eq!(volume_sha(a, &v1), volume_sha(a, &target));
 }
+
+/// A duplex pair of 0x10/0 in `s`, then 300 of its 1024 tracks written
+/// (every 64-track region of the bitmap) and flushed by a host; returns
+/// the tracks.
+fn duplex_then_written(s: &Sites, va: &str, vb: &str) -> Vec<u64> {
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    essctl(&s.a, &["pprc", "establish", va, vb, "--mode", "nocopy"]).ok();
+    wait_state(&s.a, va, "duplex");
+    let tracks = write_tracks(&s.a, va, 41, 300);
+    let regions: BTreeSet<u64> = tracks.iter().map(|t| t / 64).collect();
+    assert_eq!(regions.len(), 16, "{tracks:?}");
+    tracks
+}
+
+/// Restarts the primary of `s` with its links held down until its view
+/// is read (suspended, `reason`), then lets them come back; the pair
+/// resumes by itself, or with `essctl pprc resume` unless `reason` is
+/// `primary restarted`. Returns the view at the restart and the bytes the
+/// resync sent once the pair is duplex.
+fn restart_and_resync(s: &mut Sites, va: &str, reason: &str) -> (serde_json::Value, u64) {
+    s.proxy.drop_all();
+    s.a.restart("TSTA1");
+    let at_restart = show(&s.a, va);
+    assert_eq!(at_restart["state"], "suspended", "{at_restart}");
+    assert_eq!(at_restart["reason"], reason, "{at_restart}");
+    s.proxy.heal();
+    if reason != "primary restarted" {
+        path(&s.a, "0x10", "TSTB2", "0x10", "2");
+        essctl(&s.a, &["pprc", "resume", va]).ok();
+    }
+    let v = wait_state(&s.a, va, "duplex");
+    let sent = at_restart["bytes_sent"].as_u64().unwrap();
+    let total = v["bytes_sent"].as_u64().unwrap();
+    assert!(total >= sent, "bytes sent went back: {at_restart}\n{v}");
+    (at_restart, total - sent)
+}
+
+/// A duplex primary killed with SIGKILL right after writes to every
+/// region: nothing was recorded in sync, so the restart finds every
+/// written track still marked and its resync copies them; the volumes
+/// end equal.
+#[test]
+fn a_kill_9_of_a_duplex_primary_resyncs_its_marked_tracks() {
+    let mut s = Sites::start("pprc-kill-marks", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    let tracks = duplex_then_written(&s, &va, &vb);
+    s.a.crash();
+    let (at_restart, resent) = restart_and_resync(&mut s, &va, "primary restarted");
+    let marked = at_restart["out_of_sync_tracks"].as_u64().unwrap();
+    assert!(marked >= tracks.len() as u64, "{at_restart}");
+    assert!(
+        resent >= tracks.len() as u64 * 4096,
+        "the resync sent only {resent} bytes for {marked} tracks"
+    );
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}
+
+/// A duplex primary stopped cleanly after its secondary became
+/// unreachable (every link cut): the pair has suspended (`link lost`)
+/// and is not recorded in sync; it comes back suspended with the written
+/// tracks still marked, and a resume copies them once the links are back;
+/// the volumes end equal.
+#[test]
+fn a_clean_stop_with_the_secondary_unreachable_keeps_the_marks() {
+    let mut s = Sites::start("pprc-stop-cut", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    let tracks = duplex_then_written(&s, &va, &vb);
+    s.proxy.drop_all();
+    wait_state(&s.a, &va, "suspended");
+    assert_eq!(s.a.terminate().code(), Some(0));
+    let log = s.a.log();
+    assert!(!log.contains("PPRC pair stopped in sync"), "{log}");
+    let (at_restart, resent) = restart_and_resync(&mut s, &va, "link lost");
+    let marked = at_restart["out_of_sync_tracks"].as_u64().unwrap();
+    assert!(marked >= tracks.len() as u64, "{at_restart}");
+    assert!(
+        resent >= tracks.len() as u64 * 4096,
+        "the resync sent only {resent} bytes for {marked} tracks"
+    );
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}
