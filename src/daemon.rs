@@ -172,14 +172,16 @@ pub async fn run(
     sd_notify("STOPPING=1");
     shutdown.cancel();
     tracker.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
         .await
-        .is_err()
-    {
+        .is_ok();
+    if !drained {
         tracing::warn!("some connections did not finish within {DRAIN_TIMEOUT:?}");
     }
     flashcopy.stop_copiers().await;
-    pprc.shutdown().await;
+    // Before the links close: a duplex pair flushes its secondary to be
+    // recorded in sync.
+    pprc.shutdown(drained).await;
     paths.shutdown().await;
     let failed = server.flush_all().await;
     tracing::info!(failed, "volumes flushed; exiting");

@@ -4138,6 +4138,31 @@ fn restart_and_resync(s: &mut Sites, va: &str, reason: &str) -> (serde_json::Val
     (at_restart, total - sent)
 }
 
+/// A duplex primary stopped cleanly (SIGTERM, as `systemctl restart`
+/// does) right after writes to every region of its volume: the stop
+/// flushes both volumes and records the pair in sync, so the restart
+/// comes back `primary restarted` with no track out of sync, resumes by
+/// itself and is duplex having sent no data; the volumes are equal.
+#[test]
+fn a_clean_stop_of_a_duplex_primary_leaves_nothing_to_resync() {
+    let mut s = Sites::start("pprc-clean-stop", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    duplex_then_written(&s, &va, &vb);
+    assert_eq!(s.a.terminate().code(), Some(0));
+    let log = s.a.log();
+    let (at_restart, resent) = restart_and_resync(&mut s, &va, "primary restarted");
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+    assert_eq!(at_restart["out_of_sync_tracks"], 0, "{at_restart}");
+    assert!(
+        resent < TRACK,
+        "the resync after a clean restart sent {resent} bytes"
+    );
+    assert!(
+        log.contains("PPRC pair stopped in sync"),
+        "not recorded in sync:\n{log}"
+    );
+}
+
 /// A duplex primary killed with SIGKILL right after writes to every
 /// region: nothing was recorded in sync, so the restart finds every
 /// written track still marked and its resync copies them; the volumes
@@ -4181,4 +4206,39 @@ fn a_clean_stop_with_the_secondary_unreachable_keeps_the_marks() {
         "the resync sent only {resent} bytes for {marked} tracks"
     );
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}
+
+/// A duplex primary recorded in sync at a clean stop still asks its
+/// secondary at the restart: the recovery site terminated the secondary
+/// and hosts wrote it meanwhile, so the pair stays suspended, the volume
+/// there is in no pair and its data is untouched.
+#[test]
+fn a_pair_stopped_in_sync_does_not_resync_a_secondary_terminated_meanwhile() {
+    let mut s = Sites::start("pprc-clean-stop-terminated", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    duplex_then_written(&s, &va, &vb);
+    assert_eq!(s.a.terminate().code(), Some(0));
+    assert!(s.a.log().contains("PPRC pair stopped in sync"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while show(&s.b, &vb)["primary_links"] != 0 {
+        assert!(Instant::now() < deadline, "the primary's link stays");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        essctl_json(&s.b, &["pprc", "terminate", &vb])["state"],
+        "simplex"
+    );
+    write_tracks(&s.b, &vb, 81, 6);
+    let recovery = volume_sha(&s.b, &vb);
+    s.a.restart("TSTA1");
+    std::thread::sleep(Duration::from_secs(6));
+    let pa = show(&s.a, &va);
+    assert_eq!(pa["state"], "suspended", "{pa}");
+    assert_eq!(pa["reason"], "primary restarted", "{pa}");
+    assert_eq!(show_code(&s.b, &vb), 1, "{vb} is in a pair again ({pa})");
+    assert_eq!(
+        volume_sha(&s.b, &vb),
+        recovery,
+        "the recovery site's data changed"
+    );
 }

@@ -18,7 +18,9 @@
 //! primary that restarts while mirroring comes back suspended ("primary
 //! restarted") and resynchronises its recorded tracks by itself as soon as
 //! the path is up — the pairs of the consistency group all together, or
-//! none of them.
+//! none of them. A duplex pair stopped cleanly (every host request
+//! answered, both volumes flushed) recorded none, so it is duplex again
+//! once its secondary has taken it back.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -1596,11 +1598,29 @@ impl PprcManager {
             })
     }
 
-    /// Stops every pair's tasks (at shutdown).
-    pub async fn shutdown(&self) {
+    /// Stops every pair's tasks (at shutdown). With `drained` (every host
+    /// request answered, none can arrive), a duplex pair whose volumes are
+    /// both flushed is recorded clean: its bitmap is cleared, so its
+    /// restart resyncs nothing (see [`Pair::clean_at_stop`]). Otherwise,
+    /// and for every other pair, its marks stay recorded.
+    pub async fn shutdown(&self, drained: bool) {
         for e in self.entries.lock().await.iter() {
             if let Entry::Primary(p) = e {
                 p.stop_tasks();
+                if drained {
+                    match p.clean_at_stop().await {
+                        Ok(true) => tracing::info!(
+                            volume = %p.spec.volume,
+                            "PPRC pair stopped in sync: nothing to copy after the restart"
+                        ),
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(
+                            volume = %p.spec.volume,
+                            reason = ?e.reason,
+                            "PPRC pair keeps its recorded tracks: {e}"
+                        ),
+                    }
+                }
                 if let Err(e) = p.narrow().await {
                     tracing::warn!(volume = %p.spec.volume, "cannot narrow the out-of-sync bitmap: {e}");
                 }

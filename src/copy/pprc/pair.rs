@@ -205,6 +205,16 @@ pub struct PairSpec {
 /// Why background work stopped mirroring, and how to say it.
 type Failure = (SuspendReason, String);
 
+/// Why a duplex pair could not be recorded clean at a stop of its server.
+#[derive(Debug, thiserror::Error)]
+#[error("{detail}")]
+pub struct StopError {
+    /// What kind of failure it was.
+    pub reason: SuspendReason,
+    /// What failed.
+    pub detail: String,
+}
+
 /// Why a change could not be mirrored.
 #[derive(Debug)]
 enum SendError {
@@ -1248,6 +1258,23 @@ impl Pair {
                 self.drop_unmarked(oos, None);
             })
             .await
+    }
+
+    /// At a clean stop of this server, once no host request is in flight
+    /// (the caller stopped the copier and cleaner): if the pair is duplex,
+    /// flushes both volumes — the secondary's FLUSH acknowledged — and
+    /// then clears every mark and every bit of the bitmap file
+    /// (fdatasync'd), so the resync after the restart copies nothing.
+    /// Returns whether the pair was recorded clean; a pair not duplex, or
+    /// whose flush failed, keeps its marks (the error says why).
+    pub async fn clean_at_stop(&self) -> Result<bool, StopError> {
+        if self.state() != PairState::Duplex {
+            return Ok(false);
+        }
+        self.clean(false)
+            .await
+            .map_err(|(reason, detail)| StopError { reason, detail })?;
+        Ok(self.state() == PairState::Duplex && self.marks.count() == 0 && self.oos.count() == 0)
     }
 
     /// A mirroring failure of the cleaner or copier: a pair of a
