@@ -230,13 +230,17 @@ where
             low_water.expect(&reader, want);
         }
         let mut room = (&mut buf).limit(read_limit);
+        // The timers below are made only when their branch is enabled.
+        let silent_at = last_activity + SHUTDOWN_LINGER;
         tokio::select! {
             biased;
             // Noted at the top of the loop.
             _ = shutdown.cancelled(), if !draining => {}
             () = in_flight.finished(|reply| replies.extend(reply)) => last_activity = Instant::now(),
             // Before reading: a client that never stops sending is cut off.
-            () = tokio::time::sleep_until(drain_deadline), if draining && reading => reading = false,
+            () = async move { tokio::time::sleep_until(drain_deadline).await }, if draining && reading => {
+                reading = false
+            }
             n = reader.read_buf(&mut room), if may_read => match n {
                 Ok(0) if buf.is_empty() && skip == 0 => reading = false,
                 Ok(0) => break Err(ProtocolError::Transmission("EOF inside a request".into())),
@@ -245,7 +249,7 @@ where
             },
             // After reading: a client counts as silent only with nothing
             // to read.
-            () = tokio::time::sleep_until(last_activity + SHUTDOWN_LINGER),
+            () = async move { tokio::time::sleep_until(silent_at).await },
                 if draining && in_flight.is_empty() => reading = false,
         }
     };
