@@ -3015,6 +3015,53 @@ except nbd.Error as e:
 h.shutdown()
 "#;
 
+/// A duplex pair whose volume at the server `serial` is a raw disk: a loop
+/// device over a 64 MiB sparse file on a scratch file system (`fstype`,
+/// mounted with `options`), which a test can fill up. The fields drop in
+/// order: both servers stop before the device is detached and the file
+/// system unmounted (also when the test fails).
+struct PairOnLoopDevice {
+    sites: Sites,
+    dev: LoopDevice,
+    fs: ScratchMount,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts two sites, the volume 0x10/0 at `serial` on a loop device (see
+/// [`PairOnLoopDevice`]), and a pair of the two volumes 0x10/0, waited
+/// for until duplex: returns them with the primary and the secondary.
+fn pair_on_loop_device(
+    name: &str,
+    fstype: &str,
+    options: &str,
+    serial: &str,
+) -> (PairOnLoopDevice, String, String) {
+    let dir = tempdir(name);
+    let fs = ScratchMount::mount(fstype, options, &dir.path().join("fs"));
+    let backing = fs.dir.join("volume.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let dev = LoopDevice::attach(&backing);
+    let sites = Sites::start(name, |cfg| {
+        if cfg.serial == serial {
+            cfg.volumes[0].path = Some(dev.dev.clone());
+        }
+    });
+    path(&sites.a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (sites.a.vol(0x10, 0), sites.b.vol(0x10, 0));
+    essctl(&sites.a, &["pprc", "establish", &v, &sv]).ok();
+    wait_duplex(&sites.a, &v);
+    let setup = PairOnLoopDevice {
+        sites,
+        dev,
+        fs,
+        _dir: dir,
+    };
+    (setup, v, sv)
+}
+
 /// A raw-disk primary whose storage fails at write-back: a loop device over
 /// a sparse file on a tmpfs that is full. The host's write lands in the
 /// device's page cache and on the secondary; its FLUSH fails on the
@@ -3026,24 +3073,10 @@ h.shutdown()
 /// the storage has room again a resync leaves both volumes equal.
 #[test]
 fn a_flush_that_fails_on_the_primary_suspends_the_pair() {
-    let dir = tempdir("pprc-primary-flush-fails");
-    let fs = ScratchMount::mount("tmpfs", "size=8m", &dir.path().join("fs"));
-    let backing = fs.dir.join("primary.img");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let dev = LoopDevice::attach(&backing);
-    let s = Sites::start("pprc-primary-flush-fails", |cfg| {
-        if cfg.serial == "TSTA1" {
-            cfg.volumes[0].path = Some(dev.dev.clone());
-        }
-    });
-    let (a, b) = (&s.a, &s.b);
-    path(a, "0x10", "TSTB2", "0x10", "1");
-    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
-    essctl(a, &["pprc", "establish", &v, &sv]).ok();
-    wait_duplex(a, &v);
+    let (setup, v, sv) =
+        pair_on_loop_device("pprc-primary-flush-fails", "tmpfs", "size=8m", "TSTA1");
+    let (a, b) = (&setup.sites.a, &setup.sites.b);
+    let fs = &setup.fs;
     // The copy's marks are cleared: the pair is current.
     let deadline = Instant::now() + Duration::from_secs(20);
     while show(a, &v)["replication_status"] != "current" {
@@ -3080,9 +3113,6 @@ fn a_flush_that_fails_on_the_primary_suspends_the_pair() {
     essctl(a, &["pprc", "resume", &v]).ok();
     wait_duplex(a, &v);
     assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
-    drop(s);
-    drop(dev);
-    drop(fs);
 }
 
 /// Writes 4 tracks of random data at track 3, flushes, then trims
@@ -3120,24 +3150,13 @@ fn a_trim_at_a_primary_that_cannot_discard_leaves_the_volumes_equal() {
 /// discard); the other side's is a file. Writes and trims the primary and
 /// compares both volumes, whole, after each trim.
 fn trim_with_one_side_unable_to_discard(serial: &'static str) {
-    let dir = tempdir(&format!("pprc-trim-no-discard-{serial}"));
-    let fs = ScratchMount::mount("ramfs", "mode=0700", &dir.path().join("fs"));
-    let backing = fs.dir.join("volume.img");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let dev = LoopDevice::attach(&backing);
-    let s = Sites::start(&format!("pprc-trim-no-discard-{serial}"), |cfg| {
-        if cfg.serial == serial {
-            cfg.volumes[0].path = Some(dev.dev.clone());
-        }
-    });
-    let (a, b) = (&s.a, &s.b);
-    path(a, "0x10", "TSTB2", "0x10", "1");
-    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
-    essctl(a, &["pprc", "establish", &v, &sv]).ok();
-    wait_duplex(a, &v);
+    let (setup, v, sv) = pair_on_loop_device(
+        &format!("pprc-trim-no-discard-{serial}"),
+        "ramfs",
+        "mode=0700",
+        serial,
+    );
+    let (a, b) = (&setup.sites.a, &setup.sites.b);
     for (offset, len) in [(3 * TRACK, TRACK), (4 * TRACK + 1000, 2 * TRACK)] {
         let answer = python(
             WRITE_THEN_TRIM,
@@ -3153,9 +3172,6 @@ fn trim_with_one_side_unable_to_discard(serial: &'static str) {
             p["state"], p["replication_status"]
         );
     }
-    drop(s);
-    drop(dev);
-    drop(fs);
 }
 
 /// Tries one 64 KiB write of random data (seed `argv[3]`) at `argv[2]`,
@@ -3378,24 +3394,10 @@ fn a_write_whose_track_cannot_be_recorded_on_a_full_file_system_fails() {
 /// equal.
 #[test]
 fn a_flush_that_fails_on_the_secondary_suspends_the_pair() {
-    let dir = tempdir("pprc-secondary-flush-fails");
-    let fs = ScratchMount::mount("tmpfs", "size=8m", &dir.path().join("fs"));
-    let backing = fs.dir.join("secondary.img");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let dev = LoopDevice::attach(&backing);
-    let s = Sites::start("pprc-secondary-flush-fails", |cfg| {
-        if cfg.serial == "TSTB2" {
-            cfg.volumes[0].path = Some(dev.dev.clone());
-        }
-    });
-    let (a, b) = (&s.a, &s.b);
-    path(a, "0x10", "TSTB2", "0x10", "1");
-    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
-    essctl(a, &["pprc", "establish", &v, &sv]).ok();
-    wait_duplex(a, &v);
+    let (setup, v, sv) =
+        pair_on_loop_device("pprc-secondary-flush-fails", "tmpfs", "size=8m", "TSTB2");
+    let (a, b) = (&setup.sites.a, &setup.sites.b);
+    let fs = &setup.fs;
     wait_current(a, &v);
     fs.fill("filler");
     let answer = python(
@@ -3422,9 +3424,6 @@ fn a_flush_that_fails_on_the_secondary_suspends_the_pair() {
     essctl(a, &["pprc", "resume", &v]).ok();
     wait_duplex(a, &v);
     assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
-    drop(s);
-    drop(dev);
-    drop(fs);
 }
 
 /// Writes 64 KiB of random data (seed `argv[3]`) at `argv[2]` with FUA;
@@ -3450,24 +3449,9 @@ h.shutdown()
 /// data its disk does not hold).
 #[test]
 fn a_fua_write_that_fails_on_the_primary_leaves_the_resynced_volumes_equal() {
-    let dir = tempdir("pprc-primary-fua-fails");
-    let fs = ScratchMount::mount("tmpfs", "size=8m", &dir.path().join("fs"));
-    let backing = fs.dir.join("primary.img");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let dev = LoopDevice::attach(&backing);
-    let s = Sites::start("pprc-primary-fua-fails", |cfg| {
-        if cfg.serial == "TSTA1" {
-            cfg.volumes[0].path = Some(dev.dev.clone());
-        }
-    });
-    let (a, b) = (&s.a, &s.b);
-    path(a, "0x10", "TSTB2", "0x10", "1");
-    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
-    essctl(a, &["pprc", "establish", &v, &sv]).ok();
-    wait_duplex(a, &v);
+    let (setup, v, sv) = pair_on_loop_device("pprc-primary-fua-fails", "tmpfs", "size=8m", "TSTA1");
+    let (a, b) = (&setup.sites.a, &setup.sites.b);
+    let (dev, fs) = (&setup.dev, &setup.fs);
     wait_current(a, &v);
     fs.fill("filler");
     let answer = python(WRITE_FUA, &[&a.uri(&v), &(6 * TRACK).to_string(), "9"]);
@@ -3492,9 +3476,6 @@ fn a_fua_write_that_fails_on_the_primary_leaves_the_resynced_volumes_equal() {
         volume_sha(b, &sv),
         "after dropping the cache"
     );
-    drop(s);
-    drop(dev);
-    drop(fs);
 }
 
 /// [`a_flush_that_fails_on_the_primary_suspends_the_pair`] with the pair
@@ -3504,24 +3485,10 @@ fn a_fua_write_that_fails_on_the_primary_leaves_the_resynced_volumes_equal() {
 /// after the primary's page cache is dropped.
 #[test]
 fn a_flush_that_fails_on_a_suspended_primary_leaves_the_resynced_volumes_equal() {
-    let dir = tempdir("pprc-suspended-flush-fails");
-    let fs = ScratchMount::mount("tmpfs", "size=8m", &dir.path().join("fs"));
-    let backing = fs.dir.join("primary.img");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let dev = LoopDevice::attach(&backing);
-    let s = Sites::start("pprc-suspended-flush-fails", |cfg| {
-        if cfg.serial == "TSTA1" {
-            cfg.volumes[0].path = Some(dev.dev.clone());
-        }
-    });
-    let (a, b) = (&s.a, &s.b);
-    path(a, "0x10", "TSTB2", "0x10", "1");
-    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
-    essctl(a, &["pprc", "establish", &v, &sv]).ok();
-    wait_duplex(a, &v);
+    let (setup, v, sv) =
+        pair_on_loop_device("pprc-suspended-flush-fails", "tmpfs", "size=8m", "TSTA1");
+    let (a, b) = (&setup.sites.a, &setup.sites.b);
+    let (dev, fs) = (&setup.dev, &setup.fs);
     essctl(a, &["pprc", "suspend", &v]).ok();
     fs.fill("filler");
     let answer = python(
@@ -3540,9 +3507,6 @@ fn a_flush_that_fails_on_a_suspended_primary_leaves_the_resynced_volumes_equal()
         .arg("--flushbufs")
         .arg(&dev.dev));
     assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
-    drop(s);
-    drop(dev);
-    drop(fs);
 }
 
 /// 4 KiB writes, up to 32 in flight, each block once with data derived
