@@ -711,7 +711,8 @@ impl Pair {
                 }
                 self.oos.commit_bits().await.map_err(unrecorded)?;
                 let result = local(change).await;
-                if result.is_err() {
+                // A refused fast zero wrote nothing.
+                if matches!(&result, Err(e) if !matches!(e, VolumeError::NotFast { .. })) {
                     self.forget_unwritten().await;
                 }
                 // Like a mirrored write: not answered while the group
