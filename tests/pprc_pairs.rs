@@ -1620,6 +1620,38 @@ fn a_primary_restart_does_not_undo_a_suspend_at_the_secondary() {
     );
 }
 
+/// Once the primary's link to `vb` is gone: terminates the pair at the
+/// secondary's server (the recovery site takes over) and writes there;
+/// returns the checksum of what it wrote.
+fn take_over_at_the_recovery_site(s: &Sites, vb: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while show(&s.b, vb)["primary_links"] != 0 {
+        assert!(Instant::now() < deadline, "the primary's link stays");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        essctl_json(&s.b, &["pprc", "terminate", vb])["state"],
+        "simplex"
+    );
+    write_tracks(&s.b, vb, 81, 6);
+    volume_sha(&s.b, vb)
+}
+
+/// Some seconds after the primary of `va` restarted: `vb`, taken over by
+/// the recovery site, is in no pair and holds `recovery` still. Returns
+/// the primary's view of its pair.
+fn recovery_site_kept(s: &Sites, va: &str, vb: &str, recovery: &str) -> serde_json::Value {
+    std::thread::sleep(Duration::from_secs(6));
+    let pa = show(&s.a, va);
+    assert_eq!(show_code(&s.b, vb), 1, "{vb} is in a pair again ({pa})");
+    assert_eq!(
+        volume_sha(&s.b, vb),
+        recovery,
+        "the recovery site's data changed"
+    );
+    pa
+}
+
 /// The primary is killed; the recovery site terminates its secondary and
 /// hosts write it. The restarted primary's automatic resync must not make
 /// that volume its secondary again (copying only its own out-of-sync
@@ -1633,27 +1665,10 @@ fn a_restarted_primary_does_not_resync_a_secondary_terminated_meanwhile() {
     wait_state(&s.b, &vb, "duplex");
     write_tracks(&s.a, &va, 80, 4);
     s.a.crash();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while show(&s.b, &vb)["primary_links"] != 0 {
-        assert!(Instant::now() < deadline, "the primary's link stays");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(
-        essctl_json(&s.b, &["pprc", "terminate", &vb])["state"],
-        "simplex"
-    );
-    write_tracks(&s.b, &vb, 81, 6);
-    let recovery = volume_sha(&s.b, &vb);
+    let recovery = take_over_at_the_recovery_site(&s, &vb);
     s.a.kill_and_restart("TSTA1");
-    std::thread::sleep(Duration::from_secs(6));
-    let pa = show(&s.a, &va);
+    let pa = recovery_site_kept(&s, &va, &vb, &recovery);
     assert_eq!(pa["state"], "suspended", "{pa}");
-    assert_eq!(show_code(&s.b, &vb), 1, "{vb} is in a pair again ({pa})");
-    assert_eq!(
-        volume_sha(&s.b, &vb),
-        recovery,
-        "the recovery site's data changed"
-    );
 }
 
 /// `terminate` at the primary records the end of the pair before it
@@ -4183,26 +4198,9 @@ fn a_pair_stopped_in_sync_does_not_resync_a_secondary_terminated_meanwhile() {
     duplex_then_written(&s, &va, &vb);
     assert_eq!(s.a.terminate().code(), Some(0));
     assert!(s.a.log().contains("PPRC pair stopped in sync"));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while show(&s.b, &vb)["primary_links"] != 0 {
-        assert!(Instant::now() < deadline, "the primary's link stays");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(
-        essctl_json(&s.b, &["pprc", "terminate", &vb])["state"],
-        "simplex"
-    );
-    write_tracks(&s.b, &vb, 81, 6);
-    let recovery = volume_sha(&s.b, &vb);
+    let recovery = take_over_at_the_recovery_site(&s, &vb);
     s.a.restart("TSTA1");
-    std::thread::sleep(Duration::from_secs(6));
-    let pa = show(&s.a, &va);
+    let pa = recovery_site_kept(&s, &va, &vb, &recovery);
     assert_eq!(pa["state"], "suspended", "{pa}");
     assert_eq!(pa["reason"], "primary restarted", "{pa}");
-    assert_eq!(show_code(&s.b, &vb), 1, "{vb} is in a pair again ({pa})");
-    assert_eq!(
-        volume_sha(&s.b, &vb),
-        recovery,
-        "the recovery site's data changed"
-    );
 }
