@@ -698,7 +698,7 @@ impl Pair {
         };
         let mirroring = || matches!(self.state(), PairState::Duplex | PairState::DuplexPending);
         if !mirroring() {
-            let _alone = self.local_only.read().await;
+            let alone = self.local_only.read().await;
             // Checked again: the pair may have started mirroring meanwhile.
             if !mirroring() {
                 self.apply_critical_mode(op)?;
@@ -715,6 +715,9 @@ impl Pair {
                 if matches!(&result, Err(e) if !matches!(e, VolumeError::NotFast { .. })) {
                     self.forget_unwritten().await;
                 }
+                // The change is made and marked: a resume need not wait
+                // for the group's freeze below.
+                drop(alone);
                 // Like a mirrored write: not answered while the group
                 // holds writes.
                 self.group_gate().await;

@@ -490,3 +490,62 @@ async fn a_critical_group_pair_is_inhibited_once_its_last_link_is_lost_after_the
          left: {after:?}"
     );
 }
+
+/// A resume of a suspended group primary while one of its writes, made
+/// locally, is held by the group (another pair failed): the write's change
+/// is made and marked, so the resume need not wait for the freeze (or the
+/// whole consistency timeout); the write itself still completes only after
+/// the freeze.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_does_not_wait_for_a_held_write_to_a_suspended_group_primary() {
+    let group = ConsistencyGroup::new(Duration::from_secs(60));
+    let h = harness_with(false, false, Some(group.clone())).await;
+    h.pair.suspend(SuspendReason::Manual, None);
+    let (in_local, mut reached) = tokio::sync::mpsc::channel::<()>(1);
+    let go = Arc::new(Notify::new());
+    let w = {
+        let (pair, go) = (h.pair.clone(), go.clone());
+        tokio::spawn(async move {
+            pair.mirror(
+                VolumeOp::Write,
+                5 * TRACK,
+                4096,
+                Change::Write(Bytes::from(vec![7u8; 4096]), false),
+                |_| async move {
+                    let _ = in_local.send(()).await;
+                    go.notified().await;
+                    Ok(())
+                },
+            )
+            .await
+        })
+    };
+    reached.recv().await.unwrap();
+    // Another pair of the group cannot update its secondary.
+    group.hold("001TSTA1", "link lost");
+    go.notify_one();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!w.is_finished());
+    let resumed = tokio::time::timeout(
+        Duration::from_secs(5),
+        h.pair.start_mirroring(PairState::DuplexPending),
+    )
+    .await;
+    assert!(
+        resumed.is_ok(),
+        "the resume of a suspended group primary waits for the group's freeze while one of \
+         its writes, made locally, is held"
+    );
+    assert_eq!(h.pair.state(), PairState::DuplexPending);
+    assert!(h.pair.oos().get(5) && h.pair.oos().is_durable(5));
+    assert!(
+        !w.is_finished(),
+        "a write to a group primary completed while the group holds writes"
+    );
+    // The freeze suspends the resumed pair with the others and releases
+    // the write.
+    assert_eq!(group.freeze(), 1);
+    w.await.unwrap().unwrap();
+    assert_eq!(h.pair.state(), PairState::Suspended);
+    assert!(h.pair.oos().get(5));
+}
