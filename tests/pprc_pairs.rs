@@ -4204,3 +4204,78 @@ fn a_pair_stopped_in_sync_does_not_resync_a_secondary_terminated_meanwhile() {
     assert_eq!(pa["state"], "suspended", "{pa}");
     assert_eq!(pa["reason"], "primary restarted", "{pa}");
 }
+
+/// A FlashCopy whose source is a primary of a consistency group ends its
+/// background copy while the group holds a write to that source: the end
+/// of the relationship waits for the freeze, but nothing else does —
+/// FlashCopy requests answer at once, and hosts read the source (the end
+/// used to wait for the source's gate, which the held write keeps, with
+/// every FlashCopy request behind it and, queued before them, every read
+/// of the source, up to the consistency timeout).
+#[test]
+fn a_flashcopy_ending_while_its_sources_group_holds_stalls_nothing() {
+    let (s, [v1, _], _) = group_of_two("pprc-group-flashcopy-end", "60s");
+    let a = &s.a;
+    let target = a.vol(0x10, 1);
+    let rel = format!("{v1}:{target}");
+    fill(a, &v1, s.dir_a.path(), 6, 7);
+    let before = block_at(a, &v1, 5 * TRACK);
+    // 6 MiB of data at 1 MiB/s: still copying when the group holds.
+    essctl(a, &["flashcopy", "establish", &rel, "--rate", "1"]).ok();
+
+    s.proxy.drop_all();
+    let mut w = spawn_write(a, &v1, 5 * TRACK, 0xE1);
+    wait_group(a, "holding");
+    let shown = essctl_json(a, &["flashcopy", "show", &rel]);
+    assert_eq!(shown["relationships"][0]["state"], "copying", "{shown}");
+
+    // Answered within 5 s, every time, until the copy is complete.
+    let answered = |args: &[&str]| -> std::process::Output {
+        essctl_async(a, args)
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("{args:?} did not answer within 5 s"))
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = answered(&["--json", "flashcopy", "show", &rel]);
+        let copying = String::from_utf8_lossy(&out.stdout).contains("\"copying\"");
+        if !copying {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the copy never completed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A moment for the end to begin (it used to wait for the gate then).
+    std::thread::sleep(Duration::from_millis(500));
+    answered(&["flashcopy", "list"]);
+    let read = {
+        let (uri, (tx, rx)) = (a.uri(&v1), std::sync::mpsc::channel());
+        std::thread::spawn(move || {
+            let out = tempfile::NamedTempFile::new().unwrap();
+            let status = std::process::Command::new("nbdcopy")
+                .arg(uri)
+                .arg(out.path())
+                .status();
+            let _ = tx.send(status);
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+    };
+    assert!(
+        matches!(read, Ok(Ok(ref status)) if status.success()),
+        "a read of the source did not complete within 5 s: {read:?}"
+    );
+    assert_eq!(w.try_wait().unwrap(), None, "the held write completed");
+
+    // The freeze releases the write; the relationship then ends, with the
+    // source's content at T0 on the target.
+    essctl(a, &["pprc", "freeze"]).ok();
+    assert_eq!(wait_child(&mut w, 10), Some(true), "the held write");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while essctl(a, &["flashcopy", "show", &rel]).code == 0 {
+        assert!(Instant::now() < deadline, "the relationship never ended");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(block_at(a, &target, 5 * TRACK), before);
+    assert_eq!(block_at(a, &v1, 5 * TRACK), vec![0xE1; 4096]);
+}

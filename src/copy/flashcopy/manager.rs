@@ -625,12 +625,32 @@ impl FlashCopyManager {
         });
     }
 
-    /// Ends a relationship whose background copy completed.
+    /// Ends a relationship whose background copy completed, once no PPRC
+    /// consistency group holds writes to its volumes: the detach waits for
+    /// their gates, which held writes keep until the freeze, and every
+    /// FlashCopy request and every read of those volumes would wait
+    /// behind it meanwhile.
     async fn finish(&self, rel: &Arc<Relationship>, took: Duration) {
-        let mut inner = self.inner.lock().await;
-        if !inner.rels.iter().any(|(r, _)| Arc::ptr_eq(r, rel)) {
-            return;
-        }
+        let mut inner = loop {
+            let inner = self.inner.lock().await;
+            if !inner.rels.iter().any(|(r, _)| Arc::ptr_eq(r, rel)) {
+                return;
+            }
+            let mut held = None;
+            for id in [&rel.source_id, &rel.target_id] {
+                if let Some(v) = self.server.lookup(id) {
+                    if quiet(v).await.is_err() {
+                        held = Some(v.clone());
+                        break;
+                    }
+                }
+            }
+            let Some(v) = held else { break inner };
+            drop(inner);
+            if let Some(pair) = v.pprc() {
+                pair.group_gate().await;
+            }
+        };
         match self.detach(&mut inner, std::slice::from_ref(rel), false).await {
             Ok(()) => self.log.record(
                 "flashcopy.end",

@@ -653,7 +653,7 @@ impl Pair {
 
     /// Holds the caller while the consistency group holds writes, until
     /// the pair leaves the group.
-    async fn group_gate(&self) {
+    pub async fn group_gate(&self) {
         if let Some(group) = &self.group {
             tokio::select! {
                 _ = group.pass() => {}
