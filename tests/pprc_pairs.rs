@@ -3051,6 +3051,18 @@ fn pair_on_loop_device(
     options: &str,
     serial: &str,
 ) -> (PairOnLoopDevice, String, String) {
+    pair_on_loop_device_tuned(name, fstype, options, serial, |_| {})
+}
+
+/// [`pair_on_loop_device`] with both sites' configurations changed by
+/// `tune` too.
+fn pair_on_loop_device_tuned(
+    name: &str,
+    fstype: &str,
+    options: &str,
+    serial: &str,
+    tune: impl Fn(&mut TestConfig),
+) -> (PairOnLoopDevice, String, String) {
     let dir = tempdir(name);
     let fs = ScratchMount::mount(fstype, options, &dir.path().join("fs"));
     let backing = fs.dir.join("volume.img");
@@ -3060,6 +3072,7 @@ fn pair_on_loop_device(
         .unwrap();
     let dev = LoopDevice::attach(&backing);
     let sites = Sites::start(name, |cfg| {
+        tune(cfg);
         if cfg.serial == serial {
             cfg.volumes[0].path = Some(dev.dev.clone());
         }
@@ -3438,6 +3451,66 @@ fn a_flush_that_fails_on_the_secondary_suspends_the_pair() {
     std::fs::remove_file(fs.dir.join("filler")).unwrap();
     essctl(a, &["pprc", "resume", &v]).ok();
     wait_duplex(a, &v);
+    assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
+}
+
+/// A raw-disk secondary of a pair in a consistency group whose storage
+/// fails at write-back: the host's FLUSH fails there, and the group holds
+/// writes until the freeze, so the pair is not suspended yet and its
+/// secondary not told. Meanwhile a host reading the secondary (as a
+/// FlashCopy taken there reads it) gets what the secondary's disk holds,
+/// not the cached pages whose write-back failed. After the freeze and a
+/// resync once the storage has room the volumes are equal on disk.
+#[test]
+fn a_secondary_whose_flush_failed_reads_what_its_disk_holds() {
+    let (setup, v, sv) = pair_on_loop_device_tuned(
+        "pprc-secondary-flush-cache",
+        "tmpfs",
+        "size=8m",
+        "TSTB2",
+        |cfg| {
+            cfg.lss_extra = vec![(
+                0x10,
+                "consistency_group = true\nconsistency_timeout = \"60s\"".into(),
+            )]
+        },
+    );
+    let (a, b) = (&setup.sites.a, &setup.sites.b);
+    let (dev, fs) = (&setup.dev, &setup.fs);
+    wait_current(a, &v);
+    fs.fill("filler");
+    let mut host = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(WRITE_THEN_FLUSH)
+        .args([a.uri(&v), (5 * TRACK).to_string(), "12".to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_group(a, "holding");
+    let on_disk = {
+        use std::os::unix::fs::FileExt;
+        let mut block = vec![0u8; 4096];
+        let backing = std::fs::File::open(fs.dir.join("volume.img")).unwrap();
+        backing.read_exact_at(&mut block, 5 * TRACK).unwrap();
+        block
+    };
+    assert!(
+        on_disk.iter().all(|&b| b == 0),
+        "the write reached the secondary's disk"
+    );
+    assert!(
+        block_at(b, &sv, 5 * TRACK) == on_disk,
+        "the secondary serves a block its disk does not hold"
+    );
+    let f = essctl_json(a, &["pprc", "freeze"]);
+    assert_eq!(f["suspended"], 1, "{f}");
+    assert_eq!(wait_child(&mut host, 10), Some(true), "the held FLUSH");
+    std::fs::remove_file(fs.dir.join("filler")).unwrap();
+    essctl(a, &["pprc", "resume", &v]).ok();
+    wait_duplex(a, &v);
+    run(std::process::Command::new("blockdev")
+        .arg("--flushbufs")
+        .arg(&dev.dev));
     assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
 }
 

@@ -327,6 +327,20 @@ impl Volume {
         self.secondary.store(secondary, Ordering::Release);
     }
 
+    /// After a failed flush or FUA write of a PPRC secondary: the pages
+    /// whose write-back failed stay cached, clean, with data its disk
+    /// does not hold. They are dropped, so that readers (a FlashCopy
+    /// from the secondary, a host after a failover) get what the disk
+    /// holds.
+    pub async fn forget_unwritten(&self) {
+        if let Err(e) = self.store.drop_cached(0, 0).await {
+            tracing::warn!(
+                volume = %self.id_text,
+                "cannot drop the cached pages after a failed write-back: {e}"
+            );
+        }
+    }
+
     /// Whether the volume is a PPRC secondary.
     pub fn is_secondary(&self) -> bool {
         self.secondary.load(Ordering::Acquire)
@@ -449,7 +463,13 @@ impl Volume {
         };
         match self.pprc() {
             Some(pair) => pair.flush(local).await?,
-            None => local.await?,
+            None => {
+                let flushed = local.await;
+                if flushed.is_err() && self.is_secondary() {
+                    self.forget_unwritten().await;
+                }
+                flushed?
+            }
         }
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         Ok(())

@@ -322,6 +322,8 @@ async fn answer(
                     let code = apply_to(&v, offset, len, change).await;
                     if code == 0 && copy {
                         start_writeback(v, offset, len);
+                    } else if code != 0 && fua {
+                        v.forget_unwritten().await;
                     }
                     code
                 }
