@@ -3454,6 +3454,83 @@ fn a_flush_that_fails_on_the_secondary_suspends_the_pair() {
     assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
 }
 
+/// Writes 64 KiB of random data (seed `argv[3]`) at `argv[2]`, without
+/// FUA and without a FLUSH; prints `ok`.
+const WRITE_ONLY: &str = r#"
+import nbd, random, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(random.Random(int(sys.argv[3])).randbytes(65536), int(sys.argv[2]))
+h.shutdown()
+print("ok")
+"#;
+
+/// Sends one FLUSH; prints `ok` or its errno name.
+const FLUSH_ONLY: &str = r#"
+import nbd, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+try:
+    h.flush()
+    print("ok")
+except nbd.Error as e:
+    print(errno.errorcode.get(e.errnum, e.string))
+h.shutdown()
+"#;
+
+/// A raw-disk secondary whose storage fails at write-back, and a host
+/// that reads the secondary (hosts may, and may send FLUSH): a mirrored
+/// write lands in the secondary's page cache, and the reader's FLUSH is
+/// the one that learns its write-back failed (the kernel reports a failed
+/// write-back to one sync of the file only). The primary must still learn
+/// it at its next FLUSH: the pair suspends (`secondary I/O error`) with
+/// the track recorded, instead of staying `duplex, current` while the
+/// secondary's disk lacks the write. Once the storage has room a resync
+/// leaves the volumes equal, also after the secondary's cache is dropped.
+#[test]
+fn a_failed_write_back_that_a_reader_of_the_secondary_flushed_still_suspends_the_pair() {
+    let (setup, v, sv) =
+        pair_on_loop_device("pprc-secondary-reader-flush", "tmpfs", "size=8m", "TSTB2");
+    let (a, b) = (&setup.sites.a, &setup.sites.b);
+    let (dev, fs) = (&setup.dev, &setup.fs);
+    wait_current(a, &v);
+    fs.fill("filler");
+    let written = python(WRITE_ONLY, &[&a.uri(&v), &(5 * TRACK).to_string(), "10"]);
+    assert_eq!(written.trim(), "ok");
+    let reader = python(FLUSH_ONLY, &[&b.uri(&sv)]);
+    assert_ne!(
+        reader.trim(),
+        "ok",
+        "the reader's flush must fail on the full storage"
+    );
+    // Durable on the primary: the host's FLUSH succeeds.
+    assert_eq!(python(FLUSH_ONLY, &[&a.uri(&v)]).trim(), "ok");
+    let p = show(a, &v);
+    assert_eq!(
+        (
+            p["state"].as_str(),
+            p["reason"].as_str(),
+            p["replication_status"].as_str()
+        ),
+        (
+            Some("suspended"),
+            Some("secondary I/O error"),
+            Some("not current")
+        ),
+        "after a failed write-back on the secondary that a reader's FLUSH learnt ({}): {p}",
+        reader.trim()
+    );
+    assert!(p["out_of_sync_tracks"].as_u64() >= Some(1), "{p}");
+    std::fs::remove_file(fs.dir.join("filler")).unwrap();
+    essctl(a, &["pprc", "resume", &v]).ok();
+    wait_duplex(a, &v);
+    // What the secondary's disk holds, not its page cache.
+    run(std::process::Command::new("blockdev")
+        .arg("--flushbufs")
+        .arg(&dev.dev));
+    assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
+}
+
 /// A raw-disk secondary of a pair in a consistency group whose storage
 /// fails at write-back: the host's FLUSH fails there, and the group holds
 /// writes until the freeze, so the pair is not suspended yet and its

@@ -228,6 +228,9 @@ pub struct Volume {
     flashcopy: RwLock<Option<FlashCopyLink>>,
     pprc: RwLock<Option<Arc<Pair>>>,
     secondary: AtomicBool,
+    /// As a PPRC secondary: the store's failed flushes its primary has
+    /// been told of, or that the primary's next copy covers.
+    failures_told: AtomicU64,
 }
 
 impl Volume {
@@ -242,6 +245,7 @@ impl Volume {
             flashcopy: RwLock::new(None),
             pprc: RwLock::new(None),
             secondary: AtomicBool::new(false),
+            failures_told: AtomicU64::new(0),
         }
     }
 
@@ -324,7 +328,27 @@ impl Volume {
 
     /// Marks the volume a PPRC secondary (hosts cannot write it) or not.
     pub fn set_secondary(&self, secondary: bool) {
+        if secondary {
+            self.mirror_restarts();
+        }
         self.secondary.store(secondary, Ordering::Release);
+    }
+
+    /// As a PPRC secondary: its primary is about to copy every track it
+    /// recorded, which covers what the flushes that failed so far left
+    /// unwritten.
+    pub fn mirror_restarts(&self) {
+        self.failures_told
+            .store(self.store.failed_flushes(), Ordering::Release);
+    }
+
+    /// As a PPRC secondary: whether a flush of the store failed since the
+    /// primary was last told, now counted as told. Any party's flush
+    /// counts (a host reading the secondary, a FlashCopy's T0): it took
+    /// the kernel's only report of the failed write-back.
+    pub fn untold_flush_failure(&self) -> bool {
+        let failed = self.store.failed_flushes();
+        self.failures_told.swap(failed, Ordering::AcqRel) != failed
     }
 
     /// After a failed flush or FUA write of a PPRC secondary: the pages

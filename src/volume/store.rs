@@ -11,11 +11,11 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::RwLock;
+use tokio::sync::{Mutex, RwLock};
 
 use crate::io::{Engine, IoBuf, IoBuffer};
 
@@ -94,6 +94,15 @@ pub struct BackingStore {
     engine: Engine,
     /// Set once a discard was refused as unsupported: trims change nothing.
     discard_refused: AtomicBool,
+    /// Flushes that failed. The kernel reports a failed write-back to one
+    /// sync of the file only (and leaves its pages cached, clean), so a
+    /// party that must learn of every one (a PPRC secondary's primary)
+    /// compares this count instead.
+    failed_flushes: AtomicU64,
+    /// Held across a flush and the count of its failure: a flush that
+    /// ends finds counted the failure of any flush that took the
+    /// kernel's report before it.
+    flush_turn: Mutex<()>,
 }
 
 fn os<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> OpenError + 'a {
@@ -299,6 +308,8 @@ impl BackingStore {
             rmw: RwLock::new(()),
             engine,
             discard_refused: AtomicBool::new(discard_refused),
+            failed_flushes: AtomicU64::new(0),
+            flush_turn: Mutex::new(()),
         })
     }
 
@@ -378,9 +389,21 @@ impl BackingStore {
         Ok(())
     }
 
-    /// Makes every completed write durable (fdatasync).
+    /// Makes every completed write durable (fdatasync). Flushes run one
+    /// at a time, each failure counted ([`Self::failed_flushes`]).
     pub async fn flush(&self) -> io::Result<()> {
-        self.engine.sync(&self.file, true).await
+        let _turn = self.flush_turn.lock().await;
+        let synced = self.engine.sync(&self.file, true).await;
+        if synced.is_err() {
+            self.failed_flushes.fetch_add(1, Ordering::AcqRel);
+        }
+        synced
+    }
+
+    /// How many flushes failed since the store was opened, whoever asked
+    /// for them.
+    pub fn failed_flushes(&self) -> u64 {
+        self.failed_flushes.load(Ordering::Acquire)
     }
 
     /// The part of `[offset, offset + len)` a trim discards: all of it in

@@ -1793,6 +1793,8 @@ impl PprcManager {
                 {
                     side.accepting = true;
                     side.status = new_status(PairState::DuplexPending, None);
+                    // The primary copies every track it recorded now.
+                    vol.mirror_restarts();
                     let side = side.clone();
                     self.publish_secondary(&side);
                     self.save_locked(&entries).map_err(|e| e.to_string())?;

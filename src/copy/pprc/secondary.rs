@@ -345,7 +345,7 @@ async fn answer(
             len,
         } => ack(apply(server, requests, peer, &volume, offset, len, Change::Trim).await),
         Message::Flush { volume } => ack(match lookup(server, requests, peer, &volume) {
-            Ok(v) => v.flush().await.map_or_else(|e| nbd_errno(&e), |()| 0),
+            Ok(v) => flush_for_primary(&v).await,
             Err(code) => code,
         }),
         Message::Control { body } => {
@@ -454,6 +454,25 @@ async fn apply(
     match lookup(server, requests, peer, volume) {
         Ok(v) => apply_to(&v, offset, len, change).await,
         Err(code) => code,
+    }
+}
+
+/// Flushes a secondary for its primary; the errno to answer. EIO also
+/// when a flush of another party failed since the primary was last told
+/// (the kernel reported the failed write-back to that flush only): the
+/// primary then keeps the tracks recorded instead of clearing them as
+/// durable here. After a failure the unwritten cached pages are dropped
+/// ([`Volume::flush`] drops them after its own).
+async fn flush_for_primary(v: &Volume) -> u32 {
+    let flushed = v.flush().await;
+    let untold = v.untold_flush_failure();
+    match flushed {
+        Err(e) => nbd_errno(&e),
+        Ok(()) if untold => {
+            v.forget_unwritten().await;
+            errno::EIO
+        }
+        Ok(()) => 0,
     }
 }
 
