@@ -4429,3 +4429,137 @@ fn a_flashcopy_ending_while_its_sources_group_holds_stalls_nothing() {
     assert_eq!(block_at(a, &target, 5 * TRACK), before);
     assert_eq!(block_at(a, &v1, 5 * TRACK), vec![0xE1; 4096]);
 }
+
+/// A duplex primary stopped cleanly while its link is stalled (the
+/// secondary's server neither answers nor breaks the link): the stop's
+/// FLUSH to the secondary goes unanswered, so the pair must not be
+/// recorded in sync. The stop ends within a bounded time (the link's
+/// timeout, not the stall), and the restart finds the written tracks
+/// marked; its resync copies them and the volumes end equal.
+#[test]
+fn a_clean_stop_whose_flush_to_the_secondary_goes_unanswered_keeps_the_marks() {
+    let mut s = Sites::start("pprc-stop-stalled", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    let tracks = duplex_then_written(&s, &va, &vb);
+    s.proxy.stall();
+    let started = Instant::now();
+    let status = s.a.terminate();
+    let took = started.elapsed();
+    let log = s.a.log();
+    assert!(
+        took < Duration::from_secs(15),
+        "the stop took {took:?} ({status:?}):\n{log}"
+    );
+    assert!(!log.contains("PPRC pair stopped in sync"), "{log}");
+    assert!(
+        log.contains("PPRC pair keeps its recorded tracks"),
+        "the stop did not try to flush the secondary:\n{log}"
+    );
+    s.proxy.drop_all();
+    s.a.restart("TSTA1");
+    let at_restart = show(&s.a, &va);
+    assert_eq!(at_restart["state"], "suspended", "{at_restart}");
+    let marked = at_restart["out_of_sync_tracks"].as_u64().unwrap();
+    assert!(marked >= tracks.len() as u64, "{at_restart}");
+    s.proxy.heal();
+    if at_restart["reason"] != "primary restarted" {
+        path(&s.a, "0x10", "TSTB2", "0x10", "2");
+        essctl(&s.a, &["pprc", "resume", &va]).ok();
+    }
+    let v = wait_state(&s.a, &va, "duplex");
+    let resent = v["bytes_sent"].as_u64().unwrap() - at_restart["bytes_sent"].as_u64().unwrap();
+    assert!(
+        resent >= tracks.len() as u64 * 4096,
+        "the resync sent only {resent} bytes for {marked} tracks"
+    );
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}
+
+/// 4 KiB writes of data derived from each block's number, 32 in flight,
+/// cycling over the volume, that go on after errors (ESHUTDOWN) until
+/// `argv[2]` seconds have passed or the server closes the connection.
+/// Prints one JSON object: the blocks whose write was acknowledged, and
+/// the errors (errno names) the others got.
+const WRITE_PAST_SHUTDOWN: &str = r#"
+import errno, hashlib, json, nbd, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+end = time.time() + float(sys.argv[2])
+def data(b):
+    return hashlib.sha256(str(b).encode()).digest() * 128
+count = h.get_size() // 4096
+acked, errors, pending, n = set(), {}, {}, 0
+def reap():
+    for c, b in list(pending.items()):
+        try:
+            if h.aio_command_completed(c):
+                acked.add(b)
+                del pending[c]
+        except nbd.Error as e:
+            name = errno.errorcode.get(e.errnum, e.string) if e.errnum else e.string
+            errors[name] = errors.get(name, 0) + 1
+            del pending[c]
+try:
+    while time.time() < end:
+        while len(pending) < 32:
+            b = (n * 7919) % count
+            n += 1
+            c = h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data(b))), b * 4096)
+            pending[c] = b
+        h.poll(-1)
+        reap()
+        time.sleep(0.002)
+except nbd.Error as e:
+    errors["closed"] = 1
+reap()
+print(json.dumps({"acked": sorted(acked), "errors": errors}))
+"#;
+
+/// A duplex primary stopped cleanly while a host keeps writing after it
+/// was answered ESHUTDOWN: the host is cut off after the shutdown grace,
+/// so the stop ends within a bounded time. Whatever the stop recorded,
+/// it is true: every write the host saw acknowledged is on the secondary,
+/// and after the restart and its resync (of nothing, if the pair was
+/// recorded in sync) the volumes are equal.
+#[test]
+fn a_clean_stop_with_a_host_that_keeps_writing_is_bounded_and_truthful() {
+    let mut s = Sites::start("pprc-stop-busy-host", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_state(&s.a, &va, "duplex");
+    let (uri, secs) = (s.a.uri(&va), "30".to_string());
+    let writer = std::thread::spawn(move || {
+        serde_json::from_str::<serde_json::Value>(&python(WRITE_PAST_SHUTDOWN, &[&uri, &secs]))
+            .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let started = Instant::now();
+    assert_eq!(s.a.terminate().code(), Some(0));
+    let took = started.elapsed();
+    let out = writer.join().unwrap();
+    assert!(
+        took < Duration::from_secs(12),
+        "the stop took {took:?}: {}",
+        out["errors"]
+    );
+    assert!(
+        out["errors"]["ESHUTDOWN"].as_u64() > Some(0),
+        "the host did not go on after ESHUTDOWN: {}",
+        out["errors"]
+    );
+    let acked = out["acked"].as_array().unwrap().len();
+    assert!(acked > 100, "only {acked} writes before the signal");
+    let missing = missing_blocks(&s.b, &vb, &out["acked"]);
+    assert!(
+        missing.is_empty(),
+        "{} of {acked} acknowledged writes are not on the secondary",
+        missing.len()
+    );
+    let in_sync = s.a.log().contains("PPRC pair stopped in sync");
+    let (at_restart, _) = restart_and_resync(&mut s, &va, "primary restarted");
+    if in_sync {
+        assert_eq!(at_restart["out_of_sync_tracks"], 0, "{at_restart}");
+    }
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}
