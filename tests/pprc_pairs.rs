@@ -3361,6 +3361,114 @@ fn a_primary_write_that_fails_suspends_the_pair_with_the_track_recorded() {
     drop(fs);
 }
 
+/// [`TRY_WRITE_AT`], in the background.
+fn spawn_try_write_at(essd: &Essd, export: &str, offset: u64, seed: u64) -> std::process::Child {
+    std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(TRY_WRITE_AT)
+        .args([essd.uri(export), offset.to_string(), seed.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A write to a duplex pair of a consistency group fails on the primary's
+/// own storage (its file on a full tmpfs): like a failure to update the
+/// secondary, the group holds writes. A later (possibly dependent) write
+/// to another pair of the group does not complete before the freeze, so
+/// its secondary never holds it while the failed write's track is
+/// missing from the first pair's. The freeze suspends both pairs (reason
+/// `freeze`); the failed write gets its error, its track stays recorded,
+/// and the held write goes on to its primary alone.
+#[test]
+fn a_primary_write_that_fails_in_a_consistency_group_holds_the_group() {
+    let dir = tempdir("pprc-group-primary-enospc");
+    let fs = ScratchMount::mount("tmpfs", "size=8m", &dir.path().join("fs"));
+    let lss = "consistency_group = true\nconsistency_timeout = \"60s\"";
+    let s = Sites::start("pprc-group-primary-enospc", |cfg| {
+        cfg.lss_extra = vec![(0x10, lss.into()), (0x11, lss.into())];
+        if cfg.serial == "TSTA1" {
+            cfg.volumes[0].path = Some(fs.dir.join("primary.img"));
+        }
+    });
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    path(a, "0x11", "TSTB2", "0x11", "1");
+    let (x, sx) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    let (y, sy) = (a.vol(0x11, 0), b.vol(0x11, 0));
+    for (v, sv) in [(&x, &sx), (&y, &sy)] {
+        essctl(a, &["pprc", "establish", v, sv, "--mode", "nocopy"]).ok();
+        wait_duplex(a, v);
+    }
+    fs.fill("filler");
+    let mut wx = spawn_try_write_at(a, &x, 9 * TRACK, 4);
+    // Until X's write is answered or the group holds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while wx.try_wait().unwrap().is_none()
+        && essctl_json(a, &["pprc", "group"])["group"]["state"] != "holding"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "X's write neither failed nor held"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut wy = spawn_write(a, &y, TRACK, 0xB7);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        wy.try_wait().unwrap(),
+        None,
+        "Y's write completed before the freeze after X's write failed on the primary: \
+         group {}, X {}",
+        essctl_json(a, &["pprc", "group"]),
+        show(a, &x)
+    );
+    let g = essctl_json(a, &["pprc", "group"]);
+    assert_eq!(
+        (g["group"]["state"].as_str(), g["group"]["volume"].as_str()),
+        (Some("holding"), Some(x.as_str())),
+        "{g}"
+    );
+    assert_eq!(
+        wx.try_wait().unwrap(),
+        None,
+        "X's failed write was answered"
+    );
+    let f = essctl_json(a, &["pprc", "freeze"]);
+    assert_eq!(f["suspended"], 2, "{f}");
+    let out = wx.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ENOSPC");
+    assert_eq!(
+        wait_child(&mut wy, 10),
+        Some(true),
+        "Y's write after the freeze"
+    );
+    for v in [&x, &y] {
+        let p = show(a, v);
+        assert_eq!(
+            (p["state"].as_str(), p["reason"].as_str()),
+            (Some("suspended"), Some("freeze")),
+            "{v}: {p}"
+        );
+        assert!(p["out_of_sync_tracks"].as_u64() >= Some(1), "{v}: {p}");
+    }
+    assert_eq!(block_at(a, &y, TRACK), vec![0xB7; 4096]);
+    assert_ne!(
+        block_at(b, &sy, TRACK),
+        vec![0xB7; 4096],
+        "Y's secondary holds the write made after X's failed"
+    );
+    std::fs::remove_file(fs.dir.join("filler")).unwrap();
+    for (v, sv) in [(&x, &sx), (&y, &sy)] {
+        essctl(a, &["pprc", "resume", v]).ok();
+        wait_duplex(a, v);
+        assert_eq!(volume_sha(a, v), volume_sha(b, sv), "{v}");
+    }
+    drop(s);
+    drop(fs);
+}
+
 /// The primary's state directory for pairs (`STATE_DIR/pprc`, on a tmpfs)
 /// is full, and the out-of-sync bitmap's bits are still a hole in its
 /// file (a pair established without copy has not written them): a host

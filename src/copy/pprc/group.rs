@@ -1,8 +1,9 @@
 //! The consistency group: the PPRC pairs whose primary LSS has
 //! `consistency_group = true`, across every such LSS of this server.
 //!
-//! When one pair of the group cannot update its secondary, the group
-//! *holds* writes: no write to any volume of the group completes (nor
+//! When one pair of the group cannot update its secondary, or its
+//! primary's own storage fails a host change, a flush or the out-of-sync
+//! bitmap, the group *holds* writes: no write to any volume of the group completes (nor
 //! starts) until the group is frozen — by an operator (`freeze`) or by the
 //! consistency timeout. Freezing suspends every pair of the group at once,
 //! then releases the writes, which go on to the primaries with change
@@ -144,15 +145,16 @@ impl ConsistencyGroup {
         }
     }
 
-    /// A pair of the group could not update its secondary: holds every
-    /// write of the group (if not held already) and waits for the freeze.
+    /// A pair of the group failed to mirror: holds every write of the
+    /// group (if not held already) and waits for the freeze.
     pub async fn trip(self: &Arc<Self>, volume: &str, detail: &str) {
         self.hold(volume, detail);
         self.pass().await;
     }
 
-    /// A pair of the group could not update its secondary: holds every
-    /// write of the group, if not held already.
+    /// A pair of the group failed to mirror (its secondary or its
+    /// primary's storage): holds every write of the group, if not held
+    /// already.
     pub fn hold(self: &Arc<Self>, volume: &str, detail: &str) {
         // Also when frozen on demand: the unfreeze must then suspend the
         // group's pairs (a pair resumed meanwhile failed).

@@ -732,7 +732,8 @@ impl Pair {
                 // Nothing was written on either side; the pair cannot go on
                 // recording changes, so it says why.
                 let e = unrecorded(e);
-                self.suspend(SuspendReason::PrimaryIoError, Some(e.to_string()));
+                self.fail(SuspendReason::PrimaryIoError, e.to_string());
+                self.group_gate().await;
                 return Err(e);
             }
         };
@@ -798,7 +799,7 @@ impl Pair {
         self.end(epoch, first, end);
         if let Err(e) = &local_result {
             if !matches!(e, VolumeError::NotFast { .. }) {
-                self.suspend(SuspendReason::PrimaryIoError, Some(e.to_string()));
+                self.fail(SuspendReason::PrimaryIoError, e.to_string());
                 // A FUA write whose write-back failed leaves its pages
                 // cached with data the disk does not hold.
                 self.forget_unwritten().await;
@@ -832,12 +833,17 @@ impl Pair {
             // The primary's flush failed: writes the secondary now holds
             // durably may never reach the primary's disk (its failed pages
             // are not written back again, and the error is reported only
-            // once). The written tracks stay marked: the pair suspends
+            // once). The written tracks stay marked: the pair suspends (in
+            // a consistency group: the group holds writes until its freeze)
             // rather than letting the cleaner clear them as in sync.
-            self.suspend(SuspendReason::PrimaryIoError, Some(e.to_string()));
+            self.fail(SuspendReason::PrimaryIoError, e.to_string());
             self.forget_unwritten().await;
         }
         self.after_send(VolumeOp::Flush, r).await?;
+        if l.is_err() {
+            // Answered, like a failed write, only after the group's freeze.
+            self.group_gate().await;
+        }
         l?;
         // Both volumes were just written back: the cleaner's next flush
         // can wait as long as after one of its own.
@@ -1281,12 +1287,15 @@ impl Pair {
         Ok(self.state() == PairState::Duplex && self.marks.count() == 0 && self.oos.count() == 0)
     }
 
-    /// A mirroring failure of the cleaner or copier: a pair of a
-    /// consistency group makes the group hold writes (its freeze suspends
-    /// the pair); any other pair suspends.
-    fn fail_in_background(&self, reason: SuspendReason, detail: String) {
+    /// A mirroring failure — of a host change or flush on the primary's
+    /// storage, or of the cleaner or copier: a mirroring pair of a consistency group
+    /// makes the group hold writes (its freeze suspends the pair, and its
+    /// marks stay until then); any other pair suspends. A pair suspended
+    /// meanwhile (by an operator or a freeze) stays as it is.
+    fn fail(&self, reason: SuspendReason, detail: String) {
+        let mirroring = matches!(self.state(), PairState::Duplex | PairState::DuplexPending);
         match &self.group {
-            Some(group) => {
+            Some(group) if mirroring && !self.left_group.is_cancelled() => {
                 // Not in sync any more: nothing may be cleared until the
                 // freeze suspends the pair.
                 self.stop_tasks();
@@ -1297,7 +1306,7 @@ impl Pair {
                 }
                 group.hold(&self.spec.volume, &detail)
             }
-            None => {
+            _ => {
                 self.suspend(reason, Some(detail));
             }
         }
@@ -1314,7 +1323,7 @@ impl Pair {
                 return;
             }
             if let Err((reason, detail)) = self.clean(true).await {
-                self.fail_in_background(reason, detail);
+                self.fail(reason, detail);
                 return;
             }
         }
@@ -1378,7 +1387,7 @@ impl Pair {
         }
         self.drop_behind(&mut behind, u64::MAX);
         if let Some((reason, detail)) = failed {
-            self.fail_in_background(reason, detail);
+            self.fail(reason, detail);
             return;
         }
         if stop.is_cancelled() || self.state() != PairState::DuplexPending {
@@ -1389,7 +1398,7 @@ impl Pair {
         // soon after this point resyncs only what changes from now on.
         self.cursor.store(tracks, Ordering::Release);
         if let Err((reason, detail)) = self.clean(false).await {
-            self.fail_in_background(reason, detail);
+            self.fail(reason, detail);
             return;
         }
         // Only if nothing suspended the pair during that last pass: a

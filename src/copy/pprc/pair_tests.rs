@@ -549,3 +549,43 @@ async fn a_resume_does_not_wait_for_a_held_write_to_a_suspended_group_primary() 
     assert_eq!(h.pair.state(), PairState::Suspended);
     assert!(h.pair.oos().get(5));
 }
+
+/// A flush that fails on the primary of a duplex pair of a consistency
+/// group holds the group's writes, as a failure at the secondary does:
+/// it is answered (with its error) only after the freeze, which suspends
+/// the pair with the written track still marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_that_fails_on_a_group_primary_holds_the_group_until_the_freeze() {
+    let group = ConsistencyGroup::new(Duration::from_secs(60));
+    let h = harness_with(false, false, Some(group.clone())).await;
+    write(&h.pair, 5).await.unwrap().unwrap();
+    let flush = {
+        let pair = h.pair.clone();
+        tokio::spawn(async move {
+            pair.flush(async {
+                Err(VolumeError::Io {
+                    op: VolumeOp::Flush,
+                    path: "data".into(),
+                    offset: 0,
+                    source: std::io::Error::from_raw_os_error(libc::EIO),
+                })
+            })
+            .await
+        })
+    };
+    let g = group.clone();
+    wait_until("the group holding writes", move || {
+        matches!(g.state(), GroupState::Holding { .. })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !flush.is_finished(),
+        "the failed flush was answered before the freeze"
+    );
+    assert_eq!(group.freeze(), 1);
+    let answer = flush.await.unwrap();
+    assert!(matches!(answer, Err(VolumeError::Io { .. })), "{answer:?}");
+    assert_eq!(h.pair.status().reason, Some(SuspendReason::Freeze));
+    assert!(h.pair.oos().get(5));
+}
