@@ -1183,7 +1183,8 @@ while True:
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(host.stdout.take().unwrap()));
     assert_eq!(lines.next().unwrap().unwrap(), "open");
     essctl(a, &["pprc", "establish", &va, &vb]).refused(&format!(
-        "TSTB2 refused: secondary {vb} is in use by 1 host connection(s); use \"permit if target is online\""
+        "TSTB2 refused: secondary {vb} is in use by 1 host connection(s); establish with \
+         --permit-online (API: \"permit_online\": true) to mirror to it anyway"
     ));
     essctl(a, &["pprc", "establish", &va, &vb, "--permit-online"]).ok();
     // The attached host's next write is refused: the volume is protected.

@@ -9,7 +9,7 @@
 //! Management requests reach the other side over the path's links as
 //! control messages ([`PeerRequests`]): establishing a pair makes the peer
 //! volume a secondary (refused if it is smaller, in a pair, a FlashCopy
-//! target, or in use without "permit if target is online"); state changes
+//! target, or in use without `--permit-online`); state changes
 //! are pushed to it; terminate ends both sides; failback asks the old
 //! primary to become the secondary and to hand over its out-of-sync
 //! bitmap, so only the union of both sides' changed tracks is copied.
@@ -1833,7 +1833,8 @@ impl PprcManager {
         }
         if vol.clients() > 0 && !permit_online {
             return Err(format!(
-                "secondary {volume} is in use by {} host connection(s); use \"permit if target is online\"",
+                "secondary {volume} is in use by {} host connection(s); establish with \
+                 --permit-online (API: \"permit_online\": true) to mirror to it anyway",
                 vol.clients()
             ));
         }
