@@ -1518,7 +1518,7 @@ impl Pair {
             Ok(ESHUTDOWN) => Err((
                 SuspendReason::SecondarySuspended,
                 format!(
-                    "{} {} is no longer this pair's secondary",
+                    "{} suspended its side, {}, and takes no changes for it",
                     self.spec.peer, self.spec.peer_volume
                 ),
             )),
