@@ -2996,7 +2996,7 @@ fn bytes_sent_are_kept_across_a_restart_of_the_primary() {
 
 /// The secondary's side shows its primary's server with the address it
 /// is configured at (`[[peer]]`), in text and JSON, as the primary's side
-/// shows the secondary's.
+/// shows the secondary's (also before it has a path, after a failover).
 #[test]
 fn the_secondary_shows_the_address_of_its_primarys_server() {
     let s = Sites::start("pprc-peer-address", |_| {});
@@ -3014,6 +3014,12 @@ fn the_secondary_shows_the_address_of_its_primarys_server() {
         )),
         "{text}"
     );
+    // The volume that took over has no path back yet: its side names the
+    // configured address all the same.
+    essctl(&s.b, &["pprc", "failover", &vb]).ok();
+    let taken = show(&s.b, &vb);
+    assert_eq!(taken["role"], "primary", "{taken}");
+    assert_eq!(taken["peer_address"], s.back.addr().to_string(), "{taken}");
 }
 
 /// Writes 64 KiB of random data (seed `argv[3]`) at `argv[2]` without

@@ -1502,7 +1502,13 @@ impl PprcManager {
             detail: status.detail.clone(),
             since: rfc3339(status.since),
             peer: pair.spec.peer.clone(),
-            peer_address: path.as_ref().map(|p| p.peer_address.clone()),
+            // The path's address, else where [[peer]] says it listens
+            // (a volume that took over by a failover has no path yet).
+            peer_address: path.as_ref().map(|p| p.peer_address.clone()).or_else(|| {
+                self.paths
+                    .peer_address(&pair.spec.peer)
+                    .map(|a| a.to_string())
+            }),
             peer_volume: pair.spec.peer_volume.clone(),
             path,
             out_of_sync_tracks: oos,
