@@ -81,7 +81,7 @@ pub enum PprcCommand {
     },
     /// Wait until a pair is duplex (or its copy reaches --threshold).
     Wait {
-        /// Primary volume.
+        /// Primary volume (a secondary, at its server: until its side is duplex).
         volume: String,
         /// Done when this percentage of tracks is in sync.
         #[arg(long, value_name = "PCT", default_value = "100", value_parser = parse_threshold)]
@@ -533,9 +533,19 @@ impl Session {
                     return Err(e);
                 }
             };
-            let in_sync = v.tracks - v.out_of_sync_tracks.min(v.tracks);
+            let secondary = v.role == crate::copy::pprc::manager::PairRole::Secondary;
+            // A secondary counts no tracks: it is in sync once duplex.
+            let in_sync = if secondary {
+                (v.tracks as f64 * v.copied_percent / 100.0) as u64
+            } else {
+                v.tracks - v.out_of_sync_tracks.min(v.tracks)
+            };
             let speed = pace.polled(in_sync, v.track_size);
-            let what = format!("{} → {} {}", v.volume, v.peer, v.peer_volume);
+            let what = if secondary {
+                format!("{} {} → {}", v.peer, v.peer_volume, v.volume)
+            } else {
+                format!("{} → {} {}", v.volume, v.peer, v.peer_volume)
+            };
             if v.state == "suspended" || v.state == "simplex" {
                 progress.finish();
                 return Err(CliError::Server(format!(
