@@ -276,6 +276,16 @@ impl Batch {
         })
     }
 
+    /// Whether the batch being started on this thread has sends deferred
+    /// to its end (its requests send to a peer).
+    pub fn deferring() -> bool {
+        BATCH.with(|b| {
+            b.borrow()
+                .as_ref()
+                .is_some_and(|senders| !senders.is_empty())
+        })
+    }
+
     /// Waits, if a batch is being started on this thread, until it ended:
     /// a request's local part runs after the batch's sends left.
     pub fn local_turn() -> impl Future<Output = ()> {
@@ -533,13 +543,16 @@ mod tests {
         let (a, b) = (&first, &second);
         assert!(!Batch::defer_send(a), "no batch: the caller sends");
         let batch = Batch::begin();
+        assert!(!Batch::deferring(), "nothing queued yet");
         assert!(Batch::defer_send(a));
+        assert!(Batch::deferring());
         assert!(Batch::defer_send(b));
         assert!(Batch::defer_send(a));
         assert_eq!(first.0.load(Ordering::SeqCst), 0);
         drop(batch);
         assert_eq!(first.0.load(Ordering::SeqCst), 1);
         assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        assert!(!Batch::deferring());
         assert!(!Batch::defer_send(a));
     }
 

@@ -7,10 +7,13 @@
 //! write waiting for the peer) stays in flight in the same task, at most
 //! [`MAX_IN_FLIGHT`] of them (when full, reading stops — backpressure, not
 //! errors). The replies of everything one wake-up finished leave in one
-//! vectored write. While a large WRITE is still arriving over TCP, the
-//! socket wakes the task only once all of it is there ([`LowWater`]). On
-//! DISC, EOF or a malformed header reading stops; requests in flight
-//! finish and their replies are written before the connection closes.
+//! vectored write. A batch of requests that send to a peer (mirrored
+//! writes) ends after [`MIRRORED_BATCH`] of them; the rest of the read
+//! starts once their local parts are done. While a large WRITE is still
+//! arriving over TCP, the socket wakes the task only once all of it is
+//! there ([`LowWater`]). On DISC, EOF or a malformed header reading stops;
+//! requests in flight finish and their replies are written before the
+//! connection closes.
 //!
 //! When the server shuts down, the requests it had received by then are
 //! served; every request received later is answered `NBD_ESHUTDOWN` without
@@ -38,6 +41,13 @@ use crate::volume::VolumeError;
 
 /// Requests processed concurrently per connection.
 pub const MAX_IN_FLIGHT: usize = 128;
+/// Requests one batch starts once they send to a peer (see
+/// [`Batch`]). Each batch's local writes run after its sends, and replies
+/// leave between batches: starting all of a deep queue (32 mirrored 4 KiB
+/// writes) as one batch kept every reply until the last local write, and
+/// the client, then the peer, sat idle meanwhile (docs/BENCHMARKS.md,
+/// PPRC). Requests without a peer are started all at once.
+pub const MIRRORED_BATCH: usize = 8;
 /// Oversized WRITE payloads up to this size are read and discarded (the
 /// request gets an error); larger ones close the connection.
 const SKIP_LIMIT: u64 = 256 << 20;
@@ -149,7 +159,14 @@ where
         // Start every complete request in the buffer, up to the limit.
         let mut need = 1;
         let batch = Batch::begin();
+        let mut started = 0;
+        // Requests left in the buffer for the next batch.
+        let mut more = false;
         while reading && in_flight.len() < MAX_IN_FLIGHT {
+            if started >= MIRRORED_BATCH && Batch::deferring() {
+                more = true;
+                break;
+            }
             if skip > 0 {
                 let n = skip.min(buf.len() as u64);
                 buf.advance(n as usize);
@@ -203,10 +220,12 @@ where
                     if late {
                         let msg = "the server is shutting down";
                         replies.extend(error_reply(&session, req.cookie, errno::ESHUTDOWN, msg));
-                    } else if let Some(reply) =
-                        in_flight.start(handle(session.clone(), req, payload))
-                    {
-                        replies.extend(reply);
+                    } else {
+                        started += 1;
+                        if let Some(reply) = in_flight.start(handle(session.clone(), req, payload))
+                        {
+                            replies.extend(reply);
+                        }
                     }
                 }
             }
@@ -237,6 +256,9 @@ where
             // Noted at the top of the loop.
             _ = shutdown.cancelled(), if !draining => {}
             () = in_flight.finished(|reply| replies.extend(reply)) => last_activity = Instant::now(),
+            // The next batch, after the local parts of this one (polled
+            // just above).
+            () = std::future::ready(()), if more => {}
             // Before reading: a client that never stops sending is cut off.
             () = async move { tokio::time::sleep_until(drain_deadline).await }, if draining && reading => {
                 reading = false
