@@ -2332,6 +2332,199 @@ fn terminate_while_the_group_holds_acts_at_once_and_keeps_the_others_held() {
     assert_eq!(try_write(a, &v1), "writable ok");
 }
 
+/// `pprc show` of `volume` (JSON), asserted to answer within 3 s: list
+/// and show never wait for the consistency group.
+fn show_at_once(essd: &Essd, volume: &str) -> serde_json::Value {
+    let started = Instant::now();
+    let v = show(essd, volume);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "pprc show {volume} took {:?}",
+        started.elapsed()
+    );
+    v
+}
+
+/// The seconds the consistency timeout has left, as a held pair's detail
+/// says (`... consistency timeout (in 57s) ...`).
+fn timeout_left(detail: &str) -> u64 {
+    let at = detail
+        .find("consistency timeout (in ")
+        .unwrap_or_else(|| panic!("no time left in {detail:?}"))
+        + "consistency timeout (in ".len();
+    let secs: String = detail[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    secs.parse().unwrap()
+}
+
+/// While the consistency group holds writes, every pair of the group —
+/// the one that failed and the others, all still duplex — is shown not
+/// current, its detail saying that the group holds its writes, which pair
+/// failed and why, and when the timeout ends it; `list` and `show` answer
+/// at once. After the freeze the pairs are suspended (`freeze`); a pair
+/// resumed while the group is frozen on demand is held too, and current
+/// again after the unfreeze.
+#[test]
+fn pairs_whose_writes_the_group_holds_are_shown_not_current() {
+    let (s, [v1, v2], _) = group_of_two("pprc-group-status", "60s");
+    let a = &s.a;
+    for v in [&v1, &v2] {
+        let p = show(a, v);
+        assert_eq!(p["replication_status"], "current", "{p}");
+    }
+    s.proxy.drop_all();
+    let mut w1 = spawn_write(a, &v1, TRACK, 0xB1);
+    wait_group(a, "holding");
+    let g = essctl_json(a, &["pprc", "group"]);
+    let why = g["group"]["detail"].as_str().unwrap().to_string();
+    let since = g["group"]["since"].as_str().unwrap().to_string();
+    assert_eq!(w1.try_wait().unwrap(), None, "the held write completed");
+
+    let started = Instant::now();
+    let list = essctl_json(a, &["pprc", "list"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "pprc list took {:?}",
+        started.elapsed()
+    );
+    for (v, who) in [(&v1, "this pair".to_string()), (&v2, format!("pair {v1}"))] {
+        let p = show_at_once(a, v);
+        assert_eq!(
+            (
+                p["state"].as_str(),
+                p["reason"].as_str(),
+                p["replication_status"].as_str()
+            ),
+            (Some("duplex"), None, Some("not current")),
+            "{v} while its group holds writes: {p}"
+        );
+        let detail = p["detail"].as_str().unwrap_or("");
+        assert!(
+            detail.starts_with(&format!(
+                "writes held by the consistency group since {since}: {who} failed: {why}; \
+                 held until essctl pprc freeze or the consistency timeout (in "
+            )),
+            "{v}: {detail:?}"
+        );
+        let left = timeout_left(detail);
+        assert!((45..=60).contains(&left), "{v}: {detail:?}");
+        let listed = list["pairs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["volume"] == v.as_str())
+            .unwrap();
+        assert_eq!(listed["replication_status"], "not current", "{listed}");
+        assert!(
+            listed["detail"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("writes held by the consistency group since"),
+            "{listed}"
+        );
+    }
+    let text = essctl(a, &["pprc", "show", &v2]).ok().to_string();
+    assert!(
+        text.contains("replication status: not current")
+            && text.contains(&format!("pair {v1} failed: {why}")),
+        "{text}"
+    );
+    let text = essctl(a, &["pprc", "list"]).ok().to_string();
+    for v in [&v1, &v2] {
+        let row = text.lines().find(|l| l.starts_with(v.as_str())).unwrap();
+        assert!(
+            row.contains(" duplex ") && row.contains("not current"),
+            "{text}"
+        );
+    }
+
+    // The freeze suspends them (and releases the write).
+    let f = essctl_json(a, &["pprc", "freeze"]);
+    assert_eq!(f["suspended"], 2, "{f}");
+    assert_eq!(
+        wait_child(&mut w1, 10),
+        Some(true),
+        "the write after the freeze"
+    );
+    for v in [&v1, &v2] {
+        let p = show_at_once(a, v);
+        assert_eq!(
+            (
+                p["state"].as_str(),
+                p["reason"].as_str(),
+                p["detail"].as_str(),
+                p["replication_status"].as_str()
+            ),
+            (
+                Some("suspended"),
+                Some("freeze"),
+                Some("consistency group frozen"),
+                Some("not current")
+            ),
+            "{p}"
+        );
+    }
+    s.proxy.heal();
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    path(a, "0x11", "TSTB2", "0x11", "1");
+    for v in [&v1, &v2] {
+        essctl(a, &["pprc", "resume", v]).ok();
+        wait_duplex(a, v);
+        let p = show(a, v);
+        assert_eq!(
+            (p["replication_status"].as_str(), p["detail"].as_str()),
+            (Some("current"), None),
+            "{p}"
+        );
+    }
+
+    // Frozen on demand: a pair resumed meanwhile is duplex, its writes
+    // held until the unfreeze.
+    essctl(a, &["pprc", "freeze"]).ok();
+    essctl(a, &["pprc", "resume", &v1]).ok();
+    wait_state(a, &v1, "duplex");
+    let p = show_at_once(a, &v1);
+    assert_eq!(p["replication_status"], "not current", "{p}");
+    let detail = p["detail"].as_str().unwrap_or("");
+    assert!(
+        detail.starts_with("writes held by the consistency group, frozen on demand since ")
+            && detail.contains("held until essctl pprc unfreeze or the consistency timeout (in "),
+        "{p}"
+    );
+    let p = show_at_once(a, &v2);
+    assert_eq!(
+        (p["state"].as_str(), p["reason"].as_str()),
+        (Some("suspended"), Some("freeze")),
+        "{p}"
+    );
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("consistency group frozen; writes held by the consistency group"),
+        "{p}"
+    );
+    essctl(a, &["pprc", "unfreeze"]).ok();
+    let p = show(a, &v1);
+    assert_eq!(
+        (
+            p["state"].as_str(),
+            p["replication_status"].as_str(),
+            p["detail"].as_str()
+        ),
+        (Some("duplex"), Some("current"), None),
+        "{p}"
+    );
+    let p = show(a, &v2);
+    assert_eq!(
+        (p["state"].as_str(), p["detail"].as_str()),
+        (Some("suspended"), Some("consistency group frozen")),
+        "{p}"
+    );
+}
+
 /// A manual suspend of a pair whose write failed while its consistency
 /// group holds (the link back meanwhile) keeps that write's track out of
 /// sync: the resync copies it and both volumes end equal.

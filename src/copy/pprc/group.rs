@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::pair::{Pair, SuspendReason};
 
@@ -47,7 +48,9 @@ pub enum GroupState {
 pub struct ConsistencyGroup {
     timeout: Duration,
     members: Mutex<Vec<Weak<Pair>>>,
-    state: watch::Sender<(u64, GroupState)>,
+    /// Generation, state, and when the state was entered (a state that
+    /// holds writes releases them `timeout` after that).
+    state: watch::Sender<(u64, GroupState, Instant)>,
 }
 
 impl ConsistencyGroup {
@@ -56,7 +59,7 @@ impl ConsistencyGroup {
         Arc::new(ConsistencyGroup {
             timeout,
             members: Mutex::new(Vec::new()),
-            state: watch::channel((0, GroupState::Normal)).0,
+            state: watch::channel((0, GroupState::Normal, Instant::now())).0,
         })
     }
 
@@ -84,6 +87,40 @@ impl ConsistencyGroup {
         self.state.borrow().1.clone()
     }
 
+    /// While the group holds writes (after a failure, or frozen on
+    /// demand): what a pair of the group, `volume`, says about it — why,
+    /// and what releases them when (the consistency timeout's time left).
+    /// `None` while writes flow. Reads the state only, never waits.
+    pub fn hold_detail(&self, volume: &str) -> Option<String> {
+        let (state, left) = {
+            let s = self.state.borrow();
+            (s.1.clone(), self.timeout.saturating_sub(s.2.elapsed()))
+        };
+        // Whole seconds, rounded up: "in 0s" only once it is due.
+        let left = format!("{}s", left.as_millis().div_ceil(1000));
+        match state {
+            GroupState::Normal => None,
+            GroupState::Holding {
+                volume: failed,
+                detail,
+                since,
+            } => Some(format!(
+                "writes held by the consistency group since {since}: {} failed: {detail}; \
+                 held until essctl pprc freeze or the consistency timeout (in {left}) \
+                 suspends the group's pairs",
+                if failed == volume {
+                    "this pair".to_string()
+                } else {
+                    format!("pair {failed}")
+                }
+            )),
+            GroupState::Frozen { since } => Some(format!(
+                "writes held by the consistency group, frozen on demand since {since}; \
+                 held until essctl pprc unfreeze or the consistency timeout (in {left})"
+            )),
+        }
+    }
+
     /// Volumes of the group's pairs.
     pub fn volumes(&self) -> Vec<String> {
         self.members
@@ -98,7 +135,7 @@ impl ConsistencyGroup {
     /// Waits while the group holds writes.
     pub async fn pass(&self) {
         let mut rx = self.state.subscribe();
-        let _ = rx.wait_for(|(_, s)| *s == GroupState::Normal).await;
+        let _ = rx.wait_for(|(_, s, _)| *s == GroupState::Normal).await;
     }
 
     /// Returns once the group has held writes (after a failure or on
@@ -107,7 +144,7 @@ impl ConsistencyGroup {
         let mut rx = self.state.subscribe();
         loop {
             if rx
-                .wait_for(|(_, s)| *s != GroupState::Normal)
+                .wait_for(|(_, s, _)| *s != GroupState::Normal)
                 .await
                 .is_err()
             {
@@ -124,10 +161,11 @@ impl ConsistencyGroup {
     fn enter(self: &Arc<Self>, next: GroupState) {
         let holds = next != GroupState::Normal;
         let mut generation = 0;
-        self.state.send_modify(|(g, s)| {
+        self.state.send_modify(|(g, s, at)| {
             *g += 1;
             generation = *g;
             *s = next;
+            *at = Instant::now();
         });
         if holds {
             // Release the writes by itself after the timeout.
@@ -238,6 +276,23 @@ mod tests {
         assert!(
             matches!(group.state(), GroupState::Holding { ref volume, .. } if volume == "000FCA31")
         );
+        // Every pair of the group says so, and when the timeout ends it.
+        let since = match group.state() {
+            GroupState::Holding { since, .. } => since,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            group.hold_detail("000FCA31").unwrap(),
+            format!(
+                "writes held by the consistency group since {since}: this pair failed: \
+                 link lost; held until essctl pprc freeze or the consistency timeout \
+                 (in 55s) suspends the group's pairs"
+            )
+        );
+        assert!(group
+            .hold_detail("100FCA31")
+            .unwrap()
+            .contains(": pair 000FCA31 failed: link lost; "));
         assert!(!writer.is_finished());
         let other = {
             let g = group.clone();
@@ -249,6 +304,7 @@ mod tests {
         writer.await.unwrap();
         other.await.unwrap();
         assert_eq!(group.state(), GroupState::Normal);
+        assert_eq!(group.hold_detail("000FCA31"), None);
 
         // A freeze on demand holds writes until the timeout.
         group.freeze();
@@ -257,8 +313,13 @@ mod tests {
             let g = group.clone();
             tokio::spawn(async move { g.pass().await })
         };
-        tokio::time::sleep(Duration::from_secs(59)).await;
+        tokio::time::sleep(Duration::from_millis(58_500)).await;
         assert!(!held.is_finished());
+        assert!(group
+            .hold_detail("000FCA31")
+            .unwrap()
+            .ends_with("; held until essctl pprc unfreeze or the consistency timeout (in 2s)"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         held.await.unwrap();
         assert_eq!(group.state(), GroupState::Normal);

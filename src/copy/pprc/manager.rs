@@ -247,8 +247,9 @@ pub struct PairView {
     pub write_inhibited: bool,
     /// The primary's LSS is in the consistency group.
     pub consistency_group: bool,
-    /// `current` (duplex, nothing out of sync; on the secondary side
-    /// also a link from the primary open) or `not current`.
+    /// `current` (duplex, nothing out of sync; on the primary side also
+    /// no write held by its consistency group, on the secondary side a
+    /// link from the primary open) or `not current`.
     pub replication_status: String,
     /// Secondary side: links from the primary's server open now.
     #[serde(default)]
@@ -1208,6 +1209,9 @@ impl PprcManager {
                 // Writes the consistency group holds for this pair go on
                 // (they hold the gate).
                 pair.terminate();
+                // The view was taken before: the group holds its writes no
+                // more.
+                view.detail = pair.status().detail;
                 {
                     let _quiet = vol.gate().write().await;
                     vol.detach_pprc();
@@ -1493,13 +1497,20 @@ impl PprcManager {
             .paths
             .view(pair.spec.lss, &pair.spec.peer, pair.spec.peer_lss)
             .await;
-        let current = status.state == PairState::Duplex && oos == 0;
+        // While the consistency group holds the pair's writes, its
+        // secondary is not updated: the pair is not current, whatever its
+        // state (which stays as it is until the freeze).
+        let held = pair.group_hold();
+        let current = status.state == PairState::Duplex && oos == 0 && held.is_none();
         PairView {
             volume: pair.spec.volume.clone(),
             role: PairRole::Primary,
             state: status.state.name().into(),
             reason: status.reason.map(|r| r.name().into()),
-            detail: status.detail.clone(),
+            detail: match (status.detail.clone(), held) {
+                (Some(own), Some(held)) => Some(format!("{own}; {held}")),
+                (own, held) => own.or(held),
+            },
             since: rfc3339(status.since),
             peer: pair.spec.peer.clone(),
             // The path's address, else where [[peer]] says it listens

@@ -579,6 +579,18 @@ impl Pair {
         self.group.is_some()
     }
 
+    /// While the pair's consistency group holds its writes: why, and what
+    /// releases them when (see [`ConsistencyGroup::hold_detail`]). `None`
+    /// while they flow, and for a pair in no group or that left it.
+    pub fn group_hold(&self) -> Option<String> {
+        match &self.group {
+            Some(group) if !self.left_group.is_cancelled() && !self.is_terminated() => {
+                group.hold_detail(&self.spec.volume)
+            }
+            _ => None,
+        }
+    }
+
     /// Returns once the pair's consistency group has held writes for
     /// `grace` without a break (never if the pair is in no group or left
     /// it), with the group's state then.
