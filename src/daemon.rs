@@ -171,6 +171,9 @@ pub async fn run(
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     sd_notify("STOPPING=1");
     shutdown.cancel();
+    // Writes held by the consistency group would keep the drain waiting
+    // for the consistency timeout.
+    pprc.stop_group();
     tracker.close();
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
         .await

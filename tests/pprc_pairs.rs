@@ -2654,6 +2654,112 @@ fn after_a_restart_the_pairs_of_a_group_resume_together_or_not_at_all() {
     }
 }
 
+/// One write of `byte` at `offset`, not flushed, in the background (a
+/// stop answers a FLUSH sent after the signal with `ESHUTDOWN`).
+fn spawn_write_unflushed(essd: &Essd, export: &str, offset: u64, byte: u8) -> std::process::Child {
+    std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(WRITE_NO_FLUSH)
+        .args([essd.uri(export), offset.to_string(), byte.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A stop of a primary server whose consistency group holds writes (its
+/// secondaries' server is gone) freezes the group at once instead of
+/// waiting for the consistency timeout: every pair suspends (reason
+/// `freeze`) before a held write completes; the held writes are answered
+/// and recorded, and after the restart a resume copies them.
+#[test]
+fn a_stop_while_the_group_holds_freezes_it_at_once() {
+    let (mut s, [v1, v2], [s1, s2]) = group_of_two("pprc-stop-holding", "60s");
+    s.b.terminate();
+    let mut w1 = spawn_write_unflushed(&s.a, &v1, TRACK, 0xD1);
+    wait_group(&s.a, "holding");
+    let mut w2 = spawn_write_unflushed(&s.a, &v2, TRACK, 0xD2);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(w1.try_wait().unwrap(), None, "a held write completed");
+    assert_eq!(w2.try_wait().unwrap(), None, "a held write completed");
+
+    let started = Instant::now();
+    let status = s.a.terminate_within(Duration::from_secs(10));
+    let took = started.elapsed();
+    assert!(status.success(), "{status}: {}", s.a.log());
+    for (w, v) in [(&mut w1, &v1), (&mut w2, &v2)] {
+        assert_eq!(wait_child(w, 5), Some(true), "{v}'s held write at the stop");
+    }
+    let log = s.a.log();
+    assert!(
+        log.contains("consistency group frozen at once"),
+        "the stop did not say it froze the group ({took:?}):\n{log}"
+    );
+    assert!(!log.contains("flush at shutdown failed"), "{log}");
+
+    s.b.restart("TSTB2");
+    s.a.restart("TSTA1");
+    let (a, b) = (&s.a, &s.b);
+    for v in [&v1, &v2] {
+        let p = show(a, v);
+        assert_eq!(
+            (p["state"].as_str(), p["reason"].as_str()),
+            (Some("suspended"), Some("freeze")),
+            "{p}"
+        );
+        assert!(p["out_of_sync_tracks"].as_u64().unwrap() >= 1, "{p}");
+    }
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    path(a, "0x11", "TSTB2", "0x11", "1");
+    for (v, sv, byte) in [(&v1, &s1, 0xD1), (&v2, &s2, 0xD2)] {
+        essctl(a, &["pprc", "resume", v]).ok();
+        wait_duplex(a, v);
+        assert_eq!(block_at(b, sv, TRACK), vec![byte; 4096], "{sv}");
+        assert_eq!(volume_sha(a, v), volume_sha(b, sv));
+    }
+}
+
+/// A stop of a primary server whose consistency group was frozen on
+/// demand, with a host write held, is prompt too: the held write is
+/// released as the timeout would (the pairs stay suspended, reason
+/// `freeze`), answered and recorded.
+#[test]
+fn a_stop_while_the_group_is_frozen_releases_its_writes_at_once() {
+    let (mut s, [v1, _], [s1, _]) = group_of_two("pprc-stop-frozen", "60s");
+    let f = essctl_json(&s.a, &["pprc", "freeze"]);
+    assert_eq!(f["group"]["state"], "frozen", "{f}");
+    let mut w1 = spawn_write_unflushed(&s.a, &v1, TRACK, 0xE1);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(w1.try_wait().unwrap(), None, "a held write completed");
+
+    let status = s.a.terminate_within(Duration::from_secs(10));
+    assert!(status.success(), "{status}: {}", s.a.log());
+    assert_eq!(
+        wait_child(&mut w1, 5),
+        Some(true),
+        "the held write at the stop"
+    );
+    assert!(
+        s.a.log().contains("frozen consistency group"),
+        "{}",
+        s.a.log()
+    );
+
+    s.a.restart("TSTA1");
+    let (a, b) = (&s.a, &s.b);
+    let p = show(a, &v1);
+    assert_eq!(
+        (p["state"].as_str(), p["reason"].as_str()),
+        (Some("suspended"), Some("freeze")),
+        "{p}"
+    );
+    assert!(p["out_of_sync_tracks"].as_u64().unwrap() >= 1, "{p}");
+    assert_ne!(block_at(b, &s1, TRACK), vec![0xE1; 4096]);
+    essctl(a, &["pprc", "resume", &v1]).ok();
+    wait_duplex(a, &v1);
+    assert_eq!(block_at(b, &s1, TRACK), vec![0xE1; 4096]);
+}
+
 /// A path that pairs use is not removed unless the removal is forced: the
 /// refusal names the pairs (suspended ones too, which need the path to
 /// resume), and nothing changes. Replacing the path's links (`establish

@@ -270,10 +270,16 @@ impl Essd {
     /// SIGTERM (as `systemctl stop` sends) and wait; the handle can be
     /// started again with [`Essd::restart`].
     pub fn terminate(&mut self) -> ExitStatus {
+        self.terminate_within(Duration::from_secs(40))
+    }
+
+    /// [`Essd::terminate`], failing unless the server exits within
+    /// `limit` of the signal.
+    pub fn terminate_within(&mut self, limit: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         // SAFETY: sending a signal to our own child process.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        wait_timeout(&mut child, Duration::from_secs(40))
+        wait_timeout(&mut child, limit)
     }
 
     /// Starts a stopped server again from the same directory and

@@ -11,6 +11,9 @@
 //! a write that depends on a held one cannot even be issued. An operator
 //! may also freeze a healthy group on demand (pairs suspend, writes are
 //! held until `unfreeze` or the timeout).
+//!
+//! A stop of the server does at once what the timeout would do, then and
+//! for every hold until the process ends (see [`ConsistencyGroup::stop`]).
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
@@ -51,6 +54,10 @@ pub struct ConsistencyGroup {
     /// Generation, state, and when the state was entered (a state that
     /// holds writes releases them `timeout` after that).
     state: watch::Sender<(u64, GroupState, Instant)>,
+    /// The server stops: a hold is released at once. Taken around every
+    /// change of state, so a hold either sees it set or is released by
+    /// [`ConsistencyGroup::stop`].
+    stopping: Mutex<bool>,
 }
 
 impl ConsistencyGroup {
@@ -60,6 +67,7 @@ impl ConsistencyGroup {
             timeout,
             members: Mutex::new(Vec::new()),
             state: watch::channel((0, GroupState::Normal, Instant::now())).0,
+            stopping: Mutex::new(false),
         })
     }
 
@@ -161,13 +169,20 @@ impl ConsistencyGroup {
     fn enter(self: &Arc<Self>, next: GroupState) {
         let holds = next != GroupState::Normal;
         let mut generation = 0;
-        self.state.send_modify(|(g, s, at)| {
-            *g += 1;
-            generation = *g;
-            *s = next;
-            *at = Instant::now();
-        });
-        if holds {
+        let stopping = {
+            let stopping = self.stopping.lock().unwrap_or_else(|p| p.into_inner());
+            self.state.send_modify(|(g, s, at)| {
+                *g += 1;
+                generation = *g;
+                *s = next;
+                *at = Instant::now();
+            });
+            *stopping
+        };
+        if holds && stopping {
+            let (state, n) = (self.state(), self.release());
+            Self::log_stop(&state, n);
+        } else if holds {
             // Release the writes by itself after the timeout.
             let me = Arc::downgrade(self);
             let timeout = self.timeout;
@@ -254,8 +269,45 @@ impl ConsistencyGroup {
         n
     }
 
-    fn release(self: &Arc<Self>) {
-        self.unfreeze();
+    fn release(self: &Arc<Self>) -> usize {
+        self.unfreeze()
+    }
+
+    /// The server stops: if the group holds writes, does at once what the
+    /// consistency timeout would — after a failure, suspends every pair of
+    /// the group (reason `freeze`, marks kept) and then releases the held
+    /// writes; frozen on demand, releases them (the pairs it suspended
+    /// stay suspended, as after `unfreeze`) —
+    /// and from now on releases every new hold the same way, so the stop
+    /// does not wait for the timeout. Returns the state it released and
+    /// how many pairs it suspended, if the group held writes.
+    pub fn stop(self: &Arc<Self>) -> Option<(GroupState, usize)> {
+        let state = {
+            let mut stopping = self.stopping.lock().unwrap_or_else(|p| p.into_inner());
+            *stopping = true;
+            self.state()
+        };
+        if state == GroupState::Normal {
+            return None;
+        }
+        let n = self.release();
+        Self::log_stop(&state, n);
+        Some((state, n))
+    }
+
+    fn log_stop(state: &GroupState, suspended: usize) {
+        match state {
+            GroupState::Holding { volume, detail, .. } => tracing::warn!(
+                volume,
+                "server stopping: consistency group frozen at once ({detail}): \
+                 {suspended} pair(s) suspended (freeze), held writes released"
+            ),
+            GroupState::Frozen { .. } => tracing::warn!(
+                "server stopping: the frozen consistency group releases its held writes \
+                 (the pairs it suspended stay suspended)"
+            ),
+            GroupState::Normal => {}
+        }
     }
 }
 
@@ -323,5 +375,39 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(2)).await;
         held.await.unwrap();
         assert_eq!(group.state(), GroupState::Normal);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_releases_held_writes_at_once_and_every_hold_after_it() {
+        let group = ConsistencyGroup::new(Duration::from_secs(60));
+        assert_eq!(group.stop(), None);
+        let group = ConsistencyGroup::new(Duration::from_secs(60));
+        let writer = {
+            let g = group.clone();
+            tokio::spawn(async move { g.trip("000FCA31", "link lost").await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!writer.is_finished());
+        assert!(matches!(
+            group.stop(),
+            Some((GroupState::Holding { .. }, 0))
+        ));
+        writer.await.unwrap();
+        assert_eq!(group.state(), GroupState::Normal);
+        // Until the process ends, a hold or a freeze on demand holds
+        // nothing.
+        tokio::time::timeout(Duration::from_secs(1), group.trip("001FCA31", "link lost"))
+            .await
+            .expect("a hold during the stop waited");
+        group.freeze();
+        assert_eq!(group.state(), GroupState::Normal);
+
+        // Frozen on demand: released at once too.
+        let group = ConsistencyGroup::new(Duration::from_secs(60));
+        group.freeze();
+        assert!(matches!(group.stop(), Some((GroupState::Frozen { .. }, 0))));
+        tokio::time::timeout(Duration::from_secs(1), group.pass())
+            .await
+            .expect("the frozen group still holds writes");
     }
 }

@@ -1484,6 +1484,29 @@ impl PprcManager {
         Ok((n, group.state()))
     }
 
+    /// The server stops: a consistency group that holds writes is frozen
+    /// (or, frozen on demand, released) at once, as by its timeout, and so
+    /// is every hold until the process ends (see
+    /// [`ConsistencyGroup::stop`]).
+    pub fn stop_group(&self) {
+        let Some(group) = &self.group else {
+            return;
+        };
+        match group.stop() {
+            Some((GroupState::Holding { .. }, n)) => self.log.record(
+                "pprc.freeze",
+                format!("server stopping: {n} pair(s) suspended, held writes released"),
+                None,
+            ),
+            Some((GroupState::Frozen { .. }, _)) => self.log.record(
+                "pprc.unfreeze",
+                "server stopping: held writes released",
+                None,
+            ),
+            Some((GroupState::Normal, _)) | None => {}
+        }
+    }
+
     /// The consistency group's state and volumes, if there is a group.
     pub fn group(&self) -> Option<(GroupState, Vec<String>)> {
         self.group.as_ref().map(|g| (g.state(), g.volumes()))
