@@ -2760,6 +2760,47 @@ fn a_stop_while_the_group_is_frozen_releases_its_writes_at_once() {
     assert_eq!(block_at(b, &s1, TRACK), vec![0xE1; 4096]);
 }
 
+/// The server's flush at the stop flushes a critical primary whose
+/// secondaries' server is gone — the pair duplex until then — without an
+/// error: it flushes the store, and mirrors nothing once the links are
+/// closed (the pair's secondary is flushed, if at all, before).
+#[test]
+fn the_stop_flushes_a_critical_primary_whose_secondary_is_gone() {
+    let mut s = Sites::start("pprc-stop-flush-critical", |_| {});
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    essctl(
+        &s.a,
+        &[
+            "pprc",
+            "establish",
+            &v,
+            &sv,
+            "--mode",
+            "nocopy",
+            "--critical",
+        ],
+    )
+    .ok();
+    let written = spawn_write_unflushed(&s.a, &v, TRACK, 0xF1);
+    assert!(written.wait_with_output().unwrap().status.success());
+    s.b.terminate();
+    assert_eq!(show(&s.a, &v)["state"], "duplex");
+    let status = s.a.terminate_within(Duration::from_secs(20));
+    let log = s.a.log();
+    assert!(
+        status.success() && !log.contains("flush at shutdown failed"),
+        "{status}:\n{log}"
+    );
+    assert_eq!(unwritten_pages(&s.dir_a.path().join("vol-10-0.img")), 0);
+    // The pair kept its tracks and was not suspended by the stop: it
+    // resynchronises by itself after the restart.
+    s.b.restart("TSTB2");
+    s.a.restart("TSTA1");
+    wait_state(&s.a, &v, "duplex");
+    assert_eq!(block_at(&s.b, &sv, TRACK), vec![0xF1; 4096]);
+}
+
 /// A path that pairs use is not removed unless the removal is forced: the
 /// refusal names the pairs (suspended ones too, which need the path to
 /// resume), and nothing changes. Replacing the path's links (`establish

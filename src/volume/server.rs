@@ -161,11 +161,16 @@ impl StorageServer {
         &self.lss
     }
 
-    /// Flushes every writable volume; returns the number that failed.
+    /// Flushes every writable volume's store, at the stop; returns the
+    /// number that failed. Only the store: a PPRC pair's secondary was
+    /// flushed, if at all, before its links closed (a flush mirrored now
+    /// would find no link and suspend the pair, write-inhibit a critical
+    /// one, or hold its consistency group), and a write-inhibited primary
+    /// refuses changes, not the flush of what it holds.
     pub async fn flush_all(&self) -> usize {
         let mut failed = 0;
         for v in self.volumes.iter().filter(|v| v.writable()) {
-            if let Err(e) = v.flush().await {
+            if let Err(e) = v.flush_local().await {
                 tracing::error!(volume = v.name(), "flush at shutdown failed: {e}");
                 failed += 1;
             }
