@@ -2801,6 +2801,59 @@ fn the_stop_flushes_a_critical_primary_whose_secondary_is_gone() {
     assert_eq!(block_at(&s.b, &sv, TRACK), vec![0xF1; 4096]);
 }
 
+/// A FLUSH alone; prints `ok` or the errno name.
+const TRY_FLUSH: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+try:
+    h.flush()
+    print("ok")
+except nbd.Error as e:
+    print(e.errnum and __import__("errno").errorcode[e.errnum] or e.string)
+"#;
+
+/// A write-inhibited primary refuses changes, not flushes: a host FLUSH
+/// of what it wrote before is answered by the primary's own flush — also
+/// the FLUSH that finds the secondary gone and write-inhibits the volume.
+#[test]
+fn a_host_flush_of_a_write_inhibited_primary_succeeds() {
+    let mut s = Sites::start("pprc-inhibited-flush", |_| {});
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (s.a.vol(0x10, 1), s.b.vol(0x10, 1));
+    essctl(
+        &s.a,
+        &[
+            "pprc",
+            "establish",
+            &v,
+            &sv,
+            "--mode",
+            "nocopy",
+            "--critical",
+        ],
+    )
+    .ok();
+    let written = spawn_write_unflushed(&s.a, &v, TRACK, 0xF2);
+    assert!(written.wait_with_output().unwrap().status.success());
+    s.b.terminate();
+    let a = &s.a;
+    assert_eq!(python(TRY_FLUSH, &[&a.uri(&v)]).trim(), "ok");
+    let p = show(a, &v);
+    assert_eq!(
+        (
+            p["state"].as_str(),
+            p["reason"].as_str(),
+            p["write_inhibited"].as_bool()
+        ),
+        (Some("suspended"), Some("link lost"), Some(true)),
+        "{p}"
+    );
+    assert_eq!(try_write(a, &v), "writable EIO");
+    assert_eq!(python(TRY_FLUSH, &[&a.uri(&v)]).trim(), "ok");
+    assert_eq!(block_at(a, &v, TRACK), vec![0xF2; 4096]);
+}
+
 /// A path that pairs use is not removed unless the removal is forced: the
 /// refusal names the pairs (suspended ones too, which need the path to
 /// resume), and nothing changes. Replacing the path's links (`establish

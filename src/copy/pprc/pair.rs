@@ -920,10 +920,18 @@ impl Pair {
             }
         }
         self.suspend(reason, Some(detail));
-        if inhibited {
-            return Err(self.inhibited_error(op));
+        let critical = if inhibited {
+            Err(self.inhibited_error(op))
+        } else {
+            self.apply_critical_mode(op)
+        };
+        if op == VolumeOp::Flush {
+            // A flush changes nothing: the critical mode inhibits the
+            // changes after it, and the flush is answered by the
+            // primary's own, like every flush of an inhibited primary.
+            return Ok(());
         }
-        self.apply_critical_mode(op)
+        critical
     }
 
     /// Whether the critical mode write-inhibits the primary of a pair
