@@ -2760,15 +2760,13 @@ fn a_stop_while_the_group_is_frozen_releases_its_writes_at_once() {
     assert_eq!(block_at(b, &s1, TRACK), vec![0xE1; 4096]);
 }
 
-/// The server's flush at the stop flushes a critical primary whose
-/// secondaries' server is gone — the pair duplex until then — without an
-/// error: it flushes the store, and mirrors nothing once the links are
-/// closed (the pair's secondary is flushed, if at all, before).
-#[test]
-fn the_stop_flushes_a_critical_primary_whose_secondary_is_gone() {
-    let mut s = Sites::start("pprc-stop-flush-critical", |_| {});
+/// A duplex critical pair (nocopy) of volume `vol` of LSS 0x10, a write
+/// of `byte`s to its track 1 made (not flushed), then the secondary's
+/// server stopped: the sites, the primary and the secondary.
+fn critical_pair_whose_secondary_is_gone(name: &str, vol: u8, byte: u8) -> (Sites, String, String) {
+    let mut s = Sites::start(name, |_| {});
     path(&s.a, "0x10", "TSTB2", "0x10", "1");
-    let (v, sv) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    let (v, sv) = (s.a.vol(0x10, vol), s.b.vol(0x10, vol));
     essctl(
         &s.a,
         &[
@@ -2782,9 +2780,19 @@ fn the_stop_flushes_a_critical_primary_whose_secondary_is_gone() {
         ],
     )
     .ok();
-    let written = spawn_write_unflushed(&s.a, &v, TRACK, 0xF1);
+    let written = spawn_write_unflushed(&s.a, &v, TRACK, byte);
     assert!(written.wait_with_output().unwrap().status.success());
     s.b.terminate();
+    (s, v, sv)
+}
+
+/// The server's flush at the stop flushes a critical primary whose
+/// secondaries' server is gone — the pair duplex until then — without an
+/// error: it flushes the store, and mirrors nothing once the links are
+/// closed (the pair's secondary is flushed, if at all, before).
+#[test]
+fn the_stop_flushes_a_critical_primary_whose_secondary_is_gone() {
+    let (mut s, v, sv) = critical_pair_whose_secondary_is_gone("pprc-stop-flush-critical", 0, 0xF1);
     assert_eq!(show(&s.a, &v)["state"], "duplex");
     let status = s.a.terminate_within(Duration::from_secs(20));
     let log = s.a.log();
@@ -2818,25 +2826,7 @@ except nbd.Error as e:
 /// the FLUSH that finds the secondary gone and write-inhibits the volume.
 #[test]
 fn a_host_flush_of_a_write_inhibited_primary_succeeds() {
-    let mut s = Sites::start("pprc-inhibited-flush", |_| {});
-    path(&s.a, "0x10", "TSTB2", "0x10", "1");
-    let (v, sv) = (s.a.vol(0x10, 1), s.b.vol(0x10, 1));
-    essctl(
-        &s.a,
-        &[
-            "pprc",
-            "establish",
-            &v,
-            &sv,
-            "--mode",
-            "nocopy",
-            "--critical",
-        ],
-    )
-    .ok();
-    let written = spawn_write_unflushed(&s.a, &v, TRACK, 0xF2);
-    assert!(written.wait_with_output().unwrap().status.success());
-    s.b.terminate();
+    let (s, v, _) = critical_pair_whose_secondary_is_gone("pprc-inhibited-flush", 1, 0xF2);
     let a = &s.a;
     assert_eq!(python(TRY_FLUSH, &[&a.uri(&v)]).trim(), "ok");
     let p = show(a, &v);

@@ -424,11 +424,14 @@ async fn critical_heavy_in_a_consistency_group_inhibits_writes_after_the_freeze(
     ));
 }
 
-/// A write to a suspended primary of a consistency group, made locally
-/// when another pair of the group fails, is held like every write of the
-/// group: it completes only after the freeze.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_to_a_suspended_group_primary_does_not_complete_while_the_group_holds() {
+/// A suspended primary of a consistency group with a write to track 5
+/// made locally, then held: another pair of the group failed while the
+/// write was between its local write and its reply.
+async fn a_held_write_to_a_suspended_group_primary() -> (
+    Arc<ConsistencyGroup>,
+    Harness,
+    tokio::task::JoinHandle<Result<(), VolumeError>>,
+) {
     let group = ConsistencyGroup::new(Duration::from_secs(60));
     let h = harness_with(false, false, Some(group.clone())).await;
     h.pair.suspend(SuspendReason::Manual, None);
@@ -456,6 +459,15 @@ async fn a_write_to_a_suspended_group_primary_does_not_complete_while_the_group_
     group.hold("001TSTA1", "link lost");
     go.notify_one();
     tokio::time::sleep(Duration::from_millis(300)).await;
+    (group, h, w)
+}
+
+/// A write to a suspended primary of a consistency group, made locally
+/// when another pair of the group fails, is held like every write of the
+/// group: it completes only after the freeze.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_a_suspended_group_primary_does_not_complete_while_the_group_holds() {
+    let (group, h, w) = a_held_write_to_a_suspended_group_primary().await;
     assert!(
         !w.is_finished(),
         "a write to a group primary completed while the group holds writes"
@@ -498,33 +510,7 @@ async fn a_critical_group_pair_is_inhibited_once_its_last_link_is_lost_after_the
 /// the freeze.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_does_not_wait_for_a_held_write_to_a_suspended_group_primary() {
-    let group = ConsistencyGroup::new(Duration::from_secs(60));
-    let h = harness_with(false, false, Some(group.clone())).await;
-    h.pair.suspend(SuspendReason::Manual, None);
-    let (in_local, mut reached) = tokio::sync::mpsc::channel::<()>(1);
-    let go = Arc::new(Notify::new());
-    let w = {
-        let (pair, go) = (h.pair.clone(), go.clone());
-        tokio::spawn(async move {
-            pair.mirror(
-                VolumeOp::Write,
-                5 * TRACK,
-                4096,
-                Change::Write(Bytes::from(vec![7u8; 4096]), false),
-                |_| async move {
-                    let _ = in_local.send(()).await;
-                    go.notified().await;
-                    Ok(())
-                },
-            )
-            .await
-        })
-    };
-    reached.recv().await.unwrap();
-    // Another pair of the group cannot update its secondary.
-    group.hold("001TSTA1", "link lost");
-    go.notify_one();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (group, h, w) = a_held_write_to_a_suspended_group_primary().await;
     assert!(!w.is_finished());
     let resumed = tokio::time::timeout(
         Duration::from_secs(5),
