@@ -152,8 +152,10 @@ fn paths_open_monitor_and_reopen_their_links() {
     assert_eq!(path["peer_address"], format!("127.0.0.1:{port}"));
 
     // Establish options and refusals.
-    essctl(&a, &["pprc", "path", "establish", "0x10", "TSTB2", "0x10"])
-        .refused("path 0x10 → TSTB2 0x10 already exists; use \"if not exists\" to keep it or \"force\" to replace it");
+    essctl(&a, &["pprc", "path", "establish", "0x10", "TSTB2", "0x10"]).refused(
+        "path 0x10 → TSTB2 0x10 already exists; establish with --if-not-exists to keep it or \
+             --force to replace it (API: \"if_not_exists\" or \"force\": true)",
+    );
     essctl(
         &a,
         &[

@@ -2877,9 +2877,9 @@ fn a_path_that_pairs_use_is_removed_only_by_force() {
     let remove = ["pprc", "path", "remove", "0x10", "TSTB2", "0x10"];
     let in_use = |pairs: &str| {
         format!(
-            "path 0x10 → TSTB2 0x10 is used by the pair(s) {pairs}; terminate them first, or use \
-             \"force\" to remove it anyway (they stop mirroring: they suspend, and critical ones \
-             are write-inhibited)"
+            "path 0x10 → TSTB2 0x10 is used by the pair(s) {pairs}; terminate them first, or remove it \
+             anyway with --force (API: ?force=true): they then stop mirroring (they suspend, and \
+             critical ones are write-inhibited)"
         )
     };
     essctl(a, &remove).refused(&in_use(&format!(

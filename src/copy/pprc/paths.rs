@@ -46,7 +46,11 @@ pub enum PathError {
     #[error("a path has 1 to {MAX_LINKS} links, not {0}")]
     BadLinks(usize),
     /// The path exists and neither option was given.
-    #[error("path 0x{lss:02X} → {peer} 0x{peer_lss:02X} already exists; use \"if not exists\" to keep it or \"force\" to replace it")]
+    #[error(
+        "path 0x{lss:02X} → {peer} 0x{peer_lss:02X} already exists; establish with \
+         --if-not-exists to keep it or --force to replace it (API: \"if_not_exists\" or \
+         \"force\": true)"
+    )]
     Exists {
         /// Local LSS.
         lss: u8,
@@ -82,8 +86,8 @@ pub enum PathError {
     /// Pairs use the path and its removal was not forced.
     #[error(
         "path 0x{lss:02X} → {peer} 0x{peer_lss:02X} is used by the pair(s) {}; terminate them \
-         first, or use \"force\" to remove it anyway (they stop mirroring: they suspend, and \
-         critical ones are write-inhibited)",
+         first, or remove it anyway with --force (API: ?force=true): they then stop mirroring \
+         (they suspend, and critical ones are write-inhibited)",
         .pairs.join(", ")
     )]
     InUse {
