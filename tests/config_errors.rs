@@ -147,7 +147,7 @@ fn missing_file_and_size_mismatch() {
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim_end(),
-        format!("{}: configuration is valid (1 volumes)", good.display())
+        format!("{}: configuration is valid (1 volume)", good.display())
     );
     assert!(!d.join("c.img").exists());
 }

@@ -125,10 +125,11 @@ fn run(args: Args) -> anyhow::Result<usize> {
         (Config::load(&path)?, None)
     };
     if args.check {
+        let n = cfg.volumes.len();
         println!(
-            "{}: configuration is valid ({} volumes)",
+            "{}: configuration is valid ({n} volume{})",
             cfg.source.display(),
-            cfg.volumes.len()
+            if n == 1 { "" } else { "s" }
         );
         return Ok(0);
     }
