@@ -2856,11 +2856,7 @@ fn a_path_that_pairs_use_is_removed_only_by_force() {
     path(a, "0x10", "TSTB2", "0x10", "1");
     let (plain, critical) = (a.vol(0x10, 0), a.vol(0x10, 1));
     let (sec_plain, sec_critical) = (b.vol(0x10, 0), b.vol(0x10, 1));
-    essctl(
-        a,
-        &["pprc", "establish", &plain, &sec_plain, "--mode", "nocopy"],
-    )
-    .ok();
+    // Established in the reverse of the volumes' order: listed by volume.
     essctl(
         a,
         &[
@@ -2874,6 +2870,19 @@ fn a_path_that_pairs_use_is_removed_only_by_force() {
         ],
     )
     .ok();
+    essctl(
+        a,
+        &["pprc", "establish", &plain, &sec_plain, "--mode", "nocopy"],
+    )
+    .ok();
+    let listed = essctl_json(a, &["pprc", "list"]);
+    let volumes: Vec<&str> = listed["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["volume"].as_str().unwrap())
+        .collect();
+    assert_eq!(volumes, [plain.as_str(), critical.as_str()], "{listed}");
     let remove = ["pprc", "path", "remove", "0x10", "TSTB2", "0x10"];
     let in_use = |pairs: &str| {
         format!(

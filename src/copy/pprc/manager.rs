@@ -1072,7 +1072,7 @@ impl PprcManager {
     ) -> Result<PathView, PathError> {
         // Held throughout: no pair is established over the path meanwhile.
         let entries = self.entries.lock().await;
-        let pairs: Vec<String> = entries
+        let mut pairs: Vec<String> = entries
             .iter()
             .filter_map(|e| match e {
                 Entry::Primary(p)
@@ -1088,6 +1088,7 @@ impl PprcManager {
                 _ => None,
             })
             .collect();
+        pairs.sort();
         let exists = self.paths.view(lss, peer, peer_lss).await.is_some();
         if exists && !pairs.is_empty() && !force {
             return Err(PathError::InUse {
@@ -1610,7 +1611,7 @@ impl PprcManager {
         }
     }
 
-    /// Every pair, both roles.
+    /// Every pair, both roles, by volume.
     pub async fn list(&self) -> Vec<PairView> {
         let entries: Vec<Entry> = self.entries.lock().await.clone();
         let mut out = Vec::new();
@@ -1620,6 +1621,7 @@ impl PprcManager {
                 Entry::Secondary(s) => self.view_secondary(s),
             });
         }
+        out.sort_by(|a, b| a.volume.cmp(&b.volume));
         out
     }
 
