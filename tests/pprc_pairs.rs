@@ -4501,6 +4501,18 @@ fn fail_back_with_a_cut(from: &Essd, to: &str, link: &FaultProxy, took_over: &[S
     }
     assert!(marked[0] >= 64, "{marked:?}");
     let deadline = Instant::now() + Duration::from_secs(30);
+    // Two requests' worth on the link, watched here without a process
+    // spawn per look: the copy is under way and has most of its way to go
+    // (it sends at least 4 MiB, at about 12 MiB/s), so the looks below
+    // through essctl, slow on a loaded machine, still catch it midway.
+    while link.bytes_forward() < 2 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the copy never got under way: {} bytes sent",
+            link.bytes_forward()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     loop {
         let left = show(from, &took_over[0])["out_of_sync_tracks"]
             .as_u64()
@@ -4519,7 +4531,7 @@ fn fail_back_with_a_cut(from: &Essd, to: &str, link: &FaultProxy, took_over: &[S
             "the copy never got under way: {left} of {marked:?} left, {} bytes sent",
             link.bytes_forward()
         );
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     }
     link.drop_all();
     // The copier's failure holds the group (no host writes here: they
@@ -4623,13 +4635,13 @@ fn group_failover_failback_and_switch_back_survive_link_cuts_mid_copy() {
         let p = essctl_json(a, &["pprc", "failover", v]);
         assert_eq!(p["reason"], "failover", "{p}");
     }
-    fill(a, &va[0], s.dir_a.path(), 8, 57);
+    fill(a, &va[0], s.dir_a.path(), 16, 57);
     write_tracks(a, &va[1], 58, 2);
     let on_a: u64 = va
         .iter()
         .map(|v| show(a, v)["out_of_sync_tracks"].as_u64().unwrap())
         .sum();
-    assert_eq!(on_a, 128 + 2);
+    assert_eq!(on_a, 256 + 2);
     let sent = fail_back_with_a_cut(a, "TSTB2", &s.proxy, &va);
     assert!(
         sent <= (on_a + CUT_RESENT) * TRACK,
