@@ -4763,19 +4763,40 @@ fn duplex_then_written(s: &Sites, va: &str, vb: &str) -> Vec<u64> {
     tracks
 }
 
+/// After [`restart_and_resync`]: the restart found at least the
+/// `written` tracks marked, the resync sent at least their data, and
+/// the primary `pair.0` and its secondary `pair.1` are equal.
+fn written_tracks_resent(
+    s: &Sites,
+    pair: (&str, &str),
+    at_restart: &serde_json::Value,
+    resent: u64,
+    written: usize,
+) {
+    let marked = at_restart["out_of_sync_tracks"].as_u64().unwrap();
+    assert!(marked >= written as u64, "{at_restart}");
+    assert!(
+        resent >= written as u64 * 4096,
+        "the resync sent only {resent} bytes for {marked} tracks"
+    );
+    assert_eq!(volume_sha(&s.a, pair.0), volume_sha(&s.b, pair.1));
+}
+
 /// Restarts the primary of `s` with its links held down until its view
-/// is read (suspended, `reason`), then lets them come back; the pair
-/// resumes by itself, or with `essctl pprc resume` unless `reason` is
-/// `primary restarted`. Returns the view at the restart and the bytes the
-/// resync sent once the pair is duplex.
-fn restart_and_resync(s: &mut Sites, va: &str, reason: &str) -> (serde_json::Value, u64) {
+/// is read (suspended, `reason` if given), then lets them come back; the
+/// pair resumes by itself, or with `essctl pprc resume` unless its reason
+/// is `primary restarted`. Returns the view at the restart and the bytes
+/// the resync sent once the pair is duplex.
+fn restart_and_resync(s: &mut Sites, va: &str, reason: Option<&str>) -> (serde_json::Value, u64) {
     s.proxy.drop_all();
     s.a.restart("TSTA1");
     let at_restart = show(&s.a, va);
     assert_eq!(at_restart["state"], "suspended", "{at_restart}");
-    assert_eq!(at_restart["reason"], reason, "{at_restart}");
+    if let Some(reason) = reason {
+        assert_eq!(at_restart["reason"], reason, "{at_restart}");
+    }
     s.proxy.heal();
-    if reason != "primary restarted" {
+    if at_restart["reason"] != "primary restarted" {
         path(&s.a, "0x10", "TSTB2", "0x10", "2");
         essctl(&s.a, &["pprc", "resume", va]).ok();
     }
@@ -4798,7 +4819,7 @@ fn a_clean_stop_of_a_duplex_primary_leaves_nothing_to_resync() {
     duplex_then_written(&s, &va, &vb);
     assert_eq!(s.a.terminate().code(), Some(0));
     let log = s.a.log();
-    let (at_restart, resent) = restart_and_resync(&mut s, &va, "primary restarted");
+    let (at_restart, resent) = restart_and_resync(&mut s, &va, Some("primary restarted"));
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
     assert_eq!(at_restart["out_of_sync_tracks"], 0, "{at_restart}");
     assert!(
@@ -4821,14 +4842,8 @@ fn a_kill_9_of_a_duplex_primary_resyncs_its_marked_tracks() {
     let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
     let tracks = duplex_then_written(&s, &va, &vb);
     s.a.crash();
-    let (at_restart, resent) = restart_and_resync(&mut s, &va, "primary restarted");
-    let marked = at_restart["out_of_sync_tracks"].as_u64().unwrap();
-    assert!(marked >= tracks.len() as u64, "{at_restart}");
-    assert!(
-        resent >= tracks.len() as u64 * 4096,
-        "the resync sent only {resent} bytes for {marked} tracks"
-    );
-    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+    let (at_restart, resent) = restart_and_resync(&mut s, &va, Some("primary restarted"));
+    written_tracks_resent(&s, (&va, &vb), &at_restart, resent, tracks.len());
 }
 
 /// A duplex primary stopped cleanly after its secondary became
@@ -4846,14 +4861,8 @@ fn a_clean_stop_with_the_secondary_unreachable_keeps_the_marks() {
     assert_eq!(s.a.terminate().code(), Some(0));
     let log = s.a.log();
     assert!(!log.contains("PPRC pair stopped in sync"), "{log}");
-    let (at_restart, resent) = restart_and_resync(&mut s, &va, "link lost");
-    let marked = at_restart["out_of_sync_tracks"].as_u64().unwrap();
-    assert!(marked >= tracks.len() as u64, "{at_restart}");
-    assert!(
-        resent >= tracks.len() as u64 * 4096,
-        "the resync sent only {resent} bytes for {marked} tracks"
-    );
-    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+    let (at_restart, resent) = restart_and_resync(&mut s, &va, Some("link lost"));
+    written_tracks_resent(&s, (&va, &vb), &at_restart, resent, tracks.len());
 }
 
 /// A duplex primary recorded in sync at a clean stop still asks its
@@ -4974,24 +4983,8 @@ fn a_clean_stop_whose_flush_to_the_secondary_goes_unanswered_keeps_the_marks() {
         log.contains("PPRC pair keeps its recorded tracks"),
         "the stop did not try to flush the secondary:\n{log}"
     );
-    s.proxy.drop_all();
-    s.a.restart("TSTA1");
-    let at_restart = show(&s.a, &va);
-    assert_eq!(at_restart["state"], "suspended", "{at_restart}");
-    let marked = at_restart["out_of_sync_tracks"].as_u64().unwrap();
-    assert!(marked >= tracks.len() as u64, "{at_restart}");
-    s.proxy.heal();
-    if at_restart["reason"] != "primary restarted" {
-        path(&s.a, "0x10", "TSTB2", "0x10", "2");
-        essctl(&s.a, &["pprc", "resume", &va]).ok();
-    }
-    let v = wait_state(&s.a, &va, "duplex");
-    let resent = v["bytes_sent"].as_u64().unwrap() - at_restart["bytes_sent"].as_u64().unwrap();
-    assert!(
-        resent >= tracks.len() as u64 * 4096,
-        "the resync sent only {resent} bytes for {marked} tracks"
-    );
-    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+    let (at_restart, resent) = restart_and_resync(&mut s, &va, None);
+    written_tracks_resent(&s, (&va, &vb), &at_restart, resent, tracks.len());
 }
 
 /// 4 KiB writes of data derived from each block's number, 32 in flight,
@@ -5076,7 +5069,7 @@ fn a_clean_stop_with_a_host_that_keeps_writing_is_bounded_and_truthful() {
         missing.len()
     );
     let in_sync = s.a.log().contains("PPRC pair stopped in sync");
-    let (at_restart, _) = restart_and_resync(&mut s, &va, "primary restarted");
+    let (at_restart, _) = restart_and_resync(&mut s, &va, Some("primary restarted"));
     if in_sync {
         assert_eq!(at_restart["out_of_sync_tracks"], 0, "{at_restart}");
     }

@@ -357,12 +357,7 @@ impl Volume {
     /// from the secondary, a host after a failover) get what the disk
     /// holds.
     pub async fn forget_unwritten(&self) {
-        if let Err(e) = self.store.drop_cached(0, 0).await {
-            tracing::warn!(
-                volume = %self.id_text,
-                "cannot drop the cached pages after a failed write-back: {e}"
-            );
-        }
+        self.store.forget_unwritten().await;
     }
 
     /// Whether the volume is a PPRC secondary.

@@ -572,6 +572,18 @@ impl BackingStore {
         self.advise(offset, len, libc::POSIX_FADV_WILLNEED).await
     }
 
+    /// After a failed write-back (flush or FUA write): the failed pages stay
+    /// cached, marked clean, with data the disk does not hold; drops them,
+    /// so reads return what the disk holds. A failure to drop is logged.
+    pub async fn forget_unwritten(&self) {
+        if let Err(e) = self.drop_cached(0, 0).await {
+            tracing::warn!(
+                path = %self.path.display(),
+                "cannot drop the cached pages after a failed write-back: {e}"
+            );
+        }
+    }
+
     /// Asks the kernel to drop the clean pages of a range (`len` 0: to the
     /// end) from the page cache; it starts writing back dirty ones, which
     /// stay.

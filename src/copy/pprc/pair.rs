@@ -869,12 +869,7 @@ impl Pair {
     /// evicts them. They are dropped at once, so that hosts and a resync
     /// read what the disk holds, and the resync leaves both volumes equal.
     async fn forget_unwritten(&self) {
-        if let Err(e) = self.store.drop_cached(0, 0).await {
-            tracing::warn!(
-                volume = %self.spec.volume,
-                "cannot drop the primary's cached pages after a failed flush: {e}"
-            );
-        }
+        self.store.forget_unwritten().await;
     }
 
     fn inhibited_error(&self, op: VolumeOp) -> VolumeError {
