@@ -1300,16 +1300,28 @@ h.shutdown()
 print("ok", flush=True)
 "#;
 
-/// One write of `byte` at `offset`, in the background.
-fn spawn_write(essd: &Essd, export: &str, offset: u64, byte: u8) -> std::process::Child {
+/// `script` run in the background on `export` with `offset` and `value`
+/// as its arguments (after the export's URI); its output piped.
+fn spawn_script_at(
+    script: &str,
+    essd: &Essd,
+    export: &str,
+    offset: u64,
+    value: u64,
+) -> std::process::Child {
     std::process::Command::new("/usr/bin/python3")
         .arg("-c")
-        .arg(ONE_WRITE)
-        .args([essd.uri(export), offset.to_string(), byte.to_string()])
+        .arg(script)
+        .args([essd.uri(export), offset.to_string(), value.to_string()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+/// One write of `byte` at `offset`, in the background.
+fn spawn_write(essd: &Essd, export: &str, offset: u64, byte: u8) -> std::process::Child {
+    spawn_script_at(ONE_WRITE, essd, export, offset, byte.into())
 }
 
 /// `[replication] timeout` of both sites.
@@ -2657,14 +2669,7 @@ fn after_a_restart_the_pairs_of_a_group_resume_together_or_not_at_all() {
 /// One write of `byte` at `offset`, not flushed, in the background (a
 /// stop answers a FLUSH sent after the signal with `ESHUTDOWN`).
 fn spawn_write_unflushed(essd: &Essd, export: &str, offset: u64, byte: u8) -> std::process::Child {
-    std::process::Command::new("/usr/bin/python3")
-        .arg("-c")
-        .arg(WRITE_NO_FLUSH)
-        .args([essd.uri(export), offset.to_string(), byte.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+    spawn_script_at(WRITE_NO_FLUSH, essd, export, offset, byte.into())
 }
 
 /// A stop of a primary server whose consistency group holds writes (its
@@ -3762,14 +3767,7 @@ fn a_primary_write_that_fails_suspends_the_pair_with_the_track_recorded() {
 
 /// [`TRY_WRITE_AT`], in the background.
 fn spawn_try_write_at(essd: &Essd, export: &str, offset: u64, seed: u64) -> std::process::Child {
-    std::process::Command::new("/usr/bin/python3")
-        .arg("-c")
-        .arg(TRY_WRITE_AT)
-        .args([essd.uri(export), offset.to_string(), seed.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+    spawn_script_at(TRY_WRITE_AT, essd, export, offset, seed)
 }
 
 /// A write to a duplex pair of a consistency group fails on the primary's
