@@ -20,6 +20,7 @@ timed run, so disturbed runs are visible in the results.
 
 import contextlib
 import os
+import socket
 import statistics
 from pathlib import Path
 
@@ -27,6 +28,13 @@ REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_ord
 # Largest buddy order on x86-64 (4 MiB blocks); a reporting order above it
 # reports nothing.
 MAX_PAGE_ORDER = 10
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def drop_page_cache():
