@@ -1,5 +1,8 @@
 //! The Linux kernel's own NBD client (`nbd-client` + nbd.ko) against essd,
-//! inside a small VM booted under qemu TCG by `scripts/vm-test`.
+//! inside a small VM booted under qemu TCG by `scripts/vm-test`: a file
+//! system made, written, checked and read back on a plain volume and on a
+//! duplex PPRC primary whose secondary (a second essd in the VM) must be
+//! read-only to the kernel and end identical.
 
 mod common;
 
@@ -15,6 +18,7 @@ fn kernel_nbd_client_mkfs_mount_fsck_in_vm() {
     let out = Command::new("bash")
         .arg(script)
         .env("ESSD_BIN", common::essd_bin())
+        .env("ESSCTL_BIN", env!("CARGO_BIN_EXE_essctl"))
         .output()
         .expect("run scripts/vm-test");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -24,7 +28,17 @@ fn kernel_nbd_client_mkfs_mount_fsck_in_vm() {
         "scripts/vm-test failed ({}):\n{stdout}\n{stderr}",
         out.status
     );
-    for step in ["mkfs", "e2fsck", "VM-TEST: PASS"] {
+    for step in [
+        "VM-STEP mkfs ok",
+        "VM-STEP e2fsck ok",
+        "VM-STEP verify-restarted ok",
+        "VM-STEP pprc-duplex ok",
+        "VM-STEP pprc-secondary-read-only ok",
+        "VM-STEP pprc-secondary-e2fsck ok",
+        "VM-STEP pprc-secondary-verify ok",
+        "VM-STEP pprc-identical ok",
+        "VM-TEST: PASS",
+    ] {
         assert!(stdout.contains(step), "missing {step:?} in:\n{stdout}");
     }
     assert!(!stdout.contains("FAILED"), "{stdout}");
