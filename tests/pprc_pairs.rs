@@ -5180,8 +5180,9 @@ fn resume_when_the_path_is_back(a: &Essd, volume: &str, seed: u64) {
 /// A host overwrites blocks of a duplex primary at random for 25 s while
 /// the links between the two servers are stalled (past the 2 s
 /// acknowledgement timeout and short of it), reset (all, or one of the two
-/// links, in either direction), dropped and delayed in a seeded random
-/// order, and the pair is resumed whenever it suspended. No write fails
+/// links, in either direction), dropped and delayed, and the secondary's
+/// server killed (`kill -9`) and restarted, in a seeded random order; the
+/// pair is resumed whenever it suspended. No write fails
 /// (the pair is not critical); at the end the pair is duplex, the two
 /// volumes are equal, and every block holds its last acknowledged write on
 /// the secondary. `ESSD_FAULT_SEED` picks another schedule.
@@ -5191,7 +5192,7 @@ fn random_link_faults_under_random_overwrites_lose_nothing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5EED_0004);
-    let s = Sites::start("pprc-faults", |_| {});
+    let mut s = Sites::start("pprc-faults", |_| {});
     let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
     path(&s.a, "0x10", "TSTB2", "0x10", "2");
     essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
@@ -5219,14 +5220,18 @@ fn random_link_faults_under_random_overwrites_lose_nothing() {
             4 => s.proxy.delay(schedule.millis(20, 120)),
             5 => s.proxy.stall_oldest(),
             6 => s.back.reset(),
-            _ => s.back.stall(),
+            7 => s.back.stall(),
+            _ => s.b.crash(),
         }
         faults.push((next, hold.as_millis()));
         std::thread::sleep(hold);
+        if next == 8 {
+            s.b.restart("TSTB2");
+        }
         s.proxy.heal();
         s.back.heal();
         resume_when_the_path_is_back(&s.a, &va, seed);
-        next = schedule.next() % 8;
+        next = schedule.next() % 9;
     }
     let out = writer.join().unwrap();
     resume_when_the_path_is_back(&s.a, &va, seed);
