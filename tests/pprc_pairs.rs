@@ -5139,10 +5139,24 @@ def data(b, v):
 print(json.dumps([int(b) for b, v in acked.items() if h.pread(4096, int(b) * 4096) != data(b, v)]))
 "#;
 
+/// The seed of a fault schedule: `ESSD_FAULT_SEED`, else the test's own.
+fn fault_seed(default: u64) -> u64 {
+    std::env::var("ESSD_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A small deterministic generator for the fault schedule (xorshift64*).
 struct Schedule(u64);
 
 impl Schedule {
+    /// A schedule drawn from `seed` (spread over the bits: small seeds
+    /// differ in their first draws).
+    fn new(seed: u64) -> Schedule {
+        Schedule(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -5188,10 +5202,7 @@ fn resume_when_the_path_is_back(a: &Essd, volume: &str, seed: u64) {
 /// the secondary. `ESSD_FAULT_SEED` picks another schedule.
 #[test]
 fn random_link_faults_under_random_overwrites_lose_nothing() {
-    let seed: u64 = std::env::var("ESSD_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5EED_0004);
+    let seed = fault_seed(0x5EED_0004);
     let mut s = Sites::start("pprc-faults", |_| {});
     let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
     path(&s.a, "0x10", "TSTB2", "0x10", "2");
@@ -5201,7 +5212,7 @@ fn random_link_faults_under_random_overwrites_lose_nothing() {
         let out = python(OVERWRITE_AT_RANDOM, &[&uri, "25", &seed.to_string()]);
         serde_json::from_str::<serde_json::Value>(&out).unwrap()
     });
-    let mut schedule = Schedule(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut schedule = Schedule::new(seed);
     let mut faults = Vec::new();
     // The first fault outlasts the acknowledgement timeout: the pair
     // suspends at least once.
@@ -5323,10 +5334,7 @@ print(json.dumps([held(sys.argv[1]), held(sys.argv[2])]))
 /// error.
 #[test]
 fn random_link_faults_keep_the_group_dependent_write_consistent() {
-    let seed: u64 = std::env::var("ESSD_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5EED_0005);
+    let seed = fault_seed(0x5EED_0005);
     let group = "consistency_group = true\nconsistency_timeout = \"2s\"";
     let s = Sites::start("pprc-group-faults", |cfg| {
         cfg.lss_extra = vec![(0x10, group.into()), (0x11, group.into())];
@@ -5348,7 +5356,7 @@ fn random_link_faults_keep_the_group_dependent_write_consistent() {
             serde_json::from_str::<serde_json::Value>(&out).unwrap()
         })
     };
-    let mut schedule = Schedule(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut schedule = Schedule::new(seed);
     let mut rounds = Vec::new();
     for round in 0..6 {
         std::thread::sleep(schedule.millis(300, 1200));
