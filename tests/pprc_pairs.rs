@@ -5191,6 +5191,24 @@ fn resume_when_the_path_is_back(a: &Essd, volume: &str, seed: u64) {
     }
 }
 
+/// Waits until a pair is duplex, resuming it whenever it is suspended (a
+/// fault may suspend it again after a resume).
+fn resume_until_duplex(a: &Essd, volume: &str, seed: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        resume_when_the_path_is_back(a, volume, seed);
+        let pair = show(a, volume);
+        if pair["state"] == "duplex" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "seed {seed}: the pair never became duplex: {pair}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A host overwrites blocks of a duplex primary at random for 25 s while
 /// the links between the two servers are stalled (past the 2 s
 /// acknowledgement timeout and short of it), reset (all, or one of the two
@@ -5245,8 +5263,7 @@ fn random_link_faults_under_random_overwrites_lose_nothing() {
         next = schedule.next() % 9;
     }
     let out = writer.join().unwrap();
-    resume_when_the_path_is_back(&s.a, &va, seed);
-    wait_duplex(&s.a, &va);
+    resume_until_duplex(&s.a, &va, seed);
     let acked = out["acked"].as_object().unwrap().len();
     let log = s.a.log();
     let suspends = log.matches("PPRC pair suspended").count();
@@ -5424,12 +5441,9 @@ fn random_link_faults_keep_the_group_dependent_write_consistent() {
                 k == j || k == j + 1,
                 "{context}: the secondaries hold steps 1..={k} and 1..={j}"
             );
-            for v in [&v1, &v2] {
-                resume_when_the_path_is_back(a, v, seed);
-            }
         }
         for v in [&v1, &v2] {
-            wait_duplex(a, v);
+            resume_until_duplex(a, v, seed);
         }
     }
     std::fs::write(&stop_file, b"").unwrap();
@@ -5446,7 +5460,7 @@ fn random_link_faults_keep_the_group_dependent_write_consistent() {
         "{context}: the group never held"
     );
     for (v, sv) in [(&v1, &s1), (&v2, &s2)] {
-        wait_duplex(a, v);
+        resume_until_duplex(a, v, seed);
         assert_eq!(volume_sha(a, v), volume_sha(b, sv), "{context}: {v}");
     }
 }
