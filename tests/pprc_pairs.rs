@@ -5085,15 +5085,21 @@ fn a_clean_stop_with_a_host_that_keeps_writing_is_bounded_and_truthful() {
 /// about 150 a second, never two to one block at once; each write's data
 /// comes from its block and version. Paced so that most tracks go
 /// untouched for several cleaning intervals: their marks are cleared while
-/// duplex, and a suspend must record what is written after it. Flushes at the end and prints one JSON object: the last
-/// acknowledged version of every block written, and the errors (errno
-/// names) writes got.
+/// duplex, and a suspend must record what is written after it. A block
+/// whose latest write failed is left out (its content is not known). With
+/// a directory `argv[4]`, whenever a file `ask` appears there it is
+/// removed and the blocks acknowledged so far are written to `acked.json`,
+/// and the writes also end when a file `stop` appears there.
+/// Flushes at the end and prints one JSON object: the last acknowledged
+/// version of every block written, and the errors (errno names) writes
+/// and the final flush got.
 const OVERWRITE_AT_RANDOM: &str = r#"
-import errno, hashlib, json, nbd, random, sys, time
+import errno, hashlib, json, nbd, os, random, sys, time
 h = nbd.NBD()
 h.connect_uri(sys.argv[1])
 end = time.time() + float(sys.argv[2])
 rnd = random.Random(int(sys.argv[3]))
+asks = sys.argv[4] if len(sys.argv) > 4 else None
 def data(b, v):
     return hashlib.sha256(f"{b}:{v}".encode()).digest() * 128
 acked, issued, errors, pending = {}, {}, {}, {}
@@ -5106,10 +5112,18 @@ def reap():
         except nbd.Error as e:
             name = errno.errorcode.get(e.errnum, e.string) if e.errnum else e.string
             errors[name] = errors.get(name, 0) + 1
+            acked.pop(b, None)
             del pending[b]
+def answer_ask():
+    ask = os.path.join(asks, "ask")
+    if os.path.exists(ask):
+        os.remove(ask)
+        with open(os.path.join(asks, "acked.tmp"), "w") as f:
+            json.dump(acked, f)
+        os.rename(os.path.join(asks, "acked.tmp"), os.path.join(asks, "acked.json"))
 blocks = h.get_size() // 4096
 due = time.time()
-while time.time() < end:
+while time.time() < end and not (asks and os.path.exists(os.path.join(asks, "stop"))):
     now = time.time()
     b = rnd.randrange(blocks)
     if now >= due and len(pending) < 8 and b not in pending:
@@ -5118,10 +5132,16 @@ while time.time() < end:
         due = now + 0.006
     h.poll(max(1, int((due - now) * 1000)))
     reap()
+    if asks:
+        answer_ask()
 while h.aio_in_flight() > 0:
     h.poll(-1)
     reap()
-h.flush()
+try:
+    h.flush()
+except nbd.Error as e:
+    name = "flush " + (errno.errorcode.get(e.errnum, e.string) if e.errnum else e.string)
+    errors[name] = errors.get(name, 0) + 1
 h.shutdown()
 print(json.dumps({"acked": acked, "errors": errors}))
 "#;
@@ -5463,4 +5483,113 @@ fn random_link_faults_keep_the_group_dependent_write_consistent() {
         resume_until_duplex(a, v, seed);
         assert_eq!(volume_sha(a, v), volume_sha(b, sv), "{context}: {v}");
     }
+}
+
+/// The blocks acknowledged so far by a running [`OVERWRITE_AT_RANDOM`]
+/// started with the directory `asks`.
+fn acked_so_far(asks: &Path) -> serde_json::Value {
+    let answer = asks.join("acked.json");
+    let _ = std::fs::remove_file(&answer);
+    std::fs::write(asks.join("ask"), b"").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !answer.exists() {
+        assert!(Instant::now() < deadline, "the writer did not answer");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    serde_json::from_slice(&std::fs::read(&answer).unwrap()).unwrap()
+}
+
+/// A critical pair on a critical heavy LSS under random overwrites while
+/// its links are stalled past the timeout, dropped, reset (all or one)
+/// and its secondary's server killed, in a seeded random order
+/// (`ESSD_FAULT_SEED`). Whenever the pair suspends, the primary is
+/// write-inhibited and, before the resume, every write the host saw
+/// acknowledged is on the secondary: a write that could not be mirrored
+/// failed (EIO) rather than being acknowledged. At the end the volumes
+/// are equal and the host saw no error but EIO.
+#[test]
+fn random_link_faults_never_leave_an_acknowledged_write_off_a_critical_heavy_secondary() {
+    let seed = fault_seed(0x5EED_0006);
+    let mut s = Sites::start("pprc-heavy-faults", |cfg| {
+        cfg.lss_extra = vec![(0x11, "critical_heavy = true".into())];
+    });
+    let (va, vb) = (s.a.vol(0x11, 0), s.b.vol(0x11, 0));
+    path(&s.a, "0x11", "TSTB2", "0x11", "2");
+    essctl(
+        &s.a,
+        &[
+            "pprc",
+            "establish",
+            &va,
+            &vb,
+            "--mode",
+            "nocopy",
+            "--critical",
+        ],
+    )
+    .ok();
+    let asks = tempfile::tempdir().unwrap();
+    let writer = {
+        let args = [
+            s.a.uri(&va),
+            seed.to_string(),
+            asks.path().display().to_string(),
+        ];
+        std::thread::spawn(move || {
+            let out = python(OVERWRITE_AT_RANDOM, &[&args[0], "600", &args[1], &args[2]]);
+            serde_json::from_str::<serde_json::Value>(&out).unwrap()
+        })
+    };
+    let mut schedule = Schedule::new(seed);
+    let mut rounds = Vec::new();
+    let end = Instant::now() + Duration::from_secs(25);
+    while Instant::now() < end {
+        std::thread::sleep(schedule.millis(300, 1200));
+        let kind = if rounds.is_empty() {
+            0
+        } else {
+            schedule.next() % 5
+        };
+        let hold = schedule.millis(2500, 3500);
+        match kind {
+            0 => s.proxy.stall(),
+            1 => s.proxy.drop_all(),
+            2 => s.proxy.reset(),
+            3 => s.proxy.stall_oldest(),
+            _ => s.b.crash(),
+        }
+        std::thread::sleep(hold);
+        if kind == 4 {
+            s.b.restart("TSTB2");
+        }
+        let pair = show(&s.a, &va);
+        let suspended = pair["state"] == "suspended";
+        rounds.push((kind, suspended));
+        let context = format!("seed {seed}, rounds (fault, suspended) {rounds:?}");
+        if suspended {
+            assert_eq!(pair["write_inhibited"], true, "{context}: {pair}");
+            let acked = acked_so_far(asks.path());
+            let missing = check_blocks(BLOCKS_NOT_AS_ACKED, &s.b, &vb, &acked);
+            assert!(
+                missing.is_empty(),
+                "{context}: {} acknowledged writes are not on the secondary: {missing:?}",
+                missing.len()
+            );
+        }
+        s.proxy.heal();
+        resume_until_duplex(&s.a, &va, seed);
+    }
+    std::fs::write(asks.path().join("stop"), b"").unwrap();
+    let out = writer.join().unwrap();
+    let context = format!("seed {seed}, rounds (fault, suspended) {rounds:?}");
+    eprintln!("{context}: errors {}", out["errors"]);
+    assert!(rounds.iter().any(|r| r.1), "{context}: never suspended");
+    let errors = out["errors"].as_object().unwrap();
+    assert!(
+        errors.keys().all(|e| e == "EIO"),
+        "{context}: the host saw errors other than EIO: {errors:?}"
+    );
+    assert!(errors.contains_key("EIO"), "{context}: no write failed");
+    resume_until_duplex(&s.a, &va, seed);
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb), "{context}");
 }
