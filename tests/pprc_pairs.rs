@@ -560,6 +560,12 @@ fn pairs_copy_mirror_suspend_resync_and_terminate() {
     assert_eq!(s.b.stop().code(), Some(0));
 }
 
+/// `essctl pprc freeze` at `a`, which must suspend `pairs` pairs.
+fn freeze_suspends(a: &Essd, pairs: u64) {
+    let f = essctl_json(a, &["pprc", "freeze"]);
+    assert_eq!(f["suspended"], pairs, "{f}");
+}
+
 fn essctl_json(essd: &Essd, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["--json"];
     all.extend_from_slice(args);
@@ -1013,8 +1019,7 @@ fn consistency_group_holds_writes_until_freeze() {
         assert_eq!(g["group"]["state"], "holding", "round {round}: {g}");
         let released = Instant::now();
         if freeze {
-            let f = essctl_json(a, &["pprc", "freeze"]);
-            assert_eq!(f["suspended"], 2, "{f}");
+            freeze_suspends(a, 2);
         }
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success());
@@ -1362,8 +1367,7 @@ fn a_write_held_by_the_consistency_group_stays_recorded_until_the_freeze() {
     path(a, "0x10", "TSTB2", "0x10", "1");
     std::thread::sleep(CLEAN_INTERVAL * 4);
     let durable = durable_marks(a, &v);
-    let f = essctl_json(a, &["pprc", "freeze"]);
-    assert_eq!(f["suspended"], 1, "{f}");
+    freeze_suspends(a, 1);
     assert!(w.wait().unwrap().success());
     let p = show(a, &v);
     assert_eq!(p["state"], "suspended", "{p}");
@@ -2327,8 +2331,7 @@ fn terminate_while_the_group_holds_acts_at_once_and_keeps_the_others_held() {
     let g = essctl_json(a, &["pprc", "group"]);
     assert_eq!(g["group"]["state"], "holding", "{g}");
     assert_eq!(g["volumes"], serde_json::json!([v2]), "{g}");
-    let f = essctl_json(a, &["pprc", "freeze"]);
-    assert_eq!(f["suspended"], 1, "{f}");
+    freeze_suspends(a, 1);
     assert_eq!(
         wait_child(&mut w2, 10),
         Some(true),
@@ -2453,8 +2456,7 @@ fn pairs_whose_writes_the_group_holds_are_shown_not_current() {
     }
 
     // The freeze suspends them (and releases the write).
-    let f = essctl_json(a, &["pprc", "freeze"]);
-    assert_eq!(f["suspended"], 2, "{f}");
+    freeze_suspends(a, 2);
     assert_eq!(
         wait_child(&mut w1, 10),
         Some(true),
@@ -2613,8 +2615,7 @@ fn terminate_at_the_secondary_while_the_primarys_group_holds_acts_there_only() {
         None,
         "the held write completed before the freeze"
     );
-    let f = essctl_json(a, &["pprc", "freeze"]);
-    assert_eq!(f["suspended"], 2, "{f}");
+    freeze_suspends(a, 2);
     assert_eq!(
         wait_child(&mut w1, 10),
         Some(true),
@@ -3832,8 +3833,7 @@ fn a_primary_write_that_fails_in_a_consistency_group_holds_the_group() {
         None,
         "X's failed write was answered"
     );
-    let f = essctl_json(a, &["pprc", "freeze"]);
-    assert_eq!(f["suspended"], 2, "{f}");
+    freeze_suspends(a, 2);
     let out = wx.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ENOSPC");
     assert_eq!(
@@ -4084,8 +4084,7 @@ fn a_secondary_whose_flush_failed_reads_what_its_disk_holds() {
         block_at(b, &sv, 5 * TRACK) == on_disk,
         "the secondary serves a block its disk does not hold"
     );
-    let f = essctl_json(a, &["pprc", "freeze"]);
-    assert_eq!(f["suspended"], 1, "{f}");
+    freeze_suspends(a, 1);
     assert_eq!(wait_child(&mut host, 10), Some(true), "the held FLUSH");
     std::fs::remove_file(fs.dir.join("filler")).unwrap();
     essctl(a, &["pprc", "resume", &v]).ok();
@@ -4451,8 +4450,7 @@ fn failback_to_an_old_primary_whose_group_holds_acts_at_once() {
     let g = essctl_json(a, &["pprc", "group"]);
     assert_eq!(g["group"]["state"], "holding", "{g}");
     assert_eq!(g["volumes"], serde_json::json!([v2]), "{g}");
-    let f = essctl_json(a, &["pprc", "freeze"]);
-    assert_eq!(f["suspended"], 1, "{f}");
+    freeze_suspends(a, 1);
     assert_eq!(
         wait_child(&mut w2, 10),
         Some(true),
@@ -4594,8 +4592,7 @@ fn group_failover_failback_and_switch_back_survive_link_cuts_mid_copy() {
     s.proxy.drop_all();
     let mut held = spawn_write(a, &va[0], 3 * TRACK, 0xD1);
     wait_group(a, "holding");
-    let f = essctl_json(a, &["pprc", "freeze"]);
-    assert_eq!(f["suspended"], 2, "{f}");
+    freeze_suspends(a, 2);
     assert_eq!(wait_child(&mut held, 10), Some(true), "the held write");
     write_tracks(a, &va[0], 53, 3);
     write_tracks(a, &va[1], 54, 3);
@@ -4708,8 +4705,7 @@ fn flashcopy_from_a_primary_whose_group_holds_writes_is_refused_at_once() {
     // Nothing was established, then or later.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(essctl(a, &["flashcopy", "show", &rel]).code, 1);
-    let f = essctl_json(a, &["pprc", "freeze"]);
-    assert_eq!(f["suspended"], 2, "{f}");
+    freeze_suspends(a, 2);
     assert_eq!(wait_child(&mut w, 10), Some(true), "the held write");
     flashcopy(&establish, 0, "");
     assert_eq!(block_at(a, &target, TRACK), vec![0xE1; 4096]);
