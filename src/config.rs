@@ -154,6 +154,14 @@ pub struct ServerConfig {
     /// essd thread.
     #[serde(default)]
     pub scheduling: Scheduling,
+    /// How long a stop waits for the host requests and peer links in
+    /// flight before it goes on without them. Default 30 s.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: Seconds,
+}
+
+fn default_drain_timeout() -> Seconds {
+    Seconds(std::time::Duration::from_secs(30))
 }
 
 /// Most worker threads `server.workers` may ask for.
@@ -360,6 +368,12 @@ impl Config {
                     format!("{n} must be between 1 and {MAX_WORKERS}"),
                 ));
             }
+        }
+        if self.server.drain_timeout.0.is_zero() {
+            return Err(fail(
+                "server.drain_timeout".into(),
+                "must be greater than zero".into(),
+            ));
         }
         if !self.server.state_dir.is_absolute() {
             return Err(fail(
@@ -871,6 +885,9 @@ size = "1GiB"
             "{GOOD}[replication]\nsecret = \"0123456789abcdef\"\ntimeout = \"0s\"\n"
         ));
         assert_eq!(e, "t.toml: replication.timeout: must be greater than zero");
+        // A zero drain time would record no duplex pair in sync at a stop.
+        let e = err(&GOOD.replace("[[lss]]", "drain_timeout = \"0s\"\n[[lss]]"));
+        assert_eq!(e, "t.toml: server.drain_timeout: must be greater than zero");
         // One socket path for the NBD and the API listener: start-up fails
         // with "another process is listening on this socket".
         let e = err(&GOOD.replace("[[lss]]", "[nbd]\nunix = \"/run/essd/api.sock\"\n[[lss]]"));

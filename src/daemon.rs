@@ -21,9 +21,6 @@ use crate::io::Engine;
 use crate::nbd::listener::{bind_unix, NbdListeners};
 use crate::volume::server::StorageServer;
 
-/// Time allowed for in-flight requests to finish at shutdown.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// A start-up failure, with a message fit for the administrator.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -175,11 +172,14 @@ pub async fn run(
     // for the consistency timeout.
     pprc.stop_group();
     tracker.close();
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+    let drain_timeout = cfg.raw.server.drain_timeout.0;
+    let drained = tokio::time::timeout(drain_timeout, tracker.wait())
         .await
         .is_ok();
     if !drained {
-        tracing::warn!("some connections did not finish within {DRAIN_TIMEOUT:?}");
+        tracing::warn!(
+            "some connections did not finish within {drain_timeout:?} (server.drain_timeout)"
+        );
     }
     flashcopy.stop_copiers().await;
     // Before the links close: a duplex pair flushes its secondary to be

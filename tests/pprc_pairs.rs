@@ -4987,6 +4987,41 @@ fn a_clean_stop_whose_flush_to_the_secondary_goes_unanswered_keeps_the_marks() {
     written_tracks_resent(&s, (&va, &vb), &at_restart, resent, tracks.len());
 }
 
+/// A duplex primary stopped while a host write waits longer than the
+/// drain time (`server.drain_timeout = "2s"`; the link is stalled and the
+/// replication timeout is 60 s): the stop goes on after the drain time,
+/// says so, and does not record the pair in sync — the write may still
+/// change the primary — so it ends within a bounded time, the host never
+/// sees the write acknowledged, and the restart finds the written tracks
+/// marked; its resync copies them and the volumes end equal.
+#[test]
+fn a_stop_whose_host_write_outlasts_the_drain_time_keeps_the_marks() {
+    let mut s = Sites::start("pprc-stop-undrained", |cfg| {
+        with_timeout(cfg, "60s");
+        cfg.server_extra = "drain_timeout = \"2s\"\n".into();
+    });
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    let tracks = duplex_then_written(&s, &va, &vb);
+    s.proxy.stall();
+    let mut host = spawn_write(&s.a, &va, 7 * TRACK, 0xD7);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(host.try_wait().unwrap(), None, "the write did not wait");
+    let started = Instant::now();
+    let status = s.a.terminate_within(Duration::from_secs(30));
+    let took = started.elapsed();
+    let log = s.a.log();
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(took >= Duration::from_secs(2), "the stop took {took:?}");
+    assert!(
+        log.contains("some connections did not finish within 2s (server.drain_timeout)"),
+        "{log}"
+    );
+    assert!(!log.contains("PPRC pair stopped in sync"), "{log}");
+    assert_eq!(wait_child(&mut host, 10), Some(false), "the host's write");
+    let (at_restart, resent) = restart_and_resync(&mut s, &va, Some("primary restarted"));
+    written_tracks_resent(&s, (&va, &vb), &at_restart, resent, tracks.len());
+}
+
 /// 4 KiB writes of data derived from each block's number, 32 in flight,
 /// cycling over the volume, that go on after errors (ESHUTDOWN) until
 /// `argv[2]` seconds have passed or the server closes the connection.

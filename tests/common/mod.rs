@@ -72,6 +72,8 @@ pub struct TestConfig {
     pub engine: &'static str,
     pub tcp: bool,
     pub volumes: Vec<Vol>,
+    /// Extra lines for the `[server]` section.
+    pub server_extra: String,
     pub extra: String,
     /// Extra lines for `[[lss]]` entries, by LSS.
     pub lss_extra: Vec<(u8, String)>,
@@ -84,6 +86,7 @@ impl TestConfig {
             engine,
             tcp: false,
             volumes: vec![Vol::new(0x10, 0, "64MiB")],
+            server_extra: String::new(),
             extra: String::new(),
             lss_extra: Vec::new(),
         }
@@ -96,8 +99,8 @@ impl TestConfig {
         lss.dedup();
         let listen = if self.tcp { "[\"127.0.0.1:0\"]" } else { "[]" };
         let mut s = format!(
-            "[server]\nserial = \"{}\"\nstate_dir = \"{d}/state\"\nio_engine = \"{}\"\n\n[nbd]\nlisten = {listen}\nunix = \"{d}/nbd.sock\"\n\n[api]\nunix = \"{d}/api.sock\"\n{}\n",
-            self.serial, self.engine, self.extra
+            "[server]\nserial = \"{}\"\nstate_dir = \"{d}/state\"\nio_engine = \"{}\"\n{}\n[nbd]\nlisten = {listen}\nunix = \"{d}/nbd.sock\"\n\n[api]\nunix = \"{d}/api.sock\"\n{}\n",
+            self.serial, self.engine, self.server_extra, self.extra
         );
         for id in lss {
             writeln!(s, "[[lss]]\nid = 0x{id:02X}").unwrap();
