@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -5623,4 +5623,398 @@ fn random_link_faults_never_leave_an_acknowledged_write_off_a_critical_heavy_sec
     assert!(errors.contains_key("EIO"), "{context}: no write failed");
     resume_until_duplex(&s.a, &va, seed);
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb), "{context}");
+}
+
+/// Writes version `v` of each block of the JSON object `{block: v}` in
+/// `argv[2]` (the data [`BLOCKS_NOT_AS_ACKED`] expects there), one write
+/// at a time, then flushes.
+const WRITE_VERSIONS: &str = r#"
+import hashlib, json, nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+for b, v in json.loads(sys.argv[2]).items():
+    h.pwrite(hashlib.sha256(f"{b}:{v}".encode()).digest() * 128, int(b) * 4096)
+h.flush()
+h.shutdown()
+"#;
+
+/// Writes each block of `versions` with [`WRITE_VERSIONS`].
+fn write_versions(essd: &Essd, export: &str, versions: &BTreeMap<u64, u64>) {
+    python(
+        WRITE_VERSIONS,
+        &[&essd.uri(export), &serde_json::json!(versions).to_string()],
+    );
+}
+
+/// Delay of every chunk on the link while a failback copies: a copy of a
+/// few dozen tracks lasts long enough to be hit in its middle, and no
+/// request misses the 2 s timeout by the delay alone.
+const COPY_DELAY: Duration = Duration::from_millis(5);
+
+/// The 4 KiB blocks hosts write in [`random_faults_during_failback_and_switch_back_lose_nothing`]:
+/// `blocks` spread over the last 64-track region of a 64 MiB volume (one
+/// bitmap region; the rest of that region is a hole, and the rest of the
+/// volume is filled alike on both sides and never written), and the
+/// version of each that the side that was primary wrote last: what both
+/// volumes must hold in the end.
+struct Slots {
+    blocks: Vec<u64>,
+    expected: BTreeMap<u64, u64>,
+    version: u64,
+    writes: u64,
+}
+
+impl Slots {
+    /// 192 distinct blocks of the region, none written yet.
+    fn new(schedule: &mut Schedule) -> Slots {
+        let first = (64 << 20) / 4096 - 64 * TRACK / 4096;
+        let mut blocks = BTreeSet::new();
+        while blocks.len() < 192 {
+            blocks.insert(first + schedule.next() % (64 * TRACK / 4096));
+        }
+        Slots {
+            blocks: blocks.into_iter().collect(),
+            expected: BTreeMap::new(),
+            version: 0,
+            writes: 0,
+        }
+    }
+
+    /// `count` of the blocks, drawn from `schedule` (distinct).
+    fn pick(&self, schedule: &mut Schedule, count: usize) -> Vec<u64> {
+        let mut picked = BTreeSet::new();
+        while picked.len() < count {
+            picked.insert(self.blocks[(schedule.next() % self.blocks.len() as u64) as usize]);
+        }
+        picked.into_iter().collect()
+    }
+
+    /// Writes a new version of each of `blocks` on `export` (flushed),
+    /// expected in the end if `kept` (not a write the failback is to
+    /// overwrite); returns their tracks.
+    fn write(&mut self, essd: &Essd, export: &str, blocks: &[u64], kept: bool) -> BTreeSet<u64> {
+        let batch: BTreeMap<u64, u64> = blocks
+            .iter()
+            .map(|&b| {
+                self.version += 1;
+                (b, self.version)
+            })
+            .collect();
+        write_versions(essd, export, &batch);
+        self.writes += blocks.len() as u64;
+        if kept {
+            self.expected.extend(&batch);
+        }
+        blocks.iter().map(|b| b * 4096 / TRACK).collect()
+    }
+
+    /// Blocks of `export` that do not hold their expected version.
+    fn wrong(&self, essd: &Essd, export: &str) -> Vec<u64> {
+        check_blocks(
+            BLOCKS_NOT_AS_ACKED,
+            essd,
+            export,
+            &serde_json::json!(self.expected),
+        )
+    }
+}
+
+/// Brings a pair back as the README says: a pair suspended by a restart
+/// of its primary resynchronises by itself once its path is up; any other
+/// suspended pair is resumed at the primary.
+fn bring_back(primary: &Essd, volume: &str, seed: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let pair = show(primary, volume);
+        if pair["state"] != "suspended" || pair["reason"] != "primary restarted" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "seed {seed}: the restarted primary never resynchronised by itself: {pair}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    resume_when_the_path_is_back(primary, volume, seed);
+}
+
+/// The copy of a failback started at `primary` (volume `pv`, the one that
+/// took over) to `secondary` over `link`, hit by one or two faults drawn
+/// from `schedule`, each at a random point of what is left to copy: the
+/// link stalled short of the 2 s timeout or past it (all links, or the
+/// oldest), reset (all, or one of the two), dropped for a while, or
+/// `kill -9` and restart of either server. After each, hosts write
+/// `primary` again and the pair is brought back ([`bring_back`]); in the
+/// end the pair is duplex. Returns the faults — (kind, hold in ms, the
+/// pair's state when it came) — and the tracks the hosts wrote.
+fn copy_under_faults(
+    primary: &mut Essd,
+    pv: &str,
+    secondary: &mut Essd,
+    link: &FaultProxy,
+    slots: &mut Slots,
+    schedule: &mut Schedule,
+    seed: u64,
+) -> (Vec<(u64, u128, String)>, BTreeSet<u64>) {
+    let per_track = slots.blocks.len() as u64 * 4096 / 64;
+    let (mut faults, mut written) = (Vec::new(), BTreeSet::new());
+    for _ in 0..1 + schedule.next() % 2 {
+        let left = show(primary, pv)["out_of_sync_tracks"].as_u64().unwrap();
+        let at = link.bytes_forward() + schedule.next() % (left * per_track).max(1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut looked = Instant::now();
+        while link.bytes_forward() < at && Instant::now() < deadline {
+            if looked.elapsed() > Duration::from_millis(100) {
+                if show(primary, pv)["state"] != "duplex pending" {
+                    break;
+                }
+                looked = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let state = show(primary, pv)["state"].as_str().unwrap().to_string();
+        let kind = schedule.next() % 8;
+        let hold = match kind {
+            0 => schedule.millis(100, 1500),
+            1 | 2 => schedule.millis(2500, 3500),
+            5 => schedule.millis(300, 3000),
+            _ => Duration::ZERO,
+        };
+        match kind {
+            0 | 1 => link.stall(),
+            2 => link.stall_oldest(),
+            3 => link.reset(),
+            4 => link.reset_one(),
+            5 => link.drop_all(),
+            6 => {
+                let serial = primary.serial.clone();
+                primary.kill_and_restart(&serial);
+            }
+            _ => {
+                let serial = secondary.serial.clone();
+                secondary.kill_and_restart(&serial);
+            }
+        }
+        std::thread::sleep(hold);
+        link.heal();
+        link.delay(COPY_DELAY);
+        faults.push((kind, hold.as_millis(), state));
+        // Hosts write on, before the pair is back: recorded, or mirrored
+        // if it did not suspend.
+        let n = 1 + (schedule.next() % 8) as usize;
+        let blocks = slots.pick(schedule, n);
+        written.extend(slots.write(primary, pv, &blocks, true));
+        bring_back(primary, pv, seed);
+    }
+    resume_until_duplex(primary, pv, seed);
+    (faults, written)
+}
+
+/// What the last failback started at `essd` copied, from its log: the
+/// tracks, and how many of them the old primary handed over.
+fn failback_copied(essd: &Essd) -> (usize, usize) {
+    let log = essd.log();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("event=pprc.pair.failback") && l.contains(": copying "))
+        .unwrap_or_else(|| panic!("no failback in the log of {}", essd.serial));
+    let words: Vec<&str> = line
+        .split(": copying ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .collect();
+    (
+        words[0].parse().unwrap(),
+        words[2].trim_start_matches('(').parse().unwrap(),
+    )
+}
+
+/// The most a failback's copy under `faults` faults may send when hosts
+/// made `writes` writes meanwhile: each pass of the copy sends at most
+/// the written blocks of the one region hosts write (the tracks are
+/// marked exactly, or, after a crash of the primary, whole regions from
+/// its bitmap file: still that one region, whose other blocks are a
+/// hole), and each fault costs at most one more pass and the resending
+/// of what was in flight; plus the mirrored writes and the links'
+/// handshakes.
+fn copy_bound(slots: &Slots, faults: usize, writes: u64) -> u64 {
+    let pass = slots.blocks.len() as u64 * 4096 + (64 << 10);
+    (1 + 2 * faults as u64) * pass + writes * (4096 + 512) + (256 << 10)
+}
+
+/// The failover / failback / switch-back cycle under seeded random
+/// faults (`ESSD_FAULT_SEED`): A → B duplex, A loses its links and hosts
+/// write on there (never mirrored), failover at B and hosts write B,
+/// failback B → A, then (hosts stopped at B) failover at A, hosts write
+/// A, failback A → B. Each failback's copy is hit by one or two faults
+/// (link stalls short of and past the timeout, resets, drops, `kill -9` of
+/// either server) and brought back as the README says. The failback
+/// copies exactly the union of both sides' changed tracks (the switch
+/// back: A's alone, B having none); at the end the pair is duplex and
+/// current, the volumes are equal, every written block holds the last
+/// write made on the side that was primary then (A's unmirrored writes
+/// overwritten by B's data), and the two failbacks sent far less than a
+/// full copy.
+#[test]
+fn random_faults_during_failback_and_switch_back_lose_nothing() {
+    let seed = fault_seed(0x5EED_0007);
+    let started = Instant::now();
+    let mut s = Sites::start("pprc-cycle-faults", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    // Alike on both sides (a full copy would send 60 MiB of data) but
+    // for the last region, a hole but for the blocks hosts write, written
+    // alike too: the pair starts with no track marked, so A hands over
+    // exactly what it writes from then on.
+    fill(&s.a, &va, s.dir_a.path(), 60, 71);
+    fill(&s.b, &vb, s.dir_b.path(), 60, 71);
+    let mut schedule = Schedule::new(seed);
+    let mut slots = Slots::new(&mut schedule);
+    let all = slots.blocks.clone();
+    slots.write(&s.a, &va, &all, true);
+    write_versions(&s.b, &vb, &slots.expected);
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_state(&s.a, &va, "duplex");
+
+    // A loses its links and hosts write on: never mirrored.
+    s.proxy.drop_all();
+    let n = 4 + (schedule.next() % 8) as usize;
+    let cut = slots.pick(&mut schedule, n);
+    let on_a_alone = slots.write(&s.a, &va, &cut, false);
+    assert_eq!(show(&s.a, &va)["reason"], "link lost", "seed {seed}");
+
+    // Failover at B; hosts write B.
+    let p = essctl_json(&s.b, &["pprc", "failover", &vb]);
+    assert_eq!(
+        (
+            p["role"].as_str(),
+            p["state"].as_str(),
+            p["reason"].as_str()
+        ),
+        (Some("primary"), Some("suspended"), Some("failover")),
+        "seed {seed}: {p}"
+    );
+    let n = 8 + (schedule.next() % 24) as usize;
+    let b_blocks = slots.pick(&mut schedule, n);
+    let on_b = slots.write(&s.b, &vb, &b_blocks, true);
+
+    // Failback B → A: the union of both sides' tracks, under faults.
+    s.proxy.heal();
+    path(&s.b, "0x10", "TSTA1", "0x10", "2");
+    s.back.reset_counters();
+    s.back.delay(COPY_DELAY);
+    let p = essctl_json(&s.b, &["pprc", "failback", &vb]);
+    assert_eq!(
+        (p["role"].as_str(), p["state"].as_str()),
+        (Some("primary"), Some("duplex pending")),
+        "seed {seed}: {p}"
+    );
+    let union = on_a_alone.union(&on_b).count();
+    assert_eq!(
+        failback_copied(&s.b),
+        (union, on_a_alone.len()),
+        "seed {seed}: the failback's tracks (copied, handed over by A) are not the union of \
+         {on_b:?} written on B and {on_a_alone:?} on A alone"
+    );
+    let writes = slots.writes;
+    let (back_faults, on_b_copying) = copy_under_faults(
+        &mut s.b,
+        &vb,
+        &mut s.a,
+        &s.back,
+        &mut slots,
+        &mut schedule,
+        seed,
+    );
+    s.back.heal();
+    let back_sent = s.back.bytes_forward();
+    let back_bound = copy_bound(&slots, back_faults.len(), slots.writes - writes);
+    let context = format!("seed {seed}, failback faults (kind, ms, state) {back_faults:?}");
+    let wrong = slots.wrong(&s.a, &va);
+    assert!(
+        wrong.is_empty(),
+        "{context}: blocks of A not as B's hosts (or A's before the cut) wrote them: {wrong:?}"
+    );
+    assert_eq!(show(&s.a, &va)["role"], "secondary", "{context}");
+
+    // Switch back, hosts stopped at B: failover at A, hosts write A,
+    // failback A → B, under faults. B hands over at most the tracks its
+    // hosts wrote during the failback's copy (marks not cleared yet).
+    let p = essctl_json(&s.a, &["pprc", "failover", &va]);
+    assert_eq!(p["reason"], "failover", "{context}: {p}");
+    let n = 8 + (schedule.next() % 24) as usize;
+    let on_a = slots.pick(&mut schedule, n);
+    let on_a = slots.write(&s.a, &va, &on_a, true);
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    s.proxy.reset_counters();
+    s.proxy.delay(COPY_DELAY);
+    let p = essctl_json(&s.a, &["pprc", "failback", &va]);
+    assert_eq!(p["state"], "duplex pending", "{context}: {p}");
+    let (copied, handed) = failback_copied(&s.a);
+    assert!(
+        handed <= on_b_copying.len() && (on_a.len()..=on_a.len() + handed).contains(&copied),
+        "{context}: the switch-back copies {copied} tracks, {handed} handed over by B, for \
+         {on_a:?} written on A and {on_b_copying:?} on B during the failback's copy"
+    );
+    let writes = slots.writes;
+    let (switch_faults, _) = copy_under_faults(
+        &mut s.a,
+        &va,
+        &mut s.b,
+        &s.proxy,
+        &mut slots,
+        &mut schedule,
+        seed,
+    );
+    s.proxy.heal();
+    let switch_sent = s.proxy.bytes_forward();
+    let switch_bound = copy_bound(&slots, switch_faults.len(), slots.writes - writes);
+    let context = format!("{context}, switch-back faults {switch_faults:?}");
+
+    wait_current(&s.a, &va);
+    let pair = show(&s.a, &va);
+    assert_eq!(
+        (
+            pair["role"].as_str(),
+            pair["state"].as_str(),
+            pair["replication_status"].as_str()
+        ),
+        (Some("primary"), Some("duplex"), Some("current")),
+        "{context}: {pair}"
+    );
+    let side = wait_state(&s.b, &vb, "duplex");
+    assert_eq!(side["role"], "secondary", "{context}: {side}");
+    assert_eq!(
+        volume_sha(&s.a, &va),
+        volume_sha(&s.b, &vb),
+        "{context}: the volumes differ"
+    );
+    for (essd, v) in [(&s.a, &va), (&s.b, &vb)] {
+        let wrong = slots.wrong(essd, v);
+        assert!(
+            wrong.is_empty(),
+            "{context}: blocks of {v} not as last written on the primary of the time: {wrong:?}"
+        );
+    }
+    eprintln!(
+        "{context}: failback sent {back_sent} bytes (bound {back_bound}), switch-back \
+         {switch_sent} (bound {switch_bound}), {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        back_sent >= cut.iter().chain(&b_blocks).collect::<BTreeSet<_>>().len() as u64 * 4096
+            && back_sent <= back_bound,
+        "{context}: the failback sent {back_sent} bytes for {union} tracks (bound {back_bound})"
+    );
+    assert!(
+        switch_sent >= on_a.len() as u64 * 4096 && switch_sent <= switch_bound,
+        "{context}: the switch-back sent {switch_sent} bytes for {} tracks (bound {switch_bound})",
+        on_a.len()
+    );
+    assert!(
+        back_bound + switch_bound < (60 << 20) / 6,
+        "{context}: the bounds are no proof of partial copies"
+    );
 }
