@@ -3631,7 +3631,9 @@ fn try_write_at(essd: &Essd, export: &str, offset: u64, seed: u64) -> String {
     .to_string()
 }
 
-/// Waits until a duplex primary's marks are cleared: it is `current`.
+/// Waits until a pair's replication status is `current` (duplex, nothing
+/// out of sync). A duplex pair is current at once: its marks, kept until
+/// its cleaner clears them, are not tracks out of sync.
 fn wait_current(essd: &Essd, volume: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while show(essd, volume)["replication_status"] != "current" {
