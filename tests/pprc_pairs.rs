@@ -316,14 +316,16 @@ fn try_write(essd: &Essd, export: &str) -> String {
         .to_string()
 }
 
-/// Writes `mib` MiB of random data at the start of the volume, flushed.
-fn fill(essd: &Essd, export: &str, dir: &Path, mib: usize, seed: u64) {
+/// Writes `mib` MiB of random data at the start of the volume, flushed;
+/// returns the file it wrote from (in `dir`).
+fn fill(essd: &Essd, export: &str, dir: &Path, mib: usize, seed: u64) -> std::path::PathBuf {
     let src = dir.join(format!("fill-{seed}.img"));
     random_file(&src, mib << 20, seed);
     run(std::process::Command::new("nbdcopy")
         .arg("--flush")
         .arg(&src)
         .arg(essd.uri(export)));
+    src
 }
 
 #[test]
@@ -5122,7 +5124,10 @@ fn a_clean_stop_with_a_host_that_keeps_writing_is_bounded_and_truthful() {
 /// whose latest write failed is left out (its content is not known). With
 /// a directory `argv[4]`, whenever a file `ask` appears there it is
 /// removed and the blocks acknowledged so far are written to `acked.json`,
-/// and the writes also end when a file `stop` appears there.
+/// and the writes also end when a file `stop` appears there (`""`: no
+/// directory). A tag `argv[5]` prefixes every version (`t1`, `t2`, …: data
+/// no untagged writer writes), and `argv[6]` sets the seconds between
+/// writes (default 0.006).
 /// Flushes at the end and prints one JSON object: the last acknowledged
 /// version of every block written, and the errors (errno names) writes
 /// and the final flush got.
@@ -5132,7 +5137,9 @@ h = nbd.NBD()
 h.connect_uri(sys.argv[1])
 end = time.time() + float(sys.argv[2])
 rnd = random.Random(int(sys.argv[3]))
-asks = sys.argv[4] if len(sys.argv) > 4 else None
+asks = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] else None
+tag = sys.argv[5] if len(sys.argv) > 5 else ""
+pause = float(sys.argv[6]) if len(sys.argv) > 6 else 0.006
 def data(b, v):
     return hashlib.sha256(f"{b}:{v}".encode()).digest() * 128
 acked, issued, errors, pending = {}, {}, {}, {}
@@ -5161,8 +5168,10 @@ while time.time() < end and not (asks and os.path.exists(os.path.join(asks, "sto
     b = rnd.randrange(blocks)
     if now >= due and len(pending) < 8 and b not in pending:
         v = issued[b] = issued.get(b, 0) + 1
+        if tag:
+            v = f"{tag}{v}"
         pending[b] = (v, h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data(b, v))), b * 4096))
-        due = now + 0.006
+        due = now + pause
     h.poll(max(1, int((due - now) * 1000)))
     reap()
     if asks:
