@@ -6029,3 +6029,229 @@ fn random_faults_during_failback_and_switch_back_lose_nothing() {
         "{context}: the bounds are no proof of partial copies"
     );
 }
+
+/// Reads every 4 KiB block of an export and prints those that do not hold
+/// what the JSON input `{"image": FILE, "acked": {block: version}}` says:
+/// the version [`OVERWRITE_AT_RANDOM`] last wrote there if the block is in
+/// `acked`, else the block of `image` (zeros past its end).
+const BLOCKS_NOT_AS_IMAGE_AND_ACKED: &str = r#"
+import hashlib, json, nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+want = json.loads(sys.stdin.read())
+acked = want["acked"]
+with open(want["image"], "rb") as f:
+    image = f.read()
+def data(b, v):
+    return hashlib.sha256(f"{b}:{v}".encode()).digest() * 128
+wrong, size, step = [], h.get_size(), 1 << 20
+for off in range(0, size, step):
+    chunk = h.pread(min(step, size - off), off)
+    for i in range(0, len(chunk), 4096):
+        b = (off + i) // 4096
+        v = acked.get(str(b))
+        expect = data(b, v) if v is not None else image[b * 4096:(b + 1) * 4096].ljust(4096, b"\0")
+        if chunk[i:i + 4096] != expect:
+            wrong.append(b)
+print(json.dumps(wrong))
+"#;
+
+/// Tracks of a FlashCopy relationship that `volume` is in still to be
+/// copied; `None` once it has none.
+fn flashcopy_remaining(essd: &Essd, volume: &str) -> Option<u64> {
+    let run = essctl(essd, &["--json", "flashcopy", "show", volume]);
+    if run.code != 0 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    v["relationships"][0]["tracks_remaining"].as_u64()
+}
+
+/// A FlashCopy target as the primary of a PPRC pair, under seeded random
+/// link faults (`ESSD_FAULT_SEED`). At A, S (24 MiB of data, then a hole)
+/// is copied onto T (48 MiB of other data) with a background copy at
+/// 0.75 to 2 MiB/s or NOCOPY; then T → T' at B is established (its copy
+/// reads T's point-in-time view) and hosts overwrite random blocks of S
+/// (each first copying its track's T0 content into T) and of T, while
+/// the links A → B are stalled short of and past the 2 s timeout, reset
+/// (all or one), dropped, or B is killed (`kill -9`) and restarted; each
+/// suspended pair is resumed, the FlashCopy still copying. At a random
+/// fault a withdraw is tried: refused while tracks are uncopied (the pair
+/// exists). A background copy is let finish, so T's own blocks are what
+/// is read. In the end the pair is duplex and current, no host write
+/// failed, S holds its T0 data but for its last acknowledged writes, T
+/// and T' hold S's T0 data but for the last acknowledged writes to T —
+/// none of T's own data from before T0 — and T' equals T.
+#[test]
+fn random_link_faults_on_a_flashcopy_target_as_primary_lose_nothing() {
+    let seed = fault_seed(0x5EED_0008);
+    let started = Instant::now();
+    let mut s = Sites::start("pprc-fc-target-faults", |_| {});
+    let (src, pa, pb) = (s.a.vol(0x10, 0), s.a.vol(0x10, 1), s.b.vol(0x10, 0));
+    let mut schedule = Schedule::new(seed);
+    let t0 = fill(&s.a, &src, s.dir_a.path(), 24, 81);
+    fill(&s.a, &pa, s.dir_a.path(), 48, 82);
+    let rates = ["0.75", "1", "1.5", "2"];
+    let mode = match schedule.next() % 6 {
+        r @ 0..=3 => rates[r as usize],
+        _ => "nocopy",
+    };
+    let mode_text = match mode {
+        "nocopy" => "NOCOPY".to_string(),
+        rate => format!("COPY at {rate} MiB/s"),
+    };
+    let pair_of = format!("{src}:{pa}");
+    let mut establish = vec!["flashcopy", "establish", &pair_of];
+    if mode == "nocopy" {
+        establish.push("--nocopy");
+    } else {
+        establish.extend(["--rate", mode]);
+    }
+    essctl(&s.a, &establish).ok();
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    essctl(&s.a, &["pprc", "establish", &pa, &pb]).ok();
+    // Hosts write both volumes from the pair's initial copy on; T's
+    // writer tags its versions, so no write to S can pass for one to T.
+    let writer = |export: &str, rnd: u64, tag: &str| {
+        let args = [s.a.uri(export), rnd.to_string(), tag.to_string()];
+        std::thread::spawn(move || {
+            let out = python(
+                OVERWRITE_AT_RANDOM,
+                &[&args[0], "22", &args[1], "", &args[2], "0.05"],
+            );
+            serde_json::from_str::<serde_json::Value>(&out).unwrap()
+        })
+    };
+    let (on_src, on_pa) = (writer(&src, seed, ""), writer(&pa, seed + 1, "t"));
+    wait_state(&s.a, &pa, "duplex");
+    let mut faults = Vec::new();
+    let withdraw_at = schedule.next() % 6;
+    let mut withdraw = None;
+    while !on_pa.is_finished() || !on_src.is_finished() {
+        std::thread::sleep(schedule.millis(200, 1000));
+        // The first fault outlasts the acknowledgement timeout: the pair
+        // suspends at least once.
+        let kind = if faults.is_empty() {
+            0
+        } else {
+            schedule.next() % 6
+        };
+        let hold = match (faults.len(), kind) {
+            (0, _) => Duration::from_millis(3000),
+            (_, 0 | 4) => schedule.millis(100, 3000),
+            _ => schedule.millis(100, 1500),
+        };
+        let copying = flashcopy_remaining(&s.a, &pa);
+        match kind {
+            0 => s.proxy.stall(),
+            1 => s.proxy.reset(),
+            2 => s.proxy.reset_one(),
+            3 => s.proxy.drop_all(),
+            4 => s.proxy.stall_oldest(),
+            _ => s.b.crash(),
+        }
+        std::thread::sleep(hold);
+        if kind == 5 {
+            s.b.restart("TSTB2");
+        }
+        let state = show(&s.a, &pa)["state"].as_str().unwrap().to_string();
+        faults.push((kind, hold.as_millis(), copying, state));
+        s.proxy.heal();
+        resume_when_the_path_is_back(&s.a, &pa, seed);
+        if faults.len() as u64 == 1 + withdraw_at {
+            // Refused while the pair exists and tracks are uncopied; else
+            // the relationship is gone (ended by its copy, or withdrawn
+            // complete).
+            let before = flashcopy_remaining(&s.a, &pa);
+            let run = essctl(&s.a, &["flashcopy", "withdraw", &pair_of]);
+            let after = flashcopy_remaining(&s.a, &pa);
+            let refused = run.code == 1 && run.stderr.contains("terminate the pair first");
+            assert!(
+                if refused {
+                    before.is_some_and(|n| n > 0) && after.is_some()
+                } else {
+                    after.is_none() && !s.a.log().contains("is incomplete")
+                },
+                "seed {seed}, FlashCopy {mode_text}: a withdraw with {before:?} tracks uncopied \
+                 ({after:?} after): {run:?}"
+            );
+            withdraw = Some((before, run.code));
+        }
+    }
+    let (on_src, on_pa) = (on_src.join().unwrap(), on_pa.join().unwrap());
+    resume_until_duplex(&s.a, &pa, seed);
+    let suspends = s.a.log().matches("PPRC pair suspended").count();
+    let context = format!(
+        "seed {seed}, FlashCopy {mode_text}, faults (kind, ms, tracks left to copy, pair state) \
+         {faults:?}, {suspends} suspends, withdraw (tracks left, code) {withdraw:?}"
+    );
+    if mode != "nocopy" {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while let Some(left) = flashcopy_remaining(&s.a, &pa) {
+            assert!(
+                Instant::now() < deadline,
+                "{context}: the background copy never ended ({left} tracks left)"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    wait_current(&s.a, &pa);
+    let pair = show(&s.a, &pa);
+    assert_eq!(
+        (pair["state"].as_str(), pair["replication_status"].as_str()),
+        (Some("duplex"), Some("current")),
+        "{context}: {pair}"
+    );
+    assert_eq!(
+        wait_state(&s.b, &pb, "duplex")["role"],
+        "secondary",
+        "{context}"
+    );
+    let written = |out: &serde_json::Value| out["acked"].as_object().unwrap().len();
+    eprintln!(
+        "{context}: {} blocks of S and {} of T written, {:.1} s",
+        written(&on_src),
+        written(&on_pa),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        faults
+            .iter()
+            .any(|f| f.2.is_some_and(|n| n > 0) && f.3 == "suspended"),
+        "{context}: the pair never suspended while the FlashCopy was copying"
+    );
+    for out in [&on_src, &on_pa] {
+        assert_eq!(
+            out["errors"],
+            serde_json::json!({}),
+            "{context}: host errors"
+        );
+        assert!(
+            written(out) > 200,
+            "{context}: only {} blocks written",
+            written(out)
+        );
+    }
+    let image = |acked: &serde_json::Value| {
+        let file = t0.display().to_string();
+        serde_json::json!({"image": file, "acked": acked})
+    };
+    for (essd, volume, what, acked) in [
+        (&s.a, &src, "S", &on_src["acked"]),
+        (&s.a, &pa, "T", &on_pa["acked"]),
+        (&s.b, &pb, "T'", &on_pa["acked"]),
+    ] {
+        let wrong = check_blocks(BLOCKS_NOT_AS_IMAGE_AND_ACKED, essd, volume, &image(acked));
+        assert!(
+            wrong.is_empty(),
+            "{context}: {} blocks of {what} ({volume}) are neither S's at T0 nor the last \
+             acknowledged write there: {wrong:?}",
+            wrong.len()
+        );
+    }
+    assert_eq!(
+        volume_sha(&s.a, &pa),
+        volume_sha(&s.b, &pb),
+        "{context}: the volumes of the pair differ"
+    );
+}
