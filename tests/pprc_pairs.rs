@@ -5126,11 +5126,14 @@ fn a_clean_stop_with_a_host_that_keeps_writing_is_bounded_and_truthful() {
 /// removed and the blocks acknowledged so far are written to `acked.json`,
 /// and the writes also end when a file `stop` appears there (`""`: no
 /// directory). A tag `argv[5]` prefixes every version (`t1`, `t2`, …: data
-/// no untagged writer writes), and `argv[6]` sets the seconds between
-/// writes (default 0.006).
+/// no untagged writer writes), `argv[6]` sets the seconds between writes
+/// (default 0.006), versions count from `argv[7]` (default 0: a writer
+/// started again after an earlier one passes the highest version that one
+/// wrote), and with a JSON list of blocks `argv[8]` only those are
+/// written.
 /// Flushes at the end and prints one JSON object: the last acknowledged
-/// version of every block written, and the errors (errno names) writes
-/// and the final flush got.
+/// version of every block written, the number of writes sent, and the
+/// errors (errno names) writes and the final flush got.
 const OVERWRITE_AT_RANDOM: &str = r#"
 import errno, hashlib, json, nbd, os, random, sys, time
 h = nbd.NBD()
@@ -5140,6 +5143,8 @@ rnd = random.Random(int(sys.argv[3]))
 asks = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] else None
 tag = sys.argv[5] if len(sys.argv) > 5 else ""
 pause = float(sys.argv[6]) if len(sys.argv) > 6 else 0.006
+base = int(sys.argv[7]) if len(sys.argv) > 7 else 0
+choices = json.loads(sys.argv[8]) if len(sys.argv) > 8 else None
 def data(b, v):
     return hashlib.sha256(f"{b}:{v}".encode()).digest() * 128
 acked, issued, errors, pending = {}, {}, {}, {}
@@ -5165,9 +5170,9 @@ blocks = h.get_size() // 4096
 due = time.time()
 while time.time() < end and not (asks and os.path.exists(os.path.join(asks, "stop"))):
     now = time.time()
-    b = rnd.randrange(blocks)
+    b = rnd.choice(choices) if choices else rnd.randrange(blocks)
     if now >= due and len(pending) < 8 and b not in pending:
-        v = issued[b] = issued.get(b, 0) + 1
+        v = issued[b] = issued.get(b, base) + 1
         if tag:
             v = f"{tag}{v}"
         pending[b] = (v, h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data(b, v))), b * 4096))
@@ -5185,18 +5190,20 @@ except nbd.Error as e:
     name = "flush " + (errno.errorcode.get(e.errnum, e.string) if e.errnum else e.string)
     errors[name] = errors.get(name, 0) + 1
 h.shutdown()
-print(json.dumps({"acked": acked, "errors": errors}))
+print(json.dumps({"acked": acked, "writes": sum(v - base for v in issued.values()), "errors": errors}))
 "#;
 
 /// Reads the blocks of a JSON object `{block: version}` from an export and
 /// prints those whose content is not what [`OVERWRITE_AT_RANDOM`] wrote
-/// there in that version.
+/// there in that version (version 0: zeroes, a block never written).
 const BLOCKS_NOT_AS_ACKED: &str = r#"
 import hashlib, json, nbd, sys
 h = nbd.NBD()
 h.connect_uri(sys.argv[1])
 acked = json.loads(sys.stdin.read())
 def data(b, v):
+    if v == 0:
+        return bytes(4096)
     return hashlib.sha256(f"{b}:{v}".encode()).digest() * 128
 print(json.dumps([int(b) for b, v in acked.items() if h.pread(4096, int(b) * 4096) != data(b, v)]))
 "#;
@@ -5749,6 +5756,76 @@ fn bring_back(primary: &Essd, volume: &str, seed: u64) {
     resume_when_the_path_is_back(primary, volume, seed);
 }
 
+/// Waits until `link` has carried `at` bytes forward, the pair of `pv`
+/// at `primary` is no longer duplex pending, or 10 s have passed; notes
+/// (time, tracks the copy has left) in `progress` meanwhile. Returns the
+/// pair's state.
+fn wait_for_copy_point(
+    primary: &Essd,
+    pv: &str,
+    link: &FaultProxy,
+    at: u64,
+    progress: &mut Vec<(Instant, u64)>,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut looked = Instant::now();
+    loop {
+        if looked.elapsed() > Duration::from_millis(100) || link.bytes_forward() >= at {
+            let pair = show(primary, pv);
+            if let Some(left) = pair["out_of_sync_tracks"].as_u64() {
+                progress.push((Instant::now(), left));
+            }
+            if pair["state"] != "duplex pending"
+                || link.bytes_forward() >= at
+                || Instant::now() >= deadline
+            {
+                return pair["state"].as_str().unwrap().to_string();
+            }
+            looked = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A fault for the middle of a copy, drawn from `schedule`: its kind (see
+/// [`inject_copy_fault`]) and how long it lasts — a stall short of the
+/// 2 s timeout or past it, a drop for a while; resets and crashes are
+/// instants.
+fn draw_copy_fault(schedule: &mut Schedule) -> (u64, Duration) {
+    let kind = schedule.next() % 8;
+    let hold = match kind {
+        0 => schedule.millis(100, 1500),
+        1 | 2 => schedule.millis(2500, 3500),
+        5 => schedule.millis(300, 3000),
+        _ => Duration::ZERO,
+    };
+    (kind, hold)
+}
+
+/// Injects a fault of `kind`: the link stalled (0, 1: all links; 2: the
+/// oldest), reset (3: all; 4: one), dropped (5), or `kill -9` and restart
+/// of the primary's server (6) or the secondary's (7). [`heal`] the link
+/// after the fault's hold.
+///
+/// [`heal`]: FaultProxy::heal
+fn inject_copy_fault(kind: u64, primary: &mut Essd, secondary: &mut Essd, link: &FaultProxy) {
+    match kind {
+        0 | 1 => link.stall(),
+        2 => link.stall_oldest(),
+        3 => link.reset(),
+        4 => link.reset_one(),
+        5 => link.drop_all(),
+        6 => {
+            let serial = primary.serial.clone();
+            primary.kill_and_restart(&serial);
+        }
+        _ => {
+            let serial = secondary.serial.clone();
+            secondary.kill_and_restart(&serial);
+        }
+    }
+}
+
 /// The copy of a failback started at `primary` (volume `pv`, the one that
 /// took over) to `secondary` over `link`, hit by one or two faults drawn
 /// from `schedule`, each at a random point of what is left to copy: the
@@ -5772,40 +5849,9 @@ fn copy_under_faults(
     for _ in 0..1 + schedule.next() % 2 {
         let left = show(primary, pv)["out_of_sync_tracks"].as_u64().unwrap();
         let at = link.bytes_forward() + schedule.next() % (left * per_track).max(1);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut looked = Instant::now();
-        while link.bytes_forward() < at && Instant::now() < deadline {
-            if looked.elapsed() > Duration::from_millis(100) {
-                if show(primary, pv)["state"] != "duplex pending" {
-                    break;
-                }
-                looked = Instant::now();
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let state = show(primary, pv)["state"].as_str().unwrap().to_string();
-        let kind = schedule.next() % 8;
-        let hold = match kind {
-            0 => schedule.millis(100, 1500),
-            1 | 2 => schedule.millis(2500, 3500),
-            5 => schedule.millis(300, 3000),
-            _ => Duration::ZERO,
-        };
-        match kind {
-            0 | 1 => link.stall(),
-            2 => link.stall_oldest(),
-            3 => link.reset(),
-            4 => link.reset_one(),
-            5 => link.drop_all(),
-            6 => {
-                let serial = primary.serial.clone();
-                primary.kill_and_restart(&serial);
-            }
-            _ => {
-                let serial = secondary.serial.clone();
-                secondary.kill_and_restart(&serial);
-            }
-        }
+        let state = wait_for_copy_point(primary, pv, link, at, &mut Vec::new());
+        let (kind, hold) = draw_copy_fault(schedule);
+        inject_copy_fault(kind, primary, secondary, link);
         std::thread::sleep(hold);
         link.heal();
         link.delay(COPY_DELAY);
@@ -6254,5 +6300,289 @@ fn random_link_faults_on_a_flashcopy_target_as_primary_lose_nothing() {
         volume_sha(&s.a, &pa),
         volume_sha(&s.b, &pb),
         "{context}: the volumes of the pair differ"
+    );
+}
+
+/// Punches a hole of `argv[2]` bytes at each offset of the JSON list
+/// `argv[3]` (TRIM), then flushes.
+const PUNCH_HOLES: &str = r#"
+import json, nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+for offset in json.loads(sys.argv[3]):
+    h.trim(int(sys.argv[2]), offset)
+h.flush()
+h.shutdown()
+"#;
+
+/// Delay of every chunk on the link during the initial copy of
+/// [`random_faults_during_the_initial_copy_lose_nothing`]: the copy lasts
+/// long enough for several faults, and no request misses the 2 s timeout
+/// by the delay alone.
+const INITIAL_COPY_DELAY: Duration = Duration::from_millis(15);
+
+/// A host running [`OVERWRITE_AT_RANDOM`] on `blocks` of `export` at
+/// `essd`, answering and stopped through `asks`; its versions count from
+/// `base`.
+fn overwriter(
+    essd: &Essd,
+    export: &str,
+    seed: u64,
+    asks: &Path,
+    base: u64,
+    blocks: &[u64],
+) -> std::thread::JoinHandle<serde_json::Value> {
+    let _ = std::fs::remove_file(asks.join("stop"));
+    let args = [
+        essd.uri(export),
+        seed.to_string(),
+        asks.display().to_string(),
+        base.to_string(),
+        serde_json::json!(blocks).to_string(),
+    ];
+    std::thread::spawn(move || {
+        let out = python(
+            OVERWRITE_AT_RANDOM,
+            &[
+                &args[0], "600", &args[1], &args[2], "", "0.006", &args[3], &args[4],
+            ],
+        );
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    })
+}
+
+/// Stops a host started by [`overwriter`]: adds its acknowledged writes
+/// to `model`, and returns how many writes it sent and the errors it saw.
+fn stop_overwriter(
+    writer: std::thread::JoinHandle<serde_json::Value>,
+    asks: &Path,
+    model: &mut BTreeMap<u64, u64>,
+) -> (u64, serde_json::Value) {
+    std::fs::write(asks.join("stop"), b"").unwrap();
+    let out = writer.join().unwrap();
+    for (b, v) in out["acked"].as_object().unwrap() {
+        model.insert(b.parse().unwrap(), v.as_u64().unwrap());
+    }
+    (out["writes"].as_u64().unwrap(), out["errors"].clone())
+}
+
+/// The initial copy (`--mode copy`) of a 64 MiB volume of data and holes
+/// onto a secondary holding other data, raced by a host overwriting
+/// blocks of 64 random tracks of the primary (about 150 writes a second,
+/// so that the copy of those tracks and host writes to them meet), and hit
+/// by three or four seeded random faults (`ESSD_FAULT_SEED`) at random
+/// points of what is left to copy: the link stalled short of the 2 s
+/// timeout or past it (all links, or the oldest), reset (all, or one of
+/// the two), dropped for a while, or `kill -9` and restart of either
+/// server. After each the pair is brought back as the README says (a
+/// restarted primary resynchronises by itself, any other suspended pair
+/// is resumed). The host saw no error; the pair ends duplex and current;
+/// every block on both volumes holds the last write the host saw
+/// acknowledged, the holes not written are zeroes on the secondary, and
+/// the volumes are equal. A resume after a link fault does not copy the
+/// volume from its start again: it copies what was left, the tracks
+/// copied in the last cleaning intervals and the host's tracks; and the
+/// link carries at most the volume, the host's writes and what the faults
+/// justify.
+#[test]
+fn random_faults_during_the_initial_copy_lose_nothing() {
+    let seed = fault_seed(0x5EED_0008);
+    let started = Instant::now();
+    let mut s = Sites::start("pprc-copy-faults", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    let volume = 64u64 << 20;
+    let tracks = volume / TRACK;
+    let mut schedule = Schedule::new(seed);
+    // The primary: data but for 16..24 holes of 1 MiB; the secondary
+    // other data all over.
+    fill(&s.a, &va, s.dir_a.path(), 64, seed);
+    fill(&s.b, &vb, s.dir_b.path(), 64, !seed);
+    let mut holes = BTreeSet::new();
+    let n = 16 + schedule.next() % 9;
+    while holes.len() < n as usize {
+        holes.insert(schedule.next() % 64);
+    }
+    let offsets: Vec<u64> = holes.iter().map(|m| m << 20).collect();
+    python(
+        PUNCH_HOLES,
+        &[
+            &s.a.uri(&va),
+            &(1u64 << 20).to_string(),
+            &serde_json::json!(offsets).to_string(),
+        ],
+    );
+    // The host's blocks: 4 in each of 64 tracks.
+    let mut host_tracks = BTreeSet::new();
+    while host_tracks.len() < 64 {
+        host_tracks.insert(schedule.next() % tracks);
+    }
+    let per_track = TRACK / 4096;
+    let mut blocks = BTreeSet::new();
+    for t in &host_tracks {
+        while blocks.len() < 4 * (1 + host_tracks.range(..t).count()) {
+            blocks.insert(t * per_track + schedule.next() % per_track);
+        }
+    }
+    let blocks: Vec<u64> = blocks.into_iter().collect();
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+
+    let asks = tempfile::tempdir().unwrap();
+    let mut model = BTreeMap::new();
+    let (mut writes, mut errors) = (0, Vec::new());
+    let mut writer = overwriter(&s.a, &va, seed, asks.path(), 0, &blocks);
+    s.proxy.reset_counters();
+    s.proxy.delay(INITIAL_COPY_DELAY);
+    let p = essctl_json(&s.a, &["pprc", "establish", &va, &vb, "--mode", "copy"]);
+    assert_eq!(p["state"], "duplex pending", "seed {seed}: {p}");
+    let data = (64 - holes.len() as u64) << 20;
+    // (kind, hold in ms, the pair's state when it came, tracks left then,
+    // tracks to copy once suspended, tracks it may justify)
+    let mut faults = Vec::new();
+    let mut progress = Vec::new();
+    for round in 0..3 + schedule.next() % 2 {
+        let left = show(&s.a, &va)["out_of_sync_tracks"].as_u64().unwrap();
+        let at = s.proxy.bytes_forward() + schedule.next() % (left * TRACK * data / volume).max(1);
+        let state = wait_for_copy_point(&s.a, &va, &s.proxy, at, &mut progress);
+        let left = progress.last().map_or(0, |p| p.1);
+        let (kind, hold) = draw_copy_fault(&mut schedule);
+        let hit = Instant::now();
+        if kind == 6 {
+            // The host's connection goes with the primary: it stops first.
+            let (n, e) = stop_overwriter(writer, asks.path(), &mut model);
+            writes += n;
+            errors.push(e);
+            inject_copy_fault(kind, &mut s.a, &mut s.b, &s.proxy);
+            let base = model.values().max().copied().unwrap_or(0);
+            writer = overwriter(&s.a, &va, seed + round + 1, asks.path(), base, &blocks);
+        } else {
+            inject_copy_fault(kind, &mut s.a, &mut s.b, &s.proxy);
+        }
+        std::thread::sleep(hold);
+        s.proxy.heal();
+        s.proxy.delay(INITIAL_COPY_DELAY);
+        // A link fault may justify copying again, besides what was left:
+        // the tracks the copier passed since the last cleaning pass, and
+        // the host's 64 tracks (written before or during the suspend). A
+        // pass clears the marks of the tracks the copier passed before it
+        // (once both volumes are flushed; only tracks the host wrote in
+        // its interval or the one before keep theirs), and passes start
+        // CLEAN_INTERVAL after the previous one ended, which waited at
+        // most the 2 s timeout for host writes and then for its flush.
+        // What the copier passed: the fall of the tracks it has left (in
+        // this copy pass: that count only falls until a resume starts the
+        // copy again) since that long before the fault.
+        let since = hit - CLEAN_INTERVAL - 2 * Duration::from_secs(2);
+        let pass = &progress[progress
+            .windows(2)
+            .rposition(|w| w[1].1 > w[0].1)
+            .map_or(0, |i| i + 1)..];
+        let then = pass
+            .iter()
+            .rev()
+            .find(|p| p.0 <= since)
+            .or(pass.first())
+            .map_or(tracks, |p| p.1);
+        let justified = then.saturating_sub(left) + host_tracks.len() as u64;
+        let pair = show(&s.a, &va);
+        let resent = match (pair["state"].as_str(), pair["reason"].as_str()) {
+            (Some("suspended"), Some(r)) if r != "primary restarted" => {
+                pair["out_of_sync_tracks"].as_u64().unwrap()
+            }
+            _ => 0,
+        };
+        if pair["state"] == "suspended" {
+            // All the marks: what the copy starts again from.
+            progress.push((Instant::now(), pair["out_of_sync_tracks"].as_u64().unwrap()));
+        }
+        faults.push((kind, hold.as_millis(), state, left, resent, justified));
+        bring_back(&s.a, &va, seed);
+    }
+    resume_until_duplex(&s.a, &va, seed);
+    let sent = s.proxy.bytes_forward();
+    let (n, e) = stop_overwriter(writer, asks.path(), &mut model);
+    writes += n;
+    errors.push(e);
+    s.proxy.heal();
+    let context = format!(
+        "seed {seed}, faults (kind, ms, state, tracks left, to copy once suspended, justified) \
+         {faults:?}"
+    );
+    assert!(
+        errors.iter().all(|e| e == &serde_json::json!({})),
+        "{context}: the host saw errors: {errors:?}"
+    );
+    assert!(
+        faults.iter().any(|f| f.2 == "duplex pending"),
+        "{context}: no fault hit the copy"
+    );
+    wait_current(&s.a, &va);
+    let pair = show(&s.a, &va);
+    assert_eq!(
+        (pair["state"].as_str(), pair["replication_status"].as_str()),
+        (Some("duplex"), Some("current")),
+        "{context}: {pair}"
+    );
+    let side = wait_state(&s.b, &vb, "duplex");
+    assert_eq!(side["role"], "secondary", "{context}: {side}");
+
+    // Every block the host wrote holds its last acknowledged write, on
+    // both volumes; the holes it did not write are zeroes.
+    let mut expected = model.clone();
+    for m in &holes {
+        for b in (m << 20) / 4096..((m + 1) << 20) / 4096 {
+            expected.entry(b).or_insert(0);
+        }
+    }
+    let expected = serde_json::json!(expected);
+    for (essd, v) in [(&s.a, &va), (&s.b, &vb)] {
+        let wrong = check_blocks(BLOCKS_NOT_AS_ACKED, essd, v, &expected);
+        assert!(
+            wrong.is_empty(),
+            "{context}: {} blocks of {v} are not the last acknowledged write (or zeroes in a \
+             hole): {wrong:?}",
+            wrong.len()
+        );
+    }
+    assert_eq!(
+        volume_sha(&s.a, &va),
+        volume_sha(&s.b, &vb),
+        "{context}: the volumes differ"
+    );
+
+    // A resume after a link fault copies what was left and what the fault
+    // justifies (above), not the whole volume again.
+    for f in &faults {
+        assert!(
+            f.4 <= f.3 + f.5,
+            "{context}: a resume after fault {f:?} copies {} tracks, {} left and {} justified",
+            f.4,
+            f.3,
+            f.5
+        );
+    }
+    // The link carries the volume once (its data; holes as zeroing), each
+    // host write (its data and a header), and what each fault justifies:
+    // a link fault, the tracks above and the copies in flight (8 of at
+    // most 1 MiB) sent again; a crash of the primary, whose bitmap file
+    // keeps whole 64-track regions marked while hosts write there, at
+    // most the volume again. Plus the links' handshakes and heartbeats.
+    let crashes = faults.iter().filter(|f| f.0 == 6).count() as u64;
+    let bound = volume
+        + writes * (4096 + 512)
+        + crashes * volume
+        + faults
+            .iter()
+            .filter(|f| f.0 != 6)
+            .map(|f| f.5 * TRACK + (8 << 20))
+            .sum::<u64>()
+        + (1 << 20);
+    eprintln!(
+        "{context}: sent {sent} bytes (bound {bound}), {writes} host writes, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        sent <= bound,
+        "{context}: the link carried {sent} bytes for {data} bytes of data and {writes} host \
+         writes (bound {bound})"
     );
 }
