@@ -1180,7 +1180,13 @@ impl Pair {
             PairState::Duplex => self.oos.tracks(),
             _ => return Ok(0),
         };
-        let clear_marks = self.may_clear(below) && (!keep_recent || self.flush_due());
+        // While duplex pending, the marks below the cursor are mostly of
+        // tracks the copier has copied: they are cleared every pass, busy
+        // or not, so a resume after a suspend mid-copy copies what was
+        // left, not the whole volume again. (The secondary writes its
+        // copies back as they arrive: its flush has little to do.)
+        let copying = self.state() == PairState::DuplexPending;
+        let clear_marks = self.may_clear(below) && (!keep_recent || copying || self.flush_due());
         if !clear_marks && !self.may_drop_unmarked(keep_recent) {
             // Every mark is of a track written since the previous pass
             // (steady writes), or there is none, or the volume is busy and
