@@ -13,7 +13,8 @@
 //! track recorded — and the [cleaner](Pair::clean) clears marks again once
 //! both volumes have been flushed and the tracks have been idle for a
 //! whole cleaning interval. While the volume is being written, the cleaner
-//! flushes at most every [`BUSY_FLUSH_INTERVAL`].
+//! flushes at most every [`BUSY_FLUSH_INTERVAL`] — except while duplex
+//! pending, when every pass records the copy's progress.
 //!
 //! **Activity regions.** A duplex write whose bits are not yet durable
 //! commits the whole 64-track word around them (4 MiB with 64 KiB
@@ -1150,8 +1151,8 @@ impl Pair {
     /// tracks written since the previous pass keep their marks too,
     /// regions written in this or the previous pass keep all their bits,
     /// so writes there cost no bitmap commit, and on a busy volume marks
-    /// wait until the last flush is [`BUSY_FLUSH_INTERVAL`] ago. Returns
-    /// how many marks were cleared.
+    /// wait until the last flush is [`BUSY_FLUSH_INTERVAL`] ago (not while
+    /// duplex pending). Returns how many marks were cleared.
     pub async fn clean(&self, keep_recent: bool) -> Result<u64, Failure> {
         let _one_pass = self.passes.lock().await;
         if self.failed_in_group() {
