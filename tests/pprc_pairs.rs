@@ -5133,7 +5133,11 @@ fn a_clean_stop_with_a_host_that_keeps_writing_is_bounded_and_truthful() {
 /// written.
 /// Flushes at the end and prints one JSON object: the last acknowledged
 /// version of every block written, the number of writes sent, and the
-/// errors (errno names) writes and the final flush got.
+/// errors (errno names) writes and the final flush got. If the connection
+/// breaks (the server killed) the writes end there: `broken` says why, and
+/// `unsure` holds the blocks whose last write failed or was still in
+/// flight, as `[version acknowledged before it (null: none in this run),
+/// its version]` (they are not in `acked`).
 const OVERWRITE_AT_RANDOM: &str = r#"
 import errno, hashlib, json, nbd, os, random, sys, time
 h = nbd.NBD()
@@ -5147,17 +5151,19 @@ base = int(sys.argv[7]) if len(sys.argv) > 7 else 0
 choices = json.loads(sys.argv[8]) if len(sys.argv) > 8 else None
 def data(b, v):
     return hashlib.sha256(f"{b}:{v}".encode()).digest() * 128
-acked, issued, errors, pending = {}, {}, {}, {}
+acked, issued, errors, pending, unsure = {}, {}, {}, {}, {}
+broken = None
 def reap():
     for b, (v, c) in list(pending.items()):
         try:
             if h.aio_command_completed(c):
                 acked[b] = v
+                unsure.pop(b, None)
                 del pending[b]
         except nbd.Error as e:
             name = errno.errorcode.get(e.errnum, e.string) if e.errnum else e.string
             errors[name] = errors.get(name, 0) + 1
-            acked.pop(b, None)
+            unsure[b] = [acked.pop(b, None), v]
             del pending[b]
 def answer_ask():
     ask = os.path.join(asks, "ask")
@@ -5168,29 +5174,39 @@ def answer_ask():
         os.rename(os.path.join(asks, "acked.tmp"), os.path.join(asks, "acked.json"))
 blocks = h.get_size() // 4096
 due = time.time()
-while time.time() < end and not (asks and os.path.exists(os.path.join(asks, "stop"))):
-    now = time.time()
-    b = rnd.choice(choices) if choices else rnd.randrange(blocks)
-    if now >= due and len(pending) < 8 and b not in pending:
-        v = issued[b] = issued.get(b, base) + 1
-        if tag:
-            v = f"{tag}{v}"
-        pending[b] = (v, h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data(b, v))), b * 4096))
-        due = now + pause
-    h.poll(max(1, int((due - now) * 1000)))
-    reap()
-    if asks:
-        answer_ask()
-while h.aio_in_flight() > 0:
-    h.poll(-1)
-    reap()
 try:
-    h.flush()
+    while time.time() < end and not (asks and os.path.exists(os.path.join(asks, "stop"))):
+        now = time.time()
+        b = rnd.choice(choices) if choices else rnd.randrange(blocks)
+        if now >= due and len(pending) < 8 and b not in pending:
+            v = issued[b] = issued.get(b, base) + 1
+            if tag:
+                v = f"{tag}{v}"
+            pending[b] = (v, h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data(b, v))), b * 4096))
+            due = now + pause
+        h.poll(max(1, int((due - now) * 1000)))
+        reap()
+        if asks:
+            answer_ask()
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+        reap()
 except nbd.Error as e:
-    name = "flush " + (errno.errorcode.get(e.errnum, e.string) if e.errnum else e.string)
-    errors[name] = errors.get(name, 0) + 1
-h.shutdown()
-print(json.dumps({"acked": acked, "writes": sum(v - base for v in issued.values()), "errors": errors}))
+    broken = e.string
+    for b, (v, c) in pending.items():
+        unsure[b] = [acked.pop(b, None), v]
+    pending.clear()
+if broken is None:
+    try:
+        h.flush()
+    except nbd.Error as e:
+        name = "flush " + (errno.errorcode.get(e.errnum, e.string) if e.errnum else e.string)
+        errors[name] = errors.get(name, 0) + 1
+    h.shutdown()
+out = {"acked": acked, "writes": sum(v - base for v in issued.values()), "errors": errors}
+if broken is not None:
+    out["broken"], out["unsure"] = broken, unsure
+print(json.dumps(out))
 "#;
 
 /// Reads the blocks of a JSON object `{block: version}` from an export and
@@ -6323,7 +6339,7 @@ const INITIAL_COPY_DELAY: Duration = Duration::from_millis(15);
 
 /// A host running [`OVERWRITE_AT_RANDOM`] on `blocks` of `export` at
 /// `essd`, answering and stopped through `asks`; its versions count from
-/// `base`.
+/// `base`; one write every 6 ms (8 in flight at most).
 fn overwriter(
     essd: &Essd,
     export: &str,
@@ -6332,6 +6348,20 @@ fn overwriter(
     base: u64,
     blocks: &[u64],
 ) -> std::thread::JoinHandle<serde_json::Value> {
+    overwriter_every(essd, export, seed, asks, base, blocks, "0.006")
+}
+
+/// [`overwriter`] with `pause` seconds between writes (`"0"`: as fast as
+/// 8 in flight allow).
+fn overwriter_every(
+    essd: &Essd,
+    export: &str,
+    seed: u64,
+    asks: &Path,
+    base: u64,
+    blocks: &[u64],
+    pause: &str,
+) -> std::thread::JoinHandle<serde_json::Value> {
     let _ = std::fs::remove_file(asks.join("stop"));
     let args = [
         essd.uri(export),
@@ -6339,12 +6369,13 @@ fn overwriter(
         asks.display().to_string(),
         base.to_string(),
         serde_json::json!(blocks).to_string(),
+        pause.to_string(),
     ];
     std::thread::spawn(move || {
         let out = python(
             OVERWRITE_AT_RANDOM,
             &[
-                &args[0], "600", &args[1], &args[2], "", "0.006", &args[3], &args[4],
+                &args[0], "600", &args[1], &args[2], "", &args[5], &args[3], &args[4],
             ],
         );
         serde_json::from_str::<serde_json::Value>(&out).unwrap()
@@ -6584,5 +6615,211 @@ fn random_faults_during_the_initial_copy_lose_nothing() {
         sent <= bound,
         "{context}: the link carried {sent} bytes for {data} bytes of data and {writes} host \
          writes (bound {bound})"
+    );
+}
+
+/// The tracks whose content differs between two volume image files of
+/// the same size, and the tracks of the first that hold data (not all
+/// zeroes).
+fn track_differences(first: &Path, second: &Path) -> (BTreeSet<u64>, BTreeSet<u64>) {
+    let (a, b) = (std::fs::read(first).unwrap(), std::fs::read(second).unwrap());
+    let zeroes = vec![0u8; TRACK as usize];
+    let mut differ = BTreeSet::new();
+    let mut data = BTreeSet::new();
+    for (t, (x, y)) in a.chunks(zeroes.len()).zip(b.chunks(zeroes.len())).enumerate() {
+        if x != y {
+            differ.insert(t as u64);
+        }
+        if x != &zeroes[..x.len()] {
+            data.insert(t as u64);
+        }
+    }
+    (differ, data)
+}
+
+/// A host overwrites random blocks of 48 tracks in 6 of the 16 64-track
+/// regions of a duplex primary, 8 writes in flight, and at 3 to 5 seeded
+/// moments (`ESSD_FAULT_SEED`) the primary's server is killed (`kill -9`),
+/// sometimes with its link stalled just before so that the secondary lags,
+/// then restarted; each time the host starts again with versions above
+/// those it wrote. After each kill: every track that differs between the
+/// two volume files, and every track of a write in flight, is set in the
+/// primary's bitmap file, which marks nothing outside the host's regions.
+/// The restart comes back suspended (`primary restarted`) and
+/// resynchronises by itself, sending at most its marked tracks (on the
+/// pair's count and on the link) and at least a block of each track in
+/// flight that holds data. Then every block holds its last acknowledged
+/// write on both volumes, a block whose write was in flight holds that
+/// write or the one before, the same on both, and the volumes are equal.
+#[test]
+fn kill_9_of_a_duplex_primary_under_random_overwrites_resyncs_what_it_marked() {
+    let seed = fault_seed(0x5EED_0009);
+    let started = Instant::now();
+    let mut s = Sites::start("pprc-kill-overwrites", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    let mut schedule = Schedule::new(seed);
+    let per_track = TRACK / 4096;
+    let mut regions = BTreeSet::new();
+    while regions.len() < 6 {
+        regions.insert(schedule.next() % 16);
+    }
+    let mut blocks = BTreeSet::new();
+    for r in &regions {
+        let mut tracks = BTreeSet::new();
+        while tracks.len() < 8 {
+            tracks.insert(r * 64 + schedule.next() % 64);
+        }
+        for t in tracks {
+            let before = blocks.len();
+            while blocks.len() < before + 4 {
+                blocks.insert(t * per_track + schedule.next() % per_track);
+            }
+        }
+    }
+    let blocks: Vec<u64> = blocks.into_iter().collect();
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_state(&s.a, &va, "duplex");
+    let images = (
+        s.dir_a.path().join("vol-10-0.img"),
+        s.dir_b.path().join("vol-10-0.img"),
+    );
+    let asks = tempfile::tempdir().unwrap();
+    let mut model: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut base = 0;
+    // (ms written, ms stalled before the kill, writes acknowledged, writes
+    // in flight, tracks marked at the restart, bytes the resync sent)
+    let mut kills = Vec::new();
+    let rounds = 3 + schedule.next() % 3;
+    for round in 0..rounds {
+        let writer = overwriter_every(&s.a, &va, seed + round, asks.path(), base, &blocks, "0");
+        let run = schedule.millis(1000, 3000);
+        let stall = (schedule.next() % 3 == 0).then(|| schedule.millis(50, 1000));
+        std::thread::sleep(run);
+        if let Some(lag) = stall {
+            s.proxy.stall();
+            std::thread::sleep(lag);
+        }
+        s.a.crash();
+        let out = writer.join().unwrap();
+        let context = format!(
+            "seed {seed}, round {round}, kills so far (ms written, ms stalled, acked, in \
+             flight, marked, resent) {kills:?}, host {}",
+            serde_json::json!({"writes": out["writes"], "errors": out["errors"], "broken": out["broken"]})
+        );
+        assert!(out["broken"].is_string(), "{context}: the host's connection did not break");
+        let acked = out["acked"].as_object().unwrap();
+        assert!(acked.len() > 50, "{context}: only {} blocks acknowledged", acked.len());
+        for (b, v) in acked {
+            model.insert(b.parse().unwrap(), v.as_u64().unwrap());
+        }
+        base += out["writes"].as_u64().unwrap();
+        // Blocks whose last write was in flight: (before, in flight).
+        let unsure: BTreeMap<u64, (u64, u64)> = out["unsure"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(b, u)| {
+                let b: u64 = b.parse().unwrap();
+                let before = u[0].as_u64().or(model.get(&b).copied()).unwrap_or(0);
+                (b, (before, u[1].as_u64().unwrap()))
+            })
+            .collect();
+
+        // What the crash left: every possibly different track is marked in
+        // the bitmap file, and nothing outside the host's regions.
+        std::thread::sleep(Duration::from_millis(200));
+        let marks = durable_marks(&s.a, &va);
+        let (differ, with_data) = track_differences(&images.0, &images.1);
+        let in_flight: BTreeSet<u64> = unsure.keys().map(|b| b / per_track).collect();
+        let unmarked: Vec<&u64> = differ
+            .union(&in_flight)
+            .filter(|t| !marks.contains(t))
+            .collect();
+        assert!(
+            unmarked.is_empty(),
+            "{context}: tracks that differ ({differ:?}) or were written in flight \
+             ({in_flight:?}) are not marked in the bitmap file: {unmarked:?}"
+        );
+        let outside: Vec<&u64> = marks.iter().filter(|t| !regions.contains(&(*t / 64))).collect();
+        assert!(
+            outside.is_empty(),
+            "{context}: tracks marked outside the host's regions {regions:?}: {outside:?}"
+        );
+
+        s.proxy.reset_counters();
+        let (at_restart, resent) = restart_and_resync(&mut s, &va, Some("primary restarted"));
+        let carried = s.proxy.bytes_forward();
+        let marked = at_restart["out_of_sync_tracks"].as_u64().unwrap();
+        kills.push((
+            run.as_millis(),
+            stall.map_or(0, |d| d.as_millis()),
+            acked.len(),
+            unsure.len(),
+            marked,
+            resent,
+        ));
+        let context = format!("{context}, this kill {:?}", kills.last().unwrap());
+        assert!(
+            marked >= differ.union(&in_flight).count() as u64 && marked <= 64 * regions.len() as u64,
+            "{context}: {marked} tracks marked at the restart for {} differing or in flight \
+             in {} regions: {at_restart}",
+            differ.union(&in_flight).count(),
+            regions.len()
+        );
+        let bound = marked * TRACK + (256 << 10);
+        assert!(
+            resent <= bound && carried <= bound,
+            "{context}: the resync of {marked} tracks sent {resent} bytes ({carried} on the \
+             link), bound {bound}"
+        );
+        let least = in_flight.intersection(&with_data).count() as u64 * 4096;
+        assert!(
+            resent >= least,
+            "{context}: the resync sent {resent} bytes, less than a block of each of the \
+             tracks in flight ({least})"
+        );
+
+        // Every block holds its last acknowledged write; one whose write
+        // was in flight that write or the one before, on both volumes.
+        let mut expected = model.clone();
+        for (b, (_, new)) in &unsure {
+            expected.insert(*b, *new);
+        }
+        let mut old = Vec::new();
+        for (essd, v) in [(&s.a, &va), (&s.b, &vb)] {
+            let wrong = check_blocks(BLOCKS_NOT_AS_ACKED, essd, v, &serde_json::json!(expected));
+            let lost: Vec<&u64> = wrong.iter().filter(|b| !unsure.contains_key(b)).collect();
+            assert!(
+                lost.is_empty(),
+                "{context}: blocks of {v} not their last acknowledged write: {lost:?}"
+            );
+            let before: BTreeMap<u64, u64> = wrong.iter().map(|b| (*b, unsure[b].0)).collect();
+            let neither = check_blocks(BLOCKS_NOT_AS_ACKED, essd, v, &serde_json::json!(before));
+            assert!(
+                neither.is_empty(),
+                "{context}: blocks of {v} written in flight hold neither that write nor the \
+                 one before: {neither:?}"
+            );
+            old.push(wrong);
+        }
+        assert_eq!(old[0], old[1], "{context}: the volumes kept different writes in flight");
+        let (differ, _) = track_differences(&images.0, &images.1);
+        assert!(differ.is_empty(), "{context}: the volumes differ in tracks {differ:?}");
+        if kills.len() as u64 == rounds {
+            assert_eq!(
+                volume_sha(&s.a, &va),
+                volume_sha(&s.b, &vb),
+                "{context}: the volumes differ"
+            );
+        }
+        for (b, (before, new)) in &unsure {
+            model.insert(*b, if old[0].contains(b) { *before } else { *new });
+        }
+    }
+    eprintln!(
+        "seed {seed}: kills (ms written, ms stalled, acked, in flight, marked, resent) \
+         {kills:?}, {:.1} s",
+        started.elapsed().as_secs_f64()
     );
 }
