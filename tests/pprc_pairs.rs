@@ -6622,11 +6622,18 @@ fn random_faults_during_the_initial_copy_lose_nothing() {
 /// the same size, and the tracks of the first that hold data (not all
 /// zeroes).
 fn track_differences(first: &Path, second: &Path) -> (BTreeSet<u64>, BTreeSet<u64>) {
-    let (a, b) = (std::fs::read(first).unwrap(), std::fs::read(second).unwrap());
+    let (a, b) = (
+        std::fs::read(first).unwrap(),
+        std::fs::read(second).unwrap(),
+    );
     let zeroes = vec![0u8; TRACK as usize];
     let mut differ = BTreeSet::new();
     let mut data = BTreeSet::new();
-    for (t, (x, y)) in a.chunks(zeroes.len()).zip(b.chunks(zeroes.len())).enumerate() {
+    for (t, (x, y)) in a
+        .chunks(zeroes.len())
+        .zip(b.chunks(zeroes.len()))
+        .enumerate()
+    {
         if x != y {
             differ.insert(t as u64);
         }
@@ -6707,9 +6714,16 @@ fn kill_9_of_a_duplex_primary_under_random_overwrites_resyncs_what_it_marked() {
              flight, marked, resent) {kills:?}, host {}",
             serde_json::json!({"writes": out["writes"], "errors": out["errors"], "broken": out["broken"]})
         );
-        assert!(out["broken"].is_string(), "{context}: the host's connection did not break");
+        assert!(
+            out["broken"].is_string(),
+            "{context}: the host's connection did not break"
+        );
         let acked = out["acked"].as_object().unwrap();
-        assert!(acked.len() > 50, "{context}: only {} blocks acknowledged", acked.len());
+        assert!(
+            acked.len() > 50,
+            "{context}: only {} blocks acknowledged",
+            acked.len()
+        );
         for (b, v) in acked {
             model.insert(b.parse().unwrap(), v.as_u64().unwrap());
         }
@@ -6741,7 +6755,10 @@ fn kill_9_of_a_duplex_primary_under_random_overwrites_resyncs_what_it_marked() {
             "{context}: tracks that differ ({differ:?}) or were written in flight \
              ({in_flight:?}) are not marked in the bitmap file: {unmarked:?}"
         );
-        let outside: Vec<&u64> = marks.iter().filter(|t| !regions.contains(&(*t / 64))).collect();
+        let outside: Vec<&u64> = marks
+            .iter()
+            .filter(|t| !regions.contains(&(*t / 64)))
+            .collect();
         assert!(
             outside.is_empty(),
             "{context}: tracks marked outside the host's regions {regions:?}: {outside:?}"
@@ -6761,7 +6778,8 @@ fn kill_9_of_a_duplex_primary_under_random_overwrites_resyncs_what_it_marked() {
         ));
         let context = format!("{context}, this kill {:?}", kills.last().unwrap());
         assert!(
-            marked >= differ.union(&in_flight).count() as u64 && marked <= 64 * regions.len() as u64,
+            marked >= differ.union(&in_flight).count() as u64
+                && marked <= 64 * regions.len() as u64,
             "{context}: {marked} tracks marked at the restart for {} differing or in flight \
              in {} regions: {at_restart}",
             differ.union(&in_flight).count(),
@@ -6803,9 +6821,15 @@ fn kill_9_of_a_duplex_primary_under_random_overwrites_resyncs_what_it_marked() {
             );
             old.push(wrong);
         }
-        assert_eq!(old[0], old[1], "{context}: the volumes kept different writes in flight");
+        assert_eq!(
+            old[0], old[1],
+            "{context}: the volumes kept different writes in flight"
+        );
         let (differ, _) = track_differences(&images.0, &images.1);
-        assert!(differ.is_empty(), "{context}: the volumes differ in tracks {differ:?}");
+        assert!(
+            differ.is_empty(),
+            "{context}: the volumes differ in tracks {differ:?}"
+        );
         if kills.len() as u64 == rounds {
             assert_eq!(
                 volume_sha(&s.a, &va),
