@@ -5849,8 +5849,7 @@ fn inject_copy_fault(kind: u64, primary: &mut Essd, secondary: &mut Essd, link: 
 /// oldest), reset (all, or one of the two), dropped for a while, or
 /// `kill -9` and restart of either server. After each, hosts write
 /// `primary` again and the pair is brought back ([`bring_back`]); in the
-/// end the pair is duplex. Returns the faults — (kind, hold in ms, the
-/// pair's state when it came) — and the tracks the hosts wrote.
+/// end the pair is duplex and the link healed.
 fn copy_under_faults(
     primary: &mut Essd,
     pv: &str,
@@ -5859,8 +5858,9 @@ fn copy_under_faults(
     slots: &mut Slots,
     schedule: &mut Schedule,
     seed: u64,
-) -> (Vec<(u64, u128, String)>, BTreeSet<u64>) {
+) -> FaultedCopy {
     let per_track = slots.blocks.len() as u64 * 4096 / 64;
+    let writes_before = slots.writes;
     let (mut faults, mut written) = (Vec::new(), BTreeSet::new());
     for _ in 0..1 + schedule.next() % 2 {
         let left = show(primary, pv)["out_of_sync_tracks"].as_u64().unwrap();
@@ -5880,7 +5880,25 @@ fn copy_under_faults(
         bring_back(primary, pv, seed);
     }
     resume_until_duplex(primary, pv, seed);
-    (faults, written)
+    link.heal();
+    FaultedCopy {
+        bound: copy_bound(slots, faults.len(), slots.writes - writes_before),
+        sent: link.bytes_forward(),
+        faults,
+        written,
+    }
+}
+
+/// What [`copy_under_faults`] did.
+struct FaultedCopy {
+    /// (kind, hold in ms, the pair's state when it came) of each fault.
+    faults: Vec<(u64, u128, String)>,
+    /// The tracks hosts wrote meanwhile.
+    written: BTreeSet<u64>,
+    /// Bytes the link carried forward since its counters were reset.
+    sent: u64,
+    /// The most the copy may have sent ([`copy_bound`]).
+    bound: u64,
 }
 
 /// What the last failback started at `essd` copied, from its log: the
@@ -5991,8 +6009,7 @@ fn random_faults_during_failback_and_switch_back_lose_nothing() {
         "seed {seed}: the failback's tracks (copied, handed over by A) are not the union of \
          {on_b:?} written on B and {on_a_alone:?} on A alone"
     );
-    let writes = slots.writes;
-    let (back_faults, on_b_copying) = copy_under_faults(
+    let back = copy_under_faults(
         &mut s.b,
         &vb,
         &mut s.a,
@@ -6001,10 +6018,10 @@ fn random_faults_during_failback_and_switch_back_lose_nothing() {
         &mut schedule,
         seed,
     );
-    s.back.heal();
-    let back_sent = s.back.bytes_forward();
-    let back_bound = copy_bound(&slots, back_faults.len(), slots.writes - writes);
-    let context = format!("seed {seed}, failback faults (kind, ms, state) {back_faults:?}");
+    let context = format!(
+        "seed {seed}, failback faults (kind, ms, state) {:?}",
+        back.faults
+    );
     let wrong = slots.wrong(&s.a, &va);
     assert!(
         wrong.is_empty(),
@@ -6027,12 +6044,12 @@ fn random_faults_during_failback_and_switch_back_lose_nothing() {
     assert_eq!(p["state"], "duplex pending", "{context}: {p}");
     let (copied, handed) = failback_copied(&s.a);
     assert!(
-        handed <= on_b_copying.len() && (on_a.len()..=on_a.len() + handed).contains(&copied),
+        handed <= back.written.len() && (on_a.len()..=on_a.len() + handed).contains(&copied),
         "{context}: the switch-back copies {copied} tracks, {handed} handed over by B, for \
-         {on_a:?} written on A and {on_b_copying:?} on B during the failback's copy"
+         {on_a:?} written on A and {:?} on B during the failback's copy",
+        back.written
     );
-    let writes = slots.writes;
-    let (switch_faults, _) = copy_under_faults(
+    let switch = copy_under_faults(
         &mut s.a,
         &va,
         &mut s.b,
@@ -6041,10 +6058,7 @@ fn random_faults_during_failback_and_switch_back_lose_nothing() {
         &mut schedule,
         seed,
     );
-    s.proxy.heal();
-    let switch_sent = s.proxy.bytes_forward();
-    let switch_bound = copy_bound(&slots, switch_faults.len(), slots.writes - writes);
-    let context = format!("{context}, switch-back faults {switch_faults:?}");
+    let context = format!("{context}, switch-back faults {:?}", switch.faults);
 
     wait_current(&s.a, &va);
     let pair = show(&s.a, &va);
@@ -6071,6 +6085,8 @@ fn random_faults_during_failback_and_switch_back_lose_nothing() {
             "{context}: blocks of {v} not as last written on the primary of the time: {wrong:?}"
         );
     }
+    let (back_sent, back_bound) = (back.sent, back.bound);
+    let (switch_sent, switch_bound) = (switch.sent, switch.bound);
     eprintln!(
         "{context}: failback sent {back_sent} bytes (bound {back_bound}), switch-back \
          {switch_sent} (bound {switch_bound}), {:.1} s",
