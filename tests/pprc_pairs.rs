@@ -5659,6 +5659,229 @@ fn random_link_faults_never_leave_an_acknowledged_write_off_a_critical_heavy_sec
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb), "{context}");
 }
 
+/// Links of the path in [`random_multi_link_faults_inhibit_a_critical_primary_only_when_the_last_link_is_lost`].
+const CRITICAL_LINKS: u64 = 4;
+
+/// The state of the path 0x10 → TSTB2 0x10 at `essd`: `up`, `degraded`
+/// or `down`.
+fn path_state(essd: &Essd) -> String {
+    let list = essctl(essd, &["--json", "pprc", "path", "list"]).json();
+    list["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["lss"] == "0x10" && p["peer"] == "TSTB2" && p["peer_lss"] == "0x10")
+        .map(|p| p["state"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+/// A critical pair (not critical heavy) over a path of four links, a host
+/// overwriting blocks at random (each round its own blocks, a writer of
+/// its own), and a seeded schedule of rounds (`ESSD_FAULT_SEED`): links
+/// reset, one to three of the four; one link stalled past the 2 s
+/// timeout; every link dropped; or some reset and then the rest dropped.
+/// While a link is up the primary is never write-inhibited: with links
+/// reset the pair stays duplex, the path degraded, and no write fails; a
+/// stalled link suspends the pair (`link lost`, the link did not answer)
+/// without inhibiting it, and no write fails. Once every link is lost
+/// the pair suspends write-inhibited: every write the host saw
+/// acknowledged is on the secondary (read before the resume), no write is
+/// acknowledged any more, and the inhibition lasts after the links are
+/// back until the resume, whose resync makes the pair duplex and the
+/// primary writable. At the end the volumes are equal.
+#[test]
+fn random_multi_link_faults_inhibit_a_critical_primary_only_when_the_last_link_is_lost() {
+    let seed = fault_seed(0x5EED_0009);
+    let s = Sites::start("pprc-critical-faults", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    let links = CRITICAL_LINKS.to_string();
+    path(&s.a, "0x10", "TSTB2", "0x10", &links);
+    essctl(
+        &s.a,
+        &[
+            "pprc",
+            "establish",
+            &va,
+            &vb,
+            "--mode",
+            "nocopy",
+            "--critical",
+        ],
+    )
+    .ok();
+    let mut schedule = Schedule::new(seed);
+    let mut rounds: Vec<(u64, u64, String)> = Vec::new();
+    let mut acked_all = serde_json::Map::new();
+    let mut degraded_seen = false;
+    let end = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < end && rounds.len() < 24 {
+        path(&s.a, "0x10", "TSTB2", "0x10", &links);
+        assert_eq!(show(&s.a, &va)["state"], "duplex");
+        let round = rounds.len() as u64;
+        // Each round writes its own 600 blocks: a block whose write failed
+        // is never written again, so the acknowledged versions of every
+        // round together are what the secondary must hold.
+        let blocks: Vec<u64> = (round * 600..(round + 1) * 600).collect();
+        let asks = tempfile::tempdir().unwrap();
+        let writer = {
+            let args = [
+                s.a.uri(&va),
+                (seed + round).to_string(),
+                asks.path().display().to_string(),
+                format!("r{round}v"),
+                serde_json::json!(blocks).to_string(),
+            ];
+            std::thread::spawn(move || {
+                let out = python(
+                    OVERWRITE_AT_RANDOM,
+                    &[
+                        &args[0], "60", &args[1], &args[2], &args[3], "0.006", "0", &args[4],
+                    ],
+                );
+                serde_json::from_str::<serde_json::Value>(&out).unwrap()
+            })
+        };
+        std::thread::sleep(schedule.millis(400, 800));
+        // The first round cuts some links only.
+        let kind = if round == 0 { 0 } else { schedule.next() % 4 };
+        let cut = 1 + schedule.next() % (CRITICAL_LINKS - 1);
+        let mut seen = Vec::new();
+        if kind == 0 || kind == 3 {
+            for _ in 0..cut {
+                s.proxy.reset_one();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let until = Instant::now() + schedule.millis(800, 1500);
+            while Instant::now() < until {
+                seen.push(path_state(&s.a));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            degraded_seen |= seen.iter().any(|p| p == "degraded");
+        }
+        let prefix = format!(
+            "seed {seed}, rounds (fault, links cut, outcome) {rounds:?}, this round kind {kind} cut {cut}"
+        );
+        let context = |note: &str| format!("{prefix}: {note}");
+        if kind == 0 || kind == 3 {
+            assert!(
+                !seen.iter().any(|p| p == "down"),
+                "{}",
+                context(&format!("path states {seen:?}"))
+            );
+            let pair = show(&s.a, &va);
+            assert_eq!(pair["state"], "duplex", "{}", context(&pair.to_string()));
+            assert_eq!(
+                pair["write_inhibited"],
+                false,
+                "{}",
+                context(&pair.to_string())
+            );
+        }
+        let outcome = match kind {
+            0 => "duplex".to_string(),
+            1 => {
+                s.proxy.stall_oldest();
+                std::thread::sleep(schedule.millis(2600, 3400));
+                let pair = show(&s.a, &va);
+                let note = context(&pair.to_string());
+                assert_eq!(pair["state"], "suspended", "{note}");
+                assert_eq!(pair["reason"], "link lost", "{note}");
+                assert_eq!(pair["detail"], "TSTB2 did not answer within 2s", "{note}");
+                assert_eq!(pair["write_inhibited"], false, "{note}");
+                assert_ne!(path_state(&s.a), "down", "{note}");
+                "suspended, writable".to_string()
+            }
+            _ => {
+                s.proxy.drop_all();
+                std::thread::sleep(schedule.millis(800, 1500));
+                let pair = show(&s.a, &va);
+                let note = context(&pair.to_string());
+                assert_eq!(pair["state"], "suspended", "{note}");
+                assert_eq!(pair["reason"], "link lost", "{note}");
+                assert_eq!(pair["write_inhibited"], true, "{note}");
+                // Every write acknowledged so far is on the secondary.
+                let acked = acked_so_far(asks.path());
+                let mut so_far = acked_all.clone();
+                so_far.extend(acked.as_object().unwrap().clone());
+                let missing = check_blocks(
+                    BLOCKS_NOT_AS_ACKED,
+                    &s.b,
+                    &vb,
+                    &serde_json::Value::Object(so_far),
+                );
+                assert!(
+                    missing.is_empty(),
+                    "{note}: {} acknowledged writes are not on the secondary: {missing:?}",
+                    missing.len()
+                );
+                // The links come back; the primary stays inhibited and
+                // acknowledges no write until the resume.
+                s.proxy.heal();
+                path(&s.a, "0x10", "TSTB2", "0x10", &links);
+                std::thread::sleep(Duration::from_millis(300));
+                let later = acked_so_far(asks.path());
+                for (b, v) in later.as_object().unwrap() {
+                    assert_eq!(
+                        acked.get(b),
+                        Some(v),
+                        "{note}: block {b} acknowledged (version {v}) while write-inhibited"
+                    );
+                }
+                assert_eq!(try_write(&s.a, &va), "writable EIO", "{note}");
+                let pair = show(&s.a, &va);
+                assert_eq!(pair["state"], "suspended", "{note}: {pair}");
+                assert_eq!(pair["write_inhibited"], true, "{note}: {pair}");
+                "suspended, inhibited".to_string()
+            }
+        };
+        std::fs::write(asks.path().join("stop"), b"").unwrap();
+        let out = writer.join().unwrap();
+        let errors = out["errors"].as_object().unwrap();
+        let note = context(&format!("writer {out}"));
+        if kind < 2 {
+            assert!(
+                errors.is_empty(),
+                "{note}: a write failed while a link was up"
+            );
+            assert!(
+                out["acked"].as_object().unwrap().len() > 20,
+                "{note}: too few writes acknowledged"
+            );
+        } else {
+            assert!(
+                errors.keys().all(|e| e == "EIO"),
+                "{note}: errors other than EIO"
+            );
+            assert!(errors.contains_key("EIO"), "{note}: no write failed");
+        }
+        acked_all.extend(out["acked"].as_object().unwrap().clone());
+        rounds.push((kind, cut, outcome));
+        s.proxy.heal();
+        resume_until_duplex(&s.a, &va, seed);
+        let pair = show(&s.a, &va);
+        assert_eq!(
+            pair["write_inhibited"],
+            false,
+            "{}",
+            context(&pair.to_string())
+        );
+    }
+    let context = format!("seed {seed}, rounds (fault, links cut, outcome) {rounds:?}");
+    eprintln!("{context}");
+    assert!(degraded_seen, "{context}: the path was never seen degraded");
+    let missing = check_blocks(
+        BLOCKS_NOT_AS_ACKED,
+        &s.b,
+        &vb,
+        &serde_json::Value::Object(acked_all),
+    );
+    assert!(
+        missing.is_empty(),
+        "{context}: not on the secondary: {missing:?}"
+    );
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb), "{context}");
+}
+
 /// Writes version `v` of each block of the JSON object `{block: v}` in
 /// `argv[2]` (the data [`BLOCKS_NOT_AS_ACKED`] expects there), one write
 /// at a time, then flushes.
