@@ -1031,25 +1031,33 @@ impl Pair {
 
     /// Waits until the secondary has applied everything `broken` carried,
     /// asking over another live link of `route`.
+    /// A link that breaks under the question fails in turn and the next
+    /// live link is asked: while one is up, the path is only degraded.
     async fn await_drained(&self, route: &Route, broken: &PeerLink) -> Result<(), String> {
-        let Some((at, link)) = route.pick() else {
-            return Err("no live link left".into());
-        };
-        let ask = Message::Control {
-            body: super::secondary::drained_body(&broken.peer().link_id),
-        };
-        match tokio::time::timeout(self.timeout, link.request(ask)).await {
-            Ok(Ok(0)) => Ok(()),
-            Ok(Ok(code)) => Err(format!("the secondary answered {}", errno_name(code))),
-            Ok(Err(e)) => {
-                route.fail(at, &link, e.to_string());
-                Err(e.to_string())
+        let mut last = None;
+        for _ in 0..super::paths::MAX_LINKS {
+            let Some((at, link)) = route.pick() else {
+                break;
+            };
+            let ask = Message::Control {
+                body: super::secondary::drained_body(&broken.peer().link_id),
+            };
+            match tokio::time::timeout(self.timeout, link.request(ask)).await {
+                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(code)) => return Err(format!("the secondary answered {}", errno_name(code))),
+                Ok(Err(e)) => {
+                    route.fail(at, &link, e.to_string());
+                    last = Some(e.to_string());
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "the secondary did not finish the broken link's requests within {:?}",
+                        self.timeout
+                    ))
+                }
             }
-            Err(_) => Err(format!(
-                "the secondary did not finish the broken link's requests within {:?}",
-                self.timeout
-            )),
         }
+        Err(last.unwrap_or_else(|| "no live link left".into()))
     }
 
     /// Waits until the secondary has ended every link of the path that was
