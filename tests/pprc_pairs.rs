@@ -5564,6 +5564,31 @@ fn acked_so_far(asks: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(&answer).unwrap()).unwrap()
 }
 
+/// Asserts that every block of `acked` ({block: version}) holds that
+/// version on `export` of `essd` (what [`OVERWRITE_AT_RANDOM`] wrote).
+fn assert_acked_on(essd: &Essd, export: &str, acked: serde_json::Value, what: &str) {
+    let missing = check_blocks(BLOCKS_NOT_AS_ACKED, essd, export, &acked);
+    assert!(
+        missing.is_empty(),
+        "{what}: {} acknowledged writes are not on {export}: {missing:?}",
+        missing.len()
+    );
+}
+
+/// Establishes `va` → `vb` from `essd` as a critical pair, without copy.
+fn establish_critical_nocopy(essd: &Essd, va: &str, vb: &str) {
+    let args = [
+        "pprc",
+        "establish",
+        va,
+        vb,
+        "--mode",
+        "nocopy",
+        "--critical",
+    ];
+    essctl(essd, &args).ok();
+}
+
 /// A critical pair on a critical heavy LSS under random overwrites while
 /// its links are stalled past the timeout, dropped, reset (all or one)
 /// and its secondary's server killed, in a seeded random order
@@ -5580,19 +5605,7 @@ fn random_link_faults_never_leave_an_acknowledged_write_off_a_critical_heavy_sec
     });
     let (va, vb) = (s.a.vol(0x11, 0), s.b.vol(0x11, 0));
     path(&s.a, "0x11", "TSTB2", "0x11", "2");
-    essctl(
-        &s.a,
-        &[
-            "pprc",
-            "establish",
-            &va,
-            &vb,
-            "--mode",
-            "nocopy",
-            "--critical",
-        ],
-    )
-    .ok();
+    establish_critical_nocopy(&s.a, &va, &vb);
     let asks = tempfile::tempdir().unwrap();
     let writer = {
         let args = [
@@ -5696,19 +5709,7 @@ fn random_multi_link_faults_inhibit_a_critical_primary_only_when_the_last_link_i
     let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
     let links = CRITICAL_LINKS.to_string();
     path(&s.a, "0x10", "TSTB2", "0x10", &links);
-    essctl(
-        &s.a,
-        &[
-            "pprc",
-            "establish",
-            &va,
-            &vb,
-            "--mode",
-            "nocopy",
-            "--critical",
-        ],
-    )
-    .ok();
+    establish_critical_nocopy(&s.a, &va, &vb);
     let mut schedule = Schedule::new(seed);
     let mut rounds: Vec<(u64, u64, String)> = Vec::new();
     let mut acked_all = serde_json::Map::new();
@@ -5803,17 +5804,7 @@ fn random_multi_link_faults_inhibit_a_critical_primary_only_when_the_last_link_i
                 let acked = acked_so_far(asks.path());
                 let mut so_far = acked_all.clone();
                 so_far.extend(acked.as_object().unwrap().clone());
-                let missing = check_blocks(
-                    BLOCKS_NOT_AS_ACKED,
-                    &s.b,
-                    &vb,
-                    &serde_json::Value::Object(so_far),
-                );
-                assert!(
-                    missing.is_empty(),
-                    "{note}: {} acknowledged writes are not on the secondary: {missing:?}",
-                    missing.len()
-                );
+                assert_acked_on(&s.b, &vb, serde_json::Value::Object(so_far), &note);
                 // The links come back; the primary stays inhibited and
                 // acknowledges no write until the resume.
                 s.proxy.heal();
@@ -5869,16 +5860,7 @@ fn random_multi_link_faults_inhibit_a_critical_primary_only_when_the_last_link_i
     let context = format!("seed {seed}, rounds (fault, links cut, outcome) {rounds:?}");
     eprintln!("{context}");
     assert!(degraded_seen, "{context}: the path was never seen degraded");
-    let missing = check_blocks(
-        BLOCKS_NOT_AS_ACKED,
-        &s.b,
-        &vb,
-        &serde_json::Value::Object(acked_all),
-    );
-    assert!(
-        missing.is_empty(),
-        "{context}: not on the secondary: {missing:?}"
-    );
+    assert_acked_on(&s.b, &vb, serde_json::Value::Object(acked_all), &context);
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb), "{context}");
 }
 
