@@ -1,0 +1,366 @@
+//! Failover at the secondary, failback of only the changed tracks and the
+//! switch-back, and the refusals around them.
+
+use super::*;
+
+#[test]
+fn failover_failback_and_switch_back_copy_only_changed_tracks() {
+    let s = Sites::start("pprc-failover", |_| {});
+    let (a, b) = (&s.a, &s.b);
+    let (va, vb) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    fill(a, &va, s.dir_a.path(), 8, 11);
+    path(a, "0x10", "TSTB2", "0x10", "2");
+    essctl(a, &["pprc", "establish", &va, &vb]).ok();
+    wait_duplex(a, &va);
+    write_tracks(a, &va, 12, 20);
+    assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
+
+    // The primary site loses its links and goes on writing: 5 tracks
+    // changed on A are never mirrored.
+    s.proxy.drop_all();
+    write_tracks(a, &va, 13, 5);
+    let lost = show(a, &va);
+    assert_eq!(lost["reason"], "link lost");
+    // Only tracks written since the pair became duplex may be marked (the
+    // 20 mirrored ones are in sync, but their marks may not be cleared
+    // yet): never the tracks of the initial copy.
+    let marked = lost["out_of_sync_tracks"].as_u64().unwrap();
+    assert!((5..=25).contains(&marked), "{marked} tracks out of sync");
+
+    // Failover at B without contacting A: B becomes a suspended primary
+    // and hosts write it.
+    let v = essctl_json(b, &["pprc", "failover", &vb]);
+    assert_eq!(
+        (v["role"].as_str(), v["state"].as_str()),
+        (Some("primary"), Some("suspended"))
+    );
+    assert_eq!(v["reason"], "failover");
+    assert_eq!(try_write(b, &vb), "writable ok");
+    write_tracks(b, &vb, 14, 7);
+    let changed_on_b = show(b, &vb)["out_of_sync_tracks"].as_u64().unwrap();
+    assert!((7..=8).contains(&changed_on_b), "{changed_on_b}");
+
+    // Failback B → A: A becomes the secondary and hands over its 5
+    // tracks; only the union crosses the link.
+    s.proxy.heal();
+    path(b, "0x10", "TSTA1", "0x10", "1");
+    s.back.reset_counters();
+    essctl(b, &["pprc", "failback", &vb]).ok();
+    wait_duplex(b, &vb);
+    let sent = s.back.bytes_forward();
+    let union = changed_on_b + 5;
+    assert!(
+        sent <= union * TRACK + (64 << 10) && sent >= union * 4096,
+        "failback sent {sent} bytes for at most {union} tracks"
+    );
+    assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
+    let side = show(a, &va);
+    assert_eq!(
+        (side["role"].as_str(), side["peer"].as_str()),
+        (Some("secondary"), Some("TSTB2"))
+    );
+    assert_eq!(try_write(a, &va), "read-only EPERM");
+
+    // Switch back: failover at A, failback at A; B is the secondary again.
+    write_tracks(b, &vb, 15, 3);
+    essctl(a, &["pprc", "failover", &va]).ok();
+    path(a, "0x10", "TSTB2", "0x10", "2");
+    s.proxy.reset_counters();
+    essctl(a, &["pprc", "failback", &va]).ok();
+    wait_duplex(a, &va);
+    assert!(
+        s.proxy.bytes_forward() < 16 * TRACK,
+        "switch-back sent {} bytes",
+        s.proxy.bytes_forward()
+    );
+    assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
+    assert_eq!(show(b, &vb)["role"], "secondary");
+    write_tracks(a, &va, 16, 10);
+    assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
+}
+
+/// A failback interrupted after the old primary became the secondary
+/// (keeping its unmirrored tracks as the hand-over bitmap) and before the
+/// new primary fetched them: a failover at the old primary keeps those
+/// tracks marked, and its later failback leaves both volumes equal.
+#[test]
+fn a_failover_keeps_the_handed_over_tracks() {
+    let mut s = Sites::start("pprc-handover-failover", |cfg| with_timeout(cfg, "10s"));
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_state(&s.b, &vb, "duplex");
+    write_tracks(&s.a, &va, 12, 4);
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+    // A loses its links and writes on: 5 tracks never mirrored.
+    s.proxy.drop_all();
+    write_tracks(&s.a, &va, 13, 5);
+    assert_eq!(show(&s.a, &va)["reason"], "link lost");
+    // Failover at B; hosts write B.
+    essctl(&s.b, &["pprc", "failover", &vb]).ok();
+    write_tracks(&s.b, &vb, 14, 7);
+    s.proxy.heal();
+    path(&s.b, "0x10", "TSTA1", "0x10", "1");
+    // Failback at B over a slow link; B dies once A took the secondary role.
+    s.back.delay(Duration::from_millis(1500));
+    let mut failback = spawn_essctl(&s.b, &["pprc", "failback", &vb]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while show(&s.a, &va)["role"] != "secondary" {
+        assert!(Instant::now() < deadline, "A never became the secondary");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.b.crash();
+    let _ = failback.wait();
+    s.back.heal();
+    let handover = s.dir_a.path().join(format!("state/pprc/{va}.handover"));
+    assert!(handover.exists());
+    // Production back to A, then B returns and A fails back to it.
+    essctl(&s.a, &["pprc", "failover", &va]).ok();
+    assert!(
+        !handover.exists(),
+        "the hand-over bitmap outlived the failover"
+    );
+    write_tracks(&s.a, &va, 15, 3);
+    s.b.kill_and_restart("TSTB2");
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "failback", &va]).ok();
+    wait_duplex(&s.a, &va);
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}
+
+/// A failback makes the old primary the secondary of the volume that took
+/// over; an old primary smaller than that volume is refused, as a
+/// secondary smaller than its primary is at establish, and stays as it was.
+#[test]
+fn a_failback_to_a_smaller_old_primary_is_refused() {
+    let s = Sites::start("pprc-failback-size", |cfg| {
+        if cfg.serial == "TSTA1" {
+            cfg.volumes[1] = Vol::new(0x10, 1, "32MiB");
+        }
+    });
+    let (a, b) = (&s.a, &s.b);
+    let (va, vb) = (a.vol(0x10, 1), b.vol(0x10, 1));
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    essctl(a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    essctl(b, &["pprc", "failover", &vb]).ok();
+    path(b, "0x10", "TSTA1", "0x10", "1");
+    let failback = essctl(b, &["pprc", "failback", &vb]);
+    assert_eq!(failback.code, 1, "{failback:?}");
+    assert!(
+        failback.stderr.contains(&format!(
+            "secondary {va} (33554432 bytes) is smaller than primary {vb}"
+        )),
+        "{failback:?}"
+    );
+    assert_eq!(show(a, &va)["role"], "primary");
+    assert_eq!(try_write(a, &va), "writable ok");
+}
+
+/// A failover whose record cannot be written changes nothing: the volume
+/// stays a protected secondary. (It used to make the volume a writable
+/// primary first and answer the error after: hosts wrote it, the restart
+/// made it the secondary again from the old record, and the resumed pair
+/// went duplex with those writes on the secondary only.)
+#[test]
+fn a_failover_that_cannot_be_recorded_leaves_the_secondary_protected() {
+    let mut s = Sites::start("pprc-failover-unrecorded", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_state(&s.b, &vb, "duplex");
+    essctl(&s.a, &["pprc", "suspend", &va]).ok();
+    wait_state(&s.b, &vb, "suspended");
+    // The record's temporary file cannot be created.
+    let blocker = block_pair_records(s.dir_b.path());
+    let failover = essctl(&s.b, &["pprc", "failover", &vb]);
+    std::fs::remove_dir(&blocker).unwrap();
+    assert_ne!(failover.code, 0, "{failover:?}");
+    let answer = try_write(&s.b, &vb);
+    assert_eq!(
+        show(&s.b, &vb)["role"],
+        "secondary",
+        "failover answered {failover:?}"
+    );
+    s.b.kill_and_restart("TSTB2");
+    assert_eq!(show(&s.b, &vb)["role"], "secondary", "after the restart");
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "resume", &va]).ok();
+    wait_duplex(&s.a, &va);
+    assert_eq!(
+        volume_sha(&s.a, &va),
+        volume_sha(&s.b, &vb),
+        "duplex pair differs; a host write at B after the failed failover answered {answer:?}"
+    );
+}
+
+/// The fan-out limit (a primary server mirrors to at most 4 peers) never
+/// refuses a failover: a recovery site takes over a volume although it
+/// mirrors to 4 other peers already, and then has pairs with 5. What
+/// would mirror to a fifth at once is refused: the failback, until a pair
+/// with one of the others is suspended; then a resume, or a new pair, with
+/// that one.
+#[test]
+fn a_failover_beyond_four_peers_is_taken_but_mirrors_to_at_most_four() {
+    let serials = ["TSTB1", "TSTB2", "TSTB3", "TSTB4", "TSTB5"];
+    let ports: Vec<u16> = serials.iter().map(|_| free_port()).collect();
+    let port_x = free_port();
+    let mut keep = Vec::new();
+    let mut peers = Vec::new();
+    for (serial, port) in serials.iter().zip(&ports) {
+        let dir = tempdir("pprc-fan-peer");
+        let mut cfg = TestConfig::new("uring");
+        cfg.serial = serial;
+        cfg.volumes = vec![Vol::new(0x10, 0, "16MiB"), Vol::new(0x10, 1, "16MiB")];
+        cfg.extra = format!(
+            "\n[replication]\nlisten = \"127.0.0.1:{port}\"\nsecret = \"{SECRET}\"\n\n\
+             [[peer]]\nserial = \"TSTA1\"\naddress = \"127.0.0.1:{port_x}\"\n"
+        );
+        peers.push(Essd::start_in(dir.path(), &cfg));
+        keep.push(dir);
+    }
+    let dir = tempdir("pprc-fan-failover");
+    let mut cfg = TestConfig::new("uring");
+    cfg.serial = "TSTA1";
+    cfg.volumes = (0..6).map(|n| Vol::new(0x10, n, "16MiB")).collect();
+    cfg.extra =
+        format!("\n[replication]\nlisten = \"127.0.0.1:{port_x}\"\nsecret = \"{SECRET}\"\n");
+    for (serial, port) in serials.iter().zip(&ports) {
+        cfg.extra +=
+            &format!("\n[[peer]]\nserial = \"{serial}\"\naddress = \"127.0.0.1:{port}\"\n");
+    }
+    let x = Essd::start_in(dir.path(), &cfg);
+    for (n, serial) in serials[..4].iter().enumerate() {
+        path(&x, "0x10", serial, "0x10", "1");
+        let primary = x.vol(0x10, n as u8);
+        let secondary = format!("000{serial}");
+        essctl(
+            &x,
+            &[
+                "pprc",
+                "establish",
+                &primary,
+                &secondary,
+                "--mode",
+                "nocopy",
+            ],
+        )
+        .ok();
+    }
+    // TSTB5 mirrors its volume to X.
+    let b5 = &peers[4];
+    let (taken, old) = (x.vol(0x10, 4), b5.vol(0x10, 0));
+    path(b5, "0x10", "TSTA1", "0x10", "1");
+    essctl(b5, &["pprc", "establish", &old, &taken, "--mode", "nocopy"]).ok();
+    assert_eq!(show(&x, &taken)["role"], "secondary");
+
+    // X takes over: a failover is never refused.
+    let v = essctl_json(&x, &["pprc", "failover", &taken]);
+    assert_eq!(
+        (
+            v["role"].as_str(),
+            v["state"].as_str(),
+            v["reason"].as_str()
+        ),
+        (Some("primary"), Some("suspended"), Some("failover")),
+        "{v}"
+    );
+    assert_eq!(try_write(&x, &taken), "writable ok");
+
+    // Failing back would mirror to a fifth peer while the 4 others are
+    // duplex.
+    path(&x, "0x10", "TSTB5", "0x10", "1");
+    let limit = |peers: &str| {
+        format!(
+            "this server is mirroring to 4 peers ({peers}); a primary server mirrors to at most \
+             4 at once: suspend or terminate its pairs with one of them first"
+        )
+    };
+    essctl(&x, &["pprc", "failback", &taken]).refused(&limit("TSTB1, TSTB2, TSTB3, TSTB4"));
+    let v = show(&x, &taken);
+    assert_eq!(
+        (v["state"].as_str(), v["reason"].as_str()),
+        (Some("suspended"), Some("failover")),
+        "{v}"
+    );
+    assert_eq!(show(b5, &old)["role"], "primary");
+
+    // With the pair to TSTB1 suspended, the failback is made.
+    let to_b1 = x.vol(0x10, 0);
+    essctl(&x, &["pprc", "suspend", &to_b1]).ok();
+    essctl(&x, &["pprc", "failback", &taken]).ok();
+    wait_duplex(&x, &taken);
+    assert_eq!(show(b5, &old)["role"], "secondary");
+    assert_eq!(volume_sha(&x, &taken), volume_sha(b5, &old));
+
+    // Now TSTB1 would be the fifth: neither a resume nor a new pair with
+    // it is made.
+    let others = limit("TSTB2, TSTB3, TSTB4, TSTB5");
+    essctl(&x, &["pprc", "resume", &to_b1]).refused(&others);
+    assert_eq!(show(&x, &to_b1)["state"], "suspended");
+    let new = [
+        "pprc",
+        "establish",
+        &x.vol(0x10, 5),
+        "001TSTB1",
+        "--mode",
+        "nocopy",
+    ];
+    essctl(&x, &new).refused(&others);
+    assert_eq!(
+        essctl_json(&peers[0], &["volume", "show", "001TSTB1"])["pprc_secondary"],
+        false
+    );
+    drop(peers);
+}
+
+/// `failback` belongs to a volume that took over by a failover. Given the
+/// primary of a pair that merely suspended (here: a write stuck on a link
+/// that timed out), it is refused, pointing to `resume` — which waits for
+/// the stuck write before it copies, so the write cannot land over the
+/// copy of its track.
+#[test]
+fn a_failback_of_a_pair_not_failed_over_is_refused() {
+    let s = Sites::start("pprc-failback-no-failover", |cfg| with_timeout(cfg, "1s"));
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "2");
+    let vol = a.vol(0x10, 0);
+    let sec = b.vol(0x10, 0);
+    essctl(a, &["pprc", "establish", &vol, &sec, "--mode", "nocopy"]).ok();
+    s.proxy.stall_oldest();
+    let mut stuck = None;
+    for byte in 1..=8u8 {
+        let out = python(WRITE_NO_FLUSH, &[&a.uri(&vol), "0", &byte.to_string()]);
+        assert_eq!(out.trim(), "ok");
+        if show(a, &vol)["state"] == "suspended" {
+            stuck = Some(byte);
+            break;
+        }
+    }
+    let stuck = stuck.expect("no write went over the stalled link");
+    assert_eq!(
+        python(WRITE_NO_FLUSH, &[&a.uri(&vol), "0", "238"]).trim(),
+        "ok"
+    );
+    essctl(a, &["pprc", "failback", &vol]).refused(&format!(
+        "pair {vol} → {sec} is suspended (link lost), not taken over by a failover; \
+         failback is done at a volume that took over: resume this pair with essctl pprc \
+         resume {vol}"
+    ));
+    let v = show(a, &vol);
+    assert_eq!(
+        (v["state"].as_str(), v["reason"].as_str()),
+        (Some("suspended"), Some("link lost")),
+        "{v}"
+    );
+    essctl(a, &["pprc", "resume", &vol]).ok();
+    wait_duplex(a, &vol);
+    s.proxy.heal();
+    std::thread::sleep(Duration::from_secs(2));
+    let now = block_at(b, &sec, 0);
+    assert!(
+        now == vec![238u8; 4096],
+        "duplex, the primary holds 238 at offset 0, the secondary {} (the write of {stuck} \
+         stuck on the stalled link)",
+        now[0]
+    );
+}

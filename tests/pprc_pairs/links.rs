@@ -1,0 +1,697 @@
+//! Broken links: suspend on a timeout or a lost path, the critical modes'
+//! write inhibition, writes stranded on a timed-out link, state changes
+//! that reach the other side only when the links return, and terminate at
+//! the secondary with the primary dead.
+
+use super::*;
+
+/// Start of a script sending batches of writes with libnbd's async API:
+/// `batch(writes)` sends `(data, offset)` writes together and waits for
+/// all of them.
+const AIO_WRITES: &str = r#"
+import nbd, random, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+done = 0
+def batch(writes):
+    global done
+    cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(d), o) for d, o in writes]
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    done += sum(1 for c in cookies if h.aio_command_completed(c))
+"#;
+
+/// Writes different data to the same places several times at once: in
+/// each round 8 writes to one range, in flight together (whole pages and
+/// single sectors, alternately).
+const OVERLAPPING_WRITES: &str = r#"
+for r in range(int(sys.argv[2])):
+    offset, size = (r % 64) * 8192 + (r % 2) * 512, 512 if r % 2 else 4096
+    batch([(bytearray([1 + (r * 8 + k) % 255]) * size, offset) for k in range(8)])
+"#;
+
+/// 4 KiB writes, 8 in flight, to the volume's blocks in random order, each
+/// at most once (so a write that misses the secondary is never covered by
+/// a later one), for `argv[2]` seconds.
+const KEEP_WRITING: &str = r#"
+end = time.time() + float(sys.argv[2])
+rnd = random.Random(5)
+blocks = list(range(h.get_size() // 4096))
+rnd.shuffle(blocks)
+while time.time() < end and len(blocks) >= 8:
+    batch([(rnd.randbytes(4096), blocks.pop() * 4096) for _ in range(8)])
+"#;
+
+/// An [`AIO_WRITES`] script with `body`, flushing at the end; it prints
+/// how many writes completed.
+fn aio_script(body: &str) -> String {
+    format!("{AIO_WRITES}{body}h.flush()\nh.shutdown()\nprint(done)\n")
+}
+
+#[test]
+fn broken_links_suspend_and_critical_modes_inhibit_writes() {
+    let s = Sites::start("pprc-critical", |cfg| {
+        cfg.lss_extra = vec![(0x11, "critical_heavy = true".into())];
+    });
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "2");
+    path(a, "0x11", "TSTB2", "0x11", "1");
+    let plain = a.vol(0x10, 0);
+    let critical = a.vol(0x10, 1);
+    let heavy = a.vol(0x11, 0);
+    for (vol, peer, opts) in [
+        (&plain, b.vol(0x10, 0), &[][..]),
+        (&critical, b.vol(0x10, 1), &["--critical"][..]),
+        (&heavy, b.vol(0x11, 0), &["--critical"][..]),
+    ] {
+        let mut args = vec![
+            "pprc",
+            "establish",
+            vol.as_str(),
+            peer.as_str(),
+            "--mode",
+            "nocopy",
+        ];
+        args.extend_from_slice(opts);
+        essctl(a, &args).ok();
+        assert_eq!(show(a, vol)["state"], "duplex");
+    }
+
+    // Overlapping writes in flight together, spread over both links: the
+    // secondary applies them in the primary's order, so the volumes agree.
+    let out = python(&aio_script(OVERLAPPING_WRITES), &[&a.uri(&plain), "200"]);
+    assert_eq!(out.trim(), "1600");
+    assert_eq!(show(a, &plain)["state"], "duplex");
+    assert_eq!(volume_sha(a, &plain), volume_sha(b, &b.vol(0x10, 0)));
+
+    // Suspended and resumed three times while a host keeps writing: the
+    // resyncs miss no change made while the pair was suspended, nor one
+    // made alone as it started mirroring again.
+    let writer = {
+        let (uri, script) = (a.uri(&plain), aio_script(KEEP_WRITING));
+        std::thread::spawn(move || python(&script, &[&uri, "3"]))
+    };
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        let v = essctl(a, &["--json", "pprc", "suspend", &plain]).json();
+        assert_eq!(
+            (v["state"].as_str(), v["reason"].as_str()),
+            (Some("suspended"), Some("manual"))
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let v = essctl(a, &["--json", "pprc", "resume", &plain]).json();
+        assert!(
+            matches!(v["state"].as_str(), Some("duplex pending" | "duplex")),
+            "{v}"
+        );
+    }
+    let written: u64 = writer.join().unwrap().trim().parse().unwrap();
+    // Writes went on through all three suspend/resume cycles.
+    assert!(written >= 8 * 10, "only {written} writes");
+    wait_duplex(a, &plain);
+    assert_eq!(volume_sha(a, &plain), volume_sha(b, &b.vol(0x10, 0)));
+
+    // Losing one link of two only degrades the path: writes go on over the
+    // other, the pairs stay duplex.
+    s.proxy.reset_one();
+    write_tracks(a, &plain, 9, 30);
+    assert_eq!(show(a, &plain)["state"], "duplex");
+    assert_eq!(volume_sha(a, &plain), volume_sha(b, &b.vol(0x10, 0)));
+    path(a, "0x10", "TSTB2", "0x10", "2");
+
+    // A slow link (300 ms each way, under the 2 s timeout) slows writes
+    // down but the pair stays duplex.
+    s.proxy.delay(Duration::from_millis(300));
+    let started = Instant::now();
+    write_tracks(a, &plain, 10, 2);
+    assert!(started.elapsed() >= Duration::from_millis(600));
+    assert_eq!(show(a, &plain)["state"], "duplex");
+    s.proxy.heal();
+
+    // Every connection reset mid-write: the pair either carries on over
+    // reopened links or suspends; after a resume both sides are equal.
+    let writer = {
+        let uri = a.uri(&plain);
+        std::thread::spawn(move || {
+            python(WRITE_TRACKS, &[&uri, "11", "200"]);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    s.proxy.reset();
+    writer.join().unwrap();
+    path(a, "0x10", "TSTB2", "0x10", "2");
+    if show(a, &plain)["state"] == "suspended" {
+        essctl(a, &["pprc", "resume", &plain]).ok();
+    }
+    wait_duplex(a, &plain);
+    assert_eq!(volume_sha(a, &plain), volume_sha(b, &b.vol(0x10, 0)));
+
+    // A stalled link: the write waits for the timeout (2 s), then the
+    // pair suspends and the host's write succeeds (not critical).
+    s.proxy.stall();
+    let started = Instant::now();
+    let stalled = write_tracks(a, &plain, 1, 1)[0];
+    assert!(started.elapsed() >= Duration::from_millis(1900));
+    let v = show(a, &plain);
+    assert_eq!(
+        (v["state"].as_str(), v["reason"].as_str()),
+        (Some("suspended"), Some("link lost"))
+    );
+    assert_eq!(v["detail"], "TSTB2 did not answer within 2s");
+    assert_eq!(v["write_inhibited"], false);
+    // Suspended, the bitmap file drops the rest of the regions it kept
+    // for duplex writes: it holds exactly the tracks out of sync.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let file = durable_marks(a, &plain);
+        let marked = show(a, &plain)["out_of_sync_tracks"].as_u64().unwrap();
+        if file.len() as u64 == marked {
+            assert!(
+                file.contains(&stalled),
+                "track {stalled} not marked: {file:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bitmap file has {} tracks, the pair {marked} out of sync",
+            file.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.proxy.heal();
+    path(a, "0x10", "TSTB2", "0x10", "2");
+
+    // Every link lost: not critical → suspended, writable; critical →
+    // write-inhibited once the last link is gone; critical + heavy →
+    // write-inhibited. Reads go on.
+    s.proxy.drop_all();
+    write_tracks(a, &plain, 2, 1);
+    assert_eq!(try_write(a, &critical), "writable EIO");
+    assert_eq!(try_write(a, &heavy), "writable EIO");
+    for (vol, inhibited) in [(&plain, false), (&critical, true), (&heavy, true)] {
+        let v = show(a, vol);
+        assert_eq!(v["state"], "suspended", "{v}");
+        assert_eq!(v["reason"], "link lost", "{v}");
+        assert_eq!(v["write_inhibited"], inhibited, "{v}");
+    }
+    volume_sha(a, &heavy);
+
+    // The links come back; resync clears the inhibition.
+    s.proxy.heal();
+    path(a, "0x10", "TSTB2", "0x10", "2");
+    path(a, "0x11", "TSTB2", "0x11", "1");
+    for (vol, peer) in [
+        (&plain, b.vol(0x10, 0)),
+        (&critical, b.vol(0x10, 1)),
+        (&heavy, b.vol(0x11, 0)),
+    ] {
+        essctl(a, &["pprc", "resume", vol]).ok();
+        wait_duplex(a, vol);
+        assert_eq!(show(a, vol)["write_inhibited"], false);
+        write_tracks(a, vol, 3, 4);
+        assert_eq!(volume_sha(a, vol), volume_sha(b, &peer), "{vol}");
+    }
+
+    // A duplex secondary whose primary is connected cannot be terminated
+    // there: its primary would go on as if duplex.
+    essctl(b, &["pprc", "terminate", &b.vol(0x10, 1)]).refused(&format!(
+        "{} is the duplex secondary of TSTA1 {critical}, which is connected: suspend the \
+         pair first, terminate it at TSTA1, or fail over here",
+        b.vol(0x10, 1)
+    ));
+    // The secondary fails to apply a change (its volume was taken over by
+    // a failover at B): critical without heavy only suspends while links
+    // are up; heavy inhibits.
+    essctl(b, &["pprc", "failover", &b.vol(0x10, 1)]).ok();
+    essctl(b, &["pprc", "failover", &b.vol(0x11, 0)]).ok();
+    assert_eq!(try_write(a, &critical), "writable ok");
+    assert_eq!(show(a, &critical)["reason"], "secondary I/O error");
+    assert_eq!(try_write(a, &heavy), "writable EIO");
+    assert_eq!(show(a, &heavy)["write_inhibited"], true);
+    // Terminating the pair also ends the inhibition.
+    essctl(a, &["pprc", "terminate", &heavy]).ok();
+    assert_eq!(try_write(a, &heavy), "writable ok");
+}
+
+#[test]
+fn terminate_at_the_secondary_with_the_primary_dead_makes_it_writable() {
+    let s = Sites::start("pprc-takeover", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_state(&s.b, &vb, "duplex");
+    let v = show(&s.b, &vb);
+    assert_eq!(
+        (&v["primary_links"], &v["replication_status"]),
+        (&1.into(), &"current".into())
+    );
+    s.a.kill();
+    // Without a link from its primary the secondary cannot know that it
+    // is current (the primary may be writing on, suspended).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = show(&s.b, &vb);
+        if v["primary_links"] == 0 {
+            assert_eq!(
+                (&v["state"], &v["replication_status"]),
+                (&"duplex".into(), &"not current".into())
+            );
+            assert!(v["primary_unreachable_since"].is_string(), "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the primary's link stays: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(try_write(&s.b, &vb), "read-only EPERM");
+    let v = essctl_json(&s.b, &["pprc", "terminate", &vb]);
+    assert_eq!(v["state"], "simplex");
+    assert_eq!(try_write(&s.b, &vb), "writable ok");
+    let shown = essctl_json(&s.b, &["volume", "show", &vb]);
+    assert_eq!(shown["pprc_secondary"], false);
+}
+
+#[test]
+fn kill_9_of_either_server_mid_write_loses_nothing() {
+    let mut s = Sites::start("pprc-kill", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    fill(&s.a, &va, s.dir_a.path(), 8, 21);
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    essctl(&s.a, &["pprc", "establish", &va, &vb]).ok();
+    wait_duplex(&s.a, &va);
+
+    for round in 0..3u64 {
+        // Kill the primary while fio writes.
+        let fio = std::process::Command::new("fio")
+            .args([
+                "--name=w",
+                "--ioengine=nbd",
+                &format!("--uri={}", s.a.uri(&va)),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=16",
+                "--time_based",
+                "--runtime=30",
+                "--verify_state_save=0",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(700 + round * 300));
+        s.a.kill_and_restart("TSTA1");
+        let mut fio = fio;
+        let _ = fio.kill();
+        let _ = fio.wait();
+        // The pair comes back by itself and resynchronises.
+        wait_state(&s.a, &va, "duplex");
+        assert_eq!(
+            volume_sha(&s.a, &va),
+            volume_sha(&s.b, &vb),
+            "round {round}"
+        );
+    }
+
+    // Kill the secondary mid-write: the primary suspends and goes on.
+    write_tracks(&s.a, &va, 30, 4);
+    s.b.kill_and_restart("TSTB2");
+    write_tracks(&s.a, &va, 31, 6);
+    let v = show(&s.a, &va);
+    assert_eq!(v["state"], "suspended", "{v}");
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    essctl(&s.a, &["pprc", "resume", &va]).ok();
+    wait_duplex(&s.a, &va);
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}
+
+/// The primary is killed; the recovery site terminates its secondary and
+/// hosts write it. The restarted primary's automatic resync must not make
+/// that volume its secondary again (copying only its own out-of-sync
+/// tracks over the recovery site's data).
+#[test]
+fn a_restarted_primary_does_not_resync_a_secondary_terminated_meanwhile() {
+    let mut s = Sites::start("pprc-restart-terminated", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_state(&s.b, &vb, "duplex");
+    write_tracks(&s.a, &va, 80, 4);
+    s.a.crash();
+    let recovery = take_over_at_the_recovery_site(&s, &vb);
+    s.a.kill_and_restart("TSTA1");
+    let pa = recovery_site_kept(&s, &va, &vb, &recovery);
+    assert_eq!(pa["state"], "suspended", "{pa}");
+}
+
+/// A write whose link stalls past the timeout suspends the pair
+/// (the link is dropped from the path, but its request is still on its
+/// way). The resync copies the track over another link and the pair is
+/// duplex; then the stalled link delivers the old write, which must not
+/// land over the newer copy.
+#[test]
+fn a_write_stuck_on_a_timed_out_link_never_lands_after_the_resync() {
+    let s = Sites::start("pprc-stale-link", |cfg| with_timeout(cfg, "1s"));
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "2");
+    let vol = a.vol(0x10, 0);
+    let sec = b.vol(0x10, 0);
+    essctl(a, &["pprc", "establish", &vol, &sec, "--mode", "nocopy"]).ok();
+    assert_eq!(show(a, &vol)["state"], "duplex");
+    // One of the two links stops delivering (both ways); the other flows.
+    s.proxy.stall_oldest();
+    let started = Instant::now();
+    let mut stuck = None;
+    for byte in 1..=8u8 {
+        let out = python(WRITE_NO_FLUSH, &[&a.uri(&vol), "0", &byte.to_string()]);
+        assert_eq!(out.trim(), "ok");
+        if show(a, &vol)["state"] == "suspended" {
+            stuck = Some(byte);
+            break;
+        }
+    }
+    let stuck = stuck.expect("no write went over the stalled link");
+    // The host's newest data at offset 0, recorded while suspended.
+    assert_eq!(
+        python(WRITE_NO_FLUSH, &[&a.uri(&vol), "0", "238"]).trim(),
+        "ok"
+    );
+    essctl(a, &["pprc", "resume", &vol]).ok();
+    wait_duplex(a, &vol);
+    assert_eq!(block_at(a, &vol, 0), vec![238u8; 4096]);
+    assert_eq!(block_at(b, &sec, 0), vec![238u8; 4096]);
+    let elapsed = started.elapsed();
+    // The stalled link delivers what it held.
+    s.proxy.heal();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(show(a, &vol)["state"], "duplex");
+    let now = block_at(b, &sec, 0);
+    assert!(
+        now == vec![238u8; 4096],
+        "duplex, the primary holds 238 at offset 0, the secondary {} (the write of {stuck} stuck on the stalled link; resync done {elapsed:?} after the stall)",
+        now[0]
+    );
+}
+
+/// As above, but the operator re-establishes the path with "force removal
+/// of existing paths" before the resume: the new path's links must still
+/// know that a link of the old one was dropped with a write unanswered, or
+/// the resync does not wait for it and the stale write lands over the
+/// resync's copy of its track.
+#[test]
+fn a_forced_path_establish_does_not_forget_a_timed_out_link() {
+    a_replaced_path_does_not_forget_a_timed_out_link("pprc-stale-force", false);
+}
+
+/// The same when the operator removes the path and establishes it again.
+#[test]
+fn a_removed_and_reestablished_path_does_not_forget_a_timed_out_link() {
+    a_replaced_path_does_not_forget_a_timed_out_link("pprc-stale-remove", true);
+}
+
+fn a_replaced_path_does_not_forget_a_timed_out_link(tag: &str, remove_first: bool) {
+    let s = Sites::start(tag, |cfg| with_timeout(cfg, "1s"));
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "2");
+    let vol = a.vol(0x10, 0);
+    let sec = b.vol(0x10, 0);
+    essctl(a, &["pprc", "establish", &vol, &sec, "--mode", "nocopy"]).ok();
+    assert_eq!(show(a, &vol)["state"], "duplex");
+    s.proxy.stall_oldest();
+    let mut stuck = None;
+    for byte in 1..=8u8 {
+        let out = python(WRITE_NO_FLUSH, &[&a.uri(&vol), "0", &byte.to_string()]);
+        assert_eq!(out.trim(), "ok");
+        if show(a, &vol)["state"] == "suspended" {
+            stuck = Some(byte);
+            break;
+        }
+    }
+    let stuck = stuck.expect("no write went over the stalled link");
+    assert_eq!(
+        python(WRITE_NO_FLUSH, &[&a.uri(&vol), "0", "238"]).trim(),
+        "ok"
+    );
+    let mut establish = vec![
+        "pprc",
+        "path",
+        "establish",
+        "0x10",
+        "TSTB2",
+        "0x10",
+        "--links",
+        "2",
+    ];
+    if remove_first {
+        // The suspended pair still uses the path.
+        essctl(
+            a,
+            &["pprc", "path", "remove", "0x10", "TSTB2", "0x10", "--force"],
+        )
+        .ok();
+    } else {
+        establish.push("--force");
+    }
+    essctl(a, &establish).ok();
+    essctl(a, &["pprc", "resume", &vol]).ok();
+    wait_duplex(a, &vol);
+    assert_eq!(block_at(a, &vol, 0), vec![238u8; 4096]);
+    s.proxy.heal();
+    std::thread::sleep(Duration::from_secs(2));
+    let now = block_at(b, &sec, 0);
+    assert!(
+        now == vec![238u8; 4096],
+        "duplex, the primary holds 238 at offset 0, the secondary {} (the write of {stuck} \
+         stuck on a link of the path replaced)",
+        now[0]
+    );
+}
+
+/// A duplex critical pair (nocopy) of volume `vol` of LSS 0x10, a write
+/// of `byte`s to its track 1 made (not flushed), then the secondary's
+/// server stopped: the sites, the primary and the secondary.
+fn critical_pair_whose_secondary_is_gone(name: &str, vol: u8, byte: u8) -> (Sites, String, String) {
+    let mut s = Sites::start(name, |_| {});
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (s.a.vol(0x10, vol), s.b.vol(0x10, vol));
+    essctl(
+        &s.a,
+        &[
+            "pprc",
+            "establish",
+            &v,
+            &sv,
+            "--mode",
+            "nocopy",
+            "--critical",
+        ],
+    )
+    .ok();
+    let written = spawn_write_unflushed(&s.a, &v, TRACK, byte);
+    assert!(written.wait_with_output().unwrap().status.success());
+    s.b.terminate();
+    (s, v, sv)
+}
+
+/// The server's flush at the stop flushes a critical primary whose
+/// secondaries' server is gone — the pair duplex until then — without an
+/// error: it flushes the store, and mirrors nothing once the links are
+/// closed (the pair's secondary is flushed, if at all, before).
+#[test]
+fn the_stop_flushes_a_critical_primary_whose_secondary_is_gone() {
+    let (mut s, v, sv) = critical_pair_whose_secondary_is_gone("pprc-stop-flush-critical", 0, 0xF1);
+    assert_eq!(show(&s.a, &v)["state"], "duplex");
+    let status = s.a.terminate_within(Duration::from_secs(20));
+    let log = s.a.log();
+    assert!(
+        status.success() && !log.contains("flush at shutdown failed"),
+        "{status}:\n{log}"
+    );
+    assert_eq!(unwritten_pages(&s.dir_a.path().join("vol-10-0.img")), 0);
+    // The pair kept its tracks and was not suspended by the stop: it
+    // resynchronises by itself after the restart.
+    s.b.restart("TSTB2");
+    s.a.restart("TSTA1");
+    wait_state(&s.a, &v, "duplex");
+    assert_eq!(block_at(&s.b, &sv, TRACK), vec![0xF1; 4096]);
+}
+
+/// A FLUSH alone; prints `ok` or the errno name.
+const TRY_FLUSH: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+try:
+    h.flush()
+    print("ok")
+except nbd.Error as e:
+    print(e.errnum and __import__("errno").errorcode[e.errnum] or e.string)
+"#;
+
+/// A write-inhibited primary refuses changes, not flushes: a host FLUSH
+/// of what it wrote before is answered by the primary's own flush — also
+/// the FLUSH that finds the secondary gone and write-inhibits the volume.
+#[test]
+fn a_host_flush_of_a_write_inhibited_primary_succeeds() {
+    let (s, v, _) = critical_pair_whose_secondary_is_gone("pprc-inhibited-flush", 1, 0xF2);
+    let a = &s.a;
+    assert_eq!(python(TRY_FLUSH, &[&a.uri(&v)]).trim(), "ok");
+    let p = show(a, &v);
+    assert_eq!(
+        (
+            p["state"].as_str(),
+            p["reason"].as_str(),
+            p["write_inhibited"].as_bool()
+        ),
+        (Some("suspended"), Some("link lost"), Some(true)),
+        "{p}"
+    );
+    assert_eq!(try_write(a, &v), "writable EIO");
+    assert_eq!(python(TRY_FLUSH, &[&a.uri(&v)]).trim(), "ok");
+    assert_eq!(block_at(a, &v, TRACK), vec![0xF2; 4096]);
+}
+
+/// The secondary's view of a pair once a link from its primary is open:
+/// (state, reason, replication status), waited for until `state` (at most
+/// 10 s, then whatever it shows).
+fn secondary_view_once_linked(
+    essd: &Essd,
+    volume: &str,
+    state: &str,
+) -> (serde_json::Value, serde_json::Value, serde_json::Value) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = show(essd, volume);
+        let linked = v["primary_links"].as_u64().unwrap_or(0) > 0;
+        if (linked && v["state"] == state) || Instant::now() > deadline {
+            assert!(linked, "no link from the primary: {v}");
+            return (
+                v["state"].clone(),
+                v["reason"].clone(),
+                v["replication_status"].clone(),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A primary that suspends while every link is down cannot tell its
+/// secondary then: it tells it once a link is back, so the recovery site
+/// does not show a duplex, current secondary whose primary writes on alone.
+#[test]
+fn a_suspend_while_the_links_are_down_reaches_the_secondary_when_they_return() {
+    let s = Sites::start("pprc-retell", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    assert_eq!(
+        secondary_view_once_linked(&s.b, &vb, "duplex"),
+        ("duplex".into(), serde_json::Value::Null, "current".into())
+    );
+    s.proxy.drop_all();
+    write_tracks(&s.a, &va, 101, 3);
+    let v = show(&s.a, &va);
+    assert_eq!(
+        (&v["state"], &v["reason"], &v["out_of_sync_tracks"]),
+        (&"suspended".into(), &"link lost".into(), &3.into()),
+        "{v}"
+    );
+    s.proxy.heal();
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    assert_eq!(
+        secondary_view_once_linked(&s.b, &vb, "suspended"),
+        ("suspended".into(), "link lost".into(), "not current".into())
+    );
+    let list = essctl(&s.b, &["pprc", "list"]).ok().to_string();
+    let row: Vec<&str> = list
+        .lines()
+        .find(|l| l.starts_with(vb.as_str()))
+        .unwrap_or_else(|| panic!("{list}"))
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(
+        row,
+        [
+            vb.as_str(),
+            "secondary",
+            "suspended",
+            "TSTA1",
+            va.as_str(),
+            "0",
+            "not current",
+            "link lost"
+        ]
+    );
+    // Resumed, both sides are duplex and current again.
+    essctl(&s.a, &["pprc", "resume", &va]).ok();
+    wait_duplex(&s.a, &va);
+    assert_eq!(show(&s.a, &va)["replication_status"], "current");
+    assert_eq!(
+        secondary_view_once_linked(&s.b, &vb, "duplex"),
+        ("duplex".into(), serde_json::Value::Null, "current".into())
+    );
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}
+
+/// A primary killed while duplex whose path stays down through its
+/// restart: it comes back suspended and says why it is not resuming by
+/// itself; once the path is up again the secondary shows the suspend too
+/// (not duplex and current, which it was when the primary died).
+#[test]
+fn a_restarted_primary_whose_path_stays_down_is_suspended_on_both_sides() {
+    let mut s = Sites::start("pprc-restart-path-down", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    assert_eq!(secondary_view_once_linked(&s.b, &vb, "duplex").2, "current");
+    write_tracks(&s.a, &va, 102, 2);
+    s.proxy.drop_all();
+    s.a.kill_and_restart("TSTA1");
+    let v = show(&s.a, &va);
+    assert_eq!(
+        (&v["state"], &v["reason"], &v["detail"]),
+        (
+            &"suspended".into(),
+            &"primary restarted".into(),
+            &"waiting for the path to resume".into()
+        ),
+        "{v}"
+    );
+    // It waits 10 s for a live link, then stays suspended.
+    std::thread::sleep(Duration::from_secs(12));
+    let v = show(&s.a, &va);
+    assert_eq!(
+        (&v["state"], &v["reason"], &v["detail"]),
+        (
+            &"suspended".into(),
+            &"primary restarted".into(),
+            &format!(
+                "no live link within 10s of the restart; resume it with essctl pprc resume {va}"
+            )
+            .into()
+        ),
+        "{v}"
+    );
+    let text = essctl(&s.a, &["pprc", "show", &va]).ok().to_string();
+    assert!(
+        text.contains(&format!(
+            "detail:             no live link within 10s of the restart; resume it with essctl pprc resume {va}\n"
+        )),
+        "{text}"
+    );
+    s.proxy.heal();
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    assert_eq!(
+        secondary_view_once_linked(&s.b, &vb, "suspended"),
+        (
+            "suspended".into(),
+            "primary restarted".into(),
+            "not current".into()
+        )
+    );
+    essctl(&s.a, &["pprc", "resume", &va]).ok();
+    wait_duplex(&s.a, &va);
+    assert_eq!(secondary_view_once_linked(&s.b, &vb, "duplex").2, "current");
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}

@@ -1,0 +1,550 @@
+//! PPRC pairs between two real essd processes on loopback, driven with
+//! essctl and written with libnbd: initial copy, duplex mirroring, secondary
+//! protection, suspend and resync of changed tracks only (bytes counted on
+//! the link through a fault-injecting proxy), terminate from either side,
+//! broken links, critical modes, failover/failback, consistency groups and
+//! kill -9 of either server.
+//!
+//! This file holds the two-site harness and the helpers the topics share;
+//! each module below is one topic.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod disk_errors;
+mod failover;
+mod flashcopy;
+mod groups;
+mod lifecycle;
+mod links;
+mod seeded;
+mod stops;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::proxy::FaultProxy;
+use common::*;
+use essd::copy::pprc::pair::CLEAN_INTERVAL;
+
+const SECRET: &str = "correct horse battery staple";
+const TRACK: u64 = 64 << 10;
+
+/// Two servers: A (TSTA1, primary site) and B (TSTB2); A's links to B go
+/// through one fault proxy, B's links to A through another.
+struct Sites {
+    a: Essd,
+    b: Essd,
+    proxy: FaultProxy,
+    back: FaultProxy,
+    dir_a: tempfile::TempDir,
+    dir_b: tempfile::TempDir,
+}
+
+fn site_config(serial: &'static str, listen: u16, peer: &str, peer_addr: SocketAddr) -> TestConfig {
+    let mut cfg = TestConfig::new("uring");
+    cfg.serial = serial;
+    cfg.volumes = vec![
+        Vol::new(0x10, 0, "64MiB"),
+        Vol::new(0x10, 1, "64MiB"),
+        Vol::new(0x11, 0, "64MiB"),
+        Vol::new(0x11, 1, "32MiB"),
+    ];
+    cfg.extra = format!(
+        "\n[replication]\nlisten = \"127.0.0.1:{listen}\"\nsecret = \"{SECRET}\"\ntimeout = \"2s\"\n\n[[peer]]\nserial = \"{peer}\"\naddress = \"{peer_addr}\"\n"
+    );
+    cfg
+}
+
+impl Sites {
+    fn start(name: &str, tune: impl Fn(&mut TestConfig)) -> Sites {
+        let (port_a, port_b) = (free_port(), free_port());
+        let proxy = FaultProxy::start(format!("127.0.0.1:{port_b}").parse().unwrap());
+        let back = FaultProxy::start(format!("127.0.0.1:{port_a}").parse().unwrap());
+        let dir_a = tempdir(&format!("{name}-a"));
+        let dir_b = tempdir(&format!("{name}-b"));
+        let mut cfg_b = site_config("TSTB2", port_b, "TSTA1", back.addr());
+        tune(&mut cfg_b);
+        let b = Essd::start_in(dir_b.path(), &cfg_b);
+        let mut cfg_a = site_config("TSTA1", port_a, "TSTB2", proxy.addr());
+        tune(&mut cfg_a);
+        let a = Essd::start_in(dir_a.path(), &cfg_a);
+        Sites {
+            a,
+            b,
+            proxy,
+            back,
+            dir_a,
+            dir_b,
+        }
+    }
+}
+
+fn path(from: &Essd, lss: &str, peer: &str, peer_lss: &str, links: &str) {
+    essctl(
+        from,
+        &[
+            "pprc",
+            "path",
+            "establish",
+            lss,
+            peer,
+            peer_lss,
+            "--links",
+            links,
+            "--if-not-exists",
+        ],
+    )
+    .ok();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = essctl(from, &["--json", "pprc", "path", "list"]).json();
+        let up = list["paths"].as_array().unwrap().iter().any(|p| {
+            p["lss"] == lss && p["peer"] == peer && p["peer_lss"] == peer_lss && p["state"] == "up"
+        });
+        if up {
+            return;
+        }
+        assert!(Instant::now() < deadline, "path never came up: {list}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn show(essd: &Essd, volume: &str) -> serde_json::Value {
+    essctl(essd, &["--json", "pprc", "show", volume]).json()
+}
+
+fn wait_state(essd: &Essd, volume: &str, state: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = show(essd, volume);
+        if v["state"] == state {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{volume} never became {state}: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_duplex(essd: &Essd, volume: &str) {
+    essctl(
+        essd,
+        &[
+            "pprc",
+            "wait",
+            volume,
+            "--interval",
+            "0.002",
+            "--timeout",
+            "120",
+        ],
+    )
+    .ok();
+}
+
+/// Pages of `path` in the page cache that are dirty or under write-back
+/// (`cachestat`, Linux 6.5).
+fn unwritten_pages(path: &Path) -> u64 {
+    use std::os::fd::AsRawFd;
+    /// `cachestat`'s number (the same on every architecture).
+    const SYS_CACHESTAT: libc::c_long = 451;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        cache: u64,
+        dirty: u64,
+        writeback: u64,
+        evicted: u64,
+        recently_evicted: u64,
+    }
+    let file = std::fs::File::open(path).unwrap();
+    let range = Range { off: 0, len: 0 };
+    let mut stat = Stat::default();
+    // SAFETY: `range` and `stat` are live, properly laid out structs the
+    // call reads and fills; the descriptor is open.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "cachestat {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    stat.dirty + stat.writeback
+}
+
+/// SHA-256 of an export's whole content, read with nbdcopy.
+fn volume_sha(essd: &Essd, export: &str) -> String {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    run(std::process::Command::new("nbdcopy")
+        .arg(essd.uri(export))
+        .arg(out.path()));
+    sha256_file(out.path())
+}
+
+/// Writes `count` 4 KiB blocks of random data, each in a different track,
+/// and flushes unless told `noflush`; prints the tracks.
+const WRITE_TRACKS: &str = r#"
+import nbd, random, sys
+uri, seed, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+track = 65536
+h = nbd.NBD()
+h.connect_uri(uri)
+rnd = random.Random(seed)
+tracks = rnd.sample(range(h.get_size() // track), count)
+for t in tracks:
+    h.pwrite(rnd.randbytes(4096), t * track + rnd.randrange(0, track, 4096))
+if sys.argv[4:] != ["noflush"]:
+    h.flush()
+h.shutdown()
+print(" ".join(map(str, tracks)))
+"#;
+
+/// Tracks set in a primary's out-of-sync bitmap file (after its 4 KiB
+/// header), i.e. the marks that survive a crash.
+fn durable_marks(essd: &Essd, volume: &str) -> BTreeSet<u64> {
+    let path = essd.dir.join("state/pprc").join(format!("{volume}.oos"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (0..(bytes.len() as u64 - 4096) * 8)
+        .filter(|t| bytes[4096 + (t / 8) as usize] & (1 << (t % 8)) != 0)
+        .collect()
+}
+
+/// Writes 4 KiB into each of `count` random distinct tracks, then
+/// flushes; returns the tracks.
+fn write_tracks(essd: &Essd, export: &str, seed: u64, count: usize) -> Vec<u64> {
+    write_tracks_then(essd, export, seed, count, "flush")
+}
+
+/// [`write_tracks`], then `flush` or `noflush`.
+fn write_tracks_then(essd: &Essd, export: &str, seed: u64, count: usize, then: &str) -> Vec<u64> {
+    let out = python(
+        WRITE_TRACKS,
+        &[
+            &essd.uri(export),
+            &seed.to_string(),
+            &count.to_string(),
+            then,
+        ],
+    );
+    let tracks: Vec<u64> = out.split_whitespace().map(|t| t.parse().unwrap()).collect();
+    assert_eq!(tracks.len(), count, "{out}");
+    tracks
+}
+
+/// Tries one write; prints `ok` or the errno name.
+const TRY_WRITE: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+print("read-only" if h.is_read_only() else "writable")
+try:
+    h.pwrite(b"x" * 4096, 0)
+    h.flush()
+    print("ok")
+except nbd.Error as e:
+    print(e.errnum and __import__("errno").errorcode[e.errnum] or e.string)
+"#;
+
+fn try_write(essd: &Essd, export: &str) -> String {
+    python(TRY_WRITE, &[&essd.uri(export)])
+        .replace('\n', " ")
+        .trim()
+        .to_string()
+}
+
+/// Writes `mib` MiB of random data at the start of the volume, flushed;
+/// returns the file it wrote from (in `dir`).
+fn fill(essd: &Essd, export: &str, dir: &Path, mib: usize, seed: u64) -> std::path::PathBuf {
+    let src = dir.join(format!("fill-{seed}.img"));
+    random_file(&src, mib << 20, seed);
+    run(std::process::Command::new("nbdcopy")
+        .arg("--flush")
+        .arg(&src)
+        .arg(essd.uri(export)));
+    src
+}
+
+/// `essctl pprc freeze` at `a`, which must suspend `pairs` pairs.
+fn freeze_suspends(a: &Essd, pairs: u64) {
+    let f = essctl_json(a, &["pprc", "freeze"]);
+    assert_eq!(f["suspended"], pairs, "{f}");
+}
+
+fn essctl_json(essd: &Essd, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    essctl(essd, &all).json()
+}
+
+fn block_at(essd: &Essd, export: &str, offset: u64) -> Vec<u8> {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    run(std::process::Command::new("nbdcopy")
+        .arg(essd.uri(export))
+        .arg(out.path()));
+    let all = std::fs::read(out.path()).unwrap();
+    all[offset as usize..offset as usize + 4096].to_vec()
+}
+
+/// Writes `argv[3]` (a byte) × 4096 at offset `argv[2]`, flushes, prints ok.
+const ONE_WRITE: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(bytes([int(sys.argv[3])]) * 4096, int(sys.argv[2]))
+h.flush()
+h.shutdown()
+print("ok", flush=True)
+"#;
+
+/// `script` run in the background on `export` with `offset` and `value`
+/// as its arguments (after the export's URI); its output piped.
+fn spawn_script_at(
+    script: &str,
+    essd: &Essd,
+    export: &str,
+    offset: u64,
+    value: u64,
+) -> std::process::Child {
+    std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .args([essd.uri(export), offset.to_string(), value.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// One write of `byte` at `offset`, in the background.
+fn spawn_write(essd: &Essd, export: &str, offset: u64, byte: u8) -> std::process::Child {
+    spawn_script_at(ONE_WRITE, essd, export, offset, byte.into())
+}
+
+/// `[replication] timeout` of both sites.
+fn with_timeout(cfg: &mut TestConfig, timeout: &str) {
+    cfg.extra = cfg
+        .extra
+        .replace("timeout = \"2s\"", &format!("timeout = \"{timeout}\""));
+}
+
+/// `pprc show`'s exit code (1: not in a pair).
+fn show_code(essd: &Essd, volume: &str) -> i32 {
+    essctl(essd, &["pprc", "show", volume]).code
+}
+
+/// Once the primary's link to `vb` is gone: terminates the pair at the
+/// secondary's server (the recovery site takes over) and writes there;
+/// returns the checksum of what it wrote.
+fn take_over_at_the_recovery_site(s: &Sites, vb: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while show(&s.b, vb)["primary_links"] != 0 {
+        assert!(Instant::now() < deadline, "the primary's link stays");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        essctl_json(&s.b, &["pprc", "terminate", vb])["state"],
+        "simplex"
+    );
+    write_tracks(&s.b, vb, 81, 6);
+    volume_sha(&s.b, vb)
+}
+
+/// Some seconds after the primary of `va` restarted: `vb`, taken over by
+/// the recovery site, is in no pair and holds `recovery` still. Returns
+/// the primary's view of its pair.
+fn recovery_site_kept(s: &Sites, va: &str, vb: &str, recovery: &str) -> serde_json::Value {
+    std::thread::sleep(Duration::from_secs(6));
+    let pa = show(&s.a, va);
+    assert_eq!(show_code(&s.b, vb), 1, "{vb} is in a pair again ({pa})");
+    assert_eq!(
+        volume_sha(&s.b, vb),
+        recovery,
+        "the recovery site's data changed"
+    );
+    pa
+}
+
+/// One 4 KiB write of `argv[3]` at `argv[2]`, no flush.
+const WRITE_NO_FLUSH: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(bytes([int(sys.argv[3])]) * 4096, int(sys.argv[2]))
+h.shutdown()
+print("ok", flush=True)
+"#;
+
+/// Makes the server's next save of its pair records fail: a directory
+/// where the record's temporary file goes. The server may be saving a
+/// record of its own just then (a state change it was told of): the
+/// directory is made once that temporary file is renamed away.
+fn block_pair_records(state_dir: &std::path::Path) -> std::path::PathBuf {
+    let blocker = state_dir.join("state/pprc/.pairs.json.tmp");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::fs::create_dir(&blocker) {
+            Ok(()) => return blocker,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AlreadyExists && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("cannot block {}: {e}", blocker.display()),
+        }
+    }
+}
+
+/// Two LSSs in one consistency group (timeout `timeout`), a nocopy pair
+/// in each: returns the primaries and the secondaries.
+fn group_of_two(name: &str, timeout: &str) -> (Sites, [String; 2], [String; 2]) {
+    let lss = format!("consistency_group = true\nconsistency_timeout = \"{timeout}\"");
+    let s = Sites::start(name, |cfg| {
+        cfg.lss_extra = vec![(0x10, lss.clone()), (0x11, lss.clone())];
+    });
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    path(&s.a, "0x11", "TSTB2", "0x11", "1");
+    let primaries = [s.a.vol(0x10, 0), s.a.vol(0x11, 0)];
+    let secondaries = [s.b.vol(0x10, 0), s.b.vol(0x11, 0)];
+    for (p, sp) in primaries.iter().zip(&secondaries) {
+        essctl(&s.a, &["pprc", "establish", p, sp, "--mode", "nocopy"]).ok();
+    }
+    (s, primaries, secondaries)
+}
+
+/// Runs `essctl ARGS` against `essd` in a thread; the receiver gets its
+/// output.
+fn essctl_async(
+    essd: &Essd,
+    args: &[&str],
+) -> std::sync::mpsc::Receiver<std::io::Result<std::process::Output>> {
+    let api = essd.api_sock.clone();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_essctl"))
+            .arg("--server")
+            .arg(&api)
+            .args(&args)
+            .output();
+        let _ = tx.send(out);
+    });
+    rx
+}
+
+/// Waits up to `secs` for a background write; `None` if still running.
+fn wait_child(child: &mut std::process::Child, secs: u64) -> Option<bool> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status.success());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One write of `byte` at `offset`, not flushed, in the background (a
+/// stop answers a FLUSH sent after the signal with `ESHUTDOWN`).
+fn spawn_write_unflushed(essd: &Essd, export: &str, offset: u64, byte: u8) -> std::process::Child {
+    spawn_script_at(WRITE_NO_FLUSH, essd, export, offset, byte.into())
+}
+
+/// Waits until a pair's replication status is `current` (duplex, nothing
+/// out of sync). A duplex pair is current at once: its marks, kept until
+/// its cleaner clears them, are not tracks out of sync.
+fn wait_current(essd: &Essd, volume: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while show(essd, volume)["replication_status"] != "current" {
+        assert!(
+            Instant::now() < deadline,
+            "never current: {}",
+            show(essd, volume)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs a block checker (`script`, reading its JSON input on stdin)
+/// against `export`; returns the blocks it printed.
+fn check_blocks(script: &str, essd: &Essd, export: &str, input: &serde_json::Value) -> Vec<u64> {
+    use std::io::Write;
+    let file = tempfile::Builder::new().suffix(".py").tempfile().unwrap();
+    std::fs::write(file.path(), script).unwrap();
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .arg(file.path())
+        .arg(essd.uri(export))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits until `essd`'s consistency group is in `state`.
+fn wait_group(essd: &Essd, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let g = essctl_json(essd, &["pprc", "group"]);
+        if g["group"]["state"] == state {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the group never got {state}: {g}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Restarts the primary of `s` with its links held down until its view
+/// is read (suspended, `reason` if given), then lets them come back; the
+/// pair resumes by itself, or with `essctl pprc resume` unless its reason
+/// is `primary restarted`. Returns the view at the restart and the bytes
+/// the resync sent once the pair is duplex.
+fn restart_and_resync(s: &mut Sites, va: &str, reason: Option<&str>) -> (serde_json::Value, u64) {
+    s.proxy.drop_all();
+    s.a.restart("TSTA1");
+    let at_restart = show(&s.a, va);
+    assert_eq!(at_restart["state"], "suspended", "{at_restart}");
+    if let Some(reason) = reason {
+        assert_eq!(at_restart["reason"], reason, "{at_restart}");
+    }
+    s.proxy.heal();
+    if at_restart["reason"] != "primary restarted" {
+        path(&s.a, "0x10", "TSTB2", "0x10", "2");
+        essctl(&s.a, &["pprc", "resume", va]).ok();
+    }
+    let v = wait_state(&s.a, va, "duplex");
+    let sent = at_restart["bytes_sent"].as_u64().unwrap();
+    let total = v["bytes_sent"].as_u64().unwrap();
+    assert!(total >= sent, "bytes sent went back: {at_restart}\n{v}");
+    (at_restart, total - sent)
+}
