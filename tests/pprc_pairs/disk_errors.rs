@@ -20,6 +20,20 @@ except nbd.Error as e:
 h.shutdown()
 "#;
 
+/// Asserts that the pair view `p` is suspended for `reason` and not
+/// current; `context` (may be empty) says what happened before.
+fn assert_suspended_for(p: &serde_json::Value, reason: &str, context: &str) {
+    assert_eq!(
+        (
+            p["state"].as_str(),
+            p["reason"].as_str(),
+            p["replication_status"].as_str()
+        ),
+        (Some("suspended"), Some(reason), Some("not current")),
+        "{context}: {p}"
+    );
+}
+
 /// A duplex pair whose volume at the server `serial` is a raw disk: a loop
 /// device over a 64 MiB sparse file on a scratch file system (`fstype`,
 /// mounted with `options`), which a test can fill up. The fields drop in
@@ -112,19 +126,10 @@ fn a_flush_that_fails_on_the_primary_suspends_the_pair() {
         "ok",
         "the flush must fail on the full storage"
     );
-    assert_eq!(
-        (
-            p["state"].as_str(),
-            p["reason"].as_str(),
-            p["replication_status"].as_str()
-        ),
-        (
-            Some("suspended"),
-            Some("primary I/O error"),
-            Some("not current")
-        ),
-        "after a failed flush ({}): {p}",
-        answer.trim()
+    assert_suspended_for(
+        &p,
+        "primary I/O error",
+        &format!("after a failed flush ({})", answer.trim()),
     );
     assert!(p["out_of_sync_tracks"].as_u64() >= Some(1), "{p}");
     std::fs::remove_file(fs.dir.join("filler")).unwrap();
@@ -316,19 +321,7 @@ fn a_primary_write_that_fails_suspends_the_pair_with_the_track_recorded() {
     fs.fill("filler");
     assert_eq!(try_write_at(a, &v, 9 * TRACK, 4), "ENOSPC");
     let p = show(a, &v);
-    assert_eq!(
-        (
-            p["state"].as_str(),
-            p["reason"].as_str(),
-            p["replication_status"].as_str()
-        ),
-        (
-            Some("suspended"),
-            Some("primary I/O error"),
-            Some("not current")
-        ),
-        "{p}"
-    );
+    assert_suspended_for(&p, "primary I/O error", "");
     assert_eq!(p["out_of_sync_tracks"].as_u64(), Some(1), "{p}");
     std::fs::remove_file(fs.dir.join("filler")).unwrap();
     essctl(a, &["pprc", "resume", &v]).ok();
@@ -457,19 +450,7 @@ fn a_write_whose_track_cannot_be_recorded_on_a_full_file_system_fails() {
     fs.fill("filler");
     assert_eq!(try_write_at(a, &v, 11 * TRACK, 5), "EIO");
     let p = show(a, &v);
-    assert_eq!(
-        (
-            p["state"].as_str(),
-            p["reason"].as_str(),
-            p["replication_status"].as_str()
-        ),
-        (
-            Some("suspended"),
-            Some("primary I/O error"),
-            Some("not current")
-        ),
-        "{p}"
-    );
+    assert_suspended_for(&p, "primary I/O error", "");
     assert!(
         p["detail"].as_str().unwrap_or("").contains(".oos"),
         "the detail names the bitmap file: {p}"
@@ -511,19 +492,7 @@ fn a_flush_that_fails_on_the_secondary_suspends_the_pair() {
     );
     assert_eq!(answer.trim(), "ok");
     let p = show(a, &v);
-    assert_eq!(
-        (
-            p["state"].as_str(),
-            p["reason"].as_str(),
-            p["replication_status"].as_str()
-        ),
-        (
-            Some("suspended"),
-            Some("secondary I/O error"),
-            Some("not current")
-        ),
-        "{p}"
-    );
+    assert_suspended_for(&p, "secondary I/O error", "");
     assert!(p["out_of_sync_tracks"].as_u64() >= Some(1), "{p}");
     std::fs::remove_file(fs.dir.join("filler")).unwrap();
     essctl(a, &["pprc", "resume", &v]).ok();
@@ -583,19 +552,13 @@ fn a_failed_write_back_that_a_reader_of_the_secondary_flushed_still_suspends_the
     // Durable on the primary: the host's FLUSH succeeds.
     assert_eq!(python(FLUSH_ONLY, &[&a.uri(&v)]).trim(), "ok");
     let p = show(a, &v);
-    assert_eq!(
-        (
-            p["state"].as_str(),
-            p["reason"].as_str(),
-            p["replication_status"].as_str()
+    assert_suspended_for(
+        &p,
+        "secondary I/O error",
+        &format!(
+            "after a failed write-back on the secondary that a reader's FLUSH learnt ({})",
+            reader.trim()
         ),
-        (
-            Some("suspended"),
-            Some("secondary I/O error"),
-            Some("not current")
-        ),
-        "after a failed write-back on the secondary that a reader's FLUSH learnt ({}): {p}",
-        reader.trim()
     );
     assert!(p["out_of_sync_tracks"].as_u64() >= Some(1), "{p}");
     std::fs::remove_file(fs.dir.join("filler")).unwrap();

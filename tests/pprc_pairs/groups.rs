@@ -232,20 +232,7 @@ fn terminate_while_the_group_holds_acts_at_once_and_keeps_the_others_held() {
     assert_eq!(block_at(a, &v1, TRACK), vec![0xA1; 4096]);
     // The rest of the group still holds.
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(
-        w2.try_wait().unwrap(),
-        None,
-        "{v2}'s write completed before the freeze"
-    );
-    let g = essctl_json(a, &["pprc", "group"]);
-    assert_eq!(g["group"]["state"], "holding", "{g}");
-    assert_eq!(g["volumes"], serde_json::json!([v2]), "{g}");
-    freeze_suspends(a, 1);
-    assert_eq!(
-        wait_child(&mut w2, 10),
-        Some(true),
-        "{v2}'s write after the freeze"
-    );
+    held_until_the_freeze(a, &mut w2, &v2);
     let p = show(a, &v2);
     assert_eq!(
         (p["state"].as_str(), p["reason"].as_str()),
@@ -254,6 +241,26 @@ fn terminate_while_the_group_holds_acts_at_once_and_keeps_the_others_held() {
     );
     // The terminated volume is an ordinary volume: writes go straight on.
     assert_eq!(try_write(a, &v1), "writable ok");
+}
+
+/// Asserts that the group of `essd` still holds the write of `writer` to
+/// `volume`, the only volume whose writes it holds; then freezes the group
+/// (one pair suspends) and asserts that the write completes.
+fn held_until_the_freeze(essd: &Essd, writer: &mut std::process::Child, volume: &str) {
+    assert_eq!(
+        writer.try_wait().unwrap(),
+        None,
+        "{volume}'s write completed before the freeze"
+    );
+    let g = essctl_json(essd, &["pprc", "group"]);
+    assert_eq!(g["group"]["state"], "holding", "{g}");
+    assert_eq!(g["volumes"], serde_json::json!([volume]), "{g}");
+    freeze_suspends(essd, 1);
+    assert_eq!(
+        wait_child(writer, 10),
+        Some(true),
+        "{volume}'s write after the freeze"
+    );
 }
 
 /// `pprc show` of `volume` (JSON), asserted to answer within 3 s: list
@@ -737,20 +744,7 @@ fn failback_to_an_old_primary_whose_group_holds_acts_at_once() {
     assert_eq!(try_write(a, &v1), "read-only EPERM");
 
     // The rest of A's group still holds until the freeze.
-    assert_eq!(
-        w2.try_wait().unwrap(),
-        None,
-        "{v2}'s write completed before the freeze"
-    );
-    let g = essctl_json(a, &["pprc", "group"]);
-    assert_eq!(g["group"]["state"], "holding", "{g}");
-    assert_eq!(g["volumes"], serde_json::json!([v2]), "{g}");
-    freeze_suspends(a, 1);
-    assert_eq!(
-        wait_child(&mut w2, 10),
-        Some(true),
-        "{v2}'s write after the freeze"
-    );
+    held_until_the_freeze(a, &mut w2, &v2);
 }
 
 /// Tracks a copy may send again after a cut: those in flight (8 requests
