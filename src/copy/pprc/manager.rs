@@ -904,6 +904,19 @@ impl PprcManager {
                     pair.state().name()
                 )));
             }
+            // A volume that took over is brought back by a failback: a
+            // resume would copy its own tracks only, never those its old
+            // primary changed but did not mirror — and once an interrupted
+            // failback made that volume the secondary, its side would take
+            // the resync and the pair would go duplex with them different.
+            if pair.status().reason == Some(SuspendReason::Failover) {
+                return Err(PairError::Invalid(format!(
+                    "pair {} → {} is suspended (failover): this volume took over, and only a \
+                     failback copies the tracks {} changed but never mirrored too: essctl pprc \
+                     failback {}",
+                    req.volume, spec.peer_volume, spec.peer, req.volume
+                )));
+            }
             Self::check_mirror_limit(&entries, &spec.peer)?;
             self.check_path(&spec)?;
             // A request of a link that timed out must not land after the
