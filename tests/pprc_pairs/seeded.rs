@@ -1958,3 +1958,458 @@ fn kill_9_of_a_duplex_primary_under_random_overwrites_resyncs_what_it_marked() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// Delay of every chunk on the link while a `failback` command runs in
+/// [`random_crashes_during_the_failback_command_lose_nothing`]: its three
+/// round trips (the old primary's hand-over, its bitmap, the end of the
+/// hand-over) take about 6 × this, long enough to be hit between any two.
+const COMMAND_DELAY: Duration = Duration::from_millis(120);
+
+/// Failback events logged at `essd` so far (one per failback taken).
+fn failbacks_taken(essd: &Essd) -> usize {
+    essd.log()
+        .lines()
+        .filter(|l| l.contains("event=pprc.pair.failback") && l.contains(": copying "))
+        .count()
+}
+
+/// One `failback` command hit by a fault: (where: 0 a seeded moment after
+/// it was issued, 1 just after the old primary recorded the hand-over;
+/// the fault, see [`inject_command_fault`]; ms after the command was
+/// issued; its exit code; what it printed on stderr).
+type CommandFault = (u64, u64, u128, i32, String);
+
+/// What [`failback_under_crashes`] saw.
+struct CrashedFailback {
+    /// Each faulted command.
+    faults: Vec<CommandFault>,
+    /// The errors of the operator's retries (exit code 1), in order.
+    retries: Vec<String>,
+    /// Tracks hosts wrote at the new primary between the commands (all
+    /// before the failback was taken).
+    between: BTreeSet<u64>,
+    /// Tracks hosts wrote at the new primary while the commands ran, and
+    /// rewrote after a crash left their writes unsure: copied if written
+    /// before the failback was taken.
+    racing: BTreeSet<u64>,
+    /// (tracks copied, tracks handed over by the old primary) as logged
+    /// by the failback taken.
+    copied: (usize, usize),
+    /// Whether the old primary still had its tracks to hand over when
+    /// the command that was taken started (not fetched by an earlier one).
+    had_handover: bool,
+}
+
+/// A fault for a running `failback` command, drawn from `schedule`: 0
+/// `kill -9` of the new primary's server (restarted once the command
+/// answered), 1 `kill -9` and restart of the old primary's, 2 a reset of
+/// every link, 3 of one, 4 every link dropped for a while, 5 stalled past
+/// the 2 s timeout. Returns (kind, how long the link stays faulted).
+fn inject_command_fault(
+    schedule: &mut Schedule,
+    new: &mut Essd,
+    old: &mut Essd,
+    link: &FaultProxy,
+) -> (u64, Duration) {
+    let kind = schedule.next() % 6;
+    match kind {
+        0 => new.crash(),
+        1 => {
+            let serial = old.serial.clone();
+            old.kill_and_restart(&serial);
+        }
+        2 => link.reset(),
+        3 => link.reset_one(),
+        4 => link.drop_all(),
+        _ => link.stall(),
+    }
+    let hold = match kind {
+        4 => schedule.millis(300, 2500),
+        5 => schedule.millis(2500, 3500),
+        _ => Duration::ZERO,
+    };
+    (kind, hold)
+}
+
+/// `failback` of `nv` at `new` (the volume that took over from `ov` at
+/// `old`, whose hand-over bitmap file is `handover`), as an operator
+/// does it when things break: one or two commands are hit by a seeded
+/// fault ([`inject_command_fault`]) at a seeded moment of the command
+/// or just after the old primary recorded its hand-over, while a host
+/// overwrites blocks of `nv`; the killed server is restarted, hosts write
+/// `nv` again and the command is issued again, until one is taken (or
+/// was, before its answer got lost). Every command that is not taken
+/// answers exit code 1 and a message (3 if its server was killed), and
+/// leaves `nv` the suspended primary that took over and `ov` the
+/// suspended primary or the protected secondary.
+#[allow(clippy::too_many_arguments)]
+fn failback_under_crashes(
+    new: &mut Essd,
+    nv: &str,
+    old: &mut Essd,
+    ov: &str,
+    handover: &Path,
+    link: &FaultProxy,
+    slots: &mut Slots,
+    schedule: &mut Schedule,
+    seed: u64,
+) -> CrashedFailback {
+    let asks = tempfile::tempdir().unwrap();
+    let taken_before = failbacks_taken(new);
+    let mut done = CrashedFailback {
+        faults: Vec::new(),
+        retries: Vec::new(),
+        between: BTreeSet::new(),
+        racing: BTreeSet::new(),
+        copied: (0, 0),
+        had_handover: true,
+    };
+    let mut taken = false;
+    for i in 0..1 + schedule.next() % 2 {
+        // A host writes 6 blocks of nv at random while the command runs.
+        let racing = slots.pick(schedule, 6);
+        let base = slots.version;
+        let writer = overwriter_every(new, nv, seed + i, asks.path(), base, &racing, "0.02");
+        std::thread::sleep(Duration::from_millis(100));
+        done.had_handover = show(old, ov)["role"] == "primary" || handover.exists();
+        let recorded = handover.exists();
+        link.delay(COMMAND_DELAY);
+        let issued = Instant::now();
+        let answer = essctl_async(new, &["--json", "pprc", "failback", nv]);
+        let window = schedule.next() % 2;
+        if window == 1 && !recorded {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !handover.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(schedule.millis(0, COMMAND_DELAY.as_millis() as u64));
+        } else {
+            std::thread::sleep(schedule.millis(0, 7 * COMMAND_DELAY.as_millis() as u64));
+        }
+        let at = issued.elapsed().as_millis();
+        let (kind, hold) = inject_command_fault(schedule, new, old, link);
+        std::thread::sleep(hold);
+        link.heal();
+        let out = answer
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the failback command never answered")
+            .unwrap();
+        if kind == 0 {
+            let serial = new.serial.clone();
+            new.restart(&serial);
+        }
+        let (code, said) = (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).trim_end().to_string(),
+        );
+        // The host's acknowledged writes are kept; those a crash left
+        // unsure are written again.
+        std::fs::write(asks.path().join("stop"), b"").unwrap();
+        let wrote = writer.join().unwrap();
+        for (b, v) in wrote["acked"].as_object().unwrap() {
+            slots
+                .expected
+                .insert(b.parse().unwrap(), v.as_u64().unwrap());
+        }
+        let writes = wrote["writes"].as_u64().unwrap();
+        slots.version = base + writes;
+        slots.writes += writes;
+        done.racing.extend(racing.iter().map(|b| b * 4096 / TRACK));
+        let unsure: Vec<u64> = wrote["unsure"]
+            .as_object()
+            .map(|u| u.keys().map(|b| b.parse().unwrap()).collect())
+            .unwrap_or_default();
+        assert!(
+            kind == 0 || (unsure.is_empty() && wrote["errors"] == serde_json::json!({})),
+            "seed {seed}: the host saw errors at {nv}: {wrote}"
+        );
+        done.racing.extend(slots.write(new, nv, &unsure, true));
+        let context = format!(
+            "seed {seed}: failback of {nv} hit by fault {kind} {at} ms after it was issued \
+             (window {window}) answered {code} {said:?}"
+        );
+        done.faults.push((window, kind, at, code, said.clone()));
+        taken = failbacks_taken(new) > taken_before;
+        match code {
+            0 => {
+                let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                assert_eq!(p["role"], "primary", "{context}: {p}");
+                assert!(taken, "{context}: answered, not logged");
+            }
+            1 => {
+                assert!(kind != 0 && !taken, "{context}");
+                assert!(said.starts_with("essctl: "), "{context}");
+            }
+            3 => assert!(kind == 0, "{context}"),
+            _ => panic!("{context}: exit code {code}"),
+        }
+        if taken {
+            break;
+        }
+        // Not taken: the volume that took over is as it was, the old
+        // primary a suspended primary still or a secondary hosts cannot
+        // write.
+        let p = show(new, nv);
+        assert_eq!(
+            (
+                p["role"].as_str(),
+                p["state"].as_str(),
+                p["reason"].as_str()
+            ),
+            (Some("primary"), Some("suspended"), Some("failover")),
+            "{context}: {p}"
+        );
+        let side = show(old, ov);
+        eprintln!("{context}: old primary {side}");
+        match side["role"].as_str() {
+            Some("primary") => assert_eq!(side["state"], "suspended", "{context}: {side}"),
+            Some("secondary") => assert_eq!(try_write(old, ov), "read-only EPERM", "{context}"),
+            _ => panic!("{context}: {side}"),
+        }
+        // A resume once the path is back is no way out: only a failback
+        // fetches the tracks the old primary changed but never mirrored.
+        path(new, "0x10", &old.serial.clone(), "0x10", "2");
+        essctl(new, &["pprc", "resume", nv]).refused(&format!(
+            "pair {nv} → {ov} is suspended (failover): this volume took over, and only a \
+             failback copies the tracks {} changed but never mirrored too: essctl pprc \
+             failback {nv}",
+            old.serial
+        ));
+        // Hosts go on writing the volume that took over.
+        let n = 1 + (schedule.next() % 4) as usize;
+        let blocks = slots.pick(schedule, n);
+        done.between.extend(slots.write(new, nv, &blocks, true));
+    }
+    if !taken {
+        // The operator issues the command again until it is taken.
+        done.had_handover = show(old, ov)["role"] == "primary" || handover.exists();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = essctl(new, &["--json", "pprc", "failback", nv]);
+            if r.code == 0 {
+                assert_eq!(r.json()["role"], "primary", "seed {seed}: {r:?}");
+                break;
+            }
+            assert_eq!(r.code, 1, "seed {seed}: {r:?}");
+            done.retries.push(r.stderr.trim_end().to_string());
+            assert!(
+                Instant::now() < deadline,
+                "seed {seed}: the failback of {nv} was never taken again: {:?}",
+                done.retries
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        assert_eq!(failbacks_taken(new), taken_before + 1, "seed {seed}");
+    }
+    done.copied = failback_copied(new);
+    done
+}
+
+/// The failover / failback / switch-back cycle with its `failback`
+/// commands themselves hit by seeded faults (`ESSD_FAULT_SEED`): A → B
+/// duplex, A loses its links and hosts write on there (never mirrored),
+/// failover at B and hosts write B; then one or two failbacks B → A are
+/// hit by `kill -9` of either server, link resets (all, or one), drops or
+/// stalls past the timeout at a seeded moment of the command or just after
+/// A recorded its hand-over, while a host overwrites blocks of B; the
+/// operator restarts the killed server and issues the failback again
+/// until it is taken; the same for the switch-back A → B (failover at A,
+/// hosts write A). Each command not taken answers exit code 1 (3 if its
+/// server was killed) and leaves the volume that took over a suspended
+/// primary (reason failover) and the old primary a suspended primary or a
+/// protected secondary. The failback taken copies the union of the tracks
+/// written on the volume that took over and those the old primary changed
+/// but never mirrored (those handed over by a command not taken included);
+/// at the end the pair is duplex and current, the volumes are equal, every
+/// block holds the last acknowledged write of the primary of its time (A's
+/// unmirrored writes overwritten by B's data), and the links carried far
+/// less than a full copy.
+#[test]
+fn random_crashes_during_the_failback_command_lose_nothing() {
+    let seed = fault_seed(0x5EED_0009);
+    let started = Instant::now();
+    let mut s = Sites::start("pprc-failback-crashes", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    let handover_a = s.dir_a.path().join(format!("state/pprc/{va}.handover"));
+    let handover_b = s.dir_b.path().join(format!("state/pprc/{vb}.handover"));
+    fill(&s.a, &va, s.dir_a.path(), 60, 71);
+    fill(&s.b, &vb, s.dir_b.path(), 60, 71);
+    let mut schedule = Schedule::new(seed);
+    let mut slots = Slots::new(&mut schedule);
+    let all = slots.blocks.clone();
+    slots.write(&s.a, &va, &all, true);
+    write_versions(&s.b, &vb, &slots.expected);
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_state(&s.a, &va, "duplex");
+
+    // A loses its links and hosts write on: never mirrored.
+    s.proxy.drop_all();
+    let n = 4 + (schedule.next() % 8) as usize;
+    let cut = slots.pick(&mut schedule, n);
+    let on_a_alone = slots.write(&s.a, &va, &cut, false);
+    assert_eq!(show(&s.a, &va)["reason"], "link lost", "seed {seed}");
+
+    // Failover at B; hosts write B.
+    let p = essctl_json(&s.b, &["pprc", "failover", &vb]);
+    assert_eq!(p["reason"], "failover", "seed {seed}: {p}");
+    let n = 8 + (schedule.next() % 16) as usize;
+    let b_blocks = slots.pick(&mut schedule, n);
+    let on_b = slots.write(&s.b, &vb, &b_blocks, true);
+
+    // Failback B → A, its commands under faults.
+    s.proxy.heal();
+    path(&s.b, "0x10", "TSTA1", "0x10", "2");
+    s.back.reset_counters();
+    let writes = slots.writes;
+    let back = failback_under_crashes(
+        &mut s.b,
+        &vb,
+        &mut s.a,
+        &va,
+        &handover_a,
+        &s.back,
+        &mut slots,
+        &mut schedule,
+        seed,
+    );
+    let context = format!(
+        "seed {seed}, failback faults (window, kind, ms, code, said) {:?}, retries {:?}",
+        back.faults, back.retries
+    );
+    eprintln!("{context}");
+    let least: BTreeSet<u64> = on_a_alone
+        .iter()
+        .chain(&on_b)
+        .chain(&back.between)
+        .copied()
+        .collect();
+    let most = least.union(&back.racing).count();
+    let (copied, handed) = back.copied;
+    assert!(
+        (least.len()..=most).contains(&copied)
+            && handed
+                == if back.had_handover {
+                    on_a_alone.len()
+                } else {
+                    0
+                },
+        "{context}: the failback taken copies {copied} tracks, {handed} handed over by A, for \
+         {on_a_alone:?} written on A alone, {on_b:?} and {:?} on B, and {:?} by the host that \
+         raced the commands (A had its tracks to hand over: {})",
+        back.between,
+        back.racing,
+        back.had_handover
+    );
+    bring_back(&s.b, &vb, seed);
+    resume_until_duplex(&s.b, &vb, seed);
+    let back_sent = s.back.bytes_forward();
+    let b_wrote = least.union(&back.racing).count();
+    let back_bound = copy_bound(&slots, back.faults.len(), slots.writes - writes);
+    let wrong = slots.wrong(&s.a, &va);
+    assert!(
+        wrong.is_empty(),
+        "{context}: blocks of A not as B's hosts (or A's before the cut) wrote them: {wrong:?}"
+    );
+    let side = wait_state(&s.a, &va, "duplex");
+    assert_eq!(side["role"], "secondary", "{context}: {side}");
+
+    // Switch back, hosts stopped at B: failover at A, hosts write A,
+    // failback A → B, its commands under faults. A hand-over whose end
+    // was never told to A (the link broke just then) is still there: A's
+    // own tracks of it stay marked.
+    let stale: BTreeSet<u64> = if handover_a.exists() {
+        on_a_alone.clone()
+    } else {
+        BTreeSet::new()
+    };
+    let p = essctl_json(&s.a, &["pprc", "failover", &va]);
+    assert_eq!(p["reason"], "failover", "{context}: {p}");
+    let n = 8 + (schedule.next() % 16) as usize;
+    let a_blocks = slots.pick(&mut schedule, n);
+    let on_a = slots.write(&s.a, &va, &a_blocks, true);
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    s.proxy.reset_counters();
+    let writes = slots.writes;
+    let switch = failback_under_crashes(
+        &mut s.a,
+        &va,
+        &mut s.b,
+        &vb,
+        &handover_b,
+        &s.proxy,
+        &mut slots,
+        &mut schedule,
+        seed,
+    );
+    let context = format!(
+        "{context}; switch-back faults {:?}, retries {:?}",
+        switch.faults, switch.retries
+    );
+    eprintln!("{context}");
+    // B hands over at most the tracks written while it was the primary.
+    let least: BTreeSet<u64> = on_a.union(&switch.between).copied().collect();
+    let most = least
+        .iter()
+        .chain(&switch.racing)
+        .chain(&stale)
+        .collect::<BTreeSet<_>>()
+        .len();
+    let (copied, handed) = switch.copied;
+    assert!(
+        handed <= b_wrote && (least.len()..=most + handed).contains(&copied),
+        "{context}: the switch-back copies {copied} tracks, {handed} handed over by B, for \
+         {on_a:?} and {:?} written on A, and {:?} by the host that raced the commands",
+        switch.between,
+        switch.racing
+    );
+    bring_back(&s.a, &va, seed);
+    resume_until_duplex(&s.a, &va, seed);
+    let switch_sent = s.proxy.bytes_forward();
+    let switch_bound = copy_bound(&slots, switch.faults.len(), slots.writes - writes);
+
+    wait_current(&s.a, &va);
+    let pair = show(&s.a, &va);
+    assert_eq!(
+        (
+            pair["role"].as_str(),
+            pair["state"].as_str(),
+            pair["replication_status"].as_str()
+        ),
+        (Some("primary"), Some("duplex"), Some("current")),
+        "{context}: {pair}"
+    );
+    let side = wait_state(&s.b, &vb, "duplex");
+    assert_eq!(side["role"], "secondary", "{context}: {side}");
+    assert_eq!(
+        volume_sha(&s.a, &va),
+        volume_sha(&s.b, &vb),
+        "{context}: the volumes differ"
+    );
+    for (essd, v) in [(&s.a, &va), (&s.b, &vb)] {
+        let wrong = slots.wrong(essd, v);
+        assert!(
+            wrong.is_empty(),
+            "{context}: blocks of {v} not as last acknowledged on the primary of the time: \
+             {wrong:?}"
+        );
+    }
+    eprintln!(
+        "{context}: failback sent {back_sent} bytes (bound {back_bound}), switch-back \
+         {switch_sent} (bound {switch_bound}), {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        back_sent >= cut.iter().chain(&b_blocks).collect::<BTreeSet<_>>().len() as u64 * 4096
+            && back_sent <= back_bound,
+        "{context}: the failback sent {back_sent} bytes (bound {back_bound})"
+    );
+    assert!(
+        switch_sent >= a_blocks.len() as u64 * 4096 && switch_sent <= switch_bound,
+        "{context}: the switch-back sent {switch_sent} bytes (bound {switch_bound})"
+    );
+    assert!(
+        back_bound + switch_bound < (60 << 20) / 6,
+        "{context}: the bounds are no proof of partial copies"
+    );
+}
