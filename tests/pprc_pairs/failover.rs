@@ -128,6 +128,97 @@ fn a_failover_keeps_the_handed_over_tracks() {
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
 }
 
+/// A failback that stops after the old primary became the secondary and
+/// before the copy started (every link reset while the answers are on
+/// their way) leaves the pair suspended at the volume that took over, and
+/// the old primary's side says so too — suspended (failover), not a copy
+/// in progress that nothing runs — however long one waits. The failback
+/// issued again copies the union of both sides' tracks; once the pair is
+/// duplex the old primary's hand-over bitmap is gone and the volumes are
+/// equal.
+#[test]
+fn a_failback_that_stops_short_leaves_both_sides_suspended() {
+    let s = Sites::start("pprc-failback-short", |cfg| with_timeout(cfg, "10s"));
+    let (a, b) = (&s.a, &s.b);
+    let (va, vb) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    essctl(a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_state(b, &vb, "duplex");
+    // A loses its links and writes on: 5 tracks never mirrored.
+    s.proxy.drop_all();
+    let mut union: BTreeSet<u64> = write_tracks(a, &va, 13, 5).into_iter().collect();
+    essctl(b, &["pprc", "failover", &vb]).ok();
+    union.extend(write_tracks(b, &vb, 20, 7));
+    s.proxy.heal();
+    path(b, "0x10", "TSTA1", "0x10", "1");
+    // Failback at B over a slow link, cut once A took the secondary role.
+    s.back.delay(Duration::from_millis(1500));
+    let mut failback = spawn_essctl(b, &["pprc", "failback", &vb]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while show(a, &va)["role"] != "secondary" {
+        assert!(Instant::now() < deadline, "A never became the secondary");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.back.reset();
+    assert_eq!(
+        wait_child(&mut failback, 30),
+        Some(false),
+        "the failback whose links were reset"
+    );
+    s.back.heal();
+    let handover = s.dir_a.path().join(format!("state/pprc/{va}.handover"));
+    assert!(handover.exists());
+    // Both sides say the same, and keep saying it.
+    std::thread::sleep(RETELL_INTERVAL * 3);
+    let p = show(b, &vb);
+    assert_eq!(
+        (
+            p["role"].as_str(),
+            p["state"].as_str(),
+            p["reason"].as_str()
+        ),
+        (Some("primary"), Some("suspended"), Some("failover")),
+        "{p}"
+    );
+    let side = show(a, &va);
+    assert_eq!(
+        (
+            side["role"].as_str(),
+            side["state"].as_str(),
+            side["reason"].as_str(),
+            side["replication_status"].as_str()
+        ),
+        (
+            Some("secondary"),
+            Some("suspended"),
+            Some("failover"),
+            Some("not current")
+        ),
+        "the old primary's side after a failback that did not start its copy: {side}"
+    );
+    assert_eq!(try_write(a, &va), "read-only EPERM");
+    // Issued again, the failback copies the union of B's 7 tracks and
+    // A's 5 (a track more if the failover caught one in flight).
+    path(b, "0x10", "TSTA1", "0x10", "1");
+    s.back.reset_counters();
+    essctl(b, &["pprc", "failback", &vb]).ok();
+    wait_duplex(b, &vb);
+    wait_state(a, &va, "duplex");
+    assert!(
+        !handover.exists(),
+        "the hand-over bitmap outlived the copy that has its tracks"
+    );
+    // B's 7 blocks of data at least (A's tracks are holes on B: their
+    // copy sends no data).
+    let sent = s.back.bytes_forward();
+    let n = union.len() as u64;
+    assert!(
+        (7 * 4096..=(n + 1) * TRACK + (64 << 10)).contains(&sent),
+        "the failback sent {sent} bytes for the {n} tracks {union:?}"
+    );
+    assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
+}
+
 /// A failback makes the old primary the secondary of the volume that took
 /// over; an old primary smaller than that volume is refused, as a
 /// secondary smaller than its primary is at establish, and stays as it was.

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use common::proxy::FaultProxy;
 use common::*;
+use essd::copy::pprc::manager::RETELL_INTERVAL;
 use essd::copy::pprc::pair::CLEAN_INTERVAL;
 
 const SECRET: &str = "correct horse battery staple";

@@ -1723,6 +1723,7 @@ impl PprcManager {
             "state" => {
                 let mut entries = self.entries.lock().await;
                 let mut drop_cache = false;
+                let mut handed_over = None;
                 if let Some(Entry::Secondary(side)) =
                     entries.iter_mut().find(|e| e.volume() == volume)
                 {
@@ -1731,6 +1732,11 @@ impl PprcManager {
                             drop_cache = state == PairState::Suspended
                                 || (state == PairState::Duplex
                                     && side.status.state == PairState::DuplexPending);
+                            if state == PairState::Duplex {
+                                // The copy has every track handed over, also
+                                // when the primary's word of it got lost.
+                                handed_over = side.handover.take();
+                            }
                             side.status.state = state;
                             side.status.reason =
                                 serde_json::from_value(request["reason"].clone()).unwrap_or(None);
@@ -1739,6 +1745,10 @@ impl PprcManager {
                     }
                 }
                 self.save_locked(&entries).map_err(|e| e.to_string())?;
+                // Removed once the record no longer names it.
+                if let Some(h) = handed_over {
+                    let _ = std::fs::remove_file(self.dir.join(h));
+                }
                 if drop_cache {
                     self.drop_secondary_cache(&volume);
                 }
@@ -1780,16 +1790,19 @@ impl PprcManager {
             },
             "handover-done" => {
                 let mut entries = self.entries.lock().await;
-                if let Some(Entry::Secondary(side)) = entries
+                let handed_over = match entries
                     .iter_mut()
                     .find(|e| e.volume() == volume)
                     .filter(|e| matches!(e, Entry::Secondary(s) if s.spec.peer == peer))
                 {
-                    if let Some(h) = side.handover.take() {
-                        let _ = std::fs::remove_file(self.dir.join(h));
-                    }
-                }
+                    Some(Entry::Secondary(side)) => side.handover.take(),
+                    _ => None,
+                };
                 self.save_locked(&entries).map_err(|e| e.to_string())?;
+                // Removed once the record no longer names it.
+                if let Some(h) = handed_over {
+                    let _ = std::fs::remove_file(self.dir.join(h));
+                }
                 Ok(json!({}))
             }
             other => Err(format!("unknown pair request {other:?}")),
@@ -1994,7 +2007,10 @@ impl PprcManager {
                 peer_lss: pair.spec.peer_lss,
                 critical: false,
             },
-            status: new_status(PairState::DuplexPending, None),
+            // Suspended until the primary says its copy started: a failback
+            // that stops short of it leaves the pair suspended there, and
+            // this side must not show a copy that is not running.
+            status: new_status(PairState::Suspended, Some(SuspendReason::Failover)),
             accepting: true,
             handover: Some(handover),
         };
