@@ -218,11 +218,15 @@ h.shutdown()
 print(" ".join(map(str, tracks)))
 "#;
 
-/// Tracks set in a primary's out-of-sync bitmap file (after its 4 KiB
-/// header), i.e. the marks that survive a crash.
+/// Tracks set in a primary's out-of-sync bitmap file, i.e. the marks that
+/// survive a crash.
 fn durable_marks(essd: &Essd, volume: &str) -> BTreeSet<u64> {
-    let path = essd.dir.join("state/pprc").join(format!("{volume}.oos"));
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    bitmap_file_tracks(&essd.dir.join("state/pprc").join(format!("{volume}.oos")))
+}
+
+/// Tracks set in a track bitmap file (after its 4 KiB header).
+fn bitmap_file_tracks(path: &Path) -> BTreeSet<u64> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     (0..(bytes.len() as u64 - 4096) * 8)
         .filter(|t| bytes[4096 + (t / 8) as usize] & (1 << (t % 8)) != 0)
         .collect()

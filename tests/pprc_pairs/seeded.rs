@@ -1203,7 +1203,8 @@ fn random_faults_during_failback_and_switch_back_lose_nothing() {
     );
 }
 
-/// Reads every 4 KiB block of an export and prints those that do not hold
+/// Reads every 4 KiB block of an export (or only the blocks of the list
+/// `"blocks"`, if the input has one) and prints those that do not hold
 /// what the JSON input `{"image": FILE, "acked": {block: version}}` says:
 /// the version [`OVERWRITE_AT_RANDOM`] last wrote there if the block is in
 /// `acked`, else the block of `image` (zeros past its end).
@@ -1215,17 +1216,20 @@ want = json.loads(sys.stdin.read())
 acked = want["acked"]
 with open(want["image"], "rb") as f:
     image = f.read()
-def data(b, v):
-    return hashlib.sha256(f"{b}:{v}".encode()).digest() * 128
+def expect(b):
+    v = acked.get(str(b))
+    if v is not None:
+        return hashlib.sha256(f"{b}:{v}".encode()).digest() * 128
+    return image[b * 4096:(b + 1) * 4096].ljust(4096, b"\0")
 wrong, size, step = [], h.get_size(), 1 << 20
-for off in range(0, size, step):
-    chunk = h.pread(min(step, size - off), off)
-    for i in range(0, len(chunk), 4096):
-        b = (off + i) // 4096
-        v = acked.get(str(b))
-        expect = data(b, v) if v is not None else image[b * 4096:(b + 1) * 4096].ljust(4096, b"\0")
-        if chunk[i:i + 4096] != expect:
-            wrong.append(b)
+if "blocks" in want:
+    wrong = [b for b in want["blocks"] if h.pread(4096, b * 4096) != expect(b)]
+else:
+    for off in range(0, size, step):
+        chunk = h.pread(min(step, size - off), off)
+        for i in range(0, len(chunk), 4096):
+            if chunk[i:i + 4096] != expect((off + i) // 4096):
+                wrong.append((off + i) // 4096)
 print(json.dumps(wrong))
 "#;
 
@@ -2413,5 +2417,466 @@ fn random_crashes_during_the_failback_command_lose_nothing() {
     assert!(
         back_bound + switch_bound < (60 << 20) / 6,
         "{context}: the bounds are no proof of partial copies"
+    );
+}
+
+/// The relationship `volume` is in, as `essctl flashcopy show` gives it.
+fn flashcopy_view(essd: &Essd, volume: &str) -> serde_json::Value {
+    essctl(essd, &["--json", "flashcopy", "show", volume]).json()["relationships"][0].clone()
+}
+
+/// Tracks whose copy the bitmap file of the (only) FlashCopy relationship
+/// of `essd` records, i.e. what a crash keeps.
+fn flashcopy_durable_copies(essd: &Essd) -> BTreeSet<u64> {
+    let dir = essd.dir.join("state/flashcopy");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("relationships.json")).unwrap()).unwrap();
+    bitmap_file_tracks(&dir.join(record["relationships"][0]["bitmap"].as_str().unwrap()))
+}
+
+/// A host running [`OVERWRITE_AT_RANDOM`] on `blocks` of `export` as fast
+/// as 8 writes in flight allow until its connection breaks; its versions
+/// count from `base` and carry `tag`.
+fn overwriter_until_broken(
+    essd: &Essd,
+    export: &str,
+    seed: u64,
+    base: u64,
+    blocks: &[u64],
+    tag: &str,
+) -> std::thread::JoinHandle<serde_json::Value> {
+    let args = [
+        essd.uri(export),
+        seed.to_string(),
+        tag.to_string(),
+        base.to_string(),
+        serde_json::json!(blocks).to_string(),
+    ];
+    std::thread::spawn(move || {
+        let out = python(
+            OVERWRITE_AT_RANDOM,
+            &[
+                &args[0], "600", &args[1], "", &args[2], "0", &args[3], &args[4],
+            ],
+        );
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    })
+}
+
+/// Versions a host wrote, by block: what [`OVERWRITE_AT_RANDOM`] reports
+/// (a number, or a tagged string); a block not in the model holds its T0
+/// image.
+type Versions = BTreeMap<u64, serde_json::Value>;
+
+/// Adds the writes a host killed mid-run saw acknowledged to `model`, and
+/// returns its blocks whose last write was in flight: (the version before,
+/// `None` for the T0 image; the version in flight).
+fn acked_and_in_flight(
+    out: &serde_json::Value,
+    model: &mut Versions,
+) -> BTreeMap<u64, (Option<serde_json::Value>, serde_json::Value)> {
+    for (b, v) in out["acked"].as_object().unwrap() {
+        model.insert(b.parse().unwrap(), v.clone());
+    }
+    out["unsure"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(b, u)| {
+            let b: u64 = b.parse().unwrap();
+            let before = match &u[0] {
+                serde_json::Value::Null => model.get(&b).cloned(),
+                v => Some(v.clone()),
+            };
+            (b, (before, u[1].clone()))
+        })
+        .collect()
+}
+
+/// Checks every block of `export` against the T0 `image` and the host's
+/// `model`: a block whose last write was in flight (`in_flight`) holds
+/// that write or what it held before, any other block its last
+/// acknowledged write or its T0 image. Returns the blocks that hold what
+/// they held before their write in flight.
+fn blocks_after_a_kill(
+    essd: &Essd,
+    export: &str,
+    image: &Path,
+    model: &Versions,
+    in_flight: &BTreeMap<u64, (Option<serde_json::Value>, serde_json::Value)>,
+    context: &str,
+) -> BTreeSet<u64> {
+    let image = image.display().to_string();
+    let mut expected = model.clone();
+    for (b, (_, new)) in in_flight {
+        expected.insert(*b, new.clone());
+    }
+    let wrong = check_blocks(
+        BLOCKS_NOT_AS_IMAGE_AND_ACKED,
+        essd,
+        export,
+        &serde_json::json!({"image": image, "acked": expected}),
+    );
+    let lost: Vec<&u64> = wrong
+        .iter()
+        .filter(|b| !in_flight.contains_key(b))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{context}: {} blocks of {export} are neither their T0 image nor their last \
+         acknowledged write, among them {:?}",
+        lost.len(),
+        &lost[..lost.len().min(32)]
+    );
+    for b in &wrong {
+        match &in_flight[b].0 {
+            Some(v) => expected.insert(*b, v.clone()),
+            None => expected.remove(b),
+        };
+    }
+    let neither = check_blocks(
+        BLOCKS_NOT_AS_IMAGE_AND_ACKED,
+        essd,
+        export,
+        &serde_json::json!({"image": image, "acked": expected, "blocks": wrong}),
+    );
+    assert!(
+        neither.is_empty(),
+        "{context}: blocks of {export} written in flight hold neither that write nor what \
+         they held before: {neither:?}"
+    );
+    wrong.into_iter().collect()
+}
+
+/// Settles `model` after a kill: each block written in flight holds its
+/// write unless it is among the blocks found `old`.
+fn settle(
+    model: &mut Versions,
+    in_flight: BTreeMap<u64, (Option<serde_json::Value>, serde_json::Value)>,
+    old: &BTreeSet<u64>,
+) {
+    for (b, (before, new)) in in_flight {
+        match if old.contains(&b) { before } else { Some(new) } {
+            Some(v) => model.insert(b, v),
+            None => model.remove(&b),
+        };
+    }
+}
+
+/// A FlashCopy S → T at server A (a background copy at 0.5 to 1 MiB/s of
+/// S's 56 MiB of data, still running throughout, or NOCOPY) onto T
+/// (64 MiB of other data), T the primary of T → T' at B. Hosts overwrite
+/// blocks of 32 tracks of S (half of them tracks of T's) and of 32 tracks
+/// in 4 of T's 64-track regions, 8 writes in flight each, and at 2 to 4
+/// seeded moments (`ESSD_FAULT_SEED`) A, which holds the relationship
+/// and the pair, is killed (`kill -9`), sometimes with its link stalled
+/// just before so that T' lags, then restarted. After each kill the
+/// FlashCopy bitmap file records every track of S or T with an
+/// acknowledged write (NOCOPY: none that no host wrote), and the pair's
+/// bitmap file every track of T with a write in flight and nothing
+/// outside T's regions (neither S's writes nor the copy mark T's tracks). The restart restores the relationship
+/// (same T0 and mode, as many tracks copied as the file records; a
+/// background copy goes on) and the pair comes back `primary restarted`,
+/// resynchronises by itself, sending at most its marked tracks, and ends
+/// duplex and current. Every block of S holds S's T0 data or its last
+/// acknowledged write, and every block of T and T' S's T0 data or T's
+/// last acknowledged write (none of T's data from before T0); a block
+/// whose write was in flight that write or what it held before, the same
+/// on T and T'; and T equals T'. No host write fails but as its
+/// connection goes.
+#[test]
+fn random_kill_9_of_a_flashcopy_target_as_primary_loses_nothing() {
+    let seed = fault_seed(0x5EED_000A);
+    let started = Instant::now();
+    let mut s = Sites::start("pprc-fc-primary-kill", |_| {});
+    let (src, pa, pb) = (s.a.vol(0x10, 0), s.a.vol(0x10, 1), s.b.vol(0x10, 0));
+    let mut schedule = Schedule::new(seed);
+    let t0 = fill(&s.a, &src, s.dir_a.path(), 56, 91);
+    fill(&s.a, &pa, s.dir_a.path(), 64, 92);
+    let mode = match schedule.next() % 4 {
+        r @ 0..=2 => ["0.5", "0.75", "1"][r as usize],
+        _ => "nocopy",
+    };
+    let mode_text = match mode {
+        "nocopy" => "NOCOPY".to_string(),
+        rate => format!("COPY at {rate} MiB/s"),
+    };
+    let pair_of = format!("{src}:{pa}");
+    let mut establish = vec!["flashcopy", "establish", &pair_of];
+    if mode == "nocopy" {
+        establish.push("--nocopy");
+    } else {
+        establish.extend(["--rate", mode]);
+    }
+    essctl(&s.a, &establish).ok();
+    let at_t0 = flashcopy_view(&s.a, &pa);
+    let state = if mode == "nocopy" {
+        "nocopy"
+    } else {
+        "copying"
+    };
+    assert_eq!(
+        (at_t0["track_size"].as_u64(), at_t0["tracks_total"].as_u64()),
+        (Some(TRACK), Some(1024)),
+        "{at_t0}"
+    );
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    essctl(&s.a, &["pprc", "establish", &pa, &pb]).ok();
+    wait_state(&s.a, &pa, "duplex");
+    // The initial copy's marks are cleaned before the first kill, so the
+    // bitmap file then holds T's host writes only.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !durable_marks(&s.a, &pa).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the initial copy's marks were never cleaned: {:?}",
+            durable_marks(&s.a, &pa)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let per_track = TRACK / 4096;
+    let mut regions = BTreeSet::new();
+    while regions.len() < 4 {
+        regions.insert(schedule.next() % 16);
+    }
+    let mut t_tracks = BTreeSet::new();
+    for r in &regions {
+        let before = t_tracks.len();
+        while t_tracks.len() < before + 8 {
+            t_tracks.insert(r * 64 + schedule.next() % 64);
+        }
+    }
+    let mut s_tracks: BTreeSet<u64> = t_tracks.iter().copied().step_by(2).collect();
+    while s_tracks.len() < 32 {
+        s_tracks.insert(schedule.next() % 1024);
+    }
+    let mut blocks_of = |tracks: &BTreeSet<u64>| {
+        let mut blocks = BTreeSet::new();
+        for t in tracks {
+            let before = blocks.len();
+            while blocks.len() < before + 4 {
+                blocks.insert(t * per_track + schedule.next() % per_track);
+            }
+        }
+        blocks.into_iter().collect::<Vec<u64>>()
+    };
+    let (s_blocks, t_blocks) = (blocks_of(&s_tracks), blocks_of(&t_tracks));
+
+    let (mut on_s, mut on_t) = (Versions::new(), Versions::new());
+    let (mut base_s, mut base_t) = (0, 0);
+    // (ms written, ms stalled, writes acknowledged on S and T, in flight on
+    // S and T, tracks the FlashCopy bitmap file records, tracks marked at
+    // the restart, bytes the resync sent)
+    let mut kills = Vec::new();
+    let rounds = 2 + schedule.next() % 3;
+    for round in 0..rounds {
+        let writer_s = overwriter_until_broken(&s.a, &src, seed + 2 * round, base_s, &s_blocks, "");
+        let writer_t =
+            overwriter_until_broken(&s.a, &pa, seed + 2 * round + 1, base_t, &t_blocks, "t");
+        let run = schedule.millis(3000, 6000);
+        let stall = (schedule.next() % 3 == 0).then(|| schedule.millis(50, 1000));
+        std::thread::sleep(run);
+        if let Some(lag) = stall {
+            s.proxy.stall();
+            std::thread::sleep(lag);
+        }
+        s.a.crash();
+        let (out_s, out_t) = (writer_s.join().unwrap(), writer_t.join().unwrap());
+        let context = format!(
+            "seed {seed}, FlashCopy {mode_text}, round {round}, kills so far (ms written, ms \
+             stalled, acked S/T, in flight S/T, copies recorded, marked, resent) {kills:?}, \
+             hosts {}",
+            serde_json::json!([
+                {"writes": out_s["writes"], "errors": out_s["errors"], "broken": out_s["broken"]},
+                {"writes": out_t["writes"], "errors": out_t["errors"], "broken": out_t["broken"]},
+            ])
+        );
+        let acked = (
+            out_s["acked"].as_object().map_or(0, |a| a.len()),
+            out_t["acked"].as_object().map_or(0, |a| a.len()),
+        );
+        assert!(
+            out_s["broken"].is_string() && out_t["broken"].is_string(),
+            "{context}: a host's connection did not break"
+        );
+        assert!(
+            acked.0 > 50 && acked.1 > 50,
+            "{context}: only {acked:?} blocks acknowledged"
+        );
+        // A write fails only as its connection goes (ENOTCONN): the server
+        // answered none with an error.
+        for out in [&out_s, &out_t] {
+            let errors = out["errors"].as_object().unwrap();
+            assert!(
+                errors.keys().all(|e| e == "ENOTCONN"),
+                "{context}: a host saw errors {errors:?}"
+            );
+        }
+        base_s += out_s["writes"].as_u64().unwrap();
+        base_t += out_t["writes"].as_u64().unwrap();
+        let flight_s = acked_and_in_flight(&out_s, &mut on_s);
+        let flight_t = acked_and_in_flight(&out_t, &mut on_t);
+        assert!(
+            !flight_s.is_empty() && !flight_t.is_empty(),
+            "{context}: no write in flight on S ({flight_s:?}) or T ({flight_t:?})"
+        );
+
+        // What the crash left: the copy of every track with an
+        // acknowledged write is recorded, and the pair's marks cover T's
+        // writes in flight and stay inside T's regions.
+        let copies = flashcopy_durable_copies(&s.a);
+        let unrecorded: Vec<u64> = on_s
+            .keys()
+            .chain(on_t.keys())
+            .map(|b| b / per_track)
+            .filter(|t| !copies.contains(t))
+            .collect::<BTreeSet<u64>>()
+            .into_iter()
+            .collect();
+        assert!(
+            unrecorded.is_empty(),
+            "{context}: tracks with acknowledged writes whose copy the FlashCopy bitmap \
+             file does not record: {unrecorded:?}"
+        );
+        let beyond: Vec<&u64> = copies
+            .iter()
+            .filter(|t| !s_tracks.contains(t) && !t_tracks.contains(t))
+            .collect();
+        assert!(
+            mode != "nocopy" || beyond.is_empty(),
+            "{context}: NOCOPY recorded copies of tracks no host wrote: {beyond:?}"
+        );
+        let marks = durable_marks(&s.a, &pa);
+        let in_flight: BTreeSet<u64> = flight_t.keys().map(|b| b / per_track).collect();
+        let unmarked: Vec<&u64> = in_flight.difference(&marks).collect();
+        assert!(
+            unmarked.is_empty(),
+            "{context}: tracks of T written in flight are not marked in the pair's bitmap \
+             file: {unmarked:?}"
+        );
+        let outside: Vec<&u64> = marks
+            .iter()
+            .filter(|t| !regions.contains(&(*t / 64)))
+            .collect();
+        assert!(
+            outside.is_empty(),
+            "{context}: tracks marked outside T's regions {regions:?}: {outside:?}"
+        );
+
+        s.proxy.reset_counters();
+        let (at_restart, resent) = restart_and_resync(&mut s, &pa, Some("primary restarted"));
+        let carried = s.proxy.bytes_forward();
+        let marked = at_restart["out_of_sync_tracks"].as_u64().unwrap();
+        let restored = flashcopy_view(&s.a, &pa);
+        kills.push((
+            run.as_millis(),
+            stall.map_or(0, |d| d.as_millis()),
+            acked,
+            (flight_s.len(), flight_t.len()),
+            copies.len(),
+            marked,
+            resent,
+        ));
+        let context = format!("{context}, this kill {:?}", kills.last().unwrap());
+
+        // The relationship is back as it was: same T0, mode and volumes,
+        // the tracks its file records copied, still copying (or NOCOPY).
+        let line =
+            s.a.log()
+                .lines()
+                .rev()
+                .find(|l| l.contains(&format!("{src} → {pa} restored")))
+                .map(str::to_string);
+        assert_eq!(
+            line.as_deref()
+                .and_then(|l| l.split(" restored (").nth(1))
+                .and_then(|l| l.split(" tracks copied)").next()),
+            Some(format!("{} of 1024", copies.len()).as_str()),
+            "{context}: the restart did not restore the recorded copies: {line:?}"
+        );
+        for field in ["source", "target", "mode", "t0_unix", "tracks_total"] {
+            assert_eq!(
+                restored[field], at_t0[field],
+                "{context}: {field} after the restart: {restored}"
+            );
+        }
+        assert_eq!(
+            restored["state"], state,
+            "{context}: after the restart: {restored}"
+        );
+        let copied = restored["tracks_copied"].as_u64().unwrap();
+        assert!(
+            copied >= copies.len() as u64 && copied < 1024,
+            "{context}: {copied} tracks copied after the restart: {restored}"
+        );
+
+        // The restart's resync sent at most the marked tracks, all inside
+        // T's regions.
+        assert!(
+            marked >= in_flight.len() as u64 && marked <= 64 * regions.len() as u64,
+            "{context}: {marked} tracks marked at the restart for {} in flight in {} \
+             regions: {at_restart}",
+            in_flight.len(),
+            regions.len()
+        );
+        let bound = marked * TRACK + (256 << 10);
+        assert!(
+            resent <= bound && carried <= bound,
+            "{context}: the resync of {marked} tracks sent {resent} bytes ({carried} on the \
+             link), bound {bound}"
+        );
+
+        // No acknowledged write lost; a write in flight landed or not, the
+        // same on T and T'.
+        let old_s = blocks_after_a_kill(&s.a, &src, &t0, &on_s, &flight_s, &context);
+        let old_t = blocks_after_a_kill(&s.a, &pa, &t0, &on_t, &flight_t, &context);
+        let old_t2 = blocks_after_a_kill(&s.b, &pb, &t0, &on_t, &flight_t, &context);
+        assert_eq!(
+            old_t, old_t2,
+            "{context}: T and T' kept different writes in flight"
+        );
+        settle(&mut on_s, flight_s, &old_s);
+        settle(&mut on_t, flight_t, &old_t);
+        assert_eq!(
+            volume_sha(&s.a, &pa),
+            volume_sha(&s.b, &pb),
+            "{context}: T and T' differ"
+        );
+        if mode != "nocopy" {
+            let now = flashcopy_view(&s.a, &pa);
+            assert!(
+                now["state"] == "copying" && now["tracks_copied"].as_u64().unwrap() > copied,
+                "{context}: the background copy did not go on after the restart ({copied} \
+                 tracks copied then): {now}"
+            );
+        }
+    }
+    wait_current(&s.a, &pa);
+    let pair = show(&s.a, &pa);
+    let context = format!(
+        "seed {seed}, FlashCopy {mode_text}, kills (ms written, ms stalled, acked S/T, in \
+         flight S/T, copies recorded, marked, resent) {kills:?}"
+    );
+    assert_eq!(
+        (pair["state"].as_str(), pair["replication_status"].as_str()),
+        (Some("duplex"), Some("current")),
+        "{context}: {pair}"
+    );
+    assert_eq!(
+        wait_state(&s.b, &pb, "duplex")["role"],
+        "secondary",
+        "{context}"
+    );
+    assert_eq!(
+        flashcopy_view(&s.a, &pa)["state"],
+        state,
+        "{context}: the relationship at the end"
+    );
+    eprintln!(
+        "{context}: {} blocks of S and {} of T written, {:.1} s",
+        on_s.len(),
+        on_t.len(),
+        started.elapsed().as_secs_f64()
     );
 }
