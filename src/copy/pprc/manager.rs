@@ -1729,9 +1729,11 @@ impl PprcManager {
                 {
                     if side.spec.peer == peer && side.accepting {
                         if let Ok(state) = serde_json::from_value(request["state"].clone()) {
+                            // A copy ended (told duplex, perhaps without
+                            // duplex pending first when it was short).
                             drop_cache = state == PairState::Suspended
                                 || (state == PairState::Duplex
-                                    && side.status.state == PairState::DuplexPending);
+                                    && side.status.state != PairState::Duplex);
                             if state == PairState::Duplex {
                                 // The copy has every track handed over, also
                                 // when the primary's word of it got lost.
