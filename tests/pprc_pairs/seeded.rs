@@ -13,8 +13,10 @@ use super::*;
 /// duplex, and a suspend must record what is written after it. A block
 /// whose latest write failed is left out (its content is not known). With
 /// a directory `argv[4]`, whenever a file `ask` appears there it is
-/// removed and the blocks acknowledged so far are written to `acked.json`,
-/// and the writes also end when a file `stop` appears there (`""`: no
+/// removed and the blocks acknowledged so far are written to `acked.json`
+/// (and, just before, the highest version sent to each block so far to
+/// `issued.json`, acknowledged or not: numbered without the tag), and the
+/// writes also end when a file `stop` appears there (`""`: no
 /// directory). A tag `argv[5]` prefixes every version (`t1`, `t2`, …: data
 /// no untagged writer writes), `argv[6]` sets the seconds between writes
 /// (default 0.006), versions count from `argv[7]` (default 0: a writer
@@ -59,6 +61,9 @@ def answer_ask():
     ask = os.path.join(asks, "ask")
     if os.path.exists(ask):
         os.remove(ask)
+        with open(os.path.join(asks, "issued.tmp"), "w") as f:
+            json.dump(issued, f)
+        os.rename(os.path.join(asks, "issued.tmp"), os.path.join(asks, "issued.json"))
         with open(os.path.join(asks, "acked.tmp"), "w") as f:
             json.dump(acked, f)
         os.rename(os.path.join(asks, "acked.tmp"), os.path.join(asks, "acked.json"))
