@@ -2885,3 +2885,293 @@ fn random_kill_9_of_a_flashcopy_target_as_primary_loses_nothing() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// Reads every 4 KiB block of an export and prints those that hold none
+/// of the versions the JSON input `{"image": FILE, "lo": {block: version},
+/// "hi": {block: version}}` allows: a version [`OVERWRITE_AT_RANDOM`]
+/// wrote there from `lo` up to `hi`, version 0 (a block not in `lo`) being
+/// the block of `image` (zeros past its end); a block not in `hi` holds
+/// its block of `image`.
+const BLOCKS_NOT_IN_VERSIONS: &str = r#"
+import hashlib, json, nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+want = json.loads(sys.stdin.read())
+lo, hi = want["lo"], want["hi"]
+with open(want["image"], "rb") as f:
+    image = f.read()
+def data(b, v):
+    if v == 0:
+        return image[b * 4096:(b + 1) * 4096].ljust(4096, b"\0")
+    return hashlib.sha256(f"{b}:{v}".encode()).digest() * 128
+wrong, size, step = [], h.get_size(), 1 << 20
+for off in range(0, size, step):
+    chunk = h.pread(min(step, size - off), off)
+    for i in range(0, len(chunk), 4096):
+        b = (off + i) // 4096
+        allowed = range(lo.get(str(b), 0), hi.get(str(b), 0) + 1)
+        if bytes(chunk[i:i + 4096]) not in {data(b, v) for v in allowed}:
+            wrong.append(b)
+print(json.dumps(wrong))
+"#;
+
+/// The blocks acknowledged so far by a running [`OVERWRITE_AT_RANDOM`]
+/// started with the directory `asks`, and the highest version it sent to
+/// each block (acknowledged or in flight) just before.
+fn acked_and_issued_so_far(asks: &Path) -> (serde_json::Value, serde_json::Value) {
+    let _ = std::fs::remove_file(asks.join("issued.json"));
+    let acked = acked_so_far(asks);
+    let issued = std::fs::read(asks.join("issued.json")).unwrap();
+    (acked, serde_json::from_slice(&issued).unwrap())
+}
+
+/// Waits (up to 60 s) until the background copy onto `target` at `essd`
+/// is done and its relationship gone.
+fn copy_done(essd: &Essd, target: &str, context: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Some(left) = flashcopy_remaining(essd, target) {
+        assert!(
+            Instant::now() < deadline,
+            "{context}: the background copy onto {target} never ended ({left} tracks left)"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A FlashCopy of the secondary taken in
+/// [`random_flashcopies_of_a_secondary_under_link_faults_and_kill_9_keep_their_point_in_time`].
+struct SecondaryCopy {
+    target: String,
+    nocopy: bool,
+    /// Checksum of the target once checked after its establish.
+    sha: String,
+    /// Withdrawn (NOCOPY, to free the source): the target is incomplete.
+    withdrawn: bool,
+}
+
+/// FlashCopies of a PPRC secondary at random moments, as the split-mirror
+/// backup procedures take them at the recovery site: A → B duplex (8 MiB
+/// of data), a host overwrites random blocks of the primary, and at 3 to 5
+/// seeded moments (`ESSD_FAULT_SEED`), with the pair duplex, or suspended
+/// by the links stalled past the 2 s timeout or dropped, or after a reset
+/// of every link (duplex or suspended), the pair is suspended by hand or
+/// not, and the secondary S is copied onto a fresh target Ti at B (NOCOPY,
+/// or a background copy at 2 to 4 MiB/s, during which B is sometimes
+/// killed with `kill -9` and restarted); then the links are healed and the
+/// pair resumed. Each Ti holds S's image at its T0: a block holds a
+/// version the host wrote no earlier than its last write acknowledged
+/// while the pair was known duplex before the establish, and no later than
+/// the last write sent before the establish answered (duplex) or before
+/// the suspend was seen (suspended; then Ti also equals S, which the
+/// suspended pair leaves alone). Ti does not change afterwards, though S
+/// keeps receiving mirrored writes, resync copies and the copies' crash:
+/// read again before a NOCOPY relationship is withdrawn for the next
+/// establish (one relationship per volume), and at the end, once the pair
+/// is duplex and current and the background copies are done. The host saw
+/// no error, the secondary holds the last acknowledged write of every
+/// block, and the volumes are equal.
+#[test]
+fn random_flashcopies_of_a_secondary_under_link_faults_and_kill_9_keep_their_point_in_time() {
+    let seed = fault_seed(0x5EED_000B);
+    let started = Instant::now();
+    let mut s = Sites::start("pprc-fc-secondary-faults", |cfg| {
+        cfg.volumes = vec![Vol::new(0x10, 0, "8MiB")];
+        cfg.volumes
+            .extend((0..5).map(|n| Vol::new(0x11, n, "8MiB")));
+    });
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    let mut schedule = Schedule::new(seed);
+    let image = fill(&s.a, &va, s.dir_a.path(), 8, 101);
+    let image_file = image.display().to_string();
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    essctl(&s.a, &["pprc", "establish", &va, &vb]).ok();
+    wait_duplex(&s.a, &va);
+    let asks = tempfile::tempdir().unwrap();
+    let blocks: Vec<u64> = (0..(8 << 20) / 4096).collect();
+    let writer = overwriter(&s.a, &va, seed, asks.path(), 0, &blocks);
+
+    let state = |s: &Sites| show(&s.a, &va)["state"].as_str().unwrap().to_string();
+    let mut copies: Vec<SecondaryCopy> = Vec::new();
+    const MOMENTS: &str = "moments (fault, by hand, state, mode, killed with tracks left)";
+    // (fault, suspended by hand, state at the establish, mode, tracks left
+    // to copy when B was killed)
+    let mut moments = Vec::new();
+    let rounds = 3 + schedule.next() % 3;
+    for round in 0..rounds {
+        std::thread::sleep(schedule.millis(800, 2500));
+        let context = format!("seed {seed}, {MOMENTS} {moments:?}");
+        // One relationship per volume: a background copy ends by itself;
+        // a NOCOPY target is read again, then withdrawn.
+        if let Some(last) = copies.last_mut() {
+            if last.nocopy {
+                assert_eq!(
+                    volume_sha(&s.b, &last.target),
+                    last.sha,
+                    "{context}: NOCOPY target {} changed since its establish",
+                    last.target
+                );
+                essctl(
+                    &s.b,
+                    &["flashcopy", "withdraw", &format!("{vb}:{}", last.target)],
+                )
+                .ok();
+                last.withdrawn = true;
+            } else {
+                copy_done(&s.b, &last.target, &context);
+            }
+        }
+        let target = s.b.vol(0x11, round as u8);
+        let fault = schedule.next() % 4;
+        let by_hand = schedule.next() % 2 == 0;
+        let mode = match schedule.next() % 4 {
+            r @ 0..=2 => ["2", "3", "4"][r as usize],
+            _ => "nocopy",
+        };
+        let kill = mode != "nocopy" && schedule.next() % 2 == 0;
+
+        // Every write acknowledged now is on S: the pair is duplex.
+        let (known, _) = acked_and_issued_so_far(asks.path());
+        assert_eq!(state(&s), "duplex", "{context}");
+        match fault {
+            1 => s.proxy.stall(),
+            2 => s.proxy.drop_all(),
+            3 => s.proxy.reset(),
+            _ => {}
+        }
+        match fault {
+            1 | 2 => {
+                wait_state(&s.a, &va, "suspended");
+            }
+            3 => std::thread::sleep(schedule.millis(100, 1000)),
+            _ => {}
+        }
+        if by_hand && state(&s) == "duplex" {
+            essctl(&s.a, &["pprc", "suspend", &va]).ok();
+        }
+        let before = state(&s);
+        let (acked, issued) = acked_and_issued_so_far(asks.path());
+        let duplex_then = before == "duplex" && state(&s) == "duplex";
+        let s_before = (before == "suspended").then(|| volume_sha(&s.b, &vb));
+        let mut establish = vec!["flashcopy", "establish"];
+        let rel = format!("{vb}:{target}");
+        establish.push(&rel);
+        if mode == "nocopy" {
+            establish.push("--nocopy");
+        } else {
+            establish.extend(["--rate", mode]);
+        }
+        essctl(&s.b, &establish).ok();
+        let (_, issued_after) = acked_and_issued_so_far(asks.path());
+        let after = state(&s);
+        let fault_name = ["none", "stall", "drop", "reset"][fault as usize];
+        moments.push((fault_name, by_hand, before.clone(), mode, None::<u64>));
+        let context = format!("seed {seed}, {MOMENTS} {moments:?}");
+        // Writes acknowledged while the pair was known duplex are on S at
+        // T0; writes sent after the suspend was seen, or after T0, are not.
+        let lo = if duplex_then && after == "duplex" {
+            acked
+        } else {
+            known
+        };
+        let hi = if before == "suspended" {
+            issued
+        } else {
+            issued_after
+        };
+        let wrong = check_blocks(
+            BLOCKS_NOT_IN_VERSIONS,
+            &s.b,
+            &target,
+            &serde_json::json!({"image": image_file, "lo": lo, "hi": hi}),
+        );
+        assert!(
+            wrong.is_empty(),
+            "{context}: {} blocks of {target} hold no version S held at T0, among them {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(32)]
+        );
+        let sha = volume_sha(&s.b, &target);
+        if let Some(s_before) = s_before {
+            assert_eq!(
+                volume_sha(&s.b, &vb),
+                s_before,
+                "{context}: the suspended secondary changed"
+            );
+            assert_eq!(
+                sha, s_before,
+                "{context}: {target} differs from the suspended secondary"
+            );
+        }
+        copies.push(SecondaryCopy {
+            target: target.clone(),
+            nocopy: mode == "nocopy",
+            sha,
+            withdrawn: false,
+        });
+        s.proxy.heal();
+        if kill {
+            std::thread::sleep(schedule.millis(100, 800));
+            let left = flashcopy_remaining(&s.b, &target);
+            moments.last_mut().unwrap().4 = Some(left.unwrap_or(0));
+            s.b.crash();
+            std::thread::sleep(schedule.millis(100, 1500));
+            s.b.restart("TSTB2");
+        }
+        resume_until_duplex(&s.a, &va, seed);
+    }
+    let mut model = BTreeMap::new();
+    let (writes, errors) = stop_overwriter(writer, asks.path(), &mut model);
+    resume_until_duplex(&s.a, &va, seed);
+    let context = format!("seed {seed}, {MOMENTS} {moments:?}");
+    assert_eq!(
+        errors,
+        serde_json::json!({}),
+        "{context}: the host saw errors"
+    );
+    if let Some(last) = copies.last().filter(|c| !c.nocopy) {
+        copy_done(&s.b, &last.target, &context);
+    }
+    wait_current(&s.a, &va);
+    let pair = show(&s.a, &va);
+    assert_eq!(
+        (pair["state"].as_str(), pair["replication_status"].as_str()),
+        (Some("duplex"), Some("current")),
+        "{context}: {pair}"
+    );
+    for copy in copies.iter().filter(|c| !c.withdrawn) {
+        assert_eq!(
+            volume_sha(&s.b, &copy.target),
+            copy.sha,
+            "{context}: {} ({}) changed since its establish",
+            copy.target,
+            if copy.nocopy {
+                "NOCOPY"
+            } else {
+                "background copy"
+            }
+        );
+    }
+    assert_eq!(
+        volume_sha(&s.a, &va),
+        volume_sha(&s.b, &vb),
+        "{context}: the volumes differ"
+    );
+    let wrong = check_blocks(
+        BLOCKS_NOT_AS_IMAGE_AND_ACKED,
+        &s.b,
+        &vb,
+        &serde_json::json!({"image": image_file, "acked": model}),
+    );
+    assert!(
+        wrong.is_empty(),
+        "{context}: {} blocks of the secondary are not their last acknowledged write, among \
+         them {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(32)]
+    );
+    eprintln!(
+        "{context}: {writes} writes, {} blocks written, {:.1} s",
+        model.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
