@@ -28,6 +28,7 @@ use common::proxy::FaultProxy;
 use common::*;
 use essd::copy::pprc::manager::RETELL_INTERVAL;
 use essd::copy::pprc::pair::CLEAN_INTERVAL;
+use essd::copy::pprc::paths::{HEARTBEAT, LINK_TIMEOUT};
 
 const SECRET: &str = "correct horse battery staple";
 const TRACK: u64 = 64 << 10;
@@ -126,6 +127,67 @@ fn wait_state(essd: &Essd, volume: &str, state: &str) -> serde_json::Value {
         assert!(
             Instant::now() < deadline,
             "{volume} never became {state}: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How long the secondary's side may take to show what its primary shows
+/// once the faults are healed: a link that broke unnoticed is found dead
+/// by its monitor within [`HEARTBEAT`] + [`LINK_TIMEOUT`] (a heartbeat
+/// unanswered), reopened within as much again (the next attempt, a
+/// connect given [`LINK_TIMEOUT`]); then the primary's server tells the
+/// state again within [`RETELL_INTERVAL`] — three of them here — after a
+/// tell sent over a link that died under it, which waits [`LINK_TIMEOUT`]
+/// for its answer.
+fn sides_agree_bound() -> Duration {
+    (HEARTBEAT + LINK_TIMEOUT) * 2 + RETELL_INTERVAL * 3 + LINK_TIMEOUT
+}
+
+/// Waits until the secondary's side of a pair (`sv` at `secondary`) shows
+/// the state and reason its primary (`pv` at `primary`) shows, with a
+/// live link on the primary's path; fails after [`sides_agree_bound`],
+/// printing both views, with `context`.
+///
+/// For a settle point: every fault healed, the servers running. The
+/// differences that are legitimate do not last there, or are not looked
+/// for:
+/// * the secondary's side shows what its primary's server last told it:
+///   `duplex pending` after a resume until told `duplex`, or `duplex`
+///   while the primary suspends — until the primary's server tells it,
+///   at once over a live link, else again every second once a link is up
+///   (while no link is up the secondary cannot know: the bound counts
+///   from the faults healed, covering the link's reopening);
+/// * a resume or a restart's resync makes the secondary `duplex pending`
+///   before the primary is (it is asked first);
+/// * a suspend at the secondary (`manual` there, `suspended at the
+///   secondary` or still `duplex` at the primary) and a terminate at the
+///   secondary with the primary gone are the operator's and differ for
+///   good: no settle point follows them;
+/// * a failback that stopped short shows both sides `suspended
+///   (failover)`, which agree.
+///
+/// Only the state and the reason are compared: the detail and the times
+/// are each side's own.
+fn wait_sides_agree(primary: &Essd, pv: &str, secondary: &Essd, sv: &str, context: &str) {
+    let deadline = Instant::now() + sides_agree_bound();
+    loop {
+        let p = show(primary, pv);
+        let s = show(secondary, sv);
+        let live = p["path"]["state"] == "up" || p["path"]["state"] == "degraded";
+        let agree = p["role"] == "primary"
+            && s["role"] == "secondary"
+            && s["peer_volume"] == pv
+            && p["state"] == s["state"]
+            && p["reason"] == s["reason"];
+        if live && agree {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{context}: within {:?} the secondary's side does not show what its primary shows{}:\n primary   {pv}: {p}\n secondary {sv}: {s}",
+            sides_agree_bound(),
+            if live { "" } else { " (the path has no live link)" }
         );
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -151,8 +151,11 @@ impl Schedule {
 }
 
 /// Resumes a suspended pair as an operator would: again until its path
-/// is back and the resume is taken.
-fn resume_when_the_path_is_back(a: &Essd, volume: &str, seed: u64) {
+/// is back and the resume is taken. The faults are healed: first the
+/// secondary's side (`sv` at `b`) must show what the primary shows
+/// ([`wait_sides_agree`]), the same suspend and reason before the resume.
+fn resume_when_the_path_is_back(a: &Essd, volume: &str, b: &Essd, sv: &str, seed: u64) {
+    wait_sides_agree(a, volume, b, sv, &format!("seed {seed}, before the resume"));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let state = show(a, volume)["state"].clone();
@@ -172,13 +175,15 @@ fn resume_when_the_path_is_back(a: &Essd, volume: &str, seed: u64) {
 }
 
 /// Waits until a pair is duplex, resuming it whenever it is suspended (a
-/// fault may suspend it again after a resume).
-fn resume_until_duplex(a: &Essd, volume: &str, seed: u64) {
+/// fault may suspend it again after a resume); then its secondary's side
+/// (`sv` at `b`) must show it duplex too.
+fn resume_until_duplex(a: &Essd, volume: &str, b: &Essd, sv: &str, seed: u64) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        resume_when_the_path_is_back(a, volume, seed);
+        resume_when_the_path_is_back(a, volume, b, sv, seed);
         let pair = show(a, volume);
         if pair["state"] == "duplex" {
+            wait_sides_agree(a, volume, b, sv, &format!("seed {seed}, once duplex"));
             return;
         }
         assert!(
@@ -239,11 +244,11 @@ fn random_link_faults_under_random_overwrites_lose_nothing() {
         }
         s.proxy.heal();
         s.back.heal();
-        resume_when_the_path_is_back(&s.a, &va, seed);
+        resume_when_the_path_is_back(&s.a, &va, &s.b, &vb, seed);
         next = schedule.next() % 9;
     }
     let out = writer.join().unwrap();
-    resume_until_duplex(&s.a, &va, seed);
+    resume_until_duplex(&s.a, &va, &s.b, &vb, seed);
     let acked = out["acked"].as_object().unwrap().len();
     let log = s.a.log();
     let suspends = log.matches("PPRC pair suspended").count();
@@ -422,8 +427,8 @@ fn random_link_faults_keep_the_group_dependent_write_consistent() {
                 "{context}: the secondaries hold steps 1..={k} and 1..={j}"
             );
         }
-        for v in [&v1, &v2] {
-            resume_until_duplex(a, v, seed);
+        for (v, sv) in [(&v1, &s1), (&v2, &s2)] {
+            resume_until_duplex(a, v, b, sv, seed);
         }
     }
     std::fs::write(&stop_file, b"").unwrap();
@@ -440,7 +445,7 @@ fn random_link_faults_keep_the_group_dependent_write_consistent() {
         "{context}: the group never held"
     );
     for (v, sv) in [(&v1, &s1), (&v2, &s2)] {
-        resume_until_duplex(a, v, seed);
+        resume_until_duplex(a, v, b, sv, seed);
         assert_eq!(volume_sha(a, v), volume_sha(b, sv), "{context}: {v}");
     }
 }
@@ -550,7 +555,7 @@ fn random_link_faults_never_leave_an_acknowledged_write_off_a_critical_heavy_sec
             );
         }
         s.proxy.heal();
-        resume_until_duplex(&s.a, &va, seed);
+        resume_until_duplex(&s.a, &va, &s.b, &vb, seed);
     }
     std::fs::write(asks.path().join("stop"), b"").unwrap();
     let out = writer.join().unwrap();
@@ -563,7 +568,7 @@ fn random_link_faults_never_leave_an_acknowledged_write_off_a_critical_heavy_sec
         "{context}: the host saw errors other than EIO: {errors:?}"
     );
     assert!(errors.contains_key("EIO"), "{context}: no write failed");
-    resume_until_duplex(&s.a, &va, seed);
+    resume_until_duplex(&s.a, &va, &s.b, &vb, seed);
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb), "{context}");
 }
 
@@ -743,7 +748,7 @@ fn random_multi_link_faults_inhibit_a_critical_primary_only_when_the_last_link_i
         acked_all.extend(out["acked"].as_object().unwrap().clone());
         rounds.push((kind, cut, outcome));
         s.proxy.heal();
-        resume_until_duplex(&s.a, &va, seed);
+        resume_until_duplex(&s.a, &va, &s.b, &vb, seed);
         let pair = show(&s.a, &va);
         assert_eq!(
             pair["write_inhibited"],
@@ -856,7 +861,7 @@ impl Slots {
 /// Brings a pair back as the README says: a pair suspended by a restart
 /// of its primary resynchronises by itself once its path is up; any other
 /// suspended pair is resumed at the primary.
-fn bring_back(primary: &Essd, volume: &str, seed: u64) {
+fn bring_back(primary: &Essd, volume: &str, secondary: &Essd, sv: &str, seed: u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let pair = show(primary, volume);
@@ -869,7 +874,7 @@ fn bring_back(primary: &Essd, volume: &str, seed: u64) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    resume_when_the_path_is_back(primary, volume, seed);
+    resume_when_the_path_is_back(primary, volume, secondary, sv, seed);
 }
 
 /// Waits until `link` has carried `at` bytes forward, the pair of `pv`
@@ -954,6 +959,7 @@ fn copy_under_faults(
     primary: &mut Essd,
     pv: &str,
     secondary: &mut Essd,
+    sv: &str,
     link: &FaultProxy,
     slots: &mut Slots,
     schedule: &mut Schedule,
@@ -977,9 +983,9 @@ fn copy_under_faults(
         let n = 1 + (schedule.next() % 8) as usize;
         let blocks = slots.pick(schedule, n);
         written.extend(slots.write(primary, pv, &blocks, true));
-        bring_back(primary, pv, seed);
+        bring_back(primary, pv, secondary, sv, seed);
     }
-    resume_until_duplex(primary, pv, seed);
+    resume_until_duplex(primary, pv, secondary, sv, seed);
     link.heal();
     FaultedCopy {
         bound: copy_bound(slots, faults.len(), slots.writes - writes_before),
@@ -1113,6 +1119,7 @@ fn random_faults_during_failback_and_switch_back_lose_nothing() {
         &mut s.b,
         &vb,
         &mut s.a,
+        &va,
         &s.back,
         &mut slots,
         &mut schedule,
@@ -1153,6 +1160,7 @@ fn random_faults_during_failback_and_switch_back_lose_nothing() {
         &mut s.a,
         &va,
         &mut s.b,
+        &vb,
         &s.proxy,
         &mut slots,
         &mut schedule,
@@ -1339,7 +1347,7 @@ fn random_link_faults_on_a_flashcopy_target_as_primary_lose_nothing() {
         let state = show(&s.a, &pa)["state"].as_str().unwrap().to_string();
         faults.push((kind, hold.as_millis(), copying, state));
         s.proxy.heal();
-        resume_when_the_path_is_back(&s.a, &pa, seed);
+        resume_when_the_path_is_back(&s.a, &pa, &s.b, &pb, seed);
         if faults.len() as u64 == 1 + withdraw_at {
             // Refused while the pair exists and tracks are uncopied; else
             // the relationship is gone (ended by its copy, or withdrawn
@@ -1361,7 +1369,7 @@ fn random_link_faults_on_a_flashcopy_target_as_primary_lose_nothing() {
         }
     }
     let (on_src, on_pa) = (on_src.join().unwrap(), on_pa.join().unwrap());
-    resume_until_duplex(&s.a, &pa, seed);
+    resume_until_duplex(&s.a, &pa, &s.b, &pb, seed);
     let suspends = s.a.log().matches("PPRC pair suspended").count();
     let context = format!(
         "seed {seed}, FlashCopy {mode_text}, faults (kind, ms, tracks left to copy, pair state) \
@@ -1646,9 +1654,9 @@ fn random_faults_during_the_initial_copy_lose_nothing() {
             progress.push((Instant::now(), pair["out_of_sync_tracks"].as_u64().unwrap()));
         }
         faults.push((kind, hold.as_millis(), state, left, resent, justified));
-        bring_back(&s.a, &va, seed);
+        bring_back(&s.a, &va, &s.b, &vb, seed);
     }
-    resume_until_duplex(&s.a, &va, seed);
+    resume_until_duplex(&s.a, &va, &s.b, &vb, seed);
     let sent = s.proxy.bytes_forward();
     let (n, e) = stop_overwriter(writer, asks.path(), &mut model);
     writes += n;
@@ -1897,6 +1905,7 @@ fn kill_9_of_a_duplex_primary_under_random_overwrites_resyncs_what_it_marked() {
             resent,
         ));
         let context = format!("{context}, this kill {:?}", kills.last().unwrap());
+        wait_sides_agree(&s.a, &va, &s.b, &vb, &context);
         assert!(
             marked >= differ.union(&in_flight).count() as u64
                 && marked <= 64 * regions.len() as u64,
@@ -2178,6 +2187,10 @@ fn failback_under_crashes(
         // A resume once the path is back is no way out: only a failback
         // fetches the tracks the old primary changed but never mirrored.
         path(new, "0x10", &old.serial.clone(), "0x10", "2");
+        if side["role"] == "secondary" {
+            // Both sides show the failback to run again.
+            wait_sides_agree(new, nv, old, ov, &context);
+        }
         essctl(new, &["pprc", "resume", nv]).refused(&format!(
             "pair {nv} → {ov} is suspended (failover): this volume took over, and only a \
              failback copies the tracks {} changed but never mirrored too: essctl pprc \
@@ -2310,8 +2323,8 @@ fn random_crashes_during_the_failback_command_lose_nothing() {
         back.racing,
         back.had_handover
     );
-    bring_back(&s.b, &vb, seed);
-    resume_until_duplex(&s.b, &vb, seed);
+    bring_back(&s.b, &vb, &s.a, &va, seed);
+    resume_until_duplex(&s.b, &vb, &s.a, &va, seed);
     let back_sent = s.back.bytes_forward();
     let b_wrote = least.union(&back.racing).count();
     let back_bound = copy_bound(&slots, back.faults.len(), slots.writes - writes);
@@ -2370,8 +2383,8 @@ fn random_crashes_during_the_failback_command_lose_nothing() {
         switch.between,
         switch.racing
     );
-    bring_back(&s.a, &va, seed);
-    resume_until_duplex(&s.a, &va, seed);
+    bring_back(&s.a, &va, &s.b, &vb, seed);
+    resume_until_duplex(&s.a, &va, &s.b, &vb, seed);
     let switch_sent = s.proxy.bytes_forward();
     let switch_bound = copy_bound(&slots, switch.faults.len(), slots.writes - writes);
 
@@ -2784,6 +2797,7 @@ fn random_kill_9_of_a_flashcopy_target_as_primary_loses_nothing() {
             resent,
         ));
         let context = format!("{context}, this kill {:?}", kills.last().unwrap());
+        wait_sides_agree(&s.a, &pa, &s.b, &pb, &context);
 
         // The relationship is back as it was: same T0, mode and volumes,
         // the tracks its file records copied, still copying (or NOCOPY).
