@@ -334,6 +334,10 @@ pub struct PprcManager {
     entries: tokio::sync::Mutex<Vec<Entry>>,
     /// Secondary volume → (primary serial, accepting), for the data path.
     accepting: RwLock<HashMap<String, (String, bool)>>,
+    /// Primary volumes whose secondary was asked to take the pair back
+    /// since the recorder last looked: what it was told before no longer
+    /// holds (see [`PprcManager::asked_secondary`]).
+    retell: std::sync::Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for PprcManager {
@@ -408,6 +412,7 @@ impl PprcManager {
             changed: Arc::new(Notify::new()),
             entries: tokio::sync::Mutex::new(Vec::new()),
             accepting: RwLock::new(HashMap::new()),
+            retell: std::sync::Mutex::new(Vec::new()),
         });
         let mut entries = Vec::new();
         let mut resume = Vec::new();
@@ -520,9 +525,12 @@ impl PprcManager {
             if let Err(e) = self.ask_secondary_again(&pair.spec, volume.size()).await {
                 let why = format!("the resync after the restart failed: {e}");
                 self.stay_suspended(&pairs, &pair.spec.volume, &why);
+                self.asked_secondary(&pair.spec);
                 // The secondaries asked already expect a resync: they
-                // are told the pair stays suspended.
+                // are told the pair stays suspended (and again, by the
+                // recorder, until their servers answer).
                 for (asked, _) in &pairs[..i] {
+                    self.asked_secondary(&asked.spec);
                     let _ = self
                         .tell(
                             &asked.spec,
@@ -536,6 +544,7 @@ impl PprcManager {
         }
         for (pair, volume) in &pairs {
             self.start(pair, volume, PairState::DuplexPending).await;
+            self.asked_secondary(&pair.spec);
         }
         drop(entries);
     }
@@ -698,6 +707,11 @@ impl PprcManager {
                 .collect();
             seen.retain(|v, _| pairs.iter().any(|p| p.spec.volume == *v));
             told.retain(|v, _| pairs.iter().any(|p| p.spec.volume == *v));
+            for volume in
+                std::mem::take(&mut *self.retell.lock().unwrap_or_else(|p| p.into_inner()))
+            {
+                told.remove(&volume);
+            }
             untold = false;
             for pair in pairs {
                 let status = pair.status();
@@ -823,6 +837,21 @@ impl PprcManager {
         .map(|_| ())
     }
 
+    /// After the secondary of `spec` was asked to take the pair back (a
+    /// resync, or this server's restart), answered or not: its side may
+    /// have become duplex pending although the pair here stays suspended
+    /// (the answer was lost), or may have been told a state the pair has
+    /// again by the time the recorder looks (it suspended at once, with the
+    /// same reason). The recorder tells it the pair's state again, until
+    /// its server answers. Called once the pair is started, if it is.
+    fn asked_secondary(&self, spec: &PairSpec) {
+        self.retell
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(spec.volume.clone());
+        self.changed.notify_one();
+    }
+
     /// Starts mirroring in `state` (duplex or duplex pending).
     async fn start(&self, pair: &Arc<Pair>, volume: &Arc<Volume>, state: PairState) {
         pair.start_mirroring(state).await;
@@ -927,9 +956,14 @@ impl PprcManager {
                     peer: spec.peer.clone(),
                     message,
                 })?;
-            self.ask_secondary(&pair.spec, volume.size(), req.permit_online, true)
-                .await?;
-            self.start(&pair, &volume, PairState::DuplexPending).await;
+            let asked = self
+                .ask_secondary(&pair.spec, volume.size(), req.permit_online, true)
+                .await;
+            if asked.is_ok() {
+                self.start(&pair, &volume, PairState::DuplexPending).await;
+            }
+            self.asked_secondary(&pair.spec);
+            asked?;
             self.save_locked(&entries)?;
             self.log.record(
                 "pprc.pair.resync",
