@@ -695,3 +695,40 @@ fn a_restarted_primary_whose_path_stays_down_is_suspended_on_both_sides() {
     assert_eq!(secondary_view_once_linked(&s.b, &vb, "duplex").2, "current");
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
 }
+
+/// A resume whose request reaches the secondary but whose answer comes
+/// too late (a link slow both ways: 3 s each way, past the 5 s the
+/// primary waits) fails, and the pair stays suspended at the primary;
+/// the secondary, which took the resync and shows itself duplex pending,
+/// is told the suspend again, so once the link is back both sides show
+/// the pair suspended (manual), not a copy at the secondary that is not
+/// running. A resume then brings both to duplex.
+#[test]
+fn a_resume_whose_answer_is_lost_leaves_both_sides_suspended() {
+    let s = Sites::start("pprc-resume-lost", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_sides_agree(&s.a, &va, &s.b, &vb, "established");
+    essctl(&s.a, &["pprc", "suspend", &va]).ok();
+    write_tracks(&s.a, &va, 103, 2);
+    wait_sides_agree(&s.a, &va, &s.b, &vb, "suspended");
+    s.proxy.delay(Duration::from_secs(3));
+    let run = essctl(&s.a, &["pprc", "resume", &va]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let v = show(&s.a, &va);
+    assert_eq!(
+        (&v["state"], &v["reason"]),
+        (&"suspended".into(), &"manual".into()),
+        "{v}"
+    );
+    // The request has reached the secondary's server by now.
+    std::thread::sleep(Duration::from_secs(1));
+    s.proxy.heal();
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    wait_sides_agree(&s.a, &va, &s.b, &vb, "after a resume whose answer was lost");
+    essctl(&s.a, &["pprc", "resume", &va]).ok();
+    wait_duplex(&s.a, &va);
+    wait_sides_agree(&s.a, &va, &s.b, &vb, "resumed");
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}
