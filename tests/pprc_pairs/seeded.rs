@@ -955,6 +955,7 @@ fn inject_copy_fault(kind: u64, primary: &mut Essd, secondary: &mut Essd, link: 
 /// `kill -9` and restart of either server. After each, hosts write
 /// `primary` again and the pair is brought back ([`bring_back`]); in the
 /// end the pair is duplex and the link healed.
+#[allow(clippy::too_many_arguments)]
 fn copy_under_faults(
     primary: &mut Essd,
     pv: &str,
