@@ -159,7 +159,11 @@ fn sides_agree_bound() -> Duration {
 ///   (while no link is up the secondary cannot know: the bound counts
 ///   from the faults healed, covering the link's reopening);
 /// * a resume or a restart's resync makes the secondary `duplex pending`
-///   before the primary is (it is asked first);
+///   before the primary is (it is asked first), and a resume whose answer
+///   is lost leaves the primary suspended until the secondary is told so
+///   again;
+/// * while the consistency group holds writes the primary stays in its
+///   state (not current) until the freeze, as does the secondary;
 /// * a suspend at the secondary (`manual` there, `suspended at the
 ///   secondary` or still `duplex` at the primary) and a terminate at the
 ///   secondary with the primary gone are the operator's and differ for
