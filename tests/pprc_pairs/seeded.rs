@@ -3132,11 +3132,11 @@ fn random_flashcopies_of_a_secondary_under_link_faults_and_kill_9_keep_their_poi
             std::thread::sleep(schedule.millis(100, 1500));
             s.b.restart("TSTB2");
         }
-        resume_until_duplex(&s.a, &va, seed);
+        resume_until_duplex(&s.a, &va, &s.b, &vb, seed);
     }
     let mut model = BTreeMap::new();
     let (writes, errors) = stop_overwriter(writer, asks.path(), &mut model);
-    resume_until_duplex(&s.a, &va, seed);
+    resume_until_duplex(&s.a, &va, &s.b, &vb, seed);
     let context = format!("seed {seed}, {MOMENTS} {moments:?}");
     assert_eq!(
         errors,
