@@ -1042,24 +1042,29 @@ fn copy_bound(slots: &Slots, faults: usize, writes: u64) -> u64 {
     (1 + 2 * faults as u64) * pass + writes * (4096 + 512) + (256 << 10)
 }
 
-/// The failover / failback / switch-back cycle under seeded random
-/// faults (`ESSD_FAULT_SEED`): A → B duplex, A loses its links and hosts
-/// write on there (never mirrored), failover at B and hosts write B,
-/// failback B → A, then (hosts stopped at B) failover at A, hosts write
-/// A, failback A → B. Each failback's copy is hit by one or two faults
-/// (link stalls short of and past the timeout, resets, drops, `kill -9` of
-/// either server) and brought back as the README says. The failback
-/// copies exactly the union of both sides' changed tracks (the switch
-/// back: A's alone, B having none); at the end the pair is duplex and
-/// current, the volumes are equal, every written block holds the last
-/// write made on the side that was primary then (A's unmirrored writes
-/// overwritten by B's data), and the two failbacks sent far less than a
-/// full copy.
-#[test]
-fn random_faults_during_failback_and_switch_back_lose_nothing() {
-    let seed = fault_seed(0x5EED_0007);
-    let started = Instant::now();
-    let mut s = Sites::start("pprc-cycle-faults", |_| {});
+/// The start of the failover cycles, on sites named `tag`: A → B duplex
+/// with no track marked, over volumes alike on both sides (a full copy
+/// would send 60 MiB of data) but for the last region, a hole but for the
+/// blocks hosts write, written alike too; then A loses its links and hosts
+/// write 4 to 11 of those blocks there (`cut`, never mirrored: A hands
+/// over exactly their tracks, `on_a_alone`), failover at B, and hosts
+/// write 8 to 7 + `b_spread` blocks of B (`b_blocks`, in the tracks
+/// `on_b`).
+struct TakenOver {
+    s: Sites,
+    va: String,
+    vb: String,
+    schedule: Schedule,
+    slots: Slots,
+    cut: Vec<u64>,
+    on_a_alone: BTreeSet<u64>,
+    b_blocks: Vec<u64>,
+    on_b: BTreeSet<u64>,
+}
+
+/// Runs the start of a failover cycle (see [`TakenOver`]).
+fn take_over_after_a_cut(tag: &str, seed: u64, b_spread: u64) -> TakenOver {
+    let s = Sites::start(tag, |_| {});
     let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
     // Alike on both sides (a full copy would send 60 MiB of data) but
     // for the last region, a hole but for the blocks hosts write, written
@@ -1094,9 +1099,50 @@ fn random_faults_during_failback_and_switch_back_lose_nothing() {
         (Some("primary"), Some("suspended"), Some("failover")),
         "seed {seed}: {p}"
     );
-    let n = 8 + (schedule.next() % 24) as usize;
+    let n = 8 + (schedule.next() % b_spread) as usize;
     let b_blocks = slots.pick(&mut schedule, n);
     let on_b = slots.write(&s.b, &vb, &b_blocks, true);
+    TakenOver {
+        s,
+        va,
+        vb,
+        schedule,
+        slots,
+        cut,
+        on_a_alone,
+        b_blocks,
+        on_b,
+    }
+}
+
+/// The failover / failback / switch-back cycle under seeded random
+/// faults (`ESSD_FAULT_SEED`): A → B duplex, A loses its links and hosts
+/// write on there (never mirrored), failover at B and hosts write B,
+/// failback B → A, then (hosts stopped at B) failover at A, hosts write
+/// A, failback A → B. Each failback's copy is hit by one or two faults
+/// (link stalls short of and past the timeout, resets, drops, `kill -9` of
+/// either server) and brought back as the README says. The failback
+/// copies exactly the union of both sides' changed tracks (the switch
+/// back: A's alone, B having none); at the end the pair is duplex and
+/// current, the volumes are equal, every written block holds the last
+/// write made on the side that was primary then (A's unmirrored writes
+/// overwritten by B's data), and the two failbacks sent far less than a
+/// full copy.
+#[test]
+fn random_faults_during_failback_and_switch_back_lose_nothing() {
+    let seed = fault_seed(0x5EED_0007);
+    let started = Instant::now();
+    let TakenOver {
+        mut s,
+        va,
+        vb,
+        mut schedule,
+        mut slots,
+        cut,
+        on_a_alone,
+        b_blocks,
+        on_b,
+    } = take_over_after_a_cut("pprc-cycle-faults", seed, 24);
 
     // Failback B → A: the union of both sides' tracks, under faults.
     s.proxy.heal();
@@ -2251,34 +2297,19 @@ fn failback_under_crashes(
 fn random_crashes_during_the_failback_command_lose_nothing() {
     let seed = fault_seed(0x5EED_0009);
     let started = Instant::now();
-    let mut s = Sites::start("pprc-failback-crashes", |_| {});
-    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    let TakenOver {
+        mut s,
+        va,
+        vb,
+        mut schedule,
+        mut slots,
+        cut,
+        on_a_alone,
+        b_blocks,
+        on_b,
+    } = take_over_after_a_cut("pprc-failback-crashes", seed, 16);
     let handover_a = s.dir_a.path().join(format!("state/pprc/{va}.handover"));
     let handover_b = s.dir_b.path().join(format!("state/pprc/{vb}.handover"));
-    fill(&s.a, &va, s.dir_a.path(), 60, 71);
-    fill(&s.b, &vb, s.dir_b.path(), 60, 71);
-    let mut schedule = Schedule::new(seed);
-    let mut slots = Slots::new(&mut schedule);
-    let all = slots.blocks.clone();
-    slots.write(&s.a, &va, &all, true);
-    write_versions(&s.b, &vb, &slots.expected);
-    path(&s.a, "0x10", "TSTB2", "0x10", "2");
-    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
-    wait_state(&s.a, &va, "duplex");
-
-    // A loses its links and hosts write on: never mirrored.
-    s.proxy.drop_all();
-    let n = 4 + (schedule.next() % 8) as usize;
-    let cut = slots.pick(&mut schedule, n);
-    let on_a_alone = slots.write(&s.a, &va, &cut, false);
-    assert_eq!(show(&s.a, &va)["reason"], "link lost", "seed {seed}");
-
-    // Failover at B; hosts write B.
-    let p = essctl_json(&s.b, &["pprc", "failover", &vb]);
-    assert_eq!(p["reason"], "failover", "seed {seed}: {p}");
-    let n = 8 + (schedule.next() % 16) as usize;
-    let b_blocks = slots.pick(&mut schedule, n);
-    let on_b = slots.write(&s.b, &vb, &b_blocks, true);
 
     // Failback B → A, its commands under faults.
     s.proxy.heal();
