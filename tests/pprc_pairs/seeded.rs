@@ -1042,6 +1042,39 @@ fn copy_bound(slots: &Slots, faults: usize, writes: u64) -> u64 {
     (1 + 2 * faults as u64) * pass + writes * (4096 + 512) + (256 << 10)
 }
 
+/// The end of a failover cycle: the pair A → B (`va` → `vb`) is duplex
+/// and current at A and duplex at B, the volumes are equal, and every
+/// block `slots` wrote holds its last acknowledged write of the primary of
+/// its time on both.
+fn assert_cycle_ended(s: &Sites, va: &str, vb: &str, slots: &Slots, context: &str) {
+    wait_current(&s.a, va);
+    let pair = show(&s.a, va);
+    assert_eq!(
+        (
+            pair["role"].as_str(),
+            pair["state"].as_str(),
+            pair["replication_status"].as_str()
+        ),
+        (Some("primary"), Some("duplex"), Some("current")),
+        "{context}: {pair}"
+    );
+    let side = wait_state(&s.b, vb, "duplex");
+    assert_eq!(side["role"], "secondary", "{context}: {side}");
+    assert_eq!(
+        volume_sha(&s.a, va),
+        volume_sha(&s.b, vb),
+        "{context}: the volumes differ"
+    );
+    for (essd, v) in [(&s.a, va), (&s.b, vb)] {
+        let wrong = slots.wrong(essd, v);
+        assert!(
+            wrong.is_empty(),
+            "{context}: blocks of {v} not as last acknowledged on the primary of the time: \
+             {wrong:?}"
+        );
+    }
+}
+
 /// The start of the failover cycles, on sites named `tag`: A → B duplex
 /// with no track marked, over volumes alike on both sides (a full copy
 /// would send 60 MiB of data) but for the last region, a hole but for the
@@ -1215,31 +1248,7 @@ fn random_faults_during_failback_and_switch_back_lose_nothing() {
     );
     let context = format!("{context}, switch-back faults {:?}", switch.faults);
 
-    wait_current(&s.a, &va);
-    let pair = show(&s.a, &va);
-    assert_eq!(
-        (
-            pair["role"].as_str(),
-            pair["state"].as_str(),
-            pair["replication_status"].as_str()
-        ),
-        (Some("primary"), Some("duplex"), Some("current")),
-        "{context}: {pair}"
-    );
-    let side = wait_state(&s.b, &vb, "duplex");
-    assert_eq!(side["role"], "secondary", "{context}: {side}");
-    assert_eq!(
-        volume_sha(&s.a, &va),
-        volume_sha(&s.b, &vb),
-        "{context}: the volumes differ"
-    );
-    for (essd, v) in [(&s.a, &va), (&s.b, &vb)] {
-        let wrong = slots.wrong(essd, v);
-        assert!(
-            wrong.is_empty(),
-            "{context}: blocks of {v} not as last written on the primary of the time: {wrong:?}"
-        );
-    }
+    assert_cycle_ended(&s, &va, &vb, &slots, &context);
     let (back_sent, back_bound) = (back.sent, back.bound);
     let (switch_sent, switch_bound) = (switch.sent, switch.bound);
     eprintln!(
@@ -2420,36 +2429,11 @@ fn random_crashes_during_the_failback_command_lose_nothing() {
     let switch_sent = s.proxy.bytes_forward();
     let switch_bound = copy_bound(&slots, switch.faults.len(), slots.writes - writes);
 
-    wait_current(&s.a, &va);
-    let pair = show(&s.a, &va);
-    assert_eq!(
-        (
-            pair["role"].as_str(),
-            pair["state"].as_str(),
-            pair["replication_status"].as_str()
-        ),
-        (Some("primary"), Some("duplex"), Some("current")),
-        "{context}: {pair}"
-    );
-    let side = wait_state(&s.b, &vb, "duplex");
-    assert_eq!(side["role"], "secondary", "{context}: {side}");
+    assert_cycle_ended(&s, &va, &vb, &slots, &context);
     assert!(
         !handover_b.exists(),
         "{context}: B's hand-over bitmap outlived the copy that has its tracks"
     );
-    assert_eq!(
-        volume_sha(&s.a, &va),
-        volume_sha(&s.b, &vb),
-        "{context}: the volumes differ"
-    );
-    for (essd, v) in [(&s.a, &va), (&s.b, &vb)] {
-        let wrong = slots.wrong(essd, v);
-        assert!(
-            wrong.is_empty(),
-            "{context}: blocks of {v} not as last acknowledged on the primary of the time: \
-             {wrong:?}"
-        );
-    }
     eprintln!(
         "{context}: failback sent {back_sent} bytes (bound {back_bound}), switch-back \
          {switch_sent} (bound {switch_bound}), {:.1} s",
