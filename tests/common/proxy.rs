@@ -52,6 +52,9 @@ struct Conn {
     alive: AtomicUsize,
     /// This connection alone is stalled (see `FaultProxy::stall_oldest`).
     stalled: AtomicBool,
+    /// This connection's own delay in nanoseconds, on top of the proxy's
+    /// (see `FaultProxy::delay_oldest`).
+    delay_nanos: AtomicU64,
 }
 
 impl Conn {
@@ -147,6 +150,7 @@ impl FaultProxy {
     pub fn heal(&self) {
         for conn in self.shared.snapshot() {
             conn.stalled.store(false, SeqCst);
+            conn.delay_nanos.store(0, SeqCst);
         }
         self.shared.delay_nanos.store(0, SeqCst);
         self.shared.set_mode(Mode::Normal);
@@ -190,8 +194,17 @@ impl FaultProxy {
 
     /// Delays every forwarded chunk by `d` (counted from when it was read).
     pub fn delay(&self, d: Duration) {
-        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.shared.delay_nanos.store(nanos, SeqCst);
+        self.shared.delay_nanos.store(nanos(d), SeqCst);
+    }
+
+    /// Delays the chunks of the `n`-th oldest open connection alone (0:
+    /// the oldest) by `d`, both ways, as `delay` does for all; `heal` ends
+    /// it. The others flow: a message sent over it arrives after later
+    /// ones sent over another.
+    pub fn delay_nth(&self, n: usize, d: Duration) {
+        if let Some(conn) = self.shared.snapshot().get(n) {
+            conn.delay_nanos.store(nanos(d), SeqCst);
+        }
     }
 
     /// Bytes written to the target (client→target) since start or `reset_counters`.
@@ -297,6 +310,7 @@ fn handle(client: TcpStream, target: SocketAddr, shared: &Arc<Shared>) {
         abort: AtomicBool::new(false),
         alive: AtomicUsize::new(2),
         stalled: AtomicBool::new(false),
+        delay_nanos: AtomicU64::new(0),
     });
     {
         // Checked under the lock, so a concurrent drop_all either sees this
@@ -447,7 +461,8 @@ fn hold(shared: &Shared, conn: &Conn, read_at: Option<Instant>) -> Result<(), Ex
                 let Some(read_at) = read_at else {
                     return Ok(());
                 };
-                let due = read_at + shared.delay();
+                let own = Duration::from_nanos(conn.delay_nanos.load(SeqCst));
+                let due = read_at + shared.delay() + own;
                 let now = Instant::now();
                 if now >= due {
                     return Ok(());
@@ -456,6 +471,11 @@ fn hold(shared: &Shared, conn: &Conn, read_at: Option<Instant>) -> Result<(), Ex
             }
         }
     }
+}
+
+/// `d` in whole nanoseconds, saturating.
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Socket errors that only mean "nothing happened within the poll interval".

@@ -732,3 +732,63 @@ fn a_resume_whose_answer_is_lost_leaves_both_sides_suspended() {
     wait_sides_agree(&s.a, &va, &s.b, &vb, "resumed");
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
 }
+
+/// A resume whose request is held on one link of two (8 s: past the 5 s
+/// the primary waits, short of the 10 s after which the secondary's server
+/// gives up on a silent link) fails, and the primary's server tells the
+/// secondary over the other link that the pair is suspended. When the old
+/// request arrives after that, it changes nothing the secondary shows: the
+/// pair stays suspended (manual) on both sides, and a resume then brings
+/// both to duplex. (Links are picked in turn: a resume that went over the
+/// undelayed link finds nothing to copy, and is suspended and tried again
+/// with the other link delayed.)
+#[test]
+fn a_resume_request_that_arrives_after_its_primary_gave_up_changes_nothing() {
+    let s = Sites::start("pprc-resume-late", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_sides_agree(&s.a, &va, &s.b, &vb, "established");
+    let late = Duration::from_secs(8);
+    let mut attempts = 0;
+    let asked = loop {
+        attempts += 1;
+        assert!(attempts <= 6, "no resume went over the delayed link");
+        essctl(&s.a, &["pprc", "suspend", &va]).ok();
+        wait_sides_agree(&s.a, &va, &s.b, &vb, "suspended");
+        s.proxy.delay_nth(attempts % 2, late);
+        let asked = Instant::now();
+        let run = essctl(&s.a, &["pprc", "resume", &va]);
+        if run.code == 1 {
+            break asked;
+        }
+        assert_eq!(run.code, 0, "{run:?}");
+        wait_duplex(&s.a, &va);
+        s.proxy.heal();
+        path(&s.a, "0x10", "TSTB2", "0x10", "2");
+        wait_sides_agree(&s.a, &va, &s.b, &vb, "resumed over the undelayed link");
+    };
+    wait_sides_agree(&s.a, &va, &s.b, &vb, "told over the other link");
+    std::thread::sleep(
+        (asked + late + Duration::from_secs(2)).saturating_duration_since(Instant::now()),
+    );
+    for (essd, volume) in [(&s.a, &va), (&s.b, &vb)] {
+        let v = show(essd, volume);
+        assert_eq!(
+            (&v["state"], &v["reason"]),
+            (&"suspended".into(), &"manual".into()),
+            "after the late request arrived: {v}"
+        );
+    }
+    assert!(
+        s.b.log()
+            .contains("ignored a late request to take the pair back"),
+        "the late request never arrived"
+    );
+    s.proxy.heal();
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    essctl(&s.a, &["pprc", "resume", &va]).ok();
+    wait_duplex(&s.a, &va);
+    wait_sides_agree(&s.a, &va, &s.b, &vb, "resumed");
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}

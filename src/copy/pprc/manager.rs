@@ -297,6 +297,66 @@ enum Joining {
     Restart,
 }
 
+/// A primary's request to take (back) the secondary side of a pair.
+#[derive(Clone, Copy, Debug)]
+struct JoinRequest {
+    /// The primary volume's size in bytes.
+    size: u64,
+    /// Mirror to a volume hosts have open.
+    permit_online: bool,
+    joining: Joining,
+    stamp: Option<Stamp>,
+}
+
+impl JoinRequest {
+    fn of(request: &serde_json::Value) -> JoinRequest {
+        let flag = |name: &str| request.get(name).and_then(|v| v.as_bool()) == Some(true);
+        JoinRequest {
+            size: request
+                .get("size")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(u64::MAX),
+            permit_online: flag("permit_online"),
+            joining: if flag("restart") {
+                Joining::Restart
+            } else if flag("resync") {
+                Joining::Resync
+            } else {
+                Joining::New
+            },
+            stamp: Stamp::of(request),
+        }
+    }
+}
+
+/// Puts in order the messages of a primary's server that set what a
+/// secondary's side shows (the pair's state told, a request to take the
+/// pair back): a message held on a slow link may arrive after later ones
+/// sent over another, and must not undo them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Stamp {
+    /// This run of the sending server.
+    run: u64,
+    /// Counts the run's stamped messages from 1.
+    seq: u64,
+}
+
+impl Stamp {
+    /// Whether a message stamped `self` may set what a side that `last`
+    /// set shows: a later one of the same run, or any of another run (an
+    /// earlier run's links closed with it).
+    fn supersedes(self, last: Option<Stamp>) -> bool {
+        last.is_none_or(|l| l.run != self.run || self.seq > l.seq)
+    }
+
+    /// The stamp of a peer's request, if it has one.
+    fn of(request: &serde_json::Value) -> Option<Stamp> {
+        request
+            .get("stamp")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+    }
+}
+
 /// The secondary side of a pair.
 #[derive(Clone, Debug)]
 struct SecondarySide {
@@ -305,12 +365,15 @@ struct SecondarySide {
     /// Accepting the primary's changes (not suspended or ended here).
     accepting: bool,
     handover: Option<String>,
+    /// The stamp of the primary's message that last set `status` (none
+    /// since this server started).
+    last_stamp: Option<Stamp>,
 }
 
 #[derive(Clone)]
 enum Entry {
     Primary(Arc<Pair>),
-    Secondary(SecondarySide),
+    Secondary(Box<SecondarySide>),
 }
 
 impl Entry {
@@ -338,6 +401,10 @@ pub struct PprcManager {
     /// since the recorder last looked: what it was told before no longer
     /// holds (see [`PprcManager::asked_secondary`]).
     retell: std::sync::Mutex<Vec<String>>,
+    /// This run's [`Stamp::run`].
+    run: u64,
+    /// Stamped messages sent so far in this run.
+    stamped: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for PprcManager {
@@ -413,6 +480,11 @@ impl PprcManager {
             entries: tokio::sync::Mutex::new(Vec::new()),
             accepting: RwLock::new(HashMap::new()),
             retell: std::sync::Mutex::new(Vec::new()),
+            run: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+                ^ u64::from(std::process::id()),
+            stamped: std::sync::atomic::AtomicU64::new(0),
         });
         let mut entries = Vec::new();
         let mut resume = Vec::new();
@@ -431,9 +503,10 @@ impl PprcManager {
                         status: rec.status,
                         accepting: rec.accepting,
                         handover: rec.bitmap,
+                        last_stamp: None,
                     };
                     mgr.publish_secondary(&side);
-                    entries.push(Entry::Secondary(side));
+                    entries.push(Entry::Secondary(Box::new(side)));
                 }
                 PairRole::Primary => {
                     let file = rec.bitmap.clone().unwrap_or_default();
@@ -535,7 +608,8 @@ impl PprcManager {
                         .tell(
                             &asked.spec,
                             json!({"op": "state", "volume": asked.spec.peer_volume, "primary": asked.spec.volume,
-                                   "state": PairState::Suspended, "reason": SuspendReason::PrimaryRestart}),
+                                   "state": PairState::Suspended, "reason": SuspendReason::PrimaryRestart,
+                                   "stamp": self.stamp()}),
                         )
                         .await;
                 }
@@ -695,26 +769,30 @@ impl PprcManager {
                     tracing::error!("cannot record PPRC pairs: {e}");
                 }
             }
-            let pairs: Vec<Arc<Pair>> = self
+            // Each status is stamped as it is read, under the entries lock:
+            // a request to take a pair back is sent under it too, so the
+            // status told after one is read after its outcome, and one read
+            // before is stamped earlier (the secondary ignores it if it
+            // arrives later).
+            let pairs: Vec<(Arc<Pair>, Status, Stamp)> = self
                 .entries
                 .lock()
                 .await
                 .iter()
                 .filter_map(|e| match e {
-                    Entry::Primary(p) => Some(p.clone()),
+                    Entry::Primary(p) => Some((p.clone(), p.status(), self.stamp())),
                     Entry::Secondary(_) => None,
                 })
                 .collect();
-            seen.retain(|v, _| pairs.iter().any(|p| p.spec.volume == *v));
-            told.retain(|v, _| pairs.iter().any(|p| p.spec.volume == *v));
+            seen.retain(|v, _| pairs.iter().any(|(p, ..)| p.spec.volume == *v));
+            told.retain(|v, _| pairs.iter().any(|(p, ..)| p.spec.volume == *v));
             for volume in
                 std::mem::take(&mut *self.retell.lock().unwrap_or_else(|p| p.into_inner()))
             {
                 told.remove(&volume);
             }
             untold = false;
-            for pair in pairs {
-                let status = pair.status();
+            for (pair, status, stamp) in pairs {
                 let now = (status.state, status.reason);
                 let is = |map: &HashMap<String, Told>| {
                     map.get(&pair.spec.volume)
@@ -753,7 +831,7 @@ impl PprcManager {
                     continue;
                 }
                 // In order, so the secondary sees the states as they came.
-                if self.tell_state(&pair.spec, &status).await {
+                if self.tell_state(&pair.spec, &status, stamp).await {
                     told.insert(pair.spec.volume.clone(), entry);
                 } else {
                     untold = true;
@@ -762,15 +840,27 @@ impl PprcManager {
         }
     }
 
-    /// Tells the secondary's server the pair's state. True once that
-    /// server answered (a refusal too: asking again would change nothing);
-    /// false if there was no live link or no answer.
-    async fn tell_state(&self, spec: &PairSpec, status: &Status) -> bool {
+    /// The next stamp of this run (see [`Stamp`]).
+    fn stamp(&self) -> Stamp {
+        Stamp {
+            run: self.run,
+            seq: self
+                .stamped
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                + 1,
+        }
+    }
+
+    /// Tells the secondary's server the pair's state, `status` as read
+    /// when `stamp` was taken. True once that server answered (a refusal
+    /// too: asking again would change nothing); false if there was no live
+    /// link or no answer.
+    async fn tell_state(&self, spec: &PairSpec, status: &Status, stamp: Stamp) -> bool {
         let Ok((route, at, link)) = self.live_link(spec) else {
             return false;
         };
         let request = json!({"op": "state", "volume": spec.peer_volume, "primary": spec.volume,
-                             "state": status.state, "reason": status.reason});
+                             "state": status.state, "reason": status.reason, "stamp": stamp});
         match link.control(&request, LINK_TIMEOUT).await {
             Ok(_) => true,
             Err(LinkError::NoAnswer(_) | LinkError::WrongAnswer(_)) => false,
@@ -807,6 +897,9 @@ impl PprcManager {
         }
     }
 
+    /// Asks the peer to take the secondary side of the pair (`resync`:
+    /// back). Called under the entries lock, which orders its stamp
+    /// against the recorder's (see [`PprcManager::recorder`]).
     async fn ask_secondary(
         &self,
         spec: &PairSpec,
@@ -817,7 +910,8 @@ impl PprcManager {
         self.tell(
             spec,
             json!({"op": "become-secondary", "volume": spec.peer_volume, "primary": spec.volume,
-                   "size": size, "permit_online": permit_online, "resync": resync}),
+                   "size": size, "permit_online": permit_online, "resync": resync,
+                   "stamp": self.stamp()}),
         )
         .await
         .map(|_| ())
@@ -827,11 +921,13 @@ impl PprcManager {
     /// only a volume that still holds its side of this very pair may (one
     /// terminated there meanwhile may have been written by hosts; a resync
     /// of this side's marks alone would leave the volumes different).
+    /// Called under the entries lock, as [`PprcManager::ask_secondary`].
     async fn ask_secondary_again(&self, spec: &PairSpec, size: u64) -> Result<(), PairError> {
         self.tell(
             spec,
             json!({"op": "become-secondary", "volume": spec.peer_volume, "primary": spec.volume,
-                   "size": size, "permit_online": false, "resync": true, "restart": true}),
+                   "size": size, "permit_online": false, "resync": true, "restart": true,
+                   "stamp": self.stamp()}),
         )
         .await
         .map(|_| ())
@@ -1735,23 +1831,7 @@ impl PprcManager {
         let primary = text("primary");
         match text("op").as_str() {
             "become-secondary" => {
-                let size = request
-                    .get("size")
-                    .and_then(|v| v.as_u64())
-                    .unwrap_or(u64::MAX);
-                let permit = request
-                    .get("permit_online")
-                    .and_then(|v| v.as_bool())
-                    .unwrap_or(false);
-                let flag = |name: &str| request.get(name).and_then(|v| v.as_bool()) == Some(true);
-                let joining = if flag("restart") {
-                    Joining::Restart
-                } else if flag("resync") {
-                    Joining::Resync
-                } else {
-                    Joining::New
-                };
-                self.become_secondary(peer, &volume, &primary, size, permit, joining)
+                self.become_secondary(peer, &volume, &primary, JoinRequest::of(request))
                     .await
             }
             "state" => {
@@ -1761,8 +1841,13 @@ impl PprcManager {
                 if let Some(Entry::Secondary(side)) =
                     entries.iter_mut().find(|e| e.volume() == volume)
                 {
-                    if side.spec.peer == peer && side.accepting {
+                    let stamp = Stamp::of(request);
+                    if side.spec.peer == peer
+                        && side.accepting
+                        && stamp.is_none_or(|s| s.supersedes(side.last_stamp))
+                    {
                         if let Ok(state) = serde_json::from_value(request["state"].clone()) {
+                            side.last_stamp = stamp.or(side.last_stamp);
                             // A copy ended (told duplex, perhaps without
                             // duplex pending first when it was short).
                             drop_cache = state == PairState::Suspended
@@ -1865,10 +1950,14 @@ impl PprcManager {
         peer: &str,
         volume: &str,
         primary: &str,
-        size: u64,
-        permit_online: bool,
-        joining: Joining,
+        asked: JoinRequest,
     ) -> Result<serde_json::Value, String> {
+        let JoinRequest {
+            size,
+            permit_online,
+            joining,
+            stamp,
+        } = asked;
         // By its ID only: pairs are recorded under the ID, so an alias
         // would get past the check that the volume is in no pair.
         let vol = self
@@ -1893,9 +1982,28 @@ impl PprcManager {
                     ))
                 }
                 Entry::Secondary(side)
+                    if side.spec.peer == peer
+                        && side.spec.peer_volume == primary
+                        && !stamp.is_none_or(|s| s.supersedes(side.last_stamp)) =>
+                {
+                    // Held on a slow link: the primary gave up on it and
+                    // has told this side the pair's state since.
+                    tracing::warn!(
+                        volume,
+                        peer,
+                        "ignored a late request to take the pair back: its primary told this \
+                         side the pair's state since"
+                    );
+                    Err(format!(
+                        "a late request of {peer}: it told secondary {volume} the pair's state \
+                         since; nothing changed"
+                    ))
+                }
+                Entry::Secondary(side)
                     if side.spec.peer == peer && side.spec.peer_volume == primary =>
                 {
                     side.accepting = true;
+                    side.last_stamp = stamp.or(side.last_stamp);
                     side.status = new_status(PairState::DuplexPending, None);
                     // The primary copies every track it recorded now.
                     vol.mirror_restarts();
@@ -1957,6 +2065,7 @@ impl PprcManager {
             status: new_status(PairState::DuplexPending, None),
             accepting: true,
             handover: None,
+            last_stamp: stamp,
         };
         {
             // Host changes that passed the access gate are done first; the
@@ -1965,7 +2074,7 @@ impl PprcManager {
             vol.set_secondary(true);
         }
         self.publish_secondary(&side);
-        entries.push(Entry::Secondary(side));
+        entries.push(Entry::Secondary(Box::new(side)));
         self.save_locked(&entries).map_err(|e| e.to_string())?;
         self.log.record(
             "pprc.pair.secondary",
@@ -2049,9 +2158,10 @@ impl PprcManager {
             status: new_status(PairState::Suspended, Some(SuspendReason::Failover)),
             accepting: true,
             handover: Some(handover),
+            last_stamp: None,
         };
         self.publish_secondary(&side);
-        entries[i] = Entry::Secondary(side);
+        entries[i] = Entry::Secondary(Box::new(side));
         self.save_locked(&entries).map_err(|e| e.to_string())?;
         let _ = pair.oos().remove_file();
         self.log.record(
@@ -2141,5 +2251,21 @@ impl PeerRequests for PprcManager {
 
     fn bitmap(self: Arc<Self>, peer: String, volume: String) -> BoxFuture<Result<Message, u32>> {
         Box::pin(async move { self.handover_bitmap(&peer, &volume).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Stamp;
+
+    #[test]
+    fn a_stamp_supersedes_earlier_ones_of_its_run_and_any_of_another_run() {
+        let stamp = |run, seq| Stamp { run, seq };
+        assert!(stamp(7, 1).supersedes(None));
+        assert!(stamp(7, 5).supersedes(Some(stamp(7, 4))));
+        assert!(!stamp(7, 4).supersedes(Some(stamp(7, 5))));
+        assert!(!stamp(7, 5).supersedes(Some(stamp(7, 5))));
+        assert!(stamp(8, 1).supersedes(Some(stamp(7, 5))));
+        assert!(stamp(7, 1).supersedes(Some(stamp(8, 9))));
     }
 }
