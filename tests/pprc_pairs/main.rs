@@ -5,8 +5,9 @@
 //! broken links, critical modes, failover/failback, consistency groups and
 //! kill -9 of either server.
 //!
-//! This file holds the two-site harness and the helpers the topics share;
-//! each module below is one topic.
+//! This file holds the two-site harness, a fan-out harness (one primary
+//! server mirroring to three) and the helpers the topics share; each
+//! module below is one topic.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -618,4 +619,118 @@ fn restart_and_resync(s: &mut Sites, va: &str, reason: Option<&str>) -> (serde_j
     let total = v["bytes_sent"].as_u64().unwrap();
     assert!(total >= sent, "bytes sent went back: {at_restart}\n{v}");
     (at_restart, total - sent)
+}
+
+/// Serials of the secondary servers of [`FanOut`]: B, C and D.
+const FAN_OUT_PEERS: [&str; 3] = ["TSTB2", "TSTC3", "TSTD4"];
+
+/// Size of every volume of [`FanOut`].
+const FAN_OUT_VOLUME: u64 = 16 << 20;
+
+/// One primary server A (TSTA1) mirroring to three secondary servers B,
+/// C and D ([`FAN_OUT_PEERS`]), each over links of its own: A's links to
+/// peer `i` go through `proxies[i]`, the peer's links to A through
+/// `backs[i]`. Four pairs, all nocopy (the volumes start as zeroes), each
+/// path two links: A 000 → B 000 and A 001 → B 001 (LSS 0x10), A 100 →
+/// C 100 (0x11), A 200 → D 200 (0x12).
+struct FanOut {
+    a: Essd,
+    peers: Vec<Essd>,
+    proxies: Vec<FaultProxy>,
+    backs: Vec<FaultProxy>,
+    legs: Vec<Leg>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+/// One pair of a [`FanOut`].
+struct Leg {
+    /// Index of the secondary's server in [`FAN_OUT_PEERS`].
+    peer: usize,
+    /// The primary volume (at A).
+    va: String,
+    /// The secondary volume.
+    vb: String,
+}
+
+/// The `[replication]` section of a [`FanOut`] server listening on
+/// `listen`, with its `[[peer]]`s (serial, address).
+fn fan_out_replication(listen: u16, peers: &[(&str, SocketAddr)]) -> String {
+    let mut extra = format!(
+        "\n[replication]\nlisten = \"127.0.0.1:{listen}\"\nsecret = \"{SECRET}\"\ntimeout = \"2s\"\n"
+    );
+    for (serial, address) in peers {
+        extra += &format!("\n[[peer]]\nserial = \"{serial}\"\naddress = \"{address}\"\n");
+    }
+    extra
+}
+
+impl FanOut {
+    /// Starts the four servers, establishes the paths and the pairs, and
+    /// waits until every pair is duplex.
+    fn start(name: &str) -> FanOut {
+        let port_a = free_port();
+        let mut dirs = Vec::new();
+        let (mut peers, mut proxies, mut backs) = (Vec::new(), Vec::new(), Vec::new());
+        let lss_of = [vec![(0x10, 0), (0x10, 1)], vec![(0x11, 0)], vec![(0x12, 0)]];
+        for (serial, volumes) in FAN_OUT_PEERS.iter().zip(&lss_of) {
+            let port = free_port();
+            let back = FaultProxy::start(format!("127.0.0.1:{port_a}").parse().unwrap());
+            let dir = tempdir(&format!("{name}-{}", serial.to_lowercase()));
+            let mut cfg = TestConfig::new("uring");
+            cfg.serial = serial;
+            cfg.volumes = volumes
+                .iter()
+                .map(|(lss, n)| Vol::new(*lss, *n, "16MiB"))
+                .collect();
+            cfg.extra = fan_out_replication(port, &[("TSTA1", back.addr())]);
+            peers.push(Essd::start_in(dir.path(), &cfg));
+            proxies.push(FaultProxy::start(
+                format!("127.0.0.1:{port}").parse().unwrap(),
+            ));
+            backs.push(back);
+            dirs.push(dir);
+        }
+        let dir = tempdir(&format!("{name}-a"));
+        let mut cfg = TestConfig::new("uring");
+        cfg.serial = "TSTA1";
+        cfg.volumes = lss_of
+            .iter()
+            .flatten()
+            .map(|(lss, n)| Vol::new(*lss, *n, "16MiB"))
+            .collect();
+        let addresses: Vec<(&str, SocketAddr)> = FAN_OUT_PEERS
+            .iter()
+            .zip(&proxies)
+            .map(|(serial, proxy)| (*serial, proxy.addr()))
+            .collect();
+        cfg.extra = fan_out_replication(port_a, &addresses);
+        let a = Essd::start_in(dir.path(), &cfg);
+        dirs.push(dir);
+        let mut legs = Vec::new();
+        for (peer, volumes) in lss_of.iter().enumerate() {
+            let lss = format!("0x{:02X}", volumes[0].0);
+            path(&a, &lss, FAN_OUT_PEERS[peer], &lss, "2");
+            for (l, n) in volumes {
+                let (va, vb) = (a.vol(*l, *n), peers[peer].vol(*l, *n));
+                essctl(&a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+                wait_state(&a, &va, "duplex");
+                legs.push(Leg { peer, va, vb });
+            }
+        }
+        FanOut {
+            a,
+            peers,
+            proxies,
+            backs,
+            legs,
+            _dirs: dirs,
+        }
+    }
+
+    /// Every link back to normal.
+    fn heal(&self) {
+        for proxy in self.proxies.iter().chain(&self.backs) {
+            proxy.heal();
+        }
+    }
 }

@@ -3205,3 +3205,365 @@ fn random_flashcopies_of_a_secondary_under_link_faults_and_kill_9_keep_their_poi
         started.elapsed().as_secs_f64()
     );
 }
+
+/// Reads the blocks of the JSON input `{"acked": {block: version}, "asks":
+/// DIR}` from an export, then asks the [`OVERWRITE_AT_RANDOM`] writing
+/// the primary (answering through `DIR`) the highest version it has sent
+/// to each block so far, and prints the blocks that hold no version from
+/// the acknowledged one up to that: a write acknowledged before the read
+/// that the export lacks (a later one may be there already).
+const BLOCKS_BEHIND_ACKED: &str = r#"
+import hashlib, json, nbd, os, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+want = json.loads(sys.stdin.read())
+acked, asks = want["acked"], want["asks"]
+def data(b, v):
+    return hashlib.sha256(f"{b}:{v}".encode()).digest() * 128
+held = {b: bytes(h.pread(4096, int(b) * 4096)) for b in acked}
+answer = os.path.join(asks, "issued.json")
+if os.path.exists(answer):
+    os.remove(answer)
+open(os.path.join(asks, "ask"), "w").close()
+deadline = time.time() + 20
+while not os.path.exists(answer):
+    assert time.time() < deadline, "the writer did not answer"
+    time.sleep(0.02)
+with open(answer) as f:
+    issued = json.load(f)
+print(json.dumps([int(b) for b, v in acked.items()
+                  if held[b] not in {data(b, w) for w in range(v, issued.get(b, v) + 1)}]))
+"#;
+
+/// [`FanOut`] brought back after a fault, and checked at a settle point.
+impl FanOut {
+    /// Resumes every pair until it is duplex and both sides show it
+    /// ([`resume_until_duplex`]).
+    fn resume_all(&self, seed: u64) {
+        for leg in &self.legs {
+            resume_until_duplex(&self.a, &leg.va, &self.peers[leg.peer], &leg.vb, seed);
+        }
+    }
+
+    /// At a settle point (every pair duplex, the faults healed): each
+    /// pair's replication status is exact on both sides — duplex, its
+    /// peer and volumes, nothing out of sync, current — and every path's
+    /// links come back up.
+    fn assert_status_exact(&self, context: &str) {
+        for leg in &self.legs {
+            let p = show(&self.a, &leg.va);
+            let s = show(&self.peers[leg.peer], &leg.vb);
+            let want = |v: &serde_json::Value, role: &str, peer: &str, peer_volume: &str| {
+                v["role"] == role
+                    && v["state"] == "duplex"
+                    && v["reason"].is_null()
+                    && v["peer"] == peer
+                    && v["peer_volume"] == peer_volume
+                    && v["out_of_sync_tracks"] == 0
+                    && v["replication_status"] == "current"
+            };
+            assert!(
+                want(&p, "primary", FAN_OUT_PEERS[leg.peer], &leg.vb)
+                    && want(&s, "secondary", "TSTA1", &leg.va),
+                "{context}: the replication status of {} → {} is not exact:\n primary   {p}\n secondary {s}",
+                leg.va,
+                leg.vb
+            );
+        }
+        // A link the fault broke reopens within two of its monitor's
+        // attempts.
+        let deadline = Instant::now() + (HEARTBEAT + LINK_TIMEOUT) * 2;
+        for leg in &self.legs {
+            loop {
+                let p = show(&self.a, &leg.va);
+                if p["path"]["state"] == "up" {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{context}: the path of {} does not come back up: {p}",
+                    leg.va
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// The range of versions each block of a volume may hold, across the
+/// runs of its [`OVERWRITE_AT_RANDOM`] (a `kill -9` of the primary ends
+/// a run, and leaves writes in flight that may or may not be there).
+#[derive(Default)]
+struct VersionRange {
+    /// The last acknowledged version (absent: zeroes allowed).
+    lo: BTreeMap<u64, u64>,
+    /// The last version sent (absent: never written).
+    hi: BTreeMap<u64, u64>,
+    /// Where the next run's versions count from.
+    base: u64,
+}
+
+impl VersionRange {
+    /// Takes in the output of a finished run.
+    fn ended(&mut self, out: &serde_json::Value) {
+        for (b, v) in out["acked"].as_object().unwrap() {
+            let (b, v) = (b.parse().unwrap(), v.as_u64().unwrap());
+            self.lo.insert(b, v);
+            self.hi.insert(b, v);
+        }
+        if let Some(unsure) = out["unsure"].as_object() {
+            for (b, u) in unsure {
+                let b: u64 = b.parse().unwrap();
+                if let Some(before) = u[0].as_u64() {
+                    self.lo.insert(b, before);
+                }
+                self.hi.insert(b, u[1].as_u64().unwrap());
+            }
+        }
+        self.base += out["writes"].as_u64().unwrap();
+    }
+}
+
+/// Writes between two of the fan-out test's overwriter's writes, in
+/// seconds: four volumes written at once, about 80 writes a second each.
+const FAN_OUT_PAUSE: &str = "0.012";
+
+/// The sum of the acknowledged versions of `acked`: it grows with every
+/// write acknowledged.
+fn acked_progress(acked: &serde_json::Value) -> u64 {
+    acked
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum()
+}
+
+/// One primary server mirroring to three secondary servers at once
+/// ([`FanOut`]), a host overwriting every primary volume at random, and a
+/// seeded schedule (`ESSD_FAULT_SEED`) of faults on one peer at a time:
+/// its links stalled past the 2 s timeout (all, or the oldest), reset
+/// (either direction), dropped for a while or delayed, its server killed
+/// (`kill -9`) and restarted, or one of its pairs suspended by hand; and
+/// now and then `kill -9` of the primary's server itself, after which
+/// every pair comes back `primary restarted` and resyncs by itself. While
+/// one peer is faulted the other pairs stay duplex, their hosts' writes
+/// go on being acknowledged, and their secondaries hold every write
+/// acknowledged so far. After each fault every pair is resumed until
+/// duplex, and its replication status is exact on both sides. At the end
+/// the host saw no error, each secondary equals its primary, and every
+/// block holds its last acknowledged write.
+#[test]
+fn random_faults_on_one_of_three_peers_leave_the_others_mirroring() {
+    let seed = fault_seed(0x5EED_000C);
+    let started = Instant::now();
+    let mut s = FanOut::start("pprc-fan-out");
+    let mut schedule = Schedule::new(seed);
+    let blocks: Vec<u64> = (0..FAN_OUT_VOLUME / 4096).collect();
+    let asks: Vec<tempfile::TempDir> = s
+        .legs
+        .iter()
+        .map(|_| tempfile::tempdir().unwrap())
+        .collect();
+    let mut versions: Vec<VersionRange> = s.legs.iter().map(|_| VersionRange::default()).collect();
+    let start_writers = |s: &FanOut, versions: &[VersionRange], run: u64| -> Vec<_> {
+        s.legs
+            .iter()
+            .zip(&asks)
+            .zip(versions)
+            .enumerate()
+            .map(|(i, ((leg, asks), v))| {
+                let seed = seed + 16 * run + i as u64;
+                overwriter_every(
+                    &s.a,
+                    &leg.va,
+                    seed,
+                    asks.path(),
+                    v.base,
+                    &blocks,
+                    FAN_OUT_PAUSE,
+                )
+            })
+            .collect()
+    };
+    let mut writers = start_writers(&s, &versions, 0);
+    const KINDS: [&str; 8] = [
+        "stall",
+        "reset",
+        "reset back",
+        "drop",
+        "delay",
+        "stall oldest",
+        "kill peer",
+        "suspend",
+    ];
+    // (fault, peer, ms held); a kill of A is ("kill A", 3, 0).
+    let mut faults: Vec<(&str, usize, u128)> = Vec::new();
+    let mut runs = 1;
+    while started.elapsed() < Duration::from_secs(35) {
+        std::thread::sleep(schedule.millis(300, 1000));
+        let kind = if faults.is_empty() {
+            0
+        } else {
+            schedule.next() % 10
+        };
+        let context = format!("seed {seed}, faults (kind, peer, ms) {faults:?}");
+        if kind >= 8 {
+            // kill -9 of the primary's server; its links held down until
+            // every pair's view is read at the restart.
+            s.a.crash();
+            for (i, writer) in std::mem::take(&mut writers).into_iter().enumerate() {
+                let out = writer.join().unwrap();
+                assert!(
+                    out["broken"].is_string(),
+                    "{context}: the host's connection to {} did not break: {out}",
+                    s.legs[i].va
+                );
+                versions[i].ended(&out);
+            }
+            for proxy in &s.proxies {
+                proxy.drop_all();
+            }
+            s.a.restart("TSTA1");
+            for leg in &s.legs {
+                let v = show(&s.a, &leg.va);
+                assert!(
+                    v["state"] == "suspended" && v["reason"] == "primary restarted",
+                    "{context}: {} after the restart: {v}",
+                    leg.va
+                );
+            }
+            s.heal();
+            for leg in &s.legs {
+                let v = wait_state(&s.a, &leg.va, "duplex");
+                assert_eq!(v["reason"], serde_json::Value::Null, "{context}: {v}");
+            }
+            faults.push(("kill A", 3, 0));
+            writers = start_writers(&s, &versions, runs);
+            runs += 1;
+        } else {
+            let kind = kind as usize;
+            let peer = (schedule.next() % 3) as usize;
+            let hold = match kind {
+                0 | 5 => schedule.millis(2500, 3500),
+                _ => schedule.millis(200, 2500),
+            };
+            let affected: Vec<usize> = match kind {
+                7 => {
+                    let mine: Vec<usize> = (0..s.legs.len())
+                        .filter(|&l| s.legs[l].peer == peer)
+                        .collect();
+                    vec![mine[(schedule.next() % mine.len() as u64) as usize]]
+                }
+                _ => (0..s.legs.len())
+                    .filter(|&l| s.legs[l].peer == peer)
+                    .collect(),
+            };
+            let others: Vec<usize> = (0..s.legs.len())
+                .filter(|l| !affected.contains(l))
+                .collect();
+            let before: Vec<u64> = others
+                .iter()
+                .map(|&l| acked_progress(&acked_so_far(asks[l].path())))
+                .collect();
+            match kind {
+                0 => s.proxies[peer].stall(),
+                1 => s.proxies[peer].reset(),
+                2 => s.backs[peer].reset(),
+                3 => s.proxies[peer].drop_all(),
+                4 => s.proxies[peer].delay(schedule.millis(20, 120)),
+                5 => s.proxies[peer].stall_oldest(),
+                6 => s.peers[peer].crash(),
+                _ => {
+                    essctl(&s.a, &["pprc", "suspend", &s.legs[affected[0]].va]).ok();
+                }
+            }
+            faults.push((KINDS[kind], peer, hold.as_millis()));
+            let context = format!("seed {seed}, faults (kind, peer, ms) {faults:?}");
+            std::thread::sleep(hold);
+            // The fault is on: the other pairs mirror on.
+            for (&l, before) in others.iter().zip(&before) {
+                let leg = &s.legs[l];
+                let p = show(&s.a, &leg.va);
+                assert_eq!(
+                    p["state"], "duplex",
+                    "{context}: {} left duplex while the fault was on {}: {p}",
+                    leg.va, FAN_OUT_PEERS[peer]
+                );
+                let acked = acked_so_far(asks[l].path());
+                assert!(
+                    acked_progress(&acked) > *before,
+                    "{context}: no write to {} was acknowledged while the fault was on {}",
+                    leg.va,
+                    FAN_OUT_PEERS[peer]
+                );
+                let behind = check_blocks(
+                    BLOCKS_BEHIND_ACKED,
+                    &s.peers[leg.peer],
+                    &leg.vb,
+                    &serde_json::json!({"acked": acked, "asks": asks[l].path()}),
+                );
+                assert!(
+                    behind.is_empty(),
+                    "{context}: {} acknowledged writes to {} are not on {} while the fault was on {}: {behind:?}",
+                    behind.len(),
+                    leg.va,
+                    leg.vb,
+                    FAN_OUT_PEERS[peer]
+                );
+            }
+            if kind == 6 {
+                s.peers[peer].restart(FAN_OUT_PEERS[peer]);
+            }
+            s.heal();
+        }
+        let context = format!("seed {seed}, faults (kind, peer, ms) {faults:?}");
+        s.resume_all(seed);
+        s.assert_status_exact(&context);
+    }
+    for (i, writer) in std::mem::take(&mut writers).into_iter().enumerate() {
+        std::fs::write(asks[i].path().join("stop"), b"").unwrap();
+        let out = writer.join().unwrap();
+        assert_eq!(
+            out["errors"],
+            serde_json::json!({}),
+            "seed {seed}: the host of {} saw errors",
+            s.legs[i].va
+        );
+        versions[i].ended(&out);
+    }
+    let context = format!("seed {seed}, faults (kind, peer, ms) {faults:?}");
+    s.resume_all(seed);
+    for leg in &s.legs {
+        wait_current(&s.a, &leg.va);
+    }
+    s.assert_status_exact(&context);
+    for (leg, v) in s.legs.iter().zip(&versions) {
+        let b = &s.peers[leg.peer];
+        assert_eq!(
+            volume_sha(&s.a, &leg.va),
+            volume_sha(b, &leg.vb),
+            "{context}: {} and {} differ",
+            leg.va,
+            leg.vb
+        );
+        let wrong = check_blocks(
+            BLOCKS_NOT_IN_VERSIONS,
+            b,
+            &leg.vb,
+            &serde_json::json!({"image": "/dev/null", "lo": v.lo, "hi": v.hi}),
+        );
+        assert!(
+            wrong.is_empty(),
+            "{context}: {} blocks of {} are not their last acknowledged write, among them {:?}",
+            wrong.len(),
+            leg.vb,
+            &wrong[..wrong.len().min(32)]
+        );
+    }
+    eprintln!(
+        "{context}: {} blocks written, {:.1} s",
+        versions.iter().map(|v| v.hi.len()).sum::<usize>(),
+        started.elapsed().as_secs_f64()
+    );
+}
