@@ -634,6 +634,55 @@ fn a_suspend_while_the_links_are_down_reaches_the_secondary_when_they_return() {
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
 }
 
+/// A primary server mirroring to three peers ([`FanOut`]) whose link to
+/// C stalls: C's pair suspends once a write is not answered within the
+/// 2 s timeout, and C's server, told so over the stalled link, does not
+/// answer. Meanwhile D's pair is suspended by hand: D's server, over a
+/// live link, is told at once — a peer that does not answer does not
+/// leave another peer's secondary shown duplex and current while its
+/// primary is suspended.
+#[test]
+fn a_peer_that_does_not_answer_does_not_hold_up_telling_the_others() {
+    let s = FanOut::start("pprc-tell-fan-out");
+    let (c, d) = (&s.legs[2], &s.legs[3]);
+    s.proxies[c.peer].stall();
+    let mut write = spawn_write(&s.a, &c.va, 0, 7);
+    assert_eq!(
+        wait_child(&mut write, 10),
+        Some(true),
+        "the write to {}",
+        c.va
+    );
+    let v = show(&s.a, &c.va);
+    assert_eq!(
+        (&v["state"], &v["reason"]),
+        (&"suspended".into(), &"link lost".into()),
+        "{v}"
+    );
+    essctl(&s.a, &["pprc", "suspend", &d.va]).ok();
+    let suspended = Instant::now();
+    let bound = RETELL_INTERVAL * 2;
+    loop {
+        let v = show(&s.peers[d.peer], &d.vb);
+        if v["state"] == "suspended" {
+            assert_eq!(v["reason"], "manual", "{v}");
+            break;
+        }
+        assert!(
+            suspended.elapsed() < bound,
+            "{} suspended by hand {:?} ago, its secondary still shows {} {} over {} link(s) \
+             (TSTC3 does not answer)",
+            d.va,
+            suspended.elapsed(),
+            v["state"],
+            v["replication_status"],
+            v["primary_links"]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.heal();
+}
+
 /// A primary killed while duplex whose path stays down through its
 /// restart: it comes back suspended and says why it is not resuming by
 /// itself; once the path is up again the secondary shows the suspend too

@@ -22,7 +22,7 @@
 //! answered, both volumes flushed) recorded none, so it is duplex again
 //! once its secondary has taken it back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -383,6 +383,28 @@ impl Entry {
             Entry::Secondary(s) => &s.spec.volume,
         }
     }
+}
+
+/// What a secondary's server was told of its pair: the pair (a
+/// terminated pair's successor on the same volume is another), its state
+/// and suspend reason.
+type Told = (std::sync::Weak<Pair>, PairState, Option<SuspendReason>);
+
+/// A tell of the recorder done: the primary volume, and what its
+/// secondary's server answered to (`None`: no live link or no answer).
+struct TellDone {
+    volume: String,
+    told: Option<Told>,
+}
+
+/// What woke the recorder.
+enum Wake {
+    /// A pair changed (or was asked to be told again).
+    Changed,
+    /// A tell is done.
+    Answered(TellDone),
+    /// Time to tell again the secondaries that could not be told.
+    Retry,
 }
 
 /// Every pair of this server.
@@ -747,27 +769,58 @@ impl PprcManager {
     /// after a restart of this server: otherwise a secondary whose primary
     /// suspended while the links were down would show itself duplex, and
     /// current, once they came back.
+    ///
+    /// Each pair's secondary is told in a task of its own, one tell at a
+    /// time per pair (so it sees the pair's states in order): a peer that
+    /// does not answer, which takes [`LINK_TIMEOUT`] to find out, does not
+    /// hold up telling the secondaries on other peers.
     async fn recorder(self: Arc<Self>) {
         // Per volume, the pair last seen (a terminated pair's successor on
         // the same volume is new) and in what state; `seen` for the log,
         // `told` for what its secondary's server has answered.
-        type Told = (std::sync::Weak<Pair>, PairState, Option<SuspendReason>);
         let mut seen: HashMap<String, Told> = HashMap::new();
         let mut told: HashMap<String, Told> = HashMap::new();
-        let mut untold = false;
+        // Volumes whose secondary is being told, and whether what it
+        // answers still counts (not once its pair asked to be told again).
+        let mut telling: HashMap<String, bool> = HashMap::new();
+        // Volumes whose secondary's server could not be told: told again
+        // on the next change or after [`RETELL_INTERVAL`].
+        let mut untold: HashSet<String> = HashSet::new();
+        let mut last_retry = tokio::time::Instant::now();
+        let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel::<TellDone>();
         loop {
-            let changed = if untold {
-                tokio::time::timeout(RETELL_INTERVAL, self.changed.notified())
-                    .await
-                    .is_ok()
-            } else {
-                self.changed.notified().await;
-                true
+            let retry_at = last_retry + RETELL_INTERVAL;
+            let wake = tokio::select! {
+                () = self.changed.notified() => Wake::Changed,
+                Some(done) = answered.recv() => Wake::Answered(done),
+                () = tokio::time::sleep_until(retry_at), if !untold.is_empty() => Wake::Retry,
             };
-            if changed {
-                if let Err(e) = self.save().await {
-                    tracing::error!("cannot record PPRC pairs: {e}");
+            let retry = !matches!(wake, Wake::Answered(_));
+            if retry {
+                last_retry = tokio::time::Instant::now();
+            }
+            match wake {
+                Wake::Changed => {
+                    if let Err(e) = self.save().await {
+                        tracing::error!("cannot record PPRC pairs: {e}");
+                    }
                 }
+                Wake::Answered(TellDone {
+                    volume,
+                    told: entry,
+                }) => {
+                    let counts = telling.remove(&volume).unwrap_or(false);
+                    match entry {
+                        Some(entry) if counts => {
+                            told.insert(volume, entry);
+                        }
+                        Some(_) => {}
+                        None => {
+                            untold.insert(volume);
+                        }
+                    }
+                }
+                Wake::Retry => {}
             }
             // Each status is stamped as it is read, under the entries lock:
             // a request to take a pair back is sent under it too, so the
@@ -786,12 +839,16 @@ impl PprcManager {
                 .collect();
             seen.retain(|v, _| pairs.iter().any(|(p, ..)| p.spec.volume == *v));
             told.retain(|v, _| pairs.iter().any(|(p, ..)| p.spec.volume == *v));
+            untold.retain(|v| pairs.iter().any(|(p, ..)| p.spec.volume == *v));
             for volume in
                 std::mem::take(&mut *self.retell.lock().unwrap_or_else(|p| p.into_inner()))
             {
                 told.remove(&volume);
+                untold.remove(&volume);
+                if let Some(counts) = telling.get_mut(&volume) {
+                    *counts = false;
+                }
             }
-            untold = false;
             for (pair, status, stamp) in pairs {
                 let now = (status.state, status.reason);
                 let is = |map: &HashMap<String, Told>| {
@@ -827,15 +884,22 @@ impl PprcManager {
                         None,
                     );
                 }
-                if is(&told) {
+                let volume = &pair.spec.volume;
+                // Told already; or being told (its answer wakes this loop,
+                // which then tells the state the pair has by then); or
+                // not reachable a moment ago, until the next change or retry.
+                if is(&told) || telling.contains_key(volume) || (untold.contains(volume) && !retry)
+                {
                     continue;
                 }
-                // In order, so the secondary sees the states as they came.
-                if self.tell_state(&pair.spec, &status, stamp).await {
-                    told.insert(pair.spec.volume.clone(), entry);
-                } else {
-                    untold = true;
-                }
+                untold.remove(volume);
+                telling.insert(volume.clone(), true);
+                let (mgr, answers) = (self.clone(), answers.clone());
+                tokio::spawn(async move {
+                    let told = mgr.tell_state(&pair.spec, &status, stamp).await.then_some(entry);
+                    let volume = pair.spec.volume.clone();
+                    let _ = answers.send(TellDone { volume, told });
+                });
             }
         }
     }
