@@ -3400,7 +3400,7 @@ fn random_faults_on_one_of_three_peers_leave_the_others_mirroring() {
     // (fault, peer, ms held); a kill of A is ("kill A", 3, 0).
     let mut faults: Vec<(&str, usize, u128)> = Vec::new();
     let mut runs = 1;
-    while started.elapsed() < Duration::from_secs(35) {
+    while started.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(schedule.millis(300, 1000));
         let kind = if faults.is_empty() {
             0
