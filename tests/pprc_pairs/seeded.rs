@@ -3567,3 +3567,503 @@ fn random_faults_on_one_of_three_peers_leave_the_others_mirroring() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// A chain of dependent writes across two volumes, one at a time, from
+/// step `argv[4]`: write `i` goes to block `i` of the first volume and,
+/// once acknowledged, to block `i` of the second (each block holds its
+/// number, repeated, as in [`DEPENDENT_CHAIN`]), until the file `argv[3]`
+/// exists; about 300 steps a second. Prints `1 i` or `2 i` as soon as the
+/// write of step `i` to the first or second volume is acknowledged, then
+/// (on a line of its own) a JSON object: the next step and, if a write or
+/// the final flush failed (the server killed), why.
+const CHAIN_REPORTING: &str = r#"
+import json, nbd, os, struct, sys, time
+first, second = nbd.NBD(), nbd.NBD()
+first.connect_uri(sys.argv[1])
+second.connect_uri(sys.argv[2])
+blocks = min(first.get_size(), second.get_size()) // 4096
+i, broken = int(sys.argv[4]), None
+try:
+    while not os.path.exists(sys.argv[3]) and i < blocks:
+        first.pwrite(struct.pack("<Q", i) * 512, i * 4096)
+        print("1", i, flush=True)
+        second.pwrite(struct.pack("<Q", i) * 512, i * 4096)
+        print("2", i, flush=True)
+        i += 1
+        time.sleep(0.003)
+    first.flush()
+    second.flush()
+except nbd.Error as e:
+    broken = e.string
+print(json.dumps({"next": i, "broken": broken}), flush=True)
+"#;
+
+/// A host running [`CHAIN_REPORTING`] on two volumes of one server: the
+/// last step acknowledged on each is known while it runs.
+struct ChainWriter {
+    child: std::process::Child,
+    acked: std::sync::Arc<std::sync::Mutex<[u64; 2]>>,
+    /// The reader of its output; ends with its last line (the JSON
+    /// object).
+    reader: std::thread::JoinHandle<String>,
+    stop: tempfile::TempDir,
+}
+
+impl ChainWriter {
+    /// Starts the chain at `essd` on `volumes` from step `from`.
+    fn start(essd: &Essd, volumes: &[String; 2], from: u64) -> ChainWriter {
+        use std::io::BufRead;
+        let stop = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(CHAIN_REPORTING)
+            .args([essd.uri(&volumes[0]), essd.uri(&volumes[1])])
+            .arg(stop.path().join("stop"))
+            .arg(from.to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let acked = std::sync::Arc::new(std::sync::Mutex::new([from - 1; 2]));
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let seen = acked.clone();
+        let reader = std::thread::spawn(move || {
+            let mut last = String::new();
+            for line in out.lines() {
+                let line = line.unwrap();
+                if let Some((volume, step)) = line.split_once(' ') {
+                    if let (Ok(v), Ok(step)) = (volume.parse::<usize>(), step.parse()) {
+                        seen.lock().unwrap()[v - 1] = step;
+                        continue;
+                    }
+                }
+                last = line;
+            }
+            last
+        });
+        ChainWriter {
+            child,
+            acked,
+            reader,
+            stop,
+        }
+    }
+
+    /// The last step acknowledged on each volume so far.
+    fn acked(&self) -> [u64; 2] {
+        *self.acked.lock().unwrap()
+    }
+
+    /// Stops the chain (or, once its server was killed, waits for it to
+    /// end); returns the last step acknowledged on each volume and its
+    /// final JSON object.
+    fn stop(self) -> ([u64; 2], serde_json::Value) {
+        let ChainWriter {
+            mut child,
+            acked,
+            reader,
+            stop,
+        } = self;
+        std::fs::write(stop.path().join("stop"), b"").unwrap();
+        let status = child.wait().unwrap();
+        let last = reader.join().unwrap();
+        assert!(status.success(), "the chain writer failed: {last}");
+        let acked = *acked.lock().unwrap();
+        (acked, serde_json::from_str(&last).unwrap())
+    }
+}
+
+/// The cut of the [`CHAIN_REPORTING`] chain that `volumes` at `essd`
+/// hold, asserted dependent-write consistent: steps 1..=k on the first,
+/// 1..=j on the second, nothing beyond, k = j or j + 1 — and no fewer than
+/// the steps `acked` acknowledged. Returns (k, j).
+fn consistent_cut(essd: &Essd, volumes: &[String; 2], acked: [u64; 2], context: &str) -> [u64; 2] {
+    let text = python(
+        CHAIN_HELD,
+        &[&essd.uri(&volumes[0]), &essd.uri(&volumes[1])],
+    );
+    let held: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cut = [0, 1].map(|i| held[i]["prefix"].as_u64().unwrap());
+    let what = format!(
+        "{context}: {} holds {held}, {acked:?} acknowledged",
+        essd.serial
+    );
+    for h in held.as_array().unwrap() {
+        assert_eq!(
+            h["beyond"],
+            serde_json::json!([]),
+            "{what}: a gap in the chain"
+        );
+    }
+    assert!(
+        cut[0] == cut[1] || cut[0] == cut[1] + 1,
+        "{what}: a later write without its earlier one"
+    );
+    assert!(
+        cut[0] >= acked[0] && cut[1] >= acked[1],
+        "{what}: acknowledged writes lost"
+    );
+    cut
+}
+
+/// Asserts that every pair of `volumes` at `essd` is `state` with
+/// `reason` (`""`: none) and has the role `role`.
+fn assert_pairs(
+    essd: &Essd,
+    volumes: &[String; 2],
+    role: &str,
+    state: &str,
+    reason: &str,
+    context: &str,
+) {
+    for v in volumes {
+        let p = show(essd, v);
+        assert_eq!(
+            (
+                p["role"].as_str(),
+                p["state"].as_str(),
+                p["reason"].as_str().unwrap_or("")
+            ),
+            (Some(role), Some(state), reason),
+            "{context}: {v}: {p}"
+        );
+    }
+}
+
+/// Tracks of the steps `from..=to` of the chain (block `i` of each
+/// volume).
+fn chain_tracks(from: u64, to: u64) -> u64 {
+    let per_track = TRACK / 4096;
+    if to < from {
+        0
+    } else {
+        to / per_track - from / per_track + 1
+    }
+}
+
+/// A consistency group over two LSSs of A (pairs A → B, 2 s link
+/// timeout, 5 s consistency timeout) under a chain of dependent writes
+/// across its two volumes, and seeded rounds (`ESSD_FAULT_SEED`): now and
+/// then a freeze on demand during the writes (the pairs suspend `freeze`,
+/// no write is acknowledged until the unfreeze, then writes flow,
+/// recorded); then the links are cut (stalled, dropped, or reset and
+/// dropped) and the group holds writes, after which the group is frozen by
+/// command at a random moment, or by its timeout, or A is killed (`kill
+/// -9`), or B is killed and restarted and then the group frozen or timed
+/// out. No write is acknowledged while the group holds; frozen, both pairs
+/// are suspended (`freeze`); killed, every track where A's volumes differ
+/// from B's is recorded in A's bitmap files. B's volumes hold one cut of
+/// the chain, with every write acknowledged before the links were cut.
+/// Then the pairs are resumed until duplex (a killed A restarted: its
+/// pairs come back suspended, `primary restarted`, and resynchronise by
+/// themselves), or the site fails over: A unreachable (or down), every
+/// secondary of the group fails over at B, hosts continue the chain there
+/// from B's cut, failback B → A copies A's handed-over tracks and B's
+/// only, and then the switch back (failover at A, hosts write A, failback
+/// A → B) copies A's and B's changed tracks only. At the end every pair is
+/// duplex and current, both volumes of each pair are equal, and the chain
+/// is whole with every acknowledged write it must keep.
+#[test]
+fn consistency_group_under_link_cuts_crashes_and_site_failover_stays_consistent() {
+    let seed = fault_seed(0x5EED_000C);
+    let started = Instant::now();
+    let (mut s, va, vb) = group_of_two("pprc-group-crash-failover", "5s");
+    let images =
+        ["vol-10-0.img", "vol-11-0.img"].map(|f| (s.dir_a.path().join(f), s.dir_b.path().join(f)));
+    let mut schedule = Schedule::new(seed);
+    // The steps the volumes of the primary of the time must keep.
+    let mut floor = [0u64; 2];
+    let mut writer = Some(ChainWriter::start(&s.a, &va, 1));
+    // (on demand, cut, resolution, then)
+    let mut rounds: Vec<(bool, &str, &str, &str)> = Vec::new();
+    for _ in 0..2 {
+        let context = format!("seed {seed}, rounds (on demand, cut, resolution, then) {rounds:?}");
+        let on_demand = schedule.next() % 3 == 0;
+        if on_demand {
+            std::thread::sleep(schedule.millis(200, 800));
+            let f = essctl_json(&s.a, &["pprc", "freeze"]);
+            assert_eq!(
+                (f["suspended"].as_u64(), f["group"]["state"].as_str()),
+                (Some(2), Some("frozen")),
+                "{context}: {f}"
+            );
+            assert_pairs(&s.a, &va, "primary", "suspended", "freeze", &context);
+            let w = writer.as_ref().unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            let held = w.acked();
+            std::thread::sleep(schedule.millis(300, 800));
+            assert_eq!(
+                w.acked(),
+                held,
+                "{context}: a write acknowledged while frozen"
+            );
+            let u = essctl_json(&s.a, &["pprc", "unfreeze"]);
+            assert_eq!(u["group"]["state"], "normal", "{context}: {u}");
+            wait_acked_past(w, held, &context);
+            assert_pairs(&s.a, &va, "primary", "suspended", "freeze", &context);
+            for (v, sv) in va.iter().zip(&vb) {
+                resume_until_duplex(&s.a, v, &s.b, sv, seed);
+            }
+        }
+        std::thread::sleep(schedule.millis(300, 1000));
+        let cut = ["stall", "drop", "reset"][(schedule.next() % 3) as usize];
+        match cut {
+            "stall" => s.proxy.stall(),
+            "drop" => s.proxy.drop_all(),
+            _ => {
+                s.proxy.reset();
+                s.proxy.drop_all();
+            }
+        }
+        wait_group(&s.a, "holding");
+        // What the writer saw acknowledged before the group held (its
+        // output read).
+        std::thread::sleep(Duration::from_millis(200));
+        let before = writer.as_ref().unwrap().acked();
+        let resolution = ["freeze", "timeout", "kill A", "kill B"][(schedule.next() % 4) as usize];
+        rounds.push((on_demand, cut, resolution, ""));
+        let context = format!("seed {seed}, rounds (on demand, cut, resolution, then) {rounds:?}");
+        let held_context = format!("{context}: a write acknowledged while the group held");
+        let mut a_killed = false;
+        match resolution {
+            "kill A" => {
+                std::thread::sleep(schedule.millis(0, 1000));
+                s.a.crash();
+                a_killed = true;
+                let w = writer.take().unwrap();
+                let (acked, end) = w.stop();
+                assert_eq!(acked, before, "{held_context}");
+                assert!(end["broken"].is_string(), "{context}: {end}");
+                // Where A's volumes differ from B's, A's bitmap files
+                // record it: the held write, on A or not.
+                for (v, (on_a, on_b)) in va.iter().zip(&images) {
+                    let (differ, _) = track_differences(on_a, on_b);
+                    let marks = durable_marks(&s.a, v);
+                    assert!(
+                        differ.is_subset(&marks),
+                        "{context}: tracks of {v} differ from its secondary ({differ:?}) but \
+                         are not all in its bitmap file ({marks:?})"
+                    );
+                }
+            }
+            _ => {
+                if resolution == "kill B" {
+                    s.b.crash();
+                    std::thread::sleep(schedule.millis(100, 1000));
+                    s.b.restart("TSTB2");
+                }
+                let by_timeout =
+                    resolution == "timeout" || (resolution == "kill B" && schedule.next() % 2 == 0);
+                let w = writer.as_ref().unwrap();
+                if by_timeout {
+                    while essctl_json(&s.a, &["pprc", "group"])["group"]["state"] == "holding" {
+                        assert_eq!(w.acked(), before, "{held_context}");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                } else {
+                    std::thread::sleep(schedule.millis(0, 1000));
+                    assert_eq!(w.acked(), before, "{held_context}");
+                    freeze_suspends(&s.a, 2);
+                }
+                assert_eq!(
+                    essctl_json(&s.a, &["pprc", "group"])["group"]["state"],
+                    "normal",
+                    "{context}"
+                );
+                assert_pairs(&s.a, &va, "primary", "suspended", "freeze", &context);
+                // Writes flow again, recorded.
+                wait_acked_past(w, before, &context);
+            }
+        }
+        // B holds one cut of the chain, every write acknowledged before
+        // the links were cut in it.
+        let b_cut = consistent_cut(&s.b, &vb, before, &context);
+        let failover = schedule.next() % 2 == 0;
+        rounds.last_mut().unwrap().3 = if failover { "failover" } else { "resume" };
+        let context = format!("seed {seed}, rounds (on demand, cut, resolution, then) {rounds:?}");
+        if !failover {
+            if a_killed {
+                s.a.restart("TSTA1");
+                assert_pairs(
+                    &s.a,
+                    &va,
+                    "primary",
+                    "suspended",
+                    "primary restarted",
+                    &context,
+                );
+            }
+            s.proxy.heal();
+            for (v, sv) in va.iter().zip(&vb) {
+                bring_back(&s.a, v, &s.b, sv, seed);
+            }
+            for (v, sv) in va.iter().zip(&vb) {
+                resume_until_duplex(&s.a, v, &s.b, sv, seed);
+            }
+            floor = before;
+            if a_killed {
+                let cut = consistent_cut(&s.a, &va, floor, &context);
+                writer = Some(ChainWriter::start(&s.a, &va, cut[1] + 1));
+            }
+            continue;
+        }
+
+        // Site A is lost: its hosts stop, it is unreachable (or down).
+        s.proxy.drop_all();
+        if let Some(w) = writer.take() {
+            let (_, end) = w.stop();
+            assert_eq!(end["broken"], serde_json::Value::Null, "{context}: {end}");
+        }
+        for v in &vb {
+            let p = essctl_json(&s.b, &["pprc", "failover", v]);
+            assert_eq!(
+                (
+                    p["role"].as_str(),
+                    p["state"].as_str(),
+                    p["reason"].as_str()
+                ),
+                (Some("primary"), Some("suspended"), Some("failover")),
+                "{context}: {p}"
+            );
+        }
+        if a_killed {
+            s.a.restart("TSTA1");
+            assert_pairs(
+                &s.a,
+                &va,
+                "primary",
+                "suspended",
+                "primary restarted",
+                &context,
+            );
+        }
+        // Hosts continue the chain at B from its cut.
+        let b_from = b_cut[1] + 1;
+        let on_b = ChainWriter::start(&s.b, &vb, b_from);
+        wait_acked_past(&on_b, b_cut, &context);
+        std::thread::sleep(schedule.millis(300, 1000));
+
+        // Failback B → A: A hands over what it changed alone.
+        s.proxy.heal();
+        path(&s.b, "0x10", "TSTA1", "0x10", "1");
+        path(&s.b, "0x11", "TSTA1", "0x11", "1");
+        for (v, sv) in vb.iter().zip(&va) {
+            let on_a = show(&s.a, sv)["out_of_sync_tracks"].as_u64().unwrap();
+            let p = essctl_json(&s.b, &["pprc", "failback", v]);
+            assert_eq!(
+                (p["role"].as_str(), p["state"].as_str()),
+                (Some("primary"), Some("duplex pending")),
+                "{context}: {p}"
+            );
+            let acked = on_b.acked();
+            let on_b_tracks = chain_tracks(b_from, acked[0].max(acked[1]) + 1) as usize;
+            let (copied, handed) = failback_copied(&s.b);
+            assert!(
+                handed as u64 == on_a && copied >= handed && copied <= handed + on_b_tracks,
+                "{context}: the failback of {v} copies {copied} tracks, {handed} handed over, \
+                 for {on_a} changed on A alone and at most {on_b_tracks} on B"
+            );
+        }
+        for (v, sv) in vb.iter().zip(&va) {
+            wait_duplex(&s.b, v);
+            wait_sides_agree(&s.b, v, &s.a, sv, &context);
+        }
+        let (acked, end) = on_b.stop();
+        assert_eq!(end["broken"], serde_json::Value::Null, "{context}: {end}");
+        floor = acked;
+        for (v, sv) in vb.iter().zip(&va) {
+            assert_eq!(
+                volume_sha(&s.b, v),
+                volume_sha(&s.a, sv),
+                "{context}: {v} and {sv}"
+            );
+        }
+        let cut = consistent_cut(&s.a, &va, floor, &context);
+
+        // The switch back: failover at A, hosts write A, failback A → B.
+        for v in &va {
+            let p = essctl_json(&s.a, &["pprc", "failover", v]);
+            assert_eq!(
+                (
+                    p["role"].as_str(),
+                    p["state"].as_str(),
+                    p["reason"].as_str()
+                ),
+                (Some("primary"), Some("suspended"), Some("failover")),
+                "{context}: {p}"
+            );
+        }
+        let a_from = cut[1] + 1;
+        let on_a = ChainWriter::start(&s.a, &va, a_from);
+        wait_acked_past(&on_a, cut, &context);
+        path(&s.a, "0x10", "TSTB2", "0x10", "1");
+        path(&s.a, "0x11", "TSTB2", "0x11", "1");
+        for v in &va {
+            let p = essctl_json(&s.a, &["pprc", "failback", v]);
+            assert_eq!(
+                (p["role"].as_str(), p["state"].as_str()),
+                (Some("primary"), Some("duplex pending")),
+                "{context}: {p}"
+            );
+            let acked = on_a.acked();
+            let on_a_tracks = chain_tracks(a_from, acked[0].max(acked[1]) + 1) as usize;
+            let on_b_tracks = chain_tracks(b_from, floor[0]) as usize;
+            let (copied, handed) = failback_copied(&s.a);
+            assert!(
+                handed <= on_b_tracks && copied <= handed + on_a_tracks,
+                "{context}: the switch-back of {v} copies {copied} tracks, {handed} handed over \
+                 by B, for at most {on_a_tracks} changed on A and {on_b_tracks} on B"
+            );
+        }
+        for (v, sv) in va.iter().zip(&vb) {
+            wait_duplex(&s.a, v);
+            wait_sides_agree(&s.a, v, &s.b, sv, &context);
+        }
+        writer = Some(on_a);
+    }
+    let context = format!("seed {seed}, rounds (on demand, cut, resolution, then) {rounds:?}");
+    let (acked, end) = writer.take().unwrap().stop();
+    assert_eq!(end["broken"], serde_json::Value::Null, "{context}: {end}");
+    for (i, a) in acked.iter().enumerate() {
+        floor[i] = floor[i].max(*a);
+    }
+    for v in &va {
+        wait_current(&s.a, v);
+    }
+    assert_pairs(&s.a, &va, "primary", "duplex", "", &context);
+    assert_pairs(&s.b, &vb, "secondary", "duplex", "", &context);
+    assert_eq!(
+        essctl_json(&s.a, &["pprc", "group"])["group"]["state"],
+        "normal",
+        "{context}"
+    );
+    for (v, sv) in va.iter().zip(&vb) {
+        assert_eq!(
+            volume_sha(&s.a, v),
+            volume_sha(&s.b, sv),
+            "{context}: {v} and {sv}"
+        );
+    }
+    let cut = consistent_cut(&s.a, &va, floor, &context);
+    consistent_cut(&s.b, &vb, floor, &context);
+    eprintln!(
+        "{context}: chain {cut:?}, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Waits (up to 10 s) until `writer` has had a write acknowledged past
+/// `steps` on both volumes: writes flow.
+fn wait_acked_past(writer: &ChainWriter, steps: [u64; 2], context: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let acked = writer.acked();
+        if acked[0] > steps[0] && acked[1] > steps[1] {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{context}: no write acknowledged past {steps:?} ({acked:?})"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

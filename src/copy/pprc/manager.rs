@@ -896,7 +896,10 @@ impl PprcManager {
                 telling.insert(volume.clone(), true);
                 let (mgr, answers) = (self.clone(), answers.clone());
                 tokio::spawn(async move {
-                    let told = mgr.tell_state(&pair.spec, &status, stamp).await.then_some(entry);
+                    let told = mgr
+                        .tell_state(&pair.spec, &status, stamp)
+                        .await
+                        .then_some(entry);
                     let volume = pair.spec.volume.clone();
                     let _ = answers.send(TellDone { volume, told });
                 });
