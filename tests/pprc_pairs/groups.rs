@@ -930,3 +930,56 @@ fn group_failover_failback_and_switch_back_survive_link_cuts_mid_copy() {
     write_tracks(a, &va[1], 59, 4);
     assert_eq!(volume_sha(a, &va[1]), volume_sha(b, &vb[1]));
 }
+
+/// A consistency group that every pair leaves while it holds writes —
+/// site B took over every volume of the group and failed them back to A,
+/// whose links were lost — holds nothing any more: it is normal again at
+/// once, and a pair that joins it later (the failover at A of the switch
+/// back) takes host writes at once, not after the consistency timeout.
+#[test]
+fn a_holding_group_that_every_pair_left_holds_no_pair_that_joins_later() {
+    let (s, va, vb) = group_of_two("pprc-group-emptied", "60s");
+    let (a, b) = (&s.a, &s.b);
+    s.proxy.drop_all();
+    let mut held = spawn_write(a, &va[0], TRACK, 0xE1);
+    wait_group(a, "holding");
+
+    // Site B takes over every volume of the group and fails back to A.
+    for v in &vb {
+        let p = essctl_json(b, &["pprc", "failover", v]);
+        assert_eq!(p["reason"], "failover", "{p}");
+    }
+    path(b, "0x10", "TSTA1", "0x10", "1");
+    path(b, "0x11", "TSTA1", "0x11", "1");
+    for v in &vb {
+        let p = essctl_json(b, &["pprc", "failback", v]);
+        assert_eq!(p["role"], "primary", "{p}");
+    }
+    assert_eq!(wait_child(&mut held, 10), Some(true), "the held write");
+    let g = essctl_json(a, &["pprc", "group"]);
+    assert_eq!(
+        (g["group"]["state"].as_str(), &g["volumes"]),
+        (Some("normal"), &serde_json::json!([])),
+        "the group no pair is left in: {g}"
+    );
+    for v in &vb {
+        wait_duplex(b, v);
+    }
+
+    // The switch back: failover at A, where hosts write at once.
+    for v in &va {
+        let p = essctl_json(a, &["pprc", "failover", v]);
+        assert_eq!(
+            (p["state"].as_str(), p["reason"].as_str()),
+            (Some("suspended"), Some("failover")),
+            "{p}"
+        );
+    }
+    let mut w = spawn_write(a, &va[1], TRACK, 0xE2);
+    assert_eq!(
+        wait_child(&mut w, 10),
+        Some(true),
+        "a write after the switch back's failover: {}",
+        essctl_json(a, &["pprc", "group"])
+    );
+}

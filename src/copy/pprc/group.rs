@@ -85,9 +85,27 @@ impl ConsistencyGroup {
 
     /// Takes a pair out of the group (terminated, or taken over by a
     /// failback).
-    pub fn leave(&self, pair: &Arc<Pair>) {
-        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
-        members.retain(|m| m.strong_count() > 0 && !std::ptr::eq(m.as_ptr(), Arc::as_ptr(pair)));
+    ///
+    /// A group that holds writes after a failure and that the last of its
+    /// pairs leaves has no pair left to freeze: it is normal again at once.
+    /// Else a pair that joins it later — the failover at this site of a
+    /// switch back, after the recovery site failed every pair back here —
+    /// would have its writes held, and be suspended by the timeout, for a
+    /// failure of pairs gone from the group. A group frozen on demand stays
+    /// frozen until `unfreeze` or its timeout.
+    pub fn leave(self: &Arc<Self>, pair: &Arc<Pair>) {
+        let emptied = {
+            let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+            members
+                .retain(|m| m.strong_count() > 0 && !std::ptr::eq(m.as_ptr(), Arc::as_ptr(pair)));
+            members.is_empty()
+        };
+        if emptied && matches!(self.state(), GroupState::Holding { .. }) {
+            tracing::warn!(
+                "consistency group: its last pair left it while it held writes; writes flow again"
+            );
+            self.enter(GroupState::Normal);
+        }
     }
 
     /// The current state.
