@@ -3648,6 +3648,14 @@ impl ChainWriter {
         }
     }
 
+    /// Ends the chain at once, as hosts lost with their site: its write
+    /// in flight (held by the group, perhaps) is left to the server.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = self.reader.join();
+    }
+
     /// The last step acknowledged on each volume so far.
     fn acked(&self) -> [u64; 2] {
         *self.acked.lock().unwrap()
@@ -3749,16 +3757,18 @@ fn chain_tracks(from: u64, to: u64) -> u64 {
 /// dropped) and the group holds writes, after which the group is frozen by
 /// command at a random moment, or by its timeout, or A is killed (`kill
 /// -9`), or B is killed and restarted and then the group frozen or timed
-/// out. No write is acknowledged while the group holds; frozen, both pairs
-/// are suspended (`freeze`); killed, every track where A's volumes differ
-/// from B's is recorded in A's bitmap files. B's volumes hold one cut of
-/// the chain, with every write acknowledged before the links were cut.
-/// Then the pairs are resumed until duplex (a killed A restarted: its
+/// out, or site A is lost while its group holds (its hosts gone, no
+/// freeze). No write is acknowledged while the group holds; frozen, both
+/// pairs are suspended (`freeze`); killed, every track where A's volumes
+/// differ from B's is recorded in A's bitmap files. B's volumes hold one
+/// cut of the chain, with every write acknowledged before the links were
+/// cut. Then the pairs are resumed until duplex (a killed A restarted: its
 /// pairs come back suspended, `primary restarted`, and resynchronise by
 /// themselves), or the site fails over: A unreachable (or down), every
 /// secondary of the group fails over at B, hosts continue the chain there
 /// from B's cut, failback B → A copies A's handed-over tracks and B's
-/// only, and then the switch back (failover at A, hosts write A, failback
+/// only (and leaves A's group with no pair, holding nothing), and then
+/// the switch back (failover at A, hosts write A, failback
 /// A → B) copies A's and B's changed tracks only. At the end every pair is
 /// duplex and current, both volumes of each pair are equal, and the chain
 /// is whole with every acknowledged write it must keep.
@@ -3819,12 +3829,22 @@ fn consistency_group_under_link_cuts_crashes_and_site_failover_stays_consistent(
         // output read).
         std::thread::sleep(Duration::from_millis(200));
         let before = writer.as_ref().unwrap().acked();
-        let resolution = ["freeze", "timeout", "kill A", "kill B"][(schedule.next() % 4) as usize];
+        let resolution =
+            ["freeze", "timeout", "kill A", "kill B", "site lost"][(schedule.next() % 5) as usize];
         rounds.push((on_demand, cut, resolution, ""));
         let context = format!("seed {seed}, rounds (on demand, cut, resolution, then) {rounds:?}");
         let held_context = format!("{context}: a write acknowledged while the group held");
         let mut a_killed = false;
         match resolution {
+            "site lost" => {
+                // The site is lost while its group holds: its hosts are
+                // gone, no freeze comes.
+                std::thread::sleep(schedule.millis(0, 1000));
+                let w = writer.take().unwrap();
+                assert_eq!(w.acked(), before, "{held_context}");
+                w.kill();
+                wait_group(&s.a, "holding");
+            }
             "kill A" => {
                 std::thread::sleep(schedule.millis(0, 1000));
                 s.a.crash();
@@ -3877,7 +3897,7 @@ fn consistency_group_under_link_cuts_crashes_and_site_failover_stays_consistent(
         // B holds one cut of the chain, every write acknowledged before
         // the links were cut in it.
         let b_cut = consistent_cut(&s.b, &vb, before, &context);
-        let failover = schedule.next() % 2 == 0;
+        let failover = schedule.next() % 2 == 0 || resolution == "site lost";
         rounds.last_mut().unwrap().3 = if failover { "failover" } else { "resume" };
         let context = format!("seed {seed}, rounds (on demand, cut, resolution, then) {rounds:?}");
         if !failover {
@@ -3957,12 +3977,26 @@ fn consistency_group_under_link_cuts_crashes_and_site_failover_stays_consistent(
             let acked = on_b.acked();
             let on_b_tracks = chain_tracks(b_from, acked[0].max(acked[1]) + 1) as usize;
             let (copied, handed) = failback_copied(&s.b);
+            // A pair its group still held is duplex: it hands over its
+            // marks, tracks it wrote (not all out of sync).
+            let handed_ok = if resolution == "site lost" {
+                handed as u64 <= chain_tracks(1, before[0] + 1)
+            } else {
+                handed as u64 == on_a
+            };
             assert!(
-                handed as u64 == on_a && copied >= handed && copied <= handed + on_b_tracks,
+                handed_ok && copied >= handed && copied <= handed + on_b_tracks,
                 "{context}: the failback of {v} copies {copied} tracks, {handed} handed over, \
                  for {on_a} changed on A alone and at most {on_b_tracks} on B"
             );
         }
+        // A's group has no pair left, and holds nothing.
+        let g = essctl_json(&s.a, &["pprc", "group"]);
+        assert_eq!(
+            (g["group"]["state"].as_str(), &g["volumes"]),
+            (Some("normal"), &serde_json::json!([])),
+            "{context}: A's group once every pair failed back: {g}"
+        );
         for (v, sv) in vb.iter().zip(&va) {
             wait_duplex(&s.b, v);
             wait_sides_agree(&s.b, v, &s.a, sv, &context);
