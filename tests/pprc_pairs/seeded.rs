@@ -3750,7 +3750,7 @@ fn chain_tracks(from: u64, to: u64) -> u64 {
 
 /// A consistency group over two LSSs of A (pairs A → B, 2 s link
 /// timeout, 5 s consistency timeout) under a chain of dependent writes
-/// across its two volumes, and seeded rounds (`ESSD_FAULT_SEED`): now and
+/// across its two volumes, and four seeded rounds (`ESSD_FAULT_SEED`): now and
 /// then a freeze on demand during the writes (the pairs suspend `freeze`,
 /// no write is acknowledged until the unfreeze, then writes flow,
 /// recorded); then the links are cut (stalled, dropped, or reset and
@@ -3785,7 +3785,7 @@ fn consistency_group_under_link_cuts_crashes_and_site_failover_stays_consistent(
     let mut writer = Some(ChainWriter::start(&s.a, &va, 1));
     // (on demand, cut, resolution, then)
     let mut rounds: Vec<(bool, &str, &str, &str)> = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..4 {
         let context = format!("seed {seed}, rounds (on demand, cut, resolution, then) {rounds:?}");
         let on_demand = schedule.next() % 3 == 0;
         if on_demand {
