@@ -3756,8 +3756,8 @@ fn chain_tracks(from: u64, to: u64) -> u64 {
 /// recorded); then the links are cut (stalled, dropped, or reset and
 /// dropped) and the group holds writes, after which the group is frozen by
 /// command at a random moment, or by its timeout, or A is killed (`kill
-/// -9`), or B is killed and restarted and then the group frozen or timed
-/// out, or site A is lost while its group holds (its hosts gone, no
+/// -9`), or B is killed and restarted (and the links come back or not)
+/// and then the group frozen or timed out, or site A is lost while its group holds (its hosts gone, no
 /// freeze). No write is acknowledged while the group holds; frozen, both
 /// pairs are suspended (`freeze`); killed, every track where A's volumes
 /// differ from B's is recorded in A's bitmap files. B's volumes hold one
@@ -3870,6 +3870,12 @@ fn consistency_group_under_link_cuts_crashes_and_site_failover_stays_consistent(
                     s.b.crash();
                     std::thread::sleep(schedule.millis(100, 1000));
                     s.b.restart("TSTB2");
+                    if schedule.next() % 2 == 0 {
+                        // The links come back before the freeze: the
+                        // group holds on.
+                        s.proxy.heal();
+                        rounds.last_mut().unwrap().2 = "kill B, healed";
+                    }
                 }
                 let by_timeout =
                     resolution == "timeout" || (resolution == "kill B" && schedule.next() % 2 == 0);
