@@ -559,6 +559,17 @@ fn wait_current(essd: &Essd, volume: &str) {
 /// Runs a block checker (`script`, reading its JSON input on stdin)
 /// against `export`; returns the blocks it printed.
 fn check_blocks(script: &str, essd: &Essd, export: &str, input: &serde_json::Value) -> Vec<u64> {
+    serde_json::from_value(run_checker(script, essd, export, input)).unwrap()
+}
+
+/// Runs a checker (`script`, reading its JSON input on stdin) against
+/// `export`; returns the JSON it printed.
+fn run_checker(
+    script: &str,
+    essd: &Essd,
+    export: &str,
+    input: &serde_json::Value,
+) -> serde_json::Value {
     use std::io::Write;
     let file = tempfile::Builder::new().suffix(".py").tempfile().unwrap();
     std::fs::write(file.path(), script).unwrap();

@@ -4107,3 +4107,615 @@ fn wait_acked_past(writer: &ChainWriter, steps: [u64; 2], context: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Changes a volume as hosts do besides 4 KiB writes, from `argv[4]` NBD
+/// connections at once (random generator seeded with `argv[2]`): writes
+/// of 512 B to 200 KiB (4 KiB-aligned, 512 B-aligned only, or across a
+/// 64 KiB track boundary), some with FUA, trims, write-zeroes with and
+/// without `NO_HOLE` or with `FAST_ZERO` (trims and zeroes sometimes of 1
+/// to 32 whole tracks), and flushes; at most 8
+/// requests in flight, about 80 a second, never two overlapping ones at
+/// once (but some right beside one in flight, sharing a 4 KiB block),
+/// three in four within a 16 MiB window. Each request has its own
+/// version, counted from `argv[5]`: a written 512-byte sector holds
+/// SHA-256 of `sector:version` 16 times, a trimmed or zeroed one zeroes
+/// (essd punches a hole in a file volume for a trim, which reads zeroes).
+/// With a JSON list of 1 MiB chunks `argv[6]` it fills the volume
+/// instead: one 1 MiB write into each chunk not listed, then flushes.
+///
+/// Controlled through the directory `argv[3]`: while a file `pause` is
+/// there it sends nothing, and once nothing is in flight writes the
+/// sectors acknowledged so far to `acked.json` (as in its output); a file
+/// `stop` ends it. Then it flushes every connection and prints one JSON
+/// object: `acked`, the last acknowledged version of every sector it
+/// changed as runs `[first sector, count, version]` (version 0: zeroes);
+/// `top`, the highest version it used; the requests sent by kind; the
+/// fast zeroes refused (`ENOTSUP`: nothing changed); the errors (errno
+/// names) other requests and the flushes got. If a connection breaks
+/// (the server killed) it ends there: `broken` says why, and `unsure`
+/// holds the sectors whose last request failed or was still in flight,
+/// as `[sector, [version acknowledged before (null: none in this run),
+/// versions sent since (0: a trim or zeroing)…]]` (they are not in `acked`).
+const MIXED_CHANGES: &str = r#"
+import errno, hashlib, json, nbd, os, random, select, sys, time
+uri, seed, asks = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+conns, version = int(sys.argv[4]), int(sys.argv[5])
+holes = json.loads(sys.argv[6]) if len(sys.argv) > 6 else None
+hs = []
+for _ in range(conns):
+    h = nbd.NBD()
+    # 512 B-aligned requests also where the export asks for 4 KiB (direct
+    # I/O), which essd serves with read-modify-write.
+    h.set_strict_mode(h.get_strict_mode() & ~nbd.STRICT_ALIGN)
+    h.connect_uri(uri)
+    hs.append(h)
+size = hs[0].get_size()
+sectors, track, chunk = size // 512, 128, 2048
+rnd = random.Random(seed)
+hot = rnd.randrange(0, sectors - 32768 + 1, track)
+def data(first, count, v):
+    return b"".join(hashlib.sha256(b"%d:%d" % (s, v)).digest() * 16 for s in range(first, first + count))
+plan = None
+if holes is not None:
+    plan = [("write", c * chunk, chunk) for c in range(sectors // chunk) if c not in holes]
+    plan.reverse()
+def pick():
+    kind = rnd.choices(["write", "fua", "trim", "zero", "nohole", "fast", "flush"], [45, 12, 14, 9, 9, 4, 9])[0]
+    if kind == "flush":
+        return kind, 0, 0
+    base = hot if rnd.random() < 0.75 else 0
+    span = 32768 if base == hot else sectors
+    shape = rnd.randrange(4)
+    if kind in ("trim", "zero", "nohole", "fast") and shape == 0:
+        count = track * rnd.choice([1, 2, 4, rnd.randint(1, 32)])
+        first = base + rnd.randrange(0, span - count + 1, track)
+        return kind, first, count
+    count = rnd.choice([rnd.randint(1, 8), rnd.randint(8, 128), rnd.randint(128, 400)])
+    beside = [p for p in pending if p[4]]
+    if beside and rnd.random() < 0.25:
+        # Next to a request in flight, sharing its first or last 4 KiB.
+        p = rnd.choice(beside)
+        first = p[3] + p[4] if rnd.random() < 0.5 else p[3] - count
+        return kind, min(max(first, 0), sectors - count), count
+    if shape == 1:
+        count = (count + 7) // 8 * 8
+        first = base + rnd.randrange(0, span - count + 1, 8)
+    elif shape == 2 or count == 1:
+        first = base + rnd.randrange(0, span - count + 1)
+    else:
+        boundary = base + track * rnd.randint(1, span // track - 4)
+        first = max(base, boundary - rnd.randint(1, count - 1))
+    return kind, first, count
+state, unsure, pending, errors, sent, refused = {}, {}, [], {}, {}, {}
+broken = None
+def failed(p, e):
+    name = errno.errorcode.get(e.errnum, e.string) if e.errnum else e.string
+    errors[name] = errors.get(name, 0) + 1
+    v = p[5] if p[2] in ("write", "fua") else 0
+    for s in range(p[3], p[3] + p[4]):
+        if s in unsure:
+            unsure[s].append(v)
+        else:
+            unsure[s] = [state.pop(s, None), v]
+def reap():
+    for p in list(pending):
+        try:
+            done = p[0].aio_command_completed(p[1])
+        except nbd.Error as e:
+            pending.remove(p)
+            if p[2] == "fast" and e.errnum == errno.ENOTSUP:
+                # Not fast here: refused, nothing changed.
+                refused[p[2]] = refused.get(p[2], 0) + 1
+            else:
+                failed(p, e)
+            continue
+        if done:
+            pending.remove(p)
+            v = p[5] if p[2] in ("write", "fua") else 0
+            for s in range(p[3], p[3] + p[4]):
+                state[s] = v
+                unsure.pop(s, None)
+def issue(kind, first, count):
+    global version
+    h = rnd.choice(hs)
+    version += 1
+    off, n = first * 512, count * 512
+    if kind in ("write", "fua"):
+        buf = nbd.Buffer.from_bytearray(bytearray(data(first, count, version)))
+        c = h.aio_pwrite(buf, off, flags=nbd.CMD_FLAG_FUA if kind == "fua" else 0)
+    elif kind == "trim":
+        c = h.aio_trim(n, off, flags=nbd.CMD_FLAG_FUA if rnd.random() < 0.2 else 0)
+    elif kind == "zero":
+        c = h.aio_zero(n, off, flags=nbd.CMD_FLAG_FUA if rnd.random() < 0.2 else 0)
+    elif kind == "nohole":
+        c = h.aio_zero(n, off, flags=nbd.CMD_FLAG_NO_HOLE)
+    elif kind == "fast":
+        c = h.aio_zero(n, off, flags=nbd.CMD_FLAG_FAST_ZERO | rnd.choice([0, nbd.CMD_FLAG_NO_HOLE]))
+    else:
+        c = h.aio_flush()
+    pending.append((h, c, kind, first, count, version))
+    sent[kind] = sent.get(kind, 0) + 1
+def wait(seconds):
+    rl, wl = [], []
+    for h in hs:
+        if h.aio_is_dead():
+            raise nbd.Error("connection dead", 0)
+        if h.aio_in_flight() == 0:
+            continue
+        d = h.aio_get_direction()
+        if d & nbd.AIO_DIRECTION_READ:
+            rl.append(h.aio_get_fd())
+        if d & nbd.AIO_DIRECTION_WRITE:
+            wl.append(h.aio_get_fd())
+    if not rl and not wl:
+        time.sleep(seconds)
+        return
+    r, w, _ = select.select(rl, wl, [], seconds)
+    for h in hs:
+        if h.aio_in_flight() == 0:
+            continue
+        fd = h.aio_get_fd()
+        if fd in r:
+            h.aio_notify_read()
+        elif fd in w:
+            h.aio_notify_write()
+def runs(m):
+    out = []
+    for s in sorted(m):
+        if out and out[-1][0] + out[-1][1] == s and out[-1][2] == m[s]:
+            out[-1][1] += 1
+        else:
+            out.append([s, 1, m[s]])
+    return out
+def publish():
+    with open(os.path.join(asks, "acked.tmp"), "w") as f:
+        json.dump({"acked": runs(state), "top": version}, f)
+    os.rename(os.path.join(asks, "acked.tmp"), os.path.join(asks, "acked.json"))
+due, published = time.time(), False
+try:
+    while True:
+        stopping = os.path.exists(os.path.join(asks, "stop")) or (plan is not None and not plan)
+        if stopping and not pending:
+            break
+        pausing = os.path.exists(os.path.join(asks, "pause"))
+        if not pausing:
+            published = False
+        elif not pending and not published:
+            publish()
+            published = True
+        now = time.time()
+        if not stopping and not pausing and now >= due and len(pending) < 8:
+            kind, first, count = plan.pop() if plan else pick()
+            if not any(first < p[3] + p[4] and p[3] < first + count for p in pending):
+                issue(kind, first, count)
+                due = now + (0 if plan is not None else 0.012)
+        wait(max(0.001, min(0.02, due - now)))
+        reap()
+except nbd.Error as e:
+    broken = e.string
+    reap_failed = nbd.Error("in flight when the connection broke", 0)
+    for p in pending:
+        failed(p, reap_failed)
+    pending.clear()
+if broken is None:
+    for h in hs:
+        try:
+            h.flush()
+        except nbd.Error as e:
+            name = "flush " + (errno.errorcode.get(e.errnum, e.string) if e.errnum else e.string)
+            errors[name] = errors.get(name, 0) + 1
+        h.shutdown()
+out = {"acked": runs(state), "top": version, "sent": sent, "refused": refused, "errors": errors}
+if broken is not None:
+    out["broken"] = broken
+    out["unsure"] = sorted([s, v] for s, v in unsure.items())
+print(json.dumps(out))
+"#;
+
+/// Reads a whole export and compares every 512-byte sector with what
+/// [`MIXED_CHANGES`] left there, given on stdin as `{"runs": [[first
+/// sector, count, version]], "either": [[sector, [version…]]]}`: a sector
+/// in no run holds zeroes (version 0), one in `either` any of its
+/// versions. Prints how many sectors are wrong, the first of them as
+/// `[sector, version expected, "zeroes" or "other data"]`, and the version
+/// each sector of `either` holds (`chosen`).
+const SECTORS_NOT_AS_MODELLED: &str = r#"
+import hashlib, json, nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+want = json.loads(sys.stdin.read())
+size = h.get_size()
+expect = [0] * (size // 512)
+for first, count, v in want["runs"]:
+    expect[first:first + count] = [v] * count
+either = {s: vs for s, vs in want["either"]}
+zero = bytes(512)
+def data(s, v):
+    return zero if v == 0 else hashlib.sha256(b"%d:%d" % (s, v)).digest() * 16
+wrong, first, chosen, step = 0, [], [], 1 << 20
+for off in range(0, size, step):
+    chunk = h.pread(min(step, size - off), off)
+    for i in range(0, len(chunk), 512):
+        s, got = (off + i) // 512, chunk[i:i + 512]
+        if s in either:
+            held = [v for v in either[s] if data(s, v) == got]
+            if held:
+                chosen.append([s, held[0]])
+                continue
+        elif got == data(s, expect[s]):
+            continue
+        wrong += 1
+        if len(first) < 12:
+            first.append([s, expect[s], "zeroes" if got == zero else "other data"])
+print(json.dumps({"wrong": wrong, "first": first, "chosen": chosen}))
+"#;
+
+/// What a volume changed by [`MIXED_CHANGES`] holds: the version of each
+/// 512-byte sector (0: zeroes), and the highest version used so far.
+struct SectorModel {
+    versions: Vec<u64>,
+    top: u64,
+}
+
+impl SectorModel {
+    /// A volume of `bytes` that holds zeroes.
+    fn zeroes(bytes: u64) -> SectorModel {
+        SectorModel {
+            versions: vec![0; (bytes / 512) as usize],
+            top: 0,
+        }
+    }
+
+    /// Takes in what a writer reported (its `acked` runs and `top`).
+    fn take(&mut self, report: &serde_json::Value) {
+        for run in report["acked"].as_array().unwrap() {
+            let [first, count, version] = [0, 1, 2].map(|i| run[i].as_u64().unwrap() as usize);
+            self.versions[first..first + count].fill(version as u64);
+        }
+        self.top = self.top.max(report["top"].as_u64().unwrap());
+    }
+
+    /// The sectors that hold data, as runs `[first, count, version]`.
+    fn runs(&self) -> Vec<[u64; 3]> {
+        let mut runs: Vec<[u64; 3]> = Vec::new();
+        for (s, &v) in self.versions.iter().enumerate() {
+            match runs.last_mut() {
+                Some(r) if v != 0 && r[0] + r[1] == s as u64 && r[2] == v => r[1] += 1,
+                _ if v != 0 => runs.push([s as u64, 1, v]),
+                _ => {}
+            }
+        }
+        runs
+    }
+
+    /// A writer's `unsure` sectors with every version each may hold (its
+    /// `null`, none acknowledged in that run: what the model holds).
+    fn either(&self, unsure: &serde_json::Value) -> Vec<(u64, Vec<u64>)> {
+        unsure
+            .as_array()
+            .map(|all| {
+                all.iter()
+                    .map(|u| {
+                        let s = u[0].as_u64().unwrap();
+                        let versions = u[1].as_array().unwrap().iter();
+                        let held = versions
+                            .map(|v| v.as_u64().unwrap_or(self.versions[s as usize]))
+                            .collect();
+                        (s, held)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Asserts that `export` at `essd` holds what the model says, each
+    /// sector of `either` one of its versions; returns the version each of
+    /// those holds.
+    fn assert_held(
+        &self,
+        essd: &Essd,
+        export: &str,
+        either: &[(u64, Vec<u64>)],
+        context: &str,
+    ) -> Vec<(u64, u64)> {
+        let input = serde_json::json!({"runs": self.runs(), "either": either});
+        let found = run_checker(SECTORS_NOT_AS_MODELLED, essd, export, &input);
+        assert_eq!(
+            found["wrong"], 0,
+            "{context}: sectors of {export} that do not hold their last acknowledged change \
+             ([sector, version, found]): {}",
+            found["first"]
+        );
+        found["chosen"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c[0].as_u64().unwrap(), c[1].as_u64().unwrap()))
+            .collect()
+    }
+}
+
+/// A host running [`MIXED_CHANGES`] on `export` at `essd` from `conns`
+/// connections, controlled through `asks`; its versions count from
+/// `base`.
+fn mixed_writer(
+    essd: &Essd,
+    export: &str,
+    seed: u64,
+    asks: &Path,
+    conns: u64,
+    base: u64,
+) -> std::thread::JoinHandle<serde_json::Value> {
+    for file in ["stop", "pause", "acked.json"] {
+        let _ = std::fs::remove_file(asks.join(file));
+    }
+    let args = [
+        essd.uri(export),
+        seed.to_string(),
+        asks.display().to_string(),
+        conns.to_string(),
+        base.to_string(),
+    ];
+    std::thread::spawn(move || {
+        let out = python(
+            MIXED_CHANGES,
+            &[&args[0], &args[1], &args[2], &args[3], &args[4]],
+        );
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    })
+}
+
+/// Pauses a [`mixed_writer`] once nothing it sent is in flight; returns
+/// what it had acknowledged then. [`go_on`] lets it write again.
+fn pause_mixed_writer(
+    writer: &std::thread::JoinHandle<serde_json::Value>,
+    asks: &Path,
+) -> serde_json::Value {
+    let answer = asks.join("acked.json");
+    let _ = std::fs::remove_file(&answer);
+    std::fs::write(asks.join("pause"), b"").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !answer.exists() {
+        assert!(!writer.is_finished(), "the writer ended before pausing");
+        assert!(Instant::now() < deadline, "the writer did not pause");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    serde_json::from_slice(&std::fs::read(&answer).unwrap()).unwrap()
+}
+
+/// Lets a writer paused by [`pause_mixed_writer`] write again.
+fn go_on(asks: &Path) {
+    std::fs::remove_file(asks.join("pause")).unwrap();
+}
+
+/// Stops a [`mixed_writer`]; returns its report.
+fn stop_mixed_writer(
+    writer: std::thread::JoinHandle<serde_json::Value>,
+    asks: &Path,
+) -> serde_json::Value {
+    std::fs::write(asks.join("stop"), b"").unwrap();
+    let _ = std::fs::remove_file(asks.join("pause"));
+    writer.join().unwrap()
+}
+
+/// With the pair of `va` duplex and no fault active: pauses the host, and
+/// both volumes must hold every change it had acknowledged (taken into
+/// `model`), the secondary as the primary; then the host goes on.
+fn assert_mirrored_while_duplex(
+    s: &Sites,
+    (va, vb): (&str, &str),
+    (writer, asks): (&std::thread::JoinHandle<serde_json::Value>, &Path),
+    model: &mut SectorModel,
+    context: &str,
+) {
+    let acked = pause_mixed_writer(writer, asks);
+    model.take(&acked);
+    let pair = show(&s.a, va);
+    assert_eq!(pair["state"], "duplex", "{context}: {pair}");
+    model.assert_held(&s.b, vb, &[], &format!("{context}, duplex"));
+    model.assert_held(&s.a, va, &[], &format!("{context}, duplex"));
+    let pair = show(&s.a, va);
+    assert_eq!(pair["state"], "duplex", "{context}: {pair}");
+    go_on(asks);
+}
+
+/// A fault for [`random_faults_under_mixed_writes_trims_and_zeroes_lose_nothing`],
+/// drawn from `schedule`: its kind — the links stalled past the 2 s
+/// timeout (0: all, 7: the oldest), reset (1: all, 2: one), dropped (3),
+/// the pair suspended by hand (4), `kill -9` of the secondary's server,
+/// restarted after the hold (5), of the primary's, restarted at once (6)
+/// — and how long it lasts.
+fn draw_mixed_fault(schedule: &mut Schedule) -> (u64, Duration) {
+    let kind = schedule.next() % 8;
+    let hold = match kind {
+        0 | 7 => schedule.millis(2500, 3500),
+        3 => schedule.millis(300, 3000),
+        4 => schedule.millis(500, 2500),
+        5 => schedule.millis(200, 2000),
+        _ => Duration::ZERO,
+    };
+    (kind, hold)
+}
+
+/// The fault kind of [`draw_mixed_fault`] that kills the primary's server.
+const KILL_THE_PRIMARY: u64 = 6;
+
+/// A host changes a primary as hosts do besides 4 KiB writes
+/// ([`MIXED_CHANGES`]: writes of 512 B to 200 KiB across track
+/// boundaries, FUA writes, trims, write-zeroes with and without
+/// `NO_HOLE`, flushes, from 2 or 3 connections with 8 requests in flight)
+/// from the start of the initial copy (`--mode copy`, of the host's data
+/// and holes onto a secondary holding other data) to the end, while 6 to
+/// 8 seeded faults (`ESSD_FAULT_SEED`) hit the pair: the links stalled
+/// past the 2 s timeout, reset, dropped, a suspend by hand, `kill -9` and
+/// restart of either server. The first comes during the initial copy, one
+/// during a resync (suspended, changed, resumed slowly); after each the
+/// pair is brought back until duplex while the host goes on, so tracks
+/// trimmed or zeroed while suspended, or ahead of or behind the copy, are
+/// resynchronised. Before each fault, with the pair duplex and the host
+/// paused, both volumes hold every change acknowledged (a trimmed sector
+/// reads zeroes: essd punches a hole in a file volume); after a kill of
+/// the primary, each sector whose change was in flight holds that change
+/// or the one before, the same on both. The host saw no error but at the
+/// primary's kills; at the end the pair is duplex and current and the
+/// volumes are equal.
+#[test]
+fn random_faults_under_mixed_writes_trims_and_zeroes_lose_nothing() {
+    let seed = fault_seed(0x5EED_000C);
+    let started = Instant::now();
+    let mut schedule = Schedule::new(seed);
+    let conns = 2 + schedule.next() % 2;
+    // Buffered or direct I/O, at each site.
+    let direct = [schedule.next() % 2 == 0, schedule.next() % 2 == 0];
+    let mut s = Sites::start("pprc-mixed-faults", |cfg| {
+        cfg.volumes[0].direct_io = direct[usize::from(cfg.serial == "TSTB2")];
+    });
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    let volume = 64u64 << 20;
+    // The primary: the host's data but for 12..20 holes of 1 MiB; the
+    // secondary other data all over.
+    fill(&s.b, &vb, s.dir_b.path(), 64, !seed);
+    let mut holes = BTreeSet::new();
+    let n = 12 + schedule.next() % 9;
+    while holes.len() < n as usize {
+        holes.insert(schedule.next() % 64);
+    }
+    let asks = tempfile::tempdir().unwrap();
+    let asks = asks.path();
+    let mut model = SectorModel::zeroes(volume);
+    let filled = python(
+        MIXED_CHANGES,
+        &[
+            &s.a.uri(&va),
+            &seed.to_string(),
+            &asks.display().to_string(),
+            "2",
+            "0",
+            &serde_json::json!(holes).to_string(),
+        ],
+    );
+    model.take(&serde_json::from_str(&filled).unwrap());
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    s.proxy.delay(INITIAL_COPY_DELAY);
+    let p = essctl_json(&s.a, &["pprc", "establish", &va, &vb, "--mode", "copy"]);
+    assert_eq!(p["state"], "duplex pending", "seed {seed}: {p}");
+
+    let mut writer = mixed_writer(&s.a, &va, seed, asks, conns, model.top);
+    // (round, kind, ms, the pair's state when it came)
+    let mut faults: Vec<(u64, u64, u128, String)> = Vec::new();
+    let mut reports = Vec::new();
+    let rounds = 6 + schedule.next() % 3;
+    let resync_round = 1 + schedule.next() % (rounds - 1);
+    for round in 0..rounds {
+        let context = format!(
+            "seed {seed}, {conns} connections, direct I/O (A, B) {direct:?}, round {round}, faults \
+             (round, kind, ms, state) {faults:?}"
+        );
+        let state = if round == 0 {
+            let left = show(&s.a, &va)["out_of_sync_tracks"].as_u64().unwrap();
+            let at = s.proxy.bytes_forward() + schedule.next() % (left * TRACK / 2).max(1);
+            wait_for_copy_point(&s.a, &va, &s.proxy, at, &mut Vec::new())
+        } else {
+            std::thread::sleep(schedule.millis(500, 1500));
+            assert_mirrored_while_duplex(&s, (&va, &vb), (&writer, asks), &mut model, &context);
+            if round == resync_round {
+                // Tracks changed while suspended, then a slow resync for
+                // the fault to hit.
+                essctl(&s.a, &["pprc", "suspend", &va]).ok();
+                std::thread::sleep(schedule.millis(1500, 3000));
+                s.proxy.delay(INITIAL_COPY_DELAY);
+                essctl(&s.a, &["pprc", "resume", &va]).ok();
+                let left = show(&s.a, &va)["out_of_sync_tracks"].as_u64().unwrap();
+                let at = s.proxy.bytes_forward() + schedule.next() % (left * TRACK / 2).max(1);
+                wait_for_copy_point(&s.a, &va, &s.proxy, at, &mut Vec::new())
+            } else {
+                show(&s.a, &va)["state"].as_str().unwrap().to_string()
+            }
+        };
+        // No fault yet: the copy went on (or ended) by itself.
+        let pair = show(&s.a, &va);
+        assert_ne!(pair["state"], "suspended", "{context}: {pair}");
+        let (kind, hold) = draw_mixed_fault(&mut schedule);
+        faults.push((round, kind, hold.as_millis(), state));
+        let context = format!("{context}, this fault {:?}", faults.last().unwrap());
+        match kind {
+            0 => s.proxy.stall(),
+            1 => s.proxy.reset(),
+            2 => s.proxy.reset_one(),
+            3 => s.proxy.drop_all(),
+            4 => {
+                essctl(&s.a, &["pprc", "suspend", &va]).ok();
+            }
+            5 => s.b.crash(),
+            KILL_THE_PRIMARY => s.a.kill_and_restart("TSTA1"),
+            _ => s.proxy.stall_oldest(),
+        }
+        std::thread::sleep(hold);
+        if kind == 5 {
+            s.b.restart("TSTB2");
+        }
+        if kind == KILL_THE_PRIMARY {
+            let report = writer.join().unwrap();
+            assert!(
+                report["broken"].is_string(),
+                "{context}: the host's connections did not break: {report}"
+            );
+            model.take(&report);
+            let either = model.either(&report["unsure"]);
+            reports.push(report);
+            s.proxy.heal();
+            bring_back(&s.a, &va, &s.b, &vb, seed);
+            resume_until_duplex(&s.a, &va, &s.b, &vb, seed);
+            // Each sector changed in flight holds that change or the one
+            // before, the same on both volumes.
+            for (sector, version) in model.assert_held(&s.a, &va, &either, &context) {
+                model.versions[sector as usize] = version;
+            }
+            model.assert_held(&s.b, &vb, &[], &format!("{context}, after the resync"));
+            writer = mixed_writer(&s.a, &va, seed + round + 1, asks, conns, model.top);
+        } else {
+            s.proxy.heal();
+            bring_back(&s.a, &va, &s.b, &vb, seed);
+            resume_until_duplex(&s.a, &va, &s.b, &vb, seed);
+        }
+    }
+    let context = format!(
+        "seed {seed}, {conns} connections, direct I/O (A, B) {direct:?}, faults (round, kind, ms, \
+         state) {faults:?}"
+    );
+    assert_mirrored_while_duplex(&s, (&va, &vb), (&writer, asks), &mut model, &context);
+    let report = stop_mixed_writer(writer, asks);
+    model.take(&report);
+    reports.push(report);
+    let sent: Vec<[&serde_json::Value; 2]> = reports
+        .iter()
+        .map(|r| [&r["sent"], &r["refused"]])
+        .collect();
+    let context = format!(
+        "{context}, requests sent and fast zeroes refused {}",
+        serde_json::json!(sent)
+    );
+    for r in &reports {
+        assert!(
+            r["broken"].is_string() || r["errors"] == serde_json::json!({}),
+            "{context}: the host saw errors: {}",
+            r["errors"]
+        );
+    }
+    assert!(
+        faults.iter().any(|f| f.3 == "duplex pending"),
+        "{context}: no fault hit a copy"
+    );
+    resume_until_duplex(&s.a, &va, &s.b, &vb, seed);
+    wait_current(&s.a, &va);
+    let side = wait_state(&s.b, &vb, "duplex");
+    assert_eq!(side["role"], "secondary", "{context}: {side}");
+    model.assert_held(&s.a, &va, &[], &context);
+    model.assert_held(&s.b, &vb, &[], &context);
+    assert_eq!(
+        volume_sha(&s.a, &va),
+        volume_sha(&s.b, &vb),
+        "{context}: the volumes differ"
+    );
+    eprintln!("{context}: {:.1} s", started.elapsed().as_secs_f64());
+}
