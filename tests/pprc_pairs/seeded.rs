@@ -4113,10 +4113,10 @@ fn wait_acked_past(writer: &ChainWriter, steps: [u64; 2], context: &str) {
 /// of 512 B to 200 KiB (4 KiB-aligned, 512 B-aligned only, or across a
 /// 64 KiB track boundary), some with FUA, trims, write-zeroes with and
 /// without `NO_HOLE` or with `FAST_ZERO` (trims and zeroes sometimes of 1
-/// to 32 whole tracks), and flushes; at most 8
-/// requests in flight, about 80 a second, never two overlapping ones at
-/// once (but some right beside one in flight, sharing a 4 KiB block),
-/// three in four within a 16 MiB window. Each request has its own
+/// to 32 whole tracks), and flushes; at most 8 requests in flight, about
+/// 80 a second in bursts of 1 to 6, never two overlapping ones at once
+/// (but some right beside one in flight, sharing a 4 KiB block), three in
+/// four within a 16 MiB window. Each request has its own
 /// version, counted from `argv[5]`: a written 512-byte sector holds
 /// SHA-256 of `sector:version` 16 times, a trimmed or zeroed one zeroes
 /// (essd punches a hole in a file volume for a trim, which reads zeroes).
@@ -4172,7 +4172,7 @@ def pick():
         return kind, first, count
     count = rnd.choice([rnd.randint(1, 8), rnd.randint(8, 128), rnd.randint(128, 400)])
     beside = [p for p in pending if p[4]]
-    if beside and rnd.random() < 0.25:
+    if beside and rnd.random() < 0.4:
         # Next to a request in flight, sharing its first or last 4 KiB.
         p = rnd.choice(beside)
         first = p[3] + p[4] if rnd.random() < 0.5 else p[3] - count
@@ -4284,11 +4284,15 @@ try:
             publish()
             published = True
         now = time.time()
-        if not stopping and not pausing and now >= due and len(pending) < 8:
+        # Bursts of 1 to 6 requests, so that several are in flight.
+        burst = 1 if plan is not None else rnd.randint(1, 6)
+        while not stopping and not pausing and now >= due and len(pending) < 8 and burst:
             kind, first, count = plan.pop() if plan else pick()
             if not any(first < p[3] + p[4] and p[3] < first + count for p in pending):
                 issue(kind, first, count)
-                due = now + (0 if plan is not None else 0.012)
+            burst -= 1
+            if not burst:
+                due = now + (0 if plan is not None else 0.04)
         wait(max(0.001, min(0.02, due - now)))
         reap()
 except nbd.Error as e:
