@@ -89,7 +89,8 @@ pub struct BackingStore {
     size: u64,
     /// Alignment required by O_DIRECT, or None for buffered I/O.
     direct_align: Option<usize>,
-    /// Shared by aligned writes, exclusive for read-modify-write (direct only).
+    /// Shared by aligned writes, exclusive for read-modify-write and for a
+    /// trim of part of a block (direct only).
     rmw: RwLock<()>,
     engine: Engine,
     /// Set once a discard was refused as unsupported: trims change nothing.
@@ -436,6 +437,15 @@ impl BackingStore {
         if end <= start || self.discard_refused.load(Ordering::Acquire) {
             return Ok(());
         }
+        // With direct I/O, a hole punched in part of a block zeroes that
+        // part in place; a read-modify-write of the block for a write
+        // beside it, running meanwhile, would put the old bytes back over
+        // the zeroes (which `discarded` reports). Such a punch waits for
+        // read-modify-writes, as one does.
+        let _partial = match self.direct_align {
+            Some(a) if start % a as u64 != 0 || end % a as u64 != 0 => Some(self.rmw.write().await),
+            _ => None,
+        };
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         match self
             .engine
