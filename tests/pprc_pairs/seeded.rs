@@ -4655,6 +4655,17 @@ fn random_faults_under_mixed_writes_trims_and_zeroes_lose_nothing() {
             _ => s.proxy.stall_oldest(),
         }
         std::thread::sleep(hold);
+        // Every link stalled or gone while the host writes, or a suspend by
+        // hand: the pair suspends, and says why.
+        let reason = match kind {
+            0 | 3 | 5 => Some("link lost"),
+            4 => Some("manual"),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            let pair = wait_state(&s.a, &va, "suspended");
+            assert_eq!(pair["reason"], reason, "{context}: {pair}");
+        }
         if kind == 5 {
             s.b.restart("TSTB2");
         }
