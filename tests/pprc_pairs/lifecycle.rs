@@ -1114,8 +1114,8 @@ fn the_secondary_shows_the_address_of_its_primarys_server() {
 }
 
 /// Fills `argv[2]` 4 KiB blocks with 0xAA and flushes; then, 16 blocks at
-/// a time, trims the first 512 bytes of each block from one connection
-/// while writing 0x55 to its second 512 bytes from another, every
+/// a time, writes 0x55 to the second 512 bytes of each block from one
+/// connection while trimming its first 512 bytes from another, every
 /// request in flight at once (unaligned: the export asks for 4 KiB), and
 /// flushes. Prints the blocks whose first 512 bytes do not read zeroes.
 const TRIM_BESIDE_WRITES: &str = r#"
@@ -1131,8 +1131,8 @@ write.flush()
 for start in range(0, blocks, 16):
     cookies = []
     for b in range(start, min(start + 16, blocks)):
-        cookies.append((trim, trim.aio_trim(512, b * 4096)))
         cookies.append((write, write.aio_pwrite(b"\x55" * 512, b * 4096 + 512)))
+        cookies.append((trim, trim.aio_trim(512, b * 4096)))
     for h, c in cookies:
         while not h.aio_command_completed(c):
             h.poll(-1)
@@ -1153,7 +1153,7 @@ fn a_trim_beside_an_unaligned_write_on_direct_io_leaves_the_volumes_equal() {
     essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
     wait_state(&s.a, &va, "duplex");
     let kept: Vec<u64> =
-        serde_json::from_str(&python(TRIM_BESIDE_WRITES, &[&s.a.uri(&va), "2048"])).unwrap();
+        serde_json::from_str(&python(TRIM_BESIDE_WRITES, &[&s.a.uri(&va), "4096"])).unwrap();
     assert_eq!(show(&s.a, &va)["state"], "duplex");
     assert_eq!(
         volume_sha(&s.a, &va),
