@@ -4546,23 +4546,27 @@ const KILL_THE_PRIMARY: u64 = 6;
 
 /// A host changes a primary as hosts do besides 4 KiB writes
 /// ([`MIXED_CHANGES`]: writes of 512 B to 200 KiB across track
-/// boundaries, FUA writes, trims, write-zeroes with and without
-/// `NO_HOLE`, flushes, from 2 or 3 connections with 8 requests in flight)
-/// from the start of the initial copy (`--mode copy`, of the host's data
-/// and holes onto a secondary holding other data) to the end, while 6 to
-/// 8 seeded faults (`ESSD_FAULT_SEED`) hit the pair: the links stalled
-/// past the 2 s timeout, reset, dropped, a suspend by hand, `kill -9` and
-/// restart of either server. The first comes during the initial copy, one
-/// during a resync (suspended, changed, resumed slowly); after each the
-/// pair is brought back until duplex while the host goes on, so tracks
-/// trimmed or zeroed while suspended, or ahead of or behind the copy, are
-/// resynchronised. Before each fault, with the pair duplex and the host
-/// paused, both volumes hold every change acknowledged (a trimmed sector
-/// reads zeroes: essd punches a hole in a file volume); after a kill of
-/// the primary, each sector whose change was in flight holds that change
-/// or the one before, the same on both. The host saw no error but at the
-/// primary's kills; at the end the pair is duplex and current and the
-/// volumes are equal.
+/// boundaries, some beside a request in flight in the same 4 KiB block,
+/// FUA writes, trims, write-zeroes with `NO_HOLE`, `FAST_ZERO` or
+/// neither, flushes, from 2 or 3 connections with up to 8 requests in
+/// flight; buffered or direct I/O at each site) from the start of the
+/// initial copy (`--mode copy`, of the host's data and holes onto a
+/// secondary holding other data) to the end, while 6 to 8 seeded faults
+/// (`ESSD_FAULT_SEED`) hit the pair: the links stalled past the 2 s
+/// timeout, reset, dropped, a suspend by hand, `kill -9` and restart of
+/// either server. The first comes during the initial copy, one during a
+/// resync (suspended, changed, resumed slowly); a stall of every link, a
+/// drop or a kill of the secondary suspends the pair (`link lost`), as
+/// does the suspend (`manual`); after each the pair is brought back until
+/// duplex while the host goes on, so tracks trimmed or zeroed while
+/// suspended, or ahead of or behind the copy, are resynchronised. Before
+/// each fault, with the pair duplex and the host paused, both volumes
+/// hold every change acknowledged (a trimmed sector reads zeroes: essd
+/// punches a hole in a file volume); after a kill of the primary, each
+/// sector whose change was in flight holds that change or the one
+/// before, the same on both. The host saw no error but at the primary's
+/// kills; at the end the pair is duplex and current and the volumes are
+/// equal.
 #[test]
 fn random_faults_under_mixed_writes_trims_and_zeroes_lose_nothing() {
     let seed = fault_seed(0x5EED_000C);
