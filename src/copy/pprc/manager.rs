@@ -385,6 +385,20 @@ impl Entry {
     }
 }
 
+/// An operation's hold of its volume's lock (see
+/// [`PprcManager::operations`]). Once it ends the recorder looks at the
+/// pair again: it passes over a pair while the lock is held.
+struct Operation {
+    _held: tokio::sync::OwnedMutexGuard<()>,
+    changed: Arc<Notify>,
+}
+
+impl Drop for Operation {
+    fn drop(&mut self) {
+        self.changed.notify_one();
+    }
+}
+
 /// What a secondary's server was told of its pair: the pair (a
 /// terminated pair's successor on the same volume is another), its state
 /// and suspend reason.
@@ -416,7 +430,18 @@ pub struct PprcManager {
     timeout: Duration,
     group: Option<Arc<ConsistencyGroup>>,
     changed: Arc<Notify>,
+    /// Every pair of this server. Held only for short critical sections,
+    /// never while waiting on a peer: the handler of the peers' requests
+    /// ([`PprcManager::handle`]) takes it too, and a peer may be waiting on
+    /// this server just then.
     entries: tokio::sync::Mutex<Vec<Entry>>,
+    /// Per volume, the lock of the operations on its pair that ask its
+    /// peer (establish, resume, the restart's resync, terminate,
+    /// failback): taken before `entries`, and held across the peer's
+    /// answer, so that one such operation at a time runs on a volume. The
+    /// recorder only tries it (see [`PprcManager::recorder`]); the handler
+    /// of the peers' requests never takes it.
+    operations: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Secondary volume → (primary serial, accepting), for the data path.
     accepting: RwLock<HashMap<String, (String, bool)>>,
     /// Primary volumes whose secondary was asked to take the pair back
@@ -500,6 +525,7 @@ impl PprcManager {
             group,
             changed: Arc::new(Notify::new()),
             entries: tokio::sync::Mutex::new(Vec::new()),
+            operations: std::sync::Mutex::new(HashMap::new()),
             accepting: RwLock::new(HashMap::new()),
             retell: std::sync::Mutex::new(Vec::new()),
             run: SystemTime::now()
@@ -597,17 +623,23 @@ impl PprcManager {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        // Under the entries lock: an operator's terminate or resume
-        // meanwhile wins.
+        // Under their operation locks (taken in the order of their
+        // volumes): an operator's terminate or resume before wins, one
+        // after waits for the outcome.
+        let mut pairs = pairs;
+        pairs.sort_by(|(p, _), (q, _)| p.spec.volume.cmp(&q.spec.volume));
+        let mut operations = Vec::with_capacity(pairs.len());
+        for (pair, _) in &pairs {
+            operations.push(self.operation(&pair.spec.volume).await);
+        }
+        let still = |entries: &[Entry], pair: &Arc<Pair>| {
+            Self::is_entry(entries, pair)
+                && pair.status().reason == Some(SuspendReason::PrimaryRestart)
+        };
         let entries = self.entries.lock().await;
         let pairs: Vec<_> = pairs
             .into_iter()
-            .filter(|(pair, _)| {
-                entries
-                    .iter()
-                    .any(|e| matches!(e, Entry::Primary(p) if Arc::ptr_eq(p, pair)))
-                    && pair.status().reason == Some(SuspendReason::PrimaryRestart)
-            })
+            .filter(|(pair, _)| still(&entries, pair))
             .collect();
         for (pair, _) in &pairs {
             if let Err(e) = Self::check_mirror_limit(&entries, &pair.spec.peer) {
@@ -616,6 +648,7 @@ impl PprcManager {
                 return;
             }
         }
+        drop(entries);
         for (i, (pair, volume)) in pairs.iter().enumerate() {
             if let Err(e) = self.ask_secondary_again(&pair.spec, volume.size()).await {
                 let why = format!("the resync after the restart failed: {e}");
@@ -638,11 +671,50 @@ impl PprcManager {
                 return;
             }
         }
-        for (pair, volume) in &pairs {
-            self.start(pair, volume, PairState::DuplexPending).await;
-            self.asked_secondary(&pair.spec);
+        let entries = self.entries.lock().await;
+        // Only a failback's hand-over can have changed a pair meanwhile
+        // (the peer took it over, and refused to take it back).
+        if let Some((pair, _)) = pairs.iter().find(|(p, _)| !still(&entries, p)) {
+            let why = "the resync after the restart failed: the pair changed meanwhile";
+            self.stay_suspended(&pairs, &pair.spec.volume, why);
+        } else {
+            for (pair, volume) in &pairs {
+                self.start(pair, volume, PairState::DuplexPending).await;
+            }
         }
         drop(entries);
+        for (pair, _) in &pairs {
+            self.asked_secondary(&pair.spec);
+        }
+        drop(operations);
+    }
+
+    /// The lock of the operations on `volume`'s pair (see
+    /// [`PprcManager::operations`]).
+    fn operation_lock(&self, volume: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.operations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(volume.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Waits for the operations on `volume`'s pair under way to end, and
+    /// holds their lock until the returned [`Operation`] is dropped.
+    async fn operation(&self, volume: &str) -> Operation {
+        Operation {
+            _held: self.operation_lock(volume).lock_owned().await,
+            changed: self.changed.clone(),
+        }
+    }
+
+    /// Whether `pair` is still the pair of its volume in `entries` (not
+    /// terminated, nor handed over by a failback meanwhile).
+    fn is_entry(entries: &[Entry], pair: &Arc<Pair>) -> bool {
+        entries
+            .iter()
+            .any(|e| matches!(e, Entry::Primary(p) if Arc::ptr_eq(p, pair)))
     }
 
     /// Says, in the log and in each pair's detail, why `pairs` stay
@@ -822,24 +894,25 @@ impl PprcManager {
                 }
                 Wake::Retry => {}
             }
-            // Each status is stamped as it is read, under the entries lock:
-            // a request to take a pair back is sent under it too, so the
-            // status told after one is read after its outcome, and one read
-            // before is stamped earlier (the secondary ignores it if it
-            // arrives later).
-            let pairs: Vec<(Arc<Pair>, Status, Stamp)> = self
-                .entries
-                .lock()
-                .await
-                .iter()
-                .filter_map(|e| match e {
-                    Entry::Primary(p) => Some((p.clone(), p.status(), self.stamp())),
-                    Entry::Secondary(_) => None,
-                })
-                .collect();
-            seen.retain(|v, _| pairs.iter().any(|(p, ..)| p.spec.volume == *v));
-            told.retain(|v, _| pairs.iter().any(|(p, ..)| p.spec.volume == *v));
-            untold.retain(|v| pairs.iter().any(|(p, ..)| p.spec.volume == *v));
+            // Each status is stamped as it is read, under the pair's
+            // operation lock: a request to take a pair back is stamped and
+            // sent under it too, so the status told after one is read after
+            // its outcome, and one read before is stamped earlier (the
+            // secondary ignores it if it arrives later). A pair whose lock
+            // an operation holds is passed over: once the operation ends
+            // (see [`Operation`]) this loop looks at it again.
+            let mut primaries = HashSet::new();
+            let mut pairs: Vec<(Arc<Pair>, Status, Stamp)> = Vec::new();
+            for e in self.entries.lock().await.iter() {
+                let Entry::Primary(p) = e else { continue };
+                primaries.insert(p.spec.volume.clone());
+                if let Ok(_idle) = self.operation_lock(&p.spec.volume).try_lock() {
+                    pairs.push((p.clone(), p.status(), self.stamp()));
+                }
+            }
+            seen.retain(|v, _| primaries.contains(v));
+            told.retain(|v, _| primaries.contains(v));
+            untold.retain(|v| primaries.contains(v));
             for volume in
                 std::mem::take(&mut *self.retell.lock().unwrap_or_else(|p| p.into_inner()))
             {
@@ -965,8 +1038,8 @@ impl PprcManager {
     }
 
     /// Asks the peer to take the secondary side of the pair (`resync`:
-    /// back). Called under the entries lock, which orders its stamp
-    /// against the recorder's (see [`PprcManager::recorder`]).
+    /// back). Called under the pair's operation lock, which orders its
+    /// stamp against the recorder's (see [`PprcManager::recorder`]).
     async fn ask_secondary(
         &self,
         spec: &PairSpec,
@@ -988,7 +1061,8 @@ impl PprcManager {
     /// only a volume that still holds its side of this very pair may (one
     /// terminated there meanwhile may have been written by hosts; a resync
     /// of this side's marks alone would leave the volumes different).
-    /// Called under the entries lock, as [`PprcManager::ask_secondary`].
+    /// Called under the pair's operation lock, as
+    /// [`PprcManager::ask_secondary`].
     async fn ask_secondary_again(&self, spec: &PairSpec, size: u64) -> Result<(), PairError> {
         self.tell(
             spec,
@@ -1055,7 +1129,8 @@ impl PprcManager {
             peer_lss: secondary.lss,
             critical: req.critical,
         };
-        let mut entries = self.entries.lock().await;
+        let _operation = self.operation(&req.volume).await;
+        let entries = self.entries.lock().await;
         let existing = entries.iter().position(|e| e.volume() == req.volume);
         if let Some(i) = existing {
             let Entry::Primary(pair) = &entries[i] else {
@@ -1111,6 +1186,7 @@ impl PprcManager {
             }
             Self::check_mirror_limit(&entries, &spec.peer)?;
             self.check_path(&spec)?;
+            drop(entries);
             // A request of a link that timed out must not land after the
             // resync's copy of its track.
             pair.await_unanswered()
@@ -1122,11 +1198,26 @@ impl PprcManager {
             let asked = self
                 .ask_secondary(&pair.spec, volume.size(), req.permit_online, true)
                 .await;
-            if asked.is_ok() {
+            let entries = self.entries.lock().await;
+            // Only a failback's hand-over can have changed the pair
+            // meanwhile (its peer took it over).
+            let still = Self::is_entry(&entries, &pair) && pair.state() == PairState::Suspended;
+            if asked.is_ok() && still {
                 self.start(&pair, &volume, PairState::DuplexPending).await;
             }
             self.asked_secondary(&pair.spec);
             asked?;
+            if !still {
+                return Err(PairError::Invalid(format!(
+                    "pair {} → {} changed while its secondary was asked to take it back: {}",
+                    req.volume,
+                    spec.peer_volume,
+                    entries
+                        .iter()
+                        .find(|e| e.volume() == req.volume)
+                        .map_or("it is in no pair".to_string(), Self::describe)
+                )));
+            }
             self.save_locked(&entries)?;
             self.log.record(
                 "pprc.pair.resync",
@@ -1165,8 +1256,26 @@ impl PprcManager {
         }
         Self::check_mirror_limit(&entries, &spec.peer)?;
         self.check_path(&spec)?;
+        drop(entries);
         self.ask_secondary(&spec, volume.size(), req.permit_online, false)
             .await?;
+        let mut entries = self.entries.lock().await;
+        // A peer's request made the volume a secondary meanwhile: the
+        // secondary's side just made is ended again.
+        if let Some(e) = entries.iter().find(|e| e.volume() == req.volume) {
+            let what = Self::describe(e);
+            drop(entries);
+            let _ = self
+                .tell(
+                    &spec,
+                    json!({"op": "terminate", "volume": spec.peer_volume, "primary": spec.volume}),
+                )
+                .await;
+            return Err(PairError::InPair {
+                volume: req.volume.clone(),
+                what,
+            });
+        }
         let tracks = volume.size().div_ceil(self.server.track_size);
         let file = format!("{}.oos", req.volume);
         let path = self.dir.join(&file);
@@ -1317,6 +1426,7 @@ impl PprcManager {
     /// recorded) or from the secondary (it stops accepting changes; the
     /// primary suspends at its next change).
     pub async fn suspend(&self, volume: &str) -> Result<PairView, PairError> {
+        let _operation = self.operation(volume).await;
         let mut entries = self.entries.lock().await;
         let entry = entries
             .iter_mut()
@@ -1333,9 +1443,15 @@ impl PprcManager {
                     )));
                 }
                 // Clear the marks of tracks already in sync first, so a
-                // resync copies only what changes from now on.
+                // resync copies only what changes from now on (which
+                // flushes the secondary: not under the entries lock).
                 if pair.state() == PairState::Duplex {
+                    drop(entries);
                     let _ = pair.clean(false).await;
+                    entries = self.entries.lock().await;
+                    if !Self::is_entry(&entries, &pair) {
+                        return Err(PairError::NoPair(volume.to_string()));
+                    }
                 }
                 pair.suspend(SuspendReason::Manual, None);
                 self.save_locked(&entries)?;
@@ -1379,6 +1495,7 @@ impl PprcManager {
     /// connected primary is refused (that primary would go on as if
     /// duplex while hosts write here).
     pub async fn terminate(&self, volume: &str) -> Result<PairView, PairError> {
+        let _operation = self.operation(volume).await;
         let mut entries = self.entries.lock().await;
         let i = entries
             .iter()
@@ -1427,6 +1544,7 @@ impl PprcManager {
                     let _quiet = vol.gate().write().await;
                     vol.detach_pprc();
                 }
+                drop(entries);
                 let told = self
                     .tell(&pair.spec, json!({"op": "terminate", "volume": pair.spec.peer_volume, "primary": volume}))
                     .await;
@@ -1559,6 +1677,7 @@ impl PprcManager {
     /// and hands over the tracks it changed but never mirrored; the union
     /// with this side's changes is copied to it.
     pub async fn failback(&self, volume: &str) -> Result<PairView, PairError> {
+        let _operation = self.operation(volume).await;
         let entries = self.entries.lock().await;
         let Some(Entry::Primary(pair)) = entries.iter().find(|e| e.volume() == volume) else {
             return Err(match entries.iter().find(|e| e.volume() == volume) {
@@ -1592,6 +1711,7 @@ impl PprcManager {
         Self::check_mirror_limit(&entries, &pair.spec.peer)?;
         let vol = self.volume(volume)?;
         self.check_path(&pair.spec)?;
+        drop(entries);
         self.tell(
             &pair.spec,
             json!({"op": "failback", "volume": pair.spec.peer_volume, "primary": volume, "size": vol.size()}),
@@ -1657,6 +1777,22 @@ impl PprcManager {
                 json!({"op": "handover-done", "volume": pair.spec.peer_volume}),
             )
             .await;
+        let entries = self.entries.lock().await;
+        // Its operation lock keeps every request of this server off the
+        // pair; only a failback of the peer's own could have changed it.
+        if !Self::is_entry(&entries, &pair)
+            || pair.state() != PairState::Suspended
+            || pair.status().reason != Some(SuspendReason::Failover)
+        {
+            return Err(PairError::Invalid(format!(
+                "pair {volume} → {} changed during the failback: {}",
+                pair.spec.peer_volume,
+                entries
+                    .iter()
+                    .find(|e| e.volume() == volume)
+                    .map_or("it is in no pair".to_string(), Self::describe)
+            )));
+        }
         self.start(&pair, &vol, PairState::DuplexPending).await;
         self.save_locked(&entries)?;
         self.log.record(
@@ -1856,7 +1992,9 @@ impl PprcManager {
     /// restart resyncs nothing (see [`Pair::clean_at_stop`]). Otherwise,
     /// and for every other pair, its marks stay recorded.
     pub async fn shutdown(&self, drained: bool) {
-        for e in self.entries.lock().await.iter() {
+        // Not under the entries lock: a clean stop flushes the secondaries.
+        let entries = self.entries.lock().await.clone();
+        for e in &entries {
             if let Entry::Primary(p) = e {
                 p.stop_tasks();
                 if drained {
