@@ -841,3 +841,43 @@ fn a_resume_request_that_arrives_after_its_primary_gave_up_changes_nothing() {
     wait_sides_agree(&s.a, &va, &s.b, &vb, "resumed");
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
 }
+
+/// Two servers that mirror to each other (pairs both ways), every pair
+/// suspended by hand and written, then `essctl pprc resume` of every
+/// pair on both servers at the same moment, with 300 ms each way on the
+/// links (each server's request to take its pairs back arrives while the
+/// other's is in flight): every resume succeeds and every pair is duplex,
+/// its volumes equal.
+#[test]
+fn resumes_on_both_servers_of_pairs_both_ways_at_once_all_succeed() {
+    let (s, pairs) = active_active("pprc-resume-both");
+    for (i, (at_a, pv, sv)) in pairs.iter().enumerate() {
+        let (p, q) = sides(&s, *at_a);
+        essctl(p, &["pprc", "suspend", pv]).ok();
+        write_tracks(p, pv, 300 + i as u64, 5);
+        wait_sides_agree(p, pv, q, sv, "suspended");
+    }
+    s.proxy.delay(Duration::from_millis(300));
+    s.back.delay(Duration::from_millis(300));
+    let runs: Vec<_> = pairs
+        .iter()
+        .map(|(at_a, pv, _)| {
+            (
+                pv,
+                essctl_async(sides(&s, *at_a).0, &["pprc", "resume", pv]),
+            )
+        })
+        .collect();
+    for (pv, run) in runs {
+        let out = run.recv_timeout(Duration::from_secs(60)).unwrap().unwrap();
+        assert!(
+            out.status.success(),
+            "resume {pv}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    s.proxy.heal();
+    s.back.heal();
+    all_duplex_and_equal(&s, &pairs, Duration::from_secs(30), "after the resumes");
+}

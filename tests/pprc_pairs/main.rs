@@ -745,3 +745,67 @@ impl FanOut {
         }
     }
 }
+
+/// Pairs both ways between A and B (active/active): A 000 → B 000 and
+/// A 001 → B 001 over A's path 0x10 (through `proxy`), B 100 → A 100 and
+/// B 101 → A 101 over B's path 0x11 (through `back`), all nocopy and
+/// duplex; then tracks written on every primary. Returns the pairs as
+/// (primary is A, primary volume, secondary volume).
+fn active_active(name: &str) -> (Sites, Vec<(bool, String, String)>) {
+    let s = Sites::start(name, |_| {});
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    path(&s.b, "0x11", "TSTA1", "0x11", "1");
+    let mut pairs = Vec::new();
+    for n in 0..2 {
+        pairs.push((true, s.a.vol(0x10, n), s.b.vol(0x10, n)));
+        pairs.push((false, s.b.vol(0x11, n), s.a.vol(0x11, n)));
+    }
+    for (i, (at_a, pv, sv)) in pairs.iter().enumerate() {
+        let (p, _) = sides(&s, *at_a);
+        essctl(p, &["pprc", "establish", pv, sv, "--mode", "nocopy"]).ok();
+        wait_state(p, pv, "duplex");
+        write_tracks(p, pv, 200 + i as u64, 20);
+    }
+    (s, pairs)
+}
+
+/// The primary's and the secondary's server of a pair of
+/// [`active_active`].
+fn sides(s: &Sites, at_a: bool) -> (&Essd, &Essd) {
+    if at_a {
+        (&s.a, &s.b)
+    } else {
+        (&s.b, &s.a)
+    }
+}
+
+/// Every pair of [`active_active`] duplex by itself within `bound`, both
+/// sides agreeing, and its volumes equal.
+fn all_duplex_and_equal(
+    s: &Sites,
+    pairs: &[(bool, String, String)],
+    bound: Duration,
+    context: &str,
+) {
+    let deadline = Instant::now() + bound;
+    for (at_a, pv, sv) in pairs {
+        let (p, q) = sides(s, *at_a);
+        loop {
+            let v = show(p, pv);
+            if v["state"] == "duplex" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{context}: {pv} → {sv} is not duplex within {bound:?}: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        wait_sides_agree(p, pv, q, sv, context);
+        assert_eq!(
+            volume_sha(p, pv),
+            volume_sha(q, sv),
+            "{context}: {pv} → {sv}"
+        );
+    }
+}

@@ -437,3 +437,45 @@ fn a_clean_stop_with_a_host_that_keeps_writing_is_bounded_and_truthful() {
     }
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
 }
+
+/// Waits (bounded) until `ready` holds.
+fn wait_until(what: &str, ready: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Two servers that mirror to each other (pairs both ways), both killed
+/// with SIGKILL after writes on every primary and restarted: each
+/// restarted primary resyncs its pairs by itself while the other does
+/// the same, and every pair is duplex again, its volumes equal. The links
+/// are held (stalled) until both servers are up and both have a link
+/// waiting, then let through at once with 300 ms each way: both servers
+/// ask the other to take their pairs back at the same moment, and each
+/// request arrives while the other's is in flight.
+#[test]
+fn both_servers_of_pairs_both_ways_killed_and_restarted_resync_by_themselves() {
+    let (mut s, pairs) = active_active("pprc-kill-both");
+    s.a.crash();
+    s.b.crash();
+    wait_until("the links through the proxies stay open", || {
+        s.proxy.connections() == 0 && s.back.connections() == 0
+    });
+    s.proxy.stall();
+    s.back.stall();
+    s.a.restart("TSTA1");
+    s.b.restart("TSTB2");
+    wait_until("no link waits at the proxies", || {
+        s.proxy.connections() > 0 && s.back.connections() > 0
+    });
+    for proxy in [&s.proxy, &s.back] {
+        proxy.heal();
+        proxy.delay(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    s.proxy.heal();
+    s.back.heal();
+    all_duplex_and_equal(&s, &pairs, Duration::from_secs(20), "after both restarted");
+}
