@@ -727,6 +727,8 @@ fn failback_to_an_old_primary_whose_group_holds_acts_at_once() {
         "the write held on the old primary"
     );
     wait_duplex(b, &s1);
+    // The secondary's side is told in the background.
+    wait_sides_agree(b, &s1, a, &v1, "failed back");
     let side = show(a, &v1);
     assert_eq!(
         (side["role"].as_str(), side["state"].as_str()),
