@@ -377,13 +377,21 @@ while True:
     assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
 }
 
-#[test]
-fn a_primary_server_mirrors_to_at_most_four_peers() {
-    let serials = ["TSTB1", "TSTB2", "TSTB3", "TSTB4", "TSTB5"];
-    let ports: Vec<u16> = serials.iter().map(|_| free_port()).collect();
-    let mut keep = Vec::new();
+/// A primary server TSTA1 (volumes 000–004 of LSS 0x10) and five peer
+/// servers TSTB1–TSTB5 (volume 000 each), peer `n` listening on
+/// `ports[n]` and configured at TSTA1 as `address(n)`.
+struct FivePeers {
+    a: Essd,
+    peers: Vec<Essd>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+const FIVE_PEERS: [&str; 5] = ["TSTB1", "TSTB2", "TSTB3", "TSTB4", "TSTB5"];
+
+fn five_peers(ports: &[u16; 5], address: impl Fn(usize) -> SocketAddr) -> FivePeers {
+    let mut dirs = Vec::new();
     let mut peers = Vec::new();
-    for (serial, port) in serials.iter().zip(&ports) {
+    for (serial, port) in FIVE_PEERS.iter().zip(ports) {
         let dir = tempdir("pprc-peer");
         let mut cfg = TestConfig::new("uring");
         cfg.serial = serial;
@@ -391,45 +399,128 @@ fn a_primary_server_mirrors_to_at_most_four_peers() {
         cfg.extra =
             format!("\n[replication]\nlisten = \"127.0.0.1:{port}\"\nsecret = \"{SECRET}\"\n");
         peers.push(Essd::start_in(dir.path(), &cfg));
-        keep.push(dir);
+        dirs.push(dir);
     }
     let dir = tempdir("pprc-fan-out");
     let mut cfg = TestConfig::new("uring");
     cfg.serial = "TSTA1";
     cfg.volumes = (0..5).map(|n| Vol::new(0x10, n, "16MiB")).collect();
     cfg.extra = format!("\n[replication]\nsecret = \"{SECRET}\"\n");
-    for (serial, port) in serials.iter().zip(&ports) {
-        cfg.extra +=
-            &format!("\n[[peer]]\nserial = \"{serial}\"\naddress = \"127.0.0.1:{port}\"\n");
+    for (n, serial) in FIVE_PEERS.iter().enumerate() {
+        cfg.extra += &format!(
+            "\n[[peer]]\nserial = \"{serial}\"\naddress = \"{}\"\n",
+            address(n)
+        );
     }
     let a = Essd::start_in(dir.path(), &cfg);
-    for (n, serial) in serials.iter().enumerate() {
-        path(&a, "0x10", serial, "0x10", "1");
-        let pair = [
-            "pprc",
-            "establish",
-            &a.vol(0x10, n as u8),
-            &format!("000{serial}"),
-            "--mode",
-            "nocopy",
-        ];
+    dirs.push(dir);
+    FivePeers {
+        a,
+        peers,
+        _dirs: dirs,
+    }
+}
+
+/// The arguments of `essctl` establishing TSTA1's volume `n` with peer
+/// `n`'s volume 000, no copy.
+fn establish_with_peer(a: &Essd, n: usize) -> Vec<String> {
+    [
+        "pprc",
+        "establish",
+        &a.vol(0x10, n as u8),
+        &format!("000{}", FIVE_PEERS[n]),
+        "--mode",
+        "nocopy",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn pair_count(a: &Essd) -> usize {
+    essctl_json(a, &["pprc", "list"])["pairs"]
+        .as_array()
+        .unwrap()
+        .len()
+}
+
+const FIVE_PEERS_REFUSAL: &str = "this server already mirrors to 4 peers (TSTB1, TSTB2, TSTB3, TSTB4); a primary server mirrors to at most 4";
+
+#[test]
+fn a_primary_server_mirrors_to_at_most_four_peers() {
+    let ports = [(); 5].map(|()| free_port());
+    let f = five_peers(&ports, |n| {
+        format!("127.0.0.1:{}", ports[n]).parse().unwrap()
+    });
+    for (n, serial) in FIVE_PEERS.iter().enumerate() {
+        path(&f.a, "0x10", serial, "0x10", "1");
+        let args = establish_with_peer(&f.a, n);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         if n < 4 {
-            essctl(&a, &pair).ok();
+            essctl(&f.a, &args).ok();
         } else {
-            essctl(&a, &pair).refused(
-                "this server already mirrors to 4 peers (TSTB1, TSTB2, TSTB3, TSTB4); a primary server mirrors to at most 4",
-            );
+            essctl(&f.a, &args).refused(FIVE_PEERS_REFUSAL);
         }
     }
     // The fifth pair was not made.
-    assert_eq!(
-        essctl_json(&a, &["pprc", "list"])["pairs"]
-            .as_array()
-            .unwrap()
-            .len(),
-        4
+    assert_eq!(pair_count(&f.a), 4);
+}
+
+/// Two establishes with a fourth and a fifth peer at once, each waiting
+/// on its secondary's answer (links delayed 300 ms each way): the limit
+/// of four peers is checked again once the secondary answered, so one of
+/// them is made and the other refused, and its secondary's side is ended
+/// again (its volume is in no pair).
+#[test]
+fn establishes_with_two_new_peers_at_once_stay_within_four_peers() {
+    let ports = [(); 5].map(|()| free_port());
+    let slow: Vec<FaultProxy> = ports[3..]
+        .iter()
+        .map(|port| FaultProxy::start(format!("127.0.0.1:{port}").parse().unwrap()))
+        .collect();
+    let f = five_peers(&ports, |n| match n {
+        3 | 4 => slow[n - 3].addr(),
+        _ => format!("127.0.0.1:{}", ports[n]).parse().unwrap(),
+    });
+    for (n, serial) in FIVE_PEERS.iter().enumerate() {
+        path(&f.a, "0x10", serial, "0x10", "1");
+        if n < 3 {
+            let args = establish_with_peer(&f.a, n);
+            essctl(&f.a, &args.iter().map(String::as_str).collect::<Vec<_>>()).ok();
+        }
+    }
+    for proxy in &slow {
+        proxy.delay(Duration::from_millis(300));
+    }
+    let runs: Vec<_> = std::thread::scope(|scope| {
+        let started: Vec<_> = [3, 4]
+            .map(|n| {
+                let (a, args) = (&f.a, establish_with_peer(&f.a, n));
+                scope.spawn(move || essctl(a, &args.iter().map(String::as_str).collect::<Vec<_>>()))
+            })
+            .into_iter()
+            .collect();
+        started.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let made: Vec<usize> = (0..2).filter(|&i| runs[i].code == 0).collect();
+    assert_eq!(made.len(), 1, "exactly one establish is made: {runs:?}");
+    let refused = &runs[1 - made[0]];
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused.stderr.contains("mirrors to at most 4"),
+        "{refused:?}"
     );
-    drop(peers);
+    assert_eq!(pair_count(&f.a), 4);
+    // The refused establish's secondary is in no pair.
+    let loser = &f.peers[3 + (1 - made[0])];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pair_count(loser) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            essctl_json(loser, &["pprc", "list"])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The copier ends with a cleaning pass (a flush of both sides) before the

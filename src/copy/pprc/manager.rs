@@ -1202,11 +1202,16 @@ impl PprcManager {
             // Only a failback's hand-over can have changed the pair
             // meanwhile (its peer took it over).
             let still = Self::is_entry(&entries, &pair) && pair.state() == PairState::Suspended;
-            if asked.is_ok() && still {
+            // Resumes to other peers may have reached the limit meanwhile:
+            // the secondary, asked already, is told the pair stays
+            // suspended.
+            let limit = Self::check_mirror_limit(&entries, &spec.peer);
+            if asked.is_ok() && still && limit.is_ok() {
                 self.start(&pair, &volume, PairState::DuplexPending).await;
             }
             self.asked_secondary(&pair.spec);
             asked?;
+            limit?;
             if !still {
                 return Err(PairError::Invalid(format!(
                     "pair {} → {} changed while its secondary was asked to take it back: {}",
@@ -1238,32 +1243,23 @@ impl PprcManager {
                 req.volume
             )));
         }
-        let mut peers: Vec<&str> = entries
-            .iter()
-            .filter_map(|e| match e {
-                Entry::Primary(p) => Some(p.spec.peer.as_str()),
-                Entry::Secondary(_) => None,
-            })
-            .collect();
-        peers.sort_unstable();
-        peers.dedup();
-        if !peers.contains(&spec.peer.as_str()) && peers.len() >= MAX_PEERS {
-            return Err(PairError::Invalid(format!(
-                "this server already mirrors to {} peers ({}); a primary server mirrors to at most {MAX_PEERS}",
-                peers.len(),
-                peers.join(", ")
-            )));
-        }
-        Self::check_mirror_limit(&entries, &spec.peer)?;
+        Self::check_new_pair(&entries, &spec.peer)?;
         self.check_path(&spec)?;
         drop(entries);
         self.ask_secondary(&spec, volume.size(), req.permit_online, false)
             .await?;
         let mut entries = self.entries.lock().await;
-        // A peer's request made the volume a secondary meanwhile: the
-        // secondary's side just made is ended again.
-        if let Some(e) = entries.iter().find(|e| e.volume() == req.volume) {
-            let what = Self::describe(e);
+        // Meanwhile a peer's request may have made the volume a secondary,
+        // or establishes to other peers reached the limit: the secondary's
+        // side just made is ended again.
+        let changed = match entries.iter().find(|e| e.volume() == req.volume) {
+            Some(e) => Err(PairError::InPair {
+                volume: req.volume.clone(),
+                what: Self::describe(e),
+            }),
+            None => Self::check_new_pair(&entries, &spec.peer),
+        };
+        if let Err(e) = changed {
             drop(entries);
             let _ = self
                 .tell(
@@ -1271,10 +1267,7 @@ impl PprcManager {
                     json!({"op": "terminate", "volume": spec.peer_volume, "primary": spec.volume}),
                 )
                 .await;
-            return Err(PairError::InPair {
-                volume: req.volume.clone(),
-                what,
-            });
+            return Err(e);
         }
         let tracks = volume.size().div_ceil(self.server.track_size);
         let file = format!("{}.oos", req.volume);
@@ -1328,6 +1321,29 @@ impl PprcManager {
     /// pairs with a fifth peer (a recovery site must be able to take over
     /// whatever else it mirrors); this keeps the peers it mirrors to at
     /// once within the limit.
+    /// Refuses a new pair to `peer` that would make this server the
+    /// primary of pairs with more than [`MAX_PEERS`] peers, or mirror to
+    /// more than that many at once.
+    fn check_new_pair(entries: &[Entry], peer: &str) -> Result<(), PairError> {
+        let mut peers: Vec<&str> = entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Primary(p) => Some(p.spec.peer.as_str()),
+                Entry::Secondary(_) => None,
+            })
+            .collect();
+        peers.sort_unstable();
+        peers.dedup();
+        if !peers.contains(&peer) && peers.len() >= MAX_PEERS {
+            return Err(PairError::Invalid(format!(
+                "this server already mirrors to {} peers ({}); a primary server mirrors to at most {MAX_PEERS}",
+                peers.len(),
+                peers.join(", ")
+            )));
+        }
+        Self::check_mirror_limit(entries, peer)
+    }
+
     fn check_mirror_limit(entries: &[Entry], peer: &str) -> Result<(), PairError> {
         let mut peers: Vec<&str> = entries
             .iter()
