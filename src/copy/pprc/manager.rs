@@ -436,7 +436,7 @@ pub struct PprcManager {
     /// this server just then.
     entries: tokio::sync::Mutex<Vec<Entry>>,
     /// Per volume, the lock of the operations on its pair that ask its
-    /// peer (establish, resume, the restart's resync, terminate,
+    /// peer (establish, resume, the restart's resync, suspend, terminate,
     /// failback): taken before `entries`, and held across the peer's
     /// answer, so that one such operation at a time runs on a volume. The
     /// recorder only tries it (see [`PprcManager::recorder`]); the handler
@@ -1315,12 +1315,6 @@ impl PprcManager {
         Ok(self.view_primary(&pair).await)
     }
 
-    /// Refuses to start mirroring to `peer` (establish, resume, failback)
-    /// while pairs of this server mirror (duplex or duplex pending) to
-    /// [`MAX_PEERS`] other peers. A failover may leave this server with
-    /// pairs with a fifth peer (a recovery site must be able to take over
-    /// whatever else it mirrors); this keeps the peers it mirrors to at
-    /// once within the limit.
     /// Refuses a new pair to `peer` that would make this server the
     /// primary of pairs with more than [`MAX_PEERS`] peers, or mirror to
     /// more than that many at once.
@@ -1344,6 +1338,12 @@ impl PprcManager {
         Self::check_mirror_limit(entries, peer)
     }
 
+    /// Refuses to start mirroring to `peer` (establish, resume, failback)
+    /// while pairs of this server mirror (duplex or duplex pending) to
+    /// [`MAX_PEERS`] other peers. A failover may leave this server with
+    /// pairs with a fifth peer (a recovery site must be able to take over
+    /// whatever else it mirrors); this keeps the peers it mirrors to at
+    /// once within the limit.
     fn check_mirror_limit(entries: &[Entry], peer: &str) -> Result<(), PairError> {
         let mut peers: Vec<&str> = entries
             .iter()
@@ -1809,6 +1809,9 @@ impl PprcManager {
                     .map_or("it is in no pair".to_string(), Self::describe)
             )));
         }
+        // Copies to other peers may have started meanwhile: the failback
+        // stops short (both sides suspended), to be run again.
+        Self::check_mirror_limit(&entries, &pair.spec.peer)?;
         self.start(&pair, &vol, PairState::DuplexPending).await;
         self.save_locked(&entries)?;
         self.log.record(
