@@ -776,10 +776,7 @@ fn a_resume_whose_answer_is_lost_leaves_both_sides_suspended() {
     s.proxy.heal();
     path(&s.a, "0x10", "TSTB2", "0x10", "1");
     wait_sides_agree(&s.a, &va, &s.b, &vb, "after a resume whose answer was lost");
-    essctl(&s.a, &["pprc", "resume", &va]).ok();
-    wait_duplex(&s.a, &va);
-    wait_sides_agree(&s.a, &va, &s.b, &vb, "resumed");
-    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+    resume_to_equal(&s, &va, &vb, "resumed");
 }
 
 /// A resume whose request is held on one link of two (8 s: past the 5 s
@@ -836,10 +833,7 @@ fn a_resume_request_that_arrives_after_its_primary_gave_up_changes_nothing() {
     );
     s.proxy.heal();
     path(&s.a, "0x10", "TSTB2", "0x10", "2");
-    essctl(&s.a, &["pprc", "resume", &va]).ok();
-    wait_duplex(&s.a, &va);
-    wait_sides_agree(&s.a, &va, &s.b, &vb, "resumed");
-    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+    resume_to_equal(&s, &va, &vb, "resumed");
 }
 
 /// Two servers that mirror to each other (pairs both ways), every pair

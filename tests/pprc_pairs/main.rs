@@ -556,6 +556,16 @@ fn wait_current(essd: &Essd, volume: &str) {
     }
 }
 
+/// Resumes the pair of `va` at A, waits until both sides show it duplex
+/// ([`wait_sides_agree`]), and checks that A's `va` and B's `vb` are
+/// equal.
+fn resume_to_equal(s: &Sites, va: &str, vb: &str, context: &str) {
+    essctl(&s.a, &["pprc", "resume", va]).ok();
+    wait_duplex(&s.a, va);
+    wait_sides_agree(&s.a, va, &s.b, vb, context);
+    assert_eq!(volume_sha(&s.a, va), volume_sha(&s.b, vb), "{context}");
+}
+
 /// Runs a block checker (`script`, reading its JSON input on stdin)
 /// against `export`; returns the blocks it printed.
 fn check_blocks(script: &str, essd: &Essd, export: &str, input: &serde_json::Value) -> Vec<u64> {
