@@ -170,7 +170,7 @@ pub async fn run(
     shutdown.cancel();
     // Writes held by the consistency group would keep the drain waiting
     // for the consistency timeout.
-    pprc.stop_group();
+    pprc.stop_group().await;
     tracker.close();
     let drain_timeout = cfg.raw.server.drain_timeout.0;
     let drained = tokio::time::timeout(drain_timeout, tracker.wait())

@@ -710,12 +710,12 @@ async fn group_show(State(ctx): State<Ctx>) -> Json<GroupView> {
 }
 
 async fn group_freeze(State(ctx): State<Ctx>) -> ApiResult<GroupView> {
-    let (n, _) = ctx.api.pprc.freeze()?;
+    let (n, _) = ctx.api.pprc.freeze().await?;
     Ok(Json(group_view(&ctx, Some(n))))
 }
 
 async fn group_unfreeze(State(ctx): State<Ctx>) -> ApiResult<GroupView> {
-    let (n, _) = ctx.api.pprc.unfreeze()?;
+    let (n, _) = ctx.api.pprc.unfreeze().await?;
     Ok(Json(group_view(&ctx, Some(n))))
 }
 

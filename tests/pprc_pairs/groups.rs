@@ -985,3 +985,68 @@ fn a_holding_group_that_every_pair_left_holds_no_pair_that_joins_later() {
         essctl_json(a, &["pprc", "group"])
     );
 }
+
+/// Writes `0xE1` × 4096 at `argv[2]` and, the moment it is acknowledged,
+/// kills the server whose pid is `argv[3]` (no flush: the
+/// acknowledgement is what counts).
+const WRITE_THEN_KILL: &str = r#"
+import nbd, os, signal, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(b"\xe1" * 4096, int(sys.argv[2]))
+os.kill(int(sys.argv[3]), signal.SIGKILL)
+print("killed", flush=True)
+"#;
+
+/// The primary's server crashes the moment a write held by its
+/// consistency group is acknowledged — released by `essctl pprc freeze`,
+/// or by the consistency timeout. The freeze's suspensions were recorded
+/// before that write was released: after the restart the pairs stay
+/// suspended (reason `freeze`) and the secondaries keep the frozen image,
+/// rather than resynchronising by themselves as after a crash of
+/// mirroring pairs.
+#[test]
+fn a_crash_right_after_a_freeze_releases_held_writes_keeps_the_frozen_image() {
+    for by_timeout in [false, true] {
+        let timeout = if by_timeout { "3s" } else { "60s" };
+        let (mut s, [v1, v2], [s1, s2]) = group_of_two("pprc-freeze-crash", timeout);
+        write_tracks(&s.a, &v2, 3, 4);
+        let frozen = [volume_sha(&s.b, &s1), volume_sha(&s.b, &s2)];
+        s.proxy.drop_all();
+        let writer = spawn_script_at(WRITE_THEN_KILL, &s.a, &v1, TRACK, s.a.pid() as u64);
+        wait_group(&s.a, "holding");
+        if !by_timeout {
+            // Its answer may be lost in the crash.
+            let _ = essctl_async(&s.a, &["pprc", "freeze"]);
+        }
+        let out = writer.wait_with_output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "killed\n",
+            "timeout {by_timeout}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        s.a.crash();
+        // The link is back: pairs recorded as mirroring would resume.
+        s.proxy.heal();
+        s.a.restart("TSTA1");
+        std::thread::sleep(Duration::from_secs(4));
+        for v in [&v1, &v2] {
+            let p = show(&s.a, v);
+            assert_eq!(
+                (p["state"].as_str(), p["reason"].as_str()),
+                (Some("suspended"), Some("freeze")),
+                "released by the timeout {by_timeout}: {p}"
+            );
+        }
+        assert_eq!(
+            [volume_sha(&s.b, &s1), volume_sha(&s.b, &s2)],
+            frozen,
+            "released by the timeout {by_timeout}: the secondaries lost the frozen image"
+        );
+        assert_eq!(block_at(&s.a, &v1, TRACK), vec![0xE1; 4096]);
+        for (v, sv) in [(&v1, &s1), (&v2, &s2)] {
+            resume_to_equal(&s, v, sv, &format!("released by the timeout {by_timeout}"));
+        }
+    }
+}

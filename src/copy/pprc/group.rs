@@ -14,8 +14,15 @@
 //!
 //! A stop of the server does at once what the timeout would do, then and
 //! for every hold until the process ends (see [`ConsistencyGroup::stop`]).
+//!
+//! Held writes are released only once the suspensions are recorded (see
+//! [`ConsistencyGroup::set_record`]): a crash right after a released write
+//! was acknowledged finds the pairs suspended, not mirroring, and does not
+//! resynchronise them over the secondaries' frozen image.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -46,10 +53,21 @@ pub enum GroupState {
     },
 }
 
+/// Makes the pairs' current states durable (the server's record of its
+/// pairs); an error says why it could not.
+pub type Record =
+    Box<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+/// How long a release waits for the record before it releases the held
+/// writes anyway (the record waits for no host write, so only a stalled
+/// disk makes it this slow).
+const RECORD_WAIT: Duration = Duration::from_secs(10);
+
 /// One server's consistency group.
-#[derive(Debug)]
 pub struct ConsistencyGroup {
     timeout: Duration,
+    /// Records the pairs' suspensions before held writes are released.
+    record: OnceLock<Record>,
     members: Mutex<Vec<Weak<Pair>>>,
     /// Generation, state, and when the state was entered (a state that
     /// holds writes releases them `timeout` after that).
@@ -60,11 +78,21 @@ pub struct ConsistencyGroup {
     stopping: Mutex<bool>,
 }
 
+impl std::fmt::Debug for ConsistencyGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsistencyGroup")
+            .field("timeout", &self.timeout)
+            .field("state", &self.state.borrow().1)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ConsistencyGroup {
     /// An empty group whose held writes are released after `timeout`.
     pub fn new(timeout: Duration) -> Arc<Self> {
         Arc::new(ConsistencyGroup {
             timeout,
+            record: OnceLock::new(),
             members: Mutex::new(Vec::new()),
             state: watch::channel((0, GroupState::Normal, Instant::now())).0,
             stopping: Mutex::new(false),
@@ -74,6 +102,31 @@ impl ConsistencyGroup {
     /// The consistency timeout.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// Sets how the pairs' suspensions are recorded before held writes
+    /// are released (once; later calls change nothing).
+    pub fn set_record(&self, record: Record) {
+        let _ = self.record.set(record);
+    }
+
+    /// Records the pairs' states durably. A record that fails or stalls
+    /// is logged, and the release goes on: hosts are not held for the
+    /// server's own record.
+    async fn record(&self) {
+        let Some(record) = self.record.get() else {
+            return;
+        };
+        let failure = match tokio::time::timeout(RECORD_WAIT, record()).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e,
+            Err(_) => format!("not done within {}s", RECORD_WAIT.as_secs()),
+        };
+        tracing::error!(
+            "consistency group: cannot record the suspended pairs before releasing held \
+             writes ({failure}); releasing them anyway: if this server crashes before the \
+             pairs are recorded, they resynchronise over the secondaries' frozen image"
+        );
     }
 
     /// Adds a pair to the group.
@@ -185,35 +238,50 @@ impl ConsistencyGroup {
     }
 
     fn enter(self: &Arc<Self>, next: GroupState) {
+        self.enter_from(None, next);
+    }
+
+    /// Enters `next`: if `from` is given, only while the group is still
+    /// in that generation of its state. A state that holds writes is
+    /// released by the timeout, or at once while the server stops.
+    fn enter_from(self: &Arc<Self>, from: Option<u64>, next: GroupState) {
         let holds = next != GroupState::Normal;
         let mut generation = 0;
-        let stopping = {
+        let (entered, stopping) = {
             let stopping = self.stopping.lock().unwrap_or_else(|p| p.into_inner());
-            self.state.send_modify(|(g, s, at)| {
+            let entered = self.state.send_if_modified(|(g, s, at)| {
+                if from.is_some_and(|from| from != *g) {
+                    return false;
+                }
                 *g += 1;
                 generation = *g;
                 *s = next;
                 *at = Instant::now();
+                true
             });
-            *stopping
+            (entered, *stopping)
         };
-        if holds && stopping {
-            let (state, n) = (self.state(), self.release());
-            Self::log_stop(&state, n);
-        } else if holds {
-            // Release the writes by itself after the timeout.
-            let me = Arc::downgrade(self);
-            let timeout = self.timeout;
-            tokio::spawn(async move {
-                tokio::time::sleep(timeout).await;
-                if let Some(me) = me.upgrade() {
-                    if me.state.borrow().0 == generation {
-                        tracing::warn!("consistency group timeout: releasing writes");
-                        me.release();
-                    }
-                }
-            });
+        if !(entered && holds) {
+            return;
         }
+        let me = Arc::downgrade(self);
+        let wait = if stopping {
+            Duration::ZERO
+        } else {
+            self.timeout
+        };
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let Some(me) = me.upgrade() else { return };
+            let state = me.state();
+            if stopping {
+                let n = me.release(Some(generation)).await;
+                Self::log_stop(&state, n);
+            } else if me.state.borrow().0 == generation {
+                tracing::warn!("consistency group timeout: releasing writes");
+                me.release(Some(generation)).await;
+            }
+        });
     }
 
     /// A pair of the group failed to mirror: holds every write of the
@@ -259,13 +327,17 @@ impl ConsistencyGroup {
     }
 
     /// Suspends every pair of the group. A group holding writes after a
-    /// failure releases them; a healthy group holds them until
-    /// [`ConsistencyGroup::unfreeze`] or the timeout. Returns how many
-    /// pairs were suspended.
-    pub fn freeze(self: &Arc<Self>) -> usize {
+    /// failure releases them, once the suspensions are recorded; a healthy
+    /// group holds them until [`ConsistencyGroup::unfreeze`] or the
+    /// timeout. Returns how many pairs were suspended.
+    pub async fn freeze(self: &Arc<Self>) -> usize {
         let n = self.suspend_all();
-        match self.state() {
-            GroupState::Holding { .. } => self.enter(GroupState::Normal),
+        let (generation, state) = self.generation();
+        match state {
+            GroupState::Holding { .. } => {
+                self.record().await;
+                self.enter_from(Some(generation), GroupState::Normal);
+            }
             GroupState::Normal => self.enter(GroupState::Frozen {
                 since: crate::control::log::rfc3339(SystemTime::now()),
             }),
@@ -275,20 +347,37 @@ impl ConsistencyGroup {
     }
 
     /// Releases held writes (after suspending the group's pairs if a
-    /// failure was holding them).
-    pub fn unfreeze(self: &Arc<Self>) -> usize {
-        // A group frozen on demand has its pairs suspended already; a pair
-        // resumed since is left mirroring.
-        let n = match self.state() {
-            GroupState::Holding { .. } => self.suspend_all(),
-            _ => 0,
-        };
-        self.enter(GroupState::Normal);
-        n
+    /// failure was holding them), once the pairs' states are recorded.
+    pub async fn unfreeze(self: &Arc<Self>) -> usize {
+        self.release(None).await
     }
 
-    fn release(self: &Arc<Self>) -> usize {
-        self.unfreeze()
+    /// The generation of the group's state, and the state.
+    fn generation(&self) -> (u64, GroupState) {
+        let s = self.state.borrow();
+        (s.0, s.1.clone())
+    }
+
+    /// Releases the writes the group holds — in generation `from` of its
+    /// state if given, else now — after suspending its pairs if a failure
+    /// was holding them, and once the pairs' states are recorded. A group
+    /// whose state changed meanwhile (a failure while frozen, another
+    /// release) is left as it is. Returns how many pairs it suspended.
+    async fn release(self: &Arc<Self>, from: Option<u64>) -> usize {
+        let (generation, state) = self.generation();
+        if from.is_some_and(|from| from != generation) {
+            return 0;
+        }
+        // A group frozen on demand has its pairs suspended already; a pair
+        // resumed since is left mirroring.
+        let n = match state {
+            GroupState::Normal => return 0,
+            GroupState::Holding { .. } => self.suspend_all(),
+            GroupState::Frozen { .. } => 0,
+        };
+        self.record().await;
+        self.enter_from(Some(generation), GroupState::Normal);
+        n
     }
 
     /// The server stops: if the group holds writes, does at once what the
@@ -299,16 +388,16 @@ impl ConsistencyGroup {
     /// and from now on releases every new hold the same way, so the stop
     /// does not wait for the timeout. Returns the state it released and
     /// how many pairs it suspended, if the group held writes.
-    pub fn stop(self: &Arc<Self>) -> Option<(GroupState, usize)> {
-        let state = {
+    pub async fn stop(self: &Arc<Self>) -> Option<(GroupState, usize)> {
+        let (generation, state) = {
             let mut stopping = self.stopping.lock().unwrap_or_else(|p| p.into_inner());
             *stopping = true;
-            self.state()
+            self.generation()
         };
         if state == GroupState::Normal {
             return None;
         }
-        let n = self.release();
+        let n = self.release(Some(generation)).await;
         Self::log_stop(&state, n);
         Some((state, n))
     }
@@ -370,14 +459,14 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!other.is_finished());
-        assert_eq!(group.freeze(), 0);
+        assert_eq!(group.freeze().await, 0);
         writer.await.unwrap();
         other.await.unwrap();
         assert_eq!(group.state(), GroupState::Normal);
         assert_eq!(group.hold_detail("000FCA31"), None);
 
         // A freeze on demand holds writes until the timeout.
-        group.freeze();
+        group.freeze().await;
         assert!(matches!(group.state(), GroupState::Frozen { .. }));
         let held = {
             let g = group.clone();
@@ -398,7 +487,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_stop_releases_held_writes_at_once_and_every_hold_after_it() {
         let group = ConsistencyGroup::new(Duration::from_secs(60));
-        assert_eq!(group.stop(), None);
+        assert_eq!(group.stop().await, None);
         let group = ConsistencyGroup::new(Duration::from_secs(60));
         let writer = {
             let g = group.clone();
@@ -407,7 +496,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!writer.is_finished());
         assert!(matches!(
-            group.stop(),
+            group.stop().await,
             Some((GroupState::Holding { .. }, 0))
         ));
         writer.await.unwrap();
@@ -417,15 +506,101 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), group.trip("001FCA31", "link lost"))
             .await
             .expect("a hold during the stop waited");
-        group.freeze();
-        assert_eq!(group.state(), GroupState::Normal);
+        group.freeze().await;
+        tokio::time::timeout(Duration::from_secs(1), group.pass())
+            .await
+            .expect("a freeze on demand during the stop held writes");
 
         // Frozen on demand: released at once too.
         let group = ConsistencyGroup::new(Duration::from_secs(60));
-        group.freeze();
-        assert!(matches!(group.stop(), Some((GroupState::Frozen { .. }, 0))));
+        group.freeze().await;
+        assert!(matches!(
+            group.stop().await,
+            Some((GroupState::Frozen { .. }, 0))
+        ));
         tokio::time::timeout(Duration::from_secs(1), group.pass())
             .await
             .expect("the frozen group still holds writes");
+    }
+
+    /// A record that waits until `open` is true, then counts itself and
+    /// answers `result`.
+    fn gated_record(
+        open: watch::Receiver<bool>,
+        done: Arc<std::sync::atomic::AtomicUsize>,
+        result: Result<(), String>,
+    ) -> Record {
+        Box::new(move || {
+            let (mut open, done, result) = (open.clone(), done.clone(), result.clone());
+            Box::pin(async move {
+                let _ = open.wait_for(|o| *o).await;
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                result
+            })
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_writes_are_released_only_once_the_suspensions_are_recorded() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        for by_timeout in [false, true] {
+            let group = ConsistencyGroup::new(Duration::from_secs(5));
+            let (open, gate) = watch::channel(false);
+            let recorded = Arc::new(AtomicUsize::new(0));
+            group.set_record(gated_record(gate, recorded.clone(), Ok(())));
+            let writer = {
+                let g = group.clone();
+                tokio::spawn(async move { g.trip("000FCA31", "link lost").await })
+            };
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let freezer = (!by_timeout).then(|| {
+                let g = group.clone();
+                tokio::spawn(async move { g.freeze().await })
+            });
+            // The release waits for the record (by the timeout: past it,
+            // within RECORD_WAIT of the release's start).
+            let wait = if by_timeout { 7 } else { 3 };
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            assert!(!writer.is_finished(), "released before the record");
+            assert!(matches!(group.state(), GroupState::Holding { .. }));
+            open.send(true).unwrap();
+            writer.await.unwrap();
+            if let Some(freezer) = freezer {
+                assert_eq!(freezer.await.unwrap(), 0);
+            }
+            assert_eq!(group.state(), GroupState::Normal);
+            assert_eq!(
+                recorded.load(Ordering::SeqCst),
+                1,
+                "by timeout {by_timeout}"
+            );
+        }
+
+        // A record that fails, or never ends, does not hold writes for
+        // ever: the release goes on (and says so in the log).
+        for (result, opens) in [(Err("disk full".to_string()), true), (Ok(()), false)] {
+            let group = ConsistencyGroup::new(Duration::from_secs(60));
+            let (open, gate) = watch::channel(opens);
+            let recorded = Arc::new(AtomicUsize::new(0));
+            group.set_record(gated_record(gate, recorded.clone(), result));
+            let writer = {
+                let g = group.clone();
+                tokio::spawn(async move { g.trip("000FCA31", "link lost").await })
+            };
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let started = Instant::now();
+            group.freeze().await;
+            writer.await.unwrap();
+            let waited = started.elapsed();
+            assert_eq!(group.state(), GroupState::Normal);
+            if opens {
+                assert_eq!(recorded.load(Ordering::SeqCst), 1);
+                assert!(waited < Duration::from_secs(1), "{waited:?}");
+            } else {
+                assert_eq!(recorded.load(Ordering::SeqCst), 0);
+                assert_eq!(waited, RECORD_WAIT);
+            }
+            drop(open);
+        }
     }
 }

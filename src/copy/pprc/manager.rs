@@ -534,6 +534,20 @@ impl PprcManager {
                 ^ u64::from(std::process::id()),
             stamped: std::sync::atomic::AtomicU64::new(0),
         });
+        if let Some(group) = &mgr.group {
+            // A freeze's suspensions are recorded before the writes it
+            // held are released.
+            let me = Arc::downgrade(&mgr);
+            group.set_record(Box::new(move || {
+                let me = me.clone();
+                Box::pin(async move {
+                    match me.upgrade() {
+                        Some(mgr) => mgr.save().await.map_err(|e| e.to_string()),
+                        None => Ok(()),
+                    }
+                })
+            }));
+        }
         let mut entries = Vec::new();
         let mut resume = Vec::new();
         for rec in records {
@@ -1830,22 +1844,22 @@ impl PprcManager {
     }
 
     /// Freezes the consistency group (see [`ConsistencyGroup::freeze`]).
-    pub fn freeze(&self) -> Result<(usize, GroupState), PairError> {
+    pub async fn freeze(&self) -> Result<(usize, GroupState), PairError> {
         let group = self.group.as_ref().ok_or_else(|| {
             PairError::Invalid("no LSS of this server is in a consistency group".into())
         })?;
-        let n = group.freeze();
+        let n = group.freeze().await;
         self.log
             .record("pprc.freeze", format!("{n} pair(s) suspended"), None);
         Ok((n, group.state()))
     }
 
     /// Releases the consistency group's held writes.
-    pub fn unfreeze(&self) -> Result<(usize, GroupState), PairError> {
+    pub async fn unfreeze(&self) -> Result<(usize, GroupState), PairError> {
         let group = self.group.as_ref().ok_or_else(|| {
             PairError::Invalid("no LSS of this server is in a consistency group".into())
         })?;
-        let n = group.unfreeze();
+        let n = group.unfreeze().await;
         self.log.record("pprc.unfreeze", "writes released", None);
         Ok((n, group.state()))
     }
@@ -1854,11 +1868,11 @@ impl PprcManager {
     /// (or, frozen on demand, released) at once, as by its timeout, and so
     /// is every hold until the process ends (see
     /// [`ConsistencyGroup::stop`]).
-    pub fn stop_group(&self) {
+    pub async fn stop_group(&self) {
         let Some(group) = &self.group else {
             return;
         };
-        match group.stop() {
+        match group.stop().await {
             Some((GroupState::Holding { .. }, n)) => self.log.record(
                 "pprc.freeze",
                 format!("server stopping: {n} pair(s) suspended, held writes released"),

@@ -406,7 +406,7 @@ async fn critical_heavy_in_a_consistency_group_inhibits_writes_after_the_freeze(
     let held = write(&h.pair, 6);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!failed.is_finished() && !held.is_finished());
-    assert_eq!(group.freeze(), 1);
+    assert_eq!(group.freeze().await, 1);
     let failed = failed.await.unwrap();
     let held = held.await.unwrap();
     assert_eq!(h.pair.state(), PairState::Suspended);
@@ -472,7 +472,7 @@ async fn a_write_to_a_suspended_group_primary_does_not_complete_while_the_group_
         !w.is_finished(),
         "a write to a group primary completed while the group holds writes"
     );
-    group.freeze();
+    group.freeze().await;
     w.await.unwrap().unwrap();
     assert!(h.pair.oos().get(5) && h.pair.oos().is_durable(5));
 }
@@ -486,7 +486,7 @@ async fn a_write_to_a_suspended_group_primary_does_not_complete_while_the_group_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_critical_group_pair_is_inhibited_once_its_last_link_is_lost_after_the_freeze() {
     let (group, h, failed) = a_group_holding_after_a_failed_write(false).await;
-    assert_eq!(group.freeze(), 1);
+    assert_eq!(group.freeze().await, 1);
     // The link is still up: suspended, not inhibited.
     failed.await.unwrap().unwrap();
     assert!(!h.pair.write_inhibited());
@@ -530,7 +530,7 @@ async fn a_resume_does_not_wait_for_a_held_write_to_a_suspended_group_primary() 
     );
     // The freeze suspends the resumed pair with the others and releases
     // the write.
-    assert_eq!(group.freeze(), 1);
+    assert_eq!(group.freeze().await, 1);
     w.await.unwrap().unwrap();
     assert_eq!(h.pair.state(), PairState::Suspended);
     assert!(h.pair.oos().get(5));
@@ -569,7 +569,7 @@ async fn a_flush_that_fails_on_a_group_primary_holds_the_group_until_the_freeze(
         !flush.is_finished(),
         "the failed flush was answered before the freeze"
     );
-    assert_eq!(group.freeze(), 1);
+    assert_eq!(group.freeze().await, 1);
     let answer = flush.await.unwrap();
     assert!(matches!(answer, Err(VolumeError::Io { .. })), "{answer:?}");
     assert_eq!(h.pair.status().reason, Some(SuspendReason::Freeze));
