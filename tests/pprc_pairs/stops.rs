@@ -479,3 +479,79 @@ fn both_servers_of_pairs_both_ways_killed_and_restarted_resync_by_themselves() {
     s.back.heal();
     all_duplex_and_equal(&s, &pairs, Duration::from_secs(20), "after both restarted");
 }
+
+/// After a `kill -9` of its primary's server, a pair that was mirroring
+/// comes back suspended (`primary restarted`) and resynchronises by
+/// itself once its path is up. Until then a critical pair takes no host
+/// write on the primary alone: a write waits for the restart's resync;
+/// if the path stays down it is answered per the critical-mode table —
+/// `EIO` for a critical pair with no live link and for a critical pair on
+/// a critical heavy LSS, while a plain pair takes it and records it. With
+/// the path up, every write is taken and reaches the secondary.
+#[test]
+fn after_a_restart_critical_pairs_take_no_write_their_secondary_cannot_get() {
+    let mut s = Sites::start("pprc-critical-restart", |cfg| {
+        cfg.lss_extra = vec![(0x11, "critical_heavy = true".into())];
+    });
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    path(&s.a, "0x11", "TSTB2", "0x11", "1");
+    let pairs = [
+        (s.a.vol(0x10, 0), s.b.vol(0x10, 0), false),
+        (s.a.vol(0x10, 1), s.b.vol(0x10, 1), true),
+        (s.a.vol(0x11, 0), s.b.vol(0x11, 0), true),
+    ];
+    for (va, vb, critical) in &pairs {
+        let mut args = vec!["pprc", "establish", va, vb, "--mode", "nocopy"];
+        if *critical {
+            args.push("--critical");
+        }
+        essctl(&s.a, &args).ok();
+    }
+    for link_up in [false, true] {
+        if !link_up {
+            s.proxy.drop_all();
+        }
+        s.a.kill_and_restart("TSTA1");
+        let answers: Vec<String> = pairs.iter().map(|(va, _, _)| try_write(&s.a, va)).collect();
+        let want = if link_up {
+            ["writable ok"; 3]
+        } else {
+            ["writable ok", "writable EIO", "writable EIO"]
+        };
+        assert_eq!(answers, want, "the path up after the restart: {link_up}");
+        for (va, _, critical) in &pairs {
+            let p = show(&s.a, va);
+            if link_up {
+                assert_ne!(p["write_inhibited"], true, "{p}");
+            } else {
+                assert_eq!(
+                    (
+                        p["state"].as_str(),
+                        p["reason"].as_str(),
+                        &p["write_inhibited"]
+                    ),
+                    (
+                        Some("suspended"),
+                        Some("primary restarted"),
+                        &serde_json::json!(critical)
+                    ),
+                    "{p}"
+                );
+            }
+        }
+        s.proxy.heal();
+        for (va, vb, _) in &pairs {
+            if !link_up {
+                path(&s.a, "0x10", "TSTB2", "0x10", "1");
+                path(&s.a, "0x11", "TSTB2", "0x11", "1");
+                essctl(&s.a, &["pprc", "resume", va]).ok();
+            }
+            wait_duplex(&s.a, va);
+            assert_eq!(
+                volume_sha(&s.a, va),
+                volume_sha(&s.b, vb),
+                "{va}, path up {link_up}"
+            );
+        }
+    }
+}

@@ -399,6 +399,19 @@ impl Drop for Operation {
     }
 }
 
+/// The pairs of one resync after a restart: once it has started or
+/// given up (dropped), the changes of critical pairs that waited for it
+/// go on (see [`Pair::await_restart_resync`]).
+struct RestartResyncSettled(Vec<Arc<Pair>>);
+
+impl Drop for RestartResyncSettled {
+    fn drop(&mut self) {
+        for pair in &self.0 {
+            pair.restart_resync_settled();
+        }
+    }
+}
+
 /// What a secondary's server was told of its pair: the pair (a
 /// terminated pair's successor on the same volume is another), its state
 /// and suspend reason.
@@ -588,10 +601,11 @@ impl PprcManager {
                     }
                     let pair = mgr.new_pair(rec.spec, &volume, oos, status);
                     pair.restore_bytes_sent(rec.bytes_sent);
-                    volume.attach_pprc(pair.clone());
                     if was_mirroring {
+                        pair.await_restart_resync();
                         resume.push((pair.clone(), volume.clone()));
                     }
+                    volume.attach_pprc(pair.clone());
                     entries.push(Entry::Primary(pair));
                 }
             }
@@ -621,6 +635,9 @@ impl PprcManager {
     /// suspended, reason "primary restarted", until an operator resumes
     /// them).
     async fn resume_after_restart(self: Arc<Self>, pairs: Vec<(Arc<Pair>, Arc<Volume>)>) {
+        // However this ends, the changes of critical pairs that wait for it
+        // go on (see [`Pair::await_restart_resync`]).
+        let _settled = RestartResyncSettled(pairs.iter().map(|(p, _)| p.clone()).collect());
         let deadline = tokio::time::Instant::now() + LINK_TIMEOUT * 2;
         while let Some((pair, _)) = pairs
             .iter()

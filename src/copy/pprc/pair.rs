@@ -52,7 +52,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::group::ConsistencyGroup;
@@ -279,6 +279,10 @@ pub struct Pair {
     /// Cancelled when the pair leaves its consistency group (see
     /// [`Pair::leave_group`]): the group no longer holds its writes.
     left_group: CancellationToken,
+    /// True from a restart of this server that found the pair mirroring
+    /// until the restart's resync has started or given up (see
+    /// [`Pair::await_restart_resync`]).
+    restart_resync: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Pair {
@@ -321,6 +325,7 @@ impl Pair {
             heavy: env.heavy,
             group: env.group,
             inhibited: AtomicBool::new(status.write_inhibited),
+            restart_resync: watch::channel(false).0,
             group_failure: Mutex::new(None),
             status: Mutex::new(status),
             marks: oos.bits().snapshot(),
@@ -449,6 +454,40 @@ impl Pair {
         self.set_status(|s| Self::entered(s, state));
         self.inhibited.store(false, Ordering::Release);
         self.set_group_failure(None);
+        self.restart_resync_settled();
+    }
+
+    /// This server restarted with the pair mirroring (it is suspended,
+    /// reason `primary restarted`) and resynchronises it by itself once
+    /// its path is up. Until that resync has started or given up (see
+    /// [`Pair::restart_resync_settled`]), a critical pair's host changes
+    /// wait: whether its secondary can be updated is not known yet, and
+    /// the critical mode must not take a change on the primary alone that
+    /// the secondary will not get.
+    pub fn await_restart_resync(&self) {
+        self.restart_resync.send_replace(true);
+    }
+
+    /// The restart's resync has started (the pair mirrors) or given up
+    /// (the pair stays suspended and the critical mode judges why):
+    /// changes waiting for it go on.
+    pub fn restart_resync_settled(&self) {
+        self.restart_resync
+            .send_if_modified(|pending| std::mem::replace(pending, false));
+    }
+
+    /// Holds a critical pair's host change while the restart's resync is
+    /// pending (see [`Pair::await_restart_resync`]), or until the pair is
+    /// terminated.
+    async fn restart_gate(&self) {
+        if !self.spec.critical || !*self.restart_resync.borrow() {
+            return;
+        }
+        let mut pending = self.restart_resync.subscribe();
+        tokio::select! {
+            _ = pending.wait_for(|p| !*p) => {}
+            _ = self.terminated.cancelled() => {}
+        }
     }
 
     /// Whether this pair of a consistency group could not update its
@@ -480,6 +519,7 @@ impl Pair {
         if entered {
             self.inhibited.store(false, Ordering::Release);
             self.set_group_failure(None);
+            self.restart_resync_settled();
         }
         entered
     }
@@ -693,6 +733,7 @@ impl Pair {
         F: Future<Output = Result<(), VolumeError>>,
     {
         self.group_gate().await;
+        self.restart_gate().await;
         if self.is_terminated() {
             // Terminated while held: the volume is simplex.
             return local(change).await;
@@ -935,15 +976,20 @@ impl Pair {
     /// secondary does — with critical heavy at once, else once its path
     /// has no live link left.
     fn critical_inhibits(&self, reason: Option<SuspendReason>) -> bool {
+        // A pair still suspended by this server's restart could not be
+        // resynchronised (see [`Pair::await_restart_resync`]): its
+        // secondary cannot be updated either.
+        let cannot_update = |r: SuspendReason| r.is_failure() || r == SuspendReason::PrimaryRestart;
         self.spec.critical
-            && reason.is_some_and(SuspendReason::is_failure)
+            && reason.is_some_and(cannot_update)
             && (self.heavy || self.route().map_or(0, |r| r.live()) == 0)
     }
 
     /// The critical-mode table for a suspended pair: a critical pair that
-    /// could not update its secondary inhibits writes — with critical heavy
-    /// at once, else once its path has no live link left. A pair suspended
-    /// by an operator, a freeze or a restart never does.
+    /// could not update its secondary — nor resynchronise it after this
+    /// server's restart — inhibits writes: with critical heavy at once,
+    /// else once its path has no live link left. A pair suspended by an
+    /// operator or a freeze never does.
     fn apply_critical_mode(&self, op: VolumeOp) -> Result<(), VolumeError> {
         if !self.spec.critical {
             return Ok(());
