@@ -712,3 +712,64 @@ fn a_flush_that_fails_on_a_suspended_primary_leaves_the_resynced_volumes_equal()
         .arg(&dev.dev));
     assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
 }
+
+/// The state of `volume`'s pair in `essd`'s record of its pairs
+/// (`STATE_DIR/pprc/pairs.json`), as the file says now.
+fn recorded_state(essd_dir: &Path, volume: &str) -> String {
+    let text = std::fs::read_to_string(essd_dir.join("state/pprc/pairs.json")).unwrap();
+    let records: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let record = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["spec"]["volume"] == volume)
+        .unwrap_or_else(|| panic!("{volume} is not in the record: {text}"));
+    record["status"]["state"].as_str().unwrap().to_string()
+}
+
+/// The primary's record of its pairs cannot be written (its file system,
+/// `STATE_DIR/pprc` on a tmpfs, is full) when a pair suspends after its
+/// link was lost: the host's write is taken (its track's bits were
+/// written before, so recording it needs no room), the log says the
+/// record failed, and the record still says `duplex`. Once the file
+/// system has room again, the record is written within seconds with no
+/// other change, so a crash then finds the pair suspended: the pair comes
+/// back `link lost` after a `kill -9`, and does not resynchronise by
+/// itself.
+#[test]
+fn a_record_of_the_pairs_that_failed_is_written_once_there_is_room() {
+    let mut s = Sites::start("pprc-record-enospc", |_| {});
+    let fs = ScratchMount::mount("tmpfs", "size=1m", &s.dir_a.path().join("state/pprc"));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    essctl(&s.a, &["pprc", "establish", &v, &sv, "--mode", "nocopy"]).ok();
+    assert_eq!(try_write_at(&s.a, &v, 11 * TRACK, 5), "ok");
+    fs.fill("filler");
+    s.proxy.drop_all();
+    assert_eq!(try_write_at(&s.a, &v, 11 * TRACK, 6), "ok");
+    assert_suspended_for(&show(&s.a, &v), "link lost", "");
+    wait_until("the failed record is logged", || {
+        s.a.log().contains("cannot record PPRC pairs")
+    });
+    let dir_a = s.dir_a.path().to_path_buf();
+    assert_eq!(recorded_state(&dir_a, &v), "duplex");
+    std::fs::remove_file(fs.dir.join("filler")).unwrap();
+    wait_until("the record is written again once there is room", || {
+        recorded_state(&dir_a, &v) == "suspended"
+    });
+    assert!(
+        s.a.log().contains("PPRC pairs recorded again"),
+        "{}",
+        s.a.log()
+    );
+    s.proxy.heal();
+    s.a.kill_and_restart("TSTA1");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_suspended_for(&show(&s.a, &v), "link lost", "");
+    essctl(&s.a, &["pprc", "resume", &v]).ok();
+    wait_duplex(&s.a, &v);
+    assert_eq!(volume_sha(&s.a, &v), volume_sha(&s.b, &sv));
+    // Unmounted first (also when the test fails: declared last).
+    drop(s);
+    drop(fs);
+}

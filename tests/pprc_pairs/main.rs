@@ -602,6 +602,15 @@ fn run_checker(
 }
 
 /// Waits until `essd`'s consistency group is in `state`.
+/// Waits (bounded) until `ready` holds.
+fn wait_until(what: &str, ready: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn wait_group(essd: &Essd, state: &str) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

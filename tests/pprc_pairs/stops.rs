@@ -438,15 +438,6 @@ fn a_clean_stop_with_a_host_that_keeps_writing_is_bounded_and_truthful() {
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
 }
 
-/// Waits (bounded) until `ready` holds.
-fn wait_until(what: &str, ready: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !ready() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Two servers that mirror to each other (pairs both ways), both killed
 /// with SIGKILL after writes on every primary and restarted: each
 /// restarted primary resyncs its pairs by itself while the other does

@@ -125,7 +125,8 @@ impl ConsistencyGroup {
         tracing::error!(
             "consistency group: cannot record the suspended pairs before releasing held \
              writes ({failure}); releasing them anyway: if this server crashes before the \
-             pairs are recorded, they resynchronise over the secondaries' frozen image"
+             record is written (it is tried again every second), the pairs resynchronise \
+             over the secondaries' frozen image"
         );
     }
 

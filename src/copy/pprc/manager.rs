@@ -891,23 +891,46 @@ impl PprcManager {
         let mut untold: HashSet<String> = HashSet::new();
         let mut last_retry = tokio::time::Instant::now();
         let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel::<TellDone>();
+        // The record could not be written (its file system full or
+        // failing): written again every [`RETELL_INTERVAL`] until it is, so
+        // that a crash after the file system recovers finds the pairs as
+        // they are, not as they were (a freeze's suspensions among them).
+        let mut unrecorded: Option<String> = None;
         loop {
             let retry_at = last_retry + RETELL_INTERVAL;
             let wake = tokio::select! {
                 () = self.changed.notified() => Wake::Changed,
                 Some(done) = answered.recv() => Wake::Answered(done),
-                () = tokio::time::sleep_until(retry_at), if !untold.is_empty() => Wake::Retry,
+                () = tokio::time::sleep_until(retry_at),
+                    if !untold.is_empty() || unrecorded.is_some() => Wake::Retry,
             };
             let retry = !matches!(wake, Wake::Answered(_));
             if retry {
                 last_retry = tokio::time::Instant::now();
             }
-            match wake {
-                Wake::Changed => {
-                    if let Err(e) = self.save().await {
-                        tracing::error!("cannot record PPRC pairs: {e}");
+            if matches!(wake, Wake::Changed) || (retry && unrecorded.is_some()) {
+                match self.save().await {
+                    Ok(()) => {
+                        if let Some(e) = unrecorded.take() {
+                            tracing::warn!(
+                                "PPRC pairs recorded again (the last record had failed: {e})"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        let e = e.to_string();
+                        if unrecorded.as_ref() != Some(&e) {
+                            tracing::error!(
+                                "cannot record PPRC pairs: {e} (tried again every {}s)",
+                                RETELL_INTERVAL.as_secs()
+                            );
+                        }
+                        unrecorded = Some(e);
                     }
                 }
+            }
+            match wake {
+                Wake::Changed => {}
                 Wake::Answered(TellDone {
                     volume,
                     told: entry,
