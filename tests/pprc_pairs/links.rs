@@ -875,3 +875,34 @@ fn resumes_on_both_servers_of_pairs_both_ways_at_once_all_succeed() {
     s.back.heal();
     all_duplex_and_equal(&s, &pairs, Duration::from_secs(30), "after the resumes");
 }
+
+/// An initial copy over a path of two links, one slow (20 ms a 64 KiB
+/// chunk each way: about 3 MiB/s) and one not, ends duplex: the copy's
+/// requests in flight (8 of 1 MiB) do not gather behind one another on
+/// the slow link, where the last would wait past the 2 s timeout for
+/// those ahead of it and the pair would suspend (link lost) with both
+/// links working.
+#[test]
+fn a_copy_over_a_fast_and_a_slow_link_keeps_within_the_timeout() {
+    let s = Sites::start("pprc-uneven-links", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    fill(&s.a, &va, s.dir_a.path(), 64, 0x51);
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    assert_eq!(s.proxy.connections(), 2);
+    s.proxy.delay_nth(0, Duration::from_millis(20));
+    let p = essctl_json(&s.a, &["pprc", "establish", &va, &vb, "--mode", "copy"]);
+    assert_eq!(p["state"], "duplex pending", "{p}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = show(&s.a, &va);
+        if v["state"] == "duplex" {
+            break;
+        }
+        assert_ne!(v["state"], "suspended", "{v}");
+        assert!(Instant::now() < deadline, "{v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.proxy.heal();
+    wait_current(&s.a, &va);
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}

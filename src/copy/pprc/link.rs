@@ -477,6 +477,10 @@ pub struct PeerLink {
     farewell: Arc<std::sync::atomic::AtomicBool>,
     /// When the reader saw the link end.
     closed_at: Arc<Mutex<Option<std::time::SystemTime>>>,
+    /// When the link opened, and how long after that (µs) the last
+    /// answer to a request arrived.
+    opened: std::time::Instant,
+    answered_at: Arc<AtomicU64>,
     reader: tokio::task::JoinHandle<()>,
 }
 
@@ -517,6 +521,9 @@ impl PeerLink {
         let said_goodbye = farewell.clone();
         let closed_at: Arc<Mutex<Option<std::time::SystemTime>>> = Arc::default();
         let closing = closed_at.clone();
+        let opened = std::time::Instant::now();
+        let answered_at: Arc<AtomicU64> = Arc::default();
+        let answered = answered_at.clone();
         // The writer task ends (after sending what is queued) when the
         // link is dropped, or when the peer said goodbye.
         let outbox = Outbox::spawn(Box::new(write_half) as Box<dyn AsyncWrite + Unpin + Send>);
@@ -539,6 +546,7 @@ impl PeerLink {
                 match read {
                     Ok(Frame { id, message }) => match message {
                         Message::Ack { .. } | Message::Reply { .. } | Message::Bitmap { .. } => {
+                            answered.store(opened.elapsed().as_micros() as u64, Ordering::Release);
                             let waiter = acks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                             if let Some(waiter) = waiter {
                                 let _ = waiter.send(message);
@@ -569,6 +577,8 @@ impl PeerLink {
             open,
             farewell,
             closed_at,
+            opened,
+            answered_at,
             reader,
         })
     }
@@ -586,6 +596,17 @@ impl PeerLink {
     /// The authenticated peer.
     pub fn peer(&self) -> &PeerInfo {
         &self.peer
+    }
+
+    /// When the peer last answered a request on this link (the link's
+    /// opening if it never has).
+    pub fn last_answer(&self) -> std::time::Instant {
+        self.opened + Duration::from_micros(self.answered_at.load(Ordering::Acquire))
+    }
+
+    /// Requests sent over this link and not answered yet.
+    pub fn in_flight(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Sends one request and waits for its acknowledgement: 0 on success,

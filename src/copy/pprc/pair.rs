@@ -81,6 +81,9 @@ pub const BUSY_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
 const COPY_CHUNK: u64 = 1 << 20;
 /// Copies the copier keeps in flight.
 const COPY_DEPTH: usize = 8;
+/// Most timeouts a request waits for its answer on a link that keeps
+/// answering the requests ahead of it (see [`Pair::answer`]).
+const QUEUED_PATIENCE: u32 = 4;
 
 /// A pair's state, as in the array.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -1012,8 +1015,39 @@ impl Pair {
         Ok(())
     }
 
+    /// Waits for the answer to `request`, sent on `link`: it fails once
+    /// the timeout has passed with no answer — unless the link answered
+    /// other requests within the last timeout, working through those
+    /// queued ahead of this one (a copy's, on a link slower than the
+    /// others), up to [`QUEUED_PATIENCE`] timeouts in all. A link that
+    /// stalls answers nothing, and its requests fail within two timeouts.
+    async fn answer<F: Future>(
+        &self,
+        link: &PeerLink,
+        request: F,
+    ) -> Result<F::Output, tokio::time::error::Elapsed> {
+        let sent = tokio::time::Instant::now();
+        let limit = sent + self.timeout * QUEUED_PATIENCE;
+        let mut deadline = sent + self.timeout;
+        tokio::pin!(request);
+        loop {
+            match tokio::time::timeout_at(deadline, &mut request).await {
+                Ok(answer) => return Ok(answer),
+                Err(elapsed) => {
+                    let progress =
+                        tokio::time::Instant::from_std(link.last_answer()) + self.timeout;
+                    if progress <= tokio::time::Instant::now() || deadline >= limit {
+                        return Err(elapsed);
+                    }
+                    deadline = progress.min(limit);
+                }
+            }
+        }
+    }
+
     /// Sends one request over the path's live links, moving to the next
-    /// link when one fails.
+    /// link when one fails: host changes in turn, the copy's writes to the
+    /// least busy link (see [`super::paths::Route::pick_least_busy`]).
     async fn send(&self, message: Message) -> Result<u32, SendError> {
         let bytes = match &message {
             Message::Write { data, .. } => data.len() as u64,
@@ -1028,7 +1062,12 @@ impl Pair {
                     self.spec.lss, self.spec.peer, self.spec.peer_lss
                 )));
             };
-            let Some((at, link)) = route.pick() else {
+            let picked = if matches!(message, Message::Write { copy: true, .. }) {
+                route.pick_least_busy()
+            } else {
+                route.pick()
+            };
+            let Some((at, link)) = picked else {
                 let last = last.or_else(|| route.down_reason());
                 let after = last.map(|e| format!(" ({e})")).unwrap_or_default();
                 return Err(SendError::NoLink(format!(
@@ -1036,7 +1075,7 @@ impl Pair {
                     self.spec.peer
                 )));
             };
-            match tokio::time::timeout(self.timeout, link.request(message.clone())).await {
+            match self.answer(&link, link.request(message.clone())).await {
                 Ok(Ok(code)) => {
                     self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
                     return Ok(code);

@@ -290,9 +290,25 @@ impl Route {
 
     /// The next live link, round robin; `None` when every link is down.
     pub fn pick(&self) -> Option<(usize, Arc<PeerLink>)> {
+        self.open_links_in_turn().next()
+    }
+
+    /// The live link with the fewest requests in flight, in turn among
+    /// equals; `None` when every link is down. For the copy's requests
+    /// (up to 8 MiB in flight): strictly in turn, a slower link would
+    /// gather most of them, and the last one queued there would miss the
+    /// timeout waiting for those ahead of it, suspending the pair with
+    /// every link working.
+    pub fn pick_least_busy(&self) -> Option<(usize, Arc<PeerLink>)> {
+        self.open_links_in_turn()
+            .min_by_key(|(_, link)| link.in_flight())
+    }
+
+    /// The open links, starting with the next one's turn.
+    fn open_links_in_turn(&self) -> impl Iterator<Item = (usize, Arc<PeerLink>)> + '_ {
         let n = self.slots.len();
         let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        (0..n).find_map(|i| {
+        (0..n).filter_map(move |i| {
             let at = (start + i) % n;
             self.slots[at]
                 .link()
