@@ -1016,11 +1016,13 @@ impl Pair {
     }
 
     /// Waits for the answer to `request`, sent on `link`: it fails once
-    /// the timeout has passed with no answer — unless the link answered
-    /// other requests within the last timeout, working through those
-    /// queued ahead of this one (a copy's, on a link slower than the
-    /// others), up to [`QUEUED_PATIENCE`] timeouts in all. A link that
-    /// stalls answers nothing, and its requests fail within two timeouts.
+    /// the timeout has passed with no answer — unless the link has
+    /// answered other requests since this one was sent, the last within
+    /// the timeout: it is working through those queued ahead of this one
+    /// (a copy's, on a link slower than the others). Then it fails a
+    /// timeout after the link's last answer, and after [`QUEUED_PATIENCE`]
+    /// timeouts in all. So a link that stalls fails its requests a
+    /// timeout after its last sign of life.
     async fn answer<F: Future>(
         &self,
         link: &PeerLink,
@@ -1034,9 +1036,10 @@ impl Pair {
             match tokio::time::timeout_at(deadline, &mut request).await {
                 Ok(answer) => return Ok(answer),
                 Err(elapsed) => {
-                    let progress =
-                        tokio::time::Instant::from_std(link.last_answer()) + self.timeout;
-                    if progress <= tokio::time::Instant::now() || deadline >= limit {
+                    let last = tokio::time::Instant::from_std(link.last_answer());
+                    let progress = last + self.timeout;
+                    let now = tokio::time::Instant::now();
+                    if last <= sent || progress <= now || deadline >= limit {
                         return Err(elapsed);
                     }
                     deadline = progress.min(limit);
