@@ -478,9 +478,9 @@ pub struct PeerLink {
     /// When the reader saw the link end.
     closed_at: Arc<Mutex<Option<std::time::SystemTime>>>,
     /// When the link opened, and how long after that (µs) the last
-    /// answer to a request arrived.
+    /// answer to a request other than a heartbeat arrived.
     opened: std::time::Instant,
-    answered_at: Arc<AtomicU64>,
+    answered_at: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
 }
 
@@ -522,8 +522,7 @@ impl PeerLink {
         let closed_at: Arc<Mutex<Option<std::time::SystemTime>>> = Arc::default();
         let closing = closed_at.clone();
         let opened = std::time::Instant::now();
-        let answered_at: Arc<AtomicU64> = Arc::default();
-        let answered = answered_at.clone();
+        let answered_at = AtomicU64::new(0);
         // The writer task ends (after sending what is queued) when the
         // link is dropped, or when the peer said goodbye.
         let outbox = Outbox::spawn(Box::new(write_half) as Box<dyn AsyncWrite + Unpin + Send>);
@@ -546,7 +545,6 @@ impl PeerLink {
                 match read {
                     Ok(Frame { id, message }) => match message {
                         Message::Ack { .. } | Message::Reply { .. } | Message::Bitmap { .. } => {
-                            answered.store(opened.elapsed().as_micros() as u64, Ordering::Release);
                             let waiter = acks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                             if let Some(waiter) = waiter {
                                 let _ = waiter.send(message);
@@ -598,8 +596,9 @@ impl PeerLink {
         &self.peer
     }
 
-    /// When the peer last answered a request on this link (the link's
-    /// opening if it never has).
+    /// When the peer last answered a request other than a heartbeat on
+    /// this link (the link's opening if it never has): a peer that answers
+    /// heartbeats while a write hangs is not making progress.
     pub fn last_answer(&self) -> std::time::Instant {
         self.opened + Duration::from_micros(self.answered_at.load(Ordering::Acquire))
     }
@@ -654,6 +653,7 @@ impl PeerLink {
             }
             pending.insert(id, tx);
         }
+        let progress = !matches!(message, Message::Heartbeat { .. });
         if self.outbox.send(&Frame { id, message }).is_err() {
             self.pending
                 .lock()
@@ -661,7 +661,12 @@ impl PeerLink {
                 .remove(&id);
             return Err(self.closed());
         }
-        rx.await.map_err(|_| self.closed())
+        let answer = rx.await.map_err(|_| self.closed())?;
+        if progress {
+            let at = self.opened.elapsed().as_micros() as u64;
+            self.answered_at.fetch_max(at, Ordering::AcqRel);
+        }
+        Ok(answer)
     }
 
     /// Whether the peer ended the link saying goodbye, as a server does

@@ -1017,7 +1017,8 @@ impl Pair {
 
     /// Waits for the answer to `request`, sent on `link`: it fails once
     /// the timeout has passed with no answer — unless the link has
-    /// answered other requests since this one was sent, the last within
+    /// answered other requests (not heartbeats, which a secondary answers
+    /// while a write hangs) since this one was sent, the last within
     /// the timeout: it is working through those queued ahead of this one
     /// (a copy's, on a link slower than the others). Then it fails a
     /// timeout after the link's last answer, and after [`QUEUED_PATIENCE`]

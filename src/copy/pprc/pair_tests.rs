@@ -50,6 +50,12 @@ impl FakePeer {
         self.answer(ids, error);
     }
 
+    /// Answers the oldest held write (and holds the next ones still).
+    fn release_oldest_write(&self) {
+        let id = self.held_writes.lock().unwrap().remove(0);
+        self.answer(vec![id], 0);
+    }
+
     /// Answers the held flushes (and holds no more).
     fn release_flushes(&self) {
         self.hold_flushes.store(false, Ordering::SeqCst);
@@ -168,6 +174,16 @@ async fn harness_with(
     heavy: bool,
     group: Option<Arc<ConsistencyGroup>>,
 ) -> Harness {
+    harness_timed(critical, heavy, group, Duration::from_secs(30)).await
+}
+
+/// [`harness_with`], the secondary having `timeout` to answer.
+async fn harness_timed(
+    critical: bool,
+    heavy: bool,
+    group: Option<Arc<ConsistencyGroup>>,
+    timeout: Duration,
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -224,7 +240,7 @@ async fn harness_with(
         },
         PairEnv {
             paths,
-            timeout: Duration::from_secs(30),
+            timeout,
             heavy,
             group: group.clone(),
             changed: Arc::new(Notify::new()),
@@ -574,4 +590,38 @@ async fn a_flush_that_fails_on_a_group_primary_holds_the_group_until_the_freeze(
     assert!(matches!(answer, Err(VolumeError::Io { .. })), "{answer:?}");
     assert_eq!(h.pair.status().reason, Some(SuspendReason::Freeze));
     assert!(h.pair.oos().get(5));
+}
+
+/// A write queued behind another on a link that answers that one is
+/// given more time than the timeout: the pair stays duplex. A write the
+/// secondary never answers fails after the timeout, although the link
+/// answers its heartbeats (every 2 s) meanwhile: the pair suspends then,
+/// not four timeouts later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_behind_answered_ones_waits_longer_and_a_hung_one_does_not() {
+    let timeout = Duration::from_secs(3);
+    let h = harness_timed(false, false, None, timeout).await;
+    let first = a_write_held_at_the_secondary(&h, 1, 1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = a_write_held_at_the_secondary(&h, 2, 2).await;
+    // Answered before its timeout; the second's passes at 4.5 s.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    h.peer.release_oldest_write();
+    first.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(h.pair.state(), PairState::Duplex);
+    h.peer.release_oldest_write();
+    second.await.unwrap().unwrap();
+    assert_eq!(h.pair.state(), PairState::Duplex);
+
+    let started = Instant::now();
+    let hung = a_write_held_at_the_secondary(&h, 3, 3).await;
+    hung.await.unwrap().unwrap();
+    let waited = started.elapsed();
+    assert_eq!(h.pair.state(), PairState::Suspended);
+    assert_eq!(h.pair.status().reason, Some(SuspendReason::LinkLost));
+    assert!(
+        waited >= timeout && waited < timeout + Duration::from_millis(1500),
+        "the hung write failed after {waited:?}"
+    );
 }
