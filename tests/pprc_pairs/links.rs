@@ -877,11 +877,12 @@ fn resumes_on_both_servers_of_pairs_both_ways_at_once_all_succeed() {
 }
 
 /// An initial copy over a path of two links, one slow (20 ms a 64 KiB
-/// chunk each way: about 3 MiB/s) and one not, ends duplex: the copy's
-/// requests in flight (8 of 1 MiB) do not gather behind one another on
-/// the slow link, where the last would wait past the 2 s timeout for
-/// those ahead of it and the pair would suspend (link lost) with both
-/// links working.
+/// chunk each way: about 3 MiB/s) and one not, ends duplex. The copy's
+/// requests in flight (8 of 1 MiB) go to the least busy link, and one
+/// still queued on the slow link behind requests it answers is given
+/// more time than the 2 s timeout: before, they were spread in turn, the
+/// last on the slow link waited past the timeout for those ahead of it,
+/// and the pair suspended (link lost) with both links working.
 #[test]
 fn a_copy_over_a_fast_and_a_slow_link_keeps_within_the_timeout() {
     let s = Sites::start("pprc-uneven-links", |_| {});
