@@ -335,10 +335,7 @@ impl ConsistencyGroup {
         let n = self.suspend_all();
         let (generation, state) = self.generation();
         match state {
-            GroupState::Holding { .. } => {
-                self.record().await;
-                self.enter_from(Some(generation), GroupState::Normal);
-            }
+            GroupState::Holding { .. } => self.release_recorded(generation).await,
             GroupState::Normal => self.enter(GroupState::Frozen {
                 since: crate::control::log::rfc3339(SystemTime::now()),
             }),
@@ -376,9 +373,15 @@ impl ConsistencyGroup {
             GroupState::Holding { .. } => self.suspend_all(),
             GroupState::Frozen { .. } => 0,
         };
+        self.release_recorded(generation).await;
+        n
+    }
+
+    /// Records the pairs' states, then releases the writes held in
+    /// `generation` of the group's state (if it is still in it).
+    async fn release_recorded(self: &Arc<Self>, generation: u64) {
         self.record().await;
         self.enter_from(Some(generation), GroupState::Normal);
-        n
     }
 
     /// The server stops: if the group holds writes, does at once what the

@@ -1168,6 +1168,14 @@ impl PprcManager {
         }
     }
 
+    /// What `volume` is in `entries` now (see [`PprcManager::describe`]).
+    fn describe_volume(entries: &[Entry], volume: &str) -> String {
+        entries
+            .iter()
+            .find(|e| e.volume() == volume)
+            .map_or("it is in no pair".to_string(), Self::describe)
+    }
+
     /// Establishes a pair, or resumes a suspended one (`mode` resync).
     pub async fn establish(&self, req: &EstablishPair) -> Result<PairView, PairError> {
         let volume = self.volume(&req.volume)?;
@@ -1271,10 +1279,7 @@ impl PprcManager {
                     "pair {} → {} changed while its secondary was asked to take it back: {}",
                     req.volume,
                     spec.peer_volume,
-                    entries
-                        .iter()
-                        .find(|e| e.volume() == req.volume)
-                        .map_or("it is in no pair".to_string(), Self::describe)
+                    Self::describe_volume(&entries, &req.volume)
                 )));
             }
             self.save_locked(&entries)?;
@@ -1857,10 +1862,7 @@ impl PprcManager {
             return Err(PairError::Invalid(format!(
                 "pair {volume} → {} changed during the failback: {}",
                 pair.spec.peer_volume,
-                entries
-                    .iter()
-                    .find(|e| e.volume() == volume)
-                    .map_or("it is in no pair".to_string(), Self::describe)
+                Self::describe_volume(&entries, volume)
             )));
         }
         // Copies to other peers may have started meanwhile: the failback
