@@ -286,6 +286,10 @@ pub struct Pair {
     /// until the restart's resync has started or given up (see
     /// [`Pair::await_restart_resync`]).
     restart_resync: watch::Sender<bool>,
+    /// How many times the pair started mirroring (established or resumed):
+    /// a write that failed before the last start belongs to an earlier
+    /// activation, whose resync copies its track.
+    starts: AtomicU64,
 }
 
 impl std::fmt::Debug for Pair {
@@ -354,6 +358,7 @@ impl Pair {
             tasks: Mutex::new(CancellationToken::new()),
             terminated: CancellationToken::new(),
             left_group: CancellationToken::new(),
+            starts: AtomicU64::new(0),
         }
     }
 
@@ -549,6 +554,7 @@ impl Pair {
     /// alone from now on.
     pub async fn start_mirroring(&self, state: PairState) {
         let _none_alone = self.local_only.write().await;
+        self.starts.fetch_add(1, Ordering::AcqRel);
         self.enter(state);
     }
 
@@ -939,10 +945,12 @@ impl Pair {
             return Ok(());
         }
         let mut inhibited = false;
+        let mut resumed_since = false;
         if let Some(group) = &self.group {
             // Hold this write (and every write of the group) until the
             // group is frozen by an operator or its timeout.
             if self.state() != PairState::Suspended {
+                let starts = self.starts.load(Ordering::Acquire);
                 self.stop_tasks();
                 // The critical mode judges this failure now: the freeze
                 // suspends the pair with reason `freeze`, which never
@@ -957,9 +965,17 @@ impl Pair {
                 if self.is_terminated() {
                     return Ok(());
                 }
+                // An operator resumed the pair after the freeze suspended
+                // it, before this write was released: the write's tracks
+                // stay marked (its shared track lock keeps the resync's
+                // copier off them until now), so the resync carries the
+                // change, and the pair must not be suspended again.
+                resumed_since = self.starts.load(Ordering::Acquire) != starts;
             }
         }
-        self.suspend(reason, Some(detail));
+        if !resumed_since {
+            self.suspend(reason, Some(detail));
+        }
         let critical = if inhibited {
             Err(self.inhibited_error(op))
         } else {

@@ -592,6 +592,50 @@ async fn a_flush_that_fails_on_a_group_primary_holds_the_group_until_the_freeze(
     assert!(h.pair.oos().get(5));
 }
 
+/// An operator resumes a group pair in the moment between the freeze's
+/// suspensions and the release of the held writes (while the freeze
+/// records the suspensions): the write that failed and was held goes on
+/// when released, its track still marked for the resync, and leaves the
+/// resumed pair mirroring — it must not suspend the pair again for the
+/// failure the freeze already handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_resumed_before_its_held_write_is_released_stays_resumed() {
+    let (group, h, failed) = a_group_holding_after_a_failed_write(false).await;
+    let (open, gate) = tokio::sync::watch::channel(false);
+    group.set_record(Box::new(move || {
+        let mut gate = gate.clone();
+        Box::pin(async move {
+            let _ = gate.wait_for(|open| *open).await;
+            Ok(())
+        })
+    }));
+    let freeze = {
+        let group = group.clone();
+        tokio::spawn(async move { group.freeze().await })
+    };
+    let pair = h.pair.clone();
+    wait_until("the freeze's suspension", move || {
+        pair.state() == PairState::Suspended
+    })
+    .await;
+    assert!(!failed.is_finished(), "released before the record");
+    h.peer.hold_writes.store(false, Ordering::SeqCst);
+    h.pair.start_mirroring(PairState::DuplexPending).await;
+    open.send(true).unwrap();
+    assert_eq!(freeze.await.unwrap(), 1);
+    failed.await.unwrap().unwrap();
+    let status = h.pair.status();
+    assert_eq!(
+        (status.state, status.reason),
+        (PairState::DuplexPending, None),
+        "the released write undid the resume: {:?}",
+        status.detail
+    );
+    assert!(h.pair.oos().get(5) && h.pair.oos().is_durable(5));
+    write(&h.pair, 6).await.unwrap().unwrap();
+    assert_eq!(h.pair.state(), PairState::DuplexPending);
+}
+
 /// A write queued behind another on a link that answers that one is
 /// given more time than the timeout: the pair stays duplex. A write the
 /// secondary never answers fails after the timeout, although the link
