@@ -423,7 +423,7 @@ impl ConsistencyGroup {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
@@ -529,7 +529,7 @@ mod tests {
 
     /// A record that waits until `open` is true, then counts itself and
     /// answers `result`.
-    fn gated_record(
+    pub(in crate::copy::pprc) fn gated_record(
         open: watch::Receiver<bool>,
         done: Arc<std::sync::atomic::AtomicUsize>,
         result: Result<(), String>,

@@ -2,6 +2,7 @@
 //! fake secondary that holds its answers to writes or flushes until told.
 
 use super::*;
+use crate::copy::pprc::group::tests::gated_record;
 use crate::copy::pprc::group::GroupState;
 use crate::copy::pprc::link::handshake;
 use crate::copy::pprc::wire::Frame;
@@ -602,13 +603,8 @@ async fn a_flush_that_fails_on_a_group_primary_holds_the_group_until_the_freeze(
 async fn a_pair_resumed_before_its_held_write_is_released_stays_resumed() {
     let (group, h, failed) = a_group_holding_after_a_failed_write(false).await;
     let (open, gate) = tokio::sync::watch::channel(false);
-    group.set_record(Box::new(move || {
-        let mut gate = gate.clone();
-        Box::pin(async move {
-            let _ = gate.wait_for(|open| *open).await;
-            Ok(())
-        })
-    }));
+    let recorded = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    group.set_record(gated_record(gate, recorded.clone(), Ok(())));
     let freeze = {
         let group = group.clone();
         tokio::spawn(async move { group.freeze().await })
@@ -623,6 +619,7 @@ async fn a_pair_resumed_before_its_held_write_is_released_stays_resumed() {
     h.pair.start_mirroring(PairState::DuplexPending).await;
     open.send(true).unwrap();
     assert_eq!(freeze.await.unwrap(), 1);
+    assert_eq!(recorded.load(Ordering::SeqCst), 1);
     failed.await.unwrap().unwrap();
     let status = h.pair.status();
     assert_eq!(
