@@ -2,7 +2,10 @@
 //! inside a small VM booted under qemu TCG by `scripts/vm-test`: a file
 //! system made, written, checked and read back on a plain volume and on a
 //! duplex PPRC primary whose secondary (a second essd in the VM) must be
-//! read-only to the kernel and end identical.
+//! read-only to the kernel and end identical; then a site failover as the
+//! hosts see it: the primary's server killed while the file system is
+//! written, the secondary taken over, mounted and written, the old primary
+//! failed back and switched back with its file system checked.
 
 mod common;
 
@@ -36,7 +39,15 @@ fn kernel_nbd_client_mkfs_mount_fsck_in_vm() {
         "VM-STEP pprc-secondary-read-only ok",
         "VM-STEP pprc-secondary-e2fsck ok",
         "VM-STEP pprc-secondary-verify ok",
+        "VM-STEP site-primary-killed ok",
+        "VM-STEP site-b-durable ok",
+        "VM-STEP site-b-e2fsck ok",
+        "VM-STEP site-failback ok",
+        "VM-STEP site-switch-back ok",
+        "VM-STEP site-a-e2fsck ok",
+        "VM-STEP site-a-verify ok",
         "VM-STEP pprc-identical ok",
+        "VM-STEP kernel-log-end ok",
         "VM-TEST: PASS",
     ] {
         assert!(stdout.contains(step), "missing {step:?} in:\n{stdout}");
