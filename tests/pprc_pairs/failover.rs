@@ -455,3 +455,60 @@ fn a_failback_of_a_pair_not_failed_over_is_refused() {
         now[0]
     );
 }
+
+/// A failover at the recovery site while the old primary still mirrors
+/// to it (B was cut off from A's view only, or the operator took over
+/// too early): B takes none of A's later writes — they suspend A's pair
+/// with their tracks marked, A's hosts carry on — so the data B's hosts
+/// wrote stays as they wrote it; the failback makes A a copy of B.
+#[test]
+fn a_failover_while_the_old_primary_mirrors_takes_none_of_its_writes() {
+    let s = Sites::start("pprc-failover-live", |_| {});
+    let (a, b) = (&s.a, &s.b);
+    let (va, vb) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    path(a, "0x10", "TSTB2", "0x10", "2");
+    essctl(a, &["pprc", "establish", &va, &vb]).ok();
+    wait_duplex(a, &va);
+    write_tracks(a, &va, 31, 10);
+
+    let v = essctl_json(b, &["pprc", "failover", &vb]);
+    assert_eq!(
+        (v["role"].as_str(), v["state"].as_str()),
+        (Some("primary"), Some("suspended"))
+    );
+    write_tracks(b, &vb, 32, 4);
+    let at_b = volume_sha(b, &vb);
+
+    // A never heard of the failover: its hosts' writes are refused by B.
+    let tracks_at_a = write_tracks(a, &va, 33, 6);
+    let pa = show(a, &va);
+    assert_eq!(
+        (
+            pa["state"].as_str(),
+            pa["reason"].as_str(),
+            pa["detail"].as_str()
+        ),
+        (
+            Some("suspended"),
+            Some("secondary I/O error"),
+            Some("TSTB2 000TSTB2 answered EPERM (not a secondary of this pair)")
+        ),
+        "{pa}"
+    );
+    assert!(
+        pa["out_of_sync_tracks"].as_u64().unwrap() >= tracks_at_a.len() as u64,
+        "{pa}"
+    );
+    assert_eq!(try_write(a, &va), "writable ok");
+    assert_eq!(
+        volume_sha(b, &vb),
+        at_b,
+        "a write of the old primary landed at B"
+    );
+
+    path(b, "0x10", "TSTA1", "0x10", "1");
+    essctl(b, &["pprc", "failback", &vb]).ok();
+    wait_duplex(b, &vb);
+    assert_eq!(volume_sha(b, &vb), at_b);
+    assert_eq!(volume_sha(a, &va), at_b);
+}
