@@ -651,48 +651,65 @@ async fn pair_establish(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
+/// Runs `operation` to completion on the pair of the volume the path
+/// names (by ID or alias).
+async fn pair_operation<F, Fut>(ctx: Ctx, volume: String, operation: F) -> ApiResult<PairView>
+where
+    F: FnOnce(Arc<ApiState>, String) -> Fut,
+    Fut: std::future::Future<Output = Result<PairView, PairError>> + Send + 'static,
+{
+    let volume = volume_id(&ctx.api.server, &volume);
+    Ok(Json(
+        to_completion(operation(ctx.api.clone(), volume)).await?,
+    ))
+}
+
 async fn pair_suspend(
     State(ctx): State<Ctx>,
     ApiPath(volume): ApiPath<String>,
 ) -> ApiResult<PairView> {
-    let volume = volume_id(&ctx.api.server, &volume);
-    let api = ctx.api.clone();
-    Ok(Json(
-        to_completion(async move { api.pprc.suspend(&volume).await }).await?,
-    ))
+    pair_operation(
+        ctx,
+        volume,
+        |api, v| async move { api.pprc.suspend(&v).await },
+    )
+    .await
 }
 
 async fn pair_terminate(
     State(ctx): State<Ctx>,
     ApiPath(volume): ApiPath<String>,
 ) -> ApiResult<PairView> {
-    let volume = volume_id(&ctx.api.server, &volume);
-    let api = ctx.api.clone();
-    Ok(Json(
-        to_completion(async move { api.pprc.terminate(&volume).await }).await?,
-    ))
+    pair_operation(
+        ctx,
+        volume,
+        |api, v| async move { api.pprc.terminate(&v).await },
+    )
+    .await
 }
 
 async fn pair_failover(
     State(ctx): State<Ctx>,
     ApiPath(volume): ApiPath<String>,
 ) -> ApiResult<PairView> {
-    let volume = volume_id(&ctx.api.server, &volume);
-    let api = ctx.api.clone();
-    Ok(Json(
-        to_completion(async move { api.pprc.failover(&volume).await }).await?,
-    ))
+    pair_operation(
+        ctx,
+        volume,
+        |api, v| async move { api.pprc.failover(&v).await },
+    )
+    .await
 }
 
 async fn pair_failback(
     State(ctx): State<Ctx>,
     ApiPath(volume): ApiPath<String>,
 ) -> ApiResult<PairView> {
-    let volume = volume_id(&ctx.api.server, &volume);
-    let api = ctx.api.clone();
-    Ok(Json(
-        to_completion(async move { api.pprc.failback(&volume).await }).await?,
-    ))
+    pair_operation(
+        ctx,
+        volume,
+        |api, v| async move { api.pprc.failback(&v).await },
+    )
+    .await
 }
 
 fn group_view(ctx: &Ctx, suspended: Option<usize>) -> GroupView {
@@ -710,12 +727,14 @@ async fn group_show(State(ctx): State<Ctx>) -> Json<GroupView> {
 }
 
 async fn group_freeze(State(ctx): State<Ctx>) -> ApiResult<GroupView> {
-    let (n, _) = ctx.api.pprc.freeze().await?;
+    let api = ctx.api.clone();
+    let (n, _) = to_completion(async move { api.pprc.freeze().await }).await?;
     Ok(Json(group_view(&ctx, Some(n))))
 }
 
 async fn group_unfreeze(State(ctx): State<Ctx>) -> ApiResult<GroupView> {
-    let (n, _) = ctx.api.pprc.unfreeze().await?;
+    let api = ctx.api.clone();
+    let (n, _) = to_completion(async move { api.pprc.unfreeze().await }).await?;
     Ok(Json(group_view(&ctx, Some(n))))
 }
 
