@@ -1,8 +1,8 @@
 //! The HTTP/JSON management API: routes, handlers, authentication, and the
 //! JSON shapes of every request and answer.
 //!
-//! Every path is versioned under `/v1`. Resources are grouped so that new
-//! groups (FlashCopy, PPRC, background tasks) slot in as further routers:
+//! Every path is versioned under `/v1`; each group of resources is a
+//! router of its own:
 //!
 //! ```text
 //! GET    /v1/health             liveness
@@ -19,6 +19,17 @@
 //! GET    /v1/flashcopy/{sel}    relationships of a volume or SOURCE:TARGET
 //! DELETE /v1/flashcopy/{sel}    withdraw the relationships of one selector
 //! POST   /v1/flashcopy/withdraw {"volumes": [selector, ...]}
+//! GET    /v1/pprc/paths         every path with its links
+//! POST   /v1/pprc/paths         establish: {"lss","peer","peer_lss","links",...}
+//! DELETE /v1/pprc/paths/{lss}/{peer}/{peer_lss}[?force=true]
+//! GET    /v1/pprc/pairs         every pair, both roles
+//! POST   /v1/pprc/pairs         establish or resume: {"volume","secondary","mode",...}
+//! GET    /v1/pprc/pairs/{vol}   one pair
+//! DELETE /v1/pprc/pairs/{vol}   terminate
+//! POST   /v1/pprc/pairs/{vol}/suspend|failover|failback
+//! GET    /v1/pprc/group         the consistency group
+//! POST   /v1/pprc/freeze        freeze the consistency group
+//! POST   /v1/pprc/unfreeze      release its held writes
 //! GET    /v1/log?limit=N        the last N events of the event log
 //! ```
 //!
