@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use essd::config::{self, Config};
+use essd::config::{self, Config, DemoSite};
 
 /// Buffers below this size come from the allocator's heaps, not from mappings
 /// of their own (requests up to 1 MiB are the common large case).
@@ -66,9 +66,30 @@ struct Args {
     /// Directory for the demo's volumes and state (default: a new temporary directory).
     #[arg(long, value_name = "DIR", requires = "demo")]
     dir: Option<PathBuf>,
+    /// Which demo site: `a`, or `b`, its PPRC peer on this machine.
+    #[arg(long, value_enum, default_value = "a", requires = "demo")]
+    site: Site,
     /// Log filter, e.g. `info`, `debug`, `essd=debug` (overrides RUST_LOG).
     #[arg(long, value_name = "FILTER")]
     log: Option<String>,
+}
+
+/// A demo site on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Site {
+    /// Serial FCA31, NBD port 10809.
+    A,
+    /// Serial FCB02, NBD port 10810.
+    B,
+}
+
+impl From<Site> for DemoSite {
+    fn from(site: Site) -> DemoSite {
+        match site {
+            Site::A => DemoSite::A,
+            Site::B => DemoSite::B,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -94,18 +115,22 @@ fn main() -> ExitCode {
     }
 }
 
-fn demo_dir(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    let dir = dir
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("essd-demo-{}", std::process::id())));
+fn demo_dir(dir: Option<PathBuf>, site: DemoSite) -> anyhow::Result<PathBuf> {
+    let name = match site {
+        DemoSite::A => format!("essd-demo-{}", std::process::id()),
+        DemoSite::B => format!("essd-demo-b-{}", std::process::id()),
+    };
+    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(name));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     dir.canonicalize()
         .with_context(|| format!("cannot resolve {}", dir.display()))
 }
 
 fn run(args: Args) -> anyhow::Result<usize> {
+    let site = DemoSite::from(args.site);
     let (cfg, demo) = if args.demo {
-        let dir = demo_dir(args.dir)?;
-        let text = config::demo_config_text(&dir);
+        let dir = demo_dir(args.dir, site)?;
+        let text = config::demo_config_text(&dir, site);
         let path = dir.join("essd.toml");
         std::fs::write(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
         let cfg = Config::parse(&text, &path)?;
@@ -148,23 +173,23 @@ fn run(args: Args) -> anyhow::Result<usize> {
         .build()
         .context("cannot start the async runtime")?;
     let on_ready = demo.map(|dir| {
-        Box::new(move |state: &essd::control::ApiState| print_demo_banner(&dir, state))
+        Box::new(move |state: &essd::control::ApiState| print_demo_banner(&dir, state, site))
             as essd::daemon::OnReady
     });
     let failed = runtime.block_on(essd::daemon::run(cfg, CancellationToken::new(), on_ready))?;
     Ok(failed)
 }
 
-fn print_demo_banner(dir: &Path, state: &essd::control::ApiState) {
+fn print_demo_banner(dir: &Path, state: &essd::control::ApiState, site: DemoSite) {
+    let serial = &state.server.serial;
     let tcp = state
         .nbd_tcp
         .first()
         .map(|a| a.to_string())
-        .unwrap_or_else(|| "127.0.0.1:10809".into());
+        .unwrap_or_else(|| format!("127.0.0.1:{}", site.nbd_port()));
     let (host, port) = tcp.rsplit_once(':').unwrap_or(("127.0.0.1", "10809"));
     println!(
-        "essd demo is running (serial {}), files in {}",
-        state.server.serial,
+        "essd demo is running (serial {serial}), files in {}",
         dir.display()
     );
     println!();
@@ -180,20 +205,42 @@ fn print_demo_banner(dir: &Path, state: &essd::control::ApiState) {
     }
     println!();
     println!("Connect:");
-    println!("  nbdinfo nbd://{tcp}/000FCA31");
+    println!("  nbdinfo nbd://{tcp}/000{serial}");
     println!("  nbdinfo --list nbd://{tcp}");
-    println!("  nbd-client {host} {port} /dev/nbd0 -N 000FCA31     # Linux kernel client, as root");
-    let essctl = std::env::current_exe()
-        .map(|exe| essctl_command(&exe))
-        .unwrap_or_else(|_| "essctl".into());
-    let api = dir.join("api.sock");
-    println!("  {essctl} --server {} volume list", api.display());
-    println!();
-    println!("Point-in-time copy of volume 000 onto volume 001:");
     println!(
-        "  {essctl} --server {} flashcopy establish 000FCA31:001FCA31 --nocopy",
-        api.display()
+        "  nbd-client {host} {port} /dev/nbd0 -N 000{serial}     # Linux kernel client, as root"
     );
+    let exe = std::env::current_exe().ok();
+    let essctl = exe
+        .as_deref()
+        .map(essctl_command)
+        .unwrap_or_else(|| "essctl".into());
+    let essctl = format!("{essctl} --server {}", dir.join("api.sock").display());
+    println!("  {essctl} volume list");
+    println!();
+    let (a, b) = (DemoSite::A.serial(), DemoSite::B.serial());
+    match site {
+        DemoSite::A => {
+            println!("Point-in-time copy of volume 000 onto volume 001:");
+            println!("  {essctl} flashcopy establish 000{a}:001{a} --nocopy");
+            println!();
+            let essd = exe.map_or("essd".into(), |e| e.display().to_string());
+            println!(
+                "Mirror volume 000 to a second demo site (PPRC), started in another terminal:"
+            );
+            println!("  {essd} --demo --site b");
+            println!("  {essctl} pprc path establish 0x10 {b} 0x10");
+            println!("  {essctl} pprc establish 000{a} 000{b}");
+            println!("  {essctl} pprc wait 000{a}");
+            println!("  {essctl} pprc show 000{a}");
+        }
+        DemoSite::B => {
+            println!("This is the second site of the PPRC demo: site A (`essd --demo`)");
+            println!("mirrors its volumes here once it has a path and pairs. From here:");
+            println!("  {essctl} pprc list");
+            println!("  {essctl} pprc failover 000{b}     # take over if site A is lost");
+        }
+    }
     println!();
     println!("Stop with Ctrl-C.");
 }
