@@ -12,11 +12,20 @@ pub(super) fn routes() -> Router<Ctx> {
         .route("/v1/pprc/pairs", get(pair_list).post(pair_establish))
         .route(
             "/v1/pprc/pairs/{volume}",
-            get(pair_show).delete(pair_terminate),
+            get(pair_show).delete(|ctx, volume| on_pair(ctx, volume, PairAction::Terminate)),
         )
-        .route("/v1/pprc/pairs/{volume}/suspend", post(pair_suspend))
-        .route("/v1/pprc/pairs/{volume}/failover", post(pair_failover))
-        .route("/v1/pprc/pairs/{volume}/failback", post(pair_failback))
+        .route(
+            "/v1/pprc/pairs/{volume}/suspend",
+            post(|ctx, volume| on_pair(ctx, volume, PairAction::Suspend)),
+        )
+        .route(
+            "/v1/pprc/pairs/{volume}/failover",
+            post(|ctx, volume| on_pair(ctx, volume, PairAction::Failover)),
+        )
+        .route(
+            "/v1/pprc/pairs/{volume}/failback",
+            post(|ctx, volume| on_pair(ctx, volume, PairAction::Failback)),
+        )
         .route("/v1/pprc/group", get(group_show))
         .route("/v1/pprc/freeze", post(group_freeze))
         .route("/v1/pprc/unfreeze", post(group_unfreeze))
@@ -87,65 +96,37 @@ async fn pair_establish(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
-/// Runs `operation` to completion on the pair of the volume the path
-/// names (by ID or alias).
-async fn pair_operation<F, Fut>(ctx: Ctx, volume: String, operation: F) -> ApiResult<PairView>
-where
-    F: FnOnce(Arc<ApiState>, String) -> Fut,
-    Fut: std::future::Future<Output = Result<PairView, PairError>> + Send + 'static,
-{
+/// What a request does to one pair.
+#[derive(Clone, Copy, Debug)]
+enum PairAction {
+    Suspend,
+    Terminate,
+    Failover,
+    Failback,
+}
+
+impl PairAction {
+    async fn run(self, api: Arc<ApiState>, volume: String) -> Result<PairView, PairError> {
+        match self {
+            PairAction::Suspend => api.pprc.suspend(&volume).await,
+            PairAction::Terminate => api.pprc.terminate(&volume).await,
+            PairAction::Failover => api.pprc.failover(&volume).await,
+            PairAction::Failback => api.pprc.failback(&volume).await,
+        }
+    }
+}
+
+/// Runs `action` to completion on the pair of the volume the path names
+/// (by ID or alias).
+async fn on_pair(
+    State(ctx): State<Ctx>,
+    ApiPath(volume): ApiPath<String>,
+    action: PairAction,
+) -> ApiResult<PairView> {
     let volume = volume_id(&ctx.api.server, &volume);
     Ok(Json(
-        to_completion(operation(ctx.api.clone(), volume)).await?,
+        to_completion(action.run(ctx.api.clone(), volume)).await?,
     ))
-}
-
-async fn pair_suspend(
-    State(ctx): State<Ctx>,
-    ApiPath(volume): ApiPath<String>,
-) -> ApiResult<PairView> {
-    pair_operation(
-        ctx,
-        volume,
-        |api, v| async move { api.pprc.suspend(&v).await },
-    )
-    .await
-}
-
-async fn pair_terminate(
-    State(ctx): State<Ctx>,
-    ApiPath(volume): ApiPath<String>,
-) -> ApiResult<PairView> {
-    pair_operation(
-        ctx,
-        volume,
-        |api, v| async move { api.pprc.terminate(&v).await },
-    )
-    .await
-}
-
-async fn pair_failover(
-    State(ctx): State<Ctx>,
-    ApiPath(volume): ApiPath<String>,
-) -> ApiResult<PairView> {
-    pair_operation(
-        ctx,
-        volume,
-        |api, v| async move { api.pprc.failover(&v).await },
-    )
-    .await
-}
-
-async fn pair_failback(
-    State(ctx): State<Ctx>,
-    ApiPath(volume): ApiPath<String>,
-) -> ApiResult<PairView> {
-    pair_operation(
-        ctx,
-        volume,
-        |api, v| async move { api.pprc.failback(&v).await },
-    )
-    .await
 }
 
 fn group_view(ctx: &Ctx, suspended: Option<usize>) -> GroupView {
