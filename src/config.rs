@@ -701,8 +701,8 @@ fn normalize(path: &Path) -> PathBuf {
 }
 
 /// A site of the demo: `A` (the README's first command) or `B`, its
-/// PPRC peer on the same machine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// PPRC peer on the same machine (`essd --demo --site a|b`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DemoSite {
     /// Serial FCA31, NBD on 127.0.0.1:10809, replication on 127.0.0.1:7410.
     A,

@@ -68,28 +68,10 @@ struct Args {
     dir: Option<PathBuf>,
     /// Which demo site: `a`, or `b`, its PPRC peer on this machine.
     #[arg(long, value_enum, default_value = "a", requires = "demo")]
-    site: Site,
+    site: DemoSite,
     /// Log filter, e.g. `info`, `debug`, `essd=debug` (overrides RUST_LOG).
     #[arg(long, value_name = "FILTER")]
     log: Option<String>,
-}
-
-/// A demo site on the command line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Site {
-    /// Serial FCA31, NBD port 10809.
-    A,
-    /// Serial FCB02, NBD port 10810.
-    B,
-}
-
-impl From<Site> for DemoSite {
-    fn from(site: Site) -> DemoSite {
-        match site {
-            Site::A => DemoSite::A,
-            Site::B => DemoSite::B,
-        }
-    }
 }
 
 fn main() -> ExitCode {
@@ -127,7 +109,7 @@ fn demo_dir(dir: Option<PathBuf>, site: DemoSite) -> anyhow::Result<PathBuf> {
 }
 
 fn run(args: Args) -> anyhow::Result<usize> {
-    let site = DemoSite::from(args.site);
+    let site = args.site;
     let (cfg, demo) = if args.demo {
         let dir = demo_dir(args.dir, site)?;
         let text = config::demo_config_text(&dir, site);

@@ -440,6 +440,17 @@ where
     }
 }
 
+/// Unwraps query parameters, turning a rejection into a 400 with a JSON
+/// error.
+fn query_params<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    query.map(|Query(q)| q).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid query: {}", e.body_text()),
+        )
+    })
+}
+
 /// Unwraps a JSON body, turning a rejection into a 400 (415 without a JSON
 /// content type) with a JSON error.
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
@@ -961,12 +972,7 @@ async fn log_tail(
     State(ctx): State<Ctx>,
     query: Result<Query<LogQuery>, QueryRejection>,
 ) -> ApiResult<EventList> {
-    let Query(query) = query.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("invalid query: {}", e.body_text()),
-        )
-    })?;
+    let query = query_params(query)?;
     let limit = query.limit.unwrap_or(DEFAULT_LOG_LIMIT);
     if !(1..=MAX_LOG_LIMIT).contains(&limit) {
         return Err(ApiError::new(

@@ -219,12 +219,7 @@ async fn path_remove(
     ApiPath((lss, peer, peer_lss)): ApiPath<(String, String, String)>,
     query: Result<Query<PathRemoveQuery>, QueryRejection>,
 ) -> ApiResult<PathView> {
-    let Query(query) = query.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("invalid query: {}", e.body_text()),
-        )
-    })?;
+    let query = query_params(query)?;
     let (lss, peer_lss) = (parse_lss(&lss)?, parse_lss(&peer_lss)?);
     let peer = peer_serial(&peer);
     let api = ctx.api.clone();

@@ -3,6 +3,7 @@
 //! it changed but never mirrored.
 
 use super::*;
+use crate::copy::pprc::{pair, wire};
 
 impl PprcManager {
     /// Failover at the secondary's server, without contacting the
@@ -133,7 +134,7 @@ impl PprcManager {
         .await?;
         // Fetch the old primary's changes and add them to ours.
         let (_, _, link) = self.live_link(&pair.spec)?;
-        let name = crate::copy::pprc::wire::volume_name(&pair.spec.peer_volume);
+        let name = wire::volume_name(&pair.spec.peer_volume);
         let peer_err = |message: String| PairError::Peer {
             peer: pair.spec.peer.clone(),
             message,
@@ -182,9 +183,7 @@ impl PprcManager {
                     .map_err(io_err(format!("cannot write {}", oos.path().display())))?;
                 added
             }
-            Message::Ack { error } => {
-                return Err(peer_err(crate::copy::pprc::pair::errno_name(error)))
-            }
+            Message::Ack { error } => return Err(peer_err(pair::errno_name(error))),
             other => return Err(peer_err(format!("unexpected answer {other:?}"))),
         };
         let _ = self
@@ -340,7 +339,7 @@ impl PprcManager {
             }
             None => vec![0u8; tracks.div_ceil(8) as usize],
         };
-        let name = crate::copy::pprc::wire::volume_name(volume);
+        let name = wire::volume_name(volume);
         Ok(Message::Bitmap {
             volume: name,
             track_size: self.server.track_size as u32,

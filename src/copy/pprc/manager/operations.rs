@@ -3,6 +3,7 @@
 //! and unfreeze.
 
 use super::*;
+use crate::copy::pprc::{paths, secondary};
 
 impl PprcManager {
     /// Establishes a pair, or resumes a suspended one (`mode` resync).
@@ -264,7 +265,7 @@ impl PprcManager {
     pub(super) fn live_link(
         &self,
         spec: &PairSpec,
-    ) -> Result<(Arc<crate::copy::pprc::paths::Route>, usize, Arc<PeerLink>), PairError> {
+    ) -> Result<(Arc<paths::Route>, usize, Arc<PeerLink>), PairError> {
         let route = self
             .paths
             .route(spec.lss, &spec.peer, spec.peer_lss)
@@ -410,7 +411,7 @@ impl PprcManager {
                 side.status.state,
                 PairState::Duplex | PairState::DuplexPending
             );
-            if mirrored && crate::copy::pprc::secondary::links_from(&side.spec.peer).0 > 0 {
+            if mirrored && secondary::links_from(&side.spec.peer).0 > 0 {
                 return Err(PairError::Invalid(format!(
                     "{volume} is the {} secondary of {} {}, which is connected: suspend the \
                      pair first, terminate it at {}, or fail over here",

@@ -2,6 +2,7 @@
 //! its secondary sees it.
 
 use super::*;
+use crate::copy::pprc::secondary;
 
 impl PprcManager {
     /// The pair as its primary (this server) sees it.
@@ -68,7 +69,7 @@ impl PprcManager {
         let in_sync = side.status.state == PairState::Duplex;
         // Without a link the primary may be writing on, suspended: this
         // side cannot know that it is current.
-        let (links, last_ended) = crate::copy::pprc::secondary::links_from(&side.spec.peer);
+        let (links, last_ended) = secondary::links_from(&side.spec.peer);
         let current = in_sync && links > 0;
         PairView {
             volume: side.spec.volume.clone(),

@@ -3,6 +3,7 @@
 //! modes, and what a failed send does to the pair.
 
 use super::*;
+use crate::copy::pprc::{paths, secondary};
 
 impl Pair {
     fn track_range(&self, offset: u64, len: u64) -> (u64, u64) {
@@ -405,7 +406,7 @@ impl Pair {
 
     /// Sends one request over the path's live links, moving to the next
     /// link when one fails: host changes in turn, the copy's writes to the
-    /// least busy link (see [`crate::copy::pprc::paths::Route::pick_least_busy`]).
+    /// least busy link (see [`paths::Route::pick_least_busy`]).
     pub(super) async fn send(&self, message: Message) -> Result<u32, SendError> {
         let bytes = match &message {
             Message::Write { data, .. } => data.len() as u64,
@@ -413,7 +414,7 @@ impl Pair {
         } + wire::HEADER_LEN as u64;
         // The error of the last link this request failed on, if any.
         let mut last: Option<String> = None;
-        for _ in 0..=crate::copy::pprc::paths::MAX_LINKS {
+        for _ in 0..=paths::MAX_LINKS {
             let Some(route) = self.route() else {
                 return Err(SendError::NoLink(format!(
                     "no path 0x{:02X} → {} 0x{:02X}",
@@ -478,12 +479,12 @@ impl Pair {
     /// live link is asked: while one is up, the path is only degraded.
     async fn await_drained(&self, route: &Route, broken: &PeerLink) -> Result<(), String> {
         let mut last = None;
-        for _ in 0..crate::copy::pprc::paths::MAX_LINKS {
+        for _ in 0..paths::MAX_LINKS {
             let Some((at, link)) = route.pick() else {
                 break;
             };
             let ask = Message::Control {
-                body: crate::copy::pprc::secondary::drained_body(&broken.peer().link_id),
+                body: secondary::drained_body(&broken.peer().link_id),
             };
             match tokio::time::timeout(self.timeout, link.request(ask)).await {
                 Ok(Ok(0)) => return Ok(()),
@@ -510,13 +511,13 @@ impl Pair {
         let Some(route) = self.route() else {
             return Ok(());
         };
-        let limit = crate::copy::pprc::secondary::SILENCE_LIMIT + self.timeout;
+        let limit = secondary::SILENCE_LIMIT + self.timeout;
         for id in route.unanswered() {
             let Some((at, link)) = route.pick() else {
                 return Err("no live link left".into());
             };
             let ask = Message::Control {
-                body: crate::copy::pprc::secondary::drained_body(&id),
+                body: secondary::drained_body(&id),
             };
             match tokio::time::timeout(limit, link.request(ask)).await {
                 Ok(Ok(0)) => route.answered(&id),
