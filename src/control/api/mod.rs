@@ -2,7 +2,8 @@
 //! JSON shapes of every request and answer.
 //!
 //! Every path is versioned under `/v1`; each group of resources is a
-//! router of its own (the PPRC routes in `pprc`):
+//! router of its own (the FlashCopy routes in `flashcopy`, the PPRC routes
+//! in `pprc`):
 //!
 //! ```text
 //! GET    /v1/health             liveness
@@ -40,7 +41,6 @@
 //! The answer types are public and deserializable so `essctl` reads the
 //! same shapes the server writes.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -61,19 +61,19 @@ use tokio_util::task::TaskTracker;
 use super::log::Event;
 use super::users::UserError;
 use super::ApiState;
-use crate::copy::flashcopy::manager::{EstablishOptions, FlashCopyError, RelationshipView};
-use crate::copy::flashcopy::{CopyMode, Role};
-use crate::copy::pprc::group::GroupState;
-use crate::copy::pprc::manager::{EstablishPair, PairError, PairView};
-use crate::copy::pprc::paths::{PathError, PathRequest, PathView};
+use crate::copy::flashcopy::Role;
 use crate::scheduling::Scheduling;
 use crate::volume::id::{Serial, VolumeId};
 use crate::volume::server::StorageServer;
 use crate::volume::store::BackingKind;
 use crate::volume::{StatsSnapshot, Volume};
 
+mod flashcopy;
 mod pprc;
 
+pub use flashcopy::{
+    EstablishRequest, FlashCopyList, FlashCopyPair, RelationshipList, WithdrawRequest,
+};
 pub use pprc::{GroupView, PairList, PathList};
 
 /// Device type the server reports, as the array it models.
@@ -267,58 +267,6 @@ pub struct UserView {
     pub name: String,
 }
 
-/// One source/target pair of an [`EstablishRequest`].
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct FlashCopyPair {
-    /// Source volume ID or alias.
-    pub source: String,
-    /// Target volume ID or alias.
-    pub target: String,
-}
-
-/// `POST /v1/flashcopy` body.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct EstablishRequest {
-    /// Pairs to establish with one common T0.
-    pub pairs: Vec<FlashCopyPair>,
-    /// NOCOPY: no background copy; the relationships last until withdrawn.
-    #[serde(default)]
-    pub nocopy: bool,
-    /// Background copy limit in MiB/s (greater than 0); `null` = unlimited.
-    #[serde(default)]
-    pub rate_mib_s: Option<f64>,
-    /// Allow targets that have NBD clients attached.
-    #[serde(default)]
-    pub permit_online: bool,
-}
-
-/// `POST /v1/flashcopy/withdraw` body.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct WithdrawRequest {
-    /// Volume IDs or aliases (every relationship they are part of), or
-    /// `SOURCE:TARGET` pairs.
-    pub volumes: Vec<String>,
-}
-
-/// Relationships established, shown or withdrawn.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct RelationshipList {
-    /// The relationships.
-    pub relationships: Vec<RelationshipView>,
-}
-
-/// `GET /v1/flashcopy`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct FlashCopyList {
-    /// Every relationship.
-    pub relationships: Vec<RelationshipView>,
-    /// Volumes left incomplete by withdrawing an unfinished copy, sorted.
-    pub incomplete_targets: Vec<String>,
-}
-
 /// `GET /v1/log`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct EventList {
@@ -380,33 +328,6 @@ impl From<UserError> for ApiError {
             UserError::NotFound(_) => StatusCode::NOT_FOUND,
             UserError::Io { .. } | UserError::Corrupt { .. } | UserError::Hash(_) => {
                 tracing::error!("{e}");
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-        };
-        ApiError::new(status, e.to_string())
-    }
-}
-
-impl From<FlashCopyError> for ApiError {
-    fn from(e: FlashCopyError) -> Self {
-        let status = match &e {
-            FlashCopyError::UnknownVolume(_) | FlashCopyError::NotFound(_) => StatusCode::NOT_FOUND,
-            FlashCopyError::OtherServer { .. }
-            | FlashCopyError::SameVolume(_)
-            | FlashCopyError::Duplicate(_)
-            | FlashCopyError::TargetTooSmall { .. }
-            | FlashCopyError::InRelationship { .. }
-            | FlashCopyError::ReadOnlyTarget(_)
-            | FlashCopyError::PprcPrimaryTarget { .. }
-            | FlashCopyError::MirroredTarget { .. }
-            | FlashCopyError::HeldByGroup { .. }
-            | FlashCopyError::TargetOnline { .. } => StatusCode::CONFLICT,
-            FlashCopyError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            FlashCopyError::Bitmap(_)
-            | FlashCopyError::State(_)
-            | FlashCopyError::Io { .. }
-            | FlashCopyError::Corrupt { .. } => {
-                tracing::error!("FlashCopy request failed: {e}");
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
@@ -558,7 +479,7 @@ fn router(ctx: Ctx) -> Router {
         .merge(system_routes())
         .merge(volume_routes())
         .merge(user_routes())
-        .merge(flashcopy_routes())
+        .merge(flashcopy::routes())
         .merge(pprc::routes())
         .merge(log_routes())
         .fallback(not_found)
@@ -590,19 +511,6 @@ fn user_routes() -> Router<Ctx> {
     Router::new()
         .route("/v1/users", get(user_list).post(user_add))
         .route("/v1/users/{name}", delete(user_remove))
-}
-
-fn flashcopy_routes() -> Router<Ctx> {
-    Router::new()
-        .route(
-            "/v1/flashcopy",
-            get(flashcopy_list).post(flashcopy_establish),
-        )
-        .route("/v1/flashcopy/withdraw", post(flashcopy_withdraw))
-        .route(
-            "/v1/flashcopy/{selector}",
-            get(flashcopy_show).delete(flashcopy_withdraw_one),
-        )
 }
 
 fn log_routes() -> Router<Ctx> {
@@ -845,18 +753,6 @@ fn peer_serial(serial: &str) -> String {
     }
 }
 
-/// [`canonical_volume`] for a FlashCopy selector: a volume or `SOURCE:TARGET`.
-fn canonical_selector(server: &StorageServer, selector: &str) -> String {
-    match selector.split_once(':') {
-        Some((s, t)) => format!(
-            "{}:{}",
-            canonical_volume(server, s),
-            canonical_volume(server, t)
-        ),
-        None => canonical_volume(server, selector),
-    }
-}
-
 async fn volume_show(
     State(ctx): State<Ctx>,
     ApiPath(id): ApiPath<String>,
@@ -872,100 +768,6 @@ async fn volume_show(
             format!("volume {id} not found"),
         )),
     }
-}
-
-/// Bytes per second for a `rate_mib_s` value; 0 (unlimited) for `None`.
-fn rate_bytes(rate_mib_s: Option<f64>) -> Result<u64, ApiError> {
-    match rate_mib_s {
-        None => Ok(0),
-        Some(r) if r.is_finite() && r > 0.0 => {
-            // At least 1 B/s: 0 would mean unlimited.
-            Ok(((r * (1u64 << 20) as f64).round() as u64).max(1))
-        }
-        Some(r) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("rate_mib_s must be greater than 0 (or null for unlimited), not {r}"),
-        )),
-    }
-}
-
-async fn flashcopy_establish(
-    State(ctx): State<Ctx>,
-    body: Result<Json<EstablishRequest>, JsonRejection>,
-) -> Result<(StatusCode, Json<RelationshipList>), ApiError> {
-    let request = json_body(body)?;
-    let server = &ctx.api.server;
-    let opts = EstablishOptions {
-        mode: if request.nocopy {
-            CopyMode::NoCopy
-        } else {
-            CopyMode::Copy
-        },
-        rate: rate_bytes(request.rate_mib_s)?,
-        permit_online: request.permit_online,
-    };
-    let pairs: Vec<(String, String)> = request
-        .pairs
-        .iter()
-        .map(|p| {
-            (
-                canonical_volume(server, &p.source),
-                canonical_volume(server, &p.target),
-            )
-        })
-        .collect();
-    let api = ctx.api.clone();
-    let relationships =
-        to_completion(async move { api.flashcopy.establish(&pairs, opts).await }).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(RelationshipList { relationships }),
-    ))
-}
-
-async fn flashcopy_list(State(ctx): State<Ctx>) -> Json<FlashCopyList> {
-    let fc = &ctx.api.flashcopy;
-    let relationships = fc.list().await;
-    let incomplete: BTreeSet<String> = fc.incomplete_targets().await;
-    Json(FlashCopyList {
-        relationships,
-        incomplete_targets: incomplete.into_iter().collect(),
-    })
-}
-
-async fn flashcopy_show(
-    State(ctx): State<Ctx>,
-    ApiPath(selector): ApiPath<String>,
-) -> ApiResult<RelationshipList> {
-    let selector = canonical_selector(&ctx.api.server, &selector);
-    let relationships = ctx.api.flashcopy.show(&selector).await?;
-    Ok(Json(RelationshipList { relationships }))
-}
-
-async fn withdraw(ctx: &Ctx, selectors: &[String]) -> ApiResult<RelationshipList> {
-    let selectors: Vec<String> = selectors
-        .iter()
-        .map(|s| canonical_selector(&ctx.api.server, s))
-        .collect();
-    let api = ctx.api.clone();
-    let relationships =
-        to_completion(async move { api.flashcopy.withdraw(&selectors).await }).await?;
-    Ok(Json(RelationshipList { relationships }))
-}
-
-async fn flashcopy_withdraw(
-    State(ctx): State<Ctx>,
-    body: Result<Json<WithdrawRequest>, JsonRejection>,
-) -> ApiResult<RelationshipList> {
-    let request = json_body(body)?;
-    withdraw(&ctx, &request.volumes).await
-}
-
-async fn flashcopy_withdraw_one(
-    State(ctx): State<Ctx>,
-    ApiPath(selector): ApiPath<String>,
-) -> ApiResult<RelationshipList> {
-    withdraw(&ctx, &[selector]).await
 }
 
 async fn log_tail(
@@ -1065,83 +867,6 @@ mod tests {
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
-    }
-
-    #[test]
-    fn maps_flashcopy_errors_to_statuses() {
-        let status = |e: FlashCopyError| {
-            let text = e.to_string();
-            let api = ApiError::from(e);
-            assert_eq!(api.message, text, "the message is the error's text");
-            api.status
-        };
-        assert_eq!(
-            status(FlashCopyError::UnknownVolume("X".into())),
-            StatusCode::NOT_FOUND
-        );
-        assert_eq!(
-            status(FlashCopyError::NotFound("X".into())),
-            StatusCode::NOT_FOUND
-        );
-        for conflict in [
-            FlashCopyError::OtherServer {
-                volume: "000ZZZ99".into(),
-                serial: "ZZZ99".into(),
-                ours: "FCA31".into(),
-            },
-            FlashCopyError::SameVolume("X".into()),
-            FlashCopyError::Duplicate("X".into()),
-            FlashCopyError::TargetTooSmall {
-                source_id: "S".into(),
-                source_size: 2,
-                target: "T".into(),
-                target_size: 1,
-            },
-            FlashCopyError::InRelationship {
-                volume: "S".into(),
-                role: "source",
-                source_id: "S".into(),
-                target: "T".into(),
-            },
-            FlashCopyError::ReadOnlyTarget("T".into()),
-            FlashCopyError::TargetOnline {
-                target: "T".into(),
-                clients: 1,
-            },
-        ] {
-            assert_eq!(status(conflict), StatusCode::CONFLICT);
-        }
-        assert_eq!(
-            status(FlashCopyError::BadRequest("no".into())),
-            StatusCode::BAD_REQUEST
-        );
-        assert_eq!(
-            status(FlashCopyError::Io {
-                what: "reading".into(),
-                source: std::io::Error::other("boom"),
-            }),
-            StatusCode::INTERNAL_SERVER_ERROR
-        );
-        assert_eq!(
-            status(FlashCopyError::Corrupt {
-                path: "/x".into(),
-                message: "bad".into(),
-            }),
-            StatusCode::INTERNAL_SERVER_ERROR
-        );
-    }
-
-    #[test]
-    fn converts_copy_rates() {
-        assert_eq!(rate_bytes(None).unwrap(), 0);
-        assert_eq!(rate_bytes(Some(1.0)).unwrap(), 1 << 20);
-        assert_eq!(rate_bytes(Some(2.5)).unwrap(), 5 << 19);
-        // Never 0 (unlimited) for a positive rate.
-        assert_eq!(rate_bytes(Some(1e-12)).unwrap(), 1);
-        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
-            let e = rate_bytes(Some(bad)).unwrap_err();
-            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
-        }
     }
 
     #[test]

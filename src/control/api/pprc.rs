@@ -1,6 +1,9 @@
 //! The PPRC routes: paths, pairs and the consistency group.
 
 use super::*;
+use crate::copy::pprc::group::GroupState;
+use crate::copy::pprc::manager::{EstablishPair, PairError, PairView};
+use crate::copy::pprc::paths::{PathError, PathRequest, PathView};
 
 pub(super) fn routes() -> Router<Ctx> {
     Router::new()
