@@ -9,8 +9,16 @@
 //! io         the I/O engine: io_uring (hot path) and a thread-pool fallback
 //! ```
 //!
+//! [`copy`] holds the Copy Services a volume routes its I/O through when it
+//! is in a FlashCopy relationship or a PPRC pair: track bitmaps and locks,
+//! relationships, the peer protocol, links, paths and pairs. It works on
+//! volumes and the I/O engine, records events in the event log, and answers
+//! with NBD's error numbers.
+//!
 //! Beside them: [`config`] (the TOML file), [`control`] (management API,
-//! users), [`cli`] (`essctl`), [`daemon`] (process life cycle) and [`units`].
+//! users, event log), [`cli`] (`essctl`), [`daemon`] (process life cycle),
+//! [`pipeline`] (requests in flight on one connection), [`state`] (atomic
+//! metadata files), [`scheduling`] (the threads' CPU policy) and [`units`].
 
 pub mod cli;
 pub mod config;

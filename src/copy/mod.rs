@@ -1,4 +1,5 @@
-//! Copy services: persistent track bitmaps, per-track locks and FlashCopy.
+//! Copy services: persistent track bitmaps, per-track locks, FlashCopy and
+//! PPRC.
 //!
 //! * [`bitmap`] — a track bitmap kept in memory and in a file in the state
 //!   directory, with group commit (one fsync pair covers many updates).
