@@ -71,6 +71,8 @@ pub struct TestConfig {
     pub serial: &'static str,
     pub engine: &'static str,
     pub tcp: bool,
+    /// The NBD TCP listener's address when `tcp` is set.
+    pub tcp_address: &'static str,
     pub volumes: Vec<Vol>,
     /// Extra lines for the `[server]` section.
     pub server_extra: String,
@@ -85,6 +87,7 @@ impl TestConfig {
             serial: "TST01",
             engine,
             tcp: false,
+            tcp_address: "127.0.0.1:0",
             volumes: vec![Vol::new(0x10, 0, "64MiB")],
             server_extra: String::new(),
             extra: String::new(),
@@ -97,7 +100,11 @@ impl TestConfig {
         let mut lss: Vec<u8> = self.volumes.iter().map(|v| v.lss).collect();
         lss.sort_unstable();
         lss.dedup();
-        let listen = if self.tcp { "[\"127.0.0.1:0\"]" } else { "[]" };
+        let listen = if self.tcp {
+            format!("[\"{}\"]", self.tcp_address)
+        } else {
+            "[]".to_string()
+        };
         let mut s = format!(
             "[server]\nserial = \"{}\"\nstate_dir = \"{d}/state\"\nio_engine = \"{}\"\n{}\n[nbd]\nlisten = {listen}\nunix = \"{d}/nbd.sock\"\n\n[api]\nunix = \"{d}/api.sock\"\n{}\n",
             self.serial, self.engine, self.server_extra, self.extra
@@ -137,6 +144,26 @@ impl TestConfig {
         }
         s
     }
+}
+
+/// The first address of a list as the ready line prints it, after its
+/// opening bracket: `127.0.0.1:10809, ...]` or `[::1]:10809, ...]`.
+fn first_listed_address(list: &str) -> Option<String> {
+    let mut depth = 0;
+    let end = list.char_indices().find_map(|(i, c)| match c {
+        '[' => {
+            depth += 1;
+            None
+        }
+        ']' if depth > 0 => {
+            depth -= 1;
+            None
+        }
+        ']' | ',' if depth == 0 => Some(i),
+        _ => None,
+    })?;
+    let first = list[..end].trim();
+    (!first.is_empty()).then(|| first.to_string())
 }
 
 /// A running essd.
@@ -216,12 +243,7 @@ impl Essd {
             let text = strip_ansi(all.get(log_start..).unwrap_or(""));
             if let Some(line) = text.lines().rev().find(|l| l.contains("essd ready")) {
                 if let Some(start) = line.find("nbd_tcp=[") {
-                    let rest = &line[start + 9..];
-                    let end = rest.find(']').unwrap();
-                    let first = rest[..end].split(',').next().unwrap_or("").trim();
-                    if !first.is_empty() {
-                        self.tcp = Some(first.to_string());
-                    }
+                    self.tcp = first_listed_address(&line[start + 9..]);
                 }
                 return;
             }

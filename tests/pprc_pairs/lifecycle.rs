@@ -386,6 +386,70 @@ struct FivePeers {
     _dirs: Vec<tempfile::TempDir>,
 }
 
+/// One site of [`a_pair_mirrors_over_ipv6_loopback`]: NBD on `[::1]`,
+/// replication on `[::1]:listen`, the peer at `[::1]:peer_port`.
+fn ipv6_site(
+    serial: &'static str,
+    listen: u16,
+    peer: &str,
+    peer_port: u16,
+) -> (tempfile::TempDir, Essd) {
+    let dir = tempdir(&format!("pprc-ipv6-{serial}"));
+    let mut cfg = TestConfig::new("uring");
+    cfg.serial = serial;
+    cfg.tcp = true;
+    cfg.tcp_address = "[::1]:0";
+    cfg.volumes = vec![Vol::new(0x10, 0, "64MiB")];
+    cfg.extra = format!(
+        "\n[replication]\nlisten = \"[::1]:{listen}\"\nsecret = \"{SECRET}\"\n\n[[peer]]\nserial = \"{peer}\"\naddress = \"[::1]:{peer_port}\"\n"
+    );
+    let essd = Essd::start_in(dir.path(), &cfg);
+    (dir, essd)
+}
+
+/// Servers that listen and name each other on IPv6 only: the path's
+/// links come up to `[::1]`, the initial copy and the host's writes (over
+/// NBD on `[::1]` too) reach the secondary, and both volumes end equal.
+#[test]
+fn a_pair_mirrors_over_ipv6_loopback() {
+    let (port_a, port_b) = (free_port(), free_port());
+    let (_dir_b, b) = ipv6_site("TSTB2", port_b, "TSTA1", port_a);
+    let (dir_a, a) = ipv6_site("TSTA1", port_a, "TSTB2", port_b);
+    let (va, vb) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    let host_uri = a.tcp_uri(&va);
+    assert!(host_uri.starts_with("nbd://[::1]:"), "{host_uri}");
+
+    let src = dir_a.path().join("fill.img");
+    random_file(&src, 8 << 20, 61);
+    run(std::process::Command::new("nbdcopy")
+        .arg("--flush")
+        .arg(&src)
+        .arg(&host_uri));
+    path(&a, "0x10", "TSTB2", "0x10", "2");
+    let paths = essctl_json(&a, &["pprc", "path", "list"]);
+    let shown = &paths["paths"][0];
+    assert_eq!(
+        (
+            &shown["peer_address"],
+            shown["links"].as_array().unwrap().len()
+        ),
+        (&format!("[::1]:{port_b}").into(), 2),
+        "{paths}"
+    );
+
+    essctl(&a, &["pprc", "establish", &va, &vb]).ok();
+    wait_duplex(&a, &va);
+    let tracks = python(WRITE_TRACKS, &[&host_uri, "62", "40", "flush"]);
+    assert_eq!(tracks.split_whitespace().count(), 40, "{tracks}");
+    let v = show(&a, &va);
+    assert_eq!(
+        (&v["state"], &v["replication_status"]),
+        (&"duplex".into(), &"current".into()),
+        "{v}"
+    );
+    assert_eq!(volume_sha(&a, &va), volume_sha(&b, &vb));
+}
+
 const FIVE_PEERS: [&str; 5] = ["TSTB1", "TSTB2", "TSTB3", "TSTB4", "TSTB5"];
 
 fn five_peers(ports: &[u16; 5], address: impl Fn(usize) -> SocketAddr) -> FivePeers {
