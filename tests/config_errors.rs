@@ -13,19 +13,9 @@ fn base(dir: &Path) -> String {
     )
 }
 
-/// Runs essd on `text`; returns (exit code, stderr).
+/// Runs essd on `text`; returns (exit code, last line of stderr).
 fn start(dir: &Path, text: &str) -> (Option<i32>, String) {
-    let path = dir.join("bad.toml");
-    std::fs::write(&path, text).unwrap();
-    let out = Command::new(common::essd_bin())
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    // Start-up log lines may precede the error; the error is the last line.
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let last = stderr.trim_end().lines().last().unwrap_or("").to_string();
-    (out.status.code(), last)
+    common::start_to_exit(&dir.join("bad.toml"), text)
 }
 
 #[test]

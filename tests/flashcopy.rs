@@ -702,3 +702,55 @@ for uri in sys.argv[1:]:
     );
     assert_eq!(out.matches(" ok").count(), 2, "{out}");
 }
+
+/// A configuration that dropped the source or the target of a recorded
+/// relationship stops the start with the record, the volume and how to take
+/// it out properly; the record is untouched, and with the configuration put
+/// back the target still reads as T0.
+#[test]
+fn a_start_without_a_volume_of_a_relationship_is_refused_and_loses_nothing() {
+    let dir = tempdir("fc-dropped");
+    let mut essd = Essd::start_in(dir.path(), &four_volumes("uring", "16MiB"));
+    let seed = dir.path().join("seed.bin");
+    random_file(&seed, 16 << 20, 9);
+    run(Command::new("nbdcopy").arg(&seed).arg(essd.uri("000TST01")));
+    essctl_ok(
+        &essd,
+        &["flashcopy", "establish", "000TST01:001TST01", "--nocopy"],
+    );
+    // Overwritten after T0: the target must keep the seed.
+    random_file(&dir.path().join("later.bin"), 16 << 20, 10);
+    run(Command::new("nbdcopy")
+        .arg("--flush")
+        .arg(dir.path().join("later.bin"))
+        .arg(essd.uri("000TST01")));
+    assert_eq!(essd.terminate().code(), Some(0));
+    let record = dir.path().join("state/flashcopy/relationships.json");
+    let before = std::fs::read(&record).unwrap();
+
+    for (file, role, volume) in [
+        ("vol-10-0.img", "source", "000TST01"),
+        ("vol-10-1.img", "target", "001TST01"),
+    ] {
+        let refused = essd.start_edited(|c| without_volume(c, &dir.path().join(file)));
+        assert_eq!(
+            refused,
+            (
+                Some(2),
+                format!(
+                    "essd: {}: relationship 000TST01 → 001TST01: {role} {volume} is no longer in \
+                     the configuration; put it back, start essd and withdraw the relationship \
+                     (essctl flashcopy withdraw 000TST01:001TST01) before taking it out",
+                    record.display()
+                )
+            )
+        );
+    }
+    assert_eq!(std::fs::read(&record).unwrap(), before);
+
+    essd.restart("TST01");
+    assert_eq!(
+        export_sha(&essd, "001TST01", &dir.path().join("t0.bin")),
+        sha256_file(&seed)
+    );
+}

@@ -146,6 +146,34 @@ impl TestConfig {
     }
 }
 
+/// Writes `text` to `path` and runs essd on it, which must exit; returns
+/// its exit code and the last line of its stderr (start-up log lines may
+/// precede the error).
+pub fn start_to_exit(path: &Path, text: &str) -> (Option<i32>, String) {
+    std::fs::write(path, text).unwrap();
+    let out = Command::new(essd_bin())
+        .arg("--config")
+        .arg(path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let last = stderr.trim_end().lines().last().unwrap_or("").to_string();
+    (out.status.code(), last)
+}
+
+/// `config` (as [`TestConfig::render`] writes it) without the volume
+/// backed by `backing`.
+pub fn without_volume(config: &str, backing: &Path) -> String {
+    let at = config
+        .find(&format!("path = \"{}\"", backing.display()))
+        .expect("the volume is in the config");
+    let start = config[..at].rfind("[[volume]]").unwrap();
+    let end = config[at..]
+        .find("\n\n")
+        .map_or(config.len(), |e| at + e + 2);
+    format!("{}{}", &config[..start], &config[end..])
+}
+
 /// The first address of a list as the ready line prints it, after its
 /// opening bracket: `127.0.0.1:10809, ...]` or `[::1]:10809, ...]`.
 fn first_listed_address(list: &str) -> Option<String> {
@@ -269,6 +297,14 @@ impl Essd {
             "nbd://{}/{export}",
             self.tcp.as_ref().expect("TCP listener")
         )
+    }
+
+    /// Runs essd (this one stopped) on its config with `edit` applied,
+    /// written beside it, which must exit; see [`start_to_exit`].
+    pub fn start_edited(&self, edit: impl Fn(&str) -> String) -> (Option<i32>, String) {
+        assert!(self.child.is_none(), "still running");
+        let text = edit(&std::fs::read_to_string(&self.config).unwrap());
+        start_to_exit(&self.dir.join("edited.toml"), &text)
     }
 
     /// Volume ID for LSS/number on this server.

@@ -1325,3 +1325,90 @@ fn a_trim_beside_an_unaligned_write_on_direct_io_leaves_the_volumes_equal() {
         &kept[..kept.len().min(10)]
     );
 }
+
+/// The bytes of every file in `dir`'s `state/pprc`, by name.
+fn pprc_state(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir.join("state/pprc"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A configuration that dropped the peer of a recorded path, or the volume
+/// of a recorded pair (on either side), stops the start with the record,
+/// what is missing and how to take it out properly; the state files are
+/// untouched, and with the configuration put back the pair carries on.
+#[test]
+fn a_start_without_the_peer_or_volume_of_a_pair_is_refused_and_loses_nothing() {
+    let mut s = Sites::start("pprc-dropped", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_state(&s.b, &vb, "duplex");
+    assert_eq!(s.a.terminate().code(), Some(0));
+    assert_eq!(s.b.terminate().code(), Some(0));
+    let (state_a, state_b) = (pprc_state(s.dir_a.path()), pprc_state(s.dir_b.path()));
+
+    let no_peer = s.a.start_edited(|c| {
+        let at = c.find("\n[[peer]]").unwrap();
+        let end = c[at + 1..].find("\n\n").map_or(c.len(), |e| at + 1 + e);
+        format!("{}{}", &c[..at], &c[end..])
+    });
+    assert_eq!(
+        no_peer,
+        (
+            Some(2),
+            format!(
+                "essd: {}: path 0x10 → TSTB2 0x10 needs [[peer]] serial = \"TSTB2\", which the \
+                 configuration no longer has; put it back, start essd and remove the path (essctl \
+                 pprc path remove) before taking it out",
+                s.dir_a.path().join("state/pprc/paths.json").display()
+            )
+        )
+    );
+    let file_a = s.dir_a.path().join("vol-10-0.img");
+    let no_primary = s.a.start_edited(|c| without_volume(c, &file_a));
+    assert_eq!(
+        no_primary,
+        (
+            Some(2),
+            format!(
+                "essd: {}: primary {va} of the pair with TSTB2 {vb} is no longer in the \
+                 configuration; put it back, start essd and terminate the pair (essctl pprc \
+                 terminate {va}) before taking it out",
+                s.dir_a.path().join("state/pprc/pairs.json").display()
+            )
+        )
+    );
+    let file_b = s.dir_b.path().join("vol-10-0.img");
+    let no_secondary = s.b.start_edited(|c| without_volume(c, &file_b));
+    assert_eq!(
+        no_secondary,
+        (
+            Some(2),
+            format!(
+                "essd: {}: secondary {vb} of the pair with TSTA1 {va} is no longer in the \
+                 configuration; put it back, start essd and terminate the pair (essctl pprc \
+                 terminate {va} at TSTA1) before taking it out",
+                s.dir_b.path().join("state/pprc/pairs.json").display()
+            )
+        )
+    );
+    assert_eq!(pprc_state(s.dir_a.path()), state_a);
+    assert_eq!(pprc_state(s.dir_b.path()), state_b);
+
+    s.b.restart("TSTB2");
+    s.a.restart("TSTA1");
+    // Back `primary restarted`, it resumes by itself with nothing to copy.
+    let v = wait_state(&s.a, &va, "duplex");
+    assert_eq!(v["out_of_sync_tracks"], 0, "{v}");
+    let tracks = write_tracks(&s.a, &va, 71, 8);
+    assert_eq!(tracks.len(), 8);
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}

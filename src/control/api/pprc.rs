@@ -177,7 +177,9 @@ impl From<PathError> for ApiError {
             | PathError::NoSecret
             | PathError::PeerRefused { .. } => StatusCode::CONFLICT,
             PathError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
-            PathError::State(_) | PathError::Corrupt(_) => {
+            PathError::State(_)
+            | PathError::Corrupt(_)
+            | PathError::RecordedPathUnserved { .. } => {
                 tracing::error!("PPRC path request failed: {e}");
                 StatusCode::INTERNAL_SERVER_ERROR
             }

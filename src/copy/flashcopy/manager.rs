@@ -337,18 +337,24 @@ impl FlashCopyManager {
                 path: path.clone(),
                 message,
             };
-            let source = mgr.server.lookup(&rec.source).cloned().ok_or_else(|| {
+            let missing = |role: &str, volume: &str| {
                 corrupt(format!(
-                    "relationship {} → {}: source is not configured",
-                    rec.source, rec.target
+                    "relationship {} → {}: {role} {volume} is no longer in the configuration; \
+                     put it back, start essd and withdraw the relationship (essctl flashcopy \
+                     withdraw {}:{}) before taking it out",
+                    rec.source, rec.target, rec.source, rec.target
                 ))
-            })?;
-            let target = mgr.server.lookup(&rec.target).cloned().ok_or_else(|| {
-                corrupt(format!(
-                    "relationship {} → {}: target is not configured",
-                    rec.source, rec.target
-                ))
-            })?;
+            };
+            let source = mgr
+                .server
+                .lookup(&rec.source)
+                .cloned()
+                .ok_or_else(|| missing("source", &rec.source))?;
+            let target = mgr
+                .server
+                .lookup(&rec.target)
+                .cloned()
+                .ok_or_else(|| missing("target", &rec.target))?;
             let bitmap = TrackBitmap::open(&mgr.dir.join(&rec.bitmap), rec.track_size, rec.tracks)?;
             let t0 = UNIX_EPOCH + Duration::from_nanos(rec.t0_unix_ns as u64);
             let rel = Arc::new(Relationship::new(

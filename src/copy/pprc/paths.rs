@@ -42,6 +42,25 @@ pub enum PathError {
     /// No replication secret is configured.
     #[error("no replication secret is configured ([replication] secret)")]
     NoSecret,
+    /// A path recorded in the state directory cannot be reopened: the
+    /// configuration no longer has its peer, or no replication secret.
+    #[error(
+        "{record}: path 0x{lss:02X} → {peer} 0x{peer_lss:02X} needs {missing}, which the \
+         configuration no longer has; put it back, start essd and remove the path (essctl pprc \
+         path remove) before taking it out"
+    )]
+    RecordedPathUnserved {
+        /// The path record.
+        record: std::path::PathBuf,
+        /// Local LSS.
+        lss: u8,
+        /// Peer serial.
+        peer: String,
+        /// Peer LSS.
+        peer_lss: u8,
+        /// What the configuration lacks.
+        missing: String,
+    },
     /// Link count outside 1..=8.
     #[error("a path has 1 to {MAX_LINKS} links, not {0}")]
     BadLinks(usize),
@@ -472,15 +491,25 @@ impl PathManager {
         };
         let mut paths = Vec::new();
         for r in records {
+            let unserved = |missing: String| PathError::RecordedPathUnserved {
+                record: mgr.record.clone(),
+                lss: r.lss,
+                peer: r.peer.clone(),
+                peer_lss: r.peer_lss,
+                missing,
+            };
             let Some((peer, address)) = mgr
                 .peers
                 .iter()
                 .find(|(s, _)| s.as_str() == r.peer)
                 .cloned()
             else {
-                return Err(PathError::UnknownPeer(r.peer));
+                return Err(unserved(format!("[[peer]] serial = \"{}\"", r.peer)));
             };
-            let secret = mgr.secret.clone().ok_or(PathError::NoSecret)?;
+            let secret = mgr
+                .secret
+                .clone()
+                .ok_or_else(|| unserved("a [replication] secret".into()))?;
             let slots: Vec<Arc<Slot>> = (0..r.links)
                 .map(|_| {
                     let state = LinkState::Down {

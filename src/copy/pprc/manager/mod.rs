@@ -291,6 +291,29 @@ struct Record {
     bytes_sent: u64,
 }
 
+impl Record {
+    /// Why a pair whose volume the configuration no longer has stops the
+    /// start, and how to take the volume out.
+    fn volume_gone(&self) -> String {
+        let spec = &self.spec;
+        let (role, terminate) = match self.role {
+            PairRole::Primary => ("primary", format!("essctl pprc terminate {}", spec.volume)),
+            PairRole::Secondary => (
+                "secondary",
+                format!(
+                    "essctl pprc terminate {} at {}",
+                    spec.peer_volume, spec.peer
+                ),
+            ),
+        };
+        format!(
+            "{role} {} of the pair with {} {} is no longer in the configuration; put it back, \
+             start essd and terminate the pair ({terminate}) before taking it out",
+            spec.volume, spec.peer, spec.peer_volume
+        )
+    }
+}
+
 fn accepting_default() -> bool {
     true
 }
@@ -580,7 +603,7 @@ impl PprcManager {
                 .volume(&rec.spec.volume)
                 .map_err(|_| PairError::Corrupt {
                     path: record.clone(),
-                    message: format!("pair of {}: the volume is not configured", rec.spec.volume),
+                    message: rec.volume_gone(),
                 })?;
             match rec.role {
                 PairRole::Secondary => {
