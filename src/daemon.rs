@@ -30,6 +30,28 @@ fn start_err(e: impl std::fmt::Display) -> StartError {
     StartError(e.to_string())
 }
 
+/// Checks, changing nothing, that `cfg` has everything the Copy Services
+/// records in its state directory need (the volumes of relationships and
+/// pairs, the peers of paths): what `essd --check` adds to the validation
+/// of the file, so that a configuration it passes does not stop the start
+/// there. Safe while a server runs on the directory.
+pub fn check_state(cfg: &ValidConfig) -> Result<(), StartError> {
+    let state_dir = &cfg.raw.server.state_dir;
+    let configured = |name: &str| {
+        cfg.volumes
+            .iter()
+            .any(|v| v.id.to_string() == name || v.config.alias.as_deref() == Some(name))
+    };
+    crate::copy::flashcopy::manager::check_recorded(state_dir, configured).map_err(start_err)?;
+    crate::copy::pprc::paths::check_recorded(
+        state_dir,
+        &cfg.peers,
+        cfg.replication_secret.is_some(),
+    )
+    .map_err(start_err)?;
+    crate::copy::pprc::manager::check_recorded(state_dir, configured).map_err(start_err)
+}
+
 /// Called once the server is ready, with what it listens on.
 pub type OnReady = Box<dyn FnOnce(&ApiState) + Send>;
 

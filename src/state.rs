@@ -93,6 +93,29 @@ pub fn sync_dir(dir: &Path) -> Result<(), StateIoError> {
         .map_err(err(dir, "cannot sync directory"))
 }
 
+/// Why a JSON record in the state directory could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordReadError {
+    /// The file exists but could not be read.
+    #[error("cannot read: {0}")]
+    Io(#[source] io::Error),
+    /// The file is not a record of the expected shape.
+    #[error("cannot parse: {0}")]
+    Parse(#[from] serde_json::Error),
+}
+
+/// Reads the JSON record at `path`; `None` if there is none yet. The
+/// error does not name the file: callers say which record it is.
+pub fn read_record<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<Option<T>, RecordReadError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(RecordReadError::Io(e)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

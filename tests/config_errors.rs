@@ -15,7 +15,7 @@ fn base(dir: &Path) -> String {
 
 /// Runs essd on `text`; returns (exit code, last line of stderr).
 fn start(dir: &Path, text: &str) -> (Option<i32>, String) {
-    common::start_to_exit(&dir.join("bad.toml"), text)
+    common::start_to_exit(&dir.join("bad.toml"), text, &[])
 }
 
 #[test]
@@ -137,7 +137,11 @@ fn missing_file_and_size_mismatch() {
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim_end(),
-        format!("{}: configuration is valid (1 volume)", good.display())
+        format!(
+            "{}: configuration is valid (1 volume) and has what the records in {} need",
+            good.display(),
+            d.join("state").display()
+        )
     );
     assert!(!d.join("c.img").exists());
 }

@@ -57,7 +57,8 @@ struct Args {
         conflicts_with = "demo"
     )]
     config: Option<PathBuf>,
-    /// Validate the configuration and exit without starting.
+    /// Validate the configuration, and that it has what the Copy Services
+    /// records in its state directory need, and exit without starting.
     #[arg(long)]
     check: bool,
     /// Start on the embedded demo configuration (3 small sparse volumes).
@@ -132,11 +133,13 @@ fn run(args: Args) -> anyhow::Result<usize> {
         (Config::load(&path)?, None)
     };
     if args.check {
+        essd::daemon::check_state(&cfg)?;
         let n = cfg.volumes.len();
         println!(
-            "{}: configuration is valid ({n} volume{})",
+            "{}: configuration is valid ({n} volume{}) and has what the records in {} need",
             cfg.source.display(),
-            if n == 1 { "" } else { "s" }
+            if n == 1 { "" } else { "s" },
+            cfg.raw.server.state_dir.display()
         );
         return Ok(0);
     }

@@ -146,14 +146,15 @@ impl TestConfig {
     }
 }
 
-/// Writes `text` to `path` and runs essd on it, which must exit; returns
-/// its exit code and the last line of its stderr (start-up log lines may
-/// precede the error).
-pub fn start_to_exit(path: &Path, text: &str) -> (Option<i32>, String) {
+/// Writes `text` to `path` and runs essd on it with `args`, which must
+/// exit; returns its exit code and the last line of its stderr (start-up
+/// log lines may precede the error).
+pub fn start_to_exit(path: &Path, text: &str, args: &[&str]) -> (Option<i32>, String) {
     std::fs::write(path, text).unwrap();
     let out = Command::new(essd_bin())
         .arg("--config")
         .arg(path)
+        .args(args)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -300,11 +301,19 @@ impl Essd {
     }
 
     /// Runs essd (this one stopped) on its config with `edit` applied,
-    /// written beside it, which must exit; see [`start_to_exit`].
+    /// written beside it, which must exit; `essd --check` on it must say
+    /// the same. See [`start_to_exit`].
     pub fn start_edited(&self, edit: impl Fn(&str) -> String) -> (Option<i32>, String) {
         assert!(self.child.is_none(), "still running");
         let text = edit(&std::fs::read_to_string(&self.config).unwrap());
-        start_to_exit(&self.dir.join("edited.toml"), &text)
+        let edited = self.dir.join("edited.toml");
+        let started = start_to_exit(&edited, &text, &[]);
+        assert_eq!(
+            start_to_exit(&edited, &text, &["--check"]),
+            started,
+            "essd --check passed what stops the start"
+        );
+        started
     }
 
     /// Volume ID for LSS/number on this server.

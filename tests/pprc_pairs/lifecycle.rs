@@ -1405,6 +1405,15 @@ fn a_start_without_the_peer_or_volume_of_a_pair_is_refused_and_loses_nothing() {
 
     s.b.restart("TSTB2");
     s.a.restart("TSTA1");
+    // The configuration put back passes the check, with the server running.
+    let check = run(std::process::Command::new(essd_bin())
+        .arg("--config")
+        .arg(&s.a.config)
+        .arg("--check"));
+    assert!(
+        String::from_utf8_lossy(&check.stdout).contains("configuration is valid (4 volumes)"),
+        "{check:?}"
+    );
     // Back `primary restarted`, it resumes by itself with nothing to copy.
     let v = wait_state(&s.a, &va, "duplex");
     assert_eq!(v["out_of_sync_tracks"], 0, "{v}");

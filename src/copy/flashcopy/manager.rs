@@ -302,6 +302,57 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> FlashCopyEr
     move |source| FlashCopyError::Io { what, source }
 }
 
+/// The relationship record's name in `STATE_DIR/flashcopy`.
+const RECORD: &str = "relationships.json";
+
+/// Reads the relationship record at `path` (empty if there is none).
+fn read_record_file(path: &Path) -> Result<RecordFile, FlashCopyError> {
+    crate::state::read_record(path)
+        .map(Option::unwrap_or_default)
+        .map_err(|e| FlashCopyError::Corrupt {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
+impl Record {
+    /// Fails unless both volumes are `configured`, saying how to take one
+    /// out of the configuration properly.
+    fn check_volumes(
+        &self,
+        record: &Path,
+        configured: impl Fn(&str) -> bool,
+    ) -> Result<(), FlashCopyError> {
+        for (role, volume) in [("source", &self.source), ("target", &self.target)] {
+            if !configured(volume) {
+                return Err(FlashCopyError::Corrupt {
+                    path: record.to_path_buf(),
+                    message: format!(
+                        "relationship {} → {}: {role} {volume} is no longer in the \
+                         configuration; put it back, start essd and withdraw the relationship \
+                         (essctl flashcopy withdraw {}:{}) before taking it out",
+                        self.source, self.target, self.source, self.target
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks, changing nothing, that every relationship recorded in
+/// `state_dir` has both its volumes `configured`, as a start needs.
+pub fn check_recorded(
+    state_dir: &Path,
+    configured: impl Fn(&str) -> bool,
+) -> Result<(), FlashCopyError> {
+    let path = state_dir.join("flashcopy").join(RECORD);
+    read_record_file(&path)?
+        .relationships
+        .iter()
+        .try_for_each(|rec| rec.check_volumes(&path, &configured))
+}
+
 impl FlashCopyManager {
     /// Opens the manager, restoring persisted relationships (their copiers
     /// resume where they stopped).
@@ -313,15 +364,8 @@ impl FlashCopyManager {
         let dir = state_dir.join("flashcopy");
         std::fs::create_dir_all(&dir)
             .map_err(io_err(format!("cannot create {}", dir.display())))?;
-        let path = dir.join("relationships.json");
-        let file: RecordFile = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| FlashCopyError::Corrupt {
-                path: path.clone(),
-                message: format!("cannot parse: {e}"),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => RecordFile::default(),
-            Err(e) => return Err(io_err(format!("cannot read {}", path.display()))(e)),
-        };
+        let path = dir.join(RECORD);
+        let file = read_record_file(&path)?;
         let mgr = Arc::new(FlashCopyManager {
             server,
             dir,
@@ -333,28 +377,13 @@ impl FlashCopyManager {
         });
         let mut inner = mgr.inner.lock().await;
         for rec in file.relationships {
-            let corrupt = |message: String| FlashCopyError::Corrupt {
-                path: path.clone(),
-                message,
+            rec.check_volumes(&path, |v| mgr.server.lookup(v).is_some())?;
+            let (Some(source), Some(target)) = (
+                mgr.server.lookup(&rec.source).cloned(),
+                mgr.server.lookup(&rec.target).cloned(),
+            ) else {
+                unreachable!("both volumes were just checked");
             };
-            let missing = |role: &str, volume: &str| {
-                corrupt(format!(
-                    "relationship {} → {}: {role} {volume} is no longer in the configuration; \
-                     put it back, start essd and withdraw the relationship (essctl flashcopy \
-                     withdraw {}:{}) before taking it out",
-                    rec.source, rec.target, rec.source, rec.target
-                ))
-            };
-            let source = mgr
-                .server
-                .lookup(&rec.source)
-                .cloned()
-                .ok_or_else(|| missing("source", &rec.source))?;
-            let target = mgr
-                .server
-                .lookup(&rec.target)
-                .cloned()
-                .ok_or_else(|| missing("target", &rec.target))?;
             let bitmap = TrackBitmap::open(&mgr.dir.join(&rec.bitmap), rec.track_size, rec.tracks)?;
             let t0 = UNIX_EPOCH + Duration::from_nanos(rec.t0_unix_ns as u64);
             let rel = Arc::new(Relationship::new(
@@ -606,11 +635,11 @@ impl FlashCopyManager {
             incomplete_targets: incomplete.clone(),
         };
         let mut bytes = serde_json::to_vec_pretty(&file).map_err(|e| FlashCopyError::Corrupt {
-            path: self.dir.join("relationships.json"),
+            path: self.dir.join(RECORD),
             message: format!("cannot encode: {e}"),
         })?;
         bytes.push(b'\n');
-        write_atomic(&self.dir.join("relationships.json"), &bytes, 0o600)?;
+        write_atomic(&self.dir.join(RECORD), &bytes, 0o600)?;
         Ok(())
     }
 

@@ -456,6 +456,56 @@ impl std::fmt::Debug for PathManager {
     }
 }
 
+/// The path record's name in `STATE_DIR/pprc`.
+const RECORD: &str = "paths.json";
+
+/// Reads the path record at `path` (empty if there is none).
+fn read_records(path: &std::path::Path) -> Result<Vec<Record>, PathError> {
+    crate::state::read_record(path)
+        .map(Option::unwrap_or_default)
+        .map_err(|e| PathError::Corrupt(format!("{}: {e}", path.display())))
+}
+
+impl Record {
+    /// Fails unless the configuration has the path's peer and a secret
+    /// for its links, saying how to take them out properly.
+    fn check_served(
+        &self,
+        record: &std::path::Path,
+        peers: &[(Serial, SocketAddr)],
+        secret: bool,
+    ) -> Result<(), PathError> {
+        let missing = if !peers.iter().any(|(s, _)| s.as_str() == self.peer) {
+            format!("[[peer]] serial = \"{}\"", self.peer)
+        } else if !secret {
+            "a [replication] secret".to_string()
+        } else {
+            return Ok(());
+        };
+        Err(PathError::RecordedPathUnserved {
+            record: record.to_path_buf(),
+            lss: self.lss,
+            peer: self.peer.clone(),
+            peer_lss: self.peer_lss,
+            missing,
+        })
+    }
+}
+
+/// Checks, changing nothing, that the configuration has the peer of every
+/// path recorded in `state_dir` and a secret for their links, as a start
+/// needs.
+pub fn check_recorded(
+    state_dir: &std::path::Path,
+    peers: &[(Serial, SocketAddr)],
+    secret: bool,
+) -> Result<(), PathError> {
+    let path = state_dir.join("pprc").join(RECORD);
+    read_records(&path)?
+        .iter()
+        .try_for_each(|r| r.check_served(&path, peers, secret))
+}
+
 impl PathManager {
     /// A manager for this server's LSSs and configured peers; reopens the
     /// paths recorded in `state_dir` (their links connect in the background).
@@ -470,14 +520,8 @@ impl PathManager {
         let dir = state_dir.join("pprc");
         std::fs::create_dir_all(&dir)
             .map_err(|e| PathError::Corrupt(format!("cannot create {}: {e}", dir.display())))?;
-        let record = dir.join("paths.json");
-        let records: Vec<Record> = match std::fs::read(&record) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                PathError::Corrupt(format!("{}: cannot parse: {e}", record.display()))
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(PathError::Corrupt(format!("{}: {e}", record.display()))),
-        };
+        let record = dir.join(RECORD);
+        let records = read_records(&record)?;
         let mut mgr = PathManager {
             record,
             serial,
@@ -491,25 +535,16 @@ impl PathManager {
         };
         let mut paths = Vec::new();
         for r in records {
-            let unserved = |missing: String| PathError::RecordedPathUnserved {
-                record: mgr.record.clone(),
-                lss: r.lss,
-                peer: r.peer.clone(),
-                peer_lss: r.peer_lss,
-                missing,
+            r.check_served(&mgr.record, &mgr.peers, mgr.secret.is_some())?;
+            let (Some((peer, address)), Some(secret)) = (
+                mgr.peers
+                    .iter()
+                    .find(|(s, _)| s.as_str() == r.peer)
+                    .cloned(),
+                mgr.secret.clone(),
+            ) else {
+                unreachable!("the peer and the secret were just checked");
             };
-            let Some((peer, address)) = mgr
-                .peers
-                .iter()
-                .find(|(s, _)| s.as_str() == r.peer)
-                .cloned()
-            else {
-                return Err(unserved(format!("[[peer]] serial = \"{}\"", r.peer)));
-            };
-            let secret = mgr
-                .secret
-                .clone()
-                .ok_or_else(|| unserved("a [replication] secret".into()))?;
             let slots: Vec<Arc<Slot>> = (0..r.links)
                 .map(|_| {
                     let state = LinkState::Down {

@@ -291,10 +291,42 @@ struct Record {
     bytes_sent: u64,
 }
 
+/// The pair record's name in `STATE_DIR/pprc`.
+const RECORD: &str = "pairs.json";
+
+/// Reads the pair record at `path` (empty if there is none).
+fn read_records(path: &Path) -> Result<Vec<Record>, PairError> {
+    crate::state::read_record(path)
+        .map(Option::unwrap_or_default)
+        .map_err(|e| PairError::Corrupt {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
+/// Checks, changing nothing, that the volume of every pair recorded in
+/// `state_dir` is `configured`, as a start needs.
+pub fn check_recorded(
+    state_dir: &Path,
+    configured: impl Fn(&str) -> bool,
+) -> Result<(), PairError> {
+    let path = state_dir.join("pprc").join(RECORD);
+    read_records(&path)?
+        .iter()
+        .try_for_each(|rec| rec.check_volume(&path, &configured))
+}
+
 impl Record {
-    /// Why a pair whose volume the configuration no longer has stops the
-    /// start, and how to take the volume out.
-    fn volume_gone(&self) -> String {
+    /// Fails unless the pair's volume here is `configured`, saying how to
+    /// take it out of the configuration properly.
+    fn check_volume(
+        &self,
+        record: &Path,
+        configured: impl Fn(&str) -> bool,
+    ) -> Result<(), PairError> {
+        if configured(&self.spec.volume) {
+            return Ok(());
+        }
         let spec = &self.spec;
         let (role, terminate) = match self.role {
             PairRole::Primary => ("primary", format!("essctl pprc terminate {}", spec.volume)),
@@ -306,11 +338,14 @@ impl Record {
                 ),
             ),
         };
-        format!(
-            "{role} {} of the pair with {} {} is no longer in the configuration; put it back, \
-             start essd and terminate the pair ({terminate}) before taking it out",
-            spec.volume, spec.peer, spec.peer_volume
-        )
+        Err(PairError::Corrupt {
+            path: record.to_path_buf(),
+            message: format!(
+                "{role} {} of the pair with {} {} is no longer in the configuration; put it \
+                 back, start essd and terminate the pair ({terminate}) before taking it out",
+                spec.volume, spec.peer, spec.peer_volume
+            ),
+        })
     }
 }
 
@@ -541,15 +576,8 @@ impl PprcManager {
         let dir = state_dir.join("pprc");
         std::fs::create_dir_all(&dir)
             .map_err(io_err(format!("cannot create {}", dir.display())))?;
-        let record = dir.join("pairs.json");
-        let records: Vec<Record> = match std::fs::read(&record) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| PairError::Corrupt {
-                path: record.clone(),
-                message: format!("cannot parse: {e}"),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(io_err(format!("cannot read {}", record.display()))(e)),
-        };
+        let record = dir.join(RECORD);
+        let records = read_records(&record)?;
         let group_lss: Vec<_> = server
             .lss()
             .iter()
@@ -599,12 +627,8 @@ impl PprcManager {
         let mut entries = Vec::new();
         let mut resume = Vec::new();
         for rec in records {
-            let volume = mgr
-                .volume(&rec.spec.volume)
-                .map_err(|_| PairError::Corrupt {
-                    path: record.clone(),
-                    message: rec.volume_gone(),
-                })?;
+            rec.check_volume(&record, |v| mgr.volume(v).is_ok())?;
+            let volume = mgr.volume(&rec.spec.volume)?;
             match rec.role {
                 PairRole::Secondary => {
                     volume.set_secondary(true);

@@ -37,11 +37,11 @@ impl PprcManager {
             })
             .collect();
         let mut bytes = serde_json::to_vec_pretty(&records).map_err(|e| PairError::Corrupt {
-            path: self.dir.join("pairs.json"),
+            path: self.dir.join(RECORD),
             message: format!("cannot encode: {e}"),
         })?;
         bytes.push(b'\n');
-        write_atomic(&self.dir.join("pairs.json"), &bytes, 0o600)?;
+        write_atomic(&self.dir.join(RECORD), &bytes, 0o600)?;
         Ok(())
     }
 
