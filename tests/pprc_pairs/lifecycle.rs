@@ -1372,34 +1372,34 @@ fn a_start_without_the_peer_or_volume_of_a_pair_is_refused_and_loses_nothing() {
             )
         )
     );
-    let file_a = s.dir_a.path().join("vol-10-0.img");
-    let no_primary = s.a.start_edited(|c| without_volume(c, &file_a));
-    assert_eq!(
-        no_primary,
+    for (essd, dir, pair, terminate) in [
         (
-            Some(2),
-            format!(
-                "essd: {}: primary {va} of the pair with TSTB2 {vb} is no longer in the \
-                 configuration; put it back, start essd and terminate the pair (essctl pprc \
-                 terminate {va}) before taking it out",
-                s.dir_a.path().join("state/pprc/pairs.json").display()
-            )
-        )
-    );
-    let file_b = s.dir_b.path().join("vol-10-0.img");
-    let no_secondary = s.b.start_edited(|c| without_volume(c, &file_b));
-    assert_eq!(
-        no_secondary,
+            &s.a,
+            s.dir_a.path(),
+            format!("primary {va} of the pair with TSTB2 {vb}"),
+            va.clone(),
+        ),
         (
-            Some(2),
-            format!(
-                "essd: {}: secondary {vb} of the pair with TSTA1 {va} is no longer in the \
-                 configuration; put it back, start essd and terminate the pair (essctl pprc \
-                 terminate {va} at TSTA1) before taking it out",
-                s.dir_b.path().join("state/pprc/pairs.json").display()
+            &s.b,
+            s.dir_b.path(),
+            format!("secondary {vb} of the pair with TSTA1 {va}"),
+            format!("{va} at TSTA1"),
+        ),
+    ] {
+        let refused = essd.start_edited(|c| without_volume(c, &dir.join("vol-10-0.img")));
+        assert_eq!(
+            refused,
+            (
+                Some(2),
+                format!(
+                    "essd: {}: {pair} is no longer in the configuration; put it back, start essd \
+                     and terminate the pair (essctl pprc terminate {terminate}) before taking it \
+                     out",
+                    dir.join("state/pprc/pairs.json").display()
+                )
             )
-        )
-    );
+        );
+    }
     assert_eq!(pprc_state(s.dir_a.path()), state_a);
     assert_eq!(pprc_state(s.dir_b.path()), state_b);
 
