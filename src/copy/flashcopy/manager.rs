@@ -316,27 +316,25 @@ fn read_record_file(path: &Path) -> Result<RecordFile, FlashCopyError> {
 }
 
 impl Record {
-    /// Fails unless both volumes are `configured`, saying how to take one
-    /// out of the configuration properly.
-    fn check_volumes(
+    /// Both volumes, as `lookup` finds them; fails if the configuration no
+    /// longer has one, saying how to take it out properly.
+    fn volumes<V>(
         &self,
         record: &Path,
-        configured: impl Fn(&str) -> bool,
-    ) -> Result<(), FlashCopyError> {
-        for (role, volume) in [("source", &self.source), ("target", &self.target)] {
-            if !configured(volume) {
-                return Err(FlashCopyError::Corrupt {
-                    path: record.to_path_buf(),
-                    message: format!(
-                        "relationship {} → {}: {role} {volume} is no longer in the \
-                         configuration; put it back, start essd and withdraw the relationship \
-                         (essctl flashcopy withdraw {}:{}) before taking it out",
-                        self.source, self.target, self.source, self.target
-                    ),
-                });
-            }
-        }
-        Ok(())
+        lookup: impl Fn(&str) -> Option<V>,
+    ) -> Result<(V, V), FlashCopyError> {
+        let find = |role: &str, volume: &str| {
+            lookup(volume).ok_or_else(|| FlashCopyError::Corrupt {
+                path: record.to_path_buf(),
+                message: format!(
+                    "relationship {} → {}: {role} {volume} is no longer in the configuration; \
+                     put it back, start essd and withdraw the relationship (essctl flashcopy \
+                     withdraw {}:{}) before taking it out",
+                    self.source, self.target, self.source, self.target
+                ),
+            })
+        };
+        Ok((find("source", &self.source)?, find("target", &self.target)?))
     }
 }
 
@@ -350,7 +348,10 @@ pub fn check_recorded(
     read_record_file(&path)?
         .relationships
         .iter()
-        .try_for_each(|rec| rec.check_volumes(&path, &configured))
+        .try_for_each(|rec| {
+            rec.volumes(&path, |v| configured(v).then_some(()))
+                .map(drop)
+        })
 }
 
 impl FlashCopyManager {
@@ -377,13 +378,7 @@ impl FlashCopyManager {
         });
         let mut inner = mgr.inner.lock().await;
         for rec in file.relationships {
-            rec.check_volumes(&path, |v| mgr.server.lookup(v).is_some())?;
-            let (Some(source), Some(target)) = (
-                mgr.server.lookup(&rec.source).cloned(),
-                mgr.server.lookup(&rec.target).cloned(),
-            ) else {
-                unreachable!("both volumes were just checked");
-            };
+            let (source, target) = rec.volumes(&path, |v| mgr.server.lookup(v).cloned())?;
             let bitmap = TrackBitmap::open(&mgr.dir.join(&rec.bitmap), rec.track_size, rec.tracks)?;
             let t0 = UNIX_EPOCH + Duration::from_nanos(rec.t0_unix_ns as u64);
             let rel = Arc::new(Relationship::new(

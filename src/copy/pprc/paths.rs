@@ -467,28 +467,29 @@ fn read_records(path: &std::path::Path) -> Result<Vec<Record>, PathError> {
 }
 
 impl Record {
-    /// Fails unless the configuration has the path's peer and a secret
-    /// for its links, saying how to take them out properly.
-    fn check_served(
+    /// The path's peer (serial and address) and the secret for its links;
+    /// fails if the configuration no longer has them, saying how to take
+    /// the path out properly.
+    fn served_by<S: Clone>(
         &self,
         record: &std::path::Path,
         peers: &[(Serial, SocketAddr)],
-        secret: bool,
-    ) -> Result<(), PathError> {
-        let missing = if !peers.iter().any(|(s, _)| s.as_str() == self.peer) {
-            format!("[[peer]] serial = \"{}\"", self.peer)
-        } else if !secret {
-            "a [replication] secret".to_string()
-        } else {
-            return Ok(());
-        };
-        Err(PathError::RecordedPathUnserved {
+        secret: Option<&S>,
+    ) -> Result<((Serial, SocketAddr), S), PathError> {
+        let unserved = |missing: String| PathError::RecordedPathUnserved {
             record: record.to_path_buf(),
             lss: self.lss,
             peer: self.peer.clone(),
             peer_lss: self.peer_lss,
             missing,
-        })
+        };
+        let peer = peers
+            .iter()
+            .find(|(s, _)| s.as_str() == self.peer)
+            .cloned()
+            .ok_or_else(|| unserved(format!("[[peer]] serial = \"{}\"", self.peer)))?;
+        let secret = secret.ok_or_else(|| unserved("a [replication] secret".into()))?;
+        Ok((peer, secret.clone()))
     }
 }
 
@@ -503,7 +504,7 @@ pub fn check_recorded(
     let path = state_dir.join("pprc").join(RECORD);
     read_records(&path)?
         .iter()
-        .try_for_each(|r| r.check_served(&path, peers, secret))
+        .try_for_each(|r| r.served_by(&path, peers, secret.then_some(&())).map(drop))
 }
 
 impl PathManager {
@@ -535,16 +536,8 @@ impl PathManager {
         };
         let mut paths = Vec::new();
         for r in records {
-            r.check_served(&mgr.record, &mgr.peers, mgr.secret.is_some())?;
-            let (Some((peer, address)), Some(secret)) = (
-                mgr.peers
-                    .iter()
-                    .find(|(s, _)| s.as_str() == r.peer)
-                    .cloned(),
-                mgr.secret.clone(),
-            ) else {
-                unreachable!("the peer and the secret were just checked");
-            };
+            let ((peer, address), secret) =
+                r.served_by(&mgr.record, &mgr.peers, mgr.secret.as_ref())?;
             let slots: Vec<Arc<Slot>> = (0..r.links)
                 .map(|_| {
                     let state = LinkState::Down {

@@ -313,19 +313,15 @@ pub fn check_recorded(
     let path = state_dir.join("pprc").join(RECORD);
     read_records(&path)?
         .iter()
-        .try_for_each(|rec| rec.check_volume(&path, &configured))
+        .try_for_each(|rec| rec.volume(&path, |v| configured(v).then_some(())))
 }
 
 impl Record {
-    /// Fails unless the pair's volume here is `configured`, saying how to
-    /// take it out of the configuration properly.
-    fn check_volume(
-        &self,
-        record: &Path,
-        configured: impl Fn(&str) -> bool,
-    ) -> Result<(), PairError> {
-        if configured(&self.spec.volume) {
-            return Ok(());
+    /// The pair's volume here, as `lookup` finds it; fails if the
+    /// configuration no longer has it, saying how to take it out properly.
+    fn volume<V>(&self, record: &Path, lookup: impl Fn(&str) -> Option<V>) -> Result<V, PairError> {
+        if let Some(volume) = lookup(&self.spec.volume) {
+            return Ok(volume);
         }
         let spec = &self.spec;
         let (role, terminate) = match self.role {
@@ -627,8 +623,7 @@ impl PprcManager {
         let mut entries = Vec::new();
         let mut resume = Vec::new();
         for rec in records {
-            rec.check_volume(&record, |v| mgr.volume(v).is_ok())?;
-            let volume = mgr.volume(&rec.spec.volume)?;
+            let volume = rec.volume(&record, |v| mgr.volume(v).ok())?;
             match rec.role {
                 PairRole::Secondary => {
                     volume.set_secondary(true);
