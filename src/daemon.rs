@@ -30,12 +30,13 @@ fn start_err(e: impl std::fmt::Display) -> StartError {
     StartError(e.to_string())
 }
 
-/// Checks, changing nothing, that `cfg` has everything the Copy Services
-/// records in its state directory need (the volumes of relationships and
-/// pairs, the peers of paths): what `essd --check` adds to the validation
-/// of the file, so that a configuration it passes does not stop the start
-/// there. Safe while a server runs on the directory.
+/// Checks, changing nothing, what a start would find wrong beyond the
+/// file itself: each volume's backing against its size, and everything
+/// the Copy Services records in the state directory need (the volumes of
+/// relationships and pairs, the peers of paths). What `essd --check` adds
+/// to the validation of the file; safe while a server runs.
 pub fn check_state(cfg: &ValidConfig) -> Result<(), StartError> {
+    crate::volume::server::check_backings(cfg).map_err(start_err)?;
     let state_dir = &cfg.raw.server.state_dir;
     let configured = |name: &str| {
         cfg.volumes

@@ -123,6 +123,11 @@ fn missing_file_and_size_mismatch() {
             d.display()
         )
     );
+    // --check says the same.
+    assert_eq!(
+        common::start_to_exit(&d.join("bad.toml"), &text, &["--check"]),
+        (code, stderr)
+    );
     assert_eq!(std::fs::read(d.join("a.img")).unwrap(), vec![7u8; 4096]);
     assert!(!d.join("b.img").exists());
     // --check validates without starting.
@@ -138,7 +143,7 @@ fn missing_file_and_size_mismatch() {
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim_end(),
         format!(
-            "{}: configuration is valid (1 volume) and has what the records in {} need",
+            "{}: configuration is valid (1 volume; the backings and the records in {} agree with it)",
             good.display(),
             d.join("state").display()
         )

@@ -187,15 +187,16 @@ impl Drop for LoopDev {
 
 /// Starts essd on `cfg` in `dir`, expecting start-up to fail with exit
 /// code 2; returns its stderr.
+/// Starts essd on `cfg` in `dir` (with `args`), which must exit with
+/// status `code`; returns the last line of its stderr.
+fn start_exits(dir: &Path, cfg: &TestConfig, args: &[&str], code: i32) -> String {
+    let (status, last) = start_to_exit(&dir.join("essd.toml"), &cfg.render(dir), args);
+    assert_eq!(status, Some(code), "{last}");
+    last
+}
+
 fn start_fails(dir: &Path, cfg: &TestConfig) -> String {
-    std::fs::write(dir.join("essd.toml"), cfg.render(dir)).unwrap();
-    let out = Command::new(essd_bin())
-        .arg("--config")
-        .arg(dir.join("essd.toml"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    start_exits(dir, cfg, &[], 2)
 }
 
 #[test]
@@ -235,7 +236,8 @@ fn loop_device_backing_serves_and_persists_data() {
         run(Command::new("nbdcopy").arg(essd.uri("000TST01")).arg(&back));
         assert_eq!(sha256_file(&back), sha256_file(&src), "{engine}");
 
-        // A second server cannot open the device while the first holds it.
+        // A second server cannot open the device while the first holds it;
+        // `essd --check` beside the first finds nothing wrong.
         let dir2 = tempdir("blk2");
         let err = start_fails(dir2.path(), &cfg);
         assert!(
@@ -244,6 +246,7 @@ fn loop_device_backing_serves_and_persists_data() {
             ),
             "{err}"
         );
+        start_exits(dir2.path(), &cfg, &["--check"], 0);
         assert_eq!(essd.stop().code(), Some(0));
         // What the host wrote is on the device itself (flushed at shutdown).
         assert_eq!(sha256_file(&image), sha256_file(&src), "{engine}");
@@ -258,6 +261,7 @@ fn loop_device_backing_serves_and_persists_data() {
             ),
             "{err}"
         );
+        assert_eq!(start_exits(dir2.path(), &big, &["--check"], 2), err);
     }
 }
 

@@ -136,7 +136,8 @@ fn run(args: Args) -> anyhow::Result<usize> {
         essd::daemon::check_state(&cfg)?;
         let n = cfg.volumes.len();
         println!(
-            "{}: configuration is valid ({n} volume{}) and has what the records in {} need",
+            "{}: configuration is valid ({n} volume{}; the backings and the records in {} agree \
+             with it)",
             cfg.source.display(),
             if n == 1 { "" } else { "s" },
             cfg.raw.server.state_dir.display()

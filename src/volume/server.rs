@@ -70,21 +70,37 @@ pub struct StorageServer {
     by_name: HashMap<String, Arc<Volume>>,
 }
 
+/// Wraps a backing's error with the config entry of `spec`.
+fn volume_error(
+    cfg: &ValidConfig,
+    spec: &crate::config::VolumeSpec,
+) -> impl FnOnce(OpenError) -> VolumeOpenError {
+    let file = cfg.source.clone();
+    let index = spec.index;
+    let volume = spec.id.to_string();
+    move |source| VolumeOpenError {
+        file,
+        index,
+        volume,
+        source,
+    }
+}
+
+/// Checks every volume's backing against the configuration as a start
+/// does, changing, locking and holding nothing (`essd --check`).
+pub fn check_backings(cfg: &ValidConfig) -> Result<(), VolumeOpenError> {
+    cfg.volumes.iter().try_for_each(|spec| {
+        let v = &spec.config;
+        BackingStore::check(&v.path, v.size.map(|s| s.0), v.read_only, v.direct_io)
+            .map_err(volume_error(cfg, spec))
+    })
+}
+
 impl StorageServer {
     /// Opens every volume. All backings are probed first, so a problem with
     /// any of them is reported before any missing file is created.
     pub fn open(cfg: &ValidConfig, engine: Engine) -> Result<Self, VolumeOpenError> {
-        let fail = |spec: &crate::config::VolumeSpec| {
-            let file = cfg.source.clone();
-            let index = spec.index;
-            let volume = spec.id.to_string();
-            move |source| VolumeOpenError {
-                file,
-                index,
-                volume,
-                source,
-            }
-        };
+        let fail = |spec| volume_error(cfg, spec);
         let mut probes = Vec::new();
         for spec in &cfg.volumes {
             let v = &spec.config;

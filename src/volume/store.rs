@@ -134,40 +134,17 @@ fn open_flags(read_only: bool, direct: bool, block: bool) -> OpenOptions {
 
 impl BackingStore {
     /// Checks a backing path against the configured size without creating
-    /// or modifying anything. Opens (and holds) existing backings, so a block
-    /// device in use or a file served by another process is refused here.
+    /// anything. Opens (and holds) existing backings, so a block device in
+    /// use or a file served by another process is refused here; a file
+    /// that a crash left grown by a direct-I/O block is cut back.
     pub fn probe(
         path: &Path,
         size: Option<u64>,
         read_only: bool,
         direct: bool,
     ) -> Result<Probe, OpenError> {
-        let meta = match std::fs::metadata(path) {
-            Ok(m) => Some(m),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(os(path, "cannot stat backing")(e)),
-        };
-        let Some(meta) = meta else {
-            let size = size.ok_or_else(|| OpenError::Mismatch {
-                path: path.to_path_buf(),
-                message: "file does not exist and no size is configured".into(),
-            })?;
-            if read_only {
-                return Err(OpenError::Mismatch {
-                    path: path.to_path_buf(),
-                    message: "read-only volume's backing file does not exist".into(),
-                });
-            }
-            return Ok(Probe {
-                kind: BackingKind::File,
-                missing: true,
-                size,
-                file: None,
-            });
-        };
-        let ft = meta.file_type();
-        if ft.is_block_device() {
-            let file = retry_while_busy(libc::EBUSY, || {
+        let open_device = || {
+            retry_while_busy(libc::EBUSY, || {
                 open_flags(read_only, direct, true).open(path)
             })
             .map_err(|e| match e.raw_os_error() {
@@ -178,64 +155,27 @@ impl BackingStore {
                             .into(),
                 },
                 _ => os(path, "cannot open block device")(e),
-            })?;
-            let mut dev_size = 0u64;
-            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
-            unsafe { blk_get_size64(file.as_raw_fd(), &mut dev_size) }
-                .map_err(|e| os(path, "BLKGETSIZE64")(e.into()))?;
-            let size = match size {
-                None => dev_size,
-                Some(s) if s <= dev_size => s,
-                Some(s) => {
-                    return Err(OpenError::Mismatch {
-                        path: path.to_path_buf(),
-                        message: format!(
-                            "block device is {dev_size} bytes, smaller than the configured size {s}"
-                        ),
-                    })
-                }
-            };
-            if size == 0 {
-                return Err(OpenError::Mismatch {
-                    path: path.to_path_buf(),
-                    message: "block device has size 0".into(),
-                });
-            }
-            return Ok(Probe {
-                kind: BackingKind::BlockDevice,
-                missing: false,
-                size,
-                file: Some(file),
-            });
-        }
-        if !ft.is_file() {
-            return Err(OpenError::Mismatch {
-                path: path.to_path_buf(),
-                message: "not a regular file or block device".into(),
-            });
-        }
-        let Some(size) = size else {
-            return Err(OpenError::Mismatch {
-                path: path.to_path_buf(),
-                message: "size is required for file-backed volumes".into(),
-            });
+            })
         };
-        // A direct-I/O write of a partial last block writes the whole
-        // block and then cuts the file back; a crash in between leaves it
-        // grown to the block's end, past the volume, which is cut back here.
-        let grown_tail = direct
-            && !read_only
-            && size % DIRECT_FILE_BLOCK != 0
-            && meta.len() == size.next_multiple_of(DIRECT_FILE_BLOCK);
-        if meta.len() != size && !grown_tail {
-            return Err(OpenError::Mismatch {
-                path: path.to_path_buf(),
-                message: format!(
-                    "existing file is {} bytes but the configured size is {size}; fix the size (essd never truncates or grows a backing file)",
-                    meta.len()
-                ),
-            });
-        }
+        let (size, grown_tail) = match examine(path, size, read_only, direct, open_device)? {
+            Found::Missing { size } => {
+                return Ok(Probe {
+                    kind: BackingKind::File,
+                    missing: true,
+                    size,
+                    file: None,
+                })
+            }
+            Found::Device { size, file } => {
+                return Ok(Probe {
+                    kind: BackingKind::BlockDevice,
+                    missing: false,
+                    size,
+                    file: Some(file),
+                })
+            }
+            Found::File { size, grown_tail } => (size, grown_tail),
+        };
         let file = open_flags(read_only, direct, false)
             .open(path)
             .map_err(os(path, "cannot open backing file"))?;
@@ -257,6 +197,20 @@ impl BackingStore {
             size,
             file: Some(file),
         })
+    }
+
+    /// Checks a backing path against the configured size as
+    /// [`BackingStore::probe`] does, but changes, locks and holds nothing:
+    /// safe beside the server that serves it (a block device is opened
+    /// for its size only, not exclusively).
+    pub fn check(
+        path: &Path,
+        size: Option<u64>,
+        read_only: bool,
+        direct: bool,
+    ) -> Result<(), OpenError> {
+        let open_device = || File::open(path).map_err(os(path, "cannot open block device"));
+        examine(path, size, read_only, direct, open_device).map(drop)
     }
 
     /// Opens (creating a missing file sparse at its size) a probed backing.
@@ -703,6 +657,88 @@ fn retry_while_busy<T>(
             other => return other,
         }
     }
+}
+
+/// What a backing path holds, checked against the configuration.
+enum Found {
+    /// Nothing yet: a file of `size` bytes is to be created.
+    Missing { size: u64 },
+    /// A block device (opened), exporting `size` bytes.
+    Device { size: u64, file: File },
+    /// A regular file of `size` bytes; `grown_tail`: longer by the rest of
+    /// its last direct-I/O block, to be cut back.
+    File { size: u64, grown_tail: bool },
+}
+
+/// Checks what `path` holds against the configured `size`, changing
+/// nothing; a block device is opened with `open_device` to read its size.
+fn examine(
+    path: &Path,
+    size: Option<u64>,
+    read_only: bool,
+    direct: bool,
+    open_device: impl FnOnce() -> Result<File, OpenError>,
+) -> Result<Found, OpenError> {
+    let mismatch = |message: String| OpenError::Mismatch {
+        path: path.to_path_buf(),
+        message,
+    };
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let size = size
+                .ok_or_else(|| mismatch("file does not exist and no size is configured".into()))?;
+            if read_only {
+                return Err(mismatch(
+                    "read-only volume's backing file does not exist".into(),
+                ));
+            }
+            return Ok(Found::Missing { size });
+        }
+        Err(e) => return Err(os(path, "cannot stat backing")(e)),
+    };
+    let ft = meta.file_type();
+    if ft.is_block_device() {
+        let file = open_device()?;
+        let mut dev_size = 0u64;
+        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+        unsafe { blk_get_size64(file.as_raw_fd(), &mut dev_size) }
+            .map_err(|e| os(path, "BLKGETSIZE64")(e.into()))?;
+        let size = match size {
+            None => dev_size,
+            Some(s) if s <= dev_size => s,
+            Some(s) => {
+                return Err(mismatch(format!(
+                    "block device is {dev_size} bytes, smaller than the configured size {s}"
+                )))
+            }
+        };
+        if size == 0 {
+            return Err(mismatch("block device has size 0".into()));
+        }
+        return Ok(Found::Device { size, file });
+    }
+    if !ft.is_file() {
+        return Err(mismatch("not a regular file or block device".into()));
+    }
+    let Some(size) = size else {
+        return Err(mismatch("size is required for file-backed volumes".into()));
+    };
+    // A direct-I/O write of a partial last block writes the whole block
+    // and then cuts the file back; a crash in between leaves it grown to
+    // the block's end, past the volume.
+    let grown_tail = direct
+        && !read_only
+        && size % DIRECT_FILE_BLOCK != 0
+        && meta.len() == size.next_multiple_of(DIRECT_FILE_BLOCK);
+    if meta.len() != size && !grown_tail {
+        return Err(mismatch(format!(
+            "existing file is {} bytes but the configured size is {size}; fix the size (essd \
+             never truncates or grows a backing file)",
+            meta.len()
+        )));
+    }
+    Ok(Found::File { size, grown_tail })
 }
 
 fn lock_exclusive(file: &File, path: &Path) -> Result<(), OpenError> {

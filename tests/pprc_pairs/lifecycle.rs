@@ -1411,7 +1411,7 @@ fn a_start_without_the_peer_or_volume_of_a_pair_is_refused_and_loses_nothing() {
         .arg(&s.a.config)
         .arg("--check"));
     assert!(
-        String::from_utf8_lossy(&check.stdout).contains("configuration is valid (4 volumes)"),
+        String::from_utf8_lossy(&check.stdout).contains("configuration is valid (4 volumes;"),
         "{check:?}"
     );
     // Back `primary restarted`, it resumes by itself with nothing to copy.
