@@ -63,6 +63,8 @@ pub async fn run(
     stop: CancellationToken,
     on_ready: Option<OnReady>,
 ) -> Result<usize, StartError> {
+    // A stop asked for during the start is kept for when it is done.
+    let mut signals = Signals::listen();
     let engine = Engine::start(cfg.raw.server.io_engine).map_err(start_err)?;
     tracing::info!(engine = %engine.kind(), "I/O engine ready");
     let server = Arc::new(StorageServer::open(&cfg, engine).map_err(start_err)?);
@@ -187,7 +189,7 @@ pub async fn run(
     }
     sd_notify("READY=1");
 
-    wait_for_signal(&stop).await;
+    signals.wait_for_stop(&stop).await;
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     sd_notify("STOPPING=1");
     shutdown.cancel();
@@ -262,14 +264,47 @@ fn spawn_replication(
     });
 }
 
-async fn wait_for_signal(stop: &CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).ok();
-    let mut int = signal(SignalKind::interrupt()).ok();
-    tokio::select! {
-        _ = stop.cancelled() => {}
-        _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
-        _ = async { match int.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+/// The signals essd acts on, listened for from before it says it is
+/// ready, so none arriving right after finds the default action (which
+/// would end the process on the spot: no drain, no flush).
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+    hangup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn listen() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+            hangup: signal(SignalKind::hangup()).ok(),
+        }
+    }
+
+    /// Waits for SIGTERM, SIGINT or `stop`. SIGHUP is logged and otherwise
+    /// ignored: essd does not reload its configuration.
+    async fn wait_for_stop(&mut self, stop: &CancellationToken) {
+        async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = next(&mut self.term) => return,
+                _ = next(&mut self.int) => return,
+                _ = next(&mut self.hangup) => tracing::warn!(
+                    "SIGHUP ignored: essd does not reload its configuration; check a changed \
+                     one with essd --check and restart essd to apply it"
+                ),
+            }
+        }
     }
 }
 

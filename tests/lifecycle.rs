@@ -1,6 +1,6 @@
 //! Process life cycle: systemd notification, SIGTERM/SIGINT finishing
-//! in-flight requests, flushing and exiting 0, and one server per state
-//! directory.
+//! in-flight requests, flushing and exiting 0, SIGHUP ignored, and one
+//! server per state directory.
 
 mod common;
 
@@ -91,6 +91,35 @@ fn sigterm_and_sigint_finish_in_flight_writes_and_exit_zero() {
 /// records over each other's (the second's FlashCopy establish replaced
 /// the first's relationships file): the second is refused at start-up
 /// (exit 2), and the first keeps its records.
+/// SIGHUP, whose default action would end the process without draining
+/// or flushing, is logged and ignored: the server keeps serving and
+/// still stops cleanly on SIGTERM.
+#[test]
+fn sighup_is_logged_and_ignored() {
+    let dir = tempdir("hangup");
+    let essd = Essd::start_in(dir.path(), &TestConfig::new("uring"));
+    let uri = essd.uri("000TST01");
+    python(
+        "import nbd, sys\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+         h.pwrite(b'h' * 4096, 0); h.flush()\n",
+        &[&uri],
+    );
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(essd.pid(), libc::SIGHUP) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !essd.log().contains("SIGHUP ignored") {
+        assert!(Instant::now() < deadline, "no SIGHUP line:\n{}", essd.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let read = python(
+        "import nbd, sys\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+         print(h.pread(4096, 0) == b'h' * 4096)\n",
+        &[&uri],
+    );
+    assert_eq!(read.trim(), "True");
+    assert_eq!(essd.stop().code(), Some(0));
+}
+
 #[test]
 fn a_second_server_on_the_same_state_directory_is_refused() {
     let (dir_a, dir_b) = (tempdir("state-owner"), tempdir("state-intruder"));
