@@ -1,5 +1,6 @@
 //! Process life cycle: systemd notification, SIGTERM/SIGINT finishing
-//! in-flight requests, flushing and exiting 0, SIGHUP ignored, and one
+//! in-flight requests, flushing and exiting 0 (also when it comes during
+//! the start), SIGHUP ignored, and one
 //! server per state directory.
 
 mod common;
@@ -118,6 +119,39 @@ fn sighup_is_logged_and_ignored() {
     );
     assert_eq!(read.trim(), "True");
     assert_eq!(essd.stop().code(), Some(0));
+}
+
+/// A SIGTERM that arrives while the server is still starting (after its
+/// I/O engine is up) is kept: it starts, then stops cleanly, exit 0.
+#[test]
+fn a_sigterm_during_the_start_stops_the_server_once_up() {
+    let dir = tempdir("early-term");
+    let config = dir.path().join("essd.toml");
+    let mut cfg = TestConfig::new("uring");
+    cfg.volumes = (0..8).map(|n| Vol::new(0x10, n, "64MiB")).collect();
+    std::fs::write(&config, cfg.render(dir.path())).unwrap();
+    let log = dir.path().join("essd.log");
+    let mut child = Command::new(essd_bin())
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("I/O engine ready")
+    {
+        assert!(Instant::now() < deadline, "essd never started its engine");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(0), "{text}");
+    assert!(text.contains("volumes flushed; exiting failed=0"), "{text}");
 }
 
 #[test]
