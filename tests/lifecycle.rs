@@ -1,7 +1,6 @@
 //! Process life cycle: systemd notification, SIGTERM/SIGINT finishing
 //! in-flight requests, flushing and exiting 0 (also when it comes during
-//! the start), SIGHUP ignored, and one
-//! server per state directory.
+//! the start), SIGHUP ignored, and one server per state directory.
 
 mod common;
 
