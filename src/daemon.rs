@@ -35,7 +35,7 @@ fn start_err(e: impl std::fmt::Display) -> StartError {
 /// the Copy Services records in the state directory need (the volumes of
 /// relationships and pairs, the peers of paths). What `essd --check` adds
 /// to the validation of the file; safe while a server runs.
-pub fn check_state(cfg: &ValidConfig) -> Result<(), StartError> {
+pub fn check_before_start(cfg: &ValidConfig) -> Result<(), StartError> {
     crate::volume::server::check_backings(cfg).map_err(start_err)?;
     let state_dir = &cfg.raw.server.state_dir;
     let configured = |name: &str| {

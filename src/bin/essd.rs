@@ -57,8 +57,9 @@ struct Args {
         conflicts_with = "demo"
     )]
     config: Option<PathBuf>,
-    /// Validate the configuration, and that it has what the Copy Services
-    /// records in its state directory need, and exit without starting.
+    /// Validate the configuration, each volume's backing against its size
+    /// and what the Copy Services records in the state directory need, and
+    /// exit without starting.
     #[arg(long)]
     check: bool,
     /// Start on the embedded demo configuration (3 small sparse volumes).
@@ -133,7 +134,7 @@ fn run(args: Args) -> anyhow::Result<usize> {
         (Config::load(&path)?, None)
     };
     if args.check {
-        essd::daemon::check_state(&cfg)?;
+        essd::daemon::check_before_start(&cfg)?;
         let n = cfg.volumes.len();
         println!(
             "{}: configuration is valid ({n} volume{}; the backings and the records in {} agree \
