@@ -1,7 +1,66 @@
 //! The record of every pair, `STATE_DIR/pprc/pairs.json`: written on
-//! every change, and by the recorder task when a pair changes by itself.
+//! every change, and by the recorder task when a pair changes by itself;
+//! read at start, when every pair's volume must be configured.
 
 use super::*;
+
+/// The pair record's name in `STATE_DIR/pprc`.
+pub(super) const RECORD: &str = "pairs.json";
+
+/// Reads the pair record at `path` (empty if there is none).
+pub(super) fn read_records(path: &Path) -> Result<Vec<Record>, PairError> {
+    crate::state::read_record(path)
+        .map(Option::unwrap_or_default)
+        .map_err(|e| PairError::Corrupt {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
+/// Checks, changing nothing, that the volume of every pair recorded in
+/// `state_dir` is `configured`, as a start needs.
+pub fn check_recorded(
+    state_dir: &Path,
+    configured: impl Fn(&str) -> bool,
+) -> Result<(), PairError> {
+    let path = state_dir.join("pprc").join(RECORD);
+    read_records(&path)?
+        .iter()
+        .try_for_each(|rec| rec.volume(&path, |v| configured(v).then_some(())))
+}
+
+impl Record {
+    /// The pair's volume here, as `lookup` finds it; fails if the
+    /// configuration no longer has it, saying how to take it out properly.
+    pub(super) fn volume<V>(
+        &self,
+        record: &Path,
+        lookup: impl Fn(&str) -> Option<V>,
+    ) -> Result<V, PairError> {
+        if let Some(volume) = lookup(&self.spec.volume) {
+            return Ok(volume);
+        }
+        let spec = &self.spec;
+        let (role, terminate) = match self.role {
+            PairRole::Primary => ("primary", format!("essctl pprc terminate {}", spec.volume)),
+            PairRole::Secondary => (
+                "secondary",
+                format!(
+                    "essctl pprc terminate {} at {}",
+                    spec.peer_volume, spec.peer
+                ),
+            ),
+        };
+        Err(PairError::Corrupt {
+            path: record.to_path_buf(),
+            message: format!(
+                "{role} {} of the pair with {} {} is no longer in the configuration; put it \
+                 back, start essd and terminate the pair ({terminate}) before taking it out",
+                spec.volume, spec.peer, spec.peer_volume
+            ),
+        })
+    }
+}
 
 impl PprcManager {
     /// Writes the record of every pair.
