@@ -185,8 +185,6 @@ impl Drop for LoopDev {
     }
 }
 
-/// Starts essd on `cfg` in `dir`, expecting start-up to fail with exit
-/// code 2; returns its stderr.
 /// Starts essd on `cfg` in `dir` (with `args`), which must exit with
 /// status `code`; returns the last line of its stderr.
 fn start_exits(dir: &Path, cfg: &TestConfig, args: &[&str], code: i32) -> String {
@@ -195,6 +193,8 @@ fn start_exits(dir: &Path, cfg: &TestConfig, args: &[&str], code: i32) -> String
     last
 }
 
+/// Starts essd on `cfg` in `dir`, expecting start-up to fail with exit
+/// code 2; returns the last line of its stderr.
 fn start_fails(dir: &Path, cfg: &TestConfig) -> String {
     start_exits(dir, cfg, &[], 2)
 }
