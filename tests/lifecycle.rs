@@ -120,6 +120,18 @@ fn sighup_is_logged_and_ignored() {
     assert_eq!(essd.stop().code(), Some(0));
 }
 
+/// Starts essd on `config` with its log (stderr) in `log`, not waiting
+/// for it to be ready.
+fn spawn_logging_to(config: &std::path::Path, log: &std::path::Path) -> std::process::Child {
+    Command::new(essd_bin())
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
 /// A SIGTERM that arrives while the server is still starting (after its
 /// I/O engine is up) is kept: it starts, then stops cleanly, exit 0.
 #[test]
@@ -130,13 +142,7 @@ fn a_sigterm_during_the_start_stops_the_server_once_up() {
     cfg.volumes = (0..8).map(|n| Vol::new(0x10, n, "64MiB")).collect();
     std::fs::write(&config, cfg.render(dir.path())).unwrap();
     let log = dir.path().join("essd.log");
-    let mut child = Command::new(essd_bin())
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_logging_to(&config, &log);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !std::fs::read_to_string(&log)
         .unwrap()
@@ -171,13 +177,7 @@ fn a_second_server_on_the_same_state_directory_is_refused() {
     let config_b = dir_b.path().join("essd.toml");
     std::fs::write(&config_b, text).unwrap();
     let log_b = dir_b.path().join("essd.log");
-    let mut b = Command::new(essd_bin())
-        .arg("--config")
-        .arg(&config_b)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_b).unwrap())
-        .spawn()
-        .unwrap();
+    let mut b = spawn_logging_to(&config_b, &log_b);
     let deadline = Instant::now() + Duration::from_secs(20);
     let exited = loop {
         if let Some(status) = b.try_wait().unwrap() {
