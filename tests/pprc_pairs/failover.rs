@@ -86,10 +86,7 @@ fn failover_failback_and_switch_back_copy_only_changed_tracks() {
 #[test]
 fn a_failover_keeps_the_handed_over_tracks() {
     let mut s = Sites::start("pprc-handover-failover", |cfg| with_timeout(cfg, "10s"));
-    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
-    path(&s.a, "0x10", "TSTB2", "0x10", "1");
-    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
-    wait_state(&s.b, &vb, "duplex");
+    let (va, vb) = duplex_nocopy_pair(&s);
     write_tracks(&s.a, &va, 12, 4);
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
     // A loses its links and writes on: 5 tracks never mirrored.
@@ -140,10 +137,7 @@ fn a_failover_keeps_the_handed_over_tracks() {
 fn a_failback_that_stops_short_leaves_both_sides_suspended() {
     let s = Sites::start("pprc-failback-short", |cfg| with_timeout(cfg, "10s"));
     let (a, b) = (&s.a, &s.b);
-    let (va, vb) = (a.vol(0x10, 0), b.vol(0x10, 0));
-    path(a, "0x10", "TSTB2", "0x10", "1");
-    essctl(a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
-    wait_state(b, &vb, "duplex");
+    let (va, vb) = duplex_nocopy_pair(&s);
     // A loses its links and writes on: 5 tracks never mirrored.
     s.proxy.drop_all();
     let mut union: BTreeSet<u64> = write_tracks(a, &va, 13, 5).into_iter().collect();
@@ -255,10 +249,7 @@ fn a_failback_to_a_smaller_old_primary_is_refused() {
 #[test]
 fn a_failover_that_cannot_be_recorded_leaves_the_secondary_protected() {
     let mut s = Sites::start("pprc-failover-unrecorded", |_| {});
-    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
-    path(&s.a, "0x10", "TSTB2", "0x10", "1");
-    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
-    wait_state(&s.b, &vb, "duplex");
+    let (va, vb) = duplex_nocopy_pair(&s);
     essctl(&s.a, &["pprc", "suspend", &va]).ok();
     wait_state(&s.b, &vb, "suspended");
     // The record's temporary file cannot be created.

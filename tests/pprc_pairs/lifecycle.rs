@@ -785,10 +785,7 @@ fn a_bitmap_that_cannot_be_written_suspends_the_pair() {
 /// Establishes 0x10 volume 0 of A → B without copy, suspends it at B and
 /// returns both volumes and the checksum of B's split image.
 fn split_at_the_secondary(s: &Sites) -> (String, String, String) {
-    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
-    path(&s.a, "0x10", "TSTB2", "0x10", "1");
-    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
-    wait_state(&s.b, &vb, "duplex");
+    let (va, vb) = duplex_nocopy_pair(s);
     essctl(&s.b, &["pprc", "suspend", &vb]).ok();
     let split = volume_sha(&s.b, &vb);
     (va, vb, split)
@@ -843,10 +840,7 @@ fn a_primary_restart_does_not_undo_a_suspend_at_the_secondary() {
 #[test]
 fn a_terminate_told_to_the_secondary_is_not_undone_by_a_crash() {
     let mut s = Sites::start("pprc-terminate-crash", |cfg| with_timeout(cfg, "10s"));
-    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
-    path(&s.a, "0x10", "TSTB2", "0x10", "1");
-    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
-    wait_state(&s.b, &vb, "duplex");
+    let (va, vb) = duplex_nocopy_pair(&s);
     write_tracks(&s.a, &va, 90, 4);
     // The answer takes 1.5 s to come back.
     s.proxy.delay(Duration::from_millis(1500));
@@ -878,10 +872,7 @@ fn a_terminate_told_to_the_secondary_is_not_undone_by_a_crash() {
 #[test]
 fn a_pair_established_again_without_copy_is_duplex_at_the_secondary() {
     let s = Sites::start("pprc-established-again", |_| {});
-    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
-    path(&s.a, "0x10", "TSTB2", "0x10", "1");
-    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
-    wait_state(&s.b, &vb, "duplex");
+    let (va, vb) = duplex_nocopy_pair(&s);
     essctl(&s.a, &["pprc", "terminate", &va]).ok();
     essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
     assert_eq!(show(&s.a, &va)["state"], "duplex");
@@ -1347,10 +1338,7 @@ fn pprc_state(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 #[test]
 fn a_start_without_the_peer_or_volume_of_a_pair_is_refused_and_loses_nothing() {
     let mut s = Sites::start("pprc-dropped", |_| {});
-    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
-    path(&s.a, "0x10", "TSTB2", "0x10", "1");
-    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
-    wait_state(&s.b, &vb, "duplex");
+    let (va, vb) = duplex_nocopy_pair(&s);
     assert_eq!(s.a.terminate().code(), Some(0));
     assert_eq!(s.b.terminate().code(), Some(0));
     let (state_a, state_b) = (pprc_state(s.dir_a.path()), pprc_state(s.dir_b.path()));

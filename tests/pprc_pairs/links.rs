@@ -237,10 +237,7 @@ fn broken_links_suspend_and_critical_modes_inhibit_writes() {
 #[test]
 fn terminate_at_the_secondary_with_the_primary_dead_makes_it_writable() {
     let s = Sites::start("pprc-takeover", |_| {});
-    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
-    path(&s.a, "0x10", "TSTB2", "0x10", "1");
-    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
-    wait_state(&s.b, &vb, "duplex");
+    let (_, vb) = duplex_nocopy_pair(&s);
     let v = show(&s.b, &vb);
     assert_eq!(
         (&v["primary_links"], &v["replication_status"]),
@@ -331,10 +328,7 @@ fn kill_9_of_either_server_mid_write_loses_nothing() {
 #[test]
 fn a_restarted_primary_does_not_resync_a_secondary_terminated_meanwhile() {
     let mut s = Sites::start("pprc-restart-terminated", |_| {});
-    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
-    path(&s.a, "0x10", "TSTB2", "0x10", "1");
-    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
-    wait_state(&s.b, &vb, "duplex");
+    let (va, vb) = duplex_nocopy_pair(&s);
     write_tracks(&s.a, &va, 80, 4);
     s.a.crash();
     let recovery = take_over_at_the_recovery_site(&s, &vb);

@@ -114,6 +114,17 @@ fn path(from: &Essd, lss: &str, peer: &str, peer_lss: &str, links: &str) {
     }
 }
 
+/// Pairs volume 0x10/0 of A with B's over a new path of one link, with
+/// no copy (both volumes are new), and waits until B shows it duplex;
+/// returns the two volume IDs.
+fn duplex_nocopy_pair(s: &Sites) -> (String, String) {
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_state(&s.b, &vb, "duplex");
+    (va, vb)
+}
+
 fn show(essd: &Essd, volume: &str) -> serde_json::Value {
     essctl(essd, &["--json", "pprc", "show", volume]).json()
 }
