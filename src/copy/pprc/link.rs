@@ -5,13 +5,16 @@
 //! the shared secret with [`Message::Auth`]:
 //!
 //! ```text
-//! proof(sender) = HMAC-SHA256(secret, LABEL | sender serial | receiver serial
-//!                                     | sender nonce | receiver nonce)
+//! proof(sender) = HMAC-SHA256(secret, LABEL | sender role | sender serial
+//!                                     | receiver serial | sender nonce
+//!                                     | receiver nonce)
 //! ```
 //!
-//! Each side binds its own serial and nonce first, so a proof cannot be
-//! reflected back to its sender, and fresh nonces make it useless on any
-//! other link. Proofs are compared in constant time. Until both proofs are
+//! The role says whether the sender connected or accepted the link. Each
+//! side binds its own role, serial and nonce first, so a proof cannot be
+//! reflected back to its sender, nor relayed by a third party from one
+//! accepting server to another (both would be accepting), and fresh nonces
+//! make it useless on any other link. Proofs are compared in constant time. Until both proofs are
 //! verified no other frame is accepted, so an unauthenticated peer can never
 //! reach a volume.
 //!
@@ -43,7 +46,7 @@ use crate::pipeline::{poll_write_parts, Batch, BatchSend, READ_CHUNK};
 use crate::volume::id::Serial;
 
 /// Domain-separation label of the proof.
-const LABEL: &[u8] = b"essd-pprc-link-v1";
+const LABEL: &[u8] = b"essd-pprc-link-v2";
 
 /// Why a link could not be opened or used.
 #[derive(Debug, thiserror::Error)]
@@ -333,8 +336,35 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Which end of a link made a proof: the side that connected or the side
+/// that accepted. Bound into every proof, so a proof one accepting server
+/// made can never pass as a connecting peer's at another (a relay between
+/// two listeners that share the secret).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Connecting,
+    Accepting,
+}
+
+impl Role {
+    fn tag(self) -> &'static [u8] {
+        match self {
+            Role::Connecting => b"connecting",
+            Role::Accepting => b"accepting",
+        }
+    }
+
+    fn other(self) -> Role {
+        match self {
+            Role::Connecting => Role::Accepting,
+            Role::Accepting => Role::Connecting,
+        }
+    }
+}
+
 fn proof(
     secret: &[u8],
+    role: Role,
     sender: &[u8; 5],
     receiver: &[u8; 5],
     sender_nonce: &[u8],
@@ -342,7 +372,14 @@ fn proof(
 ) -> Hmac<Sha256> {
     let mut mac =
         <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC accepts keys of any length");
-    for part in [LABEL, sender, receiver, sender_nonce, receiver_nonce] {
+    for part in [
+        LABEL,
+        role.tag(),
+        sender,
+        receiver,
+        sender_nonce,
+        receiver_nonce,
+    ] {
         mac.update(part);
     }
     mac
@@ -430,7 +467,12 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             found: local.to_string(),
         });
     }
-    let mine = proof(secret, &me, &theirs, &nonce, &their_nonce)
+    let role = if expected.is_some() {
+        Role::Connecting
+    } else {
+        Role::Accepting
+    };
+    let mine = proof(secret, role, &me, &theirs, &nonce, &their_nonce)
         .finalize()
         .into_bytes();
     let mut out = [0u8; NONCE_LEN];
@@ -447,13 +489,12 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     else {
         return Err(LinkError::Unexpected("another frame than auth"));
     };
-    proof(secret, &theirs, &me, &their_nonce, &nonce)
+    proof(secret, role.other(), &theirs, &me, &their_nonce, &nonce)
         .verify_slice(&their_proof)
         .map_err(|_| LinkError::AuthFailed(their_serial.clone()))?;
-    let link_id = if expected.is_some() {
-        nonce
-    } else {
-        their_nonce
+    let link_id = match role {
+        Role::Connecting => nonce,
+        Role::Accepting => their_nonce,
     };
     Ok(PeerInfo {
         serial: their_serial,
@@ -962,6 +1003,46 @@ mod tests {
         assert!(
             matches!(r, Err(LinkError::WrongPeer { .. })),
             "authenticated without the secret: {r:?}"
+        );
+    }
+
+    /// An attacker without the secret, with a connection to each of two
+    /// servers that share it, answers each one's hello with the other's
+    /// serial and nonce and passes each proof on to the other server: no
+    /// accepting side may take a proof made by another accepting side.
+    #[tokio::test]
+    async fn a_proof_relayed_between_two_accepting_servers_is_rejected() {
+        let listener = |name: &'static str| {
+            let (mut ours, theirs) = tokio::io::duplex(1 << 16);
+            let server = tokio::spawn(async move {
+                let mut buf = BytesMut::new();
+                handshake(&mut ours, &mut buf, &serial(name), None, b"s3cret", LIMIT).await
+            });
+            (server, theirs)
+        };
+        let (a, mut to_a) = listener("FCA31");
+        let (b, mut to_b) = listener("FCB02");
+        let attacker = tokio::spawn(async move {
+            let (mut from_a, mut from_b) = (BytesMut::new(), BytesMut::new());
+            let hello_a = read_frame(&mut to_a, &mut from_a).await.unwrap();
+            let hello_b = read_frame(&mut to_b, &mut from_b).await.unwrap();
+            write_frame(&mut to_a, &hello_b).await.unwrap();
+            write_frame(&mut to_b, &hello_a).await.unwrap();
+            let proof_a = read_frame(&mut to_a, &mut from_a).await.unwrap();
+            let proof_b = read_frame(&mut to_b, &mut from_b).await.unwrap();
+            let _ = write_frame(&mut to_a, &proof_b).await;
+            let _ = write_frame(&mut to_b, &proof_a).await;
+            (to_a, to_b)
+        });
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        drop(attacker.await.unwrap());
+        assert!(
+            matches!(a, Err(LinkError::AuthFailed(ref s)) if s == "FCB02"),
+            "FCA31 took the relay for FCB02: {a:?}"
+        );
+        assert!(
+            matches!(b, Err(LinkError::AuthFailed(ref s)) if s == "FCA31"),
+            "FCB02 took the relay for FCA31: {b:?}"
         );
     }
 

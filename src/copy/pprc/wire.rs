@@ -18,7 +18,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 /// `EPPR`.
 pub const MAGIC: u32 = 0x4550_5052;
 /// Protocol version sent in [`Message::Hello`].
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Header bytes.
 pub const HEADER_LEN: usize = 20;
 /// Largest control request or reply body.
