@@ -17,6 +17,12 @@
 //! it covered (group commit). An out-of-sync bitmap has the opposite
 //! order — a bit must be durable before its track changes — and commits
 //! with [`TrackBitmap::commit_bits`], which flushes no data.
+//!
+//! A setter marks a page for the commit only after setting its bits, so a
+//! task that finds a track's bit already set by another, and is about to
+//! change the track, commits with [`TrackBitmap::commit_for`] (or
+//! [`TrackBitmap::commit_bits_for`]): it also writes bits that are in
+//! memory and not yet marked.
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -421,6 +427,50 @@ impl TrackBitmap {
         self.commit_after(None).await
     }
 
+    /// Makes every set bit of `[first, end)` durable, after making `data`
+    /// durable: also a bit another task has set in memory and not yet
+    /// handed to a commit (a setter marks its page dirty only after its
+    /// bits are set, so a plain [`TrackBitmap::commit`] may find nothing
+    /// to do while such a bit is in memory only). For callers that found
+    /// a track's bit set by someone else and are about to change the track.
+    pub async fn commit_for(&self, data: &BackingStore, first: u64, end: u64) -> io::Result<()> {
+        self.commit_covering(Some(data), first, end).await
+    }
+
+    /// [`TrackBitmap::commit_for`] for bitmaps whose bits must be durable
+    /// before their data changes (out-of-sync bitmaps): no data flush.
+    pub async fn commit_bits_for(&self, first: u64, end: u64) -> io::Result<()> {
+        self.commit_covering(None, first, end).await
+    }
+
+    async fn commit_covering(
+        &self,
+        data: Option<&BackingStore>,
+        first: u64,
+        end: u64,
+    ) -> io::Result<()> {
+        if first >= end {
+            return Ok(());
+        }
+        let words = (first / 64) as usize..=((end - 1) / 64) as usize;
+        loop {
+            self.commit_after(data).await?;
+            // Bits in memory and not in the file: their setter has not
+            // marked their pages yet. Mark them here; the next commit's
+            // snapshot, taken after this, holds the bits.
+            let mut behind = false;
+            for i in words.clone() {
+                if self.bits.word(i) & !self.durable_words[i].load(Ordering::Acquire) != 0 {
+                    self.changed_word(i);
+                    behind = true;
+                }
+            }
+            if !behind {
+                return Ok(());
+            }
+        }
+    }
+
     async fn commit_after(&self, data: Option<&BackingStore>) -> io::Result<()> {
         let want = self.generation.load(Ordering::Acquire);
         if self.durable.load(Ordering::Acquire) >= want {
@@ -660,6 +710,40 @@ mod tests {
         bm.commit_bits().await.unwrap();
         assert!(bm.all_durable(5, 6));
         assert!(TrackBitmap::open(&path, 65536, 1000).unwrap().get(5));
+    }
+
+    /// A bit another task has set in memory but not yet marked for a
+    /// commit (it is between setting the bits and marking their pages):
+    /// a plain commit finds nothing to do, a commit for its track writes
+    /// it.
+    #[tokio::test]
+    async fn a_commit_for_a_track_writes_a_bit_its_setter_has_not_marked_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("oos");
+        let bm = TrackBitmap::create(&path, 65536, 100_000).unwrap();
+        bm.set(3);
+        bm.commit_bits().await.unwrap();
+        // The other task's bits: set, their pages not marked yet.
+        bm.bits.set_word(1, 1 << 6);
+        bm.bits.set_word(40_000 / 64, 1);
+        bm.commit_bits().await.unwrap();
+        assert!(!bm.is_durable(70), "a plain commit made nothing durable");
+        bm.commit_bits_for(70, 71).await.unwrap();
+        assert!(bm.is_durable(70) && bm.all_durable(3, 4));
+        let again = TrackBitmap::open(&path, 65536, 100_000).unwrap();
+        assert!(again.get(70) && again.get(3));
+        // Only the tracks asked for: the other page waits for its setter.
+        assert!(!again.get(40_000) && !bm.is_durable(40_000));
+
+        let engine = crate::io::Engine::start(crate::config::IoEngineChoice::Threads).unwrap();
+        let volume = dir.path().join("volume");
+        let probe = BackingStore::probe(&volume, Some(4096), false, false).unwrap();
+        let data = BackingStore::open(&volume, probe, false, false, engine).unwrap();
+        bm.commit_for(&data, 39_990, 40_010).await.unwrap();
+        assert!(bm.is_durable(40_000));
+        assert!(TrackBitmap::open(&path, 65536, 100_000)
+            .unwrap()
+            .get(40_000));
     }
 
     /// A commit whose future is dropped while it waits (a request future

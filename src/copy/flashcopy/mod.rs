@@ -303,10 +303,13 @@ impl Relationship {
         let (first, last) = track_span(offset, inside_end - offset, self.track_size);
         let pending = self.uncopied(first, last);
         if pending.is_empty() {
-            // A bit set by the copier may not be durable yet: commit it
-            // before the track changes, or a crash could forget the copy.
-            if !(first..=last).all(|t| self.bitmap.is_durable(t)) {
-                self.bitmap.commit(&self.target).await?;
+            // A bit set by the copier may not be durable yet (nor handed
+            // to a commit): commit it before the track changes, or a crash
+            // could forget the copy.
+            if !self.bitmap.all_durable(first, last + 1) {
+                self.bitmap
+                    .commit_for(&self.target, first, last + 1)
+                    .await?;
             }
             return change.apply(store, offset, len).await;
         }

@@ -36,7 +36,9 @@ impl Pair {
             let region = (first / 64 * 64, end.div_ceil(64) * 64);
             self.oos
                 .set_range(region.0, region.1.min(self.oos.tracks()));
-            if let Err(e) = self.oos.commit_bits().await {
+            // For the write's own tracks: another write may have set
+            // their bits and not yet handed them to a commit.
+            if let Err(e) = self.oos.commit_bits_for(first, end).await {
                 self.end(epoch, first, end);
                 return Err(e);
             }
@@ -111,7 +113,10 @@ impl Pair {
                     self.marks.set_range(first, end, |_| {});
                     self.oos.set_range(first, end);
                 }
-                self.oos.commit_bits().await.map_err(unrecorded)?;
+                self.oos
+                    .commit_bits_for(first, end)
+                    .await
+                    .map_err(unrecorded)?;
                 let result = local(change).await;
                 // A refused fast zero wrote nothing.
                 if matches!(&result, Err(e) if !matches!(e, VolumeError::NotFast { .. })) {
