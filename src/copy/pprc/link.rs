@@ -565,9 +565,12 @@ impl PeerLink {
         let opened = std::time::Instant::now();
         let answered_at = AtomicU64::new(0);
         // The writer task ends (after sending what is queued) when the
-        // link is dropped, or when the peer said goodbye.
+        // link is dropped, or when the reader ends: the peer said goodbye,
+        // the link broke or the peer sent a malformed frame. Then the
+        // socket closes, though the link may still be held, and the peer
+        // learns at once that the link has ended.
         let outbox = Outbox::spawn(Box::new(write_half) as Box<dyn AsyncWrite + Unpin + Send>);
-        let farewell_outbox = outbox.clone();
+        let reader_outbox = outbox.clone();
         let reader = tokio::spawn(async move {
             loop {
                 let read = match read_frame(&mut read_half, &mut buf).await {
@@ -578,7 +581,6 @@ impl PeerLink {
                         // The peer answered every request it read and
                         // reads no more: the rest will not be answered.
                         said_goodbye.store(true, Ordering::Release);
-                        farewell_outbox.close();
                         Err(LinkError::PeerShutDown)
                     }
                     other => other,
@@ -603,6 +605,8 @@ impl PeerLink {
                         still_open.store(false, Ordering::Release);
                         // Dropping the waiters fails every outstanding request.
                         waiters.clear();
+                        drop(waiters);
+                        reader_outbox.close();
                         return;
                     }
                 }
@@ -1083,6 +1087,38 @@ mod tests {
         );
         drop(link);
         peer.abort();
+    }
+
+    /// A malformed frame from the peer ends the link at both ends at once,
+    /// though the link is still held (by a write waiting to learn whether
+    /// the link has drained, say): the peer sees the socket close instead
+    /// of waiting for its silence limit, so it can answer that the link
+    /// drained.
+    #[tokio::test]
+    async fn a_malformed_frame_closes_the_socket_while_the_link_is_held() {
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let peer = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            handshake(&mut b, &mut buf, &serial("FCB02"), None, b"s3cret", LIMIT)
+                .await
+                .unwrap();
+            b.write_all(&[0u8; HEADER_LEN]).await.unwrap();
+            let mut sink = vec![0u8; 1 << 16];
+            while tokio::io::AsyncReadExt::read(&mut b, &mut sink)
+                .await
+                .unwrap()
+                > 0
+            {}
+        });
+        let link = PeerLink::open(a, &serial("FCA31"), &serial("FCB02"), b"s3cret", LIMIT)
+            .await
+            .unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(2), peer).await;
+        assert!(
+            matches!(closed, Ok(Ok(()))),
+            "the peer did not see the link close: {closed:?}"
+        );
+        assert!(!link.is_open());
     }
 
     /// Request `id`: a write of `len` bytes of `id`.
