@@ -96,7 +96,10 @@ impl Pair {
             }
             let _ = tokio::time::timeout(Duration::from_millis(50), waiting).await;
         }
-        let below = match self.state() {
+        // The activation and state the marks are judged in: a pair that
+        // suspends (or resumes) before they are cleared clears none.
+        let (starts, state) = (self.starts.load(Ordering::Acquire), self.state());
+        let below = match state {
             PairState::DuplexPending => self.cursor.load(Ordering::Acquire),
             PairState::Duplex => self.oos.tracks(),
             _ => return Ok(0),
@@ -106,7 +109,7 @@ impl Pair {
         // or not, so a resume after a suspend mid-copy copies what was
         // left, not the whole volume again. (The secondary writes its
         // copies back as they arrive: its flush has little to do.)
-        let copying = self.state() == PairState::DuplexPending;
+        let copying = state == PairState::DuplexPending;
         let clear_marks = self.may_clear(below) && (!keep_recent || copying || self.flush_due());
         if !clear_marks && !self.may_drop_unmarked(keep_recent) {
             // Every mark is of a track written since the previous pass
@@ -122,8 +125,11 @@ impl Pair {
                 let _all = self.clean_lock.write().unwrap_or_else(|p| p.into_inner());
                 let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
                 let mut cleared = 0;
-                // Checked again: the pair may have failed during the flush.
-                if clear_marks && !self.failed_in_group() {
+                // Checked again: the pair may have failed, or suspended
+                // and resumed, during the flush.
+                let unchanged =
+                    self.starts.load(Ordering::Acquire) == starts && self.state() == state;
+                if clear_marks && unchanged && !self.failed_in_group() {
                     for (w, mask) in self.clearable(below, &recent) {
                         cleared += self.marks.clear_word(w, mask);
                     }

@@ -203,14 +203,27 @@ impl Pair {
             let (remote, local_result) = tokio::join!(self.send(message), local);
             (local_result, remote)
         };
-        self.end(epoch, first, end);
+        // A failure is registered before the write ends: a cleaning pass
+        // that starts once it has ended must find the pair failed, not
+        // take its track for one in sync and clear its mark.
+        let local_failed =
+            matches!(&local_result, Err(e) if !matches!(e, VolumeError::NotFast { .. }));
         if let Err(e) = &local_result {
-            if !matches!(e, VolumeError::NotFast { .. }) {
+            if local_failed {
                 self.fail(SuspendReason::PrimaryIoError, e.to_string());
-                // A FUA write whose write-back failed leaves its pages
-                // cached with data the disk does not hold.
-                self.forget_unwritten().await;
             }
+        }
+        let remote = self.judge(remote);
+        if let Err((reason, detail)) = &remote {
+            if !self.is_terminated() {
+                self.fail(*reason, detail.clone());
+            }
+        }
+        self.end(epoch, first, end);
+        if local_failed {
+            // A FUA write whose write-back failed leaves its pages cached
+            // with data the disk does not hold.
+            self.forget_unwritten().await;
         }
         self.after_send(op, remote).await?;
         self.group_gate().await;
@@ -246,7 +259,7 @@ impl Pair {
             self.fail(SuspendReason::PrimaryIoError, e.to_string());
             self.forget_unwritten().await;
         }
-        self.after_send(VolumeOp::Flush, r).await?;
+        self.after_send(VolumeOp::Flush, self.judge(r)).await?;
         if l.is_err() {
             // Answered, like a failed write, only after the group's freeze.
             self.group_gate().await;
@@ -279,9 +292,9 @@ impl Pair {
     async fn after_send(
         &self,
         op: VolumeOp,
-        remote: Result<u32, SendError>,
+        remote: Result<(), Failure>,
     ) -> Result<(), VolumeError> {
-        let Err((reason, detail)) = self.judge(remote) else {
+        let Err((reason, detail)) = remote else {
             return Ok(());
         };
         if self.is_terminated() {
