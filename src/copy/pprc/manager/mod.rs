@@ -942,7 +942,7 @@ impl PprcManager {
         let stop = pair.restart_tasks();
         tokio::spawn(pair.clone().run_cleaner(stop.clone()));
         if state == PairState::DuplexPending {
-            tokio::spawn(pair.clone().run_copier(volume.clone(), stop));
+            pair.spawn_copier(volume.clone(), stop);
         }
     }
 

@@ -87,6 +87,9 @@ impl PprcManager {
                     peer: spec.peer.clone(),
                     message,
                 })?;
+            // Nor may the last activation's copier, still settling its
+            // copies, move the resync's cursor.
+            pair.await_copier_ended().await;
             let asked = self
                 .ask_secondary(&pair.spec, volume.size(), req.permit_online, true)
                 .await;

@@ -4,6 +4,24 @@
 use super::*;
 
 impl Pair {
+    /// Starts the background copy of this activation (see
+    /// [`Pair::run_copier`]).
+    pub fn spawn_copier(self: &Arc<Self>, volume: Arc<Volume>, stop: CancellationToken) {
+        let copier = tokio::spawn(self.clone().run_copier(volume, stop));
+        *self.copier.lock().unwrap_or_else(|p| p.into_inner()) = Some(copier);
+    }
+
+    /// Waits until the copier of an earlier activation (stopped by the
+    /// suspend) has ended: its copies still in flight, answered or failed,
+    /// would otherwise move the cursor of the next activation's copy, and
+    /// a cleaning pass would clear marks that copy has not reached.
+    pub async fn await_copier_ended(&self) {
+        let copier = self.copier.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(copier) = copier {
+            let _ = copier.await;
+        }
+    }
+
     /// Copies every marked track to the secondary (duplex pending), then
     /// enters duplex. Stops early when the pair suspends or `stop`.
     pub async fn run_copier(self: Arc<Self>, volume: Arc<Volume>, stop: CancellationToken) {

@@ -280,6 +280,9 @@ pub struct Pair {
     timeout: Duration,
     bytes_sent: AtomicU64,
     cursor: AtomicU64,
+    /// The background copy of the last activation that had one, until a
+    /// resume has waited for it to end (see [`Pair::await_copier_ended`]).
+    copier: Mutex<Option<tokio::task::JoinHandle<()>>>,
     copy_clock: Mutex<Option<(Instant, u64)>>,
     /// Rings when the status changes (the manager records it).
     pub changed: Arc<Notify>,
@@ -360,6 +363,7 @@ impl Pair {
             timeout: env.timeout,
             bytes_sent: AtomicU64::new(0),
             cursor: AtomicU64::new(0),
+            copier: Mutex::new(None),
             copy_clock: Mutex::new(None),
             changed: env.changed,
             tasks: Mutex::new(CancellationToken::new()),
@@ -562,6 +566,9 @@ impl Pair {
     pub async fn start_mirroring(&self, state: PairState) {
         let _none_alone = self.local_only.write().await;
         self.starts.fetch_add(1, Ordering::AcqRel);
+        // Nothing is copied yet in this activation: no cleaning pass may
+        // take the last one's cursor for this one's.
+        self.cursor.store(0, Ordering::Release);
         self.enter(state);
     }
 

@@ -666,3 +666,64 @@ async fn a_request_behind_answered_ones_waits_longer_and_a_hung_one_does_not() {
         "the hung write failed after {waited:?}"
     );
 }
+
+/// A suspend while the copier's copies are in flight, then a resume: the
+/// resume waits until that copier has ended, and the new activation's copy
+/// starts from the first track. The old copier's late answers would
+/// otherwise move the new cursor, below which cleaning passes clear marks
+/// the new copy has not reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_waits_for_the_last_copier_and_starts_its_copy_from_the_first_track() {
+    let h = harness().await;
+    h.pair.suspend(SuspendReason::Manual, None);
+    for track in [0, 1, 2, 3, 100] {
+        write(&h.pair, track).await.unwrap().unwrap();
+    }
+    assert_eq!(h.pair.marked(), 5);
+    let engine = crate::io::Engine::start(crate::config::IoEngineChoice::Threads).unwrap();
+    // The copier reads through a volume (what it reads does not matter
+    // here): one of the same size beside the pair's.
+    let data = h._dir.path().join("copied");
+    let probe = BackingStore::probe(&data, Some(TRACK * TRACKS), false, false).unwrap();
+    let volume = Arc::new(Volume::new(
+        crate::volume::VolumeInfo {
+            id: crate::volume::id::VolumeId::new(0x10, 0, Serial::new("TSTA1").unwrap()).unwrap(),
+            alias: None,
+            description: None,
+            read_only: false,
+        },
+        BackingStore::open(&data, probe, false, false, engine).unwrap(),
+    ));
+    // Resumed with the secondary holding the copies, then suspended.
+    h.peer.hold_writes.store(true, Ordering::SeqCst);
+    h.pair.start_mirroring(PairState::DuplexPending).await;
+    h.pair.spawn_copier(volume.clone(), h.pair.restart_tasks());
+    let peer = h.peer.clone();
+    wait_until("both runs held at the secondary", move || {
+        peer.writes.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    h.pair.suspend(SuspendReason::Manual, None);
+    let ended = {
+        let pair = h.pair.clone();
+        tokio::spawn(async move { pair.await_copier_ended().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !ended.is_finished(),
+        "the resume did not wait for the copier"
+    );
+    // The held copies are answered: the last copier settles its cursor.
+    h.peer.release_writes(0);
+    tokio::time::timeout(Duration::from_secs(10), ended)
+        .await
+        .expect("the copier ended")
+        .unwrap();
+    assert_eq!(h.pair.cursor.load(Ordering::Acquire), 101);
+    h.pair.start_mirroring(PairState::DuplexPending).await;
+    assert_eq!(
+        h.pair.cursor.load(Ordering::Acquire),
+        0,
+        "the resync's copy starts where the last one stopped"
+    );
+}
