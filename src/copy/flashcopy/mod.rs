@@ -138,7 +138,10 @@ impl Relationship {
         Relationship {
             source_id,
             target_id,
-            size: source.size(),
+            // The source as it was at T0, the bitmap's tracks: a source
+            // grown since (a block device without a configured size) has a
+            // tail that did not exist at T0, outside the relationship.
+            size: source.size().min(bitmap.tracks() * track_size),
             source,
             target,
             mode,

@@ -362,3 +362,48 @@ async fn copier_turns_large_source_holes_into_target_holes() {
         assert!(holes.iter().any(|e| e.hole), "{holes:?}");
     }
 }
+
+/// A source grown since T0 (a block device without a configured size,
+/// restored with the bitmap of its size at T0): the tail did not exist
+/// at T0 and is outside the relationship — changes there go straight to
+/// their volume and the target reads its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tail_of_a_source_grown_since_t0_is_outside_the_relationship() {
+    let engine = Engine::start(IoEngineChoice::Threads).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let source = store(dir.path(), "src", 6 * TRACK, &engine);
+    let target = store(dir.path(), "tgt", 6 * TRACK, &engine);
+    let rel = relationship(dir.path(), source, target, CopyMode::NoCopy, 0, 4);
+    let data = Bytes::from(pattern(2 * TRACK as usize, 9));
+    rel.modify(
+        Role::Source,
+        3 * TRACK,
+        2 * TRACK,
+        Change::Write(data.clone(), false),
+    )
+    .await
+    .unwrap();
+    rel.modify(
+        Role::Target,
+        5 * TRACK,
+        10,
+        Change::Write(Bytes::from_static(b"0123456789"), false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rel.bitmap().count(), 1, "only track 3 existed at T0");
+    let target = rel
+        .read(Role::Target, 3 * TRACK, 3 * TRACK as usize)
+        .await
+        .unwrap();
+    assert_eq!(
+        &target[..2 * TRACK as usize],
+        &[0u8; 2 * TRACK as usize][..]
+    );
+    assert_eq!(&target[2 * TRACK as usize..][..10], b"0123456789");
+    let source = rel
+        .read(Role::Source, 3 * TRACK, 2 * TRACK as usize)
+        .await
+        .unwrap();
+    assert_eq!(source, data);
+}
