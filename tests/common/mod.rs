@@ -573,7 +573,7 @@ impl Run {
 }
 
 /// `essctl --server API_SOCKET args...` with a clean environment.
-fn essctl_command(essd: &Essd, args: &[&str]) -> Command {
+pub fn essctl_command(essd: &Essd, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_essctl"));
     cmd.arg("--server")
         .arg(&essd.api_sock)

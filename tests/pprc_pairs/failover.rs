@@ -503,3 +503,85 @@ fn a_failover_while_the_old_primary_mirrors_takes_none_of_its_writes() {
     assert_eq!(volume_sha(b, &vb), at_b);
     assert_eq!(volume_sha(a, &va), at_b);
 }
+
+/// A failback that reaches the old primary just after its restart, while
+/// a host write to its critical pair waits there for the restart's resync
+/// (the path to the secondary still down). The hand-over waits for the
+/// host's changes in flight; the resync, once the path is up, waits for
+/// the hand-over. The hand-over releases the write — answered by the
+/// critical mode, `EIO` with no live link — rather than waiting for it
+/// forever, and the failback completes with both volumes equal.
+#[test]
+fn a_failback_during_the_restart_of_a_critical_primary_holding_a_write_completes() {
+    let mut s = Sites::start("pprc-failback-restart", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "1");
+    essctl(
+        &s.a,
+        &[
+            "pprc",
+            "establish",
+            &va,
+            &vb,
+            "--mode",
+            "nocopy",
+            "--critical",
+        ],
+    )
+    .ok();
+    wait_state(&s.b, &vb, "duplex");
+    path(&s.b, "0x10", "TSTA1", "0x10", "1");
+    // B takes over; A dies while it still mirrors, and comes back with its
+    // path to B down: the pair waits for its restart's resync.
+    essctl(&s.b, &["pprc", "failover", &vb]).ok();
+    s.a.crash();
+    s.proxy.drop_all();
+    s.a.kill_and_restart("TSTA1");
+    let held = {
+        let uri = s.a.uri(&va);
+        std::thread::spawn(move || python(TRY_WRITE, &[&uri]).replace('\n', " "))
+    };
+    // B's path back to A reconnects.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let paths = essctl_json(&s.b, &["pprc", "path", "list"]);
+        if paths["paths"][0]["state"] == "up" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B's path to A stays down: {paths}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!held.is_finished(), "the write did not wait for the resync");
+    let mut failback = essctl_command(&s.b, &["pprc", "failback", &vb])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run essctl");
+    std::thread::sleep(Duration::from_millis(500));
+    s.proxy.heal();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = failback.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = failback.kill();
+            panic!("the failback never completed: {}", s.a.log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = failback.wait_with_output().unwrap();
+    assert!(
+        status.success(),
+        "failback: {status}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(held.join().unwrap().trim(), "writable EIO");
+    wait_duplex(&s.b, &vb);
+    assert_eq!(show(&s.a, &va)["role"], "secondary");
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}

@@ -267,6 +267,10 @@ impl PprcManager {
         // hand-over below carries their tracks. The other pairs of the
         // group stay held until the freeze.
         pair.leave_group();
+        // So do the writes of a critical pair waiting for the resync after
+        // this server's restart: that resync waits for the pairs' lock this
+        // hand-over holds, and would never start.
+        pair.restart_resync_settled();
         {
             let _quiet = vol.gate().write().await;
             vol.detach_pprc();
