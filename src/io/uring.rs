@@ -233,8 +233,9 @@ impl RingState {
             self.reap(None);
         }
         if let Err(e) = self.enter(false) {
-            // The SQE may still be in the queue; a later enter submits it and
-            // its completion goes to the waiter as usual.
+            // The SQE may still be in the queue; the reaper, which polls
+            // while an operation waits, submits it (`submit_left`) and its
+            // completion goes to the waiter as usual.
             tracing::warn!("io_uring submit failed, retrying later: {e}");
         }
         Ok(self.reap(Some(key)))
@@ -258,6 +259,18 @@ impl RingState {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Submits SQEs an earlier submit left in the queue (it failed, for
+    /// want of memory say): their operations must not wait for unrelated
+    /// I/O to enter the kernel for them.
+    fn submit_left(&mut self) {
+        if self.ring.submission().is_empty() {
+            return;
+        }
+        if let Err(e) = self.enter(false) {
+            tracing::warn!("io_uring submit failed, retrying later: {e}");
         }
     }
 
@@ -418,6 +431,7 @@ async fn reap_forever(
         }
         let Some(state) = state.upgrade() else { return };
         let mut st = lock(&state);
+        st.submit_left();
         st.reap(None);
         idle = st.waiting == 0;
     }
