@@ -384,6 +384,13 @@ impl BackingStore {
         (end > start && !self.discard_refused.load(Ordering::Acquire)).then_some((start, end))
     }
 
+    /// Makes this store refuse discards, as a backing that cannot discard
+    /// does (for tests).
+    #[cfg(test)]
+    pub(crate) fn refuse_discards(&self) {
+        self.discard_refused.store(true, Ordering::Release);
+    }
+
     /// Discards a range; advisory, so unsupported discards succeed silently
     /// ([`Self::discarded`] tells what a trim changed).
     pub async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -331,16 +331,33 @@ impl Relationship {
                 change.apply(store, offset, len).await
             }
             Role::Target => {
-                for &t in &pending {
+                let whole = |t| {
                     let (ts, tl) = self.track_range(t);
-                    let whole = offset <= ts && ts + tl <= end;
-                    if !whole {
+                    offset <= ts && ts + tl <= end
+                };
+                for &t in &pending {
+                    if !whole(t) {
                         self.copy_track(t).await?;
                     }
                 }
+                let trim = matches!(change, Change::Trim);
                 change.apply(store, offset, len).await?;
+                // A trim the backing did not carry out (it cannot discard)
+                // changed nothing: a whole track it spared copying still
+                // holds the target's old data, and reads T0 from the source.
+                let discarded = if trim {
+                    self.target.discarded(offset, len)
+                } else {
+                    None
+                };
                 for &t in &pending {
-                    self.bitmap.set(t);
+                    let (ts, tl) = self.track_range(t);
+                    let changed = !trim
+                        || !whole(t)
+                        || discarded.is_some_and(|(start, stop)| start <= ts && ts + tl <= stop);
+                    if changed {
+                        self.bitmap.set(t);
+                    }
                 }
                 self.bitmap.commit(&self.target).await
             }

@@ -407,3 +407,28 @@ async fn the_tail_of_a_source_grown_since_t0_is_outside_the_relationship() {
         .unwrap();
     assert_eq!(source, data);
 }
+
+/// A trim of whole uncopied target tracks on a backing that cannot
+/// discard changes nothing: the tracks stay uncopied and read T0 from the
+/// source, not the target's old data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trim_the_target_cannot_carry_out_leaves_its_tracks_reading_t0() {
+    let engine = Engine::start(IoEngineChoice::Threads).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let source = store(dir.path(), "src", 4 * TRACK, &engine);
+    let target = store(dir.path(), "tgt", 4 * TRACK, &engine);
+    let t0 = Bytes::from(pattern(4 * TRACK as usize, 3));
+    source.write(0, t0.clone(), false).await.unwrap();
+    target
+        .write(0, Bytes::from(pattern(4 * TRACK as usize, 8)), false)
+        .await
+        .unwrap();
+    target.refuse_discards();
+    let rel = relationship(dir.path(), source, target, CopyMode::NoCopy, 0, 4);
+    rel.modify(Role::Target, TRACK, 2 * TRACK, Change::Trim)
+        .await
+        .unwrap();
+    assert_eq!(rel.bitmap().count(), 0);
+    let read = rel.read(Role::Target, 0, 4 * TRACK as usize).await.unwrap();
+    assert!(read == t0, "the target reads other data than T0");
+}
