@@ -1050,26 +1050,33 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_request_on_a_link_whose_reader_ended_fails_at_once() {
-        // The reader task ended (here: a malformed frame from the
-        // peer) and cleared the waiters; a request registered after that
-        // must not wait forever for an answer no one will deliver.
-        let (a, mut b) = tokio::io::duplex(1 << 16);
-        let peer = tokio::spawn(async move {
+    /// A peer that authenticates, sends a malformed frame, then reads
+    /// (never answering) until its end of the link closes.
+    fn a_peer_sending_a_malformed_frame(
+        mut b: tokio::io::DuplexStream,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
             let mut buf = BytesMut::new();
             handshake(&mut b, &mut buf, &serial("FCB02"), None, b"s3cret", LIMIT)
                 .await
                 .unwrap();
             b.write_all(&[0u8; HEADER_LEN]).await.unwrap();
-            // Keep reading (never answering) so the primary's writes go.
             let mut sink = vec![0u8; 1 << 16];
             while let Ok(n) = tokio::io::AsyncReadExt::read(&mut b, &mut sink).await {
                 if n == 0 {
                     break;
                 }
             }
-        });
+        })
+    }
+
+    #[tokio::test]
+    async fn a_request_on_a_link_whose_reader_ended_fails_at_once() {
+        // The reader task ended (here: a malformed frame from the
+        // peer) and cleared the waiters; a request registered after that
+        // must not wait forever for an answer no one will deliver.
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let peer = a_peer_sending_a_malformed_frame(b);
         let link = PeerLink::open(a, &serial("FCA31"), &serial("FCB02"), b"s3cret", LIMIT)
             .await
             .unwrap();
@@ -1096,20 +1103,8 @@ mod tests {
     /// drained.
     #[tokio::test]
     async fn a_malformed_frame_closes_the_socket_while_the_link_is_held() {
-        let (a, mut b) = tokio::io::duplex(1 << 16);
-        let peer = tokio::spawn(async move {
-            let mut buf = BytesMut::new();
-            handshake(&mut b, &mut buf, &serial("FCB02"), None, b"s3cret", LIMIT)
-                .await
-                .unwrap();
-            b.write_all(&[0u8; HEADER_LEN]).await.unwrap();
-            let mut sink = vec![0u8; 1 << 16];
-            while tokio::io::AsyncReadExt::read(&mut b, &mut sink)
-                .await
-                .unwrap()
-                > 0
-            {}
-        });
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let peer = a_peer_sending_a_malformed_frame(b);
         let link = PeerLink::open(a, &serial("FCA31"), &serial("FCB02"), b"s3cret", LIMIT)
             .await
             .unwrap();
