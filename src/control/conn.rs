@@ -84,6 +84,9 @@ pub struct ApiConnection {
     awaiting_head: bool,
     /// The last four bytes read while awaiting a head.
     window: u32,
+    /// A byte other than CR or LF read while awaiting a head: blank lines
+    /// before a request line (which HTTP parsers skip) start no head.
+    request_line: bool,
 }
 
 impl ApiConnection {
@@ -95,6 +98,7 @@ impl ApiConnection {
             deadline: Box::pin(tokio::time::sleep(head_timeout)),
             awaiting_head: true,
             window: 0,
+            request_line: false,
         }
     }
 
@@ -105,7 +109,8 @@ impl ApiConnection {
         }
         for &b in bytes {
             self.window = (self.window << 8) | u32::from(b);
-            if self.window == HEAD_END {
+            self.request_line |= b != b'\r' && b != b'\n';
+            if self.window == HEAD_END && self.request_line {
                 self.awaiting_head = false;
                 return;
             }
@@ -117,6 +122,7 @@ impl ApiConnection {
         if n > 0 {
             self.awaiting_head = true;
             self.window = 0;
+            self.request_line = false;
             let at = Instant::now() + self.head_timeout;
             self.deadline.as_mut().reset(at);
         }
@@ -215,6 +221,18 @@ mod tests {
         let mut buf = [0u8; 64];
         let n = conn.read(&mut buf).await.unwrap();
         assert_eq!(n, 25);
+        let e = conn.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    }
+
+    /// Blank lines are no request head (HTTP parsers skip them and wait
+    /// for one): a client that sends only those is still cut off.
+    #[tokio::test(start_paused = true)]
+    async fn blank_lines_do_not_end_the_head_deadline() {
+        let (mut conn, mut client) = pair(Duration::from_secs(15)).await;
+        client.write_all(b"\r\n\r\n\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(conn.read(&mut buf).await.unwrap(), 8);
         let e = conn.read(&mut buf).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
     }
