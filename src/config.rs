@@ -107,6 +107,9 @@ pub struct ReplicationConfig {
     pub timeout: Seconds,
 }
 
+/// Longest `replication.timeout`.
+pub const MAX_REPLICATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 fn default_replication_timeout() -> Seconds {
     Seconds(std::time::Duration::from_secs(5))
 }
@@ -502,6 +505,16 @@ impl Config {
                         "must be 1..4096 bytes without NUL".into(),
                     ));
                 }
+                // FlashCopy names a relationship SOURCE:TARGET.
+                if alias.contains(':') {
+                    return Err(fail(
+                        at("alias"),
+                        format!(
+                            "{alias:?} contains ':', which separates source and target in \
+                             FlashCopy commands; choose another name"
+                        ),
+                    ));
+                }
                 // The API also takes IDs typed in lower case.
                 if alias.to_ascii_uppercase().parse::<VolumeId>().is_ok() {
                     return Err(fail(
@@ -614,6 +627,15 @@ impl Config {
             return Err(fail(
                 "replication.timeout".into(),
                 "must be greater than zero".into(),
+            ));
+        }
+        if rep.timeout.0 > MAX_REPLICATION_TIMEOUT {
+            return Err(fail(
+                "replication.timeout".into(),
+                format!(
+                    "must be at most {}s: a secondary silent that long is gone",
+                    MAX_REPLICATION_TIMEOUT.as_secs()
+                ),
             ));
         }
         let listen = match &rep.listen {
@@ -955,6 +977,14 @@ size = "1GiB"
             "{GOOD}[replication]\nsecret = \"0123456789abcdef\"\ntimeout = \"0s\"\n"
         ));
         assert_eq!(e, "t.toml: replication.timeout: must be greater than zero");
+        // A huge one overflows the clock at the first mirrored write.
+        let e = err(&format!(
+            "{GOOD}[replication]\nsecret = \"0123456789abcdef\"\ntimeout = 5000000000000000000\n"
+        ));
+        assert_eq!(
+            e,
+            "t.toml: replication.timeout: must be at most 3600s: a secondary silent that long is gone"
+        );
         // A zero drain time would record no duplex pair in sync at a stop.
         let e = err(&GOOD.replace("[[lss]]", "drain_timeout = \"0s\"\n[[lss]]"));
         assert_eq!(e, "t.toml: server.drain_timeout: must be greater than zero");
@@ -968,6 +998,13 @@ size = "1GiB"
         assert_eq!(
             e,
             "t.toml: volume[0].alias: \"001fca31\" looks like a volume ID; choose another name"
+        );
+        // One with a colon would be taken for SOURCE:TARGET by FlashCopy.
+        let e = err(&format!("{GOOD}alias = \"db:prod\"\n"));
+        assert_eq!(
+            e,
+            "t.toml: volume[0].alias: \"db:prod\" contains ':', which separates source and \
+             target in FlashCopy commands; choose another name"
         );
     }
 }
