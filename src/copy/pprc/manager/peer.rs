@@ -228,12 +228,6 @@ impl PprcManager {
         if vol.info().read_only {
             return Err(format!("secondary {volume} is configured read-only"));
         }
-        if vol
-            .flashcopy()
-            .is_some_and(|fc| fc.role == crate::copy::flashcopy::Role::Target)
-        {
-            return Err(format!("volume {volume} is a FlashCopy target"));
-        }
         if vol.clients() > 0 && !permit_online {
             return Err(format!(
                 "secondary {volume} is in use by {} host connection(s); establish with \
@@ -262,6 +256,14 @@ impl PprcManager {
             // Host changes that passed the access gate are done first; the
             // primary's copy must not be overwritten by one of them.
             let _quiet = vol.gate().write().await;
+            // Under the gate: a FlashCopy onto this volume attaches under it
+            // too, and checks that the volume is not a secondary.
+            if vol
+                .flashcopy()
+                .is_some_and(|fc| fc.role == crate::copy::flashcopy::Role::Target)
+            {
+                return Err(format!("volume {volume} is a FlashCopy target"));
+            }
             vol.set_secondary(true);
         }
         self.publish_secondary(&side);
