@@ -346,29 +346,8 @@ fn a_restarted_primary_does_not_resync_a_secondary_terminated_meanwhile() {
 fn a_write_stuck_on_a_timed_out_link_never_lands_after_the_resync() {
     let s = Sites::start("pprc-stale-link", |cfg| with_timeout(cfg, "1s"));
     let (a, b) = (&s.a, &s.b);
-    path(a, "0x10", "TSTB2", "0x10", "2");
-    let vol = a.vol(0x10, 0);
-    let sec = b.vol(0x10, 0);
-    essctl(a, &["pprc", "establish", &vol, &sec, "--mode", "nocopy"]).ok();
-    assert_eq!(show(a, &vol)["state"], "duplex");
-    // One of the two links stops delivering (both ways); the other flows.
-    s.proxy.stall_oldest();
     let started = Instant::now();
-    let mut stuck = None;
-    for byte in 1..=8u8 {
-        let out = python(WRITE_NO_FLUSH, &[&a.uri(&vol), "0", &byte.to_string()]);
-        assert_eq!(out.trim(), "ok");
-        if show(a, &vol)["state"] == "suspended" {
-            stuck = Some(byte);
-            break;
-        }
-    }
-    let stuck = stuck.expect("no write went over the stalled link");
-    // The host's newest data at offset 0, recorded while suspended.
-    assert_eq!(
-        python(WRITE_NO_FLUSH, &[&a.uri(&vol), "0", "238"]).trim(),
-        "ok"
-    );
+    let (vol, sec, stuck) = a_write_stuck_on_a_stalled_link(&s);
     essctl(a, &["pprc", "resume", &vol]).ok();
     wait_duplex(a, &vol);
     assert_eq!(block_at(a, &vol, 0), vec![238u8; 4096]);
@@ -382,6 +361,60 @@ fn a_write_stuck_on_a_timed_out_link_never_lands_after_the_resync() {
     assert!(
         now == vec![238u8; 4096],
         "duplex, the primary holds 238 at offset 0, the secondary {} (the write of {stuck} stuck on the stalled link; resync done {elapsed:?} after the stall)",
+        now[0]
+    );
+}
+
+/// A nocopy pair A 000 → B 000 over two links, one of which stops
+/// delivering (both ways) while a write of offset 0 is on it: the pair
+/// suspends once that write times out. Then the host writes 238 at offset
+/// 0, recorded. Returns the volumes and the byte of the stuck write.
+fn a_write_stuck_on_a_stalled_link(s: &Sites) -> (String, String, u8) {
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "2");
+    let vol = a.vol(0x10, 0);
+    let sec = b.vol(0x10, 0);
+    essctl(a, &["pprc", "establish", &vol, &sec, "--mode", "nocopy"]).ok();
+    assert_eq!(show(a, &vol)["state"], "duplex");
+    s.proxy.stall_oldest();
+    let mut stuck = None;
+    for byte in 1..=8u8 {
+        let out = python(WRITE_NO_FLUSH, &[&a.uri(&vol), "0", &byte.to_string()]);
+        assert_eq!(out.trim(), "ok");
+        if show(a, &vol)["state"] == "suspended" {
+            stuck = Some(byte);
+            break;
+        }
+    }
+    let stuck = stuck.expect("no write went over the stalled link");
+    assert_eq!(
+        python(WRITE_NO_FLUSH, &[&a.uri(&vol), "0", "238"]).trim(),
+        "ok"
+    );
+    (vol, sec, stuck)
+}
+
+/// As above, but the operator terminates the pair and establishes it
+/// again with a full copy: the new pair's copy must wait for the link that
+/// timed out as a resync does, or the old write lands over the copy of
+/// its track.
+#[test]
+fn a_write_stuck_on_a_timed_out_link_never_lands_after_a_new_pairs_copy() {
+    let s = Sites::start("pprc-stale-new-pair", |cfg| with_timeout(cfg, "1s"));
+    let (a, b) = (&s.a, &s.b);
+    let (vol, sec, stuck) = a_write_stuck_on_a_stalled_link(&s);
+    essctl(a, &["pprc", "terminate", &vol]).ok();
+    essctl(a, &["pprc", "establish", &vol, &sec, "--mode", "copy"]).ok();
+    wait_duplex(a, &vol);
+    assert_eq!(block_at(b, &sec, 0), vec![238u8; 4096]);
+    s.proxy.heal();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(show(a, &vol)["state"], "duplex");
+    let now = block_at(b, &sec, 0);
+    assert!(
+        now == vec![238u8; 4096],
+        "duplex, the primary holds 238 at offset 0, the secondary {} (the write of {stuck} \
+         stuck on the stalled link of the terminated pair)",
         now[0]
     );
 }
@@ -405,26 +438,7 @@ fn a_removed_and_reestablished_path_does_not_forget_a_timed_out_link() {
 fn a_replaced_path_does_not_forget_a_timed_out_link(tag: &str, remove_first: bool) {
     let s = Sites::start(tag, |cfg| with_timeout(cfg, "1s"));
     let (a, b) = (&s.a, &s.b);
-    path(a, "0x10", "TSTB2", "0x10", "2");
-    let vol = a.vol(0x10, 0);
-    let sec = b.vol(0x10, 0);
-    essctl(a, &["pprc", "establish", &vol, &sec, "--mode", "nocopy"]).ok();
-    assert_eq!(show(a, &vol)["state"], "duplex");
-    s.proxy.stall_oldest();
-    let mut stuck = None;
-    for byte in 1..=8u8 {
-        let out = python(WRITE_NO_FLUSH, &[&a.uri(&vol), "0", &byte.to_string()]);
-        assert_eq!(out.trim(), "ok");
-        if show(a, &vol)["state"] == "suspended" {
-            stuck = Some(byte);
-            break;
-        }
-    }
-    let stuck = stuck.expect("no write went over the stalled link");
-    assert_eq!(
-        python(WRITE_NO_FLUSH, &[&a.uri(&vol), "0", "238"]).trim(),
-        "ok"
-    );
+    let (vol, sec, stuck) = a_write_stuck_on_a_stalled_link(&s);
     let mut establish = vec![
         "pprc",
         "path",

@@ -3,7 +3,7 @@
 //! and unfreeze.
 
 use super::*;
-use crate::copy::pprc::{paths, secondary};
+use crate::copy::pprc::{pair, paths, secondary};
 
 impl PprcManager {
     /// Establishes a pair, or resumes a suspended one (`mode` resync).
@@ -136,8 +136,16 @@ impl PprcManager {
             )));
         }
         Self::check_new_pair(&entries, &spec.peer)?;
-        self.check_path(&spec)?;
+        let (route, _, _) = self.live_link(&spec)?;
         drop(entries);
+        // A request of an earlier pair on these volumes, stalled on a link
+        // that timed out, must not land after the copy of its track.
+        pair::await_unanswered_on(&route, self.timeout)
+            .await
+            .map_err(|message| PairError::Peer {
+                peer: spec.peer.clone(),
+                message,
+            })?;
         self.ask_secondary(&spec, volume.size(), req.permit_online, false)
             .await?;
         let mut entries = self.entries.lock().await;

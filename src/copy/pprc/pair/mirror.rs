@@ -526,31 +526,39 @@ impl Pair {
     /// dropped with a request unanswered (and applied what it carried), so
     /// that a resync's copies cannot be overtaken by such a request.
     pub async fn await_unanswered(&self) -> Result<(), String> {
-        let Some(route) = self.route() else {
-            return Ok(());
+        match self.route() {
+            Some(route) => await_unanswered_on(&route, self.timeout).await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// [`Pair::await_unanswered`] for a path, with the secondary's `timeout`:
+/// also before a new pair's copy on it (a request of an earlier pair on
+/// the same volumes, stalled on a dropped link, must not land after the
+/// copy of its track).
+pub async fn await_unanswered_on(route: &Route, timeout: Duration) -> Result<(), String> {
+    let limit = secondary::SILENCE_LIMIT + timeout;
+    for id in route.unanswered() {
+        let Some((at, link)) = route.pick() else {
+            return Err("no live link left".into());
         };
-        let limit = secondary::SILENCE_LIMIT + self.timeout;
-        for id in route.unanswered() {
-            let Some((at, link)) = route.pick() else {
-                return Err("no live link left".into());
-            };
-            let ask = Message::Control {
-                body: secondary::drained_body(&id),
-            };
-            match tokio::time::timeout(limit, link.request(ask)).await {
-                Ok(Ok(0)) => route.answered(&id),
-                Ok(Ok(code)) => return Err(format!("the secondary answered {}", errno_name(code))),
-                Ok(Err(e)) => {
-                    route.fail(at, &link, e.to_string());
-                    return Err(e.to_string());
-                }
-                Err(_) => {
-                    return Err(format!(
-                        "the secondary did not end a link that timed out within {limit:?}"
-                    ))
-                }
+        let ask = Message::Control {
+            body: secondary::drained_body(&id),
+        };
+        match tokio::time::timeout(limit, link.request(ask)).await {
+            Ok(Ok(0)) => route.answered(&id),
+            Ok(Ok(code)) => return Err(format!("the secondary answered {}", errno_name(code))),
+            Ok(Err(e)) => {
+                route.fail(at, &link, e.to_string());
+                return Err(e.to_string());
+            }
+            Err(_) => {
+                return Err(format!(
+                    "the secondary did not end a link that timed out within {limit:?}"
+                ))
             }
         }
-        Ok(())
     }
+    Ok(())
 }

@@ -75,6 +75,8 @@ mod cleaner;
 mod copier;
 mod mirror;
 
+pub use mirror::await_unanswered_on;
+
 /// The errno a secondary answers when its side of the pair was suspended
 /// or terminated there.
 pub const ESHUTDOWN: u32 = 108;
