@@ -114,13 +114,12 @@ impl Pace {
 
     /// How long the next poll's request may take: what is left of the
     /// timeout (at least [`MIN_REQUEST`]), so that a server slow to answer
-    /// does not hold the wait past it; the client's default without one.
+    /// neither holds the wait past it nor ends it sooner; the client's
+    /// default without one.
     pub(super) fn request_timeout(&self) -> Duration {
         match self.timeout {
             None => DEFAULT_TIMEOUT,
-            Some(limit) => limit
-                .saturating_sub(self.elapsed())
-                .clamp(MIN_REQUEST, DEFAULT_TIMEOUT.max(MIN_REQUEST)),
+            Some(limit) => limit.saturating_sub(self.elapsed()).max(MIN_REQUEST),
         }
     }
 
@@ -174,6 +173,20 @@ mod tests {
             rate,
             ..Pace::new(interval, timeout)
         }
+    }
+
+    /// A poll may take what is left of the timeout, also past the
+    /// client's default for one request: a slow answer ends the wait at its
+    /// timeout (exit 5), not as an unreachable server sooner.
+    #[test]
+    fn a_poll_may_take_what_is_left_of_the_timeout() {
+        let long = Duration::from_secs(600);
+        let left = pace_at(None, Duration::from_secs(1), Some(long)).request_timeout();
+        assert!(left > DEFAULT_TIMEOUT && left <= long, "{left:?}");
+        let none = pace_at(None, Duration::from_secs(1), Some(Duration::ZERO));
+        assert_eq!(none.request_timeout(), MIN_REQUEST);
+        let untimed = pace_at(None, Duration::from_secs(1), None);
+        assert_eq!(untimed.request_timeout(), DEFAULT_TIMEOUT);
     }
 
     #[test]
