@@ -2,7 +2,7 @@
 //! systemd, serve, and on SIGTERM/SIGINT stop accepting, finish in-flight
 //! requests, flush every volume and exit.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,9 +70,15 @@ pub async fn run(
     let server = Arc::new(StorageServer::open(&cfg, engine).map_err(start_err)?);
 
     let state_dir = cfg.raw.server.state_dir.clone();
-    std::fs::create_dir_all(&state_dir)
-        .and_then(|()| std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)))
-        .map_err(|e| StartError(format!("state directory {}: {e}", state_dir.display())))?;
+    // Created private; one that exists keeps its mode (it may be shared
+    // with other programs, which a chmod would lock out).
+    if !state_dir.is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&state_dir)
+            .map_err(|e| StartError(format!("state directory {}: {e}", state_dir.display())))?;
+    }
     // Held until the process ends.
     let _state_lock = crate::state::lock_dir(&state_dir).map_err(start_err)?;
     let users = UserStore::open(&state_dir).map_err(start_err)?;

@@ -231,3 +231,33 @@ fn a_second_server_on_the_same_state_directory_is_refused() {
         "{log}"
     );
 }
+
+/// The state directory is created private (0700); one that exists, maybe
+/// shared with other programs, keeps its mode.
+#[test]
+fn a_state_directory_is_created_private_and_an_existing_one_keeps_its_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |dir: &std::path::Path| {
+        std::fs::metadata(dir.join("state"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let mut cfg = TestConfig::new("threads");
+    cfg.volumes = vec![Vol::new(0x10, 0, "4MiB")];
+    let fresh = tempdir("state-fresh");
+    let essd = Essd::start_in(fresh.path(), &cfg);
+    assert_eq!(mode(fresh.path()), 0o700);
+    assert!(essd.stop().success());
+    let shared = tempdir("state-shared");
+    std::fs::create_dir(shared.path().join("state")).unwrap();
+    std::fs::set_permissions(
+        shared.path().join("state"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let essd = Essd::start_in(shared.path(), &cfg);
+    assert_eq!(mode(shared.path()), 0o755);
+    assert!(essd.stop().success());
+}
