@@ -820,6 +820,15 @@ impl PprcManager {
             );
     }
 
+    /// Ends this server's secondary side of `vol`: its primary's changes
+    /// are refused from now on, and hosts may write it once those that
+    /// passed the secondary check are done (they hold the volume's gate).
+    async fn end_secondary(&self, vol: &Volume) {
+        self.unpublish_secondary(vol.name());
+        let _quiet = vol.gate().write().await;
+        vol.set_secondary(false);
+    }
+
     fn unpublish_secondary(&self, volume: &str) {
         self.accepting
             .write()

@@ -487,8 +487,7 @@ impl PprcManager {
                 }
             }
             Entry::Secondary(side) => {
-                self.unpublish_secondary(volume);
-                vol.set_secondary(false);
+                self.end_secondary(&vol).await;
                 if let Some(h) = &side.handover {
                     let _ = std::fs::remove_file(self.dir.join(h));
                 }

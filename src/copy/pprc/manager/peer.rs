@@ -73,12 +73,16 @@ impl PprcManager {
                 }) else {
                     return Ok(json!({"note": "no such secondary"}));
                 };
-                entries.remove(i);
-                self.unpublish_secondary(&volume);
-                if let Some(v) = self.server.lookup(&volume) {
-                    v.set_secondary(false);
+                // Recorded first: if the record cannot be written, the
+                // side stays (the primary is told so and may ask again).
+                let side = entries.remove(i);
+                if let Err(e) = self.save_locked(&entries) {
+                    entries.insert(i, side);
+                    return Err(e.to_string());
                 }
-                self.save_locked(&entries).map_err(|e| e.to_string())?;
+                if let Some(v) = self.server.lookup(&volume) {
+                    self.end_secondary(v).await;
+                }
                 self.log.record(
                     "pprc.pair.terminate",
                     format!("secondary {volume} of {peer} {primary} terminated by its primary"),
