@@ -471,6 +471,36 @@ fn a_write_whose_track_cannot_be_recorded_on_a_full_file_system_fails() {
     drop(s);
 }
 
+/// An establish whose out-of-sync bitmap cannot be written on the primary
+/// (its state directory full) fails with the reason, and the side it had
+/// made on the secondary is ended: that volume is in no pair and hosts may
+/// write it again.
+#[test]
+fn an_establish_that_cannot_write_its_bitmap_leaves_no_secondary_behind() {
+    let s = Sites::start("pprc-establish-enospc", |_| {});
+    let (a, b) = (&s.a, &s.b);
+    let fs = ScratchMount::mount("tmpfs", "size=1m", &s.dir_a.path().join("state/pprc"));
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    fs.fill("filler");
+    let refused = essctl(a, &["pprc", "establish", &v, &sv, "--mode", "copy"]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused.stderr.contains(".oos") && refused.stderr.contains("No space left"),
+        "{refused:?}"
+    );
+    assert_eq!(try_write(b, &sv), "writable ok");
+    let list = essctl_json(b, &["pprc", "list"]);
+    assert_eq!(list["pairs"].as_array().map(Vec::len), Some(0), "{list}");
+    std::fs::remove_file(fs.dir.join("filler")).unwrap();
+    essctl(a, &["pprc", "establish", &v, &sv, "--mode", "copy"]).ok();
+    wait_duplex(a, &v);
+    assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
+    // Unmounted first (also when the test fails: declared last).
+    drop(fs);
+    drop(s);
+}
+
 /// A raw-disk secondary whose storage fails at write-back (a loop device
 /// over a sparse file on a full tmpfs): the mirrored write lands in its
 /// page cache, and the host's FLUSH fails there. The pair (not critical)

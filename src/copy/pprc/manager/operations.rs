@@ -159,43 +159,47 @@ impl PprcManager {
             }),
             None => Self::check_new_pair(&entries, &spec.peer),
         };
-        if let Err(e) = changed {
-            drop(entries);
-            let _ = self
-                .tell(
-                    &spec,
-                    json!({"op": "terminate", "volume": spec.peer_volume, "primary": spec.volume}),
-                )
-                .await;
-            return Err(e);
-        }
-        let tracks = volume.size().div_ceil(self.server.track_size);
-        let file = format!("{}.oos", req.volume);
-        let path = self.dir.join(&file);
-        let _ = std::fs::remove_file(&path);
-        let oos = TrackBitmap::create(&path, self.server.track_size, tracks)?;
-        if req.mode == CopyOption::Copy {
-            oos.set_range(0, tracks);
-            oos.commit_bits()
-                .await
-                .map_err(io_err(format!("cannot write {}", path.display())))?;
-        }
-        let state = if req.mode == CopyOption::Copy {
-            PairState::DuplexPending
-        } else {
-            PairState::Duplex
+        // Whatever fails from here on, the secondary's side just made is
+        // ended again, so that no volume stays protected without a pair.
+        let made = match changed {
+            Ok(()) => self.new_primary(&spec, &volume, req.mode).await,
+            Err(e) => Err(e),
         };
+        let made = made.and_then(|pair| {
+            // Recorded before it mirrors: a pair that cannot be recorded
+            // is not made.
+            entries.push(Entry::Primary(pair.clone()));
+            match self.save_locked(&entries) {
+                Ok(()) => Ok(pair),
+                Err(e) => {
+                    entries.pop();
+                    let _ = pair.oos().remove_file();
+                    Err(e)
+                }
+            }
+        });
+        let pair = match made {
+            Ok(pair) => pair,
+            Err(e) => {
+                drop(entries);
+                let _ = self
+                    .tell(
+                        &spec,
+                        json!({"op": "terminate", "volume": spec.peer_volume, "primary": spec.volume}),
+                    )
+                    .await;
+                return Err(e);
+            }
+        };
+        let state = pair.state();
         // Mirroring from the moment it is attached: no change is made on
         // this volume alone in between (with no copy, none would ever
         // reach the secondary).
-        let pair = self.new_pair(spec.clone(), &volume, oos, new_status(state, None));
         {
             let _quiet = volume.gate().write().await;
             volume.attach_pprc(pair.clone());
         }
         self.start(&pair, &volume, state).await;
-        entries.push(Entry::Primary(pair.clone()));
-        self.save_locked(&entries)?;
         self.log.record(
             "pprc.pair.establish",
             format!(
@@ -265,6 +269,32 @@ impl PprcManager {
             ));
         }
         Ok(())
+    }
+
+    /// A new primary pair of `volume` (not attached, not started), with its
+    /// out-of-sync bitmap: every track marked for a full copy, none
+    /// without.
+    async fn new_primary(
+        &self,
+        spec: &PairSpec,
+        volume: &Arc<Volume>,
+        mode: CopyOption,
+    ) -> Result<Arc<Pair>, PairError> {
+        let tracks = volume.size().div_ceil(self.server.track_size);
+        let path = self.dir.join(format!("{}.oos", spec.volume));
+        let _ = std::fs::remove_file(&path);
+        let oos = TrackBitmap::create(&path, self.server.track_size, tracks)?;
+        let state = if mode == CopyOption::Copy {
+            oos.set_range(0, tracks);
+            if let Err(e) = oos.commit_bits().await {
+                let _ = oos.remove_file();
+                return Err(io_err(format!("cannot write {}", path.display()))(e));
+            }
+            PairState::DuplexPending
+        } else {
+            PairState::Duplex
+        };
+        Ok(self.new_pair(spec.clone(), volume, oos, new_status(state, None)))
     }
 
     pub(super) fn check_path(&self, spec: &PairSpec) -> Result<(), PairError> {
