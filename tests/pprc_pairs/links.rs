@@ -353,15 +353,14 @@ fn a_write_stuck_on_a_timed_out_link_never_lands_after_the_resync() {
     assert_eq!(block_at(a, &vol, 0), vec![238u8; 4096]);
     assert_eq!(block_at(b, &sec, 0), vec![238u8; 4096]);
     let elapsed = started.elapsed();
-    // The stalled link delivers what it held.
-    s.proxy.heal();
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(show(a, &vol)["state"], "duplex");
-    let now = block_at(b, &sec, 0);
-    assert!(
-        now == vec![238u8; 4096],
-        "duplex, the primary holds 238 at offset 0, the secondary {} (the write of {stuck} stuck on the stalled link; resync done {elapsed:?} after the stall)",
-        now[0]
+    the_stalled_link_delivers_too_late(
+        &s,
+        &vol,
+        &sec,
+        &format!(
+            "the write of {stuck} stuck on the stalled link; resync done {elapsed:?} after \
+             the stall"
+        ),
     );
 }
 
@@ -407,14 +406,25 @@ fn a_write_stuck_on_a_timed_out_link_never_lands_after_a_new_pairs_copy() {
     essctl(a, &["pprc", "establish", &vol, &sec, "--mode", "copy"]).ok();
     wait_duplex(a, &vol);
     assert_eq!(block_at(b, &sec, 0), vec![238u8; 4096]);
+    the_stalled_link_delivers_too_late(
+        &s,
+        &vol,
+        &sec,
+        &format!("the write of {stuck} stuck on the stalled link of the terminated pair"),
+    );
+}
+
+/// The stalled link delivers what it held, after the pair went duplex
+/// again with 238 at offset 0: the pair stays duplex and the secondary
+/// keeps 238 (`what` says which write was stuck).
+fn the_stalled_link_delivers_too_late(s: &Sites, vol: &str, sec: &str, what: &str) {
     s.proxy.heal();
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(show(a, &vol)["state"], "duplex");
-    let now = block_at(b, &sec, 0);
+    assert_eq!(show(&s.a, vol)["state"], "duplex");
+    let now = block_at(&s.b, sec, 0);
     assert!(
         now == vec![238u8; 4096],
-        "duplex, the primary holds 238 at offset 0, the secondary {} (the write of {stuck} \
-         stuck on the stalled link of the terminated pair)",
+        "duplex, the primary holds 238 at offset 0, the secondary {} ({what})",
         now[0]
     );
 }
