@@ -432,7 +432,8 @@ impl TrackBitmap {
     /// handed to a commit (a setter marks its page dirty only after its
     /// bits are set, so a plain [`TrackBitmap::commit`] may find nothing
     /// to do while such a bit is in memory only). For callers that found
-    /// a track's bit set by someone else and are about to change the track.
+    /// a track's bit set by someone else and are about to change the track;
+    /// returns at once when every bit of the range is durable already.
     pub async fn commit_for(&self, data: &BackingStore, first: u64, end: u64) -> io::Result<()> {
         self.commit_covering(Some(data), first, end).await
     }
@@ -449,7 +450,7 @@ impl TrackBitmap {
         first: u64,
         end: u64,
     ) -> io::Result<()> {
-        if first >= end {
+        if self.all_durable(first, end) {
             return Ok(());
         }
         let words = (first / 64) as usize..=((end - 1) / 64) as usize;

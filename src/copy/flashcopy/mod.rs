@@ -309,11 +309,9 @@ impl Relationship {
             // A bit set by the copier may not be durable yet (nor handed
             // to a commit): commit it before the track changes, or a crash
             // could forget the copy.
-            if !self.bitmap.all_durable(first, last + 1) {
-                self.bitmap
-                    .commit_for(&self.target, first, last + 1)
-                    .await?;
-            }
+            self.bitmap
+                .commit_for(&self.target, first, last + 1)
+                .await?;
             return change.apply(store, offset, len).await;
         }
         let _guard = self.locks.exclusive(pending.iter().copied()).await;

@@ -161,23 +161,20 @@ impl PprcManager {
         };
         // Whatever fails from here on, the secondary's side just made is
         // ended again, so that no volume stays protected without a pair.
-        let made = match changed {
-            Ok(()) => self.new_primary(&spec, &volume, req.mode).await,
-            Err(e) => Err(e),
-        };
-        let made = made.and_then(|pair| {
+        let made = async {
+            changed?;
+            let pair = self.new_primary(&spec, &volume, req.mode).await?;
             // Recorded before it mirrors: a pair that cannot be recorded
             // is not made.
             entries.push(Entry::Primary(pair.clone()));
-            match self.save_locked(&entries) {
-                Ok(()) => Ok(pair),
-                Err(e) => {
-                    entries.pop();
-                    let _ = pair.oos().remove_file();
-                    Err(e)
-                }
+            if let Err(e) = self.save_locked(&entries) {
+                entries.pop();
+                let _ = pair.oos().remove_file();
+                return Err(e);
             }
-        });
+            Ok(pair)
+        }
+        .await;
         let pair = match made {
             Ok(pair) => pair,
             Err(e) => {
