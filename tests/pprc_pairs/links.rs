@@ -820,7 +820,7 @@ fn a_resume_request_that_arrives_after_its_primary_gave_up_changes_nothing() {
         assert!(attempts <= 6, "no resume went over the delayed link");
         essctl(&s.a, &["pprc", "suspend", &va]).ok();
         wait_sides_agree(&s.a, &va, &s.b, &vb, "suspended");
-        s.proxy.delay_nth(attempts % 2, late);
+        s.proxy.delay_nth((attempts / 2) % 2, late);
         let asked = Instant::now();
         let run = essctl(&s.a, &["pprc", "resume", &va]);
         if run.code == 1 {
@@ -852,6 +852,68 @@ fn a_resume_request_that_arrives_after_its_primary_gave_up_changes_nothing() {
     s.proxy.heal();
     path(&s.a, "0x10", "TSTB2", "0x10", "2");
     resume_to_equal(&s, &va, &vb, "resumed");
+}
+
+/// A terminate whose request is held on one link of two (8 s: past the
+/// 5 s the primary waits) ends the pair at the primary only, and the
+/// operator establishes it again at once, over the other link. When the
+/// old terminate arrives after that, it ends nothing: the secondary stays
+/// the secondary of the new pair (hosts cannot write it), the pair stays
+/// duplex on both sides, and a write reaches the secondary. (Links are
+/// picked in turn: a terminate that went over the undelayed link was told,
+/// and the pair is made again and tried with the other link delayed.)
+#[test]
+fn a_terminate_that_arrives_after_the_pair_was_made_again_ends_nothing() {
+    let s = Sites::start("pprc-terminate-late", |_| {});
+    let (va, vb) = (s.a.vol(0x10, 0), s.b.vol(0x10, 0));
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    let establish = || {
+        essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+        wait_sides_agree(&s.a, &va, &s.b, &vb, "established");
+    };
+    establish();
+    let late = Duration::from_secs(8);
+    let mut attempts = 0;
+    let asked = loop {
+        attempts += 1;
+        assert!(attempts <= 6, "no terminate went over the delayed link");
+        // Which link a terminate takes alternates or not; so does this.
+        s.proxy.delay_nth((attempts / 2) % 2, late);
+        let asked = Instant::now();
+        let run = essctl(&s.a, &["pprc", "terminate", &va]);
+        if run.ok().contains("secondary not told") {
+            break asked;
+        }
+        s.proxy.heal();
+        path(&s.a, "0x10", "TSTB2", "0x10", "2");
+        establish();
+    };
+    // Over the other link (the next in turn).
+    establish();
+    std::thread::sleep(
+        (asked + late + Duration::from_secs(2)).saturating_duration_since(Instant::now()),
+    );
+    assert!(
+        s.b.log().contains("ignored a late terminate"),
+        "the late terminate never arrived"
+    );
+    wait_sides_agree(&s.a, &va, &s.b, &vb, "after the late terminate arrived");
+    let v = show(&s.b, &vb);
+    assert_eq!(
+        (&v["role"], &v["state"]),
+        (&"secondary".into(), &"duplex".into()),
+        "{v}"
+    );
+    assert_eq!(try_write(&s.b, &vb), "read-only EPERM");
+    s.proxy.heal();
+    path(&s.a, "0x10", "TSTB2", "0x10", "2");
+    write_tracks(&s.a, &va, 104, 3);
+    wait_duplex(&s.a, &va);
+    assert_eq!(
+        volume_sha(&s.a, &va),
+        volume_sha(&s.b, &vb),
+        "after a write"
+    );
 }
 
 /// Two servers that mirror to each other (pairs both ways), every pair

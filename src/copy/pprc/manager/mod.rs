@@ -346,8 +346,8 @@ impl JoinRequest {
 
 /// Puts in order the messages of a primary's server that set what a
 /// secondary's side shows (the pair's state told, a request to take the
-/// pair back): a message held on a slow link may arrive after later ones
-/// sent over another, and must not undo them.
+/// pair back, a terminate): a message held on a slow link may arrive after
+/// later ones sent over another, and must not undo them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Stamp {
     /// This run of the sending server.

@@ -136,7 +136,9 @@ impl PprcManager {
             )));
         }
         Self::check_new_pair(&entries, &spec.peer)?;
-        let (route, _, _) = self.live_link(&spec)?;
+        // Not a turn of its links: the request to the secondary takes the
+        // next one.
+        let route = self.route_of(&spec)?;
         drop(entries);
         // A request of an earlier pair on these volumes, stalled on a link
         // that timed out, must not land after the copy of its track.
@@ -182,7 +184,8 @@ impl PprcManager {
                 let _ = self
                     .tell(
                         &spec,
-                        json!({"op": "terminate", "volume": spec.peer_volume, "primary": spec.volume}),
+                        json!({"op": "terminate", "volume": spec.peer_volume, "primary": spec.volume,
+                               "stamp": self.stamp()}),
                     )
                     .await;
                 return Err(e);
@@ -304,20 +307,24 @@ impl PprcManager {
         &self,
         spec: &PairSpec,
     ) -> Result<(Arc<paths::Route>, usize, Arc<PeerLink>), PairError> {
-        let route = self
-            .paths
-            .route(spec.lss, &spec.peer, spec.peer_lss)
-            .ok_or_else(|| PairError::NoPath {
-                lss: spec.lss,
-                peer: spec.peer.clone(),
-                peer_lss: spec.peer_lss,
-            })?;
+        let route = self.route_of(spec)?;
         let (at, link) = route.pick().ok_or_else(|| PairError::PathDown {
             lss: spec.lss,
             peer: spec.peer.clone(),
             peer_lss: spec.peer_lss,
         })?;
         Ok((route, at, link))
+    }
+
+    /// The path of the pair `spec`, up or down.
+    fn route_of(&self, spec: &PairSpec) -> Result<Arc<paths::Route>, PairError> {
+        self.paths
+            .route(spec.lss, &spec.peer, spec.peer_lss)
+            .ok_or_else(|| PairError::NoPath {
+                lss: spec.lss,
+                peer: spec.peer.clone(),
+                peer_lss: spec.peer_lss,
+            })
     }
 
     /// Removes the path `lss` → `peer` `peer_lss`. Refused while pairs of
@@ -489,7 +496,8 @@ impl PprcManager {
                 }
                 drop(entries);
                 let told = self
-                    .tell(&pair.spec, json!({"op": "terminate", "volume": pair.spec.peer_volume, "primary": volume}))
+                    .tell(&pair.spec, json!({"op": "terminate", "volume": pair.spec.peer_volume, "primary": volume,
+                                         "stamp": self.stamp()}))
                     .await;
                 let _ = pair.oos().remove_file();
                 self.log.record(

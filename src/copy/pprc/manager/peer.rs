@@ -73,6 +73,20 @@ impl PprcManager {
                 }) else {
                     return Ok(json!({"note": "no such secondary"}));
                 };
+                if let Entry::Secondary(side) = &entries[i] {
+                    if !Stamp::of(request).is_none_or(|s| s.supersedes(side.last_stamp)) {
+                        // Held on a slow link while the primary made the
+                        // pair again over another: it ends nothing.
+                        tracing::warn!(
+                            volume,
+                            peer,
+                            "ignored a late terminate: its primary asked this side to take the                              pair since"
+                        );
+                        return Ok(
+                            json!({"note": "a late terminate; the pair was made again since"}),
+                        );
+                    }
+                }
                 // Recorded first: if the record cannot be written, the
                 // side stays (the primary is told so and may ask again).
                 let side = entries.remove(i);
