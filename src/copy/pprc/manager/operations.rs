@@ -297,8 +297,21 @@ impl PprcManager {
         Ok(self.new_pair(spec.clone(), volume, oos, new_status(state, None)))
     }
 
+    /// Refuses when the pair's path is missing or down; not a turn of its
+    /// links (the request that follows takes the next one).
     pub(super) fn check_path(&self, spec: &PairSpec) -> Result<(), PairError> {
-        self.live_link(spec).map(|_| ())
+        if self.route_of(spec)?.live() == 0 {
+            return Err(Self::path_down(spec));
+        }
+        Ok(())
+    }
+
+    fn path_down(spec: &PairSpec) -> PairError {
+        PairError::PathDown {
+            lss: spec.lss,
+            peer: spec.peer.clone(),
+            peer_lss: spec.peer_lss,
+        }
     }
 
     /// A live link of the pair's path (and where it sits in the route), or
@@ -308,11 +321,7 @@ impl PprcManager {
         spec: &PairSpec,
     ) -> Result<(Arc<paths::Route>, usize, Arc<PeerLink>), PairError> {
         let route = self.route_of(spec)?;
-        let (at, link) = route.pick().ok_or_else(|| PairError::PathDown {
-            lss: spec.lss,
-            peer: spec.peer.clone(),
-            peer_lss: spec.peer_lss,
-        })?;
+        let (at, link) = route.pick().ok_or_else(|| Self::path_down(spec))?;
         Ok((route, at, link))
     }
 
