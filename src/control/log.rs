@@ -1,6 +1,8 @@
 //! The server's event log: one JSON object per line in `STATE_DIR/log.jsonl`
 //! (copy-services operations with timestamps and durations), appended and
-//! flushed as events happen.
+//! flushed as events happen. At [`ROTATE_AT`] bytes the file becomes
+//! `log.jsonl.1` (replacing the one before) and a new one starts, so the
+//! log keeps the latest events in bounded space.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, Write};
@@ -26,13 +28,28 @@ pub struct Event {
     pub duration_ms: Option<f64>,
 }
 
+/// Size in bytes at which the log file is rotated.
+pub const ROTATE_AT: u64 = 8 << 20;
+
 /// The append-only log file.
 #[derive(Debug)]
 pub struct EventLog {
     path: PathBuf,
-    /// The file, and whether its last line may be unfinished (a failed
-    /// append), so the next event must start on a new line.
-    file: Mutex<(File, bool)>,
+    /// The file's name once rotated.
+    rotated: PathBuf,
+    rotate_at: u64,
+    file: Mutex<Appending>,
+}
+
+/// The current file and what appending to it needs to know.
+#[derive(Debug)]
+struct Appending {
+    file: File,
+    /// Bytes in the file.
+    len: u64,
+    /// The last line may be unfinished (a failed append), so the next
+    /// event must start on a new line.
+    torn: bool,
 }
 
 /// Formats a time as RFC 3339 in UTC with milliseconds.
@@ -63,14 +80,10 @@ impl EventLog {
     /// Opens (creating) the log in `state_dir`.
     pub fn open(state_dir: &Path) -> io::Result<Self> {
         let path = state_dir.join("log.jsonl");
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .open(&path)?;
+        let mut file = Self::open_file(&path)?;
         // A crash in the middle of an append leaves an unfinished last
         // line: end it, so the next event is a line of its own.
-        let len = file.metadata()?.len();
+        let mut len = file.metadata()?.len();
         if len > 0 {
             use std::io::{Read, Seek, SeekFrom};
             let mut last = [0u8];
@@ -79,12 +92,43 @@ impl EventLog {
             if last[0] != b'\n' {
                 file.write_all(b"\n")?;
                 file.sync_data()?;
+                len += 1;
             }
         }
         Ok(EventLog {
+            rotated: state_dir.join("log.jsonl.1"),
             path,
-            file: Mutex::new((file, false)),
+            rotate_at: ROTATE_AT,
+            file: Mutex::new(Appending {
+                file,
+                len,
+                torn: false,
+            }),
         })
+    }
+
+    fn open_file(path: &Path) -> io::Result<File> {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(path)
+    }
+
+    /// Moves a full file aside and starts a new one. On failure the
+    /// current file goes on growing, and the next event tries again.
+    fn rotate(&self, current: &mut Appending) -> io::Result<()> {
+        std::fs::rename(&self.path, &self.rotated)?;
+        let file = Self::open_file(&self.path)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        *current = Appending {
+            file,
+            len: 0,
+            torn: false,
+        };
+        Ok(())
     }
 
     /// Appends an event. Failures are reported in the process log only:
@@ -106,34 +150,52 @@ impl EventLog {
             return;
         };
         line.push(b'\n');
-        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        let (file, torn) = &mut *guard;
-        if *torn {
+        let mut current = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if current.len >= self.rotate_at {
+            if let Err(err) = self.rotate(&mut current) {
+                tracing::warn!(path = %self.path.display(), "cannot rotate the event log: {err}");
+            }
+        }
+        if current.torn {
             line.insert(0, b'\n');
         }
+        // Counted also when it failed: part of it may be in the file.
+        current.len += line.len() as u64;
+        let file = &mut current.file;
         match file.write_all(&line).and_then(|()| file.sync_data()) {
-            Ok(()) => *torn = false,
+            Ok(()) => current.torn = false,
             Err(err) => {
-                *torn = true;
+                current.torn = true;
                 tracing::warn!(path = %self.path.display(), "cannot append to the event log: {err}");
             }
         }
     }
 
-    /// The last `limit` events, oldest first.
+    /// The last `limit` events, oldest first (from the rotated file too).
     pub fn tail(&self, limit: usize) -> io::Result<Vec<Event>> {
-        let file = File::open(&self.path)?;
-        let mut events: std::collections::VecDeque<Event> = std::collections::VecDeque::new();
-        // Split on bytes: an unfinished line (a crash during an append)
-        // may end inside a UTF-8 sequence; it is skipped like any line that
-        // is not an event.
-        for line in io::BufReader::new(file).split(b'\n') {
-            let Ok(e) = serde_json::from_slice::<Event>(&line?) else {
-                continue;
+        // Opened under the lock, so that no rotation comes in between.
+        let (rotated, current) = {
+            let _current = self.file.lock().unwrap_or_else(|p| p.into_inner());
+            let rotated = match File::open(&self.rotated) {
+                Ok(f) => Some(f),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e),
             };
-            events.push_back(e);
-            if events.len() > limit {
-                events.pop_front();
+            (rotated, File::open(&self.path)?)
+        };
+        let mut events: std::collections::VecDeque<Event> = std::collections::VecDeque::new();
+        for file in rotated.into_iter().chain([current]) {
+            // Split on bytes: an unfinished line (a crash during an append)
+            // may end inside a UTF-8 sequence; it is skipped like any line
+            // that is not an event.
+            for line in io::BufReader::new(file).split(b'\n') {
+                let Ok(e) = serde_json::from_slice::<Event>(&line?) else {
+                    continue;
+                };
+                events.push_back(e);
+                if events.len() > limit {
+                    events.pop_front();
+                }
             }
         }
         Ok(events.into())
@@ -168,6 +230,45 @@ mod tests {
         assert_eq!(tail.len(), 2);
         assert_eq!(tail[0].detail, "n=3");
         assert_eq!(tail[1].duration_ms, Some(4.0));
+    }
+
+    #[test]
+    fn a_full_log_is_rotated_and_tails_read_across_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = EventLog::open(dir.path()).unwrap();
+        log.rotate_at = 1000;
+        for i in 0..100 {
+            log.record("test.event", format!("n={i}"), None);
+        }
+        let size = |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().len();
+        let lines = |name: &str| {
+            let text = std::fs::read_to_string(dir.path().join(name)).unwrap();
+            text.lines().count() as u64
+        };
+        let line = size("log.jsonl") / lines("log.jsonl");
+        // Each file holds at most one line past the limit.
+        for name in ["log.jsonl", "log.jsonl.1"] {
+            assert!(size(name) < 1000 + 2 * line, "{name}: {}", size(name));
+        }
+        let all = log.tail(1000).unwrap();
+        let numbers: Vec<u32> = all
+            .iter()
+            .map(|e| e.detail["n=".len()..].parse().unwrap())
+            .collect();
+        // The latest events of both files, in order, ending with the last.
+        assert!(numbers.len() > 1000 / line as usize, "{numbers:?}");
+        assert!(numbers.len() < 100, "{numbers:?}");
+        assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{numbers:?}");
+        assert_eq!(numbers.last(), Some(&99));
+        let tail = log.tail(3).unwrap();
+        assert_eq!(
+            tail.iter().map(|e| e.detail.as_str()).collect::<Vec<_>>(),
+            ["n=97", "n=98", "n=99"]
+        );
+        // A reopened log counts from the file's size.
+        drop(log);
+        let log = EventLog::open(dir.path()).unwrap();
+        assert_eq!(log.file.lock().unwrap().len, size("log.jsonl"));
     }
 
     #[test]
