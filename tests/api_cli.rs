@@ -2,11 +2,12 @@
 //! every read-only command, `--json` fields, exit codes, users over the
 //! Unix socket, and HTTP Basic authentication on the TCP listener.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use essd::cli::client::{Client, Credentials, Endpoint};
 use serde_json::Value;
 
@@ -703,10 +704,45 @@ fn users_and_tcp_authentication() {
         user: "alice".into(),
         password: "s3cret-pass".into(),
     };
-    let r = Client::new(endpoint, Some(creds))
+    let r = Client::new(endpoint.clone(), Some(creds.clone()))
         .get("/v1/nothing")
         .unwrap();
     assert_eq!(r.status, 404);
+    // A POST such as a web page's form makes a browser send, with the
+    // credentials it remembers: refused before it is carried out.
+    for content_type in ["application/x-www-form-urlencoded", "text/plain", ""] {
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        let token = base64::engine::general_purpose::STANDARD.encode("alice:s3cret-pass");
+        let header = match content_type {
+            "" => String::new(),
+            t => format!("Content-Type: {t}\r\n"),
+        };
+        write!(
+            stream,
+            "POST /v1/pprc/freeze HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic {token}\r\n\
+             {header}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 415 "),
+            "{content_type}: {answer}"
+        );
+        assert!(answer.contains("application/json"), "{answer}");
+    }
+    // The same POST sent as JSON (as essctl sends it) reaches the freeze,
+    // which finds no consistency group here.
+    let r = Client::new(endpoint, Some(creds))
+        .post_json("/v1/pprc/freeze", b"")
+        .unwrap();
+    assert_eq!(
+        (r.status, r.error_message()),
+        (
+            409,
+            "no LSS of this server is in a consistency group".to_string()
+        )
+    );
     assert_eq!(essd.get_json("/v1/health")["status"], "ok");
     essd.stop();
 }

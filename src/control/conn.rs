@@ -4,7 +4,9 @@
 //! kernel's backlog, not on the server's file descriptors, which the
 //! volumes, peer links and NBD clients need), and each request head must
 //! arrive within [`HEAD_TIMEOUT`] of the connection opening or of the last
-//! answer, so that idle or trickling connections do not hold those places.
+//! answer, and an answer that cannot be written for as long (a client that
+//! does not read) fails the connection, so that idle, trickling or stuck
+//! connections do not hold those places.
 
 use std::future::Future;
 use std::io;
@@ -27,6 +29,8 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The end of an HTTP request head.
 const HEAD_END: u32 = u32::from_be_bytes(*b"\r\n\r\n");
+/// The end of a head whose lines end in LF alone (HTTP parsers accept it).
+const BARE_HEAD_END: u32 = u32::from_be_bytes(*b"\0\0\n\n");
 
 /// The TCP listener of the management API, with the limits of this module.
 pub struct ApiTcpListener {
@@ -82,6 +86,8 @@ pub struct ApiConnection {
     deadline: Pin<Box<Sleep>>,
     /// A request head is awaited (not yet seen since the last answer).
     awaiting_head: bool,
+    /// When a write that cannot go on fails; `None` while writes go on.
+    write_deadline: Option<Pin<Box<Sleep>>>,
     /// The last four bytes read while awaiting a head.
     window: u32,
     /// A byte other than CR or LF read while awaiting a head: blank lines
@@ -97,8 +103,40 @@ impl ApiConnection {
             head_timeout,
             deadline: Box::pin(tokio::time::sleep(head_timeout)),
             awaiting_head: true,
+            write_deadline: None,
             window: 0,
             request_line: false,
+        }
+    }
+
+    /// The result of a write: progress ends the write deadline; a write
+    /// that cannot go on starts it, and fails once it has passed.
+    fn written(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match result {
+            Poll::Ready(Ok(n)) => {
+                self.write_deadline = None;
+                self.wrote(n);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => {
+                let timeout = self.head_timeout;
+                let deadline = self
+                    .write_deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if deadline.as_mut().poll(cx).is_ready() {
+                    Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client did not read the answer within the time allowed",
+                    )))
+                } else {
+                    Poll::Pending
+                }
+            }
+            other => other,
         }
     }
 
@@ -110,7 +148,8 @@ impl ApiConnection {
         for &b in bytes {
             self.window = (self.window << 8) | u32::from(b);
             self.request_line |= b != b'\r' && b != b'\n';
-            if self.window == HEAD_END && self.request_line {
+            let ended = self.window == HEAD_END || self.window & 0xFFFF == BARE_HEAD_END;
+            if ended && self.request_line {
                 self.awaiting_head = false;
                 return;
             }
@@ -165,10 +204,7 @@ impl AsyncWrite for ApiConnection {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = result {
-            this.wrote(n);
-        }
-        result
+        this.written(cx, result)
     }
 
     fn poll_write_vectored(
@@ -178,10 +214,7 @@ impl AsyncWrite for ApiConnection {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = result {
-            this.wrote(n);
-        }
-        result
+        this.written(cx, result)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -253,5 +286,34 @@ mod tests {
         conn.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
         let e = conn.read(&mut buf).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    }
+
+    /// A head whose lines end in LF alone ends the deadline too.
+    #[tokio::test(start_paused = true)]
+    async fn a_bare_lf_head_has_no_deadline_until_the_answer() {
+        let (mut conn, mut client) = pair(Duration::from_secs(15)).await;
+        client.write_all(b"GET / HTTP/1.1\n\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(conn.read(&mut buf).await.unwrap(), 16);
+        let waiting = tokio::time::timeout(Duration::from_secs(100), conn.read(&mut buf)).await;
+        assert!(waiting.is_err(), "{waiting:?}");
+    }
+
+    /// A client that sends requests and never reads the answers: once the
+    /// socket buffers are full, the write fails after the time allowed
+    /// instead of holding the connection's place forever.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_the_client_does_not_read_fails_the_write() {
+        let (mut conn, _client) = pair(Duration::from_secs(15)).await;
+        let answer = vec![b'x'; 1 << 20];
+        let start = Instant::now();
+        let e = loop {
+            match conn.write(&answer).await {
+                Ok(n) => assert!(n > 0),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed().as_secs(), 15);
     }
 }

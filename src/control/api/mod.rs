@@ -486,10 +486,12 @@ fn router(ctx: Ctx) -> Router {
         .method_not_allowed_fallback(method_not_allowed);
     let routes = match ctx.transport {
         Transport::Unix => routes,
-        Transport::Tcp => routes.layer(axum::middleware::from_fn_with_state(
-            ctx.clone(),
-            require_user,
-        )),
+        Transport::Tcp => routes
+            .layer(axum::middleware::from_fn_with_state(
+                ctx.clone(),
+                require_user,
+            ))
+            .layer(axum::middleware::from_fn(require_json_posts)),
     };
     routes.with_state(ctx)
 }
@@ -544,6 +546,28 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     let text = String::from_utf8(decoded).ok()?;
     let (user, password) = text.split_once(':')?;
     Some((user.to_string(), password.to_string()))
+}
+
+/// TCP middleware: a POST must say its body is JSON (also one without a
+/// body). A web page can make a browser send a form to any address, with
+/// the Basic credentials it remembers for it, but not as JSON without the
+/// server's consent (a CORS preflight, which is never granted); so no page
+/// can make a browser suspend a pair or fail it over.
+async fn require_json_posts(request: Request, next: Next) -> Response {
+    let json = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+    if request.method() == Method::POST && !json {
+        return ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "a POST must be sent with Content-Type: application/json",
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// TCP middleware: every request needs valid Basic credentials.
