@@ -46,7 +46,7 @@ pub fn nbd_errno(e: &VolumeError) -> u32 {
         VolumeError::WriteInhibited { .. } | VolumeError::Unrecorded { .. } => errno::EIO,
         VolumeError::NotFast { .. } => errno::ENOTSUP,
         VolumeError::Io { source, .. } => match source.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EDQUOT) => errno::ENOSPC,
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => errno::ENOSPC,
             Some(libc::ENOMEM) => errno::ENOMEM,
             Some(libc::EPERM) | Some(libc::EROFS) | Some(libc::EACCES) => errno::EPERM,
             _ => errno::EIO,

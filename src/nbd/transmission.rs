@@ -319,6 +319,12 @@ async fn handle(session: Arc<Session>, req: Request, payload: Payload) -> Reply 
         );
     }
     let fua = req.flags & cflag::FUA != 0;
+    let changes = matches!(req.command, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+    if changes && s.flags & proto::tflag::READ_ONLY != 0 {
+        // Told so at negotiation: the volume may have become writable
+        // since (a PPRC failover), but this connection stays read-only.
+        return fail(errno::EPERM, "the export was opened read-only".into());
+    }
     let v = &s.volume;
     let len = u64::from(req.length);
     let outcome: Result<Option<Reply>, VolumeError> = match req.command {

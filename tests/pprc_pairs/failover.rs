@@ -3,6 +3,56 @@
 
 use super::*;
 
+/// An NBD connection opened now that writes when told to, checking
+/// nothing on the client's side (libnbd's strict mode off), so the
+/// server's answer is what counts.
+struct HeldConnection(std::process::Child);
+
+const HELD_WRITE: &str = r#"
+import errno, nbd, sys
+h = nbd.NBD()
+h.set_strict_mode(0)
+h.connect_uri(sys.argv[1])
+print("read-only" if h.is_read_only() else "writable", flush=True)
+sys.stdin.readline()
+try:
+    h.pwrite(b"x" * 4096, 0)
+    print("ok")
+except nbd.Error as e:
+    print(errno.errorcode.get(e.errnum, e.string))
+"#;
+
+impl HeldConnection {
+    /// Connects to `export`, which must be read-only now.
+    fn open(essd: &Essd, export: &str) -> HeldConnection {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(HELD_WRITE)
+            .arg(essd.uri(export))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "read-only");
+        HeldConnection(child)
+    }
+
+    /// Sends one 4 KiB write at offset 0: `ok` or the error's name.
+    fn write(self) -> String {
+        use std::io::Write;
+        let mut child = self.0;
+        writeln!(child.stdin.take().unwrap()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+}
+
 #[test]
 fn failover_failback_and_switch_back_copy_only_changed_tracks() {
     let s = Sites::start("pprc-failover", |_| {});
@@ -28,13 +78,16 @@ fn failover_failback_and_switch_back_copy_only_changed_tracks() {
     assert!((5..=25).contains(&marked), "{marked} tracks out of sync");
 
     // Failover at B without contacting A: B becomes a suspended primary
-    // and hosts write it.
+    // and hosts write it (a connection told the export was read-only
+    // reconnects first).
+    let told_read_only = HeldConnection::open(b, &vb);
     let v = essctl_json(b, &["pprc", "failover", &vb]);
     assert_eq!(
         (v["role"].as_str(), v["state"].as_str()),
         (Some("primary"), Some("suspended"))
     );
     assert_eq!(v["reason"], "failover");
+    assert_eq!(told_read_only.write(), "EPERM");
     assert_eq!(try_write(b, &vb), "writable ok");
     write_tracks(b, &vb, 14, 7);
     let changed_on_b = show(b, &vb)["out_of_sync_tracks"].as_u64().unwrap();
