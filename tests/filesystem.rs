@@ -165,26 +165,6 @@ fn ext4_on_nbdfuse_survives_restart_and_fsck() {
     }
 }
 
-/// A loop device over a file; detached on drop.
-struct LoopDev {
-    dev: PathBuf,
-}
-
-impl LoopDev {
-    fn attach(file: &Path) -> LoopDev {
-        let out = run_text(Command::new("losetup").args(["-f", "--show"]).arg(file));
-        LoopDev {
-            dev: PathBuf::from(out.trim()),
-        }
-    }
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
-
 /// Starts essd on `cfg` in `dir` (with `args`), which must exit with
 /// status `code`; returns the last line of its stderr.
 fn start_exits(dir: &Path, cfg: &TestConfig, args: &[&str], code: i32) -> String {
@@ -211,7 +191,7 @@ fn loop_device_backing_serves_and_persists_data() {
             .unwrap()
             .set_len(48 << 20)
             .unwrap();
-        let lo = LoopDev::attach(&image);
+        let lo = LoopDevice::attach(&image);
         let mut cfg = TestConfig::new(engine);
         cfg.volumes = vec![Vol {
             size: None,
@@ -280,7 +260,7 @@ fn fast_zero_with_no_hole_does_not_deprovision_a_block_device() {
         let dir = tempdir("blk-nohole");
         let image = dir.path().join("disk.img");
         random_file(&image, 16 << 20, 5);
-        let lo = LoopDev::attach(&image);
+        let lo = LoopDevice::attach(&image);
         let mut cfg = TestConfig::new(engine);
         cfg.volumes = vec![Vol {
             size: None,
@@ -314,5 +294,111 @@ print("first hole at", os.lseek(fd, 0, os.SEEK_HOLE))
             "{engine}: NO_HOLE zeroing left a hole behind the device"
         );
         assert_eq!(essd.stop().code(), Some(0));
+    }
+}
+
+/// A raw disk with 4 KiB logical blocks (a loop device with `-b 4096`),
+/// served with buffered I/O: a device discards and zeroes in place only
+/// whole logical blocks, so a WRITE_ZEROES or TRIM of a range off the
+/// 4 KiB boundaries (which clients may send: the export's minimum block
+/// size is 1) must neither fail nor turn discards off for good. The zeroed
+/// range reads zeroes and the bytes beside it are kept; a later aligned
+/// trim still discards.
+#[test]
+fn a_device_with_4k_sectors_zeroes_and_trims_ranges_off_its_blocks() {
+    for engine in ENGINES {
+        let dir = tempdir("blk-4k");
+        let image = dir.path().join("disk.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        let lo = LoopDevice::attach_with_sectors(&image, 4096);
+        let mut cfg = TestConfig::new(engine);
+        cfg.volumes = vec![Vol {
+            size: None,
+            path: Some(lo.dev.clone()),
+            ..Vol::new(0x10, 0, "")
+        }];
+        let essd = Essd::start_in(dir.path(), &cfg);
+        let out = python(
+            r#"
+import nbd, random, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+data = random.Random(3).randbytes(1 << 20)
+h.pwrite(data, 0)
+h.zero(8192, 512)
+h.trim(8192, 512 + (1 << 16))
+h.flush()
+back = h.pread(1 << 20, 0)
+assert back[:512] == data[:512], "head of the zeroed range"
+assert back[512:8704] == bytes(8192), "zeroed range"
+assert back[8704:512 + (1 << 16)] == data[8704:512 + (1 << 16)], "tail of the zeroed range"
+h.trim(1 << 19, 1 << 19)
+h.flush()
+assert h.pread(1 << 19, 1 << 19) == bytes(1 << 19), "an aligned trim discards"
+print("ok")
+"#,
+            &[&essd.uri("000TST01")],
+        );
+        assert_eq!(out.trim(), "ok", "{engine}");
+        assert_eq!(essd.stop().code(), Some(0));
+    }
+}
+
+/// A raw disk that cannot zero in place (a loop device over a file on
+/// ramfs): the kernel's zeroing of a range on such a device drops the
+/// range's cached pages, written and not yet flushed ones too, before it
+/// fails. So a WRITE_ZEROES with FAST_ZERO is refused (`ENOTSUP`) with the
+/// range as the host last wrote it, and one without is done by writing
+/// zeroes; both reach the device.
+#[test]
+fn a_fast_zero_refused_by_a_device_that_cannot_zero_keeps_unflushed_writes() {
+    for engine in ENGINES {
+        let dir = tempdir("blk-nozero");
+        let fs = ScratchMount::mount("ramfs", "mode=0700", &dir.path().join("fs"));
+        let image = fs.dir.join("disk.img");
+        random_file(&image, 8 << 20, 9);
+        let lo = LoopDevice::attach(&image);
+        let mut cfg = TestConfig::new(engine);
+        cfg.volumes = vec![Vol {
+            size: None,
+            path: Some(lo.dev.clone()),
+            ..Vol::new(0x10, 0, "")
+        }];
+        let essd = Essd::start_in(dir.path(), &cfg);
+        let out = python(
+            r#"
+import errno, nbd, random, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+data = random.Random(4).randbytes(1 << 20)
+h.pwrite(data, 1 << 20)
+try:
+    h.zero(1 << 20, 1 << 20, nbd.CMD_FLAG_FAST_ZERO)
+    print("zeroed")
+except nbd.Error as e:
+    print(errno.errorcode.get(e.errnum, e.string))
+print("kept" if h.pread(1 << 20, 1 << 20) == data else "lost")
+h.zero(3 << 20, 1 << 20)
+h.flush()
+print("zeroes" if h.pread(1 << 20, 3 << 20) == bytes(1 << 20) else "data")
+"#,
+            &[&essd.uri("000TST01")],
+        );
+        assert_eq!(
+            out.split_whitespace().collect::<Vec<_>>(),
+            ["ENOTSUP", "kept", "zeroes"],
+            "{engine}"
+        );
+        assert_eq!(essd.stop().code(), Some(0));
+        drop(lo);
+        let on_device = std::fs::read(&image).unwrap();
+        assert!(
+            on_device[3 << 20..4 << 20].iter().all(|&b| b == 0),
+            "{engine}"
+        );
+        drop(fs);
     }
 }

@@ -89,6 +89,9 @@ pub struct BackingStore {
     size: u64,
     /// Alignment required by O_DIRECT, or None for buffered I/O.
     direct_align: Option<usize>,
+    /// The unit a device discards and zeroes in place: its logical block
+    /// size (also with buffered I/O); 1 for a file.
+    device_block: u64,
     /// Shared by aligned writes, exclusive for read-modify-write and for a
     /// trim of part of a block (direct only).
     rmw: RwLock<()>,
@@ -238,20 +241,20 @@ impl BackingStore {
                 file
             }
         };
-        let direct_align = if direct {
-            Some(match probe.kind {
-                BackingKind::File => DIRECT_FILE_BLOCK as usize,
-                BackingKind::BlockDevice => {
-                    let mut sector: libc::c_int = 0;
-                    // SAFETY: BLKSSZGET writes one int through the pointer.
-                    unsafe { blk_sector_size(file.as_raw_fd(), &mut sector) }
-                        .map_err(|e| os(path, "BLKSSZGET")(e.into()))?;
-                    (sector.max(512)) as usize
-                }
-            })
-        } else {
-            None
+        let device_block = match probe.kind {
+            BackingKind::File => 1,
+            BackingKind::BlockDevice => {
+                let mut sector: libc::c_int = 0;
+                // SAFETY: BLKSSZGET writes one int through the pointer.
+                unsafe { blk_sector_size(file.as_raw_fd(), &mut sector) }
+                    .map_err(|e| os(path, "BLKSSZGET")(e.into()))?;
+                sector.max(512) as u64
+            }
         };
+        let direct_align = direct.then_some(match probe.kind {
+            BackingKind::File => DIRECT_FILE_BLOCK as usize,
+            BackingKind::BlockDevice => device_block as usize,
+        });
         // Known at once for a device; a file's is learnt at its first trim.
         let discard_refused = probe.kind == BackingKind::BlockDevice && !device_zeroes(&file);
         Ok(BackingStore {
@@ -260,6 +263,7 @@ impl BackingStore {
             kind: probe.kind,
             size: probe.size,
             direct_align,
+            device_block,
             rmw: RwLock::new(()),
             engine,
             discard_refused: AtomicBool::new(discard_refused),
@@ -368,7 +372,7 @@ impl BackingStore {
             BackingKind::File => (offset, offset + len),
             // Devices only discard whole logical blocks: shrink inwards.
             BackingKind::BlockDevice => {
-                let a = self.alignment().max(512) as u64;
+                let a = self.device_block;
                 (offset.div_ceil(a) * a, (offset + len) / a * a)
             }
         }
@@ -441,13 +445,21 @@ impl BackingStore {
         // that block, serialised by `rmw`) would be overwritten by it.
         let a = match self.kind {
             BackingKind::File => self.alignment() as u64,
-            BackingKind::BlockDevice => self.alignment().max(512) as u64,
+            BackingKind::BlockDevice => self.device_block,
         };
-        if fast_only && !may_punch && self.kind == BackingKind::BlockDevice {
+        let mut may_punch = may_punch;
+        if self.kind == BackingKind::BlockDevice {
             // On a block device only PUNCH_HOLE zeroes without falling back
             // to writes, and it may unmap (deprovision a thin device), which
-            // NO_HOLE forbids: not fast, and nothing is changed.
-            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            // NO_HOLE forbids. On a device that cannot zero in place, it
+            // drops the range's cached pages (dirty ones too) before it
+            // fails: it must not be tried there. Then a fast request is not
+            // fast, and nothing is changed; another writes zeroes.
+            let cannot_punch = self.discard_refused.load(Ordering::Acquire);
+            if fast_only && (!may_punch || cannot_punch) {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            }
+            may_punch &= !cannot_punch;
         }
         let end = offset + len;
         let mid_start = offset.div_ceil(a) * a;

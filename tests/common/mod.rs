@@ -699,9 +699,18 @@ pub struct LoopDevice {
 impl LoopDevice {
     /// Attaches a loop device to `file`.
     pub fn attach(file: &Path) -> LoopDevice {
+        Self::attach_with_sectors(file, 512)
+    }
+
+    /// Attaches a loop device with logical blocks of `sector` bytes to `file`.
+    pub fn attach_with_sectors(file: &Path, sector: u32) -> LoopDevice {
         require_root("losetup");
         require("losetup", "mount");
-        let out = run_text(Command::new("losetup").args(["-f", "--show"]).arg(file));
+        let out = run_text(
+            Command::new("losetup")
+                .args(["-f", "--show", "-b", &sector.to_string()])
+                .arg(file),
+        );
         LoopDevice {
             dev: PathBuf::from(out.trim()),
         }
