@@ -155,6 +155,15 @@ fn both_demo_sites_mirror_with_the_printed_commands() {
         volume_sha("nbd://127.0.0.1:10810/000FCB02", scratch.path()),
         "site B does not hold what was written to site A"
     );
+    let on_b = scratch.path().join("b.img");
+    run(Command::new("nbdcopy")
+        .arg("nbd://127.0.0.1:10810/000FCB02")
+        .arg(&on_b));
+    let (on_b, data) = (std::fs::read(&on_b).unwrap(), std::fs::read(&data).unwrap());
+    assert!(
+        on_b[..data.len()] == data[..],
+        "site B does not hold the 8 MiB written to site A"
+    );
     a.stop();
     b.stop();
 }

@@ -294,6 +294,37 @@ fn a_failback_to_a_smaller_old_primary_is_refused() {
     assert_eq!(try_write(a, &va), "writable ok");
 }
 
+/// An old primary whose server counts tracks of another size cannot
+/// hand its out-of-sync tracks over: the failback is refused before the
+/// old primary changes (it used to become the secondary first, and every
+/// failback then failed on the bitmap).
+#[test]
+fn a_failback_to_a_server_of_another_track_size_is_refused() {
+    let s = Sites::start("pprc-failback-tracks", |cfg| {
+        if cfg.serial == "TSTA1" {
+            cfg.server_extra.push_str("track_size = \"128KiB\"\n");
+        }
+    });
+    let (a, b) = (&s.a, &s.b);
+    let (va, vb) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    essctl(a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
+    wait_sides_agree(a, &va, b, &vb, "established");
+    essctl(b, &["pprc", "failover", &vb]).ok();
+    path(b, "0x10", "TSTA1", "0x10", "1");
+    essctl(b, &["pprc", "failback", &vb]).refused(&format!(
+        "TSTA1 refused: the track size of TSTB2 (65536 bytes) differs from this server's \
+         (131072 bytes): the out-of-sync tracks cannot be handed over"
+    ));
+    let v = show(a, &va);
+    assert_eq!(
+        (&v["role"], &v["state"]),
+        (&"primary".into(), &"duplex".into()),
+        "{v}"
+    );
+    assert_eq!(show(b, &vb)["reason"], "failover");
+}
+
 /// A failover whose record cannot be written changes nothing: the volume
 /// stays a protected secondary. (It used to make the volume a writable
 /// primary first and answer the error after: hosts wrote it, the restart

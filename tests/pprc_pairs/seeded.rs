@@ -1247,6 +1247,12 @@ fn random_faults_during_failback_and_switch_back_lose_nothing() {
         seed,
     );
     let context = format!("{context}, switch-back faults {:?}", switch.faults);
+    for (copy, faults) in [("failback", &back.faults), ("switch-back", &switch.faults)] {
+        assert!(
+            faults.iter().any(|f| f.2 == "duplex pending"),
+            "{context}: no fault hit the {copy}'s copy"
+        );
+    }
 
     assert_cycle_ended(&s, &va, &vb, &slots, &context);
     let (back_sent, back_bound) = (back.sent, back.bound);

@@ -129,7 +129,8 @@ impl PprcManager {
         drop(entries);
         self.tell(
             &pair.spec,
-            json!({"op": "failback", "volume": pair.spec.peer_volume, "primary": volume, "size": vol.size()}),
+            json!({"op": "failback", "volume": pair.spec.peer_volume, "primary": volume,
+                   "size": vol.size(), "track_size": pair.track_size()}),
         )
         .await?;
         // Fetch the old primary's changes and add them to ours.
@@ -234,6 +235,7 @@ impl PprcManager {
         volume: &str,
         primary: &str,
         size: u64,
+        track_size: u64,
     ) -> Result<serde_json::Value, String> {
         let mut entries = self.entries.lock().await;
         let i = entries
@@ -251,10 +253,36 @@ impl PprcManager {
             other => return Err(format!("volume {volume} is {}", Self::describe(other))),
         };
         let vol = self.volume(volume).map_err(|e| e.to_string())?;
+        // Everything that can refuse the hand-over is checked before it
+        // changes anything.
         if vol.size() < size {
             return Err(format!(
                 "secondary {volume} ({} bytes) is smaller than primary {primary} ({size} bytes)",
                 vol.size()
+            ));
+        }
+        if track_size != self.server.track_size {
+            return Err(format!(
+                "the track size of {peer} ({track_size} bytes) differs from this server's ({} \
+                 bytes): the out-of-sync tracks cannot be handed over",
+                self.server.track_size
+            ));
+        }
+        // The bitmap goes over in one frame.
+        let bitmap_bytes = vol.size().div_ceil(self.server.track_size).div_ceil(8);
+        if bitmap_bytes + 128 > u64::from(wire::MAX_PAYLOAD) {
+            return Err(format!(
+                "volume {volume}'s out-of-sync bitmap ({bitmap_bytes} bytes) is too large to \
+                 hand over; terminate the pair and establish it with mode copy"
+            ));
+        }
+        if vol
+            .flashcopy()
+            .is_some_and(|fc| fc.role == crate::copy::flashcopy::Role::Target)
+        {
+            return Err(format!(
+                "volume {volume} is a FlashCopy target and cannot become a secondary; withdraw \
+                 the relationship first"
             ));
         }
         pair.suspend(

@@ -114,10 +114,18 @@ impl PprcManager {
                     None => Err("an LSS request without an LSS".to_string()),
                 }
             }
-            "failback" => match request.get("size").and_then(|v| v.as_u64()) {
-                Some(size) => self.hand_over(peer, &volume, &primary, size).await,
-                None => Err("a failback request without the primary's size".to_string()),
-            },
+            "failback" => {
+                let number = |k: &str| request.get(k).and_then(|v| v.as_u64());
+                match (number("size"), number("track_size")) {
+                    (Some(size), Some(track_size)) => {
+                        self.hand_over(peer, &volume, &primary, size, track_size)
+                            .await
+                    }
+                    _ => Err(
+                        "a failback request without the primary's size and track size".to_string(),
+                    ),
+                }
+            }
             "handover-done" => {
                 let mut entries = self.entries.lock().await;
                 let handed_over = match entries
