@@ -319,6 +319,21 @@ impl Relationship {
             .into_iter()
             .filter(|&t| !self.bitmap.get(t))
             .collect();
+        if matches!(change, Change::Zero(_, true, _)) {
+            // A fast zero must not wait for copies of T0: refused before
+            // anything changes, when any track needs one (every uncopied
+            // track of the source; on the target, those it covers in part).
+            let copies = match role {
+                Role::Source => !pending.is_empty(),
+                Role::Target => pending.iter().any(|&t| {
+                    let (ts, tl) = self.track_range(t);
+                    !(offset <= ts && ts + tl <= end)
+                }),
+            };
+            if copies {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            }
+        }
         match role {
             Role::Source => {
                 for &t in &pending {

@@ -432,3 +432,47 @@ async fn a_trim_the_target_cannot_carry_out_leaves_its_tracks_reading_t0() {
     let read = rel.read(Role::Target, 0, 4 * TRACK as usize).await.unwrap();
     assert!(read == t0, "the target reads other data than T0");
 }
+
+/// A fast zero must fail quickly rather than wait for copies of T0: on
+/// the source over uncopied tracks, and on the target over a track it
+/// covers in part, it is refused (EOPNOTSUPP) with nothing copied or
+/// changed; on the target over whole tracks (no copy needed) it is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_zero_that_would_copy_tracks_is_refused_before_any_copy() {
+    let engine = Engine::start(IoEngineChoice::Uring).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let source = store(dir.path(), "src", 8 * TRACK, &engine);
+    let target = store(dir.path(), "tgt", 8 * TRACK, &engine);
+    source
+        .write(0, Bytes::from(vec![1u8; 8 * TRACK as usize]), false)
+        .await
+        .unwrap();
+    let rel = relationship(dir.path(), source, target, CopyMode::NoCopy, 0, 8);
+    let fast_zero = Change::Zero(true, true, false);
+    for (role, offset, len) in [(Role::Source, 0, 2 * TRACK), (Role::Target, 100, TRACK)] {
+        let e = rel.modify(role, offset, len, fast_zero.clone()).await;
+        assert_eq!(
+            e.map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EOPNOTSUPP)),
+            "{role:?}"
+        );
+    }
+    assert_eq!(rel.copies(), 0);
+    assert_eq!(rel.bitmap().count(), 0);
+    assert_eq!(
+        &rel.read(Role::Target, 0, 2 * TRACK as usize).await.unwrap()[..],
+        &vec![1u8; 2 * TRACK as usize][..]
+    );
+    // Whole target tracks need no copy: zeroed (a hole may be punched),
+    // and no longer read from the source.
+    rel.modify(Role::Target, 2 * TRACK, 2 * TRACK, fast_zero)
+        .await
+        .unwrap();
+    assert_eq!(rel.copies(), 0);
+    assert_eq!(
+        &rel.read(Role::Target, 2 * TRACK, 2 * TRACK as usize)
+            .await
+            .unwrap()[..],
+        &vec![0u8; 2 * TRACK as usize][..]
+    );
+}
