@@ -312,10 +312,10 @@ fn a_failback_to_a_server_of_another_track_size_is_refused() {
     wait_sides_agree(a, &va, b, &vb, "established");
     essctl(b, &["pprc", "failover", &vb]).ok();
     path(b, "0x10", "TSTA1", "0x10", "1");
-    essctl(b, &["pprc", "failback", &vb]).refused(&format!(
+    essctl(b, &["pprc", "failback", &vb]).refused(
         "TSTA1 refused: the track size of TSTB2 (65536 bytes) differs from this server's \
-         (131072 bytes): the out-of-sync tracks cannot be handed over"
-    ));
+         (131072 bytes): the out-of-sync tracks cannot be handed over",
+    );
     let v = show(a, &va);
     assert_eq!(
         (&v["role"], &v["state"]),
