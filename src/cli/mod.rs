@@ -215,6 +215,21 @@ impl From<ClientError> for CliError {
     fn from(e: ClientError) -> Self {
         match e {
             ClientError::BadEndpoint(_) => CliError::Usage(e.to_string()),
+            // Sent, and no answer in time: the server may be carrying the
+            // request out (a pair operation waiting for its peer).
+            ClientError::Io {
+                ref server,
+                ref source,
+            } if matches!(
+                source.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+            {
+                CliError::Timeout(format!(
+                    "{server} did not answer in time; it may still carry the request out \
+                     (look at the result with essctl's list or show commands)"
+                ))
+            }
             ClientError::Connect { .. } | ClientError::Io { .. } => {
                 CliError::Unreachable(format!("{e} (is essd running?)"))
             }
@@ -681,6 +696,21 @@ mod tests {
         }
         .into();
         assert_eq!(unreachable.exit_code(), EXIT_UNREACHABLE);
+        // A request sent and not answered within the client's timeout
+        // timed out; a connection that broke is unreachable.
+        let io = |kind| -> CliError {
+            ClientError::Io {
+                server: "x".into(),
+                source: io::Error::from(kind),
+            }
+            .into()
+        };
+        assert_eq!(io(io::ErrorKind::WouldBlock).exit_code(), EXIT_TIMEOUT);
+        assert_eq!(io(io::ErrorKind::TimedOut).exit_code(), EXIT_TIMEOUT);
+        assert_eq!(
+            io(io::ErrorKind::ConnectionReset).exit_code(),
+            EXIT_UNREACHABLE
+        );
         let bad: CliError = Endpoint::parse("ftp://x").unwrap_err().into();
         assert_eq!(bad.exit_code(), EXIT_USAGE);
         let session = Session {
