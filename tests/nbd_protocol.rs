@@ -410,6 +410,57 @@ fn cpu_seconds(pid: i32) -> f64 {
     ticks as f64 / hz as f64
 }
 
+/// A client that sends 64 reads of 32 MiB at once and reads no reply for
+/// a while: the server holds a bounded amount for it meanwhile, and
+/// answers every read, whole, once the client reads (the requests left in
+/// its buffer when the replies not yet written reached the connection's
+/// 64 MiB start once those are written; the writes of
+/// `links::large_writes_pipelined_to_a_stalled_pair_hold_bounded_memory`
+/// are the case where the budget decides).
+#[test]
+fn large_reads_pipelined_by_a_client_that_does_not_read_hold_bounded_memory() {
+    const READS: u64 = 64;
+    const LEN: u32 = 32 << 20;
+    let dir = tempdir("read-budget");
+    let essd = server("uring", dir.path());
+    let before = peak_memory(essd.pid());
+    let mut s = raw_connect(&essd);
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    read_greeting(&mut s);
+    s.write_all(&3u32.to_be_bytes()).unwrap(); // NO_ZEROES
+    send_option(&mut s, proto::opt::EXPORT_NAME, b"000TST01");
+    let mut export = [0u8; 10];
+    s.read_exact(&mut export).unwrap();
+    let mut requests = Vec::new();
+    for cookie in 0..READS {
+        let req = proto::Request {
+            flags: 0,
+            command: proto::cmd::READ,
+            cookie,
+            offset: (cookie % 2) * u64::from(LEN),
+            length: LEN,
+        };
+        requests.extend_from_slice(&req.encode());
+    }
+    s.write_all(&requests).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let grown = peak_memory(essd.pid()) - before;
+    assert!(grown < 256 << 20, "the server grew by {} MiB", grown >> 20);
+    let mut answered = std::collections::BTreeSet::new();
+    let mut data = vec![0u8; LEN as usize];
+    for _ in 0..READS {
+        let mut reply = [0u8; 16];
+        s.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply[..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes()[..]);
+        assert_eq!(&reply[4..8], &[0; 4], "error");
+        s.read_exact(&mut data).unwrap();
+        assert!(data.iter().all(|&b| b == 0));
+        answered.insert(u64::from_be_bytes(reply[8..].try_into().unwrap()));
+    }
+    assert_eq!(answered, (0..READS).collect());
+    assert_eq!(essd.stop().code(), Some(0));
+}
+
 /// Sends NBD_OPT_SET_META_CONTEXT for `export` with `queries`; returns the
 /// reply types, the final one last.
 fn set_meta_context(s: &mut UnixStream, export: &str, queries: &[&str]) -> Vec<u32> {

@@ -5,8 +5,9 @@
 //! finishes at once (a page-cache write, a cache hit) is answered without
 //! any task or thread hop; one that must wait (a disk read, a mirrored
 //! write waiting for the peer) stays in flight in the same task, at most
-//! [`MAX_IN_FLIGHT`] of them (when full, reading stops — backpressure, not
-//! errors). The replies of everything one wake-up finished leave in one
+//! [`MAX_IN_FLIGHT`] of them, holding about [`MAX_IN_FLIGHT_BYTES`] with
+//! the replies not yet written (when full, reading stops — backpressure,
+//! not errors). The replies of everything one wake-up finished leave in one
 //! vectored write. A batch of requests that send to a peer (mirrored
 //! writes) ends after [`MIRRORED_BATCH`] of them; the rest of the read
 //! starts once their local parts are done. While a large WRITE is still
@@ -24,6 +25,7 @@
 //! client that goes on sending regardless is cut off [`SHUTDOWN_GRACE`]
 //! after the shutdown began.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +43,11 @@ use crate::volume::VolumeError;
 
 /// Requests processed concurrently per connection.
 pub const MAX_IN_FLIGHT: usize = 128;
+/// Bytes the requests in flight on one connection may hold (write
+/// payloads, read buffers) before no more start: 128 reads of 32 MiB
+/// would otherwise hold 4 GiB. A request always starts when less is held,
+/// so one over the budget still runs (alone).
+pub const MAX_IN_FLIGHT_BYTES: u64 = 64 << 20;
 /// Requests one batch starts once they send to a peer (see
 /// [`Batch`]). Each batch's local writes run after its sends, and replies
 /// leave between batches: starting all of a deep queue (32 mirrored 4 KiB
@@ -76,6 +83,29 @@ enum Parsed {
     NeedMore(usize),
     /// An oversized WRITE: its header was taken; skip this many payload bytes.
     Skip(Request, u64),
+}
+
+/// The bytes one request in flight holds, counted in the connection's
+/// total until it finishes.
+struct Held {
+    bytes: u64,
+    total: Arc<AtomicU64>,
+}
+
+impl Held {
+    fn new(total: &Arc<AtomicU64>, bytes: u64) -> Held {
+        total.fetch_add(bytes, Ordering::Relaxed);
+        Held {
+            bytes,
+            total: total.clone(),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// Looks at the front of `buf` and takes one request if it is complete.
@@ -132,6 +162,14 @@ where
     let session = Arc::new(session);
     let mut low_water = LowWater::default();
     let mut in_flight = Pipeline::default();
+    let held = Arc::new(AtomicU64::new(0));
+    // Room for another request: more are read and started only then. The
+    // replies not yet written count too (a read's buffer is in its reply).
+    let room = |in_flight: &Pipeline<'_, Reply>, replies: &Reply| {
+        let unsent: usize = replies.iter().map(Bytes::len).sum();
+        in_flight.len() < MAX_IN_FLIGHT
+            && held.load(Ordering::Relaxed) + (unsent as u64) < MAX_IN_FLIGHT_BYTES
+    };
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut plan = ReadPlan::new(proto::REQUEST_LEN);
     let mut replies: Reply = Vec::new();
@@ -162,7 +200,7 @@ where
         let mut started = 0;
         // Requests left in the buffer for the next batch.
         let mut more = false;
-        while reading && in_flight.len() < MAX_IN_FLIGHT {
+        while reading && room(&in_flight, &replies) {
             if started >= MIRRORED_BATCH && Batch::deferring() {
                 more = true;
                 break;
@@ -222,8 +260,19 @@ where
                         replies.extend(error_reply(&session, req.cookie, errno::ESHUTDOWN, msg));
                     } else {
                         started += 1;
-                        if let Some(reply) = in_flight.start(handle(session.clone(), req, payload))
-                        {
+                        let bytes = match (&payload, req.command) {
+                            (Payload::Data(data), _) => data.len() as u64,
+                            (Payload::None, cmd::READ) if req.length <= proto::MAX_PAYLOAD => {
+                                u64::from(req.length)
+                            }
+                            _ => 0,
+                        };
+                        let holding = Held::new(&held, bytes);
+                        let request = handle(session.clone(), req, payload);
+                        if let Some(reply) = in_flight.start(async move {
+                            let _holding = holding;
+                            request.await
+                        }) {
                             replies.extend(reply);
                         }
                     }
@@ -231,6 +280,10 @@ where
             }
         }
         drop(batch);
+        // Stopped for want of room, perhaps with requests left in the
+        // buffer: once the replies are written there may be room again,
+        // and nothing else would wake the loop for them.
+        let full = reading && !room(&in_flight, &replies);
         if !replies.is_empty() {
             if let Err(e) = write_batch(&mut writer, &mut replies).await {
                 break Err(e.into());
@@ -239,12 +292,13 @@ where
             // meanwhile is read before it counts as silent).
             last_activity = Instant::now();
         }
+        more |= full && room(&in_flight, &replies);
         if !reading && in_flight.is_empty() {
             break Ok(());
         }
         let want = need.saturating_sub(buf.len());
         let read_limit = plan.prepare(&mut buf, need);
-        let may_read = reading && in_flight.len() < MAX_IN_FLIGHT;
+        let may_read = reading && room(&in_flight, &replies);
         if may_read {
             low_water.expect(&reader, want);
         }

@@ -649,6 +649,14 @@ pub fn wait_uncached(path: &Path, what: &str) {
     }
 }
 
+/// The peak resident memory of process `pid`, in bytes.
+pub fn peak_memory(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib << 10
+}
+
 /// A small file system mounted for a test (`tmpfs` with a size limit, or
 /// `ramfs`, which has no `fallocate`); unmounted on drop.
 pub struct ScratchMount {

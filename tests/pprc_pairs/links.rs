@@ -916,6 +916,38 @@ fn a_terminate_that_arrives_after_the_pair_was_made_again_ends_nothing() {
     );
 }
 
+/// A host that pipelines 24 writes of 32 MiB to a duplex primary whose
+/// link stalls: the first waits for the secondary (until the 2 s timeout
+/// suspends the pair), and the connection must not read and hold the
+/// other 736 MiB meanwhile. Its requests start only while those in flight
+/// hold less than 64 MiB, so the primary grows by far less; every write
+/// is acknowledged once the pair has suspended.
+#[test]
+fn large_writes_pipelined_to_a_stalled_pair_hold_bounded_memory() {
+    let s = Sites::start("pprc-write-budget", |_| {});
+    let (va, _vb) = duplex_nocopy_pair(&s);
+    let before = peak_memory(s.a.pid());
+    s.proxy.stall();
+    let acked = python(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+data = nbd.Buffer.from_bytearray(bytearray(b"\x5a") * (32 << 20))
+cookies = [h.aio_pwrite(data, (i % 2) * (32 << 20)) for i in range(24)]
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+print(sum(1 for c in cookies if h.aio_command_completed(c)))
+"#,
+        &[&s.a.uri(&va)],
+    );
+    let grown = peak_memory(s.a.pid()) - before;
+    assert_eq!(acked.trim(), "24");
+    assert_eq!(show(&s.a, &va)["reason"], "link lost");
+    assert!(grown < 256 << 20, "the primary grew by {} MiB", grown >> 20);
+    s.proxy.heal();
+}
+
 /// Two servers that mirror to each other (pairs both ways), every pair
 /// suspended by hand and written, then `essctl pprc resume` of every
 /// pair on both servers at the same moment, with 300 ms each way on the
