@@ -325,6 +325,69 @@ fn a_failback_to_a_server_of_another_track_size_is_refused() {
     assert_eq!(show(b, &vb)["reason"], "failover");
 }
 
+/// A hand-over that fails at the old primary (its bitmap cannot be kept
+/// for the hand-over: a directory stands in the way) fails the failback
+/// and leaves the old primary's pair suspended for a reason that allows
+/// no failback there: one would copy the old primary over the volume that
+/// took over. A terminate there makes the volume writable again; a
+/// failback from the volume that took over, run again once the state
+/// directory is fixed, completes with both volumes equal.
+#[test]
+fn a_failed_hand_over_allows_no_failback_at_the_old_primary() {
+    let s = Sites::start("pprc-handover-fails", |_| {});
+    let (a, b) = (&s.a, &s.b);
+    let (va, vb) = duplex_nocopy_pair(&s);
+    essctl(b, &["pprc", "failover", &vb]).ok();
+    write_tracks(b, &vb, 61, 4);
+    let blocker = s.dir_a.path().join(format!("state/pprc/{va}.handover"));
+    std::fs::create_dir(&blocker).unwrap();
+    path(b, "0x10", "TSTA1", "0x10", "1");
+    let failback = essctl(b, &["pprc", "failback", &vb]);
+    assert_eq!(failback.code, 1, "{failback:?}");
+    assert!(
+        failback
+            .stderr
+            .contains("cannot keep the out-of-sync bitmap"),
+        "{failback:?}"
+    );
+    let v = show(a, &va);
+    assert_eq!(
+        (&v["role"], &v["state"], &v["reason"]),
+        (
+            &"primary".into(),
+            &"suspended".into(),
+            &"suspended at the secondary".into()
+        ),
+        "{v}"
+    );
+    let refused = essctl(a, &["pprc", "failback", &va]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused.stderr.contains("not taken over by a failover"),
+        "{refused:?}"
+    );
+    std::fs::remove_dir(&blocker).unwrap();
+    essctl(b, &["pprc", "failback", &vb]).ok();
+    wait_duplex(b, &vb);
+    assert_eq!(volume_sha(a, &va), volume_sha(b, &vb));
+}
+
+/// The old primary's terminate after a hand-over that failed makes its
+/// volume writable again.
+#[test]
+fn a_terminate_after_a_failed_hand_over_makes_the_old_primary_writable() {
+    let s = Sites::start("pprc-handover-terminate", |_| {});
+    let (a, b) = (&s.a, &s.b);
+    let (va, vb) = duplex_nocopy_pair(&s);
+    essctl(b, &["pprc", "failover", &vb]).ok();
+    std::fs::create_dir(s.dir_a.path().join(format!("state/pprc/{va}.handover"))).unwrap();
+    path(b, "0x10", "TSTA1", "0x10", "1");
+    assert_eq!(essctl(b, &["pprc", "failback", &vb]).code, 1);
+    assert_eq!(try_write(a, &va), "read-only EPERM");
+    essctl(a, &["pprc", "terminate", &va]).ok();
+    assert_eq!(try_write(a, &va), "writable ok");
+}
+
 /// A failover whose record cannot be written changes nothing: the volume
 /// stays a protected secondary. (It used to make the volume a writable
 /// primary first and answer the error after: hosts wrote it, the restart

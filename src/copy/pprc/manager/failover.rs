@@ -285,9 +285,12 @@ impl PprcManager {
                  the relationship first"
             ));
         }
+        // Not "failover": that reason lets a failback start here, which,
+        // should the hand-over fail below and leave this pair as it is,
+        // would copy this volume over the one that took over.
         pair.suspend(
-            SuspendReason::Failover,
-            Some(format!("{peer} {primary} took over")),
+            SuspendReason::SecondarySuspended,
+            Some(format!("{peer} {primary} took over; failback from there")),
         );
         pair.stop_tasks();
         // Writes the consistency group holds for this volume hold its

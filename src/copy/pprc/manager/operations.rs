@@ -502,6 +502,9 @@ impl PprcManager {
                 {
                     let _quiet = vol.gate().write().await;
                     vol.detach_pprc();
+                    // A failback's hand-over that failed may have left the
+                    // volume protected as a secondary.
+                    vol.set_secondary(false);
                 }
                 drop(entries);
                 let told = self
