@@ -501,6 +501,28 @@ fn an_establish_that_cannot_write_its_bitmap_leaves_no_secondary_behind() {
     drop(s);
 }
 
+/// The other side: a secondary whose record of the pairs cannot be
+/// written refuses to become the secondary, and its volume is in no pair
+/// and writable; once the record can be written, the establish succeeds.
+#[test]
+fn a_secondary_that_cannot_record_the_pair_refuses_it_and_stays_writable() {
+    let s = Sites::start("pprc-establish-unrecorded", |_| {});
+    let (a, b) = (&s.a, &s.b);
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    let (v, sv) = (a.vol(0x10, 0), b.vol(0x10, 0));
+    let blocker = block_pair_records(s.dir_b.path());
+    let refused = essctl(a, &["pprc", "establish", &v, &sv, "--mode", "copy"]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(refused.stderr.contains("TSTB2 refused"), "{refused:?}");
+    assert_eq!(try_write(b, &sv), "writable ok");
+    let list = essctl_json(b, &["pprc", "list"]);
+    assert_eq!(list["pairs"].as_array().map(Vec::len), Some(0), "{list}");
+    std::fs::remove_dir(&blocker).unwrap();
+    essctl(a, &["pprc", "establish", &v, &sv, "--mode", "copy"]).ok();
+    wait_duplex(a, &v);
+    assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
+}
+
 /// A raw-disk secondary whose storage fails at write-back (a loop device
 /// over a sparse file on a full tmpfs): the mirrored write lands in its
 /// page cache, and the host's FLUSH fails there. The pair (not critical)

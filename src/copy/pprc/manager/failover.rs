@@ -127,6 +127,15 @@ impl PprcManager {
         let vol = self.volume(volume)?;
         self.check_path(&pair.spec)?;
         drop(entries);
+        // As a resume does: a write of this pair from an earlier time this
+        // volume was primary, stalled on a link that timed out, must not
+        // land over the copy of its track.
+        pair.await_unanswered()
+            .await
+            .map_err(|message| PairError::Peer {
+                peer: pair.spec.peer.clone(),
+                message,
+            })?;
         self.tell(
             &pair.spec,
             json!({"op": "failback", "volume": pair.spec.peer_volume, "primary": volume,

@@ -97,6 +97,11 @@ impl PprcManager {
                 if let Some(v) = self.server.lookup(&volume) {
                     self.end_secondary(v).await;
                 }
+                if let Entry::Secondary(side) = &side {
+                    if let Some(h) = &side.handover {
+                        let _ = std::fs::remove_file(self.dir.join(h));
+                    }
+                }
                 self.log.record(
                     "pprc.pair.terminate",
                     format!("secondary {volume} of {peer} {primary} terminated by its primary"),
@@ -294,7 +299,13 @@ impl PprcManager {
         }
         self.publish_secondary(&side);
         entries.push(Entry::Secondary(Box::new(side)));
-        self.save_locked(&entries).map_err(|e| e.to_string())?;
+        if let Err(e) = self.save_locked(&entries) {
+            // Not recorded, so not made: the primary is refused, and no
+            // volume stays protected without a pair.
+            entries.pop();
+            self.end_secondary(&vol).await;
+            return Err(e.to_string());
+        }
         self.log.record(
             "pprc.pair.secondary",
             format!("{volume} is the secondary of {peer} {primary}"),
