@@ -165,6 +165,17 @@ fn ext4_on_nbdfuse_survives_restart_and_fsck() {
     }
 }
 
+/// A server whose one volume, `000TST01`, is the block device `dev`.
+fn device_config(engine: &'static str, dev: &Path) -> TestConfig {
+    let mut cfg = TestConfig::new(engine);
+    cfg.volumes = vec![Vol {
+        size: None,
+        path: Some(dev.to_path_buf()),
+        ..Vol::new(0x10, 0, "")
+    }];
+    cfg
+}
+
 /// Starts essd on `cfg` in `dir` (with `args`), which must exit with
 /// status `code`; returns the last line of its stderr.
 fn start_exits(dir: &Path, cfg: &TestConfig, args: &[&str], code: i32) -> String {
@@ -192,12 +203,7 @@ fn loop_device_backing_serves_and_persists_data() {
             .set_len(48 << 20)
             .unwrap();
         let lo = LoopDevice::attach(&image);
-        let mut cfg = TestConfig::new(engine);
-        cfg.volumes = vec![Vol {
-            size: None,
-            path: Some(lo.dev.clone()),
-            ..Vol::new(0x10, 0, "")
-        }];
+        let cfg = device_config(engine, &lo.dev);
         let essd = Essd::start_in(dir.path(), &cfg);
         let size = run_text(
             Command::new("nbdinfo")
@@ -261,12 +267,7 @@ fn fast_zero_with_no_hole_does_not_deprovision_a_block_device() {
         let image = dir.path().join("disk.img");
         random_file(&image, 16 << 20, 5);
         let lo = LoopDevice::attach(&image);
-        let mut cfg = TestConfig::new(engine);
-        cfg.volumes = vec![Vol {
-            size: None,
-            path: Some(lo.dev.clone()),
-            ..Vol::new(0x10, 0, "")
-        }];
+        let cfg = device_config(engine, &lo.dev);
         let essd = Essd::start_in(dir.path(), &cfg);
         let out = python(
             r#"
@@ -314,12 +315,7 @@ fn a_device_with_4k_sectors_zeroes_and_trims_ranges_off_its_blocks() {
             .set_len(16 << 20)
             .unwrap();
         let lo = LoopDevice::attach_with_sectors(&image, 4096);
-        let mut cfg = TestConfig::new(engine);
-        cfg.volumes = vec![Vol {
-            size: None,
-            path: Some(lo.dev.clone()),
-            ..Vol::new(0x10, 0, "")
-        }];
+        let cfg = device_config(engine, &lo.dev);
         let essd = Essd::start_in(dir.path(), &cfg);
         let out = python(
             r#"
@@ -361,12 +357,7 @@ fn a_fast_zero_refused_by_a_device_that_cannot_zero_keeps_unflushed_writes() {
         let image = fs.dir.join("disk.img");
         random_file(&image, 8 << 20, 9);
         let lo = LoopDevice::attach(&image);
-        let mut cfg = TestConfig::new(engine);
-        cfg.volumes = vec![Vol {
-            size: None,
-            path: Some(lo.dev.clone()),
-            ..Vol::new(0x10, 0, "")
-        }];
+        let cfg = device_config(engine, &lo.dev);
         let essd = Essd::start_in(dir.path(), &cfg);
         let out = python(
             r#"

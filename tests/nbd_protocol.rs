@@ -205,6 +205,20 @@ fn raw_connect(essd: &Essd) -> UnixStream {
     s
 }
 
+/// A raw connection in transmission on export `000TST01` (`NBD_OPT_EXPORT_NAME`,
+/// `NO_ZEROES`), reads timing out after `timeout`; with the export's size
+/// and flags as the server sent them.
+fn export_name_session(essd: &Essd, timeout: Duration) -> (UnixStream, [u8; 10]) {
+    let mut s = raw_connect(essd);
+    s.set_read_timeout(Some(timeout)).unwrap();
+    read_greeting(&mut s);
+    s.write_all(&3u32.to_be_bytes()).unwrap(); // NO_ZEROES
+    send_option(&mut s, proto::opt::EXPORT_NAME, b"000TST01");
+    let mut export = [0u8; 10];
+    s.read_exact(&mut export).unwrap();
+    (s, export)
+}
+
 fn read_greeting(s: &mut UnixStream) {
     let mut g = [0u8; 18];
     s.read_exact(&mut g).unwrap();
@@ -301,12 +315,7 @@ fn malformed_traffic_closes_only_that_connection() {
 
     // EXPORT_NAME for a real export, then a request with a bad magic →
     // closed; the server keeps serving others.
-    let mut s = raw_connect(&essd);
-    read_greeting(&mut s);
-    s.write_all(&3u32.to_be_bytes()).unwrap(); // NO_ZEROES
-    send_option(&mut s, proto::opt::EXPORT_NAME, b"000TST01");
-    let mut export = [0u8; 10];
-    s.read_exact(&mut export).unwrap();
+    let (mut s, export) = export_name_session(&essd, Duration::from_secs(5));
     assert_eq!(
         u64::from_be_bytes(export[..8].try_into().unwrap()),
         64 << 20
@@ -353,13 +362,7 @@ fn oversized_write_after_a_large_write_is_skipped_in_large_reads() {
     // read in large pieces, not one request header's worth at a time.
     let dir = tempdir("skip");
     let essd = server("uring", dir.path());
-    let mut s = raw_connect(&essd);
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    read_greeting(&mut s);
-    s.write_all(&3u32.to_be_bytes()).unwrap(); // NO_ZEROES
-    send_option(&mut s, proto::opt::EXPORT_NAME, b"000TST01");
-    let mut export = [0u8; 10];
-    s.read_exact(&mut export).unwrap();
+    let (mut s, _) = export_name_session(&essd, Duration::from_secs(60));
     let write = |s: &mut UnixStream, cookie: u64, len: u32| {
         let req = proto::Request {
             flags: 0,
@@ -424,13 +427,7 @@ fn large_reads_pipelined_by_a_client_that_does_not_read_hold_bounded_memory() {
     let dir = tempdir("read-budget");
     let essd = server("uring", dir.path());
     let before = peak_memory(essd.pid());
-    let mut s = raw_connect(&essd);
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    read_greeting(&mut s);
-    s.write_all(&3u32.to_be_bytes()).unwrap(); // NO_ZEROES
-    send_option(&mut s, proto::opt::EXPORT_NAME, b"000TST01");
-    let mut export = [0u8; 10];
-    s.read_exact(&mut export).unwrap();
+    let (mut s, _) = export_name_session(&essd, Duration::from_secs(30));
     let mut requests = Vec::new();
     for cookie in 0..READS {
         let req = proto::Request {
@@ -638,12 +635,7 @@ fn an_export_name_too_long_to_buffer_closes_the_connection() {
         &got[..got.len().min(20)]
     );
     // Other clients are still served.
-    let mut s = raw_connect(&essd);
-    read_greeting(&mut s);
-    s.write_all(&3u32.to_be_bytes()).unwrap();
-    send_option(&mut s, proto::opt::EXPORT_NAME, b"000TST01");
-    let mut export = [0u8; 10];
-    s.read_exact(&mut export).unwrap();
+    let (_, export) = export_name_session(&essd, Duration::from_secs(5));
     assert_eq!(
         u64::from_be_bytes(export[..8].try_into().unwrap()),
         64 << 20
@@ -817,13 +809,7 @@ fn requests_pipelined_before_sigterm_are_all_answered() {
     let image: Vec<u8> = (0..16 << 20).map(|i| (i / BLOCK + 1) as u8).collect();
     std::fs::write(dir.path().join("vol-10-0.img"), &image).unwrap();
     let essd = Essd::start_in(dir.path(), &cfg);
-    let mut s = raw_connect(&essd);
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    read_greeting(&mut s);
-    s.write_all(&3u32.to_be_bytes()).unwrap(); // NO_ZEROES
-    send_option(&mut s, proto::opt::EXPORT_NAME, b"000TST01");
-    let mut export = [0u8; 10];
-    s.read_exact(&mut export).unwrap();
+    let (mut s, _) = export_name_session(&essd, Duration::from_secs(30));
 
     // Cookies 0..READS are reads of blocks 0..128 (round robin), then
     // writes of blocks 128..228, then DISC; sent in order by one thread.
@@ -993,12 +979,7 @@ fn a_client_that_keeps_sending_after_eshutdown_is_cut_off_after_a_grace_period()
     // exiting: its connection closes 5 s after the shutdown began.
     let dir = tempdir("shutdown-grace");
     let essd = server("uring", dir.path());
-    let mut s = raw_connect(&essd);
-    read_greeting(&mut s);
-    s.write_all(&3u32.to_be_bytes()).unwrap();
-    send_option(&mut s, proto::opt::EXPORT_NAME, b"000TST01");
-    let mut export = [0u8; 10];
-    s.read_exact(&mut export).unwrap();
+    let (mut s, _) = export_name_session(&essd, Duration::from_secs(5));
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(essd.pid(), libc::SIGTERM) };
     let signalled = std::time::Instant::now();

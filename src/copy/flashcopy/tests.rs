@@ -228,24 +228,23 @@ proptest! {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn whole_track_target_write_skips_the_copy_and_source_tracks_copy_once() {
+/// A NOCOPY relationship in `dir` of two 8-track volumes, the source all
+/// ones.
+async fn nocopy_of_ones(dir: &Path) -> Relationship {
     let engine = Engine::start(IoEngineChoice::Uring).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let source = store(dir.path(), "src", 8 * TRACK, &engine);
-    let target = store(dir.path(), "tgt", 8 * TRACK, &engine);
+    let source = store(dir, "src", 8 * TRACK, &engine);
+    let target = store(dir, "tgt", 8 * TRACK, &engine);
     source
         .write(0, Bytes::from(vec![1u8; 8 * TRACK as usize]), false)
         .await
         .unwrap();
-    let rel = relationship(
-        dir.path(),
-        source.clone(),
-        target.clone(),
-        CopyMode::NoCopy,
-        0,
-        8,
-    );
+    relationship(dir, source, target, CopyMode::NoCopy, 0, 8)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_track_target_write_skips_the_copy_and_source_tracks_copy_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let rel = nocopy_of_ones(dir.path()).await;
     rel.modify(
         Role::Target,
         TRACK,
@@ -439,15 +438,8 @@ async fn a_trim_the_target_cannot_carry_out_leaves_its_tracks_reading_t0() {
 /// changed; on the target over whole tracks (no copy needed) it is done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fast_zero_that_would_copy_tracks_is_refused_before_any_copy() {
-    let engine = Engine::start(IoEngineChoice::Uring).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let source = store(dir.path(), "src", 8 * TRACK, &engine);
-    let target = store(dir.path(), "tgt", 8 * TRACK, &engine);
-    source
-        .write(0, Bytes::from(vec![1u8; 8 * TRACK as usize]), false)
-        .await
-        .unwrap();
-    let rel = relationship(dir.path(), source, target, CopyMode::NoCopy, 0, 8);
+    let rel = nocopy_of_ones(dir.path()).await;
     let fast_zero = Change::Zero(true, true, false);
     for (role, offset, len) in [(Role::Source, 0, 2 * TRACK), (Role::Target, 100, TRACK)] {
         let e = rel.modify(role, offset, len, fast_zero.clone()).await;
