@@ -23,7 +23,8 @@
 //! sends nothing for [`SHUTDOWN_LINGER`] with nothing in flight. No request
 //! the client sent before the connection closes is left unanswered. A
 //! client that goes on sending regardless is cut off [`SHUTDOWN_GRACE`]
-//! after the shutdown began.
+//! after the shutdown began: nothing more is read from it, and the whole
+//! requests already read are still answered.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -178,6 +179,9 @@ where
     // (clients match replies only to requests they finished sending).
     let mut skipped_reply: Option<Reply> = None;
     let mut reading = true;
+    // Reading from the client has stopped for good (the shutdown's grace
+    // ran out); the complete requests already buffered are still taken.
+    let mut cut_off = false;
     // Shutting down: requests received from now on get ESHUTDOWN.
     let mut draining = false;
     // Bytes of `buf` that had been received when the shutdown began and
@@ -211,6 +215,7 @@ where
                 received_before = received_before.saturating_sub(n as usize);
                 skip -= n;
                 if skip > 0 {
+                    reading &= !cut_off;
                     break;
                 }
             }
@@ -228,6 +233,8 @@ where
                 Err(e) => break 'conn Err(e),
                 Ok(Parsed::NeedMore(n)) => {
                     need = n;
+                    // Nothing more will come.
+                    reading &= !cut_off;
                     break;
                 }
                 Ok(Parsed::Skip(req, len)) => {
@@ -298,7 +305,7 @@ where
         }
         let want = need.saturating_sub(buf.len());
         let read_limit = plan.prepare(&mut buf, need);
-        let may_read = reading && room(&in_flight, &replies);
+        let may_read = reading && !cut_off && room(&in_flight, &replies);
         if may_read {
             low_water.expect(&reader, want);
         }
@@ -313,10 +320,10 @@ where
             // The next batch, after the local parts of this one (polled
             // just above).
             () = std::future::ready(()), if more => {}
-            // Before reading: a client that never stops sending is cut off.
-            () = async move { tokio::time::sleep_until(drain_deadline).await }, if draining && reading => {
-                reading = false
-            }
+            // Before reading: a client that never stops sending is cut off
+            // (what it had sent whole is still answered).
+            () = async move { tokio::time::sleep_until(drain_deadline).await },
+                if draining && reading && !cut_off => cut_off = true,
             n = reader.read_buf(&mut room), if may_read => match n {
                 Ok(0) if buf.is_empty() && skip == 0 => reading = false,
                 Ok(0) => break Err(ProtocolError::Transmission("EOF inside a request".into())),
