@@ -119,15 +119,24 @@ impl EventLog {
     /// current file goes on growing, and the next event tries again.
     fn rotate(&self, current: &mut Appending) -> io::Result<()> {
         std::fs::rename(&self.path, &self.rotated)?;
-        let file = Self::open_file(&self.path)?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
+        let file = match Self::open_file(&self.path) {
+            Ok(file) => file,
+            Err(e) => {
+                // The full file goes on as the log, under its name.
+                std::fs::rename(&self.rotated, &self.path)?;
+                return Err(e);
+            }
+        };
         *current = Appending {
             file,
             len: 0,
             torn: false,
         };
+        // The renames survive a crash once the directory is synced; if it
+        // cannot be, both files are still there to read.
+        if let Some(dir) = self.path.parent() {
+            File::open(dir).and_then(|d| d.sync_all())?;
+        }
         Ok(())
     }
 
