@@ -80,7 +80,8 @@ impl PprcManager {
                         tracing::warn!(
                             volume,
                             peer,
-                            "ignored a late terminate: its primary asked this side to take the                              pair since"
+                            "ignored a late terminate: its primary asked this side to take the pair \
+                             since"
                         );
                         return Ok(
                             json!({"note": "a late terminate; the pair was made again since"}),
