@@ -300,6 +300,11 @@ impl Volume {
             .clone()
     }
 
+    /// Whether the volume is the target of a FlashCopy relationship.
+    pub fn is_flashcopy_target(&self) -> bool {
+        self.flashcopy().is_some_and(|fc| fc.role == Role::Target)
+    }
+
     /// Routes this volume's I/O through `relationship` (hold the gate).
     pub fn attach_flashcopy(&self, relationship: Arc<Relationship>, role: Role) {
         *self.flashcopy.write().unwrap_or_else(|p| p.into_inner()) =

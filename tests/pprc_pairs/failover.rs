@@ -325,24 +325,19 @@ fn a_failback_to_a_server_of_another_track_size_is_refused() {
     assert_eq!(show(b, &vb)["reason"], "failover");
 }
 
-/// A hand-over that fails at the old primary (its bitmap cannot be kept
-/// for the hand-over: a directory stands in the way) fails the failback
-/// and leaves the old primary's pair suspended for a reason that allows
-/// no failback there: one would copy the old primary over the volume that
-/// took over. A terminate there makes the volume writable again; a
-/// failback from the volume that took over, run again once the state
-/// directory is fixed, completes with both volumes equal.
-#[test]
-fn a_failed_hand_over_allows_no_failback_at_the_old_primary() {
-    let s = Sites::start("pprc-handover-fails", |_| {});
-    let (a, b) = (&s.a, &s.b);
+/// A duplex pair A → B, failed over to B (which hosts write), and a
+/// failback from B whose hand-over fails at A: a directory stands where A
+/// keeps its bitmap for the hand-over. Returns the sites, both volumes and
+/// that directory.
+fn failed_hand_over(name: &str) -> (Sites, String, String, std::path::PathBuf) {
+    let s = Sites::start(name, |_| {});
     let (va, vb) = duplex_nocopy_pair(&s);
-    essctl(b, &["pprc", "failover", &vb]).ok();
-    write_tracks(b, &vb, 61, 4);
+    essctl(&s.b, &["pprc", "failover", &vb]).ok();
+    write_tracks(&s.b, &vb, 61, 4);
     let blocker = s.dir_a.path().join(format!("state/pprc/{va}.handover"));
     std::fs::create_dir(&blocker).unwrap();
-    path(b, "0x10", "TSTA1", "0x10", "1");
-    let failback = essctl(b, &["pprc", "failback", &vb]);
+    path(&s.b, "0x10", "TSTA1", "0x10", "1");
+    let failback = essctl(&s.b, &["pprc", "failback", &vb]);
     assert_eq!(failback.code, 1, "{failback:?}");
     assert!(
         failback
@@ -350,6 +345,19 @@ fn a_failed_hand_over_allows_no_failback_at_the_old_primary() {
             .contains("cannot keep the out-of-sync bitmap"),
         "{failback:?}"
     );
+    (s, va, vb, blocker)
+}
+
+/// A hand-over that fails at the old primary (see [`failed_hand_over`])
+/// fails the failback and leaves the old primary's pair suspended for a
+/// reason that allows no failback there: one would copy the old primary
+/// over the volume that took over. A failback from the volume that took
+/// over, run again once the state directory is fixed, completes with both
+/// volumes equal.
+#[test]
+fn a_failed_hand_over_allows_no_failback_at_the_old_primary() {
+    let (s, va, vb, blocker) = failed_hand_over("pprc-handover-fails");
+    let (a, b) = (&s.a, &s.b);
     let v = show(a, &va);
     assert_eq!(
         (&v["role"], &v["state"], &v["reason"]),
@@ -376,16 +384,10 @@ fn a_failed_hand_over_allows_no_failback_at_the_old_primary() {
 /// volume writable again.
 #[test]
 fn a_terminate_after_a_failed_hand_over_makes_the_old_primary_writable() {
-    let s = Sites::start("pprc-handover-terminate", |_| {});
-    let (a, b) = (&s.a, &s.b);
-    let (va, vb) = duplex_nocopy_pair(&s);
-    essctl(b, &["pprc", "failover", &vb]).ok();
-    std::fs::create_dir(s.dir_a.path().join(format!("state/pprc/{va}.handover"))).unwrap();
-    path(b, "0x10", "TSTA1", "0x10", "1");
-    assert_eq!(essctl(b, &["pprc", "failback", &vb]).code, 1);
-    assert_eq!(try_write(a, &va), "read-only EPERM");
-    essctl(a, &["pprc", "terminate", &va]).ok();
-    assert_eq!(try_write(a, &va), "writable ok");
+    let (s, va, _, _) = failed_hand_over("pprc-handover-terminate");
+    assert_eq!(try_write(&s.a, &va), "read-only EPERM");
+    essctl(&s.a, &["pprc", "terminate", &va]).ok();
+    assert_eq!(try_write(&s.a, &va), "writable ok");
 }
 
 /// A failover whose record cannot be written changes nothing: the volume

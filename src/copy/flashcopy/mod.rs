@@ -319,16 +319,18 @@ impl Relationship {
             .into_iter()
             .filter(|&t| !self.bitmap.get(t))
             .collect();
+        // Track `t` lies wholly inside the change.
+        let whole = |t| {
+            let (ts, tl) = self.track_range(t);
+            offset <= ts && ts + tl <= end
+        };
         if matches!(change, Change::Zero(_, true, _)) {
             // A fast zero must not wait for copies of T0: refused before
             // anything changes, when any track needs one (every uncopied
             // track of the source; on the target, those it covers in part).
             let copies = match role {
                 Role::Source => !pending.is_empty(),
-                Role::Target => pending.iter().any(|&t| {
-                    let (ts, tl) = self.track_range(t);
-                    !(offset <= ts && ts + tl <= end)
-                }),
+                Role::Target => pending.iter().any(|&t| !whole(t)),
             };
             if copies {
                 return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
@@ -344,10 +346,6 @@ impl Relationship {
                 change.apply(store, offset, len).await
             }
             Role::Target => {
-                let whole = |t| {
-                    let (ts, tl) = self.track_range(t);
-                    offset <= ts && ts + tl <= end
-                };
                 for &t in &pending {
                     if !whole(t) {
                         self.copy_track(t).await?;

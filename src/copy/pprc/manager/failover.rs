@@ -285,10 +285,7 @@ impl PprcManager {
                  hand over; terminate the pair and establish it with mode copy"
             ));
         }
-        if vol
-            .flashcopy()
-            .is_some_and(|fc| fc.role == crate::copy::flashcopy::Role::Target)
-        {
+        if vol.is_flashcopy_target() {
             return Err(format!(
                 "volume {volume} is a FlashCopy target and cannot become a secondary; withdraw \
                  the relationship first"

@@ -290,10 +290,7 @@ impl PprcManager {
             let _quiet = vol.gate().write().await;
             // Under the gate: a FlashCopy onto this volume attaches under it
             // too, and checks that the volume is not a secondary.
-            if vol
-                .flashcopy()
-                .is_some_and(|fc| fc.role == crate::copy::flashcopy::Role::Target)
-            {
+            if vol.is_flashcopy_target() {
                 return Err(format!("volume {volume} is a FlashCopy target"));
             }
             vol.set_secondary(true);
