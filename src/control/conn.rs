@@ -27,10 +27,11 @@ pub const MAX_TCP_CONNECTIONS: usize = 64;
 /// the connection's opening or from the last bytes of the previous answer.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The end of an HTTP request head.
-const HEAD_END: u32 = u32::from_be_bytes(*b"\r\n\r\n");
-/// The end of a head whose lines end in LF alone (HTTP parsers accept it).
-const BARE_HEAD_END: u32 = u32::from_be_bytes(*b"\0\0\n\n");
+/// The end of an HTTP request head: a line end (CRLF, or LF alone, which
+/// HTTP parsers accept) followed by a blank line ending in CRLF or in LF
+/// alone. The last three bytes are `\n\r\n` or the last two `\n\n`.
+const HEAD_END_CRLF: u32 = u32::from_be_bytes(*b"\0\n\r\n");
+const HEAD_END_LF: u32 = u32::from_be_bytes(*b"\0\0\n\n");
 
 /// The TCP listener of the management API, with the limits of this module.
 pub struct ApiTcpListener {
@@ -148,7 +149,8 @@ impl ApiConnection {
         for &b in bytes {
             self.window = (self.window << 8) | u32::from(b);
             self.request_line |= b != b'\r' && b != b'\n';
-            let ended = self.window == HEAD_END || self.window & 0xFFFF == BARE_HEAD_END;
+            let ended =
+                self.window & 0xFF_FFFF == HEAD_END_CRLF || self.window & 0xFFFF == HEAD_END_LF;
             if ended && self.request_line {
                 self.awaiting_head = false;
                 return;
@@ -288,15 +290,22 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
     }
 
-    /// A head whose lines end in LF alone ends the deadline too.
+    /// Heads whose lines end in LF alone, or mix LF and CRLF, end the
+    /// deadline too.
     #[tokio::test(start_paused = true)]
-    async fn a_bare_lf_head_has_no_deadline_until_the_answer() {
-        let (mut conn, mut client) = pair(Duration::from_secs(15)).await;
-        client.write_all(b"GET / HTTP/1.1\n\n").await.unwrap();
-        let mut buf = [0u8; 64];
-        assert_eq!(conn.read(&mut buf).await.unwrap(), 16);
-        let waiting = tokio::time::timeout(Duration::from_secs(100), conn.read(&mut buf)).await;
-        assert!(waiting.is_err(), "{waiting:?}");
+    async fn a_head_with_bare_lf_line_ends_has_no_deadline_until_the_answer() {
+        for head in [
+            &b"GET / HTTP/1.1\n\n"[..],
+            b"GET / HTTP/1.1\nHost: x\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\n",
+        ] {
+            let (mut conn, mut client) = pair(Duration::from_secs(15)).await;
+            client.write_all(head).await.unwrap();
+            let mut buf = [0u8; 64];
+            assert_eq!(conn.read(&mut buf).await.unwrap(), head.len());
+            let waiting = tokio::time::timeout(Duration::from_secs(100), conn.read(&mut buf)).await;
+            assert!(waiting.is_err(), "{head:?}: {waiting:?}");
+        }
     }
 
     /// A client that sends requests and never reads the answers: once the
