@@ -13,9 +13,9 @@
 //! | 0 | success |
 //! | 1 | the server answered with an error (unknown volume, user exists, ...) or an unusable answer |
 //! | 2 | usage error: bad arguments, bad `--server`, no way to read a password |
-//! | 3 | cannot connect: the server is unreachable or the connection broke |
+//! | 3 | cannot connect: the server is unreachable, or it closed the connection without answering |
 //! | 4 | authentication failed or not permitted (HTTP 401 or 403) |
-//! | 5 | timed out: `flashcopy wait --timeout` or `pprc wait --timeout` expired first |
+//! | 5 | timed out: `flashcopy wait --timeout` or `pprc wait --timeout` expired first, or the server did not answer a request within 30 s (it may still carry it out) |
 
 pub mod client;
 pub mod flashcopy;
@@ -47,7 +47,7 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_UNREACHABLE: u8 = 3;
 /// Authentication failed or the operation is not permitted.
 pub const EXIT_AUTH: u8 = 4;
-/// A wait timed out.
+/// A wait timed out, or a request was not answered in time.
 pub const EXIT_TIMEOUT: u8 = 5;
 
 /// Command-line client for the essd management API.
@@ -57,8 +57,10 @@ pub const EXIT_TIMEOUT: u8 = 5;
     version,
     propagate_version = true,
     after_help = "Exit codes: 0 ok, 1 the server answered with an error, 2 usage error, \
-                  3 server unreachable, 4 authentication failed or not permitted, \
-                  5 timed out (flashcopy wait / pprc wait --timeout)."
+                  3 server unreachable or connection closed without an answer, \
+                  4 authentication failed or not permitted, 5 timed out (flashcopy wait / \
+                  pprc wait --timeout, or no answer within 30 s: the request may still be \
+                  carried out)."
 )]
 pub struct Cli {
     /// Connection and output options.
@@ -158,7 +160,8 @@ pub enum LssCommand {
 pub enum UserCommand {
     /// Add a user; the password is prompted for twice, or read from stdin.
     Add {
-        /// User name: 1-32 characters from a-z, 0-9, '_' and '-'.
+        /// User name: 1-32 characters from a-z, 0-9, '_' and '-', not starting
+        /// with a digit or '-'.
         name: String,
         /// Read the new password from the first line of stdin.
         #[arg(long)]
