@@ -72,7 +72,7 @@ async fn peers_authenticate_and_only_secondaries_take_changes() {
 
     let wrong = PeerLink::connect(addr, &me, &them, b"a wrong secret, long enough", limit).await;
     assert!(
-        matches!(wrong, Err(LinkError::AuthFailed(ref s)) if s == "TST01"),
+        matches!(wrong, Err(LinkError::ProofRefused(ref s)) if s == "TST01"),
         "{wrong:?}"
     );
     let other = PeerLink::connect(

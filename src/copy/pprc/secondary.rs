@@ -24,7 +24,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::link::{handshake, next_frame_len, write_frame, LinkError, PeerInfo};
+use super::link::{accept, next_frame_len, write_frame, LinkError, PeerInfo};
 use super::paths::HEARTBEAT;
 use super::wire::{Frame, Message, HEADER_LEN, NONCE_LEN};
 use crate::copy::flashcopy::Change;
@@ -175,19 +175,22 @@ pub async fn serve_link<S: AsyncRead + AsyncWrite + ReadLowWater + Unpin + Send 
 ) -> Result<PeerInfo, LinkError> {
     let mut stream = stream;
     let mut buf = BytesMut::with_capacity(1 << 20);
-    let peer = handshake(
+    // Registered once the peer has proved itself, before this side's proof
+    // lets it send requests: a question whether this link has drained,
+    // asked over another link, must never find it missing while requests
+    // may still come on it. Dropped (marking the link drained) only after
+    // every request this link carried has been applied.
+    let mut served = None;
+    let peer = accept(
         &mut stream,
         &mut buf,
         &local,
-        None,
         &secret,
         HANDSHAKE_TIMEOUT,
+        |peer| served = Some(Served::new(peer.link_id, peer.serial.as_str())),
     )
     .await?;
     tracing::info!(peer = %peer.serial, "peer link authenticated");
-    // Dropped (marking the link drained) only after every request this
-    // link carried has been applied.
-    let served = Served::new(peer.link_id, peer.serial.as_str());
     // Requests are applied inside this task, up to LINK_CONCURRENCY at a
     // time; the answers of the requests one wake-up finished go out in one
     // vectored write.
@@ -763,7 +766,7 @@ mod tests {
         let (addr, task) = listen(srv).await;
         let stream = tcp(addr).await;
         let r = open_as_fca31(stream, b"guess").await;
-        assert!(matches!(r, Err(LinkError::AuthFailed(_))), "{r:?}");
+        assert!(matches!(r, Err(LinkError::ProofRefused(_))), "{r:?}");
         assert!(matches!(task.await.unwrap(), Err(LinkError::AuthFailed(ref p)) if p == "FCA31"));
         let image = std::fs::read(dir.path().join("v.img")).unwrap();
         assert!(image.iter().all(|&b| b == 0));
