@@ -1029,3 +1029,49 @@ fn a_copy_over_a_fast_and_a_slow_link_keeps_within_the_timeout() {
     wait_current(&s.a, &va);
     assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
 }
+
+/// A busy link is up: 32 MiB of writes queued on a link that carries about
+/// 3 MiB/s (20 ms a 64 KiB chunk) keep a heartbeat sent meanwhile waiting
+/// behind them for seconds, past the 5 s a heartbeat is given, while the
+/// secondary answers the writes ahead of it all along. The link stays up
+/// and the pair duplex; before, the heartbeat's timeout took the link down
+/// and the next write suspended the pair (link lost).
+#[test]
+fn a_heartbeat_queued_behind_writes_on_a_slow_link_keeps_the_link_up() {
+    let s = Sites::start("pprc-busy-link", |cfg| with_timeout(cfg, "5s"));
+    let (va, vb) = duplex_nocopy_pair(&s);
+    s.proxy.delay(Duration::from_millis(20));
+    let started = Instant::now();
+    let acked = python(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+data = nbd.Buffer.from_bytearray(bytearray(b"\x6b") * (1 << 20))
+cookies = [h.aio_pwrite(data, i << 20) for i in range(32)]
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+h.pwrite(b"\x6c" * 4096, 40 << 20)
+print(sum(1 for c in cookies if h.aio_command_completed(c)))
+"#,
+        &[&s.a.uri(&va)],
+    );
+    let took = started.elapsed();
+    s.proxy.heal();
+    assert_eq!(acked.trim(), "32");
+    assert!(
+        took > Duration::from_secs(7),
+        "the writes took {took:?}: too fast to have held a heartbeat back 5 s"
+    );
+    let downs: Vec<String> =
+        s.a.log()
+            .lines()
+            .filter(|l| l.contains("peer link down"))
+            .map(str::to_string)
+            .collect();
+    assert!(downs.is_empty(), "{downs:#?}");
+    let v = show(&s.a, &va);
+    assert_eq!(v["state"], "duplex", "{v}");
+    wait_current(&s.a, &va);
+    assert_eq!(volume_sha(&s.a, &va), volume_sha(&s.b, &vb));
+}

@@ -26,6 +26,7 @@
 //! task into one `writev`.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -169,6 +170,10 @@ async fn read_handshake_frame<R: AsyncRead + Unpin>(
         }
     }
 }
+
+/// Most timeouts a request waits for its answer on a link that keeps
+/// answering the requests ahead of it (see [`PeerLink::answer_within`]).
+pub const QUEUED_PATIENCE: u32 = 4;
 
 /// Bytes queued on a link that the requesting task sends itself, at once,
 /// instead of waking the writer task for them: a large write starts on its
@@ -689,6 +694,40 @@ impl PeerLink {
     /// heartbeats while a write hangs is not making progress.
     pub fn last_answer(&self) -> std::time::Instant {
         self.opened + Duration::from_micros(self.answered_at.load(Ordering::Acquire))
+    }
+
+    /// Waits for the answer to `request`, sent on this link: it fails
+    /// once `timeout` has passed with no answer — unless the link has
+    /// answered other requests (not heartbeats, which a secondary answers
+    /// while a write hangs) since this one was sent, the last within
+    /// `timeout`: the peer is working through those queued ahead of this
+    /// one (a busy or slow link). Then it fails `timeout` after the link's
+    /// last answer, and after [`QUEUED_PATIENCE`] timeouts in all. So a
+    /// link that stalls fails its requests `timeout` after its last sign
+    /// of life.
+    pub async fn answer_within<F: Future>(
+        &self,
+        request: F,
+        timeout: Duration,
+    ) -> Result<F::Output, tokio::time::error::Elapsed> {
+        let sent = tokio::time::Instant::now();
+        let limit = sent + timeout * QUEUED_PATIENCE;
+        let mut deadline = sent + timeout;
+        tokio::pin!(request);
+        loop {
+            match tokio::time::timeout_at(deadline, &mut request).await {
+                Ok(answer) => return Ok(answer),
+                Err(elapsed) => {
+                    let last = tokio::time::Instant::from_std(self.last_answer());
+                    let progress = last + timeout;
+                    let now = tokio::time::Instant::now();
+                    if last <= sent || progress <= now || deadline >= limit {
+                        return Err(elapsed);
+                    }
+                    deadline = progress.min(limit);
+                }
+            }
+        }
     }
 
     /// Requests sent over this link and not answered yet.

@@ -918,11 +918,15 @@ async fn monitor(
                         .unwrap_or_default()
                         .as_millis() as u64,
                 };
-                match tokio::time::timeout(LINK_TIMEOUT, link.request(beat)).await {
+                // Queued behind the link's other requests: a busy link
+                // that answers them is up, though the heartbeat waits.
+                match link.answer_within(link.request(beat), LINK_TIMEOUT).await {
                     Ok(Ok(_)) if slot.is_up() => continue,
                     Ok(Ok(_)) => Ok(None),
                     Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err(format!("no heartbeat answer within {LINK_TIMEOUT:?}")),
+                    Err(_) => Err(format!(
+                        "no heartbeat answer within {LINK_TIMEOUT:?}, nor any other answer"
+                    )),
                 }
             }
             None => PeerLink::connect(address, &local, &peer, &secret, LINK_TIMEOUT)
@@ -937,13 +941,17 @@ async fn monitor(
         let mut state = slot.state.lock().unwrap_or_else(|p| p.into_inner());
         match outcome {
             Ok(opened) => {
-                tracing::info!(%peer, %address, "peer link up");
                 if let Some(opened) = opened {
                     *link = Some(opened);
                 }
-                *state = LinkState::Up {
-                    since: SystemTime::now(),
-                };
+                // A heartbeat answered on a link that a request failed
+                // meanwhile: the link is gone, down for that reason.
+                if link.is_some() {
+                    tracing::info!(%peer, %address, "peer link up");
+                    *state = LinkState::Up {
+                        since: SystemTime::now(),
+                    };
+                }
             }
             Err(reason) => {
                 let had = link.take();

@@ -388,40 +388,6 @@ impl Pair {
         Ok(())
     }
 
-    /// Waits for the answer to `request`, sent on `link`: it fails once
-    /// the timeout has passed with no answer — unless the link has
-    /// answered other requests (not heartbeats, which a secondary answers
-    /// while a write hangs) since this one was sent, the last within
-    /// the timeout: it is working through those queued ahead of this one
-    /// (a copy's, on a link slower than the others). Then it fails a
-    /// timeout after the link's last answer, and after [`QUEUED_PATIENCE`]
-    /// timeouts in all. So a link that stalls fails its requests a
-    /// timeout after its last sign of life.
-    async fn answer<F: Future>(
-        &self,
-        link: &PeerLink,
-        request: F,
-    ) -> Result<F::Output, tokio::time::error::Elapsed> {
-        let sent = tokio::time::Instant::now();
-        let limit = sent + self.timeout * QUEUED_PATIENCE;
-        let mut deadline = sent + self.timeout;
-        tokio::pin!(request);
-        loop {
-            match tokio::time::timeout_at(deadline, &mut request).await {
-                Ok(answer) => return Ok(answer),
-                Err(elapsed) => {
-                    let last = tokio::time::Instant::from_std(link.last_answer());
-                    let progress = last + self.timeout;
-                    let now = tokio::time::Instant::now();
-                    if last <= sent || progress <= now || deadline >= limit {
-                        return Err(elapsed);
-                    }
-                    deadline = progress.min(limit);
-                }
-            }
-        }
-    }
-
     /// Sends one request over the path's live links, moving to the next
     /// link when one fails: host changes in turn, the copy's writes to the
     /// least busy link (see [`paths::Route::pick_least_busy`]).
@@ -452,7 +418,10 @@ impl Pair {
                     self.spec.peer
                 )));
             };
-            match self.answer(&link, link.request(message.clone())).await {
+            match link
+                .answer_within(link.request(message.clone()), self.timeout)
+                .await
+            {
                 Ok(Ok(code)) => {
                     self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
                     return Ok(code);

@@ -90,9 +90,6 @@ pub const BUSY_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
 const COPY_CHUNK: u64 = 1 << 20;
 /// Copies the copier keeps in flight.
 const COPY_DEPTH: usize = 8;
-/// Most timeouts a request waits for its answer on a link that keeps
-/// answering the requests ahead of it (see [`Pair::answer`]).
-const QUEUED_PATIENCE: u32 = 4;
 
 /// A pair's state, as in the array.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
