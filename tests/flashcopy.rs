@@ -198,6 +198,8 @@ while not os.path.exists(stop) and time.time() < deadline:
     rec = struct.pack(">Q", i) * 512
     a.pwrite(rec, (i % 1024) * 4096)   # write A ...
     b.pwrite(rec, (i % 1024) * 4096)   # ... then B, which depends on A
+    if i == 1:
+        print("up", flush=True)
 print(i)
 "#;
 
@@ -237,7 +239,11 @@ fn multi_pair_establish_is_one_consistent_point_in_time() {
             .spawn()
             .unwrap();
         let mut writer = scopeguard_child(writer);
-        std::thread::sleep(Duration::from_millis(400 + 300 * attempt));
+        let mut out = std::io::BufReader::new(writer.0.stdout.take().unwrap());
+        let mut up = String::new();
+        std::io::BufRead::read_line(&mut out, &mut up).unwrap();
+        assert_eq!(up, "up\n");
+        std::thread::sleep(Duration::from_millis(100 + 200 * attempt));
         essctl_ok(
             &essd,
             &[
@@ -248,10 +254,21 @@ fn multi_pair_establish_is_one_consistent_point_in_time() {
                 "--nocopy",
             ],
         );
-        std::thread::sleep(Duration::from_millis(200));
+        // Written on after T0, then stopped.
+        let writes = || {
+            essctl(&essd, &["--json", "volume", "show", "001TST01"]).json()["stats"]["writes"]
+                .as_u64()
+                .unwrap()
+        };
+        let at_t0 = writes();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while writes() < at_t0 + 2 {
+            assert!(Instant::now() < deadline, "no write after T0");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         std::fs::write(&stop, b"").unwrap();
         let mut count = String::new();
-        std::io::Read::read_to_string(writer.0.stdout.as_mut().unwrap(), &mut count).unwrap();
+        std::io::Read::read_to_string(&mut out, &mut count).unwrap();
         assert!(writer.0.wait().unwrap().success());
         let written: u64 = count.trim().parse().unwrap();
         let out = python(

@@ -125,11 +125,7 @@ fn sighup_is_logged_and_ignored() {
     );
     // SAFETY: sending a signal to our own child process.
     assert_eq!(unsafe { libc::kill(essd.pid(), libc::SIGHUP) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !essd.log().contains("SIGHUP ignored") {
-        assert!(Instant::now() < deadline, "no SIGHUP line:\n{}", essd.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    essd.wait_log("SIGHUP ignored", Duration::from_secs(10));
     let read = python(
         "import nbd, sys\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
          print(h.pread(4096, 0) == b'h' * 4096)\n",

@@ -389,6 +389,17 @@ impl Essd {
     pub fn log(&self) -> String {
         strip_ansi(&self.log_text())
     }
+
+    /// Waits (up to `limit`) until the log holds `line`; panics with the
+    /// log if it never does.
+    #[allow(dead_code)]
+    pub fn wait_log(&self, line: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.log().contains(line) {
+            assert!(Instant::now() < deadline, "no {line:?} in:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Essd {

@@ -401,8 +401,11 @@ fn spawn_pump(
             }
             drop(src);
             drop(dst);
+            // Out of the list before the count says it ended: a caller
+            // that waited for the count must not still find it listed.
+            let mut conns = shared.conns();
             if conn.alive.fetch_sub(1, SeqCst) == 1 {
-                shared.conns().retain(|c| !Arc::ptr_eq(c, &conn));
+                conns.retain(|c| !Arc::ptr_eq(c, &conn));
             }
         })
         .expect("spawn fault proxy pump thread");

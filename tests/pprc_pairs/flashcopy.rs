@@ -209,6 +209,7 @@ fn flashcopy_from_a_primary_whose_group_holds_writes_is_refused_at_once() {
     );
     essctl(a, &["pprc", "freeze"]).ok();
     let mut w = spawn_write(a, &v1, 2 * TRACK, 0xE2);
+    wait_client(a, &v1);
     std::thread::sleep(Duration::from_millis(300));
     flashcopy(&withdraw, 1, &frozen);
     assert_eq!(essctl(a, &["flashcopy", "show", &rel]).code, 0);
@@ -222,6 +223,7 @@ fn flashcopy_from_a_primary_whose_group_holds_writes_is_refused_at_once() {
 
     essctl(a, &["pprc", "freeze"]).ok();
     let mut w = spawn_write(a, &v1, 3 * TRACK, 0xE3);
+    wait_client(a, &v1);
     std::thread::sleep(Duration::from_millis(300));
     flashcopy(&establish, 1, &frozen);
     assert_eq!(essctl(a, &["flashcopy", "show", &rel]).code, 1);

@@ -622,6 +622,30 @@ fn wait_until(what: &str, ready: impl Fn() -> bool) {
     }
 }
 
+/// Waits until `volume` has completed `n` more writes than when called
+/// (a spawned writer is under way).
+fn wait_writes(essd: &Essd, volume: &str, n: u64) {
+    let writes = || {
+        essctl_json(essd, &["volume", "show", volume])["stats"]["writes"]
+            .as_u64()
+            .unwrap()
+    };
+    let start = writes();
+    wait_until(&format!("{volume} never took {n} writes"), || {
+        writes() >= start + n
+    });
+}
+
+/// Waits until a host is attached to `volume` (a spawned writer has
+/// connected; its write follows at once).
+fn wait_client(essd: &Essd, volume: &str) {
+    wait_until(&format!("no client attached to {volume}"), || {
+        essctl_json(essd, &["volume", "show", volume])["clients"]
+            .as_u64()
+            .is_some_and(|n| n >= 1)
+    });
+}
+
 fn wait_group(essd: &Essd, state: &str) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

@@ -91,7 +91,7 @@ fn sigterm_of_a_duplex_primary_under_load_loses_nothing() {
     path(&s.a, "0x10", "TSTB2", "0x10", "2");
     essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
     let writer = spawn_writer(&s.a, &va, "20");
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_writes(&s.a, &va, 200);
     assert_eq!(s.a.terminate().code(), Some(0));
     let out = writer.join().unwrap();
     let acked = out["acked"].as_array().unwrap().len();
@@ -141,7 +141,7 @@ fn sigterm_of_a_secondary_under_load_leaves_both_sides_truthful() {
     path(&s.a, "0x10", "TSTB2", "0x10", "2");
     essctl(&s.a, &["pprc", "establish", &va, &vb, "--mode", "nocopy"]).ok();
     let writer = spawn_writer(&s.a, &va, "4");
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_writes(&s.a, &va, 200);
     assert_eq!(s.b.terminate().code(), Some(0));
     let v = wait_state(&s.a, &va, "suspended");
     assert_eq!(v["reason"], "link lost", "{v}");
@@ -331,6 +331,7 @@ fn a_stop_whose_host_write_outlasts_the_drain_time_keeps_the_marks() {
     let tracks = duplex_then_written(&s, &va, &vb);
     s.proxy.stall();
     let mut host = spawn_write(&s.a, &va, 7 * TRACK, 0xD7);
+    wait_client(&s.a, &va);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(host.try_wait().unwrap(), None, "the write did not wait");
     let started = Instant::now();
@@ -407,7 +408,7 @@ fn a_clean_stop_with_a_host_that_keeps_writing_is_bounded_and_truthful() {
         serde_json::from_str::<serde_json::Value>(&python(WRITE_PAST_SHUTDOWN, &[&uri, &secs]))
             .unwrap()
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_writes(&s.a, &va, 200);
     let started = Instant::now();
     assert_eq!(s.a.terminate().code(), Some(0));
     let took = started.elapsed();
