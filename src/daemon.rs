@@ -50,7 +50,14 @@ pub fn check_before_start(cfg: &ValidConfig) -> Result<(), StartError> {
         cfg.replication_secret.is_some(),
     )
     .map_err(start_err)?;
-    crate::copy::pprc::manager::check_recorded(state_dir, configured).map_err(start_err)
+    let size = |name: &str| {
+        cfg.volumes
+            .iter()
+            .find(|v| v.id.to_string() == name)
+            .and_then(|v| v.config.size.map(|s| s.0))
+    };
+    crate::copy::pprc::manager::check_recorded(state_dir, cfg.track_size, configured, size)
+        .map_err(start_err)
 }
 
 /// Called once the server is ready, with what it listens on.

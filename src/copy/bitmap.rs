@@ -278,6 +278,27 @@ impl TrackBitmap {
         Ok(Self::from_parts(path, file, tracks, Vec::new()))
     }
 
+    /// The track size and the number of tracks an existing bitmap file
+    /// describes.
+    pub fn read_shape(path: &Path) -> Result<(u64, u64), BitmapError> {
+        let file = File::open(path).map_err(Self::io(path))?;
+        Self::shape_of(path, &file)
+    }
+
+    fn shape_of(path: &Path, file: &File) -> Result<(u64, u64), BitmapError> {
+        let mut header = vec![0u8; HEADER as usize];
+        file.read_exact_at(&mut header, 0).map_err(Self::io(path))?;
+        let field = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+        let (track_size, tracks) = (field(16), field(24));
+        if header != Self::header(track_size, tracks) {
+            return Err(BitmapError::Corrupt {
+                path: path.to_path_buf(),
+                message: "not a track bitmap of this version".into(),
+            });
+        }
+        Ok((track_size, tracks))
+    }
+
     /// Opens an existing bitmap file, checking its shape.
     pub fn open(path: &Path, track_size: u64, tracks: u64) -> Result<Self, BitmapError> {
         let file = OpenOptions::new()
@@ -285,12 +306,14 @@ impl TrackBitmap {
             .write(true)
             .open(path)
             .map_err(Self::io(path))?;
-        let mut header = vec![0u8; HEADER as usize];
-        file.read_exact_at(&mut header, 0).map_err(Self::io(path))?;
-        if header != Self::header(track_size, tracks) {
+        let (found_size, found_tracks) = Self::shape_of(path, &file)?;
+        if (found_size, found_tracks) != (track_size, tracks) {
             return Err(BitmapError::Corrupt {
                 path: path.to_path_buf(),
-                message: format!("header does not describe {tracks} tracks of {track_size} bytes"),
+                message: format!(
+                    "it describes {found_tracks} tracks of {found_size} bytes, not {tracks} \
+                     tracks of {track_size} bytes"
+                ),
             });
         }
         let mut bits = vec![0u8; (Self::file_len(tracks) - HEADER) as usize];

@@ -1332,8 +1332,9 @@ fn pprc_state(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 /// A configuration that dropped the peer of a recorded path, or the volume
-/// of a recorded pair (on either side), stops the start with the record,
-/// what is missing and how to take it out properly; the state files are
+/// of a recorded pair (on either side), or changed the track size of a
+/// primary's bitmap, stops the start with the record, what is missing or
+/// changed and how to take it out properly; the state files are
 /// untouched, and with the configuration put back the pair carries on.
 #[test]
 fn a_start_without_the_peer_or_volume_of_a_pair_is_refused_and_loses_nothing() {
@@ -1388,6 +1389,26 @@ fn a_start_without_the_peer_or_volume_of_a_pair_is_refused_and_loses_nothing() {
             )
         );
     }
+    // A changed track size would make the primary's recorded tracks mean
+    // other bytes.
+    let retracked =
+        s.a.start_edited(|c| c.replacen("[server]\n", "[server]\ntrack_size = \"128KiB\"\n", 1));
+    assert_eq!(
+        retracked,
+        (
+            Some(2),
+            format!(
+                "essd: {}: the out-of-sync bitmap of primary {va} of the pair with TSTB2 {vb} has \
+                 tracks of 65536 bytes, and server.track_size is now 131072; put the old setting \
+                 back, start essd and terminate the pair (essctl pprc terminate {va}) before \
+                 changing it",
+                s.dir_a
+                    .path()
+                    .join(format!("state/pprc/{va}.oos"))
+                    .display()
+            )
+        )
+    );
     assert_eq!(pprc_state(s.dir_a.path()), state_a);
     assert_eq!(pprc_state(s.dir_b.path()), state_b);
 

@@ -573,6 +573,7 @@ impl PprcManager {
         let mut resume = Vec::new();
         for rec in records {
             let volume = rec.volume(&record, |v| mgr.volume(v).ok())?;
+            rec.check_bitmap(&mgr.dir, mgr.server.track_size, Some(volume.size()))?;
             match rec.role {
                 PairRole::Secondary => {
                     volume.set_secondary(true);

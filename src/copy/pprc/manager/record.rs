@@ -18,18 +18,77 @@ pub(super) fn read_records(path: &Path) -> Result<Vec<Record>, PairError> {
 }
 
 /// Checks, changing nothing, that the volume of every pair recorded in
-/// `state_dir` is `configured`, as a start needs.
+/// `state_dir` is `configured`, and that the pairs' bitmaps have tracks of
+/// `track_size` bytes and, for a volume whose configured size is known
+/// (`size`), as many as it has, as a start needs.
 pub fn check_recorded(
     state_dir: &Path,
+    track_size: u64,
     configured: impl Fn(&str) -> bool,
+    size: impl Fn(&str) -> Option<u64>,
 ) -> Result<(), PairError> {
-    let path = state_dir.join("pprc").join(RECORD);
-    read_records(&path)?
-        .iter()
-        .try_for_each(|rec| rec.volume(&path, |v| configured(v).then_some(())))
+    let dir = state_dir.join("pprc");
+    let path = dir.join(RECORD);
+    read_records(&path)?.iter().try_for_each(|rec| {
+        rec.volume(&path, |v| configured(v).then_some(()))?;
+        rec.check_bitmap(&dir, track_size, size(&rec.spec.volume))
+    })
 }
 
 impl Record {
+    /// The pair's role here, and the command that ends it properly.
+    fn terminate_hint(&self) -> (&'static str, String) {
+        let spec = &self.spec;
+        match self.role {
+            PairRole::Primary => ("primary", format!("essctl pprc terminate {}", spec.volume)),
+            PairRole::Secondary => (
+                "secondary",
+                format!(
+                    "essctl pprc terminate {} at {}",
+                    spec.peer_volume, spec.peer
+                ),
+            ),
+        }
+    }
+
+    /// Checks that the pair's bitmap in `dir`, if it has one, is of
+    /// `track_size` tracks and, when the volume's size is known, as many
+    /// as it has: a changed `server.track_size` or volume size would make
+    /// the recorded tracks mean other bytes.
+    pub(super) fn check_bitmap(
+        &self,
+        dir: &Path,
+        track_size: u64,
+        size: Option<u64>,
+    ) -> Result<(), PairError> {
+        let Some(file) = &self.bitmap else {
+            return Ok(());
+        };
+        let path = dir.join(file);
+        let (found_size, found_tracks) = TrackBitmap::read_shape(&path)?;
+        let changed = if found_size != track_size {
+            format!("tracks of {found_size} bytes, and server.track_size is now {track_size}")
+        } else {
+            match size.map(|s| (s, s.div_ceil(track_size))) {
+                Some((bytes, tracks)) if tracks != found_tracks => format!(
+                    "{found_tracks} tracks, and volume {} now has {tracks} ({bytes} bytes)",
+                    self.spec.volume
+                ),
+                _ => return Ok(()),
+            }
+        };
+        let (role, terminate) = self.terminate_hint();
+        Err(PairError::Corrupt {
+            path,
+            message: format!(
+                "the out-of-sync bitmap of {role} {} of the pair with {} {} has {changed}; put \
+                 the old setting back, start essd and terminate the pair ({terminate}) before \
+                 changing it",
+                self.spec.volume, self.spec.peer, self.spec.peer_volume
+            ),
+        })
+    }
+
     /// The pair's volume here, as `lookup` finds it; fails if the
     /// configuration no longer has it, saying how to take it out properly.
     pub(super) fn volume<V>(
@@ -41,16 +100,7 @@ impl Record {
             return Ok(volume);
         }
         let spec = &self.spec;
-        let (role, terminate) = match self.role {
-            PairRole::Primary => ("primary", format!("essctl pprc terminate {}", spec.volume)),
-            PairRole::Secondary => (
-                "secondary",
-                format!(
-                    "essctl pprc terminate {} at {}",
-                    spec.peer_volume, spec.peer
-                ),
-            ),
-        };
+        let (role, terminate) = self.terminate_hint();
         Err(PairError::Corrupt {
             path: record.to_path_buf(),
             message: format!(
