@@ -771,3 +771,80 @@ fn a_start_without_a_volume_of_a_relationship_is_refused_and_loses_nothing() {
         sha256_file(&seed)
     );
 }
+
+/// Writes 64 KiB of `B` at track 3 twice, each time without flushing;
+/// prints the outcome of each (`ok` or the errno name).
+const WRITE_TRACK_3_TWICE: &str = r#"
+import nbd, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+out = []
+for _ in range(2):
+    try:
+        h.pwrite(b"B" * 65536, 3 * 65536)
+        out.append("ok")
+    except nbd.Error as e:
+        out.append(errno.errorcode.get(e.errnum, e.string))
+print(" ".join(out))
+"#;
+
+/// A NOCOPY target whose storage fails at write-back (a loop device over
+/// a sparse file on a full tmpfs): a source write whose track's T0 must
+/// first be copied to the target is refused (EIO), since the target's
+/// flush failed before the copy could be recorded. Asked again, it must
+/// be refused again: the failed write-back lost the copy, and the kernel
+/// reports that once, so the second try's flush succeeded, the copy was
+/// recorded as made and the source overwritten, T0 of that track then on
+/// neither disk. The source keeps its T0 data.
+#[test]
+fn a_target_whose_write_back_failed_never_records_a_copy_as_made() {
+    require_root("losetup");
+    require("losetup", "mount");
+    let dir = tempdir("fc-target-write-back");
+    let fs = ScratchMount::mount("tmpfs", "size=8m", &dir.path().join("fs"));
+    let backing = fs.dir.join("target.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let dev = LoopDevice::attach(&backing);
+    let mut cfg = TestConfig::new("threads");
+    cfg.volumes = vec![
+        Vol::new(0x10, 0, "16MiB"),
+        Vol {
+            size: None,
+            path: Some(dev.dev.clone()),
+            ..Vol::new(0x10, 1, "")
+        },
+    ];
+    let essd = Essd::start_in(dir.path(), &cfg);
+    let source = essd.uri("000TST01");
+    python(
+        "import nbd, sys\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+         h.pwrite(b'A' * 65536, 3 * 65536); h.flush()\n",
+        &[&source],
+    );
+    essctl_ok(
+        &essd,
+        &["flashcopy", "establish", "000TST01:001TST01", "--nocopy"],
+    );
+    fs.fill("filler");
+    let tries = python(WRITE_TRACK_3_TWICE, &[&source]);
+    assert_eq!(tries.trim(), "EIO EIO");
+    let t0 = python(
+        "import nbd, sys\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+         print(h.pread(65536, 3 * 65536) == b'A' * 65536)\n",
+        &[&source],
+    );
+    assert_eq!(t0.trim(), "True", "the source lost its T0 data");
+    let shown = essctl(&essd, &["--json", "flashcopy", "show", "000TST01"]).json();
+    let rel = &shown["relationships"][0];
+    assert_eq!(rel["state"], "failed", "{shown}");
+    assert!(
+        rel["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("a write-back of target 001TST01 failed")),
+        "{shown}"
+    );
+    drop(essd);
+}

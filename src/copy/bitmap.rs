@@ -32,7 +32,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::volume::store::BackingStore;
+use crate::volume::store::{BackingStore, FlushWatch};
+
+/// The data a commit makes durable before the bits: a store, flushed for
+/// a party.
+type Data<'a> = (&'a BackingStore, &'a FlushWatch);
 
 const MAGIC: &[u8; 8] = b"ESSDBMP1";
 const HEADER: u64 = 4096;
@@ -439,9 +443,10 @@ impl TrackBitmap {
         runs
     }
 
-    /// Makes every bit set so far durable, after making `data` durable.
-    pub async fn commit(&self, data: &BackingStore) -> io::Result<()> {
-        self.commit_after(Some(data)).await
+    /// Makes every bit set so far durable, after making `data` durable
+    /// (flushed for the party `watch`: see [`BackingStore::flush_for`]).
+    pub async fn commit(&self, data: &BackingStore, watch: &FlushWatch) -> io::Result<()> {
+        self.commit_after(Some((data, watch))).await
     }
 
     /// Makes every bit set so far durable (for bitmaps whose bits must be
@@ -457,8 +462,14 @@ impl TrackBitmap {
     /// to do while such a bit is in memory only). For callers that found
     /// a track's bit set by someone else and are about to change the track;
     /// returns at once when every bit of the range is durable already.
-    pub async fn commit_for(&self, data: &BackingStore, first: u64, end: u64) -> io::Result<()> {
-        self.commit_covering(Some(data), first, end).await
+    pub async fn commit_for(
+        &self,
+        data: &BackingStore,
+        watch: &FlushWatch,
+        first: u64,
+        end: u64,
+    ) -> io::Result<()> {
+        self.commit_covering(Some((data, watch)), first, end).await
     }
 
     /// [`TrackBitmap::commit_for`] for bitmaps whose bits must be durable
@@ -469,7 +480,7 @@ impl TrackBitmap {
 
     async fn commit_covering(
         &self,
-        data: Option<&BackingStore>,
+        data: Option<Data<'_>>,
         first: u64,
         end: u64,
     ) -> io::Result<()> {
@@ -495,7 +506,7 @@ impl TrackBitmap {
         }
     }
 
-    async fn commit_after(&self, data: Option<&BackingStore>) -> io::Result<()> {
+    async fn commit_after(&self, data: Option<Data<'_>>) -> io::Result<()> {
         let want = self.generation.load(Ordering::Acquire);
         if self.durable.load(Ordering::Acquire) >= want {
             return Ok(());
@@ -566,7 +577,7 @@ impl TrackBitmap {
 
     /// Snapshots the dirty pages, makes `data` durable if given, then
     /// writes and fsyncs the snapshots (hold `commit_lock`).
-    async fn write_dirty(&self, data: Option<&BackingStore>) -> io::Result<()> {
+    async fn write_dirty(&self, data: Option<Data<'_>>) -> io::Result<()> {
         let generation = self.generation.load(Ordering::Acquire);
         let pages: Vec<u64> =
             std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()))
@@ -597,8 +608,8 @@ impl TrackBitmap {
             })
             .collect();
         let result = async {
-            if let Some(data) = data {
-                data.flush().await?;
+            if let Some((data, watch)) = data {
+                data.flush_for(watch).await?;
             }
             if snapshots.is_empty() {
                 return Ok(());
@@ -693,7 +704,9 @@ mod tests {
         bm.set_range(10, 20);
         bm.set(39_999);
         assert!(!bm.is_durable(10));
-        bm.commit(&data).await.unwrap();
+        bm.commit(&data, &FlushWatch::new(&data, false))
+            .await
+            .unwrap();
         assert!(bm.is_durable(10) && bm.is_durable(39_999));
         let again = TrackBitmap::open(&path, 4096, 40_000).unwrap();
         assert_eq!(again.count(), 11);
@@ -763,7 +776,9 @@ mod tests {
         let volume = dir.path().join("volume");
         let probe = BackingStore::probe(&volume, Some(4096), false, false).unwrap();
         let data = BackingStore::open(&volume, probe, false, false, engine).unwrap();
-        bm.commit_for(&data, 39_990, 40_010).await.unwrap();
+        bm.commit_for(&data, &FlushWatch::new(&data, false), 39_990, 40_010)
+            .await
+            .unwrap();
         assert!(bm.is_durable(40_000));
         assert!(TrackBitmap::open(&path, 65536, 100_000)
             .unwrap()
@@ -786,12 +801,15 @@ mod tests {
         let bm = TrackBitmap::create(&path, 4096, 100).unwrap();
         bm.set(7);
         {
-            let first = bm.commit(&data);
+            let watch = FlushWatch::new(&data, false);
+            let first = bm.commit(&data, &watch);
             tokio::pin!(first);
             // Waiting for the data flush (on the thread pool), then dropped.
             assert!(first.as_mut().now_or_never().is_none());
         }
-        bm.commit(&data).await.unwrap();
+        bm.commit(&data, &FlushWatch::new(&data, false))
+            .await
+            .unwrap();
         assert!(bm.is_durable(7));
         assert!(
             TrackBitmap::open(&path, 4096, 100).unwrap().get(7),

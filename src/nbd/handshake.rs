@@ -19,13 +19,14 @@ use super::proto::{self, info, opt, rep, tflag};
 use super::transmission::SHUTDOWN_LINGER;
 use super::ProtocolError;
 use crate::volume::server::StorageServer;
+use crate::volume::store::FlushWatch;
 use crate::volume::Volume;
 
 /// Metadata context ID of `base:allocation`.
 pub const BASE_ALLOCATION_ID: u32 = 1;
 
 /// What the client negotiated, ready for the transmission phase.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Session {
     /// The selected volume.
     pub volume: Arc<Volume>,
@@ -35,6 +36,10 @@ pub struct Session {
     pub base_allocation: bool,
     /// Transmission flags sent to the client.
     pub flags: u16,
+    /// This connection's view of the volume's failed syncs: its FLUSH
+    /// fails if a write-back failed since its last one, whoever's flush
+    /// the kernel reported it to.
+    pub flushes: FlushWatch,
 }
 
 /// Settings that shape negotiation.
@@ -286,6 +291,7 @@ fn make_session(volume: Arc<Volume>, st: &State, name: &str) -> Session {
     // A context selection only applies to the export it was made for.
     let base_allocation = matches!(&st.meta, Some((n, true)) if n == name);
     Session {
+        flushes: volume.flush_watch(),
         volume,
         structured: st.structured,
         base_allocation: base_allocation && st.structured,

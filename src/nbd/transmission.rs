@@ -424,7 +424,7 @@ async fn handle(session: Arc<Session>, req: Request, payload: Payload) -> Reply 
                 v.write(req.offset, data, fua).await.map(|()| None)
             }
         },
-        cmd::FLUSH => v.flush().await.map(|()| None),
+        cmd::FLUSH => v.flush_for(&s.flushes).await.map(|()| None),
         cmd::TRIM => v.trim(req.offset, len, fua).await.map(|()| None),
         cmd::CACHE => v.cache(req.offset, len).await.map(|()| None),
         cmd::WRITE_ZEROES => {

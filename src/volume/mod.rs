@@ -29,7 +29,7 @@ use serde::Serialize;
 use crate::copy::flashcopy::{Change, Relationship, Role};
 use crate::copy::pprc::pair::Pair;
 use id::VolumeId;
-use store::{BackingStore, Extent};
+use store::{BackingStore, Extent, FlushWatch};
 
 /// Operations a volume performs, for messages and statistics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -479,11 +479,29 @@ impl Volume {
     /// Makes every completed write durable (on a PPRC primary, on both
     /// sides).
     pub async fn flush(&self) -> Result<(), VolumeError> {
+        self.flush_with(None).await
+    }
+
+    /// A watch of this volume's failed syncs from now on, for a party that
+    /// flushes it (an NBD connection).
+    pub fn flush_watch(&self) -> FlushWatch {
+        FlushWatch::new(&self.store, false)
+    }
+
+    /// [`Volume::flush`] for the party `watch`: it fails also when a sync
+    /// of another party failed since this one's last flush (see
+    /// [`BackingStore::flush_for`]).
+    pub async fn flush_for(&self, watch: &FlushWatch) -> Result<(), VolumeError> {
+        self.flush_with(Some(watch)).await
+    }
+
+    async fn flush_with(&self, watch: Option<&FlushWatch>) -> Result<(), VolumeError> {
         let local = async {
-            self.store
-                .flush()
-                .await
-                .map_err(self.io_error(VolumeOp::Flush, 0))
+            match watch {
+                Some(watch) => self.store.flush_for(watch).await,
+                None => self.store.flush().await,
+            }
+            .map_err(self.io_error(VolumeOp::Flush, 0))
         };
         match self.pprc() {
             Some(pair) => pair.flush(local).await?,

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::{Mutex, RwLock};
+use tokio::sync::RwLock;
 
 use crate::io::{Engine, IoBuf, IoBuffer};
 
@@ -98,15 +98,16 @@ pub struct BackingStore {
     engine: Engine,
     /// Set once a discard was refused as unsupported: trims change nothing.
     discard_refused: AtomicBool,
-    /// Flushes that failed. The kernel reports a failed write-back to one
-    /// sync of the file only (and leaves its pages cached, clean), so a
-    /// party that must learn of every one (a PPRC secondary's primary)
-    /// compares this count instead.
+    /// Flushes (and FUA writes) that failed. The kernel reports a failed
+    /// write-back to one sync of the file only, whoever asked for it (and
+    /// leaves its pages cached, clean), so every party that relies on its
+    /// own flushes compares this count ([`FlushWatch`]).
     failed_flushes: AtomicU64,
-    /// Held across a flush and the count of its failure: a flush that
-    /// ends finds counted the failure of any flush that took the
+    /// Held across a sync and the count of its failure, exclusively by a
+    /// flush, shared by FUA writes (each syncs its own range): a flush
+    /// that ends finds counted the failure of any sync that took the
     /// kernel's report before it.
-    flush_turn: Mutex<()>,
+    flush_turn: RwLock<()>,
 }
 
 fn os<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> OpenError + 'a {
@@ -133,6 +134,46 @@ fn open_flags(read_only: bool, direct: bool, block: bool) -> OpenOptions {
     }
     opts.custom_flags(custom);
     opts
+}
+
+/// One party's view of a store's failed syncs (see
+/// [`BackingStore::flush_for`]): a host's flushes, a PPRC pair's cleaner, a
+/// FlashCopy's commits each learn of every failure once.
+#[derive(Debug)]
+pub struct FlushWatch {
+    /// The count of failed syncs at this party's last flush.
+    seen: AtomicU64,
+    /// Whether a failure, once seen, fails every later flush too.
+    sticky: bool,
+    broken: AtomicBool,
+}
+
+impl FlushWatch {
+    /// Watches `store` from now on (earlier failures are not this
+    /// party's). A `sticky` watch fails every flush after the first
+    /// failure it sees: for a party whose later flushes cannot make up
+    /// for writes lost before (a FlashCopy target's copies of T0).
+    pub fn new(store: &BackingStore, sticky: bool) -> Self {
+        FlushWatch {
+            seen: AtomicU64::new(store.failed_flushes()),
+            sticky,
+            broken: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether this (sticky) watch has seen a failure: its flushes fail.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// Takes the failures of `store` so far as seen, and returns whether
+    /// there were any this party had not seen: for a party whose next
+    /// step makes up for them (a PPRC pair's copy of every recorded track
+    /// from what the disk holds).
+    pub fn catch_up(&self, store: &BackingStore) -> bool {
+        let failed = store.failed_flushes();
+        self.seen.swap(failed, Ordering::AcqRel) != failed
+    }
 }
 
 impl BackingStore {
@@ -268,7 +309,7 @@ impl BackingStore {
             engine,
             discard_refused: AtomicBool::new(discard_refused),
             failed_flushes: AtomicU64::new(0),
-            flush_turn: Mutex::new(()),
+            flush_turn: RwLock::new(()),
         })
     }
 
@@ -312,6 +353,20 @@ impl BackingStore {
 
     /// Writes `data` at `offset`; `fua` makes it durable before returning.
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
+        if !fua {
+            return self.write_unsynced(offset, data, false).await;
+        }
+        // A FUA write syncs, and may take the report of another write's
+        // failed write-back: counted as a failed flush.
+        let _turn = self.flush_turn.read().await;
+        let written = self.write_unsynced(offset, data, true).await;
+        if written.is_err() {
+            self.failed_flushes.fetch_add(1, Ordering::AcqRel);
+        }
+        written
+    }
+
+    async fn write_unsynced(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
         let Some(align) = self.direct_align else {
             return self
                 .engine
@@ -342,7 +397,8 @@ impl BackingStore {
             let (file, size) = (self.file.clone(), self.size);
             blocking(move || file.set_len(size)).await?;
             if fua {
-                self.flush().await?;
+                // Under the FUA write's shared turn: sync without it.
+                self.engine.sync(&self.file, true).await?;
             }
         }
         Ok(())
@@ -351,12 +407,42 @@ impl BackingStore {
     /// Makes every completed write durable (fdatasync). Flushes run one
     /// at a time, each failure counted ([`Self::failed_flushes`]).
     pub async fn flush(&self) -> io::Result<()> {
-        let _turn = self.flush_turn.lock().await;
+        self.counted_flush().await.0
+    }
+
+    /// A flush, and the count of failed syncs right after it.
+    async fn counted_flush(&self) -> (io::Result<()>, u64) {
+        let _turn = self.flush_turn.write().await;
         let synced = self.engine.sync(&self.file, true).await;
         if synced.is_err() {
             self.failed_flushes.fetch_add(1, Ordering::AcqRel);
         }
-        synced
+        (synced, self.failed_flushes.load(Ordering::Acquire))
+    }
+
+    /// A flush for the party `watch`: it fails also when a sync of another
+    /// party failed since this party's last flush, for that failure may
+    /// have been the write-back of this party's writes (the kernel reports
+    /// it once, and then a flush succeeds though the disk lacks them).
+    pub async fn flush_for(&self, watch: &FlushWatch) -> io::Result<()> {
+        let (synced, failed) = self.counted_flush().await;
+        let missed = watch.seen.swap(failed, Ordering::AcqRel) != failed;
+        if missed && watch.sticky {
+            watch.broken.store(true, Ordering::Release);
+        }
+        match synced {
+            Ok(()) if watch.broken.load(Ordering::Acquire) => Err(io::Error::other(format!(
+                "{}: a write-back failed earlier; what was written before it may not be \
+                 on the disk",
+                self.path.display()
+            ))),
+            Ok(()) if missed => Err(io::Error::other(format!(
+                "{}: a write-back failed, reported to another flush; what was written \
+                 before it may not be on the disk",
+                self.path.display()
+            ))),
+            other => other,
+        }
     }
 
     /// How many flushes failed since the store was opened, whoever asked
@@ -822,4 +908,47 @@ fn seek_extents(file: &File, offset: u64, len: u64, max: usize) -> io::Result<Ve
         pos = hole;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(dir: &Path) -> BackingStore {
+        let path = dir.join("v");
+        let engine = Engine::start(crate::config::IoEngineChoice::Threads).unwrap();
+        let probe = BackingStore::probe(&path, Some(1 << 20), false, false).unwrap();
+        BackingStore::open(&path, probe, false, false, engine).unwrap()
+    }
+
+    /// A failed sync (counted as the store counts them) reaches every
+    /// party once, whoever's sync the kernel reported it to; a sticky
+    /// party's flushes fail from then on.
+    #[tokio::test]
+    async fn every_party_learns_of_a_failed_sync_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let (host, cleaner) = (
+            FlushWatch::new(&store, false),
+            FlushWatch::new(&store, false),
+        );
+        let copies = FlushWatch::new(&store, true);
+        store.flush_for(&host).await.unwrap();
+        // Another party's sync took the kernel's report.
+        store.failed_flushes.fetch_add(1, Ordering::AcqRel);
+        let later = FlushWatch::new(&store, false);
+        for watch in [&host, &cleaner, &copies] {
+            let e = store.flush_for(watch).await.unwrap_err();
+            assert!(e.to_string().contains("a write-back failed"), "{e}");
+        }
+        store.flush_for(&host).await.unwrap();
+        store.flush_for(&cleaner).await.unwrap();
+        store.flush_for(&later).await.unwrap();
+        assert!(store.flush_for(&copies).await.is_err());
+        // A party that makes up for the failures takes them as seen.
+        store.failed_flushes.fetch_add(1, Ordering::AcqRel);
+        assert!(cleaner.catch_up(&store));
+        assert!(!cleaner.catch_up(&store));
+        store.flush_for(&cleaner).await.unwrap();
+    }
 }

@@ -825,3 +825,75 @@ fn a_record_of_the_pairs_that_failed_is_written_once_there_is_room() {
     drop(s);
     drop(fs);
 }
+
+/// Writes 64 KiB of random data (seed `argv[3]`) at `argv[2]` without
+/// FUA, prints `written`, waits for a line on stdin, then flushes and
+/// prints `ok` or the flush's errno name.
+const WRITE_WAIT_FLUSH: &str = r#"
+import nbd, random, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(random.Random(int(sys.argv[3])).randbytes(65536), int(sys.argv[2]))
+print("written", flush=True)
+sys.stdin.readline()
+try:
+    h.flush()
+    print("ok", flush=True)
+except nbd.Error as e:
+    print(errno.errorcode.get(e.errnum, e.string), flush=True)
+h.shutdown()
+"#;
+
+/// The primary's storage fails at write-back, and the kernel reports it to
+/// the first sync of the device that comes, here a FlashCopy's T0 flush
+/// (the establish fails). The host that wrote must still learn of it: its
+/// FLUSH fails too (it succeeded, the failure having been reported
+/// already, while the device lacked the write), and the pair suspends
+/// (`primary I/O error`) with the track recorded instead of the cleaner
+/// clearing it as durable; once the storage has room a resync leaves both
+/// volumes equal.
+#[test]
+fn a_failed_write_back_reported_to_another_flush_still_fails_the_hosts_flush() {
+    let (setup, v, sv) =
+        pair_on_loop_device("pprc-primary-flush-stolen", "tmpfs", "size=8m", "TSTA1");
+    let (a, b) = (&setup.sites.a, &setup.sites.b);
+    wait_current(a, &v);
+    setup.fs.fill("filler");
+    let mut host = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(WRITE_WAIT_FLUSH)
+        .args([a.uri(&v), (5 * TRACK).to_string(), "11".into()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(host.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line, "written\n");
+    // Within the cleaner's interval after the write, which leaves a
+    // volume written in the last pass unflushed.
+    let target = a.vol(0x11, 0);
+    let fc = essctl(
+        a,
+        &[
+            "flashcopy",
+            "establish",
+            &format!("{v}:{target}"),
+            "--nocopy",
+        ],
+    );
+    assert_eq!(fc.code, 1, "the T0 flush must fail: {}", fc.stderr);
+    std::io::Write::write_all(host.stdin.as_mut().unwrap(), b"\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert!(host.wait().unwrap().success());
+    assert_eq!(line.trim(), "EIO", "the host's flush");
+    let p = show(a, &v);
+    assert_suspended_for(&p, "primary I/O error", "after the host's flush");
+    assert!(p["out_of_sync_tracks"].as_u64() >= Some(1), "{p}");
+    std::fs::remove_file(setup.fs.dir.join("filler")).unwrap();
+    essctl(a, &["pprc", "resume", &v]).ok();
+    wait_duplex(a, &v);
+    assert_eq!(volume_sha(a, &v), volume_sha(b, &sv));
+}

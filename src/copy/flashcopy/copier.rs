@@ -68,7 +68,7 @@ async fn copy_all(rel: &Relationship) -> std::io::Result<CopierEnd> {
     let mut chunk = 0;
     while chunk < tracks {
         if rel.stop.is_cancelled() {
-            rel.bitmap.commit(&rel.target).await?;
+            rel.commit().await?;
             return Ok(CopierEnd::Stopped);
         }
         let rate = rel.rate();
@@ -123,7 +123,7 @@ async fn copy_all(rel: &Relationship) -> std::io::Result<CopierEnd> {
         }
         let copied = rel.bytes_copied();
         if copied - bytes_at_commit >= COMMIT_BYTES || last_commit.elapsed() >= COMMIT_INTERVAL {
-            rel.bitmap.commit(&rel.target).await?;
+            rel.commit().await?;
             bytes_at_commit = copied;
             last_commit = Instant::now();
             drop_copied(rel, &mut behind, chunk_bytes.end);
@@ -131,7 +131,7 @@ async fn copy_all(rel: &Relationship) -> std::io::Result<CopierEnd> {
         chunk = end;
         tokio::task::yield_now().await;
     }
-    rel.bitmap.commit(&rel.target).await?;
+    rel.commit().await?;
     drop_copied(rel, &mut behind, u64::MAX);
     if rel.bitmap.all_set() {
         Ok(CopierEnd::Complete)

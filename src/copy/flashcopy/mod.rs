@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use super::bitmap::TrackBitmap;
 use super::locks::TrackLocks;
 use super::track_span;
-use crate::volume::store::{BackingStore, Extent};
+use crate::volume::store::{BackingStore, Extent, FlushWatch};
 
 /// Background copy or not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +108,10 @@ pub struct Relationship {
     /// Bytes covered: the source size.
     pub size: u64,
     bitmap: TrackBitmap,
+    /// The commits' view of the target's failed syncs, sticky: once a
+    /// write-back of the target failed, copies of T0 made before it may
+    /// not be on its disk, and no later commit may record them as made.
+    target_flushes: FlushWatch,
     locks: TrackLocks,
     /// Track copies done (host-triggered and background).
     copies: AtomicU64,
@@ -142,6 +146,7 @@ impl Relationship {
             // grown since (a block device without a configured size) has a
             // tail that did not exist at T0, outside the relationship.
             size: source.size().min(bitmap.tracks() * track_size),
+            target_flushes: FlushWatch::new(&target, true),
             source,
             target,
             mode,
@@ -167,6 +172,31 @@ impl Relationship {
     /// The track bitmap ("copied").
     pub fn bitmap(&self) -> &TrackBitmap {
         &self.bitmap
+    }
+
+    /// Makes every bit set so far durable, after the target's data.
+    pub async fn commit(&self) -> io::Result<()> {
+        let committed = self.bitmap.commit(&self.target, &self.target_flushes).await;
+        self.note_broken_target();
+        committed
+    }
+
+    /// Once a write-back of the target has failed, the relationship has
+    /// failed: shown so, with what to do.
+    fn note_broken_target(&self) {
+        if !self.target_flushes.is_broken() {
+            return;
+        }
+        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if failure.is_none() {
+            let msg = format!(
+                "a write-back of target {} failed: copies of T0 made before it may be lost, \
+                 and changes that need a copy are refused; withdraw the relationship",
+                self.target_id
+            );
+            tracing::error!("FlashCopy {} → {}: {msg}", self.source_id, self.target_id);
+            *failure = Some(msg);
+        }
     }
 
     /// Track copies performed so far (each track at most once).
@@ -309,9 +339,12 @@ impl Relationship {
             // A bit set by the copier may not be durable yet (nor handed
             // to a commit): commit it before the track changes, or a crash
             // could forget the copy.
-            self.bitmap
-                .commit_for(&self.target, first, last + 1)
-                .await?;
+            let committed = self
+                .bitmap
+                .commit_for(&self.target, &self.target_flushes, first, last + 1)
+                .await;
+            self.note_broken_target();
+            committed?;
             return change.apply(store, offset, len).await;
         }
         let _guard = self.locks.exclusive(pending.iter().copied()).await;
@@ -342,7 +375,7 @@ impl Relationship {
                     self.copy_track(t).await?;
                     self.bitmap.set(t);
                 }
-                self.bitmap.commit(&self.target).await?;
+                self.commit().await?;
                 change.apply(store, offset, len).await
             }
             Role::Target => {
@@ -370,7 +403,7 @@ impl Relationship {
                         self.bitmap.set(t);
                     }
                 }
-                self.bitmap.commit(&self.target).await
+                self.commit().await
             }
         }
     }

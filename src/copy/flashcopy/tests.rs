@@ -190,7 +190,7 @@ async fn scenario(
     // No track was copied twice.
     prop_assert!(rel.copies() <= tracks);
     // The durable bitmap equals the in-memory one after the last commit.
-    rel.bitmap().commit(&target).await.unwrap();
+    rel.commit().await.unwrap();
     let reopened = TrackBitmap::open(&dir.path().join("bm"), TRACK, tracks).unwrap();
     for t in 0..tracks {
         prop_assert_eq!(reopened.get(t), rel.bitmap().get(t), "track {}", t);

@@ -20,7 +20,7 @@ impl Pair {
     /// tracks are no longer marked.
     async fn flush_both(&self) -> Result<(), Failure> {
         let primary = async {
-            match self.store.flush().await {
+            match self.store.flush_for(&self.flushes).await {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     self.forget_unwritten().await;

@@ -68,7 +68,7 @@ use crate::copy::flashcopy::Change;
 use crate::copy::locks::{Overlaps, TrackLocks};
 use crate::nbd::proto::errno;
 use crate::pipeline::Batch;
-use crate::volume::store::BackingStore;
+use crate::volume::store::{BackingStore, FlushWatch};
 use crate::volume::{GateGuard, Volume, VolumeError, VolumeOp};
 
 mod cleaner;
@@ -274,6 +274,10 @@ pub struct Pair {
     paths: Arc<PathManager>,
     /// The primary volume's backing, flushed before marks are cleared.
     store: Arc<BackingStore>,
+    /// The cleaner's view of the backing's failed syncs: a failed
+    /// write-back the kernel reported to another party's flush keeps the
+    /// marks too.
+    flushes: FlushWatch,
     /// When both volumes were last flushed (by the cleaner or a host).
     last_flush: Mutex<Instant>,
     timeout: Duration,
@@ -357,6 +361,7 @@ impl Pair {
             local_only: tokio::sync::RwLock::new(()),
             overlaps: Overlaps::default(),
             paths: env.paths,
+            flushes: FlushWatch::new(&store, false),
             store,
             last_flush: Mutex::new(Instant::now()),
             timeout: env.timeout,
@@ -564,6 +569,14 @@ impl Pair {
     /// alone from now on.
     pub async fn start_mirroring(&self, state: PairState) {
         let _none_alone = self.local_only.write().await;
+        // Failed write-backs so far left their tracks recorded (the pair
+        // suspended on them, or was suspended already): this copy carries
+        // what the disk holds — the pages that failed are dropped from the
+        // cache, in case nothing did yet. Only later ones concern the
+        // cleaner.
+        if self.flushes.catch_up(&self.store) {
+            self.forget_unwritten().await;
+        }
         self.starts.fetch_add(1, Ordering::AcqRel);
         // Nothing is copied yet in this activation: no cleaning pass may
         // take the last one's cursor for this one's.
