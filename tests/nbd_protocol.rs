@@ -849,11 +849,12 @@ fn requests_pipelined_before_sigterm_are_all_answered() {
         sender.write_all(&disc.encode())
     });
     // Both directions fill up: the server stops reading while its replies
-    // wait, and the client's writes stop.
-    std::thread::sleep(Duration::from_millis(500));
+    // wait, and the client's writes stop (a margin for a slow machine: the
+    // reads are a few KiB, read at once).
+    std::thread::sleep(Duration::from_millis(1500));
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(essd.pid(), libc::SIGTERM) };
-    std::thread::sleep(Duration::from_millis(200));
+    essd.wait_log("shutting down:", Duration::from_secs(5));
 
     let mut errors: Vec<Option<u32>> = vec![None; (READS + WRITES) as usize];
     let mut data = vec![0u8; BLOCK];
