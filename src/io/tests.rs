@@ -254,3 +254,25 @@ fn a_ring_without_an_operation_the_engine_submits_is_refused() {
         4
     );
 }
+
+/// A kernel before 5.12 may answer a submission with EBUSY while
+/// completions wait on its overflow list, after the reap that follows has
+/// submitted the queue: an operation that completes right then (a read
+/// from the page cache) is reaped before its submitter waits for it, and
+/// must still reach it (it was dropped, and the submitter panicked).
+#[tokio::test]
+async fn an_op_completed_during_an_ebusy_submission_reaches_its_submitter() {
+    let engine = uring::UringEngine::new().unwrap();
+    let (_dir, file) = scratch(1 << 16);
+    std::os::unix::fs::FileExt::write_all_at(&*file, &[7u8; 4096], 0).unwrap();
+    engine.busy_on_next_submit();
+    let op = Op::Read {
+        file,
+        offset: 0,
+        buf: IoBuffer::with_capacity(4096, 1),
+    };
+    let done = tokio::time::timeout(std::time::Duration::from_secs(5), engine.run(op))
+        .await
+        .expect("the read never completed");
+    assert_eq!(done.result.unwrap(), 4096);
+}

@@ -57,6 +57,9 @@ struct RingState {
     waiting: usize,
     /// Wakes the reaper when the first operation starts waiting.
     reaper_wake: Arc<tokio::sync::Notify>,
+    /// Makes the next submission answer EBUSY after submitting (tests).
+    #[cfg(test)]
+    busy_once: bool,
 }
 
 /// io_uring engine. See the module docs.
@@ -141,10 +144,20 @@ impl UringEngine {
             in_flight: Slab::with_capacity(SQ_ENTRIES as usize),
             waiting: 0,
             reaper_wake: reaper_wake.clone(),
+            #[cfg(test)]
+            busy_once: false,
         }));
         let reaper = tokio::spawn(reap_forever(Arc::downgrade(&state), watcher, reaper_wake));
         tracing::debug!(sq = SQ_ENTRIES, cq = CQ_ENTRIES, "io_uring engine started");
         Ok(UringEngine { state, reaper })
+    }
+
+    /// Makes the next submission answer EBUSY once it has submitted, as a
+    /// kernel before 5.12 does when completions wait on its overflow list
+    /// (tests).
+    #[cfg(test)]
+    pub(crate) fn busy_on_next_submit(&self) {
+        lock(&self.state).busy_once = true;
     }
 
     /// Submits `op` and waits for its completion.
@@ -200,9 +213,12 @@ impl RingState {
             Ok(Some(done)) => Ok(Ok(done)),
             Ok(None) => {
                 let (tx, rx) = oneshot::channel();
-                if let Some(inflight) = self.in_flight.get_mut(key) {
-                    inflight.waiter = Some(tx);
-                }
+                // Not reaped: every reap during this submission kept the
+                // op's own completion for it.
+                self.in_flight
+                    .get_mut(key)
+                    .expect("an op not reaped is in flight")
+                    .waiter = Some(tx);
                 self.waiting += 1;
                 if self.waiting == 1 {
                     self.reaper_wake.notify_one();
@@ -213,7 +229,8 @@ impl RingState {
     }
 
     /// Pushes `sqe` (for slab entry `key`), submits, and reaps; returns the
-    /// op's own completion if it is already there.
+    /// op's own completion if it is already there. Every reap on the way
+    /// keeps that completion for it: the op has no waiter yet.
     fn push_enter_reap(
         &mut self,
         key: usize,
@@ -226,37 +243,47 @@ impl RingState {
             if pushed.is_ok() {
                 break;
             }
-            // Queue full: submit what is queued, make room and retry.
-            if let Err(e) = self.enter(false) {
+            // Queue full: submit what is queued, make room and retry (the
+            // op's own SQE is not in the queue yet).
+            if let Err(e) = self.enter(false, None) {
                 return Err(self.fail(key, e));
             }
             self.reap(None);
         }
-        if let Err(e) = self.enter(false) {
-            // The SQE may still be in the queue; the reaper, which polls
-            // while an operation waits, submits it (`submit_left`) and its
-            // completion goes to the waiter as usual.
-            tracing::warn!("io_uring submit failed, retrying later: {e}");
-        }
-        Ok(self.reap(Some(key)))
+        let own = match self.enter(false, Some(key)) {
+            Ok(own) => own,
+            Err(e) => {
+                // The SQE may still be in the queue; the reaper, which
+                // polls while an operation waits, submits it
+                // (`submit_left`) and its completion goes to the waiter as
+                // usual.
+                tracing::warn!("io_uring submit failed, retrying later: {e}");
+                None
+            }
+        };
+        Ok(own.or_else(|| self.reap(Some(key))))
     }
 
     /// Enters the kernel to submit queued SQEs, optionally waiting for one
-    /// completion. Retries on EINTR; EBUSY means completions must be reaped.
-    fn enter(&mut self, wait: bool) -> io::Result<()> {
+    /// completion. Retries on EINTR; EBUSY means completions must be
+    /// reaped, and the completion of `mine`, if reaped, is returned.
+    fn enter(&mut self, wait: bool, mine: Option<usize>) -> io::Result<Option<Completion>> {
         loop {
             let r = if wait {
                 self.ring.submit_and_wait(1)
             } else {
                 self.ring.submit()
             };
+            #[cfg(test)]
+            let r = if std::mem::take(&mut self.busy_once) {
+                r.and(Err(io::Error::from_raw_os_error(libc::EBUSY)))
+            } else {
+                r
+            };
             match r {
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(None),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    self.reap(None);
-                    return Ok(());
-                }
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(self.reap(mine)),
                 Err(e) => return Err(e),
             }
         }
@@ -269,7 +296,7 @@ impl RingState {
         if self.ring.submission().is_empty() {
             return;
         }
-        if let Err(e) = self.enter(false) {
+        if let Err(e) = self.enter(false, None) {
             tracing::warn!("io_uring submit failed, retrying later: {e}");
         }
     }
@@ -443,7 +470,7 @@ impl Drop for UringEngine {
         let mut st = lock(&self.state);
         let mut attempts = 0;
         while !st.in_flight.is_empty() && attempts < 1000 {
-            if st.enter(true).is_err() {
+            if st.enter(true, None).is_err() {
                 break;
             }
             st.reap(None);
