@@ -527,10 +527,13 @@ impl Volume {
 
     /// Discards a range (advisory).
     pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
+        // With FUA: durable, also if its write-back failed and another
+        // party's sync was told (see [`BackingStore::flush_for`]).
+        let watch = self.flush_watch();
         self.change(VolumeOp::Trim, offset, len, Change::Trim)
             .await?;
         if fua {
-            self.flush().await?;
+            self.flush_for(&watch).await?;
         }
         self.stats.trims.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -546,6 +549,7 @@ impl Volume {
         fast_only: bool,
         fua: bool,
     ) -> Result<(), VolumeError> {
+        let watch = self.flush_watch();
         self.change(
             VolumeOp::WriteZeroes,
             offset,
@@ -554,7 +558,7 @@ impl Volume {
         )
         .await?;
         if fua {
-            self.flush().await?;
+            self.flush_for(&watch).await?;
         }
         self.stats.zeroes.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes_written.fetch_add(len, Ordering::Relaxed);

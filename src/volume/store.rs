@@ -172,7 +172,7 @@ impl FlushWatch {
     /// from what the disk holds).
     pub fn catch_up(&self, store: &BackingStore) -> bool {
         let failed = store.failed_flushes();
-        self.seen.swap(failed, Ordering::AcqRel) != failed
+        self.seen.fetch_max(failed, Ordering::AcqRel) < failed
     }
 }
 
@@ -357,13 +357,29 @@ impl BackingStore {
             return self.write_unsynced(offset, data, false).await;
         }
         // A FUA write syncs, and may take the report of another write's
-        // failed write-back: counted as a failed flush.
-        let _turn = self.flush_turn.read().await;
-        let written = self.write_unsynced(offset, data, true).await;
-        if written.is_err() {
-            self.failed_flushes.fetch_add(1, Ordering::AcqRel);
+        // failed write-back: counted as a failed flush. And another sync
+        // running meanwhile may have taken the report of this one's: once
+        // every sync that ran beside it has ended (and counted its
+        // failure), a failure counted since it began fails it too.
+        let before = {
+            let _turn = self.flush_turn.read().await;
+            let before = self.failed_flushes();
+            let written = self.write_unsynced(offset, data, true).await;
+            if let Err(e) = written {
+                self.failed_flushes.fetch_add(1, Ordering::AcqRel);
+                return Err(e);
+            }
+            before
+        };
+        let _others_ended = self.flush_turn.write().await;
+        if self.failed_flushes() != before {
+            return Err(io::Error::other(format!(
+                "{}: a write-back failed while this write was made durable (reported to \
+                 another sync): it may not be on the disk",
+                self.path.display()
+            )));
         }
-        written
+        Ok(())
     }
 
     async fn write_unsynced(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
@@ -426,7 +442,9 @@ impl BackingStore {
     /// it once, and then a flush succeeds though the disk lacks them).
     pub async fn flush_for(&self, watch: &FlushWatch) -> io::Result<()> {
         let (synced, failed) = self.counted_flush().await;
-        let missed = watch.seen.swap(failed, Ordering::AcqRel) != failed;
+        // Flushes of one party may end out of order: the count seen only
+        // grows.
+        let missed = watch.seen.fetch_max(failed, Ordering::AcqRel) < failed;
         if missed && watch.sticky {
             watch.broken.store(true, Ordering::Release);
         }
@@ -950,5 +968,31 @@ mod tests {
         assert!(cleaner.catch_up(&store));
         assert!(!cleaner.catch_up(&store));
         store.flush_for(&cleaner).await.unwrap();
+    }
+
+    /// Two FUA writes sync at the same time and the other one takes the
+    /// kernel's report of a failed write-back, which may have been this
+    /// one's pages: this one fails too, once the other has counted it.
+    #[tokio::test]
+    async fn a_fua_write_fails_if_a_sync_beside_it_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(store(dir.path()));
+        store
+            .write(0, Bytes::from(vec![1u8; 4096]), true)
+            .await
+            .unwrap();
+        // The other FUA write, under way.
+        let other = store.flush_turn.read().await;
+        let this = tokio::spawn({
+            let store = store.clone();
+            async move { store.write(4096, Bytes::from(vec![2u8; 4096]), true).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!this.is_finished(), "answered before the other sync ended");
+        // The other one's sync fails, is counted, and ends.
+        store.failed_flushes.fetch_add(1, Ordering::AcqRel);
+        drop(other);
+        let e = this.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("a write-back failed"), "{e}");
     }
 }
