@@ -370,6 +370,20 @@ impl TrackBitmap {
         self.count() == self.tracks()
     }
 
+    /// Whether every bit is set and durable.
+    pub fn all_set_durably(&self) -> bool {
+        let tracks = self.tracks();
+        self.durable_words.iter().enumerate().all(|(i, word)| {
+            let first = i as u64 * 64;
+            let want = match tracks.saturating_sub(first) {
+                0 => 0,
+                n if n >= 64 => u64::MAX,
+                n => (1u64 << n) - 1,
+            };
+            word.load(Ordering::Acquire) & want == want
+        })
+    }
+
     /// Whether track `t` is set.
     pub fn get(&self, t: u64) -> bool {
         self.bits.get(t)
@@ -539,6 +553,22 @@ impl TrackBitmap {
             self.changed_word(word);
         }
         cleared
+    }
+
+    /// Clears, in memory, every bit that is not durable (for a bitmap
+    /// whose commits can no longer succeed: what its bits stood for may
+    /// not have reached the disk). Returns how many were cleared.
+    pub fn forget_undurable(&self) -> u64 {
+        (0..self.bits.words())
+            .map(|i| {
+                let undurable = self.bits.word(i) & !self.durable_words[i].load(Ordering::Acquire);
+                if undurable == 0 {
+                    0
+                } else {
+                    self.bits.clear_word(i, undurable)
+                }
+            })
+            .sum()
     }
 
     /// Number of 64-track words.
@@ -783,6 +813,27 @@ mod tests {
         assert!(TrackBitmap::open(&path, 65536, 100_000)
             .unwrap()
             .get(40_000));
+    }
+
+    /// Every bit set is not every bit durable: a partial last word too.
+    #[tokio::test]
+    async fn all_set_durably_waits_for_the_commit_of_every_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = crate::io::Engine::start(crate::config::IoEngineChoice::Threads).unwrap();
+        let probe = BackingStore::probe(&dir.path().join("d"), Some(4096), false, false).unwrap();
+        let data = BackingStore::open(&dir.path().join("d"), probe, false, false, engine).unwrap();
+        let bm = TrackBitmap::create(&dir.path().join("b"), 4096, 70).unwrap();
+        bm.set_range(0, 69);
+        bm.commit(&data, &FlushWatch::new(&data, false))
+            .await
+            .unwrap();
+        assert!(!bm.all_set() && !bm.all_set_durably());
+        bm.set(69);
+        assert!(bm.all_set() && !bm.all_set_durably());
+        bm.commit(&data, &FlushWatch::new(&data, false))
+            .await
+            .unwrap();
+        assert!(bm.all_set_durably());
     }
 
     /// A commit whose future is dropped while it waits (a request future

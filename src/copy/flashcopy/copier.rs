@@ -52,7 +52,11 @@ pub async fn run(rel: Arc<Relationship>) -> CopierEnd {
                 rel.source_id, rel.target_id
             );
             tracing::error!("{msg}");
-            *rel.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
+            // A failed write-back of the target said already what to do.
+            rel.failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(msg.clone());
             CopierEnd::Failed(msg)
         }
     }
@@ -163,7 +167,9 @@ async fn skip_hole(
 ) -> std::io::Result<Option<u64>> {
     let (off, _) = rel.track_range(chunk);
     let data_at = rel.source.next_data(off).await?;
-    let hole_end = data_at / rel.track_size;
+    // A source grown since T0 has a tail outside the relationship, a hole
+    // perhaps: the hole ends with the relationship's tracks at most.
+    let hole_end = (data_at / rel.track_size).min(rel.bitmap.tracks());
     if hole_end < chunk + 2 * chunk_tracks {
         return Ok(None);
     }

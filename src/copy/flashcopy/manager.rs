@@ -709,9 +709,12 @@ impl FlashCopyManager {
         // The record first: if it cannot be written nothing has changed
         // (the background copy goes on). A crash after it leaves the
         // relationships withdrawn, which is what was asked.
+        // Judged by the copies recorded durably: a crash right after the
+        // record must not leave a target called complete that lacks copies
+        // not yet committed.
         let mut incomplete = inner.incomplete.clone();
         for rel in rels {
-            if mark_incomplete && !rel.bitmap().all_set() {
+            if mark_incomplete && !rel.copied_durably().await {
                 incomplete.insert(rel.target_id.clone());
             }
         }
@@ -796,7 +799,7 @@ impl FlashCopyManager {
                 .server
                 .lookup(&rel.target_id)
                 .is_some_and(|t| t.pprc().is_some() || t.is_secondary());
-            if mirrored && !rel.bitmap().all_set() {
+            if mirrored && !rel.copied_durably().await {
                 return Err(FlashCopyError::MirroredTarget {
                     source_id: rel.source_id.clone(),
                     target: rel.target_id.clone(),

@@ -77,9 +77,12 @@ impl Change {
         match self {
             Change::Write(data, fua) => store.write(offset, data.clone(), *fua).await,
             Change::Zero(punch, fast, fua) => {
+                // A write-back of these zeroes that failed and was reported
+                // to another party's sync fails the FUA too.
+                let watch = FlushWatch::new(store, false);
                 store.write_zeroes(offset, len, *punch, *fast).await?;
                 if *fua {
-                    store.flush().await?;
+                    store.flush_for(&watch).await?;
                 }
                 Ok(())
             }
@@ -181,12 +184,24 @@ impl Relationship {
         committed
     }
 
+    /// Whether every track's copy is recorded durably, after a commit of
+    /// what is copied so far (one that fails leaves tracks not recorded).
+    pub async fn copied_durably(&self) -> bool {
+        let _ = self.commit().await;
+        self.bitmap.all_set_durably()
+    }
+
     /// Once a write-back of the target has failed, the relationship has
-    /// failed: shown so, with what to do.
+    /// failed: shown so, with what to do. The tracks copied and not yet
+    /// recorded count as not copied (the source still holds their T0
+    /// data: it changes only once a copy is recorded), so that reads of
+    /// the target take them from the source, not from copies its disk may
+    /// lack.
     fn note_broken_target(&self) {
         if !self.target_flushes.is_broken() {
             return;
         }
+        self.bitmap.forget_undurable();
         let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
         if failure.is_none() {
             let msg = format!(
@@ -224,7 +239,7 @@ impl Relationship {
 
     fn track_range(&self, t: u64) -> (u64, u64) {
         let start = t * self.track_size;
-        (start, self.track_size.min(self.size - start))
+        (start, self.track_size.min(self.size.saturating_sub(start)))
     }
 
     /// Copies track `t`'s current source content to the target (a source

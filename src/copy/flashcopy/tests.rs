@@ -468,3 +468,29 @@ async fn a_fast_zero_that_would_copy_tracks_is_refused_before_any_copy() {
         &vec![0u8; 2 * TRACK as usize][..]
     );
 }
+
+/// A background copy whose source grew since T0 into a long hole (a block
+/// device without a configured size, or a file whose size was raised
+/// across a restart) copies the relationship's tracks and ends: the hole
+/// beyond them is not skipped as if it were the source's (before, the
+/// skip ran past the last track and punched the target's own data).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_a_source_grown_into_a_hole_stays_within_its_tracks() {
+    let engine = Engine::start(IoEngineChoice::Threads).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let source = store(dir.path(), "src", 1000 * TRACK, &engine);
+    let target = store(dir.path(), "tgt", 1000 * TRACK, &engine);
+    let tail = Bytes::from(pattern(TRACK as usize, 5));
+    target.write(10 * TRACK, tail.clone(), false).await.unwrap();
+    let rel = Arc::new(relationship(
+        dir.path(),
+        source,
+        target.clone(),
+        CopyMode::Copy,
+        0,
+        4,
+    ));
+    assert_eq!(copier::run(rel.clone()).await, copier::CopierEnd::Complete);
+    assert_eq!(rel.copies(), 4);
+    assert_eq!(target.read(10 * TRACK, TRACK as usize).await.unwrap(), tail);
+}
