@@ -203,9 +203,10 @@ pub async fn run(
     sd_notify("READY=1");
 
     signals.wait_for_stop(&stop).await;
+    shutdown.cancel();
+    // Logged once the shutdown has begun.
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     sd_notify("STOPPING=1");
-    shutdown.cancel();
     // Writes held by the consistency group would keep the drain waiting
     // for the consistency timeout.
     pprc.stop_group().await;

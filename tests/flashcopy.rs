@@ -795,7 +795,8 @@ print(" ".join(out))
 /// be refused again: the failed write-back lost the copy, and the kernel
 /// reports that once, so the second try's flush succeeded, the copy was
 /// recorded as made and the source overwritten, T0 of that track then on
-/// neither disk. The source keeps its T0 data.
+/// neither disk. The source keeps its T0 data, and the target reads it
+/// there (not the lost copy), also once the page cache is dropped.
 #[test]
 fn a_target_whose_write_back_failed_never_records_a_copy_as_made() {
     require_root("losetup");
@@ -837,6 +838,25 @@ fn a_target_whose_write_back_failed_never_records_a_copy_as_made() {
         &[&source],
     );
     assert_eq!(t0.trim(), "True", "the source lost its T0 data");
+    // The target reads T0 there, from the source: not the copy whose
+    // write-back failed, gone once the cache lets its pages go.
+    let device = std::fs::File::open(&dev.dev).unwrap();
+    // SAFETY: advice on a descriptor `device` owns.
+    let advised = unsafe {
+        libc::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(&device),
+            0,
+            0,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    assert_eq!(advised, 0);
+    let target = python(
+        "import nbd, sys\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+         print(h.pread(65536, 3 * 65536) == b'A' * 65536)\n",
+        &[&essd.uri("001TST01")],
+    );
+    assert_eq!(target.trim(), "True", "the target does not read T0");
     let shown = essctl(&essd, &["--json", "flashcopy", "show", "000TST01"]).json();
     let rel = &shown["relationships"][0];
     assert_eq!(rel["state"], "failed", "{shown}");

@@ -74,7 +74,7 @@ pub enum LinkError {
     AuthFailed(String),
     /// The accepting peer closed the link instead of answering this
     /// side's proof with its own.
-    #[error("peer {0} did not accept this server's proof (shared secrets differ?)")]
+    #[error("peer {0} closed the link after this server's proof (shared secrets differ, or the peer stopped?)")]
     ProofRefused(String),
     /// An unexpected frame during the handshake.
     #[error("peer sent {0} during the handshake")]

@@ -925,7 +925,8 @@ async fn monitor(
                     Ok(Ok(_)) => Ok(None),
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err(format!(
-                        "no heartbeat answer within {LINK_TIMEOUT:?}, nor any other answer"
+                        "no heartbeat answer within {LINK_TIMEOUT:?} (longer while the link \
+                         answered other requests)"
                     )),
                 }
             }

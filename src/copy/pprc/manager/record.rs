@@ -65,6 +65,11 @@ impl Record {
             return Ok(());
         };
         let path = dir.join(file);
+        if self.role == PairRole::Secondary && !path.exists() {
+            // A hand-over bitmap a failback already took, or lost: the
+            // failover that would use it says so; the start goes on.
+            return Ok(());
+        }
         let (found_size, found_tracks) = TrackBitmap::read_shape(&path)?;
         let changed = if found_size != track_size {
             format!("tracks of {found_size} bytes, and server.track_size is now {track_size}")
