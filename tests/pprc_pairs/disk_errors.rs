@@ -872,7 +872,9 @@ fn a_failed_write_back_reported_to_another_flush_still_fails_the_hosts_flush() {
     std::io::BufRead::read_line(&mut out, &mut line).unwrap();
     assert_eq!(line, "written\n");
     // Within the cleaner's interval after the write, which leaves a
-    // volume written in the last pass unflushed.
+    // volume written in the last pass unflushed. On a slow machine the
+    // cleaner's flush may come first and take the report itself (and
+    // suspend the pair): the host must learn of it all the same.
     let target = a.vol(0x11, 0);
     let fc = essctl(
         a,
@@ -883,7 +885,14 @@ fn a_failed_write_back_reported_to_another_flush_still_fails_the_hosts_flush() {
             "--nocopy",
         ],
     );
-    assert_eq!(fc.code, 1, "the T0 flush must fail: {}", fc.stderr);
+    if fc.code == 0 {
+        assert_suspended_for(&show(a, &v), "primary I/O error", "the cleaner came first");
+    } else {
+        assert!(
+            fc.stderr.contains(&format!("flushing source {v} at T0")),
+            "the T0 flush must fail: {fc:?}"
+        );
+    }
     std::io::Write::write_all(host.stdin.as_mut().unwrap(), b"\n").unwrap();
     line.clear();
     std::io::BufRead::read_line(&mut out, &mut line).unwrap();
