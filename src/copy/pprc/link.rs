@@ -839,6 +839,13 @@ mod tests {
         Serial::new(s).unwrap()
     }
 
+    /// FCA31's handshake with FCB02 over `stream`, with the tests' secret.
+    async fn connect_as_fca31(stream: &mut tokio::io::DuplexStream) -> Result<PeerInfo, LinkError> {
+        let mut buf = BytesMut::new();
+        let (me, them) = (serial("FCA31"), serial("FCB02"));
+        handshake(stream, &mut buf, &me, Some(&them), b"s3cret", LIMIT).await
+    }
+
     async fn pair(
         a_secret: &'static [u8],
         b_secret: &'static [u8],
@@ -1136,16 +1143,7 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
         let (told, mut heard) = tokio::sync::oneshot::channel::<PeerInfo>();
         let primary = tokio::spawn(async move {
-            let mut buf = BytesMut::new();
-            let r = handshake(
-                &mut a,
-                &mut buf,
-                &serial("FCA31"),
-                Some(&serial("FCB02")),
-                b"s3cret",
-                LIMIT,
-            )
-            .await;
+            let r = connect_as_fca31(&mut a).await;
             (r, heard.try_recv())
         });
         let mut buf = BytesMut::new();
@@ -1291,16 +1289,7 @@ mod tests {
         // A peer that answers with our own hello nonce and echoes our proof.
         let (mut a, b) = tokio::io::duplex(1 << 16);
         let attacker = reflector(b, Some(*b"FCB02"), Some(*b"FCA31"));
-        let mut buf = BytesMut::new();
-        let r = handshake(
-            &mut a,
-            &mut buf,
-            &serial("FCA31"),
-            Some(&serial("FCB02")),
-            b"s3cret",
-            LIMIT,
-        )
-        .await;
+        let r = connect_as_fca31(&mut a).await;
         assert!(matches!(r, Err(LinkError::AuthFailed(_))), "{r:?}");
         attacker.await.unwrap();
     }
