@@ -305,6 +305,13 @@ impl Volume {
         self.flashcopy().is_some_and(|fc| fc.role == Role::Target)
     }
 
+    /// Whether the volume is the target of a FlashCopy relationship being
+    /// withdrawn (check under the gate).
+    pub fn is_flashcopy_target_withdrawn(&self) -> bool {
+        self.flashcopy()
+            .is_some_and(|fc| fc.role == Role::Target && fc.relationship.is_withdrawing())
+    }
+
     /// Routes this volume's I/O through `relationship` (hold the gate).
     pub fn attach_flashcopy(&self, relationship: Arc<Relationship>, role: Role) {
         *self.flashcopy.write().unwrap_or_else(|p| p.into_inner()) =

@@ -311,3 +311,55 @@ fn a_flashcopy_ending_while_its_sources_group_holds_stalls_nothing() {
     assert_eq!(block_at(a, &target, 5 * TRACK), before);
     assert_eq!(block_at(a, &v1, 5 * TRACK), vec![0xE1; 4096]);
 }
+
+/// A withdraw of S:T held up (S's host write waits on a stalled link) while
+/// a PPRC pair of T is established: before, the withdraw had found T no
+/// primary, the pair attached meanwhile and copied T0 to its secondary,
+/// and the withdraw then left T reading its own pre-T0 data — a duplex
+/// pair with different volumes. Now the establish is refused while the
+/// withdraw is under way (or, had it come first, the withdraw is refused):
+/// never both done.
+#[test]
+fn a_pair_of_a_target_is_not_established_while_its_flashcopy_is_withdrawn() {
+    let s = Sites::start("pprc-withdraw-vs-establish", |cfg| with_timeout(cfg, "10s"));
+    let (a, b) = (&s.a, &s.b);
+    let (source, target) = (a.vol(0x10, 0), a.vol(0x11, 0));
+    let (secondary, other) = (b.vol(0x10, 0), b.vol(0x11, 0));
+    path(a, "0x10", "TSTB2", "0x10", "1");
+    essctl(
+        a,
+        &["pprc", "establish", &source, &secondary, "--mode", "nocopy"],
+    )
+    .ok();
+    wait_duplex(a, &source);
+    path(a, "0x11", "TSTB2", "0x11", "1");
+    write_tracks(a, &source, 61, 8);
+    write_tracks(a, &target, 62, 8);
+    let pair = format!("{source}:{target}");
+    essctl(a, &["flashcopy", "establish", &pair, "--nocopy"]).ok();
+    // The source's link stalls under a host write, which holds the
+    // source until the 10 s timeout: the withdraw waits for it.
+    s.proxy.stall_oldest();
+    let mut host = spawn_write(a, &source, 3 * TRACK, 0x5C);
+    wait_client(a, &source);
+    std::thread::sleep(Duration::from_millis(500));
+    let withdraw = essctl_async(a, &["flashcopy", "withdraw", &pair]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let establish = essctl(a, &["pprc", "establish", &target, &other, "--mode", "copy"]);
+    s.proxy.heal();
+    let withdrawn = withdraw
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap()
+        .unwrap();
+    assert_eq!(wait_child(&mut host, 30), Some(true), "the host's write");
+    assert!(
+        !(establish.code == 0 && withdrawn.status.success()),
+        "both the pair of {target} and the withdraw were made"
+    );
+    if withdrawn.status.success() {
+        establish.refused(&format!(
+            "volume {target} is the target of a FlashCopy relationship being withdrawn; \
+             establish the pair once the withdraw has ended"
+        ));
+    }
+}

@@ -794,11 +794,17 @@ impl FlashCopyManager {
                 }
             }
         }
+        // From here on no target becomes a PPRC primary (establish checks
+        // this under the target's gate) until the withdraw is over.
+        let _withdrawing = Withdrawing::mark(&chosen);
         for rel in &chosen {
-            let mirrored = self
-                .server
-                .lookup(&rel.target_id)
-                .is_some_and(|t| t.pprc().is_some() || t.is_secondary());
+            let mirrored = match self.server.lookup(&rel.target_id) {
+                Some(target) => {
+                    let _no_pair_attaches = target.gate().write().await;
+                    target.pprc().is_some() || target.is_secondary()
+                }
+                None => false,
+            };
             if mirrored && !rel.copied_durably().await {
                 return Err(FlashCopyError::MirroredTarget {
                     source_id: rel.source_id.clone(),
@@ -905,6 +911,26 @@ const HELD_GRACE: Duration = Duration::from_millis(500);
 /// Refused if it is the primary of a PPRC pair whose consistency group
 /// holds writes that keep the gate (they wait for the freeze, or the
 /// unfreeze, up to the consistency timeout).
+/// Relationships marked as being withdrawn, until dropped.
+struct Withdrawing<'a>(&'a [Arc<Relationship>]);
+
+impl<'a> Withdrawing<'a> {
+    fn mark(rels: &'a [Arc<Relationship>]) -> Self {
+        for rel in rels {
+            rel.set_withdrawing(true);
+        }
+        Withdrawing(rels)
+    }
+}
+
+impl Drop for Withdrawing<'_> {
+    fn drop(&mut self) {
+        for rel in self.0 {
+            rel.set_withdrawing(false);
+        }
+    }
+}
+
 async fn quiet(
     volume: &Arc<Volume>,
 ) -> Result<tokio::sync::RwLockWriteGuard<'_, ()>, FlashCopyError> {

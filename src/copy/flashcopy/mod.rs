@@ -26,7 +26,7 @@ pub mod copier;
 pub mod manager;
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -126,6 +126,9 @@ pub struct Relationship {
     pub(crate) stop: CancellationToken,
     /// Cancelled once no background copier runs (at once for NOCOPY).
     pub(crate) copier_stopped: CancellationToken,
+    /// A withdraw is under way: the target may not become a PPRC primary
+    /// meanwhile (the withdraw checked it is none).
+    withdrawing: AtomicBool,
 }
 
 impl Relationship {
@@ -162,6 +165,7 @@ impl Relationship {
             bytes_copied: AtomicU64::new(0),
             failure: Mutex::new(None),
             stop: CancellationToken::new(),
+            withdrawing: AtomicBool::new(false),
             copier_stopped: {
                 let t = CancellationToken::new();
                 if mode == CopyMode::NoCopy {
@@ -212,6 +216,16 @@ impl Relationship {
             tracing::error!("FlashCopy {} → {}: {msg}", self.source_id, self.target_id);
             *failure = Some(msg);
         }
+    }
+
+    /// Marks a withdraw under way, or over.
+    pub fn set_withdrawing(&self, on: bool) {
+        self.withdrawing.store(on, Ordering::Release);
+    }
+
+    /// Whether a withdraw is under way.
+    pub fn is_withdrawing(&self) -> bool {
+        self.withdrawing.load(Ordering::Acquire)
     }
 
     /// Track copies performed so far (each track at most once).

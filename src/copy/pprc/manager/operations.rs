@@ -163,8 +163,21 @@ impl PprcManager {
         };
         // Whatever fails from here on, the secondary's side just made is
         // ended again, so that no volume stays protected without a pair.
+        // Under the volume's gate until the pair is attached: mirroring
+        // from the moment it is (no change is made on this volume alone in
+        // between; with no copy, none would ever reach the secondary), and
+        // no FlashCopy withdraw of it as a target, which checks under the
+        // gate that it is no primary, goes on meanwhile.
+        let gate = volume.gate().write().await;
         let made = async {
             changed?;
+            if volume.is_flashcopy_target_withdrawn() {
+                return Err(PairError::Invalid(format!(
+                    "volume {} is the target of a FlashCopy relationship being withdrawn; \
+                     establish the pair once the withdraw has ended",
+                    req.volume
+                )));
+            }
             let pair = self.new_primary(&spec, &volume, req.mode).await?;
             // Recorded before it mirrors: a pair that cannot be recorded
             // is not made.
@@ -178,8 +191,13 @@ impl PprcManager {
         }
         .await;
         let pair = match made {
-            Ok(pair) => pair,
+            Ok(pair) => {
+                volume.attach_pprc(pair.clone());
+                drop(gate);
+                pair
+            }
             Err(e) => {
+                drop(gate);
                 drop(entries);
                 let _ = self
                     .tell(
@@ -192,13 +210,6 @@ impl PprcManager {
             }
         };
         let state = pair.state();
-        // Mirroring from the moment it is attached: no change is made on
-        // this volume alone in between (with no copy, none would ever
-        // reach the secondary).
-        {
-            let _quiet = volume.gate().write().await;
-            volume.attach_pprc(pair.clone());
-        }
         self.start(&pair, &volume, state).await;
         self.log.record(
             "pprc.pair.establish",
