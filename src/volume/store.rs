@@ -108,6 +108,56 @@ pub struct BackingStore {
     /// that ends finds counted the failure of any sync that took the
     /// kernel's report before it.
     flush_turn: RwLock<()>,
+    /// FUA writes whose sync is under way (see [`BackingStore::write`]).
+    fua_syncs: std::sync::Mutex<FuaSyncs>,
+    /// Told whenever a FUA write's sync ends.
+    fua_synced: tokio::sync::Notify,
+}
+
+/// Tickets of the FUA writes syncing now, and the next ticket.
+#[derive(Debug, Default)]
+struct FuaSyncs {
+    next: u64,
+    running: std::collections::BTreeSet<u64>,
+}
+
+/// A FUA write's place among those syncing; given up when dropped.
+struct FuaTicket<'a> {
+    store: &'a BackingStore,
+    ticket: u64,
+}
+
+impl<'a> FuaTicket<'a> {
+    fn take(store: &'a BackingStore) -> Self {
+        let mut syncs = store.fua_syncs.lock().unwrap_or_else(|p| p.into_inner());
+        let ticket = syncs.next;
+        syncs.next += 1;
+        syncs.running.insert(ticket);
+        FuaTicket { store, ticket }
+    }
+
+    /// Ends this sync; returns the ticket after every sync that ran
+    /// beside it (all of them started before it ended).
+    fn end(self) -> u64 {
+        self.store
+            .fua_syncs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .next
+        // `self` drops here: the ticket is given up.
+    }
+}
+
+impl Drop for FuaTicket<'_> {
+    fn drop(&mut self) {
+        self.store
+            .fua_syncs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .running
+            .remove(&self.ticket);
+        self.store.fua_synced.notify_waiters();
+    }
 }
 
 fn os<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> OpenError + 'a {
@@ -310,6 +360,8 @@ impl BackingStore {
             discard_refused: AtomicBool::new(discard_refused),
             failed_flushes: AtomicU64::new(0),
             flush_turn: RwLock::new(()),
+            fua_syncs: std::sync::Mutex::default(),
+            fua_synced: tokio::sync::Notify::new(),
         })
     }
 
@@ -357,21 +409,38 @@ impl BackingStore {
             return self.write_unsynced(offset, data, false).await;
         }
         // A FUA write syncs, and may take the report of another write's
-        // failed write-back: counted as a failed flush. And another sync
-        // running meanwhile may have taken the report of this one's: once
-        // every sync that ran beside it has ended (and counted its
+        // failed write-back: counted as a failed flush. And another FUA
+        // write syncing meanwhile may have taken the report of this one's:
+        // once every one that ran beside it has ended (and counted its
         // failure), a failure counted since it began fails it too.
-        let before = {
+        let (before, overlapped) = {
             let _turn = self.flush_turn.read().await;
             let before = self.failed_flushes();
+            let ticket = FuaTicket::take(self);
             let written = self.write_unsynced(offset, data, true).await;
             if let Err(e) = written {
                 self.failed_flushes.fetch_add(1, Ordering::AcqRel);
                 return Err(e);
             }
-            before
+            (before, ticket.end())
         };
-        let _others_ended = self.flush_turn.write().await;
+        loop {
+            let ended = self.fua_synced.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let all_ended = self
+                .fua_syncs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .running
+                .range(..overlapped)
+                .next()
+                .is_none();
+            if all_ended {
+                break;
+            }
+            ended.await;
+        }
         if self.failed_flushes() != before {
             return Err(io::Error::other(format!(
                 "{}: a write-back failed while this write was made durable (reported to \
@@ -981,8 +1050,8 @@ mod tests {
             .write(0, Bytes::from(vec![1u8; 4096]), true)
             .await
             .unwrap();
-        // The other FUA write, under way.
-        let other = store.flush_turn.read().await;
+        // The other FUA write, syncing.
+        let other = FuaTicket::take(&store);
         let this = tokio::spawn({
             let store = store.clone();
             async move { store.write(4096, Bytes::from(vec![2u8; 4096]), true).await }

@@ -800,7 +800,7 @@ impl FlashCopyManager {
         for rel in &chosen {
             let mirrored = match self.server.lookup(&rel.target_id) {
                 Some(target) => {
-                    let _no_pair_attaches = target.gate().write().await;
+                    let _no_pair_attaches = quiet(target).await?;
                     target.pprc().is_some() || target.is_secondary()
                 }
                 None => false,
@@ -903,14 +903,6 @@ impl FlashCopyManager {
     }
 }
 
-/// How long a FlashCopy waits for a volume's gate while the volume's PPRC
-/// consistency group holds writes before it is refused.
-const HELD_GRACE: Duration = Duration::from_millis(500);
-
-/// Takes `volume`'s gate exclusively: every change in progress is done.
-/// Refused if it is the primary of a PPRC pair whose consistency group
-/// holds writes that keep the gate (they wait for the freeze, or the
-/// unfreeze, up to the consistency timeout).
 /// Relationships marked as being withdrawn, until dropped.
 struct Withdrawing<'a>(&'a [Arc<Relationship>]);
 
@@ -931,6 +923,14 @@ impl Drop for Withdrawing<'_> {
     }
 }
 
+/// How long a FlashCopy waits for a volume's gate while the volume's PPRC
+/// consistency group holds writes before it is refused.
+const HELD_GRACE: Duration = Duration::from_millis(500);
+
+/// Takes `volume`'s gate exclusively: every change in progress is done.
+/// Refused if it is the primary of a PPRC pair whose consistency group
+/// holds writes that keep the gate (they wait for the freeze, or the
+/// unfreeze, up to the consistency timeout).
 async fn quiet(
     volume: &Arc<Volume>,
 ) -> Result<tokio::sync::RwLockWriteGuard<'_, ()>, FlashCopyError> {

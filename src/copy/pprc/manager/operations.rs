@@ -168,7 +168,10 @@ impl PprcManager {
         // between; with no copy, none would ever reach the secondary), and
         // no FlashCopy withdraw of it as a target, which checks under the
         // gate that it is no primary, goes on meanwhile.
-        let gate = volume.gate().write().await;
+        let gate = match &changed {
+            Ok(()) => Some(volume.gate().write().await),
+            Err(_) => None,
+        };
         let made = async {
             changed?;
             if volume.is_flashcopy_target_withdrawn() {
