@@ -221,7 +221,12 @@ impl FlushWatch {
     /// step makes up for them (a PPRC pair's copy of every recorded track
     /// from what the disk holds).
     pub fn catch_up(&self, store: &BackingStore) -> bool {
-        let failed = store.failed_flushes();
+        self.see(store.failed_flushes())
+    }
+
+    /// Takes `failed` failed syncs as seen; whether any were new. Flushes
+    /// of one party may end out of order: the count seen only grows.
+    fn see(&self, failed: u64) -> bool {
         self.seen.fetch_max(failed, Ordering::AcqRel) < failed
     }
 }
@@ -511,9 +516,7 @@ impl BackingStore {
     /// it once, and then a flush succeeds though the disk lacks them).
     pub async fn flush_for(&self, watch: &FlushWatch) -> io::Result<()> {
         let (synced, failed) = self.counted_flush().await;
-        // Flushes of one party may end out of order: the count seen only
-        // grows.
-        let missed = watch.seen.fetch_max(failed, Ordering::AcqRel) < failed;
+        let missed = watch.see(failed);
         if missed && watch.sticky {
             watch.broken.store(true, Ordering::Release);
         }
